@@ -1,0 +1,2 @@
+//! The `pcache` command line.
+fn main() {}

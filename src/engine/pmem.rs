@@ -1,0 +1,47 @@
+//! The persistent-memory medium as the engine sees it.
+//!
+//! The engine reaches the medium only through this trait, so every ordering decision is
+//! visible to the simulator. The contract: bytes stored with `write` are durable only
+//! after `flush` of a range covering them *and* a later `fence` on the same thread.
+//! Unflushed or unfenced bytes may survive a crash whole, not at all, or torn at 8-byte
+//! words. Implementations must allow concurrent calls on disjoint ranges.
+
+/// A byte-addressable persistent medium mapped into the process.
+pub trait Pmem: Send + Sync {
+    /// Size of the medium in bytes.
+    fn size(&self) -> u64;
+    /// Copies `dst.len()` bytes at `off` into `dst`. `off + dst.len() <= size()`.
+    fn read(&self, off: u64, dst: &mut [u8]);
+    /// Stores `src` at `off` (the implementation may use non-temporal stores).
+    fn write(&self, off: u64, src: &[u8]);
+    /// Starts write-back of the cache lines of `[off, off + len)` (clwb/clflushopt, or
+    /// msync in file mode). Durable only after the next `fence`.
+    fn flush(&self, off: u64, len: u64);
+    /// Orders and completes every earlier flush and non-temporal store of this thread.
+    fn fence(&self);
+
+    /// `write` + `flush` + `fence`: the common persistence point.
+    fn persist(&self, off: u64, src: &[u8]) {
+        self.write(off, src);
+        self.flush(off, src.len() as u64);
+        self.fence();
+    }
+}
+
+impl<T: Pmem + ?Sized> Pmem for std::sync::Arc<T> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read(&self, off: u64, dst: &mut [u8]) {
+        (**self).read(off, dst)
+    }
+    fn write(&self, off: u64, src: &[u8]) {
+        (**self).write(off, src)
+    }
+    fn flush(&self, off: u64, len: u64) {
+        (**self).flush(off, len)
+    }
+    fn fence(&self) {
+        (**self).fence()
+    }
+}

@@ -1,0 +1,6 @@
+//! Environments the engine runs in. The only place in the crate for `unsafe` code and
+//! for OS calls: `sim` (deterministic simulator for tests and benches) and `posix` (the
+//! embedded runtime: mmap'd pmem, io_uring backing device).
+
+pub mod posix;
+pub mod sim;

@@ -1,0 +1,6 @@
+//! The POSIX environment of the embedded runtime: a memory-mapped medium with real
+//! cache-line flush instructions, and a backing file or block device driven through
+//! io_uring with O_DIRECT.
+
+pub mod backing;
+pub mod pmem;

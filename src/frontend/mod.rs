@@ -1,0 +1,3 @@
+//! Front ends that export a cached device to clients.
+
+pub mod nbd;
