@@ -1,5 +1,279 @@
 //! The cache engine: dm-pcache's write-back cache as a deterministic sans-I/O library.
+//!
+//! One `Engine` serves one cache medium and is shared by every thread that does I/O;
+//! each such thread owns a `Channel` (its allocation head and scratch space). The engine
+//! never performs backing-device I/O itself: a read returns the ranges it could not
+//! serve from pmem (the caller reads them from the backing device, then calls `fill`),
+//! and writeback hands out batches that the caller writes, flushes and acknowledges.
+//! Time enters only through `tick`. Shared state is the sharded index, the kset
+//! buffers, the log head, the tails and the segment table, each behind its own short
+//! lock; the lock order is shard -> kset -> log head -> segment allocator, and tails ->
+//! log head. No lock is held across a data copy.
 #![forbid(unsafe_code)]
 
+mod check;
+pub mod format;
+pub mod index;
+mod io;
+pub mod log;
+mod open;
 pub mod pmem;
+pub mod segs;
+mod stats;
+mod writeback;
+
+pub use check::LogSummary;
+pub use format::{BackingIdentity, LogPos};
+pub use io::{Channel, Miss};
+pub use open::{probe, Probe};
 pub use pmem::Pmem;
+pub use stats::Stats;
+pub use writeback::{GcResult, WbBatch, WbItem, WbKind, WbNext};
+
+use format::{
+    CacheInfo, Geometry, Superblock, DIRTY_TAIL_OFF, INFO_OFF, KEY_TAIL_OFF, KIND_DIRTY_TAIL,
+    KIND_KEY_TAIL,
+};
+use index::Shard;
+use log::{KsetBuf, LogHead};
+use segs::Segs;
+use std::sync::atomic::AtomicU32;
+use std::sync::Mutex;
+use thiserror::Error;
+
+/// Parameters fixed when a medium is formatted.
+#[derive(Debug, Clone)]
+pub struct FormatOptions {
+    /// Segment size in bytes (16 MiB by default; small values let simulations run GC).
+    pub seg_size: u32,
+    /// Keys per kset (128 by default).
+    pub kset_keys: u32,
+    pub data_crc: bool,
+    pub gc_percent: u32,
+    /// A random id distinguishing this format from earlier ones on the same medium.
+    pub format_id: u64,
+    pub backing: BackingIdentity,
+}
+
+impl FormatOptions {
+    pub fn new(backing: BackingIdentity, format_id: u64) -> Self {
+        FormatOptions {
+            seg_size: 16 << 20,
+            kset_keys: 128,
+            data_crc: false,
+            gc_percent: 70,
+            format_id,
+            backing,
+        }
+    }
+}
+
+/// Run-time parameters (not persisted).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Number of kset buffers; regions are routed to them by address.
+    pub n_ksets: u32,
+    /// Segments kept back from data allocation for the log.
+    pub log_reserve: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            n_ksets: 4,
+            log_reserve: 2,
+        }
+    }
+}
+
+/// Why a medium could not be formatted or attached.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    #[error("the medium holds no pcache metadata (blank): format it first")]
+    Blank,
+    #[error("the medium holds data that is not pcache metadata; refusing to touch it (format with --force to overwrite)")]
+    Foreign,
+    #[error("corrupt cache metadata: {0}")]
+    Corrupt(String),
+    #[error("this cache belongs to another backing device: {0} (use --force to attach anyway)")]
+    WrongBacking(String),
+    #[error("invalid option: {0}")]
+    Invalid(String),
+}
+
+/// Why a request failed.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum IoError {
+    /// No free space: defer the request and retry it after writeback and GC ran.
+    #[error("cache full, retry later")]
+    Busy,
+    #[error("request beyond the end of the device")]
+    OutOfRange,
+    #[error("request not aligned to the block size")]
+    Unaligned,
+    /// Dirty cached data failed its CRC: it cannot be recovered from anywhere.
+    #[error("cached dirty data is corrupt")]
+    Corrupt,
+}
+
+/// Replica bookkeeping of a two-slot metadata object.
+#[derive(Debug, Clone, Copy)]
+struct Replica {
+    slot: usize,
+    seq: u64,
+}
+
+impl Replica {
+    /// Advances to the other slot and returns (slot, seq) to write.
+    fn advance(&mut self) -> (usize, u64) {
+        self.slot ^= 1;
+        self.seq += 1;
+        (self.slot, self.seq)
+    }
+}
+
+struct Tails {
+    key: LogPos,
+    key_r: Replica,
+    dirty: LogPos,
+    dirty_r: Replica,
+}
+
+struct InfoState {
+    info: CacheInfo,
+    r: Replica,
+}
+
+/// Latched background errors.
+#[derive(Default)]
+struct Errors {
+    writeback: Option<String>,
+    gc: Option<String>,
+}
+
+/// A cache engine over one medium.
+pub struct Engine<P: Pmem> {
+    pmem: P,
+    sb: Superblock,
+    geo: Geometry,
+    data_crc: bool,
+    align: u32,
+    shards: Box<[Mutex<Shard>]>,
+    ksets: Box<[Mutex<KsetBuf>]>,
+    head: Mutex<LogHead>,
+    tails: Mutex<Tails>,
+    info: Mutex<InfoState>,
+    segs: Segs,
+    counters: stats::Counters,
+    next_token: AtomicU32,
+    errors: Mutex<Errors>,
+}
+
+impl<P: Pmem> Engine<P> {
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+    pub fn pmem(&self) -> &P {
+        &self.pmem
+    }
+    pub fn data_crc(&self) -> bool {
+        self.data_crc
+    }
+    /// Block size every request must be aligned to.
+    pub fn block_size(&self) -> u32 {
+        self.align
+    }
+    /// Size of the cached device.
+    pub fn size(&self) -> u64 {
+        self.geo.backing_size
+    }
+    pub fn gc_percent(&self) -> u32 {
+        self.info.lock().unwrap().info.gc_percent
+    }
+
+    /// Changes the GC watermark (0..=90) and persists it.
+    pub fn set_gc_percent(&self, pct: u32) -> Result<(), OpenError> {
+        if pct > 90 {
+            return Err(OpenError::Invalid(format!(
+                "gc_percent {pct} is out of range 0..90"
+            )));
+        }
+        let mut st = self.info.lock().unwrap();
+        st.info.gc_percent = pct;
+        let (slot, seq) = st.r.advance();
+        self.pmem.persist(INFO_OFF[slot], &st.info.encode(seq));
+        Ok(())
+    }
+
+    fn persist_key_tail(&self, t: &mut Tails) {
+        let (slot, seq) = t.key_r.advance();
+        self.pmem
+            .persist(KEY_TAIL_OFF[slot], &t.key.encode(KIND_KEY_TAIL, seq));
+    }
+
+    fn persist_dirty_tail(&self, t: &mut Tails) {
+        let (slot, seq) = t.dirty_r.advance();
+        self.pmem
+            .persist(DIRTY_TAIL_OFF[slot], &t.dirty.encode(KIND_DIRTY_TAIL, seq));
+    }
+
+    fn shard_of(&self, off: u64) -> usize {
+        (off >> format::SUBTREE_SHIFT) as usize
+    }
+
+    fn kset_of(&self, off: u64) -> usize {
+        self.shard_of(off) % self.ksets.len()
+    }
+
+    /// Closes every kset: after this returns Ok, every write completed before the call
+    /// survives a crash (the FLUSH of the durability contract).
+    pub fn flush(&self) -> Result<(), IoError> {
+        self.counters.flushes.inc();
+        let mut res = Ok(());
+        for k in self.ksets.iter() {
+            let mut kb = k.lock().unwrap();
+            let mut head = self.head.lock().unwrap();
+            if log::close(&self.pmem, &self.geo, &self.segs, &mut head, &mut kb).is_err() {
+                res = Err(IoError::Busy);
+            }
+        }
+        res
+    }
+
+    /// Time passes: ksets that held keys at the previous tick are closed, so an
+    /// unflushed write's key reaches the log within two tick periods.
+    pub fn tick(&self) {
+        for k in self.ksets.iter() {
+            let mut kb = k.lock().unwrap();
+            if kb.count == 0 {
+                continue;
+            }
+            if kb.aged {
+                let mut head = self.head.lock().unwrap();
+                let _ = log::close(&self.pmem, &self.geo, &self.segs, &mut head, &mut kb);
+            } else {
+                kb.aged = true;
+            }
+        }
+    }
+
+    /// True when a request failed with `Busy` since the last reclaim.
+    pub fn cache_full(&self) -> bool {
+        self.segs.full.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Releases a channel's allocation head (the channel goes away).
+    pub fn release_channel(&self, ch: &mut Channel) {
+        if let Some(h) = ch.head.take() {
+            self.segs.put(&self.pmem, &self.geo, h.seg);
+        }
+    }
+
+    /// A clean shutdown: close all ksets. Dirty data stays cached.
+    pub fn shutdown(&self) -> Result<(), IoError> {
+        self.flush()
+    }
+}

@@ -5,3 +5,4 @@
 pub mod disk;
 pub mod pmem;
 pub mod rng;
+pub mod world;

@@ -1,0 +1,646 @@
+//! The on-media format: byte layout, encoding and validation of every persistent object.
+//!
+//! Everything is explicit little-endian and CRC32C-protected. Small metadata objects
+//! (superblock, cache_info, the two tails, per-segment generations) are stored as two
+//! replicas with a 64-bit sequence number; an update always writes the slot that does
+//! *not* hold the newest valid copy, so a torn update leaves the previous copy intact.
+//! The kset log lives in ordinary segments: each kset carries the format id and a
+//! 64-bit sequence number that must follow its predecessor's, so a stale kset left over
+//! from an earlier lap of the log (or an earlier format of the medium) is never taken
+//! for a live one. Decoders never trust a field: every id, offset, length and count is
+//! checked against the geometry before it is used.
+
+use thiserror::Error;
+
+/// Version of the on-media format written by this build.
+pub const FORMAT_VERSION: u16 = 1;
+/// Superblock magic: "PCACHE" + format family, little-endian u64.
+pub const SB_MAGIC: u64 = u64::from_le_bytes(*b"PCACHEv1");
+/// Magic of a kset header ("KSET").
+pub const KSET_MAGIC: u32 = u32::from_le_bytes(*b"KSET");
+
+/// Size of one replica slot of the fixed metadata objects.
+pub const SLOT: u64 = 4096;
+/// Superblock replicas.
+pub const SB_OFF: [u64; 2] = [0, SLOT];
+/// cache_info replicas.
+pub const INFO_OFF: [u64; 2] = [2 * SLOT, 3 * SLOT];
+/// key_tail replicas (each on its own cache line).
+pub const KEY_TAIL_OFF: [u64; 2] = [4 * SLOT, 4 * SLOT + 64];
+/// dirty_tail replicas.
+pub const DIRTY_TAIL_OFF: [u64; 2] = [4 * SLOT + 128, 4 * SLOT + 192];
+/// First segment; the area before it is reserved for metadata.
+pub const SEGMENTS_OFF: u64 = 16 * SLOT;
+/// Per-segment header (generation replicas) before the segment's data area.
+pub const SEG_HDR: u64 = SLOT;
+/// Offsets of the two generation replicas inside a segment header.
+pub const GEN_OFF: [u64; 2] = [0, 64];
+
+pub const SB_SIZE: usize = 256;
+pub const INFO_SIZE: usize = 64;
+pub const TAIL_SIZE: usize = 32;
+pub const GEN_SIZE: usize = 32;
+/// Kset header and key sizes.
+pub const KSET_HDR: usize = 32;
+pub const KEY_SIZE: usize = 40;
+/// Upper bound for keys per kset (a format parameter below this).
+pub const KSET_KEYS_MAX: u32 = 128;
+pub const KSET_SIZE_MAX: usize = KSET_HDR + KEY_SIZE * KSET_KEYS_MAX as usize;
+/// Longest backing identity string stored in the superblock.
+pub const BACKING_ID_MAX: usize = 128;
+
+const KIND_SB: u16 = 1;
+const KIND_INFO: u16 = 2;
+pub const KIND_KEY_TAIL: u16 = 3;
+pub const KIND_DIRTY_TAIL: u16 = 4;
+const KIND_GEN: u16 = 5;
+
+/// cache_info flags.
+pub const INFO_DATA_CRC: u32 = 1;
+pub const INFO_INIT_DONE: u32 = 2;
+
+/// Kset flags.
+pub const KSET_LAST: u32 = 1;
+
+/// Key flags.
+pub const KEY_CLEAN: u32 = 1 << 1;
+pub const KEY_ZERO: u32 = 1 << 2;
+pub const KEY_DISCARD: u32 = 1 << 3;
+const KEY_FLAGS_KNOWN: u32 = KEY_CLEAN | KEY_ZERO | KEY_DISCARD;
+
+/// Seed of every CRC (dm-pcache's seed, kept for familiarity).
+const CRC_SEED: u32 = 0x3B15A;
+
+/// Why an on-media object was rejected.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum MediaError {
+    #[error("{0}: bad checksum")]
+    Crc(&'static str),
+    #[error("{0}: unsupported format version {1} (this build reads version {FORMAT_VERSION})")]
+    Version(&'static str, u16),
+    #[error("{what}: invalid field {field} = {value}")]
+    Field {
+        what: &'static str,
+        field: &'static str,
+        value: u64,
+    },
+}
+
+pub fn crc(data: &[u8]) -> u32 {
+    crc32c::crc32c_append(CRC_SEED, data)
+}
+
+fn get_u16(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+fn get_u32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"))
+}
+fn get_u64(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
+}
+fn put_u16(b: &mut [u8], o: usize, v: u16) {
+    b[o..o + 2].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u32(b: &mut [u8], o: usize, v: u32) {
+    b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u64(b: &mut [u8], o: usize, v: u64) {
+    b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Seals a metadata object: header fields, then the CRC over bytes 4.. .
+fn seal(b: &mut [u8], kind: u16, seq: u64) {
+    put_u16(b, 4, kind);
+    put_u16(b, 6, FORMAT_VERSION);
+    put_u64(b, 8, seq);
+    let c = crc(&b[4..]);
+    put_u32(b, 0, c);
+}
+
+/// Checks a metadata object's CRC, kind and version; returns its sequence number.
+fn unseal(b: &[u8], kind: u16, what: &'static str) -> Result<u64, MediaError> {
+    if get_u32(b, 0) != crc(&b[4..]) || get_u16(b, 4) != kind {
+        return Err(MediaError::Crc(what));
+    }
+    let v = get_u16(b, 6);
+    if v != FORMAT_VERSION {
+        return Err(MediaError::Version(what, v));
+    }
+    Ok(get_u64(b, 8))
+}
+
+/// Picks the newest valid replica. Returns (slot, seq, value) or the first slot's error
+/// when neither is valid (a version error wins over a CRC error: it is the more useful
+/// message).
+pub fn pick_replica<T>(
+    slots: [Result<(u64, T), MediaError>; 2],
+) -> Result<(usize, u64, T), MediaError> {
+    let [a, b] = slots;
+    match (a, b) {
+        (Ok((sa, va)), Ok((sb, vb))) => {
+            if sb > sa {
+                Ok((1, sb, vb))
+            } else {
+                Ok((0, sa, va))
+            }
+        }
+        (Ok((s, v)), Err(_)) => Ok((0, s, v)),
+        (Err(_), Ok((s, v))) => Ok((1, s, v)),
+        (Err(ea), Err(eb)) => Err(if matches!(eb, MediaError::Version(..)) {
+            eb
+        } else {
+            ea
+        }),
+    }
+}
+
+/// The identity of the backing device a cache was formatted for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BackingIdentity {
+    /// Size in bytes.
+    pub size: u64,
+    /// Logical block size in bytes.
+    pub block_size: u32,
+    /// A stable name: a UUID, a serial number or a path (at most 128 bytes).
+    pub id: String,
+}
+
+/// The superblock: geometry and identity, written once at format time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub pmem_size: u64,
+    pub seg_size: u32,
+    pub n_segs: u32,
+    pub kset_keys: u32,
+    /// Random id of this format; every kset carries it.
+    pub format_id: u64,
+    pub backing: BackingIdentity,
+}
+
+impl Superblock {
+    pub fn encode(&self, seq: u64) -> [u8; SB_SIZE] {
+        let mut b = [0u8; SB_SIZE];
+        put_u64(&mut b, 16, SB_MAGIC);
+        put_u64(&mut b, 24, self.pmem_size);
+        put_u32(&mut b, 32, self.seg_size);
+        put_u32(&mut b, 36, self.n_segs);
+        put_u32(&mut b, 40, self.kset_keys);
+        put_u32(&mut b, 44, self.backing.block_size);
+        put_u64(&mut b, 48, self.backing.size);
+        put_u64(&mut b, 56, self.format_id);
+        let id = self.backing.id.as_bytes();
+        let n = id.len().min(BACKING_ID_MAX);
+        put_u32(&mut b, 64, n as u32);
+        b[72..72 + n].copy_from_slice(&id[..n]);
+        seal(&mut b, KIND_SB, seq);
+        b
+    }
+
+    /// Decodes and validates a superblock replica against the medium's size.
+    pub fn decode(b: &[u8], medium_size: u64) -> Result<(u64, Self), MediaError> {
+        const W: &str = "superblock";
+        if b.len() < SB_SIZE {
+            return Err(MediaError::Crc(W));
+        }
+        let b = &b[..SB_SIZE];
+        if get_u64(b, 16) != SB_MAGIC {
+            return Err(MediaError::Crc(W));
+        }
+        let seq = unseal(b, KIND_SB, W)?;
+        let field = |field, value| MediaError::Field {
+            what: W,
+            field,
+            value,
+        };
+        let pmem_size = get_u64(b, 24);
+        let seg_size = get_u32(b, 32);
+        let n_segs = get_u32(b, 36);
+        let kset_keys = get_u32(b, 40);
+        let id_len = get_u32(b, 64) as usize;
+        if pmem_size > medium_size {
+            return Err(field("pmem_size (larger than the medium)", pmem_size));
+        }
+        check_seg_size(seg_size).map_err(|_| field("seg_size", seg_size as u64))?;
+        if n_segs == 0 || SEGMENTS_OFF + n_segs as u64 * seg_size as u64 > pmem_size {
+            return Err(field("n_segs", n_segs as u64));
+        }
+        if kset_keys == 0 || kset_keys > KSET_KEYS_MAX {
+            return Err(field("kset_keys", kset_keys as u64));
+        }
+        if id_len > BACKING_ID_MAX {
+            return Err(field("backing id length", id_len as u64));
+        }
+        let id = String::from_utf8_lossy(&b[72..72 + id_len]).into_owned();
+        Ok((
+            seq,
+            Superblock {
+                pmem_size,
+                seg_size,
+                n_segs,
+                kset_keys,
+                format_id: get_u64(b, 56),
+                backing: BackingIdentity {
+                    size: get_u64(b, 48),
+                    block_size: get_u32(b, 44),
+                    id,
+                },
+            },
+        ))
+    }
+
+    /// Bytes of the data area of one segment.
+    pub fn seg_data_size(&self) -> u64 {
+        self.seg_size as u64 - SEG_HDR
+    }
+}
+
+/// Validates a segment size: a multiple of 4 KiB, room for the largest kset plus its
+/// LAST link and terminator, at most 1 GiB.
+pub fn check_seg_size(seg_size: u32) -> Result<(), String> {
+    let s = seg_size as u64;
+    if s % 4096 != 0 || !(SEG_HDR + 4096..=(1 << 30)).contains(&s) {
+        return Err(format!(
+            "segment size {s} must be a multiple of 4096 between 8 KiB and 1 GiB"
+        ));
+    }
+    if s - SEG_HDR < (KSET_SIZE_MAX + 2 * KSET_HDR) as u64 {
+        return Err(format!("segment size {s} cannot hold a full kset"));
+    }
+    Ok(())
+}
+
+/// cache_info: the run-time settings that persist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheInfo {
+    pub gc_percent: u32,
+    pub flags: u32,
+}
+
+impl CacheInfo {
+    pub fn encode(&self, seq: u64) -> [u8; INFO_SIZE] {
+        let mut b = [0u8; INFO_SIZE];
+        put_u32(&mut b, 16, self.gc_percent);
+        put_u32(&mut b, 20, self.flags);
+        seal(&mut b, KIND_INFO, seq);
+        b
+    }
+    pub fn decode(b: &[u8]) -> Result<(u64, Self), MediaError> {
+        const W: &str = "cache_info";
+        let seq = unseal(&b[..INFO_SIZE], KIND_INFO, W)?;
+        let gc_percent = get_u32(b, 16);
+        if gc_percent > 90 {
+            return Err(MediaError::Field {
+                what: W,
+                field: "gc_percent",
+                value: gc_percent as u64,
+            });
+        }
+        Ok((
+            seq,
+            CacheInfo {
+                gc_percent,
+                flags: get_u32(b, 20),
+            },
+        ))
+    }
+}
+
+/// A position in the kset log: segment, offset in its data area, and the sequence
+/// number the kset at that position must carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord, Hash)]
+pub struct LogPos {
+    pub seq: u64,
+    pub seg: u32,
+    pub off: u32,
+}
+
+impl LogPos {
+    pub fn encode(&self, kind: u16, seq: u64) -> [u8; TAIL_SIZE] {
+        let mut b = [0u8; TAIL_SIZE];
+        put_u32(&mut b, 16, self.seg);
+        put_u32(&mut b, 20, self.off);
+        put_u64(&mut b, 24, self.seq);
+        seal(&mut b, kind, seq);
+        b
+    }
+    /// Decodes a tail and checks it lies inside the geometry.
+    pub fn decode(
+        b: &[u8],
+        kind: u16,
+        n_segs: u32,
+        data_size: u64,
+    ) -> Result<(u64, Self), MediaError> {
+        let what = if kind == KIND_KEY_TAIL {
+            "key_tail"
+        } else {
+            "dirty_tail"
+        };
+        let seq = unseal(&b[..TAIL_SIZE], kind, what)?;
+        let p = LogPos {
+            seg: get_u32(b, 16),
+            off: get_u32(b, 20),
+            seq: get_u64(b, 24),
+        };
+        if p.seg >= n_segs {
+            return Err(MediaError::Field {
+                what,
+                field: "segment",
+                value: p.seg as u64,
+            });
+        }
+        if p.off as u64 + KSET_HDR as u64 > data_size {
+            return Err(MediaError::Field {
+                what,
+                field: "offset",
+                value: p.off as u64,
+            });
+        }
+        Ok((seq, p))
+    }
+}
+
+/// Segment generation record.
+pub fn encode_gen(seg: u32, gen: u64, seq: u64) -> [u8; GEN_SIZE] {
+    let mut b = [0u8; GEN_SIZE];
+    put_u32(&mut b, 16, seg);
+    put_u64(&mut b, 24, gen);
+    seal(&mut b, KIND_GEN, seq);
+    b
+}
+
+pub fn decode_gen(b: &[u8], seg: u32) -> Result<(u64, u64), MediaError> {
+    const W: &str = "segment generation";
+    let seq = unseal(&b[..GEN_SIZE], KIND_GEN, W)?;
+    let s = get_u32(b, 16);
+    if s != seg {
+        return Err(MediaError::Field {
+            what: W,
+            field: "segment id",
+            value: s as u64,
+        });
+    }
+    Ok((seq, get_u64(b, 24)))
+}
+
+/// One cached extent as stored in a kset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeyRec {
+    /// Byte offset on the backing device.
+    pub off: u64,
+    pub len: u32,
+    pub flags: u32,
+    /// Cache segment and offset in its data area (unused for ZERO keys).
+    pub seg: u32,
+    pub seg_off: u32,
+    /// Segment generation when the space was allocated.
+    pub gen: u64,
+    /// CRC32C of the data (when the cache has data_crc).
+    pub data_crc: u32,
+}
+
+impl KeyRec {
+    pub fn has_data(&self) -> bool {
+        self.flags & KEY_ZERO == 0
+    }
+    pub fn encode(&self, b: &mut [u8]) {
+        put_u64(b, 0, self.off);
+        put_u32(b, 8, self.len);
+        put_u32(b, 12, self.flags);
+        put_u32(b, 16, self.seg);
+        put_u32(b, 20, self.seg_off);
+        put_u64(b, 24, self.gen);
+        put_u32(b, 32, self.data_crc);
+        put_u32(b, 36, 0);
+    }
+    /// Decodes a key and validates it against the geometry and the backing size.
+    pub fn decode(b: &[u8], geo: &Geometry) -> Result<Self, MediaError> {
+        const W: &str = "key";
+        let k = KeyRec {
+            off: get_u64(b, 0),
+            len: get_u32(b, 8),
+            flags: get_u32(b, 12),
+            seg: get_u32(b, 16),
+            seg_off: get_u32(b, 20),
+            gen: get_u64(b, 24),
+            data_crc: get_u32(b, 32),
+        };
+        let bad = |field, value| {
+            Err(MediaError::Field {
+                what: W,
+                field,
+                value,
+            })
+        };
+        if k.len == 0 || k.len as u64 > SUBTREE_SIZE {
+            return bad("len", k.len as u64);
+        }
+        if k.off
+            .checked_add(k.len as u64)
+            .is_none_or(|e| e > geo.backing_size)
+        {
+            return bad("off", k.off);
+        }
+        if (k.off >> SUBTREE_SHIFT) != ((k.off + k.len as u64 - 1) >> SUBTREE_SHIFT) {
+            return bad("off (crosses a 4 MiB subtree)", k.off);
+        }
+        if k.flags & !KEY_FLAGS_KNOWN != 0 {
+            return bad("flags", k.flags as u64);
+        }
+        if k.has_data() {
+            if k.seg >= geo.n_segs {
+                return bad("segment", k.seg as u64);
+            }
+            if k.seg_off as u64 + k.len as u64 > geo.seg_data_size {
+                return bad("segment offset", k.seg_off as u64);
+            }
+        }
+        Ok(k)
+    }
+}
+
+/// The index shard ("subtree") size: requests and keys never cross a 4 MiB boundary.
+pub const SUBTREE_SHIFT: u32 = 22;
+pub const SUBTREE_SIZE: u64 = 1 << SUBTREE_SHIFT;
+
+/// Geometry derived from the superblock, used by every validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub n_segs: u32,
+    pub seg_size: u64,
+    pub seg_data_size: u64,
+    pub kset_keys: u32,
+    pub backing_size: u64,
+    pub format_id: u64,
+}
+
+impl Geometry {
+    pub fn from_sb(sb: &Superblock) -> Self {
+        Geometry {
+            n_segs: sb.n_segs,
+            seg_size: sb.seg_size as u64,
+            seg_data_size: sb.seg_data_size(),
+            kset_keys: sb.kset_keys,
+            backing_size: sb.backing.size,
+            format_id: sb.format_id,
+        }
+    }
+    /// Medium offset of a segment's header.
+    pub fn seg_base(&self, seg: u32) -> u64 {
+        SEGMENTS_OFF + seg as u64 * self.seg_size
+    }
+    /// Medium offset of byte `off` of a segment's data area.
+    pub fn data_off(&self, seg: u32, off: u64) -> u64 {
+        self.seg_base(seg) + SEG_HDR + off
+    }
+    pub fn kset_max_size(&self) -> usize {
+        KSET_HDR + KEY_SIZE * self.kset_keys as usize
+    }
+}
+
+/// A decoded kset header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KsetHdr {
+    pub seq: u64,
+    pub flags: u32,
+    /// Key count, or for a LAST kset the next log segment.
+    pub count: u32,
+}
+
+impl KsetHdr {
+    pub fn is_last(&self) -> bool {
+        self.flags & KSET_LAST != 0
+    }
+    /// On-media size of the kset.
+    pub fn size(&self) -> usize {
+        if self.is_last() {
+            KSET_HDR
+        } else {
+            KSET_HDR + KEY_SIZE * self.count as usize
+        }
+    }
+}
+
+/// Writes a kset header into `b[..KSET_HDR]` and seals the whole kset `b` (header and
+/// keys) with its CRC.
+pub fn seal_kset(b: &mut [u8], format_id: u64, hdr: KsetHdr) {
+    put_u32(b, 4, KSET_MAGIC);
+    put_u64(b, 8, hdr.seq);
+    put_u32(b, 16, hdr.flags);
+    put_u32(b, 20, hdr.count);
+    put_u64(b, 24, format_id);
+    let c = crc(&b[4..]);
+    put_u32(b, 0, c);
+}
+
+/// Outcome of looking at a log position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KsetCheck {
+    /// A valid kset with the expected sequence number.
+    Valid(KsetHdr),
+    /// Not a live kset: the end of the log (terminator, torn write, stale lap).
+    End,
+}
+
+/// Reads the header at `b` (which must hold `min(remaining, max kset size)` bytes of
+/// the log from the position) and validates magic, format id, sequence, size and CRC.
+/// `remaining` is the number of data-area bytes left in the segment at that position.
+pub fn check_kset(b: &[u8], geo: &Geometry, expect_seq: u64) -> Result<KsetCheck, MediaError> {
+    const W: &str = "kset";
+    if b.len() < KSET_HDR
+        || get_u32(b, 4) != KSET_MAGIC
+        || get_u64(b, 24) != geo.format_id
+        || get_u64(b, 8) != expect_seq
+    {
+        return Ok(KsetCheck::End);
+    }
+    let hdr = KsetHdr {
+        seq: expect_seq,
+        flags: get_u32(b, 16),
+        count: get_u32(b, 20),
+    };
+    if hdr.flags & !KSET_LAST != 0 {
+        return Ok(KsetCheck::End);
+    }
+    if !hdr.is_last() && (hdr.count == 0 || hdr.count > geo.kset_keys) {
+        return Ok(KsetCheck::End);
+    }
+    let size = hdr.size();
+    if size > b.len() {
+        return Ok(KsetCheck::End);
+    }
+    if get_u32(b, 0) != crc(&b[4..size]) {
+        return Ok(KsetCheck::End);
+    }
+    // From here on the kset is authentic (magic, format id, sequence and CRC all
+    // match), so a bad field is corruption or a bug, not the end of the log.
+    if hdr.is_last() && hdr.count >= geo.n_segs {
+        return Err(MediaError::Field {
+            what: W,
+            field: "next segment",
+            value: hdr.count as u64,
+        });
+    }
+    Ok(KsetCheck::Valid(hdr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geo() -> Geometry {
+        Geometry {
+            n_segs: 8,
+            seg_size: 64 << 10,
+            seg_data_size: (64 << 10) - SEG_HDR,
+            kset_keys: 16,
+            backing_size: 1 << 30,
+            format_id: 42,
+        }
+    }
+
+    #[test]
+    fn replica_prefers_newest_valid() {
+        let a = CacheInfo {
+            gc_percent: 10,
+            flags: 0,
+        }
+        .encode(5);
+        let mut b = CacheInfo {
+            gc_percent: 20,
+            flags: 0,
+        }
+        .encode(6);
+        let r = pick_replica([CacheInfo::decode(&a), CacheInfo::decode(&b)]).unwrap();
+        assert_eq!((r.0, r.2.gc_percent), (1, 20));
+        b[20] ^= 1;
+        let r = pick_replica([CacheInfo::decode(&a), CacheInfo::decode(&b)]).unwrap();
+        assert_eq!((r.0, r.2.gc_percent), (0, 10));
+    }
+
+    #[test]
+    fn kset_stale_sequence_is_end_of_log() {
+        let g = geo();
+        let mut b = vec![0u8; KSET_HDR + KEY_SIZE];
+        KeyRec {
+            off: 0,
+            len: 512,
+            seg: 1,
+            ..Default::default()
+        }
+        .encode(&mut b[KSET_HDR..]);
+        seal_kset(
+            &mut b,
+            g.format_id,
+            KsetHdr {
+                seq: 7,
+                flags: 0,
+                count: 1,
+            },
+        );
+        assert!(matches!(check_kset(&b, &g, 7), Ok(KsetCheck::Valid(_))));
+        assert_eq!(check_kset(&b, &g, 8), Ok(KsetCheck::End));
+        b[40] ^= 1;
+        assert_eq!(check_kset(&b, &g, 7), Ok(KsetCheck::End));
+    }
+}

@@ -1,0 +1,538 @@
+//! The request paths: write, read (hits and misses), miss fill, write-zeroes/discard.
+//!
+//! Write: allocate pmem space from the channel's head (taking a segment reference for
+//! the key), copy and persist the data with no lock held, then under the region's shard
+//! lock insert the extent and append its key to the region's kset. The kset is made to
+//! have room *before* the index changes, so a full log never leaves the index without
+//! the old extents (dm-pcache's hazard). Read: under the shard lock, plan hits, zero
+//! ranges and misses (placing placeholders over gaps so concurrent misses fetch a range
+//! once); copy hits after unlocking and re-check the segment generation afterwards, so a
+//! segment reclaimed during the copy turns the hit into a miss instead of garbage.
+
+use super::format::{self, KeyRec, KEY_CLEAN, KEY_DISCARD, KEY_ZERO, SUBTREE_SIZE};
+use super::index::{Extent, F_CRC, F_DIRTY, F_EMPTY, F_ZERO};
+use super::log::{self, KsetBuf, LogFull};
+use super::{Engine, IoError, Pmem};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::MutexGuard;
+
+/// A channel: per-thread state. Create with `Channel::default()`; give it back with
+/// `Engine::release_channel`.
+#[derive(Default)]
+pub struct Channel {
+    pub(super) head: Option<Head>,
+    plan: Vec<Piece>,
+    scratch: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Head {
+    pub seg: u32,
+    pub off: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Piece {
+    Hit {
+        at: usize,
+        x: Extent,
+    },
+    Zero {
+        at: usize,
+        len: usize,
+    },
+    /// `token` is Some when this read placed the placeholder and may fill.
+    Miss {
+        at: usize,
+        len: usize,
+        token: Option<u32>,
+    },
+}
+
+/// A range the caller must read from the backing device into `buf[at..at + len]`
+/// (backing offset = request offset + at).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Miss {
+    pub at: usize,
+    pub len: usize,
+}
+
+impl Channel {
+    /// The misses of the last `read`.
+    pub fn misses(&self) -> impl Iterator<Item = Miss> + '_ {
+        self.plan.iter().filter_map(|p| match *p {
+            Piece::Miss { at, len, .. } => Some(Miss { at, len }),
+            _ => None,
+        })
+    }
+}
+
+struct Alloc {
+    seg: u32,
+    off: u64,
+    len: u64,
+    gen: u64,
+}
+
+impl<P: Pmem> Engine<P> {
+    fn check_range(&self, off: u64, len: u64) -> Result<(), IoError> {
+        if off
+            .checked_add(len)
+            .is_none_or(|e| e > self.geo.backing_size)
+        {
+            return Err(IoError::OutOfRange);
+        }
+        let a = self.align as u64;
+        if off % a != 0 || len % a != 0 {
+            return Err(IoError::Unaligned);
+        }
+        Ok(())
+    }
+
+    /// Carves up to `want` bytes from the channel's head; the result holds one segment
+    /// reference for the key that will point at it.
+    fn alloc(&self, ch: &mut Channel, want: u64) -> Result<Alloc, IoError> {
+        let data = self.geo.seg_data_size;
+        let a = self.align as u64;
+        loop {
+            let h = match ch.head {
+                Some(h) => h,
+                None => {
+                    let seg = self.segs.take_data().ok_or(IoError::Busy)?;
+                    let h = Head { seg, off: 0 };
+                    ch.head = Some(h);
+                    h
+                }
+            };
+            let avail = (data - h.off) / a * a;
+            if avail == 0 {
+                ch.head = None;
+                self.segs.put(&self.pmem, &self.geo, h.seg);
+                continue;
+            }
+            let gen = self.segs.gens[h.seg as usize].load(Relaxed);
+            self.segs.get(h.seg);
+            let len = want.min(avail);
+            let r = Alloc {
+                seg: h.seg,
+                off: h.off,
+                len,
+                gen,
+            };
+            if len < avail {
+                ch.head = Some(Head {
+                    seg: h.seg,
+                    off: h.off + len,
+                });
+            } else {
+                ch.head = None;
+                self.segs.put(&self.pmem, &self.geo, h.seg);
+            }
+            return Ok(r);
+        }
+    }
+
+    /// Locks the kset of `off` and makes sure it has room for one more key.
+    fn kset_with_room(&self, off: u64) -> Result<MutexGuard<'_, KsetBuf>, LogFull> {
+        let mut kb = self.ksets[self.kset_of(off)].lock().unwrap();
+        if kb.count >= self.geo.kset_keys {
+            let mut head = self.head.lock().unwrap();
+            log::close(&self.pmem, &self.geo, &self.segs, &mut head, &mut kb)?;
+        }
+        Ok(kb)
+    }
+
+    /// Appends a key (room guaranteed) and closes the kset if full or forced.
+    fn append(&self, kb: &mut KsetBuf, k: &KeyRec, force: bool) -> Result<(), IoError> {
+        kb.push(k, k.flags & KEY_CLEAN == 0);
+        if force || kb.count >= self.geo.kset_keys {
+            let mut head = self.head.lock().unwrap();
+            if log::close(&self.pmem, &self.geo, &self.segs, &mut head, kb).is_err() && force {
+                return Err(IoError::Busy);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at backing offset `off`. Completes only once the data is
+    /// persistent in pmem; with `fua` its key is persistent too. `Busy` means the cache
+    /// is full: retry the whole request later (rewriting is idempotent).
+    pub fn write(&self, ch: &mut Channel, off: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+        self.check_range(off, data.len() as u64)?;
+        self.counters.writes.inc();
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let o = off + pos as u64;
+            let to_boundary = SUBTREE_SIZE - o % SUBTREE_SIZE;
+            let want = (data.len() - pos).min(to_boundary as usize) as u64;
+            let a = self
+                .alloc(ch, want)
+                .inspect_err(|_| self.counters.busy.inc())?;
+            let src = &data[pos..pos + a.len as usize];
+            let at = self.geo.data_off(a.seg, a.off);
+            self.pmem.write(at, src);
+            self.pmem.flush(at, a.len);
+            self.pmem.fence();
+            let crc = if self.data_crc { format::crc(src) } else { 0 };
+            let k = KeyRec {
+                off: o,
+                len: a.len as u32,
+                flags: 0,
+                seg: a.seg,
+                seg_off: a.off as u32,
+                gen: a.gen,
+                data_crc: crc,
+            };
+            let mut flags = F_DIRTY;
+            if self.data_crc {
+                flags |= F_CRC;
+            }
+            let x = Extent {
+                len: k.len,
+                seg: k.seg,
+                seg_off: k.seg_off,
+                gen: a.gen as u32,
+                crc,
+                crc_front: 0,
+                crc_back: 0,
+                flags,
+            };
+            let last = pos + a.len as usize == data.len();
+            if let Err(e) = self.insert_key(&k, x, fua && last) {
+                self.counters.busy.inc();
+                return Err(e);
+            }
+            pos += a.len as usize;
+        }
+        self.counters.bytes_written.add(data.len() as u64);
+        Ok(())
+    }
+
+    /// Inserts an extent and appends its key, atomically with respect to the region.
+    /// On `Busy` before the insert the key's segment reference is dropped.
+    fn insert_key(&self, k: &KeyRec, x: Extent, force: bool) -> Result<(), IoError> {
+        let si = self.shard_of(k.off);
+        let mut shard = self.shards[si].lock().unwrap();
+        let mut kb = match self.kset_with_room(k.off) {
+            Ok(kb) => kb,
+            Err(LogFull) => {
+                drop(shard);
+                if k.has_data() {
+                    self.segs.put(&self.pmem, &self.geo, k.seg);
+                }
+                return Err(IoError::Busy);
+            }
+        };
+        shard.insert((k.off % SUBTREE_SIZE) as u32, x);
+        self.append(&mut kb, k, force)
+    }
+
+    /// Makes `[off, off + len)` read as zeros. `discard` lets writeback unmap the range
+    /// on the backing device instead of writing zeros.
+    pub fn write_zeroes(
+        &self,
+        off: u64,
+        len: u64,
+        discard: bool,
+        fua: bool,
+    ) -> Result<(), IoError> {
+        self.check_range(off, len)?;
+        if discard {
+            self.counters.discards.inc();
+        } else {
+            self.counters.zeroes.inc();
+        }
+        let mut pos = 0u64;
+        while pos < len {
+            let o = off + pos;
+            let n = (len - pos).min(SUBTREE_SIZE - o % SUBTREE_SIZE);
+            let flags = KEY_ZERO | if discard { KEY_DISCARD } else { 0 };
+            let k = KeyRec {
+                off: o,
+                len: n as u32,
+                flags,
+                ..Default::default()
+            };
+            let x = Extent {
+                len: n as u32,
+                seg: 0,
+                seg_off: 0,
+                gen: 0,
+                crc: 0,
+                crc_front: 0,
+                crc_back: 0,
+                flags: F_ZERO | F_DIRTY,
+            };
+            self.insert_key(&k, x, fua && pos + n == len)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `off`. Hits and zero ranges are filled in; the ranges
+    /// left to read from the backing device are in `ch.misses()`. When there are any,
+    /// the caller reads them and then calls `fill` (with the read's outcome) before
+    /// using the channel for anything else.
+    pub fn read(&self, ch: &mut Channel, off: u64, buf: &mut [u8]) -> Result<usize, IoError> {
+        self.check_range(off, buf.len() as u64)?;
+        self.counters.reads.inc();
+        ch.plan.clear();
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let o = off + pos as u64;
+            let n = (buf.len() - pos).min((SUBTREE_SIZE - o % SUBTREE_SIZE) as usize);
+            self.plan_piece(ch, o, pos, n);
+            pos += n;
+        }
+        let (mut hit, mut missed) = (0usize, 0usize);
+        for i in 0..ch.plan.len() {
+            match ch.plan[i] {
+                Piece::Zero { at, len } => {
+                    buf[at..at + len].fill(0);
+                    hit += len;
+                }
+                Piece::Miss { len, .. } => missed += len,
+                Piece::Hit { at, x } => {
+                    let len = x.len as usize;
+                    let dst = &mut buf[at..at + len];
+                    self.pmem
+                        .read(self.geo.data_off(x.seg, x.seg_off as u64), dst);
+                    // A reclaim during the copy bumped the generation first: the bytes
+                    // may be torn, but the range is on the backing device by then.
+                    if self.segs.gen32(x.seg) != x.gen
+                        || !self.verify_hit(ch, off + at as u64, at, &x, buf)?
+                    {
+                        ch.plan[i] = Piece::Miss {
+                            at,
+                            len,
+                            token: None,
+                        };
+                        missed += len;
+                    } else {
+                        hit += len;
+                    }
+                }
+            }
+        }
+        let c = &self.counters;
+        c.bytes_read.add(buf.len() as u64);
+        c.bytes_hit.add(hit as u64);
+        match (hit > 0, missed > 0) {
+            (_, false) => c.hits.inc(),
+            (false, true) => c.misses.inc(),
+            (true, true) => c.partial_hits.inc(),
+        }
+        Ok(missed)
+    }
+
+    /// Plans one piece inside a single region.
+    fn plan_piece(&self, ch: &mut Channel, o: u64, at: usize, n: usize) {
+        let si = self.shard_of(o);
+        let s = (o % SUBTREE_SIZE) as u32;
+        let e = s + n as u32;
+        let mut shard = self.shards[si].lock().unwrap();
+        let first = ch.plan.len();
+        let mut cursor = s;
+        let plan = &mut ch.plan;
+        let segs = &self.segs;
+        let to_at = |x: u32| at + (x - s) as usize;
+        shard.walk(
+            s,
+            e,
+            |x| segs.gen32(x.seg) != x.gen,
+            |ks, x| {
+                if ks > cursor {
+                    plan.push(Piece::Miss {
+                        at: to_at(cursor),
+                        len: (ks - cursor) as usize,
+                        token: Some(0),
+                    });
+                }
+                let len = x.len as usize;
+                plan.push(if x.is(F_EMPTY) {
+                    Piece::Miss {
+                        at: to_at(ks),
+                        len,
+                        token: None,
+                    }
+                } else if x.is(F_ZERO) {
+                    Piece::Zero { at: to_at(ks), len }
+                } else {
+                    Piece::Hit { at: to_at(ks), x }
+                });
+                cursor = ks + x.len;
+            },
+        );
+        if cursor < e {
+            plan.push(Piece::Miss {
+                at: to_at(cursor),
+                len: (e - cursor) as usize,
+                token: Some(0),
+            });
+        }
+        // Gaps get placeholders so a concurrent read of the same range does not fill it
+        // a second time, and a concurrent write cancels our fill.
+        for p in &mut plan[first..] {
+            if let Piece::Miss {
+                at: pat,
+                len,
+                token: Some(t),
+            } = p
+            {
+                *t = self.next_token.fetch_add(1, Relaxed);
+                let ph = Extent {
+                    len: *len as u32,
+                    seg: 0,
+                    seg_off: 0,
+                    gen: *t,
+                    crc: 0,
+                    crc_front: 0,
+                    crc_back: 0,
+                    flags: F_EMPTY,
+                };
+                shard.insert(s + (*pat - at) as u32, ph);
+            }
+        }
+    }
+
+    /// Verifies a hit's data CRC. Ok(false): bad clean data, dropped, read it from the
+    /// backing device instead. Err: bad dirty data.
+    fn verify_hit(
+        &self,
+        ch: &mut Channel,
+        o: u64,
+        at: usize,
+        x: &Extent,
+        buf: &[u8],
+    ) -> Result<bool, IoError> {
+        if !self.data_crc || !x.is(F_CRC) {
+            return Ok(true);
+        }
+        let got = if x.crc_front == 0 && x.crc_back == 0 {
+            format::crc(&buf[at..at + x.len as usize])
+        } else {
+            let n = (x.crc_front + x.len + x.crc_back) as usize;
+            ch.scratch.resize(n, 0);
+            let start = self.geo.data_off(x.seg, (x.seg_off - x.crc_front) as u64);
+            self.pmem.read(start, &mut ch.scratch);
+            format::crc(&ch.scratch)
+        };
+        if got == x.crc {
+            return Ok(true);
+        }
+        if x.is(F_DIRTY) {
+            self.counters.crc_errors_dirty.inc();
+            return Err(IoError::Corrupt);
+        }
+        self.counters.crc_errors_clean.inc();
+        // Drop the bad extent unless a write replaced it meanwhile.
+        let mut shard = self.shards[self.shard_of(o)].lock().unwrap();
+        let (s, e) = ((o % SUBTREE_SIZE) as u32, (o % SUBTREE_SIZE) as u32 + x.len);
+        let mut same = true;
+        shard.walk(
+            s,
+            e,
+            |_| false,
+            |_, y| same &= y.seg == x.seg && y.gen == x.gen && y.has_data(),
+        );
+        if same {
+            shard.punch(s, e);
+        }
+        Ok(false)
+    }
+
+    /// Completes the misses of the last `read` of `[off, off + buf.len())`. With `ok`,
+    /// `buf` holds the backing device's data and the ranges this read placed
+    /// placeholders on are cached as clean data, unless a write replaced them since.
+    pub fn fill(&self, ch: &mut Channel, off: u64, buf: &[u8], ok: bool) {
+        for i in 0..ch.plan.len() {
+            let Piece::Miss {
+                at,
+                len,
+                token: Some(t),
+            } = ch.plan[i]
+            else {
+                continue;
+            };
+            let mut done = 0usize;
+            while done < len {
+                let o = off + (at + done) as u64;
+                let rest = (len - done) as u64;
+                let a = if ok { self.alloc(ch, rest).ok() } else { None };
+                let Some(a) = a else {
+                    self.drop_placeholders(o, rest, t);
+                    break;
+                };
+                let src = &buf[at + done..at + done + a.len as usize];
+                let dst = self.geo.data_off(a.seg, a.off);
+                self.pmem.write(dst, src);
+                self.pmem.flush(dst, a.len);
+                self.pmem.fence();
+                self.fill_chunk(o, &a, src, t);
+                done += a.len as usize;
+            }
+        }
+        ch.plan.clear();
+    }
+
+    fn drop_placeholders(&self, o: u64, len: u64, t: u32) {
+        let mut shard = self.shards[self.shard_of(o)].lock().unwrap();
+        let s = (o % SUBTREE_SIZE) as u32;
+        shard.resolve_placeholders(s, s + len as u32, t, |_, _| None);
+    }
+
+    /// Turns the surviving placeholder fragments over `[o, o + a.len)` into clean
+    /// extents pointing at the freshly written copy in `a`.
+    fn fill_chunk(&self, o: u64, a: &Alloc, src: &[u8], t: u32) {
+        let mut shard = self.shards[self.shard_of(o)].lock().unwrap();
+        let s = (o % SUBTREE_SIZE) as u32;
+        let mut kb = self.kset_with_room(o).ok();
+        let whole_crc = if self.data_crc { format::crc(src) } else { 0 };
+        let mut referenced = false;
+        shard.resolve_placeholders(s, s + a.len as u32, t, |fs, frag| {
+            let kb = kb.as_mut()?;
+            if kb.count >= self.geo.kset_keys {
+                let mut head = self.head.lock().unwrap();
+                log::close(&self.pmem, &self.geo, &self.segs, &mut head, kb).ok()?;
+            }
+            let d = fs - s;
+            let crc = if !self.data_crc {
+                0
+            } else if frag.len == a.len as u32 {
+                whole_crc
+            } else {
+                format::crc(&src[d as usize..(d + frag.len) as usize])
+            };
+            let k = KeyRec {
+                off: o - s as u64 + fs as u64,
+                len: frag.len,
+                flags: KEY_CLEAN,
+                seg: a.seg,
+                seg_off: a.off as u32 + d,
+                gen: a.gen,
+                data_crc: crc,
+            };
+            if referenced {
+                self.segs.get(a.seg);
+            }
+            referenced = true;
+            kb.push(&k, false);
+            self.counters.fills.inc();
+            Some(Extent {
+                len: frag.len,
+                seg: a.seg,
+                seg_off: k.seg_off,
+                gen: a.gen as u32,
+                crc,
+                crc_front: 0,
+                crc_back: 0,
+                flags: if self.data_crc { F_CRC } else { 0 },
+            })
+        });
+        drop(kb);
+        drop(shard);
+        if !referenced {
+            self.segs.put(&self.pmem, &self.geo, a.seg);
+        }
+    }
+}

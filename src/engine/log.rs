@@ -1,0 +1,130 @@
+//! The kset log: per-region kset buffers in DRAM and the append point in pmem.
+//!
+//! Keys of one 4 MiB region always go through the same kset buffer (routing by region),
+//! and a key is appended while its region's shard lock is held, so the log order of the
+//! keys of any region equals their index insertion order; replay therefore rebuilds the
+//! same index. A close writes a 32-byte zero terminator after the kset, then the kset,
+//! then fences; it always leaves room for a LAST kset, which links a full log segment
+//! to the next one. Every kset carries the next 64-bit log sequence number, so the end
+//! of the log is the first position whose kset is missing, torn, or from an older lap.
+
+use super::format::{
+    seal_kset, Geometry, KeyRec, KsetHdr, LogPos, KEY_SIZE, KSET_HDR, KSET_LAST, KSET_SIZE_MAX,
+};
+use super::pmem::Pmem;
+use super::segs::Segs;
+
+/// A kset being filled in DRAM.
+pub struct KsetBuf {
+    pub buf: Box<[u8; KSET_SIZE_MAX]>,
+    pub count: u32,
+    /// Bytes of dirty data referenced by the buffered keys.
+    pub dirty_bytes: u64,
+    /// Set by a tick while the buffer holds keys; a second tick closes it.
+    pub aged: bool,
+}
+
+impl Default for KsetBuf {
+    fn default() -> Self {
+        KsetBuf {
+            buf: Box::new([0; KSET_SIZE_MAX]),
+            count: 0,
+            dirty_bytes: 0,
+            aged: false,
+        }
+    }
+}
+
+impl KsetBuf {
+    pub fn push(&mut self, k: &KeyRec, dirty: bool) {
+        let o = KSET_HDR + KEY_SIZE * self.count as usize;
+        k.encode(&mut self.buf[o..o + KEY_SIZE]);
+        self.count += 1;
+        if dirty {
+            self.dirty_bytes += k.len as u64;
+        }
+    }
+
+    /// Iterates the buffered keys (for invariant checks).
+    pub fn keys(&self, geo: &Geometry) -> impl Iterator<Item = KeyRec> + '_ {
+        let g = *geo;
+        (0..self.count as usize).map(move |i| {
+            let o = KSET_HDR + KEY_SIZE * i;
+            KeyRec::decode(&self.buf[o..o + KEY_SIZE], &g).expect("buffered key is valid")
+        })
+    }
+}
+
+/// The log's append point.
+pub struct LogHead {
+    pub pos: LogPos,
+    /// Dirty bytes in closed ksets past dirty_tail (moved here by close).
+    pub closed_dirty: u64,
+}
+
+/// The log has no free segment to grow into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogFull;
+
+/// Writes the kset in `kb` at the head, rolling to a new log segment if needed.
+pub fn close<P: Pmem>(
+    pmem: &P,
+    geo: &Geometry,
+    segs: &Segs,
+    head: &mut LogHead,
+    kb: &mut KsetBuf,
+) -> Result<(), LogFull> {
+    if kb.count == 0 {
+        return Ok(());
+    }
+    let size = KSET_HDR + KEY_SIZE * kb.count as usize;
+    // Room for this kset, a LAST link after it, and the terminator after that.
+    if head.pos.off as u64 + (size + 2 * KSET_HDR) as u64 > geo.seg_data_size {
+        let next = segs.take_log().ok_or(LogFull)?;
+        // The new segment must not start with anything that could pass for a kset:
+        // zero its first header before linking to it.
+        let zero = [0u8; KSET_HDR];
+        pmem.persist(geo.data_off(next, 0), &zero);
+        let mut last = [0u8; KSET_HDR];
+        seal_kset(
+            &mut last,
+            geo.format_id,
+            KsetHdr {
+                seq: head.pos.seq,
+                flags: KSET_LAST,
+                count: next,
+            },
+        );
+        pmem.persist(geo.data_off(head.pos.seg, head.pos.off as u64), &last);
+        head.pos = LogPos {
+            seq: head.pos.seq + 1,
+            seg: next,
+            off: 0,
+        };
+    }
+    seal_kset(
+        &mut kb.buf[..size],
+        geo.format_id,
+        KsetHdr {
+            seq: head.pos.seq,
+            flags: 0,
+            count: kb.count,
+        },
+    );
+    let at = geo.data_off(head.pos.seg, head.pos.off as u64);
+    let zero = [0u8; KSET_HDR];
+    pmem.write(at + size as u64, &zero);
+    pmem.write(at, &kb.buf[..size]);
+    pmem.flush(at, (size + KSET_HDR) as u64);
+    pmem.fence();
+    head.pos = LogPos {
+        seq: head.pos.seq + 1,
+        seg: head.pos.seg,
+        off: head.pos.off + size as u32,
+    };
+    head.closed_dirty += kb.dirty_bytes;
+    kb.count = 0;
+    kb.dirty_bytes = 0;
+    kb.aged = false;
+    Ok(())
+}

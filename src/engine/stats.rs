@@ -1,0 +1,150 @@
+//! Statistics: relaxed atomic counters bumped on the I/O path, and a snapshot type that
+//! status, the control socket and JSON-RPC print.
+
+use super::{Engine, Pmem};
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub reads: Counter,
+    pub writes: Counter,
+    pub hits: Counter,
+    pub misses: Counter,
+    pub partial_hits: Counter,
+    pub bytes_read: Counter,
+    pub bytes_written: Counter,
+    pub bytes_hit: Counter,
+    pub fills: Counter,
+    pub flushes: Counter,
+    pub zeroes: Counter,
+    pub discards: Counter,
+    pub busy: Counter,
+    pub wb_ksets: Counter,
+    pub wb_bytes: Counter,
+    pub wb_errors: Counter,
+    pub gc_ksets: Counter,
+    pub segs_reclaimed: Counter,
+    pub crc_errors_clean: Counter,
+    pub crc_errors_dirty: Counter,
+}
+
+/// A point-in-time view of the cache.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Stats {
+    pub mode: &'static str,
+    pub data_crc: bool,
+    pub gc_percent: u32,
+    pub segment_size: u64,
+    pub segments_total: u32,
+    pub segments_used: u32,
+    pub backing_size: u64,
+    pub dirty_bytes: u64,
+    pub cached_extents: u64,
+    pub key_head: String,
+    pub dirty_tail: String,
+    pub key_tail: String,
+    pub reads: u64,
+    pub writes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub partial_hits: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub bytes_hit: u64,
+    pub fills: u64,
+    pub flushes: u64,
+    pub write_zeroes: u64,
+    pub discards: u64,
+    pub cache_full_events: u64,
+    pub writeback_ksets: u64,
+    pub writeback_bytes: u64,
+    pub writeback_errors: u64,
+    pub gc_ksets: u64,
+    pub segments_reclaimed: u64,
+    pub crc_errors_clean: u64,
+    pub crc_errors_dirty: u64,
+    pub writeback_stopped: Option<String>,
+    pub gc_stopped: Option<String>,
+}
+
+fn pos(p: super::LogPos) -> String {
+    format!("{}:{}#{}", p.seg, p.off, p.seq)
+}
+
+impl<P: Pmem> Engine<P> {
+    /// Dirty bytes: in closed ksets past dirty_tail plus those still buffered.
+    pub fn dirty_bytes(&self) -> u64 {
+        let buffered: u64 = self
+            .ksets
+            .iter()
+            .map(|k| k.lock().unwrap().dirty_bytes)
+            .sum();
+        self.head.lock().unwrap().closed_dirty + buffered
+    }
+
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let (kt, dt) = {
+            let t = self.tails.lock().unwrap();
+            (t.key, t.dirty)
+        };
+        let kh = self.head.lock().unwrap().pos;
+        let errors = self.errors.lock().unwrap();
+        Stats {
+            mode: "writeback",
+            data_crc: self.data_crc,
+            gc_percent: self.gc_percent(),
+            segment_size: self.geo.seg_size,
+            segments_total: self.geo.n_segs,
+            segments_used: self.segs.used(),
+            backing_size: self.geo.backing_size,
+            dirty_bytes: self.dirty_bytes(),
+            cached_extents: self
+                .shards
+                .iter()
+                .map(|s| s.lock().unwrap().len() as u64)
+                .sum(),
+            key_head: pos(kh),
+            dirty_tail: pos(dt),
+            key_tail: pos(kt),
+            reads: c.reads.get(),
+            writes: c.writes.get(),
+            hits: c.hits.get(),
+            misses: c.misses.get(),
+            partial_hits: c.partial_hits.get(),
+            bytes_read: c.bytes_read.get(),
+            bytes_written: c.bytes_written.get(),
+            bytes_hit: c.bytes_hit.get(),
+            fills: c.fills.get(),
+            flushes: c.flushes.get(),
+            write_zeroes: c.zeroes.get(),
+            discards: c.discards.get(),
+            cache_full_events: c.busy.get(),
+            writeback_ksets: c.wb_ksets.get(),
+            writeback_bytes: c.wb_bytes.get(),
+            writeback_errors: c.wb_errors.get(),
+            gc_ksets: c.gc_ksets.get(),
+            segments_reclaimed: c.segs_reclaimed.get(),
+            crc_errors_clean: c.crc_errors_clean.get(),
+            crc_errors_dirty: c.crc_errors_dirty.get(),
+            writeback_stopped: errors.writeback.clone(),
+            gc_stopped: errors.gc.clone(),
+        }
+    }
+}

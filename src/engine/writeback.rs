@@ -1,0 +1,301 @@
+//! Writeback and garbage collection, driven by the environment.
+//!
+//! Writeback walks the log from dirty_tail one kset at a time: `writeback_next` hands
+//! out the kset's dirty extents (overlaps inside the kset resolved, newest wins; clean
+//! ones skipped); the caller writes them to the backing device, FLUSHes it, and calls
+//! `writeback_done`, which only then persists the advanced dirty_tail. So the backing
+//! device alone always holds the result of a prefix of the log plus part of one kset
+//! whose writes do not overlap. GC walks from key_tail, never past dirty_tail: it
+//! persists the advanced key_tail *first* and then drops the segment references of the
+//! kset's keys, so a crash in between can never resurrect keys into reused space.
+
+use super::format::{KeyRec, KsetCheck, LogPos, KEY_CLEAN, KEY_DISCARD, KEY_SIZE, KSET_HDR};
+use super::open::read_kset;
+use super::{Engine, Pmem};
+
+/// What to write to the backing device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WbKind {
+    /// Copy `len` bytes from the medium at `pmem_off`.
+    Data {
+        pmem_off: u64,
+    },
+    Zero,
+    Discard,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WbItem {
+    pub off: u64,
+    pub len: u32,
+    pub kind: WbKind,
+}
+
+/// One kset's worth of writeback; reuse it across calls (no allocation once warm).
+#[derive(Default)]
+pub struct WbBatch {
+    pub items: Vec<WbItem>,
+    pos: LogPos,
+    next: LogPos,
+    dirty_bytes: u64,
+    keys: Vec<KeyRec>,
+    covered: Vec<(u64, u64)>,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WbNext {
+    /// Nothing closed is dirty.
+    Idle,
+    /// `items` is ready: write them, flush the backing device, call `writeback_done`.
+    Ready,
+    /// Writeback stopped on corrupt metadata or data; the message says where.
+    Stopped(String),
+}
+
+/// What one GC call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcResult {
+    pub ksets: u32,
+    pub segments_freed: u32,
+}
+
+impl WbBatch {
+    /// Bytes this batch writes.
+    pub fn bytes(&self) -> u64 {
+        self.items.iter().map(|i| i.len as u64).sum()
+    }
+
+    /// Resolves overlaps inside the kset (later keys win) into `items`.
+    fn build(&mut self, geo: &super::format::Geometry) {
+        self.items.clear();
+        self.covered.clear();
+        for k in self.keys.iter().rev() {
+            let (ks, ke) = (k.off, k.off + k.len as u64);
+            // Emit the parts of [ks, ke) not covered by a later key.
+            let mut at = ks;
+            self.covered.sort_unstable();
+            for &(cs, ce) in &self.covered {
+                if ce <= at || cs >= ke {
+                    continue;
+                }
+                if cs > at && k.flags & KEY_CLEAN == 0 {
+                    self.items.push(item(geo, k, at, cs));
+                }
+                at = at.max(ce);
+            }
+            if at < ke && k.flags & KEY_CLEAN == 0 {
+                self.items.push(item(geo, k, at, ke));
+            }
+            self.covered.push((ks, ke));
+        }
+        self.items.sort_unstable_by_key(|i| i.off);
+    }
+}
+
+fn item(geo: &super::format::Geometry, k: &KeyRec, s: u64, e: u64) -> WbItem {
+    let kind = if k.has_data() {
+        WbKind::Data {
+            pmem_off: geo.data_off(k.seg, k.seg_off as u64 + (s - k.off)),
+        }
+    } else if k.flags & KEY_DISCARD != 0 {
+        WbKind::Discard
+    } else {
+        WbKind::Zero
+    };
+    WbItem {
+        off: s,
+        len: (e - s) as u32,
+        kind,
+    }
+}
+
+impl<P: Pmem> Engine<P> {
+    fn stop_writeback(&self, msg: String) -> WbNext {
+        self.errors.lock().unwrap().writeback = Some(msg.clone());
+        WbNext::Stopped(msg)
+    }
+
+    /// Prepares the next kset to write back.
+    pub fn writeback_next(&self, b: &mut WbBatch) -> WbNext {
+        if let Some(m) = &self.errors.lock().unwrap().writeback {
+            return WbNext::Stopped(m.clone());
+        }
+        b.buf.resize(self.geo.kset_max_size(), 0);
+        let mut t = self.tails.lock().unwrap();
+        loop {
+            let pos = t.dirty;
+            if pos == self.head.lock().unwrap().pos {
+                return WbNext::Idle;
+            }
+            let hdr = match read_kset(&self.pmem, &self.geo, pos, &mut b.buf) {
+                Ok(KsetCheck::Valid(h)) => h,
+                Ok(KsetCheck::End) => {
+                    return self.stop_writeback(format!(
+                        "kset {} at {}:{} (dirty_tail) is unreadable",
+                        pos.seq, pos.seg, pos.off
+                    ))
+                }
+                Err(e) => return self.stop_writeback(e.to_string()),
+            };
+            if hdr.is_last() {
+                t.dirty = LogPos {
+                    seq: pos.seq + 1,
+                    seg: hdr.count,
+                    off: 0,
+                };
+                self.persist_dirty_tail(&mut t);
+                continue;
+            }
+            b.keys.clear();
+            b.dirty_bytes = 0;
+            for i in 0..hdr.count as usize {
+                let o = KSET_HDR + i * KEY_SIZE;
+                match KeyRec::decode(&b.buf[o..o + KEY_SIZE], &self.geo) {
+                    Ok(k) => {
+                        if k.flags & KEY_CLEAN == 0 {
+                            b.dirty_bytes += k.len as u64;
+                        }
+                        b.keys.push(k)
+                    }
+                    Err(e) => return self.stop_writeback(format!("kset {}: {e}", pos.seq)),
+                }
+            }
+            if self.data_crc {
+                if let Err(m) = self.verify_keys(b) {
+                    self.counters.crc_errors_dirty.inc();
+                    return self.stop_writeback(m);
+                }
+            }
+            b.build(&self.geo);
+            b.pos = pos;
+            b.next = LogPos {
+                seq: pos.seq + 1,
+                seg: pos.seg,
+                off: pos.off + hdr.size() as u32,
+            };
+            return WbNext::Ready;
+        }
+    }
+
+    /// Never write corrupt data to the backing device: check every dirty key's CRC.
+    fn verify_keys(&self, b: &mut WbBatch) -> Result<(), String> {
+        let mut data = std::mem::take(&mut b.buf);
+        let mut res = Ok(());
+        for k in b
+            .keys
+            .iter()
+            .filter(|k| k.has_data() && k.flags & KEY_CLEAN == 0)
+        {
+            data.resize(data.len().max(k.len as usize), 0);
+            let d = &mut data[..k.len as usize];
+            self.pmem
+                .read(self.geo.data_off(k.seg, k.seg_off as u64), d);
+            if super::format::crc(d) != k.data_crc {
+                res = Err(format!(
+                    "dirty data at backing offset {} (segment {} offset {}) fails its CRC",
+                    k.off, k.seg, k.seg_off
+                ));
+                break;
+            }
+        }
+        b.buf = data;
+        res
+    }
+
+    /// Acknowledges a batch. `ok` means every item was written and the backing device
+    /// was flushed afterwards.
+    pub fn writeback_done(&self, b: &WbBatch, ok: bool) {
+        if !ok {
+            self.counters.wb_errors.inc();
+            return;
+        }
+        let mut t = self.tails.lock().unwrap();
+        if t.dirty != b.pos {
+            return;
+        }
+        t.dirty = b.next;
+        self.persist_dirty_tail(&mut t);
+        drop(t);
+        self.head.lock().unwrap().closed_dirty -= b.dirty_bytes;
+        self.counters.wb_ksets.inc();
+        self.counters.wb_bytes.add(b.bytes());
+    }
+
+    /// True when GC should run: usage at or above gc_percent, or a request found the
+    /// cache full.
+    pub fn gc_wanted(&self) -> bool {
+        let used = self.segs.used() as u64;
+        self.cache_full() || used * 100 >= self.geo.n_segs as u64 * self.gc_percent() as u64
+    }
+
+    /// Reclaims written-back ksets from key_tail while GC is wanted.
+    pub fn gc(&self) -> GcResult {
+        let mut r = GcResult::default();
+        if self.errors.lock().unwrap().gc.is_some() {
+            return r;
+        }
+        let mut buf = vec![0u8; self.geo.kset_max_size()];
+        while self.gc_wanted() {
+            let mut t = self.tails.lock().unwrap();
+            let pos = t.key;
+            if pos == t.dirty {
+                break;
+            }
+            let hdr = match read_kset(&self.pmem, &self.geo, pos, &mut buf) {
+                Ok(KsetCheck::Valid(h)) => h,
+                other => {
+                    let why = match other {
+                        Err(e) => e.to_string(),
+                        _ => "unreadable".into(),
+                    };
+                    self.errors.lock().unwrap().gc = Some(format!(
+                        "kset {} at {}:{} (key_tail): {why}",
+                        pos.seq, pos.seg, pos.off
+                    ));
+                    break;
+                }
+            };
+            r.ksets += 1;
+            self.counters.gc_ksets.inc();
+            if hdr.is_last() {
+                t.key = LogPos {
+                    seq: pos.seq + 1,
+                    seg: hdr.count,
+                    off: 0,
+                };
+                self.persist_key_tail(&mut t);
+                drop(t);
+                self.segs.free_log(pos.seg);
+                r.segments_freed += 1;
+                continue;
+            }
+            t.key = LogPos {
+                seq: pos.seq + 1,
+                seg: pos.seg,
+                off: pos.off + hdr.size() as u32,
+            };
+            self.persist_key_tail(&mut t);
+            drop(t);
+            for i in 0..hdr.count as usize {
+                let o = KSET_HDR + i * KEY_SIZE;
+                // The kset was valid when written back; a decode failure now means the
+                // medium changed under us. Its references are then leaked, not misused.
+                let Ok(k) = KeyRec::decode(&buf[o..o + KEY_SIZE], &self.geo) else {
+                    continue;
+                };
+                if !k.has_data()
+                    || self.segs.gens[k.seg as usize].load(std::sync::atomic::Ordering::Acquire)
+                        != k.gen
+                {
+                    continue;
+                }
+                if self.segs.put(&self.pmem, &self.geo, k.seg) {
+                    r.segments_freed += 1;
+                    self.counters.segs_reclaimed.inc();
+                }
+            }
+        }
+        r
+    }
+}

@@ -1,0 +1,613 @@
+//! A simulated world: one engine on simulated pmem over a simulated disk, driven by a
+//! seeded workload through several channels, with the background work (tick,
+//! writeback with asynchronous reordered disk I/O, GC) interleaved deterministically,
+//! and an oracle that checks the durability contract of ARCHITECTURE.md.
+//!
+//! Every written block carries a recognisable pattern (write id and block number in
+//! every word), so any block read back can be traced to the write it came from, and
+//! garbage or another block's data is caught. The oracle keeps, per block, the ordered
+//! history of completed writes and the index of the newest one that is durable (a
+//! later FLUSH or its own FUA completed). Checks:
+//! - live reads return exactly the newest completed write (or, for a read that raced a
+//!   write, one of the two);
+//! - after a crash and replay every block reads as its durable write or a later one;
+//! - the backing device alone, after a power loss, is what a disk with a volatile
+//!   write cache may show: if any write issued after the k-th FLUSH is on it, every
+//!   block holds at least its last write from before that FLUSH;
+//! - the engine's own invariants hold after every step.
+
+use super::disk::{DiskOp, SimDisk};
+use super::pmem::{CrashMode, SimPmem};
+use super::rng::Rng;
+use crate::engine::{
+    BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, Pmem, WbBatch, WbKind, WbNext,
+};
+use std::sync::Arc;
+
+const BS: usize = 512;
+
+/// The workload shapes the crash enumeration runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Small writes over a hot region, reads, occasional flushes.
+    Overwrite,
+    /// Many FUA writes and FLUSHes.
+    FuaFlush,
+    /// More data than the cache holds: writeback and GC must run, writers get Busy.
+    CacheFull,
+    /// Writes mixed with write-zeroes and discards.
+    ZeroDiscard,
+    /// All of the above with misses racing writes.
+    Mixed,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 5] = [
+        Workload::Overwrite,
+        Workload::FuaFlush,
+        Workload::CacheFull,
+        Workload::ZeroDiscard,
+        Workload::Mixed,
+    ];
+}
+
+#[derive(Debug, Clone)]
+pub struct WorldCfg {
+    pub seed: u64,
+    pub workload: Workload,
+    pub ops: usize,
+    pub channels: usize,
+    pub data_crc: bool,
+    pub seg_size: u32,
+    pub n_segs: u64,
+    pub kset_keys: u32,
+    /// Blocks (512 B) the workload touches; the backing device has 4x as many.
+    pub region_blocks: u64,
+}
+
+impl WorldCfg {
+    pub fn new(seed: u64, workload: Workload) -> Self {
+        let region_blocks = match workload {
+            Workload::CacheFull => 4096,
+            Workload::Mixed => 2048,
+            _ => 256,
+        };
+        WorldCfg {
+            seed,
+            workload,
+            ops: 150,
+            channels: 3,
+            data_crc: seed % 2 == 0,
+            seg_size: 24 << 10,
+            n_segs: 12,
+            kset_keys: 8,
+            region_blocks,
+        }
+    }
+}
+
+#[derive(Default, Clone)]
+struct Block {
+    /// Content ids of completed writes, oldest first; 0 = zeros (initial content).
+    hist: Vec<u64>,
+    /// Index in `hist` of the newest durable content.
+    floor: usize,
+}
+
+/// An in-flight writeback batch.
+struct Inflight {
+    pending: usize,
+    failed: bool,
+    flush_sent: bool,
+}
+
+pub struct World {
+    pub cfg: WorldCfg,
+    rng: Rng,
+    pub pmem: Arc<SimPmem>,
+    pub disk: SimDisk,
+    pub engine: Engine<Arc<SimPmem>>,
+    chans: Vec<Channel>,
+    blocks: Vec<Block>,
+    /// Epoch (number of completed FLUSHes) at which each write id was issued.
+    write_epoch: Vec<u64>,
+    /// Per flush epoch k: for each block, the last content before the k-th flush.
+    flush_snap: Vec<Vec<u64>>,
+    /// Content ids of the operation in flight when a crash hit.
+    inflight_ids: Vec<(u64, u64)>,
+    wb: WbBatch,
+    wb_inflight: Option<Inflight>,
+    pub crashes: u64,
+}
+
+fn identity(size: u64) -> BackingIdentity {
+    BackingIdentity {
+        size,
+        block_size: BS as u32,
+        id: "sim-disk".into(),
+    }
+}
+
+fn pattern(id: u64, blk: u64, buf: &mut [u8]) {
+    let w = if id == 0 {
+        0
+    } else {
+        (id << 24) | (blk & 0xff_ffff)
+    };
+    for c in buf.chunks_exact_mut(8) {
+        c.copy_from_slice(&w.to_le_bytes());
+    }
+}
+
+/// Which write a block's content came from; Err for garbage.
+fn decode(blk: u64, b: &[u8]) -> Result<u64, String> {
+    let w = u64::from_le_bytes(b[..8].try_into().unwrap());
+    if b.chunks_exact(8).any(|c| c != w.to_le_bytes()) {
+        return Err(format!("block {blk}: torn or garbage content"));
+    }
+    if w == 0 {
+        return Ok(0);
+    }
+    if w & 0xff_ffff != blk & 0xff_ffff {
+        return Err(format!("block {blk}: holds block {}'s data", w & 0xff_ffff));
+    }
+    Ok(w >> 24)
+}
+
+impl World {
+    pub fn new(cfg: WorldCfg) -> Result<Self, String> {
+        let mut rng = Rng::new(cfg.seed);
+        let size = crate::engine::format::SEGMENTS_OFF + cfg.n_segs * cfg.seg_size as u64;
+        let pmem = Arc::new(SimPmem::new(size));
+        let backing = cfg.region_blocks * 4 * BS as u64;
+        let mut disk = SimDisk::new(backing, BS as u32);
+        disk.set_seed(rng.next_u64());
+        let mut fo = FormatOptions::new(identity(backing), rng.next_u64());
+        fo.seg_size = cfg.seg_size;
+        fo.kset_keys = cfg.kset_keys;
+        fo.data_crc = cfg.data_crc;
+        fo.gc_percent = (rng.below(4) * 20) as u32;
+        let engine =
+            Engine::format(pmem.clone(), &fo, &Self::config(&cfg)).map_err(|e| e.to_string())?;
+        let n = cfg.region_blocks as usize;
+        Ok(World {
+            chans: (0..cfg.channels).map(|_| Channel::default()).collect(),
+            blocks: vec![
+                Block {
+                    hist: vec![0],
+                    floor: 0
+                };
+                n
+            ],
+            write_epoch: vec![0],
+            flush_snap: vec![],
+            inflight_ids: vec![],
+            wb: WbBatch::default(),
+            wb_inflight: None,
+            crashes: 0,
+            cfg,
+            rng,
+            pmem,
+            disk,
+            engine,
+        })
+    }
+
+    fn config(_cfg: &WorldCfg) -> Config {
+        Config {
+            n_ksets: 2,
+            log_reserve: 2,
+        }
+    }
+
+    /// Fences executed so far (crash points).
+    pub fn fences(&self) -> u64 {
+        self.pmem.persistence_points()
+    }
+
+    /// Runs the workload. Stops early (Ok) when the pmem crashed under a fence limit.
+    pub fn run(&mut self) -> Result<(), String> {
+        for _ in 0..self.cfg.ops {
+            self.step()?;
+            if self.pmem.crashed() {
+                return Ok(());
+            }
+            let refs: Vec<&Channel> = self.chans.iter().collect();
+            self.engine
+                .check_invariants(&refs)
+                .map_err(|e| format!("invariant: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self) -> Result<(), String> {
+        let w = self.cfg.workload;
+        let r = self.rng.below(100);
+        let (p_read, p_fua, p_flush, p_zero, p_bg) = match w {
+            Workload::Overwrite => (25, 3, 4, 0, 25),
+            Workload::FuaFlush => (15, 35, 15, 0, 20),
+            Workload::CacheFull => (15, 3, 3, 0, 15),
+            Workload::ZeroDiscard => (20, 5, 5, 25, 20),
+            Workload::Mixed => (30, 8, 5, 10, 20),
+        };
+        if r < p_bg {
+            return self.background();
+        }
+        let r = self.rng.below(100);
+        let ch = self.rng.index(self.chans.len());
+        if r < p_read {
+            return self.read(ch);
+        }
+        if r < p_read + p_flush {
+            return self.flush();
+        }
+        let (off, n) = self.range();
+        if r < p_read + p_flush + p_zero {
+            let discard = self.rng.chance(1, 2);
+            let fua = self.rng.chance(p_fua as u32, 100);
+            return self.zeroes(off, n, discard, fua);
+        }
+        let fua = self.rng.chance(p_fua as u32 * 2, 100);
+        self.write(ch, off, n, fua)
+    }
+
+    fn range(&mut self) -> (u64, u64) {
+        let max = match self.cfg.workload {
+            Workload::CacheFull => 64,
+            _ => 16,
+        };
+        let n = 1 + self.rng.below(max);
+        let off = self.rng.below(self.cfg.region_blocks - n + 1);
+        (off, n)
+    }
+
+    fn new_write(&mut self, zero: bool) -> u64 {
+        if zero {
+            return 0;
+        }
+        self.write_epoch.push(self.flush_snap.len() as u64);
+        self.write_epoch.len() as u64 - 1
+    }
+
+    fn complete(&mut self, off: u64, n: u64, id: u64, fua: bool) {
+        for b in off..off + n {
+            let blk = &mut self.blocks[b as usize];
+            blk.hist.push(id);
+            if fua {
+                blk.floor = blk.hist.len() - 1;
+            }
+        }
+    }
+
+    fn write(&mut self, ch: usize, off: u64, n: u64, fua: bool) -> Result<(), String> {
+        let id = self.new_write(false);
+        self.trace(format_args!(
+            "write id {id} blocks {off}+{n} fua {fua} ch {ch}"
+        ));
+        let mut data = vec![0u8; n as usize * BS];
+        for i in 0..n {
+            pattern(
+                id,
+                off + i,
+                &mut data[i as usize * BS..(i as usize + 1) * BS],
+            );
+        }
+        self.inflight_ids = (off..off + n).map(|b| (b, id)).collect();
+        for attempt in 0.. {
+            match self
+                .engine
+                .write(&mut self.chans[ch], off * BS as u64, &data, fua)
+            {
+                Ok(()) => break,
+                Err(IoError::Busy) if attempt < 200 => self.make_room()?,
+                Err(e) => return Err(format!("write {off}+{n}: {e} (attempt {attempt})")),
+            }
+            if self.pmem.crashed() {
+                return Ok(());
+            }
+        }
+        if self.pmem.crashed() {
+            return Ok(()); // the power failed during the write: it never completed
+        }
+        self.inflight_ids.clear();
+        self.complete(off, n, id, fua);
+        Ok(())
+    }
+
+    fn zeroes(&mut self, off: u64, n: u64, discard: bool, fua: bool) -> Result<(), String> {
+        self.trace(format_args!(
+            "zeroes blocks {off}+{n} discard {discard} fua {fua}"
+        ));
+        self.inflight_ids = (off..off + n).map(|b| (b, 0)).collect();
+        for attempt in 0.. {
+            match self
+                .engine
+                .write_zeroes(off * BS as u64, n * BS as u64, discard, fua)
+            {
+                Ok(()) => break,
+                Err(IoError::Busy) if attempt < 200 => self.make_room()?,
+                Err(e) => return Err(format!("write_zeroes {off}+{n}: {e}")),
+            }
+            if self.pmem.crashed() {
+                return Ok(());
+            }
+        }
+        if self.pmem.crashed() {
+            return Ok(());
+        }
+        self.inflight_ids.clear();
+        self.complete(off, n, 0, fua);
+        Ok(())
+    }
+
+    /// What the environment does for a deferred request: close ksets, write back, GC.
+    fn make_room(&mut self) -> Result<(), String> {
+        let _ = self.engine.flush();
+        for _ in 0..1000 {
+            if !self.writeback_step()? {
+                break;
+            }
+        }
+        self.engine.gc();
+        Ok(())
+    }
+
+    fn trace(&self, a: std::fmt::Arguments) {
+        if std::env::var_os("PCACHE_TRACE").is_some() {
+            eprintln!("[fence {}] {a}", self.pmem.persistence_points());
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        self.trace(format_args!("flush"));
+        for attempt in 0.. {
+            match self.engine.flush() {
+                Ok(()) => break,
+                Err(_) if attempt < 200 => self.make_room()?,
+                Err(e) => return Err(format!("flush: {e}")),
+            }
+            if self.pmem.crashed() {
+                return Ok(());
+            }
+        }
+        if self.pmem.crashed() {
+            return Ok(());
+        }
+        let snap: Vec<u64> = self
+            .blocks
+            .iter()
+            .map(|b| *b.hist.last().unwrap())
+            .collect();
+        self.flush_snap.push(snap);
+        for b in &mut self.blocks {
+            b.floor = b.hist.len() - 1;
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, ch: usize) -> Result<(), String> {
+        let (off, n) = self.range();
+        let mut buf = vec![0u8; n as usize * BS];
+        let o = off * BS as u64;
+        let missed = match self.engine.read(&mut self.chans[ch], o, &mut buf) {
+            Ok(m) => m,
+            Err(e) => return Err(format!("read {off}+{n}: {e}")),
+        };
+        // Sometimes let another channel write into the range while the miss is out.
+        let before: Vec<u64> = (off..off + n)
+            .map(|b| *self.blocks[b as usize].hist.last().unwrap())
+            .collect();
+        if missed > 0 && self.cfg.workload == Workload::Mixed && self.rng.chance(1, 3) {
+            let other = (ch + 1) % self.chans.len();
+            let (wo, wn) = (off + self.rng.below(n), 1);
+            self.write(other, wo, wn, false)?;
+            if self.pmem.crashed() {
+                self.engine.fill(&mut self.chans[ch], o, &buf, false);
+                return Ok(());
+            }
+        }
+        let misses: Vec<_> = self.chans[ch].misses().collect();
+        let mut ok = true;
+        for m in misses {
+            if self
+                .disk
+                .read(o + m.at as u64, &mut buf[m.at..m.at + m.len])
+                .is_err()
+            {
+                ok = false;
+            }
+        }
+        self.engine.fill(&mut self.chans[ch], o, &buf, ok);
+        if !ok {
+            return Ok(());
+        }
+        for (i, b) in (off..off + n).enumerate() {
+            let got = decode(b, &buf[i * BS..(i + 1) * BS])?;
+            let now = *self.blocks[b as usize].hist.last().unwrap();
+            if got != now && got != before[i] {
+                return Err(format!(
+                    "read of block {b} returned write {got}, expected {now} (seed {})",
+                    self.cfg.seed
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn background(&mut self) -> Result<(), String> {
+        match self.rng.below(4) {
+            0 => self.engine.tick(),
+            1 => {
+                self.engine.gc();
+            }
+            _ => {
+                self.writeback_step()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Advances writeback by one event. Returns false when there is nothing to do.
+    fn writeback_step(&mut self) -> Result<bool, String> {
+        if self.pmem.crashed() {
+            // The power is gone: nothing more reaches the disk.
+            return Ok(false);
+        }
+        let Some(inf) = &mut self.wb_inflight else {
+            match self.engine.writeback_next(&mut self.wb) {
+                WbNext::Idle => return Ok(false),
+                WbNext::Stopped(m) => return Err(format!("writeback stopped: {m}")),
+                WbNext::Ready => {}
+            }
+            for (tag, it) in self.wb.items.iter().enumerate() {
+                let op = match it.kind {
+                    WbKind::Data { pmem_off } => {
+                        let mut d = vec![0u8; it.len as usize];
+                        self.pmem.read(pmem_off, &mut d);
+                        DiskOp::Write {
+                            off: it.off,
+                            data: d,
+                        }
+                    }
+                    WbKind::Zero => DiskOp::WriteZeroes {
+                        off: it.off,
+                        len: it.len as u64,
+                    },
+                    WbKind::Discard => DiskOp::Discard {
+                        off: it.off,
+                        len: it.len as u64,
+                    },
+                };
+                self.disk.submit(tag as u64, op);
+            }
+            self.trace(format_args!("writeback batch {:?}", self.wb.items));
+            self.wb_inflight = Some(Inflight {
+                pending: self.wb.items.len(),
+                failed: false,
+                flush_sent: false,
+            });
+            return Ok(true);
+        };
+        if inf.pending == 0 && !inf.flush_sent {
+            inf.flush_sent = true;
+            self.disk.submit(u64::MAX, DiskOp::Flush);
+            return Ok(true);
+        }
+        let Some((tag, c)) = self.disk.poll(&mut self.rng) else {
+            return Ok(true);
+        };
+        let failed = c.is_err();
+        inf.failed |= failed;
+        if tag == u64::MAX {
+            let ok = !inf.failed;
+            self.trace(format_args!("writeback done ok {ok}"));
+            self.wb_inflight = None;
+            self.engine.writeback_done(&self.wb, ok);
+        } else {
+            inf.pending -= 1;
+        }
+        Ok(true)
+    }
+
+    /// Power loss now: crash pmem and disk, check the backing device alone, replay, and
+    /// check every block. The world then continues on the recovered state.
+    pub fn crash_and_check(&mut self, mode: CrashMode) -> Result<(), String> {
+        self.crashes += 1;
+        let mut crng = self.rng.fork();
+        let img = self.pmem.crash(&mut crng, mode);
+        self.disk.crash(&mut crng);
+        self.check_backing()?;
+        let pmem = Arc::new(SimPmem::from_image(img));
+        let size = self.disk.size();
+        let engine = Engine::open(
+            pmem.clone(),
+            &identity(size),
+            false,
+            &Self::config(&self.cfg),
+        )
+        .map_err(|e| format!("replay failed: {e}"))?;
+        self.engine = engine;
+        self.pmem = pmem;
+        self.chans = (0..self.cfg.channels).map(|_| Channel::default()).collect();
+        self.wb_inflight = None;
+        self.engine
+            .check_invariants(&[])
+            .map_err(|e| format!("invariant after replay: {e}"))?;
+        let inflight = std::mem::take(&mut self.inflight_ids);
+        let n = self.cfg.region_blocks;
+        let mut buf = vec![0u8; n as usize * BS];
+        self.engine
+            .read(&mut self.chans[0], 0, &mut buf)
+            .map_err(|e| format!("read after replay: {e}"))?;
+        let misses: Vec<_> = self.chans[0].misses().collect();
+        for m in misses {
+            self.disk
+                .read(m.at as u64, &mut buf[m.at..m.at + m.len])
+                .map_err(|e| format!("{e:?}"))?;
+        }
+        self.engine.fill(&mut self.chans[0], 0, &buf, true);
+        for b in 0..n {
+            let got = decode(b, &buf[b as usize * BS..(b as usize + 1) * BS])?;
+            let blk = &mut self.blocks[b as usize];
+            let allowed = &blk.hist[blk.floor..];
+            let in_flight = inflight.iter().any(|&(ib, id)| ib == b && id == got);
+            if !allowed.contains(&got) && !in_flight {
+                return Err(format!(
+                    "after crash block {b} reads write {got}; durable is {} (newer completed: {:?})",
+                    blk.hist[blk.floor],
+                    &blk.hist[blk.floor + 1..]
+                ));
+            }
+            // What replay shows is durable from now on; the writes after it are lost.
+            match blk.hist[blk.floor..].iter().rposition(|&h| h == got) {
+                Some(p) => blk.hist.truncate(blk.floor + p + 1),
+                None => blk.hist.push(got), // the write in flight made it
+            }
+            blk.floor = blk.hist.len() - 1;
+        }
+        let refs: Vec<&Channel> = self.chans.iter().collect();
+        self.engine
+            .check_invariants(&refs)
+            .map_err(|e| format!("invariant after recovery read: {e}"))?;
+        Ok(())
+    }
+
+    /// The backing device alone must look like a disk with a volatile write cache
+    /// that lost some unflushed writes: no write from after the k-th FLUSH without
+    /// everything from before it.
+    fn check_backing(&mut self) -> Result<(), String> {
+        let img = self.disk.durable_image();
+        let n = self.cfg.region_blocks as usize;
+        let mut ids = Vec::with_capacity(n);
+        let mut epoch = 0u64;
+        for b in 0..n {
+            let id = decode(b as u64, &img[b * BS..(b + 1) * BS])
+                .map_err(|e| format!("backing: {e}"))?;
+            if id != 0 {
+                epoch = epoch.max(self.write_epoch[id as usize]);
+            }
+            ids.push(id);
+        }
+        if epoch == 0 {
+            return Ok(());
+        }
+        let snap = &self.flush_snap[epoch as usize - 1];
+        for b in 0..n {
+            let need = snap[b];
+            let have = ids[b];
+            // Every write id is unique and increasing per block, except zeros (id 0):
+            // a zero block satisfies the cut if a zero write is at or after `need`.
+            let hist = &self.blocks[b].hist;
+            let ok = have == need
+                || (need != 0 && have > need)
+                || (have == 0 && hist.iter().skip_while(|&&h| h != need).any(|&h| h == 0))
+                || (need == 0 && have != 0);
+            if !ok {
+                return Err(format!(
+                    "backing block {b} holds write {have} but writes up to FLUSH {epoch} reached the backing and it should hold at least {need}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
