@@ -1,2 +1,495 @@
-//! The `pcache` command line.
-fn main() {}
+//! The `pcache` command line: format, serve (NBD export), status, check, flush.
+//!
+//! Every error is one line on stderr and a non-zero exit status, never a panic or a
+//! backtrace. `pcache serve` with no options works on a fresh machine: it creates a
+//! small medium and backing file in a data directory and says how to connect.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use pcache::engine::{Config, Engine};
+use pcache::env::posix::control;
+use pcache::env::posix::pmem::{Persistence, PosixPmem};
+use pcache::env::posix::signals;
+use pcache::env::posix::volume::{Target, Volume, VolumeOptions};
+use pcache::frontend::nbd::{Listener, NbdServer};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "pcache",
+    version,
+    about = "Persistent-memory write-back cache for block devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Format a medium as a new cache for a backing device.
+    Format(CacheArgs),
+    /// Attach (replaying after a crash) or format a blank medium, and export over NBD.
+    Serve(ServeArgs),
+    /// Show a cache's layout and state (online through the control socket, or offline).
+    Status(StatusArgs),
+    /// Validate all metadata and report what is dirty; non-zero exit on corruption.
+    Check(MediumArgs),
+    /// Write every dirty byte back to the backing device (offline), with progress.
+    Flush(FlushArgs),
+}
+
+#[derive(Args, Clone)]
+struct MediumArgs {
+    /// The cache medium: a DAX file, /dev/daxX.Y, a regular file or a file in /dev/shm.
+    #[arg(long)]
+    pmem: PathBuf,
+    /// How durable the medium is: pmem (MAP_SYNC), file (msync), volatile (RAM).
+    #[arg(long, value_parser = parse_persistence)]
+    persistence: Option<Persistence>,
+}
+
+#[derive(Args, Clone)]
+struct CacheArgs {
+    #[command(flatten)]
+    medium: MediumArgs,
+    /// The backing file or block device.
+    #[arg(long)]
+    backing: PathBuf,
+    /// Size of the medium file to create if it does not exist (e.g. 512M, 4G).
+    #[arg(long, value_parser = parse_size)]
+    pmem_size: Option<u64>,
+    /// Keep a CRC32C of every cached extent and verify it on reads and writeback.
+    #[arg(long)]
+    data_crc: bool,
+    /// GC starts when this percentage of segments is in use (0..90, default 70).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=90))]
+    gc_percent: Option<u32>,
+    /// Segment size (default 16M; smaller suits small media).
+    #[arg(long, value_parser = parse_size, default_value = "16M")]
+    segment_size: u64,
+    /// Overwrite a medium holding other data, or attach to a different backing device.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Cache medium (default: a file in the data directory).
+    #[arg(long, requires = "backing")]
+    pmem: Option<PathBuf>,
+    /// Backing device (default: a file in the data directory).
+    #[arg(long, requires = "pmem")]
+    backing: Option<PathBuf>,
+    #[arg(long, value_parser = parse_persistence)]
+    persistence: Option<Persistence>,
+    #[arg(long, value_parser = parse_size)]
+    pmem_size: Option<u64>,
+    #[arg(long)]
+    data_crc: bool,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=90))]
+    gc_percent: Option<u32>,
+    #[arg(long, value_parser = parse_size, default_value = "16M")]
+    segment_size: u64,
+    #[arg(long)]
+    force: bool,
+    /// NBD Unix socket path.
+    #[arg(long)]
+    nbd_socket: Option<PathBuf>,
+    /// NBD TCP address (host:port).
+    #[arg(long)]
+    nbd_listen: Option<String>,
+    /// Control socket path (default: next to the medium, `<pmem>.ctl`).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Kset buffers (regions are spread over them; default: number of cores).
+    #[arg(long)]
+    cores: Option<u32>,
+    /// Data directory for the default files.
+    #[arg(long, env = "PCACHE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    medium: MediumArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Control socket of a running `pcache serve` (default: `<pmem>.ctl` if it answers).
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct FlushArgs {
+    #[command(flatten)]
+    medium: MediumArgs,
+    #[arg(long)]
+    backing: PathBuf,
+    /// Attach even if the backing device's identity differs from the recorded one.
+    #[arg(long)]
+    force: bool,
+}
+
+fn parse_persistence(s: &str) -> Result<Persistence, String> {
+    s.parse()
+        .map_err(|e: pcache::env::posix::pmem::ParsePersistenceError| e.to_string())
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (t, 1u64),
+        Some((i, _)) => {
+            let m = match t[i..]
+                .to_ascii_uppercase()
+                .trim_end_matches("IB")
+                .trim_end_matches('B')
+            {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                u => {
+                    return Err(format!(
+                        "unknown size unit '{u}' in '{s}' (use K, M, G or T)"
+                    ))
+                }
+            };
+            (&t[..i], m)
+        }
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 512M)"))?;
+    n.checked_mul(mult)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("size '{s}' is out of range"))
+}
+
+fn seg_size(v: u64) -> Result<u32> {
+    u32::try_from(v).map_err(|_| anyhow!("segment size {v} is too large"))
+}
+
+fn cores() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(2)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Format(a) => format(a),
+        Cmd::Serve(a) => serve(a),
+        Cmd::Status(a) => status(a),
+        Cmd::Check(a) => check(a),
+        Cmd::Flush(a) => flush(a),
+    };
+    if let Err(e) = r {
+        eprintln!("pcache: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn volume_options(a: &CacheArgs) -> Result<VolumeOptions> {
+    let mut o = VolumeOptions::new(a.medium.pmem.clone(), a.backing.clone());
+    o.pmem_size = a.pmem_size;
+    o.persistence = a.medium.persistence;
+    o.data_crc = a.data_crc;
+    o.gc_percent = a.gc_percent;
+    o.seg_size = seg_size(a.segment_size)?;
+    o.force = a.force;
+    o.n_ksets = cores();
+    Ok(o)
+}
+
+fn format(a: CacheArgs) -> Result<()> {
+    let v = Volume::format(&volume_options(&a)?)?;
+    let s = v.stats();
+    println!(
+        "formatted {}: {} segments of {} MiB, persistence {}, data_crc {}, gc_percent {}, caching {} ({} bytes)",
+        a.medium.pmem.display(),
+        s.segments_total,
+        s.segment_size >> 20,
+        v.persistence(),
+        s.data_crc,
+        s.gc_percent,
+        a.backing.display(),
+        s.backing_size
+    );
+    v.shutdown()?;
+    Ok(())
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("pcache");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/pcache"),
+        None => PathBuf::from("pcache-data"),
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let (pmem, backing, dir) = match (&a.pmem, &a.backing) {
+        (Some(p), Some(b)) => (p.clone(), b.clone(), None),
+        _ => {
+            let dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let backing = dir.join("backing.img");
+            if !backing.exists() {
+                let f = std::fs::File::create(&backing)
+                    .with_context(|| format!("creating {}", backing.display()))?;
+                f.set_len(1 << 30)?;
+            }
+            (dir.join("pmem.img"), backing, Some(dir))
+        }
+    };
+    let default_small = dir.is_some();
+    let mut o = VolumeOptions::new(pmem.clone(), backing.clone());
+    o.pmem_size = a
+        .pmem_size
+        .or(if default_small { Some(256 << 20) } else { None });
+    o.persistence = a.persistence;
+    o.data_crc = a.data_crc;
+    o.gc_percent = a.gc_percent;
+    o.seg_size = if default_small && a.segment_size == 16 << 20 {
+        4 << 20
+    } else {
+        seg_size(a.segment_size)?
+    };
+    o.force = a.force;
+    o.n_ksets = a.cores.unwrap_or_else(cores).max(1);
+    let vol = Volume::attach(&o, true)?;
+    signals::install();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let sock = a
+        .nbd_socket
+        .clone()
+        .or_else(|| dir.as_ref().map(|d| d.join("nbd.sock")));
+    let tcp = a
+        .nbd_listen
+        .clone()
+        .or_else(|| dir.as_ref().map(|_| "127.0.0.1:10809".to_string()));
+    if sock.is_none() && tcp.is_none() {
+        bail!("nothing to serve on: give --nbd-socket PATH and/or --nbd-listen HOST:PORT");
+    }
+    let mut listeners = vec![];
+    if let Some(p) = &sock {
+        listeners.push(Listener::unix(p).with_context(|| format!("NBD socket {}", p.display()))?);
+    }
+    if let Some(t) = &tcp {
+        listeners.push(Listener::tcp(t.as_str()).with_context(|| format!("NBD address {t}"))?);
+    }
+    let ctl = a.control.clone().unwrap_or_else(|| ctl_path(&pmem));
+    let s = vol.stats();
+    println!(
+        "pcache: serving {} ({} bytes) cached in {} ({} segments, persistence {}, {} dirty bytes)",
+        backing.display(),
+        s.backing_size,
+        pmem.display(),
+        s.segments_total,
+        vol.persistence(),
+        s.dirty_bytes
+    );
+    if let Some(d) = &dir {
+        println!("pcache: default files in {}", d.display());
+    }
+    if let Some(p) = &sock {
+        println!("  nbdinfo 'nbd+unix:///?socket={}'", p.display());
+        println!(
+            "  qemu-io -f raw 'nbd+unix:///?socket={}' -c 'write -P 7 0 64k' -c 'read -P 7 0 64k'",
+            p.display()
+        );
+        println!(
+            "  fio --name=t --ioengine=nbd --uri='nbd+unix:///?socket={}' --rw=randwrite --bs=4k --size=64m --verify=crc32c",
+            p.display()
+        );
+    }
+    if let Some(t) = &tcp {
+        println!("  nbdinfo nbd://{t}");
+    }
+    println!(
+        "  pcache status --pmem {}   (control socket {})",
+        pmem.display(),
+        ctl.display()
+    );
+
+    let bg = vol.start_background()?;
+    let ctl_thread = {
+        let (vol, stop, ctl) = (Arc::clone(&vol), Arc::clone(&stop), ctl.clone());
+        std::thread::spawn(move || {
+            if let Err(e) = control::serve(&ctl, vol, stop) {
+                eprintln!("pcache: control socket {}: {e}", ctl.display());
+            }
+        })
+    };
+    let watcher = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !signals::stop_requested() && !stop.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            stop.store(true, Ordering::Release);
+        })
+    };
+    let server = NbdServer::new().description("pcache");
+    let r = server.serve(
+        listeners,
+        Arc::new(Target(Arc::clone(&vol))),
+        Arc::clone(&stop),
+    );
+    stop.store(true, Ordering::Release);
+    let _ = watcher.join();
+    let _ = ctl_thread.join();
+    let shut = vol.shutdown();
+    let _ = bg.join();
+    r.context("NBD server")?;
+    shut.context("shutdown")?;
+    println!(
+        "pcache: stopped cleanly; {} dirty bytes stay cached",
+        vol.engine.dirty_bytes()
+    );
+    Ok(())
+}
+
+fn ctl_path(pmem: &Path) -> PathBuf {
+    let mut s = pmem.as_os_str().to_owned();
+    s.push(".ctl");
+    PathBuf::from(s)
+}
+
+fn open_offline(m: &MediumArgs) -> Result<Engine<PosixPmem>> {
+    if !m.pmem.exists() {
+        bail!("{}: no such file", m.pmem.display());
+    }
+    let p = PosixPmem::open(&m.pmem, None, m.persistence)?;
+    let cfg = Config {
+        n_ksets: 1,
+        ..Config::default()
+    };
+    Engine::open_offline(p, &cfg).map_err(|e| anyhow!("{}: {e}", m.pmem.display()))
+}
+
+fn status(a: StatusArgs) -> Result<()> {
+    let ctl = a
+        .control
+        .clone()
+        .unwrap_or_else(|| ctl_path(&a.medium.pmem));
+    let v = match control::request(&ctl, &json!({"cmd": "status"})) {
+        Ok(v) => v,
+        Err(e) if a.control.is_some() => bail!("control socket {}: {e}", ctl.display()),
+        Err(_) => {
+            let e = open_offline(&a.medium)?;
+            let mut v = serde_json::to_value(e.stats())?;
+            v["online"] = json!(false);
+            v["pmem"] = json!(e.pmem().describe());
+            v["persistence"] = json!(e.pmem().mode().to_string());
+            v["backing_id"] = json!(e.superblock().backing.id);
+            v
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let g = |k: &str| {
+        v.get(k)
+            .map(|x| x.to_string().trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
+    println!("pmem:         {}", g("pmem"));
+    println!(
+        "persistence:  {}   mode: {}   data_crc: {}   gc_percent: {}",
+        g("persistence"),
+        g("mode"),
+        g("data_crc"),
+        g("gc_percent")
+    );
+    println!(
+        "segments:     {} used of {} ({} bytes each)",
+        g("segments_used"),
+        g("segments_total"),
+        g("segment_size")
+    );
+    println!(
+        "dirty bytes:  {}   cached extents: {}",
+        g("dirty_bytes"),
+        g("cached_extents")
+    );
+    println!(
+        "key_head:     {}   dirty_tail: {}   key_tail: {}",
+        g("key_head"),
+        g("dirty_tail"),
+        g("key_tail")
+    );
+    println!(
+        "reads:        {} (hits {}, misses {}, partial {})   writes: {}",
+        g("reads"),
+        g("hits"),
+        g("misses"),
+        g("partial_hits"),
+        g("writes")
+    );
+    println!(
+        "writeback:    {} ksets, {} bytes, {} errors   gc: {} ksets",
+        g("writeback_ksets"),
+        g("writeback_bytes"),
+        g("writeback_errors"),
+        g("gc_ksets")
+    );
+    Ok(())
+}
+
+fn check(m: MediumArgs) -> Result<()> {
+    let e = open_offline(&m)?;
+    let s = e
+        .check_invariants(&[])
+        .map_err(|x| anyhow!("{}: inconsistent metadata: {x}", m.pmem.display()))?;
+    let st = e.stats();
+    println!(
+        "{}: ok: {} ksets with {} keys in the log, {} dirty bytes, {} of {} segments in use, {} cached extents",
+        m.pmem.display(),
+        s.ksets,
+        s.keys,
+        st.dirty_bytes,
+        st.segments_used,
+        st.segments_total,
+        st.cached_extents
+    );
+    Ok(())
+}
+
+fn flush(a: FlushArgs) -> Result<()> {
+    let mut o = VolumeOptions::new(a.medium.pmem.clone(), a.backing.clone());
+    o.persistence = a.medium.persistence;
+    o.force = a.force;
+    let v = Volume::attach(&o, false)?;
+    let total = v.engine.dirty_bytes();
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    v.writeback_all(|done, _| bar.set_position(done))?;
+    bar.finish_and_clear();
+    v.shutdown()?;
+    println!(
+        "{}: wrote back {total} dirty bytes to {}; the cache is clean",
+        a.medium.pmem.display(),
+        a.backing.display()
+    );
+    Ok(())
+}

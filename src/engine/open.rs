@@ -159,6 +159,18 @@ impl<P: Pmem> Engine<P> {
         Self::open(pmem, &opts.backing, false, cfg)
     }
 
+    /// Replays a medium without a backing device at hand (offline status and check):
+    /// the identity recorded in the superblock is taken as given.
+    pub fn open_offline(pmem: P, cfg: &Config) -> Result<Self, OpenError> {
+        let backing = match probe(&pmem) {
+            Probe::Blank => return Err(OpenError::Blank),
+            Probe::Foreign(None) => return Err(OpenError::Foreign),
+            Probe::Foreign(Some(e)) => return Err(corrupt(e)),
+            Probe::Pcache(sb) => sb.backing,
+        };
+        Self::open(pmem, &backing, false, cfg)
+    }
+
     /// Attaches to a formatted medium and replays its log. `backing` is the device the
     /// caller is about to use: a different size is always refused, a different
     /// identity unless `force`.

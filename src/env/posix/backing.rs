@@ -1,1 +1,1247 @@
-//! placeholder, being written
+//! The backing device of the embedded runtime: a regular file or block device opened
+//! with O_DIRECT and driven through one io_uring per thread.
+//!
+//! [`BackingFile`] is the shared, immutable description of the device (size, logical
+//! block size, identity) plus the descriptor; [`Queue`] is a per-thread ring with its own
+//! aligned bounce buffer. Every request must be aligned to [`BackingFile::block_size`] in
+//! offset and length and lie inside [`BackingFile::size`]; violations are returned as
+//! `InvalidInput` errors, never executed. Buffers at addresses O_DIRECT cannot use are
+//! copied through the bounce buffer, so callers may pass any slice.
+//!
+//! Soundness invariant of the ring: the kernel holds raw pointers into caller buffers
+//! (or the bounce buffer) while a request is in flight, so no method returns before
+//! every request it submitted has completed; if the ring itself breaks with requests in
+//! flight the process aborts rather than hand the buffers back. Short transfers and
+//! EINTR/EAGAIN are resubmitted; every other failure is reported with path, operation,
+//! offset and length.
+//!
+//! `discard` guarantees that the range reads back as zeros afterwards (hole punching,
+//! which on block devices means "unmap with guaranteed zeroes"), falling back to
+//! writing zeros where the device cannot promise that. Plain BLKDISCARD is not used
+//! because it leaves the contents undefined.
+
+use std::alloc::{alloc, dealloc, Layout};
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+
+/// Submission-queue depth of each [`Queue`]; also the most requests in flight at once.
+const RING_ENTRIES: u32 = 64;
+/// Largest transfer per submission entry; longer requests continue as short transfers.
+/// A power of two, so it keeps any block alignment.
+const MAX_IO: usize = 1 << 30;
+/// Alignment of the bounce buffer: a page satisfies every O_DIRECT memory alignment.
+const BOUNCE_ALIGN: usize = 4096;
+/// Chunk size of the zero-writing fallback of `write_zeroes`.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// `_IOR(0x12, 114, size_t)`: size of a block device in bytes (as a u64).
+const BLKGETSIZE64: libc::Ioctl = ior(0x12, 114, std::mem::size_of::<usize>());
+
+/// Linux `_IOR(ty, nr, size)`; the direction bits differ per architecture.
+const fn ior(ty: u32, nr: u32, size: usize) -> libc::Ioctl {
+    #[cfg(any(
+        target_arch = "powerpc",
+        target_arch = "powerpc64",
+        target_arch = "mips",
+        target_arch = "mips64",
+        target_arch = "sparc",
+        target_arch = "sparc64"
+    ))]
+    const READ: u32 = 2 << 29;
+    #[cfg(not(any(
+        target_arch = "powerpc",
+        target_arch = "powerpc64",
+        target_arch = "mips",
+        target_arch = "mips64",
+        target_arch = "sparc",
+        target_arch = "sparc64"
+    )))]
+    const READ: u32 = 2 << 30;
+    (READ | ((size as u32) << 16) | (ty << 8) | nr) as libc::Ioctl
+}
+
+/// Why the backing device could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BackingError {
+    /// An OS call failed.
+    #[error("{path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The path is not usable as a backing device.
+    #[error("{path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+}
+
+/// An open backing device. Shared between threads through `Arc`; each thread does I/O
+/// through its own [`Queue`].
+#[derive(Debug)]
+pub struct BackingFile {
+    file: File,
+    path: PathBuf,
+    /// Usable bytes: the device or file length rounded down to `block_size`.
+    size: u64,
+    /// Offset and length granularity of every request (a power of two).
+    block_size: u32,
+    /// Buffer address alignment O_DIRECT needs (a power of two, <= BOUNCE_ALIGN).
+    mem_align: usize,
+    direct: bool,
+    is_block: bool,
+    identity: String,
+    /// Learned at run time: fallocate modes the device or file system lacks.
+    no_zero_range: AtomicBool,
+    no_punch_hole: AtomicBool,
+}
+
+impl BackingFile {
+    /// Opens a regular file or block device read/write with O_DIRECT (buffered if the
+    /// file system rejects O_DIRECT). Block devices are opened exclusively (O_EXCL), so
+    /// a mounted or otherwise claimed device is refused.
+    pub fn open(path: &Path) -> Result<Arc<BackingFile>, BackingError> {
+        Self::open_with(path, true)
+    }
+
+    /// `open`, optionally without even trying O_DIRECT (tests use this to exercise the
+    /// buffered fallback, which tmpfs no longer needs since Linux 6.6).
+    fn open_with(path: &Path, try_direct: bool) -> Result<Arc<BackingFile>, BackingError> {
+        let io_err = |what: &str, source: io::Error| BackingError::Io {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+            source,
+        };
+        let invalid = |msg: &str| BackingError::Invalid {
+            path: path.to_path_buf(),
+            msg: msg.to_string(),
+        };
+
+        let meta = std::fs::metadata(path).map_err(|e| io_err("cannot stat", e))?;
+        let is_block = meta.file_type().is_block_device();
+        if meta.is_dir() {
+            return Err(invalid(
+                "is a directory; the backing device must be a block device or a regular file",
+            ));
+        }
+        if !is_block && !meta.file_type().is_file() {
+            return Err(invalid("is neither a block device nor a regular file"));
+        }
+
+        let open = |direct: bool| {
+            let mut flags = 0;
+            if direct {
+                flags |= libc::O_DIRECT;
+            }
+            if is_block {
+                // O_EXCL on a block device claims it: EBUSY if mounted or held.
+                flags |= libc::O_EXCL;
+            }
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(flags)
+                .open(path)
+        };
+        let (file, direct) = match open(try_direct) {
+            Ok(f) => (f, try_direct),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
+                open(false).map_err(|e| io_err("cannot open read/write", e))?,
+                false,
+            ),
+            Err(e) if is_block && e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(invalid(
+                    "block device is in use (mounted, or opened exclusively by another process)",
+                ))
+            }
+            Err(e) => return Err(io_err("cannot open read/write with O_DIRECT", e)),
+        };
+        let fd = file.as_raw_fd();
+
+        if !is_block {
+            // Two caches over one file would corrupt each other: hold an exclusive lock
+            // (block devices get the same protection from O_EXCL).
+            // SAFETY: flock on an open descriptor has no memory effects.
+            if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                    return Err(invalid("is in use by another pcache instance (flock held)"));
+                }
+                return Err(io_err("cannot lock", e));
+            }
+        }
+
+        let (raw_size, mut block_size, mut mem_align) = if is_block {
+            let mut bytes: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a
+            // live, writable u64.
+            if unsafe { libc::ioctl(fd, BLKGETSIZE64, &mut bytes as *mut u64) } != 0 {
+                return Err(io_err("BLKGETSIZE64 failed", io::Error::last_os_error()));
+            }
+            let mut ssz: libc::c_int = 0;
+            // SAFETY: BLKSSZGET writes one int through the pointer, which points to a
+            // live, writable c_int.
+            if unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut ssz as *mut libc::c_int) } != 0 {
+                return Err(io_err("BLKSSZGET failed", io::Error::last_os_error()));
+            }
+            let ssz = u32::try_from(ssz).unwrap_or(512);
+            (bytes, ssz, ssz as usize)
+        } else {
+            (meta.len(), 512, 512)
+        };
+        if direct {
+            if let Some((offset_align, buf_align)) = dio_alignment(&file) {
+                if !is_block {
+                    block_size = offset_align;
+                }
+                mem_align = buf_align as usize;
+            }
+        }
+        if !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
+            return Err(invalid(&format!(
+                "unsupported logical block size {block_size}"
+            )));
+        }
+        if !mem_align.is_power_of_two() || mem_align > BOUNCE_ALIGN {
+            mem_align = BOUNCE_ALIGN;
+        }
+        let size = raw_size - raw_size % u64::from(block_size);
+        if size == 0 {
+            return Err(invalid(&format!(
+                "is empty (length {raw_size} is less than one {block_size}-byte block)"
+            )));
+        }
+
+        let identity = if is_block {
+            block_identity(meta.rdev())
+        } else {
+            std::fs::canonicalize(path)
+                .map_err(|e| io_err("cannot resolve path", e))?
+                .display()
+                .to_string()
+        };
+
+        Ok(Arc::new(BackingFile {
+            file,
+            path: path.to_path_buf(),
+            size,
+            block_size,
+            mem_align,
+            direct,
+            is_block,
+            identity,
+            no_zero_range: AtomicBool::new(false),
+            no_punch_hole: AtomicBool::new(false),
+        }))
+    }
+
+    /// Usable size in bytes (a multiple of `block_size`).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Granularity of request offsets and lengths.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// A stable name of the device, recorded by the cache to refuse attaching to the
+    /// wrong backing device: for block devices a dm uuid, wwid or serial from sysfs (with
+    /// the partition number), a loop device's backing file, or "dev MAJ:MIN" as a last
+    /// resort; for files the canonical path.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// True for a block device, false for a regular file.
+    pub fn is_block_device(&self) -> bool {
+        self.is_block
+    }
+
+    /// True if requests bypass the page cache (O_DIRECT).
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The path the device was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// One line for status output.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}: {} {} bytes ({:.1} MiB), block {} B, {}, id {}",
+            self.path.display(),
+            if self.is_block {
+                "block device"
+            } else {
+                "file"
+            },
+            self.size,
+            self.size as f64 / (1u64 << 20) as f64,
+            self.block_size,
+            if self.direct {
+                "O_DIRECT"
+            } else {
+                "buffered I/O (O_DIRECT rejected by the file system)"
+            },
+            self.identity
+        )
+    }
+
+    /// A new io_uring queue for the calling thread.
+    pub fn queue(self: &Arc<Self>) -> io::Result<Queue> {
+        let ring = IoUring::new(RING_ENTRIES).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot create an io_uring (is io_uring disabled?): {e}"),
+            )
+        })?;
+        Ok(Queue {
+            dev: Arc::clone(self),
+            ring,
+            bounce: AlignedBuf::new(),
+            pending: Vec::new(),
+            ready: VecDeque::new(),
+        })
+    }
+
+    /// Checks alignment and bounds of a request; the error names the violation.
+    fn check(&self, what: &str, off: u64, len: u64) -> io::Result<()> {
+        let bs = u64::from(self.block_size);
+        if off % bs != 0 || len % bs != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: {what} at offset {off} length {len} is not aligned to the {bs}-byte block size",
+                    self.path.display()
+                ),
+            ));
+        }
+        if !matches!(off.checked_add(len), Some(end) if end <= self.size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: {what} at offset {off} length {len} is beyond the device size {}",
+                    self.path.display(),
+                    self.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn context(&self, what: &str, off: u64, len: u64, e: io::Error) -> io::Error {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{}: {what} at offset {off} length {len}: {e}",
+                self.path.display()
+            ),
+        )
+    }
+
+    /// fallocate(mode) with EINTR retry; `Ok(false)` if the mode is unsupported.
+    fn fallocate(&self, mode: libc::c_int, off: u64, len: u64) -> io::Result<bool> {
+        let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        };
+        loop {
+            // SAFETY: fallocate on an open descriptor has no memory effects.
+            if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, o, l) } == 0 {
+                return Ok(true);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => return Ok(false),
+                _ => return Err(e),
+            }
+        }
+    }
+}
+
+/// One request of a [`Queue::run`] batch.
+#[derive(Debug)]
+pub enum Op<'a> {
+    /// Fill `buf` from the device at `off`.
+    Read { off: u64, buf: &'a mut [u8] },
+    /// Store `buf` to the device at `off`.
+    Write { off: u64, buf: &'a [u8] },
+}
+
+/// A request as the ring sees it: raw pointer, progress so far.
+struct Pending {
+    ptr: *mut u8,
+    off: u64,
+    /// Bytes still to transfer.
+    left: usize,
+    write: bool,
+    /// Original request, for error messages.
+    orig_off: u64,
+    orig_len: usize,
+    /// For a bounced read: (bounce slot, caller buffer) to copy after completion.
+    copy_back: Option<(*mut u8, *mut u8)>,
+}
+
+/// A per-thread io_uring on a [`BackingFile`]. Methods block until all their requests
+/// have completed.
+pub struct Queue {
+    dev: Arc<BackingFile>,
+    ring: IoUring,
+    bounce: AlignedBuf,
+    /// Scratch, reused across calls to avoid allocations on the I/O path.
+    pending: Vec<Pending>,
+    ready: VecDeque<usize>,
+}
+
+// SAFETY: the raw pointers in `pending` only live during one `&mut self` call (the
+// vector is cleared before returning), and `bounce` is an allocation owned exclusively
+// by this queue; the ring is `Send`. Moving the queue to another thread therefore moves
+// no shared state.
+unsafe impl Send for Queue {}
+
+impl Queue {
+    /// The device this queue submits to.
+    pub fn device(&self) -> &Arc<BackingFile> {
+        &self.dev
+    }
+
+    /// Reads `buf.len()` bytes at `off`.
+    pub fn read(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.run(&mut [Op::Read { off, buf }])
+    }
+
+    /// Writes `buf` at `off`.
+    pub fn write(&mut self, off: u64, buf: &[u8]) -> io::Result<()> {
+        self.run(&mut [Op::Write { off, buf }])
+    }
+
+    /// Submits every op at once (as many as the ring holds at a time) and waits for all
+    /// of them. Ops of one batch run concurrently: overlapping ranges where one is a
+    /// write have no defined order. Returns the first error; on error the other ops
+    /// may or may not have been performed. Nothing is submitted if any op is misaligned
+    /// or out of range.
+    pub fn run(&mut self, ops: &mut [Op<'_>]) -> io::Result<()> {
+        let dev = Arc::clone(&self.dev);
+        let mut bounce_total = 0usize;
+        for op in ops.iter() {
+            let (what, off, addr, len) = match op {
+                Op::Read { off, buf } => ("read", *off, buf.as_ptr() as usize, buf.len()),
+                Op::Write { off, buf } => ("write", *off, buf.as_ptr() as usize, buf.len()),
+            };
+            dev.check(what, off, len as u64)?;
+            if dev.direct && len > 0 && addr % dev.mem_align != 0 {
+                bounce_total = bounce_total
+                    .checked_add(round_up(len, BOUNCE_ALIGN))
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+            }
+        }
+        let bounce_base = if bounce_total > 0 {
+            self.bounce.ensure(bounce_total)?
+        } else {
+            std::ptr::null_mut()
+        };
+
+        // Resolve each op to the pointer the kernel will use, staging writes into the
+        // bounce buffer.
+        self.pending.clear();
+        let mut used = 0usize;
+        for op in ops.iter_mut() {
+            let (off, ptr, len, write) = match op {
+                Op::Read { off, buf } => (*off, buf.as_mut_ptr(), buf.len(), false),
+                Op::Write { off, buf } => (*off, buf.as_ptr() as *mut u8, buf.len(), true),
+            };
+            if len == 0 {
+                continue;
+            }
+            let mut copy_back = None;
+            let kernel_ptr = if dev.direct && ptr as usize % dev.mem_align != 0 {
+                // SAFETY: `used + len <= bounce_total <= capacity` by construction of
+                // `bounce_total` above, so the slot is inside the bounce allocation.
+                let slot = unsafe { bounce_base.add(used) };
+                used += round_up(len, BOUNCE_ALIGN);
+                if write {
+                    // SAFETY: `ptr` is the caller's live slice of `len` bytes and `slot`
+                    // has room for `len`; the bounce buffer never overlaps caller memory.
+                    unsafe { std::ptr::copy_nonoverlapping(ptr, slot, len) };
+                } else {
+                    copy_back = Some((slot, ptr));
+                }
+                slot
+            } else {
+                ptr
+            };
+            self.pending.push(Pending {
+                ptr: kernel_ptr,
+                off,
+                left: len,
+                write,
+                orig_off: off,
+                orig_len: len,
+                copy_back,
+            });
+        }
+
+        let result = self.drive();
+
+        // Copy bounced reads back out. On error the contents are unspecified anyway.
+        for p in &self.pending {
+            if let Some((slot, user)) = p.copy_back {
+                // SAFETY: every request has completed, so the kernel no longer writes
+                // the bounce slot; `user` is the caller's `&mut` slice of `orig_len`
+                // bytes, still borrowed through `ops`, and cannot overlap the slot.
+                unsafe { std::ptr::copy_nonoverlapping(slot, user, p.orig_len) };
+            }
+        }
+        self.pending.clear();
+        result
+    }
+
+    /// Makes every completed write durable (fdatasync through the ring).
+    pub fn flush(&mut self) -> io::Result<()> {
+        let fd = types::Fd(self.dev.file.as_raw_fd());
+        let entry = opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(u64::MAX);
+        loop {
+            // SAFETY: fsync references no memory; the ring is empty (every method waits
+            // for its requests), so there is room for one entry.
+            unsafe {
+                self.ring
+                    .submission()
+                    .push(&entry)
+                    .map_err(|_| io::Error::other("io_uring submission queue unexpectedly full"))?;
+            }
+            self.wait_for(1)?;
+            let res = self
+                .ring
+                .completion()
+                .next()
+                .map(|c| c.result())
+                .ok_or_else(|| io::Error::other("io_uring returned no completion for fsync"))?;
+            if res >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::from_raw_os_error(-res);
+            if !is_retryable(&e) {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{}: fdatasync: {e}", self.dev.path.display()),
+                ));
+            }
+        }
+    }
+
+    /// Makes `[off, off + len)` read as zeros: ZERO_RANGE fallocate (a cheap
+    /// write-zeroes on block devices), or plain zero writes where unsupported.
+    pub fn write_zeroes(&mut self, off: u64, len: u64) -> io::Result<()> {
+        let dev = Arc::clone(&self.dev);
+        dev.check("write_zeroes", off, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if !dev.no_zero_range.load(Ordering::Relaxed) {
+            let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+            match dev.fallocate(mode, off, len) {
+                Ok(true) => return Ok(()),
+                Ok(false) => dev.no_zero_range.store(true, Ordering::Relaxed),
+                Err(e) => return Err(dev.context("write_zeroes (fallocate)", off, len, e)),
+            }
+        }
+        self.write_zero_blocks(off, len)
+    }
+
+    /// Deallocates `[off, off + len)`; afterwards it reads as zeros. Hole punching on
+    /// files, "unmap with guaranteed zeroes" on block devices; where the device cannot
+    /// guarantee zeroes, the range is zeroed with [`Queue::write_zeroes`].
+    pub fn discard(&mut self, off: u64, len: u64) -> io::Result<()> {
+        let dev = Arc::clone(&self.dev);
+        dev.check("discard", off, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if !dev.no_punch_hole.load(Ordering::Relaxed) {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            match dev.fallocate(mode, off, len) {
+                Ok(true) => return Ok(()),
+                Ok(false) => dev.no_punch_hole.store(true, Ordering::Relaxed),
+                Err(e) => return Err(dev.context("discard (fallocate)", off, len, e)),
+            }
+        }
+        self.write_zeroes(off, len)
+    }
+
+    /// Writes zeros from the bounce buffer, a ring's worth of chunks at a time.
+    fn write_zero_blocks(&mut self, off: u64, len: u64) -> io::Result<()> {
+        let chunk = ZERO_CHUNK.min(usize::try_from(len).unwrap_or(ZERO_CHUNK));
+        let zeros = self.bounce.ensure(chunk)?;
+        // SAFETY: `ensure` returned at least `chunk` writable bytes owned by the queue.
+        unsafe { std::ptr::write_bytes(zeros, 0, chunk) };
+        // Bounded batches keep the scratch vector small for huge ranges.
+        const CHUNKS_PER_BATCH: usize = 4 * RING_ENTRIES as usize;
+        let mut at = off;
+        let end = off + len;
+        while at < end {
+            self.pending.clear();
+            while at < end && self.pending.len() < CHUNKS_PER_BATCH {
+                // `chunk` is a multiple of the block size unless it equals `len`, so
+                // every piece stays aligned.
+                let n = (end - at).min(chunk as u64) as usize;
+                self.pending.push(Pending {
+                    ptr: zeros,
+                    off: at,
+                    left: n,
+                    write: true,
+                    orig_off: at,
+                    orig_len: n,
+                    copy_back: None,
+                });
+                at += n as u64;
+            }
+            let r = self.drive();
+            self.pending.clear();
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Runs every entry of `self.pending` to completion; returns the first error.
+    fn drive(&mut self) -> io::Result<()> {
+        let fd = types::Fd(self.dev.file.as_raw_fd());
+        self.ready.clear();
+        self.ready.extend(0..self.pending.len());
+        let mut inflight = 0usize;
+        let mut first_err: Option<io::Error> = None;
+
+        loop {
+            // Stop feeding new work after an error, but always drain what is in flight.
+            while first_err.is_none() && inflight < RING_ENTRIES as usize {
+                let Some(i) = self.ready.pop_front() else {
+                    break;
+                };
+                let p = &self.pending[i];
+                let n = p.left.min(MAX_IO) as u32;
+                let entry = if p.write {
+                    opcode::Write::new(fd, p.ptr, n).offset(p.off).build()
+                } else {
+                    opcode::Read::new(fd, p.ptr, n).offset(p.off).build()
+                }
+                .user_data(i as u64);
+                // SAFETY: `p.ptr .. p.ptr + n` is valid for the transfer (a caller slice
+                // or bounce slot of at least `left` bytes) and stays valid until this
+                // entry completes: `drive` does not return while `inflight > 0`. Room in
+                // the queue is guaranteed by `inflight < RING_ENTRIES`.
+                if unsafe { self.ring.submission().push(&entry) }.is_err() {
+                    self.ready.push_front(i);
+                    break;
+                }
+                inflight += 1;
+            }
+            if inflight == 0 {
+                if first_err.is_none() && !self.ready.is_empty() {
+                    // Unreachable while the ring is empty between calls; never report
+                    // success for requests that did not run.
+                    first_err = Some(io::Error::other(
+                        "io_uring submission queue full with nothing in flight",
+                    ));
+                }
+                break;
+            }
+            if let Err(e) = self.wait_for(1) {
+                // The kernel may still own buffers we would hand back: not survivable.
+                eprintln!(
+                    "pcache: {}: io_uring failed with {inflight} requests in flight: {e}; aborting",
+                    self.dev.path.display()
+                );
+                std::process::abort();
+            }
+            // Fields are borrowed separately: the completion queue borrows `ring` while
+            // the loop updates `pending` and `ready`.
+            for cqe in self.ring.completion() {
+                let (i, res) = (cqe.user_data() as usize, cqe.result());
+                inflight -= 1;
+                let Some(p) = self.pending.get_mut(i) else {
+                    continue;
+                };
+                let what = if p.write { "write" } else { "read" };
+                if res < 0 {
+                    let e = io::Error::from_raw_os_error(-res);
+                    if is_retryable(&e) {
+                        self.ready.push_back(i);
+                    } else if first_err.is_none() {
+                        first_err = Some(self.dev.context(what, p.orig_off, p.orig_len as u64, e));
+                    }
+                } else if res == 0 {
+                    if first_err.is_none() {
+                        let e = if p.write {
+                            io::Error::new(io::ErrorKind::WriteZero, "device accepted no bytes")
+                        } else {
+                            io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "end of file (did the backing file shrink?)",
+                            )
+                        };
+                        first_err = Some(self.dev.context(what, p.orig_off, p.orig_len as u64, e));
+                    }
+                } else {
+                    let n = (res as usize).min(p.left);
+                    p.left -= n;
+                    p.off += n as u64;
+                    // SAFETY: `n <= left`, so the pointer stays within the buffer.
+                    p.ptr = unsafe { p.ptr.add(n) };
+                    if p.left > 0 {
+                        self.ready.push_back(i);
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Submits queued entries and waits for at least `want` completions, retrying on
+    /// interruption and transient ring pressure.
+    fn wait_for(&mut self, want: usize) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => return Ok(()),
+                Err(e) if is_retryable(&e) || e.raw_os_error() == Some(libc::EBUSY) => {
+                    // EBUSY: completions must be reaped first; if some are ready, the
+                    // caller will reap them.
+                    if self.ring.completion().len() >= want {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("device", &self.dev.path)
+            .field("bounce_capacity", &self.bounce.cap)
+            .finish()
+    }
+}
+
+fn is_retryable(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN))
+}
+
+fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+/// A page-aligned heap buffer that only grows; contents are scratch.
+struct AlignedBuf {
+    ptr: *mut u8,
+    cap: usize,
+}
+
+impl AlignedBuf {
+    fn new() -> AlignedBuf {
+        AlignedBuf {
+            ptr: std::ptr::null_mut(),
+            cap: 0,
+        }
+    }
+
+    /// Returns a buffer of at least `n > 0` bytes (old contents are not preserved).
+    fn ensure(&mut self, n: usize) -> io::Result<*mut u8> {
+        if n <= self.cap {
+            return Ok(self.ptr);
+        }
+        let cap = n.checked_next_power_of_two().unwrap_or(n).max(BOUNCE_ALIGN);
+        let layout = Layout::from_size_align(cap, BOUNCE_ALIGN)
+            .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        self.release();
+        // SAFETY: `layout` has a non-zero size (at least BOUNCE_ALIGN).
+        let ptr = unsafe { alloc(layout) };
+        if ptr.is_null() {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("cannot allocate a {cap}-byte bounce buffer"),
+            ));
+        }
+        self.ptr = ptr;
+        self.cap = cap;
+        Ok(ptr)
+    }
+
+    fn release(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: `ptr` came from `alloc` with exactly this layout (validated when
+            // it was allocated) and is not in use: no request is in flight between calls.
+            unsafe {
+                dealloc(
+                    self.ptr,
+                    Layout::from_size_align_unchecked(self.cap, BOUNCE_ALIGN),
+                )
+            };
+            self.ptr = std::ptr::null_mut();
+            self.cap = 0;
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// (offset alignment, memory alignment) for O_DIRECT from statx, if the kernel and file
+/// system report it.
+fn dio_alignment(file: &File) -> Option<(u32, u32)> {
+    // SAFETY: `statx` is plain old data, so all-zero bytes are a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: empty path + AT_EMPTY_PATH makes statx describe the open fd; `stx` is a
+    // valid writable buffer of the right type.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return None;
+    }
+    Some((stx.stx_dio_offset_align, stx.stx_dio_mem_align.max(1)))
+}
+
+/// A stable identity of a block device from sysfs; see [`BackingFile::identity`].
+fn block_identity(rdev: u64) -> String {
+    let (maj, min) = (libc::major(rdev), libc::minor(rdev));
+    let fallback = format!("dev {maj}:{min}");
+    let Ok(dir) = std::fs::canonicalize(format!("/sys/dev/block/{maj}:{min}")) else {
+        return fallback;
+    };
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let disk_id = |d: &Path| -> Option<String> {
+        if let Some(u) = read(d.join("dm/uuid")) {
+            return Some(format!("dm-uuid:{u}"));
+        }
+        for name in ["wwid", "device/wwid"] {
+            if let Some(w) = read(d.join(name)) {
+                return Some(format!("wwid:{w}"));
+            }
+        }
+        for name in ["serial", "device/serial"] {
+            if let Some(s) = read(d.join(name)) {
+                return Some(format!("serial:{s}"));
+            }
+        }
+        if let Some(f) = read(d.join("loop/backing_file")) {
+            let offset = read(d.join("loop/offset")).unwrap_or_else(|| "0".into());
+            return Some(format!("loop:{f}@{offset}"));
+        }
+        None
+    };
+    match read(dir.join("partition")) {
+        Some(part) => dir
+            .parent()
+            .and_then(disk_id)
+            .map(|id| format!("{id}-part{part}"))
+            .unwrap_or(fallback),
+        None => disk_id(&dir).unwrap_or(fallback),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "pcache-backing-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+        fn file(&self, name: &str, len: u64) -> PathBuf {
+            let p = self.0.join(name);
+            File::create(&p).unwrap().set_len(len).unwrap();
+            p
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A 4 KiB-aligned owned buffer, so tests can exercise the no-bounce path.
+    struct Aligned(AlignedBuf, usize);
+
+    impl Aligned {
+        fn new(len: usize) -> Aligned {
+            let mut b = AlignedBuf::new();
+            let p = b.ensure(len).unwrap();
+            // SAFETY: fresh allocation of at least `len` bytes.
+            unsafe { std::ptr::write_bytes(p, 0, len) };
+            Aligned(b, len)
+        }
+        fn slice(&mut self) -> &mut [u8] {
+            // SAFETY: the allocation holds `self.1` initialised bytes and is borrowed
+            // mutably through `self`.
+            unsafe { std::slice::from_raw_parts_mut(self.0.ptr, self.1) }
+        }
+    }
+
+    fn pattern(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn open_reports_geometry() {
+        let d = TempDir::new();
+        let p = d.file("disk", (1 << 20) + 100);
+        let b = BackingFile::open(&p).unwrap();
+        assert!(!b.is_block_device());
+        assert!(b.block_size().is_power_of_two() && b.block_size() >= 512);
+        assert_eq!(b.size() % u64::from(b.block_size()), 0);
+        assert_eq!(b.size(), 1 << 20);
+        assert_eq!(
+            b.identity(),
+            std::fs::canonicalize(&p).unwrap().to_str().unwrap()
+        );
+        assert!(b.describe().contains("file"), "{}", b.describe());
+        eprintln!("{} (mem align {})", b.describe(), b.mem_align);
+        // A second opener is refused while the first holds the lock.
+        let e = BackingFile::open(&p).unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+    }
+
+    #[test]
+    fn open_rejects_bad_paths() {
+        let d = TempDir::new();
+        let e = BackingFile::open(&d.0).unwrap_err();
+        assert!(e.to_string().contains("is a directory"), "{e}");
+        let e = BackingFile::open(&d.0.join("missing")).unwrap_err();
+        assert!(e.to_string().contains("cannot stat"), "{e}");
+        let e = BackingFile::open(&d.file("empty", 0)).unwrap_err();
+        assert!(e.to_string().contains("is empty"), "{e}");
+        let e = BackingFile::open(Path::new("/dev/null")).unwrap_err();
+        assert!(e.to_string().contains("neither"), "{e}");
+    }
+
+    #[test]
+    fn round_trip() {
+        let d = TempDir::new();
+        let b = BackingFile::open(&d.file("disk", 1 << 20)).unwrap();
+        let mut q = b.queue().unwrap();
+        let mut w = Aligned::new(64 << 10);
+        w.slice().copy_from_slice(&pattern(1, 64 << 10));
+        q.write(8192, w.slice()).unwrap();
+        q.flush().unwrap();
+        let mut r = Aligned::new(64 << 10);
+        q.read(8192, r.slice()).unwrap();
+        assert_eq!(r.slice(), &pattern(1, 64 << 10)[..]);
+        // Untouched space reads as zeros.
+        let mut z = Aligned::new(4096);
+        q.read(0, z.slice()).unwrap();
+        assert!(z.slice().iter().all(|&x| x == 0));
+        // Data is really in the file.
+        let data = std::fs::read(b.path()).unwrap();
+        assert_eq!(&data[8192..8192 + (64 << 10)], &pattern(1, 64 << 10)[..]);
+    }
+
+    #[test]
+    fn batch_of_random_writes() {
+        let d = TempDir::new();
+        let blocks = 512u64;
+        let b = BackingFile::open(&d.file("disk", blocks * 4096)).unwrap();
+        let mut q = b.queue().unwrap();
+        // 100 distinct random blocks (more than the ring holds at once).
+        let mut seen = std::collections::BTreeSet::new();
+        let mut x = 12345u64;
+        while seen.len() < 100 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            seen.insert((x >> 33) % blocks);
+        }
+        let blks: Vec<u64> = seen.into_iter().collect();
+        let datas: Vec<Vec<u8>> = blks.iter().map(|&k| pattern(k + 7, 4096)).collect();
+        let mut ops: Vec<Op<'_>> = blks
+            .iter()
+            .zip(&datas)
+            .map(|(&k, d)| Op::Write {
+                off: k * 4096,
+                buf: d,
+            })
+            .collect();
+        q.run(&mut ops).unwrap();
+        q.flush().unwrap();
+        let mut outs: Vec<Vec<u8>> = vec![vec![0u8; 4096]; blks.len()];
+        let mut ops: Vec<Op<'_>> = blks
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(&k, buf)| Op::Read { off: k * 4096, buf })
+            .collect();
+        q.run(&mut ops).unwrap();
+        drop(ops);
+        assert_eq!(outs, datas);
+    }
+
+    #[test]
+    fn unaligned_buffers_bounce() {
+        let d = TempDir::new();
+        let b = BackingFile::open(&d.file("disk", 1 << 20)).unwrap();
+        let mut q = b.queue().unwrap();
+        let bs = b.block_size() as usize;
+        for shift in [1usize, 3, 17, 511] {
+            let mut backing = vec![0u8; 3 * bs + 1024];
+            let data = pattern(shift as u64, 3 * bs);
+            backing[shift..shift + 3 * bs].copy_from_slice(&data);
+            let off = (shift * bs) as u64;
+            q.write(off, &backing[shift..shift + 3 * bs]).unwrap();
+            let mut out = vec![0u8; 3 * bs + 1024];
+            q.read(off, &mut out[shift..shift + 3 * bs]).unwrap();
+            assert_eq!(&out[shift..shift + 3 * bs], &data[..]);
+            assert!(out[..shift].iter().all(|&x| x == 0));
+            assert!(out[shift + 3 * bs..].iter().all(|&x| x == 0));
+        }
+        // Mixed batch: aligned and unaligned reads and writes together.
+        let a = pattern(100, bs);
+        let mut big = vec![0u8; 2 * bs + 5];
+        big[5..5 + 2 * bs].copy_from_slice(&pattern(101, 2 * bs));
+        q.run(&mut [
+            Op::Write { off: 0, buf: &a },
+            Op::Write {
+                off: bs as u64,
+                buf: &big[5..5 + 2 * bs],
+            },
+        ])
+        .unwrap();
+        let mut r1 = vec![0u8; bs + 1];
+        let mut r2 = Aligned::new(2 * bs);
+        q.run(&mut [
+            Op::Read {
+                off: 0,
+                buf: &mut r1[1..],
+            },
+            Op::Read {
+                off: bs as u64,
+                buf: r2.slice(),
+            },
+        ])
+        .unwrap();
+        assert_eq!(&r1[1..], &a[..]);
+        assert_eq!(r2.slice(), &pattern(101, 2 * bs)[..]);
+    }
+
+    #[test]
+    fn zeroes_and_discard_read_back_zero() {
+        let d = TempDir::new();
+        let b = BackingFile::open(&d.file("disk", 1 << 20)).unwrap();
+        let mut q = b.queue().unwrap();
+        let all = pattern(9, 1 << 20);
+        q.write(0, &all).unwrap();
+        q.write_zeroes(4096, 8192).unwrap();
+        q.discard(65536, 65536).unwrap();
+        let mut r = vec![0u8; 1 << 20];
+        q.read(0, &mut r).unwrap();
+        assert_eq!(&r[..4096], &all[..4096]);
+        assert!(r[4096..12288].iter().all(|&x| x == 0));
+        assert_eq!(&r[12288..65536], &all[12288..65536]);
+        assert!(r[65536..131072].iter().all(|&x| x == 0));
+        assert_eq!(&r[131072..], &all[131072..]);
+        // The zero-writing fallback gives the same result.
+        q.write(0, &all).unwrap();
+        q.write_zero_blocks(0, 3 << 20 >> 2).unwrap();
+        q.read(0, &mut r).unwrap();
+        assert!(r[..3 << 20 >> 2].iter().all(|&x| x == 0));
+        assert_eq!(&r[3 << 20 >> 2..], &all[3 << 20 >> 2..]);
+    }
+
+    #[test]
+    fn bad_requests_are_rejected() {
+        let d = TempDir::new();
+        let b = BackingFile::open(&d.file("disk", 1 << 20)).unwrap();
+        let mut q = b.queue().unwrap();
+        let bs = b.block_size() as u64;
+        let mut buf = vec![0u8; 8192];
+        let e = q.read(1 << 20, &mut buf[..bs as usize]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("beyond the device size"), "{e}");
+        let e = q
+            .write((1 << 20) - bs, &buf[..2 * bs as usize])
+            .unwrap_err();
+        assert!(e.to_string().contains("beyond the device size"), "{e}");
+        let e = q
+            .read(u64::MAX - bs + 1, &mut buf[..bs as usize])
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let e = q.read(1, &mut buf[..bs as usize]).unwrap_err();
+        assert!(e.to_string().contains("not aligned"), "{e}");
+        let e = q.write(0, &buf[..100]).unwrap_err();
+        assert!(e.to_string().contains("not aligned"), "{e}");
+        let e = q.write_zeroes(0, 7).unwrap_err();
+        assert!(e.to_string().contains("not aligned"), "{e}");
+        let e = q.discard(1 << 20, bs).unwrap_err();
+        assert!(e.to_string().contains("beyond"), "{e}");
+        // A rejected batch submits nothing: the valid first op did not happen.
+        let data = vec![0xAB; bs as usize];
+        let e = q
+            .run(&mut [
+                Op::Write { off: 0, buf: &data },
+                Op::Write { off: 3, buf: &data },
+            ])
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        q.read(0, &mut buf[..bs as usize]).unwrap();
+        assert!(buf[..bs as usize].iter().all(|&x| x == 0));
+        // Empty requests are fine.
+        q.read(0, &mut []).unwrap();
+        q.run(&mut []).unwrap();
+    }
+
+    #[test]
+    fn works_on_tmpfs() {
+        // tmpfs may or may not accept O_DIRECT depending on the kernel; either way the
+        // device must work, and lack zero-range fallocate must fall back cleanly.
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            return;
+        }
+        let p = shm.join(format!("pcache-backing-test-{}-shm", std::process::id()));
+        File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        let b = BackingFile::open(&p).unwrap();
+        eprintln!("{}", b.describe());
+        let mut q = b.queue().unwrap();
+        let all = pattern(3, 1 << 20);
+        q.write(0, &all).unwrap();
+        q.write_zeroes(0, 8192).unwrap();
+        q.discard(8192, 8192).unwrap();
+        q.flush().unwrap();
+        let mut r = vec![0u8; 1 << 20];
+        q.read(0, &mut r[..]).unwrap();
+        assert!(r[..16384].iter().all(|&x| x == 0));
+        assert_eq!(&r[16384..], &all[16384..]);
+        drop(q);
+        drop(b);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn buffered_fallback_works() {
+        let d = TempDir::new();
+        let b = BackingFile::open_with(&d.file("disk", 1 << 20), false).unwrap();
+        assert!(!b.is_direct());
+        assert_eq!(b.block_size(), 512);
+        assert!(b.describe().contains("buffered"), "{}", b.describe());
+        let mut q = b.queue().unwrap();
+        let data = pattern(5, 4096 + 512);
+        q.write(512, &data).unwrap();
+        q.flush().unwrap();
+        let mut r = vec![0u8; 4096 + 513];
+        q.read(512, &mut r[1..]).unwrap();
+        assert_eq!(&r[1..], &data[..]);
+        let e = q.read(100, &mut r[..512]).unwrap_err();
+        assert!(e.to_string().contains("not aligned"), "{e}");
+    }
+
+    /// Destroys the contents of the block device named by
+    /// PCACHE_TEST_SCRATCH_BLOCKDEV (e.g. a loop device); skipped when unset.
+    #[test]
+    fn scratch_block_device() {
+        let Some(dev) = std::env::var_os("PCACHE_TEST_SCRATCH_BLOCKDEV") else {
+            return;
+        };
+        let b = BackingFile::open(Path::new(&dev)).unwrap();
+        eprintln!("{}", b.describe());
+        assert!(b.is_block_device());
+        let e = BackingFile::open(Path::new(&dev)).unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+        let mut q = b.queue().unwrap();
+        let len = (1usize << 20).min(b.size() as usize);
+        let all = pattern(11, len);
+        q.write(0, &all).unwrap();
+        q.flush().unwrap();
+        let mut r = vec![0u8; len];
+        q.read(0, &mut r).unwrap();
+        assert_eq!(r, all);
+        q.write_zeroes(0, 65536).unwrap();
+        q.discard(65536, 65536).unwrap();
+        q.read(0, &mut r).unwrap();
+        assert!(r[..131072].iter().all(|&x| x == 0));
+        assert_eq!(&r[131072..], &all[131072..]);
+        let last = b.size() - u64::from(b.block_size());
+        q.write(last, &all[..b.block_size() as usize]).unwrap();
+        let e = q
+            .write(b.size(), &all[..b.block_size() as usize])
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn queues_on_many_threads() {
+        let d = TempDir::new();
+        let b = BackingFile::open(&d.file("disk", 4 << 20)).unwrap();
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let b = Arc::clone(&b);
+                std::thread::spawn(move || {
+                    let mut q = b.queue().unwrap();
+                    for i in 0..32u64 {
+                        let off = (t * 32 + i) * 8192;
+                        q.write(off, &pattern(t * 100 + i, 8192)).unwrap();
+                    }
+                    q.flush().unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut q = b.queue().unwrap();
+        let mut r = vec![0u8; 8192];
+        for t in 0..4u64 {
+            for i in 0..32u64 {
+                q.read((t * 32 + i) * 8192, &mut r).unwrap();
+                assert_eq!(r, pattern(t * 100 + i, 8192));
+            }
+        }
+    }
+}

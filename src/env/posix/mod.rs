@@ -3,4 +3,7 @@
 //! io_uring with O_DIRECT.
 
 pub mod backing;
+pub mod control;
 pub mod pmem;
+pub mod signals;
+pub mod volume;

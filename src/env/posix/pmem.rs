@@ -1,1 +1,1117 @@
-//! placeholder, being written
+//! The real persistent medium: a file or device-dax instance mapped shared into the
+//! process, implementing the engine's [`Pmem`] contract with cache-line flushes.
+//!
+//! Three persistence modes, chosen once at [`PosixPmem::open`]:
+//! * [`Persistence::Pmem`]: the mapping was accepted with `MAP_SYNC`, so the kernel
+//!   guarantees that CPU caches are the only volatile layer (DAX file or device-dax).
+//!   `flush` issues clwb / clflushopt / clflush per 64-byte line, `fence` an sfence.
+//! * [`Persistence::File`]: an ordinary page-cache mapping. `flush` runs
+//!   `msync(MS_SYNC)` on the covering pages, so data is on stable storage when it
+//!   returns and `fence` only has to order stores.
+//! * [`Persistence::Volatile`]: nothing survives a power loss (tmpfs, or a test).
+//!   Only ever used when explicitly asked for; `flush` does nothing.
+//!
+//! Invariants: `base..base + map_len` is a live shared mapping for the whole life of
+//! the value (unmapped in `Drop`), and every access is bounds-checked against `size`
+//! (`size <= map_len`) before any pointer arithmetic. Callers (the engine) never access
+//! overlapping ranges concurrently; disjoint concurrent accesses are fine because we only
+//! ever go through the raw base pointer, never through `&mut` slices of the mapping.
+//! Non-temporal stores are always followed by an sfence before `write` returns, as
+//! Rust's memory model requires before the stored bytes are touched again.
+//!
+//! Reads are plain copies: a media error under a DAX mapping raises SIGBUS and kills
+//! the process. A SIGBUS-safe copy (`copy_mc`-style recovery) is future work. Likewise a
+//! file truncated by someone else underneath the mapping would SIGBUS; an exclusive
+//! `flock` on the medium keeps other pcache instances away.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use crate::engine::Pmem;
+
+/// `statfs.f_type` of ramfs; not exported by the libc crate.
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+/// `statfs.f_type` of tmpfs (and of devtmpfs, which is why device-dax is exempt).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// Copies at least this long use non-temporal stores: below it the head/tail handling
+/// costs more than the cache pollution it avoids.
+const NT_THRESHOLD: usize = 256;
+/// Cache-line size of every x86_64 CPU with clwb/clflushopt.
+#[cfg(target_arch = "x86_64")]
+const CACHE_LINE: usize = 64;
+/// Why `--persistence pmem` was refused on a medium without DAX.
+const NOT_DAX_MSG: &str =
+    "medium cannot be mapped with MAP_SYNC (not DAX): use --persistence file or volatile";
+/// Default alignment of a device-dax instance when sysfs does not say.
+const DEVDAX_DEFAULT_ALIGN: u64 = 2 << 20;
+
+/// How durable the bytes of the medium are after `flush` + `fence`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Persistence {
+    /// Real persistent memory mapped with `MAP_SYNC`: cache-line flushes make data durable.
+    Pmem,
+    /// A page-cache mapping of a file on a disk: `msync` makes data durable.
+    File,
+    /// Nothing is durable (RAM-backed, or the user said so).
+    Volatile,
+}
+
+impl fmt::Display for Persistence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Persistence::Pmem => "pmem",
+            Persistence::File => "file",
+            Persistence::Volatile => "volatile",
+        })
+    }
+}
+
+/// A `--persistence` value that is not one of `pmem`, `file`, `volatile`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown persistence mode {0:?}: expected pmem, file or volatile")]
+pub struct ParsePersistenceError(String);
+
+impl FromStr for Persistence {
+    type Err = ParsePersistenceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "pmem" => Ok(Persistence::Pmem),
+            "file" => Ok(Persistence::File),
+            "volatile" => Ok(Persistence::Volatile),
+            _ => Err(ParsePersistenceError(s.to_string())),
+        }
+    }
+}
+
+/// Why the medium could not be opened, or why a flush failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PmemError {
+    /// An OS call failed.
+    #[error("{path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The medium or the requested mode is unusable; the message says what to do.
+    #[error("{path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+    /// An earlier `msync` failed: data the engine believes durable may not be.
+    #[error("{path}: flushing the medium failed, durability is lost: {msg}")]
+    FlushFailed { path: PathBuf, msg: String },
+}
+
+/// What kind of object the medium is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    RegularFile,
+    DevDax,
+}
+
+/// The cache-line write-back instruction the CPU offers, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+// Only the x86_64 back end constructs the instruction variants.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum FlushInsn {
+    /// Writes the line back and may keep it cached.
+    Clwb,
+    /// Writes back and evicts; weakly ordered, so many can be in flight.
+    Clflushopt,
+    /// Writes back and evicts, serialised: slow but universal on x86_64.
+    Clflush,
+    /// No user-space cache-line flush (non-x86_64): only `msync` is available.
+    None,
+}
+
+impl FlushInsn {
+    fn name(self) -> &'static str {
+        match self {
+            FlushInsn::Clwb => "clwb",
+            FlushInsn::Clflushopt => "clflushopt",
+            FlushInsn::Clflush => "clflush",
+            FlushInsn::None => "msync",
+        }
+    }
+}
+
+/// The best cache-line flush instruction of this CPU ("clwb", "clflushopt", "clflush"),
+/// or "msync" where user space cannot flush cache lines (non-x86_64).
+pub fn flush_instruction() -> &'static str {
+    arch::detect().name()
+}
+
+/// A mapped medium. See the module documentation for modes and invariants.
+pub struct PosixPmem {
+    /// Start of the shared mapping; page aligned (2 MiB aligned for device-dax).
+    base: *mut u8,
+    /// Length passed to `mmap`/`munmap`.
+    map_len: usize,
+    /// Usable bytes, `<= map_len`.
+    size: u64,
+    mode: Persistence,
+    kind: Kind,
+    insn: FlushInsn,
+    page_size: usize,
+    path: PathBuf,
+    /// Keeps the exclusive `flock` alive; the mapping itself does not need the fd.
+    _file: File,
+    /// Set once an `msync` failed; `flush` cannot return errors, so they are sticky.
+    flush_failed: AtomicBool,
+    flush_error: Mutex<Option<String>>,
+}
+
+// SAFETY: `PosixPmem` owns its mapping (no other Rust value aliases it) and every access
+// goes through raw pointers derived from `base`, copying bytes in or out; nothing hands
+// out references into the mapping. Concurrent calls on disjoint ranges touch disjoint
+// bytes, which the `Pmem` contract permits; the remaining fields are immutable after
+// `open` or are themselves thread-safe (atomics, mutex).
+unsafe impl Send for PosixPmem {}
+// SAFETY: see `Send` above: `&self` methods only perform bounds-checked raw copies and
+// cache-line flushes on the mapping, and synchronise their own mutable state.
+unsafe impl Sync for PosixPmem {}
+
+impl PosixPmem {
+    /// Opens or creates the medium at `path` and maps it shared.
+    ///
+    /// A missing or empty regular file is created and sized to `create_size`; an existing
+    /// non-empty file keeps its size (`create_size` is then ignored). A device-dax
+    /// character device is used whole (rounded down to its alignment); `create_size`
+    /// larger than it is an error. `want` forces a persistence mode; `None` picks `Pmem`
+    /// if `MAP_SYNC` works, else `File`, and refuses RAM-backed files, which must be
+    /// opened with `Some(Persistence::Volatile)`.
+    pub fn open(
+        path: &Path,
+        create_size: Option<u64>,
+        want: Option<Persistence>,
+    ) -> Result<PosixPmem, PmemError> {
+        let io_err = |what: &str, source: io::Error| PmemError::Io {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+            source,
+        };
+        let invalid = |msg: String| PmemError::Invalid {
+            path: path.to_path_buf(),
+            msg,
+        };
+        if create_size == Some(0) {
+            return Err(invalid("cache size must be larger than zero".into()));
+        }
+
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("cannot stat", e)),
+        };
+        let kind = match &meta {
+            None => {
+                if create_size.is_none() {
+                    return Err(invalid(
+                        "does not exist; give a cache size to create it".into(),
+                    ));
+                }
+                Kind::RegularFile
+            }
+            Some(m) if m.file_type().is_file() => Kind::RegularFile,
+            Some(m) if m.file_type().is_char_device() => Kind::DevDax,
+            Some(m) if m.is_dir() => {
+                return Err(invalid(
+                    "is a directory; give a file, a file on a DAX file system, or a \
+                     device-dax character device (/dev/daxX.Y)"
+                        .into(),
+                ))
+            }
+            Some(_) => {
+                return Err(invalid(
+                    "is neither a regular file nor a device-dax character device".into(),
+                ))
+            }
+        };
+
+        let dax = match (&meta, kind) {
+            (Some(m), Kind::DevDax) => Some(devdax_geometry(m).map_err(|e| match e {
+                DaxProbe::NotDax => invalid(
+                    "character device is not a device-dax instance (no size in sysfs)".into(),
+                ),
+                DaxProbe::Io(what, e) => io_err(&what, e),
+            })?),
+            _ => None,
+        };
+
+        // Refuse RAM-backed files before creating or sizing anything: a missing file is
+        // judged by the file system of its directory.
+        let in_ram = kind == Kind::RegularFile && {
+            let probe = match (&meta, path.parent()) {
+                (Some(_), _) => path,
+                (None, Some(dir)) if !dir.as_os_str().is_empty() => dir,
+                (None, _) => Path::new("."),
+            };
+            is_ram_fs(probe).map_err(|e| io_err("cannot statfs", e))?
+        };
+        if in_ram && want != Some(Persistence::Volatile) {
+            return Err(invalid(if want == Some(Persistence::Pmem) {
+                NOT_DAX_MSG.into()
+            } else {
+                "lives in RAM (tmpfs): its contents do not survive a reboot; choose \
+                 --persistence volatile explicitly"
+                    .into()
+            }));
+        }
+        if kind == Kind::DevDax && want == Some(Persistence::File) {
+            // device-dax has no fsync, so msync(MS_SYNC) fails with EINVAL there.
+            return Err(invalid(
+                "device-dax supports only --persistence pmem or volatile".into(),
+            ));
+        }
+
+        // A file we create is removed again if opening fails, so a refused open leaves
+        // nothing behind. `create_new` makes sure it really is ours.
+        let mut created = false;
+        let r = Self::map_medium(
+            path,
+            kind,
+            dax,
+            meta.is_none(),
+            &mut created,
+            create_size,
+            want,
+        );
+        if r.is_err() && created {
+            let _ = std::fs::remove_file(path);
+        }
+        r
+    }
+
+    /// The part of `open` after all checks that need no descriptor. Sets `created` once
+    /// it has created the file.
+    fn map_medium(
+        path: &Path,
+        kind: Kind,
+        dax: Option<(u64, u64)>,
+        create: bool,
+        created: &mut bool,
+        create_size: Option<u64>,
+        want: Option<Persistence>,
+    ) -> Result<PosixPmem, PmemError> {
+        let io_err = |what: &str, source: io::Error| PmemError::Io {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+            source,
+        };
+        let invalid = |msg: String| PmemError::Invalid {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(create)
+            .open(path)
+            .map_err(|e| io_err("cannot open read/write", e))?;
+        *created = create;
+        let fd = file.as_raw_fd();
+
+        // SAFETY: `fd` is an open descriptor owned by `file`; flock has no memory effects.
+        let rc = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(invalid(
+                    "is in use by another pcache instance (flock held)".into(),
+                ));
+            }
+            return Err(io_err("cannot lock", e));
+        }
+
+        // `dax` is Some exactly for Kind::DevDax.
+        let (size, map_len) = match dax {
+            None => {
+                let mut len = file.metadata().map_err(|e| io_err("cannot stat", e))?.len();
+                if len == 0 {
+                    let Some(want_len) = create_size else {
+                        return Err(invalid(
+                            "is empty; give a cache size to initialise it".into(),
+                        ));
+                    };
+                    file.set_len(want_len)
+                        .map_err(|e| io_err(&format!("cannot size to {want_len} bytes"), e))?;
+                    len = want_len;
+                }
+                reserve_blocks(&file, len).map_err(|e| {
+                    io_err(&format!("cannot allocate {len} bytes of backing space"), e)
+                })?;
+                let map_len = usize::try_from(len)
+                    .map_err(|_| invalid(format!("size {len} does not fit the address space")))?;
+                (len, map_len)
+            }
+            Some((dev_size, align)) => {
+                let usable = dev_size - dev_size % align;
+                if usable == 0 {
+                    return Err(invalid(format!(
+                        "device-dax size {dev_size} is smaller than its alignment {align}"
+                    )));
+                }
+                if let Some(s) = create_size {
+                    if s > usable {
+                        return Err(invalid(format!(
+                            "requested cache size {s} exceeds the device-dax size {usable}"
+                        )));
+                    }
+                }
+                let map_len = usize::try_from(usable).map_err(|_| {
+                    invalid(format!("size {usable} does not fit the address space"))
+                })?;
+                (usable, map_len)
+            }
+        };
+
+        let insn = arch::detect();
+
+        let (base, mode) = match want {
+            Some(Persistence::Volatile) => (
+                map(fd, map_len, false).map_err(|e| io_err("cannot mmap", e))?,
+                Persistence::Volatile,
+            ),
+            // RAM-backed files and device-dax were refused for this mode in `open`.
+            Some(Persistence::File) => (
+                map(fd, map_len, false).map_err(|e| io_err("cannot mmap", e))?,
+                Persistence::File,
+            ),
+            Some(Persistence::Pmem) | None => {
+                let sync = if insn == FlushInsn::None {
+                    // Without user-space flushes MAP_SYNC buys nothing: fall back to msync.
+                    Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+                } else {
+                    map(fd, map_len, true)
+                };
+                match sync {
+                    Ok(base) => (base, Persistence::Pmem),
+                    Err(e) if !is_not_dax(&e) => {
+                        return Err(io_err("cannot mmap with MAP_SYNC", e));
+                    }
+                    Err(_) if want == Some(Persistence::Pmem) => {
+                        return Err(invalid(if insn == FlushInsn::None {
+                            "cache-line flushes from user space are only implemented on \
+                             x86_64: use --persistence file or volatile"
+                                .into()
+                        } else {
+                            NOT_DAX_MSG.into()
+                        }));
+                    }
+                    Err(e) if kind == Kind::DevDax => {
+                        return Err(io_err("device-dax refused a MAP_SYNC mapping", e));
+                    }
+                    Err(_) => (
+                        map(fd, map_len, false).map_err(|e| io_err("cannot mmap", e))?,
+                        Persistence::File,
+                    ),
+                }
+            }
+        };
+
+        // SAFETY: sysconf has no memory effects.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let page_size = usize::try_from(page)
+            .ok()
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096);
+
+        Ok(PosixPmem {
+            base,
+            map_len,
+            size,
+            mode,
+            kind,
+            insn,
+            page_size,
+            path: path.to_path_buf(),
+            _file: file,
+            flush_failed: AtomicBool::new(false),
+            flush_error: Mutex::new(None),
+        })
+    }
+
+    /// The persistence mode chosen at open.
+    pub fn mode(&self) -> Persistence {
+        self.mode
+    }
+
+    /// The path the medium was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What `flush` actually does in this mode: the CPU instruction in `Pmem` mode,
+    /// "msync" in `File` mode, "none" in `Volatile` mode.
+    pub fn flush_method(&self) -> &'static str {
+        match self.mode {
+            Persistence::Pmem => self.insn.name(),
+            Persistence::File => "msync",
+            Persistence::Volatile => "none",
+        }
+    }
+
+    /// One line for status output: path, size, mode, kind and flush method.
+    pub fn describe(&self) -> String {
+        let kind = match (self.kind, self.mode) {
+            (Kind::DevDax, _) => "device-dax",
+            (Kind::RegularFile, Persistence::Pmem) => "file on a DAX file system",
+            (Kind::RegularFile, Persistence::File) => "file in the page cache",
+            (Kind::RegularFile, Persistence::Volatile) => "file, not persistent",
+        };
+        format!(
+            "{}: {} bytes ({:.1} MiB), {}, persistence {}, flush {}",
+            self.path.display(),
+            self.size,
+            self.size as f64 / (1u64 << 20) as f64,
+            kind,
+            self.mode,
+            self.flush_method()
+        )
+    }
+
+    /// Fails if any earlier `flush` could not write data back (`msync` error in `File`
+    /// mode). `Pmem::flush` has no error channel, so callers should check this at
+    /// durability points they report to clients (or periodically).
+    pub fn check_error(&self) -> Result<(), PmemError> {
+        if !self.flush_failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let msg = match self.flush_error.lock() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        Err(PmemError::FlushFailed {
+            path: self.path.clone(),
+            msg: msg.unwrap_or_else(|| "msync failed".into()),
+        })
+    }
+
+    /// Asserts `[off, off + len)` lies inside the medium and returns `off` as usize.
+    /// A failure is a bug in the caller (the engine bounds every access), not bad input.
+    fn checked(&self, op: &str, off: u64, len: usize) -> usize {
+        let end = off.checked_add(len as u64);
+        assert!(
+            matches!(end, Some(e) if e <= self.size),
+            "PosixPmem::{op}: range [{off}, {off}+{len}) outside the medium of {} bytes",
+            self.size
+        );
+        // Cannot truncate: off <= size <= map_len, which is a usize.
+        off as usize
+    }
+
+    fn record_flush_error(&self, off: usize, len: usize, e: io::Error) {
+        let msg = format!("msync of [{off}, {}) failed: {e}", off + len);
+        if let Ok(mut g) = self.flush_error.lock() {
+            if g.is_none() {
+                eprintln!("pcache: {}: {msg}", self.path.display());
+                *g = Some(msg);
+            }
+        }
+        self.flush_failed.store(true, Ordering::Release);
+    }
+}
+
+impl Pmem for PosixPmem {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, off: u64, dst: &mut [u8]) {
+        let off = self.checked("read", off, dst.len());
+        // SAFETY: `off + dst.len() <= size <= map_len` was just checked, so the source is
+        // inside the live mapping; `dst` is a distinct Rust buffer (the mapping is never
+        // exposed as a slice), so the ranges cannot overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.add(off), dst.as_mut_ptr(), dst.len());
+        }
+    }
+
+    fn write(&self, off: u64, src: &[u8]) {
+        let off = self.checked("write", off, src.len());
+        // SAFETY: bounds checked above, so `base + off .. + src.len()` is inside the live
+        // writable mapping and cannot overlap `src`, a Rust buffer outside the mapping.
+        unsafe {
+            let dst = self.base.add(off);
+            if src.len() >= NT_THRESHOLD {
+                arch::copy_nt(dst, src.as_ptr(), src.len());
+            } else {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
+            }
+        }
+    }
+
+    fn flush(&self, off: u64, len: u64) {
+        let len_usize = usize::try_from(len).unwrap_or(usize::MAX);
+        let off = self.checked("flush", off, len_usize);
+        if len == 0 {
+            return;
+        }
+        match self.mode {
+            Persistence::Volatile => {}
+            Persistence::Pmem => {
+                // SAFETY: the range is inside the mapping (checked above), so every line
+                // address computed by `flush_lines` lies in mapped memory.
+                unsafe { arch::flush_lines(self.insn, self.base.add(off), len_usize) }
+            }
+            Persistence::File => {
+                // msync wants a page-aligned start; widening to whole pages is harmless.
+                let start = off & !(self.page_size - 1);
+                let span = off + len_usize - start;
+                // SAFETY: `[start, start + span)` lies within the page-aligned mapping
+                // (start <= off, end unchanged); msync does not touch our memory safety.
+                let rc = unsafe { libc::msync(self.base.add(start).cast(), span, libc::MS_SYNC) };
+                if rc != 0 {
+                    self.record_flush_error(start, span, io::Error::last_os_error());
+                }
+            }
+        }
+    }
+
+    fn fence(&self) {
+        arch::sfence();
+    }
+}
+
+impl Drop for PosixPmem {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`map_len` describe the mapping created in `open`, which nothing
+        // else references: no slices into it ever escape `&self` methods.
+        unsafe {
+            libc::munmap(self.base.cast(), self.map_len);
+        }
+    }
+}
+
+impl fmt::Debug for PosixPmem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// Maps `len` bytes of `fd` shared, with `MAP_SYNC` if `sync`.
+fn map(fd: i32, len: usize, sync: bool) -> io::Result<*mut u8> {
+    let flags = if sync {
+        libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC
+    } else {
+        libc::MAP_SHARED
+    };
+    // SAFETY: a fresh mapping at an address of the kernel's choosing cannot alias any
+    // existing Rust object; `fd` is open read/write, matching PROT_READ | PROT_WRITE.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
+/// `MAP_SYNC` was refused because the medium is not DAX (EOPNOTSUPP), or because the
+/// kernel predates `MAP_SHARED_VALIDATE` (EINVAL).
+fn is_not_dax(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+    )
+}
+
+/// True if `path` lives on tmpfs or ramfs, i.e. cannot survive a reboot.
+fn is_ram_fs(path: &Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    // SAFETY: `statfs` is plain old data, so all-zero bytes are a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid, writable statfs buffer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // `f_type` is i64 on x86_64 but i32 or u32 elsewhere; widen portably.
+    #[allow(clippy::useless_conversion)]
+    let t = i64::from(st.f_type);
+    Ok(t == TMPFS_MAGIC || t == RAMFS_MAGIC)
+}
+
+/// Allocates the file's blocks up front so that a store into a hole can never hit
+/// ENOSPC, which a mapping could only report as SIGBUS. File systems without
+/// fallocate keep the old behaviour.
+fn reserve_blocks(file: &File, len: u64) -> io::Result<()> {
+    let Ok(len) = libc::off_t::try_from(len) else {
+        return Err(io::Error::from_raw_os_error(libc::EFBIG));
+    };
+    loop {
+        // SAFETY: fallocate on an open descriptor has no memory effects.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => return Ok(()),
+            _ => return Err(e),
+        }
+    }
+}
+
+enum DaxProbe {
+    NotDax,
+    Io(String, io::Error),
+}
+
+/// Size and mapping alignment of a device-dax character device, from sysfs.
+/// Probed from the path's metadata before opening, so that no other kind of character
+/// device (a tty, say) is ever opened.
+fn devdax_geometry(meta: &std::fs::Metadata) -> Result<(u64, u64), DaxProbe> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = meta.rdev();
+    let (maj, min) = (libc::major(rdev), libc::minor(rdev));
+    let dir = PathBuf::from(format!("/sys/dev/char/{maj}:{min}"));
+    let read_u64 = |name: &str| -> Option<Result<u64, DaxProbe>> {
+        let p = dir.join(name);
+        let text = std::fs::read_to_string(&p).ok()?;
+        Some(text.trim().parse::<u64>().map_err(|e| {
+            DaxProbe::Io(
+                format!("cannot parse {}", p.display()),
+                io::Error::new(io::ErrorKind::InvalidData, e),
+            )
+        }))
+    };
+    let size = read_u64("size").ok_or(DaxProbe::NotDax)??;
+    let align = match read_u64("align") {
+        Some(a) => a?,
+        None => DEVDAX_DEFAULT_ALIGN,
+    };
+    // Unknown or odd alignments fall back to the 2 MiB every device-dax mapping accepts.
+    let align = if align.is_power_of_two() {
+        align.max(DEVDAX_DEFAULT_ALIGN)
+    } else {
+        DEVDAX_DEFAULT_ALIGN
+    };
+    Ok((size, align))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod arch {
+    //! x86_64 flushes and non-temporal copies. clwb and clflushopt have no stable
+    //! intrinsics, so they are written as inline assembly.
+    use super::{FlushInsn, CACHE_LINE};
+    use core::arch::asm;
+    use core::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+
+    /// CPUID leaf 7 EBX bits for the flush instructions.
+    const CPUID7_EBX_CLFLUSHOPT: u32 = 1 << 23;
+    const CPUID7_EBX_CLWB: u32 = 1 << 24;
+
+    pub(super) fn detect() -> FlushInsn {
+        // `is_x86_feature_detected!` does not know clwb/clflushopt, so ask CPUID. The
+        // CPUID intrinsics were `unsafe fn`s before Rust 1.87 and are safe since, hence
+        // the allow.
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86_64 CPU and only reads identification data;
+        // leaf 7 is queried only when leaf 0 says it exists.
+        let ebx7 = unsafe {
+            if core::arch::x86_64::__cpuid(0).eax >= 7 {
+                core::arch::x86_64::__cpuid_count(7, 0).ebx
+            } else {
+                0
+            }
+        };
+        if ebx7 & CPUID7_EBX_CLWB != 0 {
+            FlushInsn::Clwb
+        } else if ebx7 & CPUID7_EBX_CLFLUSHOPT != 0 {
+            FlushInsn::Clflushopt
+        } else {
+            FlushInsn::Clflush
+        }
+    }
+
+    /// Writes back every cache line overlapping `[p, p + len)`.
+    ///
+    /// # Safety
+    /// The whole range must be mapped memory (a line-aligned start below `p` is in the
+    /// same page, hence mapped too).
+    pub(super) unsafe fn flush_lines(insn: FlushInsn, p: *mut u8, len: usize) {
+        let end = p as usize + len;
+        let mut line = p as usize & !(CACHE_LINE - 1);
+        while line < end {
+            let a = line as *const u8;
+            match insn {
+                // SAFETY: `a` is in a mapped page (caller contract); these instructions
+                // only write the line back and cannot fault on mapped memory.
+                FlushInsn::Clwb => unsafe {
+                    asm!("clwb [{}]", in(reg) a, options(nostack, preserves_flags))
+                },
+                // SAFETY: as above.
+                FlushInsn::Clflushopt => unsafe {
+                    asm!("clflushopt [{}]", in(reg) a, options(nostack, preserves_flags))
+                },
+                // SAFETY: as above; `None` never reaches here on x86_64 but clflush is
+                // a correct (slow) choice for it anyway.
+                FlushInsn::Clflush | FlushInsn::None => unsafe {
+                    asm!("clflush [{}]", in(reg) a, options(nostack, preserves_flags))
+                },
+            }
+            line += CACHE_LINE;
+        }
+    }
+
+    /// Store fence: completes earlier clwb/clflushopt and non-temporal stores.
+    pub(super) fn sfence() {
+        // SAFETY: sfence has no operands and no effect besides ordering stores.
+        unsafe { asm!("sfence", options(nostack, preserves_flags)) }
+    }
+
+    /// Copies `len` bytes with non-temporal 16-byte stores for the 16-byte aligned body
+    /// and normal stores for the unaligned head and tail, then fences.
+    ///
+    /// # Safety
+    /// `src` must be readable and `dst` writable for `len` bytes; they must not overlap.
+    pub(super) unsafe fn copy_nt(dst: *mut u8, src: *const u8, len: usize) {
+        let head = ((16 - (dst as usize & 15)) & 15).min(len);
+        // SAFETY: caller guarantees both ranges; `head <= len`.
+        unsafe { core::ptr::copy_nonoverlapping(src, dst, head) };
+        let mut i = head;
+        // SAFETY: `dst + i` is 16-byte aligned for every i in this block (it starts
+        // aligned after the head and advances by multiples of 16), as `_mm_stream_si128`
+        // requires; `i + 16 * k <= len` keeps loads and stores within the caller's ranges;
+        // the loads are unaligned loads, valid for any `src` alignment.
+        unsafe {
+            while i + 64 <= len {
+                let s = src.add(i) as *const __m128i;
+                let d = dst.add(i) as *mut __m128i;
+                let a = _mm_loadu_si128(s);
+                let b = _mm_loadu_si128(s.add(1));
+                let c = _mm_loadu_si128(s.add(2));
+                let e = _mm_loadu_si128(s.add(3));
+                _mm_stream_si128(d, a);
+                _mm_stream_si128(d.add(1), b);
+                _mm_stream_si128(d.add(2), c);
+                _mm_stream_si128(d.add(3), e);
+                i += 64;
+            }
+            while i + 16 <= len {
+                let v = _mm_loadu_si128(src.add(i) as *const __m128i);
+                _mm_stream_si128(dst.add(i) as *mut __m128i, v);
+                i += 16;
+            }
+            core::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
+        }
+        // Rust requires an sfence after non-temporal stores before anything else touches
+        // the stored memory; doing it here keeps `write` safe to follow with any access.
+        sfence();
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod arch {
+    //! Portable fallback: no user-space cache-line flushes, so `Pmem` mode is never
+    //! chosen and durability comes from `msync` (File mode).
+    use super::FlushInsn;
+
+    pub(super) fn detect() -> FlushInsn {
+        FlushInsn::None
+    }
+
+    /// Never called: `Pmem` mode is refused without a flush instruction.
+    ///
+    /// # Safety
+    /// None required; present for signature parity with the x86_64 version.
+    pub(super) unsafe fn flush_lines(_insn: FlushInsn, _p: *mut u8, _len: usize) {}
+
+    pub(super) fn sfence() {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Plain copy: no portable non-temporal stores.
+    ///
+    /// # Safety
+    /// `src` must be readable and `dst` writable for `len` bytes; they must not overlap.
+    pub(super) unsafe fn copy_nt(dst: *mut u8, src: *const u8, len: usize) {
+        // SAFETY: forwarded caller contract.
+        unsafe { core::ptr::copy_nonoverlapping(src, dst, len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    /// A fresh, unique directory under `base` that is removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new_in(base: &Path) -> TempDir {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = base.join(format!(
+                "pcache-pmem-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+        fn new() -> TempDir {
+            TempDir::new_in(&std::env::temp_dir())
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn pattern(seed: usize, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| ((i * 131 + seed * 7 + 3) % 251) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn persistence_parse_and_display() {
+        for p in [Persistence::Pmem, Persistence::File, Persistence::Volatile] {
+            assert_eq!(p.to_string().parse::<Persistence>().unwrap(), p);
+        }
+        assert_eq!(
+            "VOLATILE".parse::<Persistence>().unwrap(),
+            Persistence::Volatile
+        );
+        let e = "disk".parse::<Persistence>().unwrap_err();
+        assert!(e.to_string().contains("expected pmem, file or volatile"));
+    }
+
+    #[test]
+    fn creates_regular_file_in_file_mode() {
+        let d = TempDir::new();
+        let p = d.0.join("cache");
+        let m = PosixPmem::open(&p, Some(1 << 20), None).unwrap();
+        assert_eq!(m.size(), 1 << 20);
+        assert_eq!(m.mode(), Persistence::File);
+        assert_eq!(m.flush_method(), "msync");
+        assert_eq!(m.path(), p.as_path());
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
+        assert!(
+            m.describe().contains("persistence file"),
+            "{}",
+            m.describe()
+        );
+        m.persist(4093, b"hello");
+        m.check_error().unwrap();
+        drop(m);
+        // Reopen: existing size wins, contents survive.
+        let m = PosixPmem::open(&p, None, None).unwrap();
+        assert_eq!(m.size(), 1 << 20);
+        let mut b = [0u8; 5];
+        m.read(4093, &mut b);
+        assert_eq!(&b, b"hello");
+    }
+
+    #[test]
+    fn explicit_modes_on_regular_file() {
+        let d = TempDir::new();
+        let p = d.0.join("cache");
+        let e = PosixPmem::open(&p, Some(1 << 16), Some(Persistence::Pmem)).unwrap_err();
+        assert!(e.to_string().contains("MAP_SYNC"), "{e}");
+        assert!(
+            !p.exists(),
+            "a refused open must not leave a new file behind"
+        );
+        let m = PosixPmem::open(&p, Some(1 << 16), Some(Persistence::Volatile)).unwrap();
+        assert_eq!(m.mode(), Persistence::Volatile);
+        assert_eq!(m.flush_method(), "none");
+        drop(m);
+        let m = PosixPmem::open(&p, None, Some(Persistence::File)).unwrap();
+        assert_eq!(m.mode(), Persistence::File);
+    }
+
+    #[test]
+    fn tmpfs_needs_explicit_volatile() {
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            eprintln!("no /dev/shm, skipping");
+            return;
+        }
+        let d = TempDir::new_in(shm);
+        let p = d.0.join("cache");
+        let e = PosixPmem::open(&p, Some(1 << 16), None).unwrap_err();
+        assert!(e.to_string().contains("lives in RAM (tmpfs)"), "{e}");
+        let e = PosixPmem::open(&p, Some(1 << 16), Some(Persistence::File)).unwrap_err();
+        assert!(e.to_string().contains("lives in RAM (tmpfs)"), "{e}");
+        let e = PosixPmem::open(&p, Some(1 << 16), Some(Persistence::Pmem)).unwrap_err();
+        assert!(e.to_string().contains("MAP_SYNC"), "{e}");
+        assert!(!p.exists(), "a refused open must not create the file");
+        let m = PosixPmem::open(&p, Some(1 << 16), Some(Persistence::Volatile)).unwrap();
+        assert_eq!(m.mode(), Persistence::Volatile);
+        drop(m);
+        // An existing tmpfs file is refused just the same.
+        let e = PosixPmem::open(&p, None, None).unwrap_err();
+        assert!(e.to_string().contains("lives in RAM (tmpfs)"), "{e}");
+        assert!(p.exists());
+        let m = PosixPmem::open(&p, None, Some(Persistence::Volatile)).unwrap();
+        m.persist(0, &[7; 300]);
+        let mut b = [0u8; 300];
+        m.read(0, &mut b);
+        assert_eq!(b, [7; 300]);
+    }
+
+    #[test]
+    fn rejects_bad_paths() {
+        let d = TempDir::new();
+        let e = PosixPmem::open(&d.0, Some(4096), None).unwrap_err();
+        assert!(e.to_string().contains("is a directory"), "{e}");
+        let missing = d.0.join("missing");
+        let e = PosixPmem::open(&missing, None, None).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(!missing.exists());
+        let empty = d.0.join("empty");
+        File::create(&empty).unwrap();
+        let e = PosixPmem::open(&empty, None, None).unwrap_err();
+        assert!(e.to_string().contains("is empty"), "{e}");
+        let e = PosixPmem::open(&empty, Some(0), None).unwrap_err();
+        assert!(e.to_string().contains("larger than zero"), "{e}");
+        // An empty file is initialised to the requested size.
+        let m = PosixPmem::open(&empty, Some(8192), None).unwrap();
+        assert_eq!(m.size(), 8192);
+        let e = PosixPmem::open(Path::new("/dev/null"), None, None).unwrap_err();
+        assert!(e.to_string().contains("not a device-dax"), "{e}");
+    }
+
+    #[test]
+    fn second_open_is_refused_while_locked() {
+        let d = TempDir::new();
+        let p = d.0.join("cache");
+        let _m = PosixPmem::open(&p, Some(1 << 16), None).unwrap();
+        let e = PosixPmem::open(&p, None, None).unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+    }
+
+    #[test]
+    fn round_trip_all_alignments() {
+        let d = TempDir::new();
+        let p = d.0.join("cache");
+        let m = PosixPmem::open(&p, Some(64 << 10), Some(Persistence::Volatile)).unwrap();
+        let sizes: Vec<usize> = (1..=300)
+            .chain((301..5000).step_by(97))
+            .chain([4999, 5000])
+            .collect();
+        let mut back = vec![0u8; 5000 + 260];
+        for &len in &sizes {
+            for off in 0..130usize {
+                let base = 1000u64; // keep guard bytes on both sides
+                let at = base + off as u64;
+                // Guard: fill the neighbourhood with a known byte.
+                m.write(base - 64, &vec![0xEE; len + off + 128]);
+                let data = pattern(len + off, len);
+                m.write(at, &data);
+                m.flush(at, len as u64);
+                m.fence();
+                let view = &mut back[..len + off + 128];
+                m.read(base - 64, view);
+                assert!(
+                    view[..64 + off].iter().all(|&b| b == 0xEE),
+                    "head guard {len}@{off}"
+                );
+                assert_eq!(
+                    &view[64 + off..64 + off + len],
+                    &data[..],
+                    "data {len}@{off}"
+                );
+                assert!(
+                    view[64 + off + len..].iter().all(|&b| b == 0xEE),
+                    "tail guard {len}@{off}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn file_mode_flush_reaches_the_file() {
+        use std::io::{Read, Seek, SeekFrom};
+        let d = TempDir::new();
+        let p = d.0.join("cache");
+        let m = PosixPmem::open(&p, Some(1 << 20), None).unwrap();
+        let data = pattern(9, 3000);
+        m.persist(12345, &data);
+        m.flush(m.size() - 1, 1);
+        m.flush(0, m.size());
+        m.fence();
+        let mut f = File::open(&p).unwrap();
+        f.seek(SeekFrom::Start(12345)).unwrap();
+        let mut b = vec![0u8; 3000];
+        f.read_exact(&mut b).unwrap();
+        assert_eq!(b, data);
+    }
+
+    #[test]
+    fn concurrent_disjoint_writes() {
+        let d = TempDir::new();
+        let p = d.0.join("cache");
+        let m = std::sync::Arc::new(
+            PosixPmem::open(&p, Some(1 << 20), Some(Persistence::Volatile)).unwrap(),
+        );
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for i in 0..64 {
+                        let off = (t * 64 + i) as u64 * 4096 + 3;
+                        m.persist(off, &pattern(t * 1000 + i, 4000));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut b = vec![0u8; 4000];
+        for t in 0..4 {
+            for i in 0..64 {
+                m.read((t * 64 + i) as u64 * 4096 + 3, &mut b);
+                assert_eq!(b, pattern(t * 1000 + i, 4000));
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the medium")]
+    fn out_of_range_is_a_clear_assertion() {
+        let d = TempDir::new();
+        let m = PosixPmem::open(&d.0.join("c"), Some(4096), Some(Persistence::Volatile)).unwrap();
+        m.write(4090, &[0; 7]);
+    }
+
+    #[test]
+    fn flush_instruction_is_known() {
+        let i = flush_instruction();
+        assert!(
+            ["clwb", "clflushopt", "clflush", "msync"].contains(&i),
+            "{i}"
+        );
+        // Exercise the real flush path on ordinary memory-mapped pages too.
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut buf = vec![1u8; 1000];
+            // SAFETY: `buf` is a live allocation of 1000 bytes.
+            unsafe { arch::flush_lines(arch::detect(), buf.as_mut_ptr().add(3), 990) };
+            arch::sfence();
+            assert!(buf.iter().all(|&b| b == 1));
+        }
+    }
+}

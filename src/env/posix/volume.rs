@@ -1,0 +1,511 @@
+//! A cached volume in the embedded runtime: the engine on a mapped medium over an
+//! io_uring backing device, plus the background thread that ticks, writes back and
+//! collects garbage.
+//!
+//! Each connection (NBD client) gets a `VolumeConn` with its own engine channel and its
+//! own io_uring queue, so the request path takes no lock of ours beyond the engine's
+//! short ones. Requests that find the cache full are deferred through a FIFO gate: the
+//! oldest waits first, and while anybody waits, new writes queue behind it, so a retry
+//! never reorders writes. Writeback errors back off exponentially (up to 5 s) and are
+//! counted; they never lose data, which stays dirty in pmem.
+
+use super::backing::{BackingFile, Op, Queue};
+use super::pmem::{Persistence, PosixPmem};
+use crate::engine::{
+    probe, BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, OpenError, Pmem,
+    Probe, Stats, WbBatch, WbKind, WbNext,
+};
+use crate::frontend::nbd::{BlockConn, BlockTarget};
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How to open (or create) a cached volume.
+#[derive(Debug, Clone)]
+pub struct VolumeOptions {
+    pub pmem: PathBuf,
+    pub backing: PathBuf,
+    /// Size of the medium file to create when it does not exist.
+    pub pmem_size: Option<u64>,
+    pub persistence: Option<Persistence>,
+    pub data_crc: bool,
+    pub gc_percent: Option<u32>,
+    pub seg_size: u32,
+    /// Overwrite foreign data / attach to a different backing device.
+    pub force: bool,
+    pub n_ksets: u32,
+}
+
+impl VolumeOptions {
+    pub fn new(pmem: PathBuf, backing: PathBuf) -> Self {
+        VolumeOptions {
+            pmem,
+            backing,
+            pmem_size: None,
+            persistence: None,
+            data_crc: false,
+            gc_percent: None,
+            seg_size: 16 << 20,
+            force: false,
+            n_ksets: 8,
+        }
+    }
+}
+
+/// Why a volume could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("{0}")]
+    Pmem(#[from] super::pmem::PmemError),
+    #[error("{0}")]
+    Backing(#[from] super::backing::BackingError),
+    #[error("{}: {1}", .0.display())]
+    Engine(PathBuf, OpenError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The FIFO of requests deferred because the cache was full.
+#[derive(Default)]
+struct Gate {
+    next: u64,
+    serving: u64,
+}
+
+pub struct Volume {
+    pub engine: Engine<PosixPmem>,
+    pub backing: Arc<BackingFile>,
+    stop: AtomicBool,
+    gate: Mutex<Gate>,
+    gate_cv: Condvar,
+    /// Bumped whenever writeback or GC made progress; waiters re-try then.
+    progress: Mutex<u64>,
+    progress_cv: Condvar,
+    /// Write everything back (set by `flush` requests), not only what GC needs.
+    drain: AtomicBool,
+    wb_backoff_ms: AtomicU64,
+}
+
+fn identity(b: &BackingFile) -> BackingIdentity {
+    BackingIdentity {
+        size: b.size(),
+        block_size: b.block_size(),
+        id: b.identity().to_string(),
+    }
+}
+
+fn random_id() -> u64 {
+    // Distinguishes formats of the same medium; not security relevant.
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut x = t.as_nanos() as u64 ^ ((std::process::id() as u64) << 32);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51afd7ed558ccd);
+    x ^ (x >> 33)
+}
+
+impl Volume {
+    fn open_parts(o: &VolumeOptions) -> Result<(PosixPmem, Arc<BackingFile>), VolumeError> {
+        let backing = BackingFile::open(&o.backing)?;
+        let pmem = PosixPmem::open(&o.pmem, o.pmem_size, o.persistence)?;
+        Ok((pmem, backing))
+    }
+
+    fn build(engine: Engine<PosixPmem>, backing: Arc<BackingFile>) -> Arc<Volume> {
+        Arc::new(Volume {
+            engine,
+            backing,
+            stop: AtomicBool::new(false),
+            gate: Mutex::default(),
+            gate_cv: Condvar::new(),
+            progress: Mutex::new(0),
+            progress_cv: Condvar::new(),
+            drain: AtomicBool::new(false),
+            wb_backoff_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn config(o: &VolumeOptions) -> Config {
+        Config {
+            n_ksets: o.n_ksets,
+            ..Config::default()
+        }
+    }
+
+    /// Formats the medium. Refuses a medium that holds anything unless `force`.
+    pub fn format(o: &VolumeOptions) -> Result<Arc<Volume>, VolumeError> {
+        let (pmem, backing) = Self::open_parts(o)?;
+        match probe(&pmem) {
+            Probe::Blank => {}
+            Probe::Pcache(_) if !o.force => {
+                return Err(VolumeError::Other(format!(
+                    "{}: already holds a pcache cache (it may hold dirty data); use --force to format it anyway",
+                    o.pmem.display()
+                )))
+            }
+            Probe::Foreign(_) if !o.force => {
+                return Err(VolumeError::Engine(o.pmem.clone(), OpenError::Foreign));
+            }
+            _ => {}
+        }
+        Self::format_parts(o, pmem, backing)
+    }
+
+    fn format_parts(
+        o: &VolumeOptions,
+        pmem: PosixPmem,
+        backing: Arc<BackingFile>,
+    ) -> Result<Arc<Volume>, VolumeError> {
+        let mut fo = FormatOptions::new(identity(&backing), random_id());
+        fo.seg_size = o.seg_size;
+        fo.data_crc = o.data_crc;
+        fo.gc_percent = o.gc_percent.unwrap_or(70);
+        let e = Engine::format(pmem, &fo, &Self::config(o))
+            .map_err(|e| VolumeError::Engine(o.pmem.clone(), e))?;
+        Ok(Self::build(e, backing))
+    }
+
+    /// Attaches to a formatted medium (replaying its log); a blank medium is formatted
+    /// when `format_blank`.
+    pub fn attach(o: &VolumeOptions, format_blank: bool) -> Result<Arc<Volume>, VolumeError> {
+        let (pmem, backing) = Self::open_parts(o)?;
+        if format_blank && probe(&pmem) == Probe::Blank {
+            return Self::format_parts(o, pmem, backing);
+        }
+        let e = Engine::open(pmem, &identity(&backing), o.force, &Self::config(o))
+            .map_err(|e| VolumeError::Engine(o.pmem.clone(), e))?;
+        if o.data_crc && !e.data_crc() {
+            return Err(VolumeError::Other(format!(
+                "{}: --data-crc given but the cache was formatted without data CRCs",
+                o.pmem.display()
+            )));
+        }
+        if let Some(p) = o.gc_percent {
+            e.set_gc_percent(p)
+                .map_err(|e| VolumeError::Other(e.to_string()))?;
+        }
+        Ok(Self::build(e, backing))
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.engine.stats()
+    }
+
+    pub fn persistence(&self) -> Persistence {
+        self.engine.pmem().mode()
+    }
+
+    /// Asks the background thread to write back every dirty byte.
+    pub fn start_drain(&self) {
+        let _ = self.engine.flush();
+        self.drain.store(true, Release);
+        self.kick();
+    }
+
+    fn kick(&self) {
+        let mut p = self.progress.lock().unwrap();
+        *p += 1;
+        self.progress_cv.notify_all();
+    }
+
+    /// Waits (bounded) for background progress after `seen`.
+    fn wait_progress(&self, seen: u64) {
+        let p = self.progress.lock().unwrap();
+        if *p == seen {
+            let _ = self
+                .progress_cv
+                .wait_timeout(p, Duration::from_millis(50))
+                .unwrap();
+        }
+    }
+
+    fn progress_seen(&self) -> u64 {
+        *self.progress.lock().unwrap()
+    }
+
+    /// Starts the background thread: tick every 100 ms, writeback, GC.
+    pub fn start_background(self: &Arc<Self>) -> io::Result<JoinHandle<()>> {
+        let v = Arc::clone(self);
+        let mut q = self.backing.queue()?;
+        std::thread::Builder::new()
+            .name("pcache-bg".into())
+            .spawn(move || v.background(&mut q))
+    }
+
+    fn background(&self, q: &mut Queue) {
+        let mut wb = WbBatch::default();
+        let mut buf = Vec::new();
+        let mut last_tick = std::time::Instant::now();
+        while !self.stop.load(Acquire) {
+            if last_tick.elapsed() >= Duration::from_millis(100) {
+                self.engine.tick();
+                last_tick = std::time::Instant::now();
+            }
+            let worked = self.background_once(q, &mut wb, &mut buf);
+            if !worked {
+                let seen = self.progress_seen();
+                let p = self.progress.lock().unwrap();
+                if *p == seen && !self.stop.load(Acquire) {
+                    let _ = self
+                        .progress_cv
+                        .wait_timeout(p, Duration::from_millis(100))
+                        .unwrap();
+                }
+            }
+        }
+    }
+
+    /// One round of background work. Returns true if it did something.
+    pub fn background_once(&self, q: &mut Queue, wb: &mut WbBatch, buf: &mut Vec<u8>) -> bool {
+        let e = &self.engine;
+        if e.cache_full() {
+            // Writers are waiting: buffered keys must reach the log to be written back.
+            let _ = e.flush();
+        }
+        let backoff = self.wb_backoff_ms.load(Relaxed);
+        let mut worked = false;
+        if backoff == 0 || self.drain.load(Relaxed) {
+            match e.writeback_next(wb) {
+                WbNext::Ready => {
+                    worked = true;
+                    match self.write_batch(q, wb, buf) {
+                        Ok(()) => {
+                            e.writeback_done(wb, true);
+                            self.wb_backoff_ms.store(0, Relaxed);
+                        }
+                        Err(err) => {
+                            e.writeback_done(wb, false);
+                            let b = (backoff * 2).clamp(10, 5000);
+                            eprintln!("pcache: writeback failed ({err}); retrying in {b} ms");
+                            self.wb_backoff_ms.store(b, Relaxed);
+                            std::thread::sleep(Duration::from_millis(b));
+                            self.wb_backoff_ms.store(b.min(4999), Relaxed);
+                        }
+                    }
+                }
+                WbNext::Idle => {
+                    if self.drain.load(Relaxed) && e.dirty_bytes() == 0 {
+                        self.drain.store(false, Relaxed);
+                    }
+                }
+                WbNext::Stopped(_) => {}
+            }
+        }
+        if e.gc_wanted() && e.gc().ksets > 0 {
+            worked = true;
+        }
+        if worked {
+            self.kick();
+        }
+        worked
+    }
+
+    fn write_batch(&self, q: &mut Queue, wb: &WbBatch, buf: &mut Vec<u8>) -> io::Result<()> {
+        let total: usize = wb
+            .items
+            .iter()
+            .filter(|i| matches!(i.kind, WbKind::Data { .. }))
+            .map(|i| i.len as usize)
+            .sum();
+        buf.resize(total, 0);
+        let mut at = 0;
+        for it in &wb.items {
+            if let WbKind::Data { pmem_off } = it.kind {
+                self.engine
+                    .pmem()
+                    .read(pmem_off, &mut buf[at..at + it.len as usize]);
+                at += it.len as usize;
+            }
+        }
+        let mut ops: Vec<Op<'_>> = Vec::with_capacity(wb.items.len());
+        let mut rest: &[u8] = buf;
+        for it in &wb.items {
+            if let WbKind::Data { .. } = it.kind {
+                let (a, b) = rest.split_at(it.len as usize);
+                ops.push(Op::Write {
+                    off: it.off,
+                    buf: a,
+                });
+                rest = b;
+            }
+        }
+        q.run(&mut ops)?;
+        for it in &wb.items {
+            match it.kind {
+                WbKind::Zero => q.write_zeroes(it.off, it.len as u64)?,
+                WbKind::Discard => q.discard(it.off, it.len as u64)?,
+                WbKind::Data { .. } => {}
+            }
+        }
+        q.flush()
+    }
+
+    /// Writes back every dirty byte from the calling thread (offline `pcache flush`).
+    /// `progress(done, total)` is called after each kset.
+    pub fn writeback_all(&self, mut progress: impl FnMut(u64, u64)) -> io::Result<()> {
+        self.engine
+            .flush()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let total = self.engine.dirty_bytes();
+        let mut q = self.backing.queue()?;
+        let (mut wb, mut buf) = (WbBatch::default(), Vec::new());
+        loop {
+            match self.engine.writeback_next(&mut wb) {
+                WbNext::Idle => break,
+                WbNext::Stopped(m) => {
+                    return Err(io::Error::other(format!("writeback stopped: {m}")))
+                }
+                WbNext::Ready => {
+                    self.write_batch(&mut q, &wb, &mut buf)?;
+                    self.engine.writeback_done(&wb, true);
+                    progress(total - self.engine.dirty_bytes().min(total), total);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the background thread's loop (join it afterwards) and closes the ksets.
+    pub fn shutdown(&self) -> io::Result<()> {
+        self.stop.store(true, Release);
+        self.kick();
+        self.engine
+            .shutdown()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut q = self.backing.queue()?;
+        q.flush()
+    }
+
+    /// Runs `op` through the deferral gate: while it returns Busy, wait for background
+    /// progress; while others wait, queue behind them.
+    fn gated(&self, mut op: impl FnMut() -> Result<(), IoError>) -> io::Result<()> {
+        {
+            let g = self.gate.lock().unwrap();
+            if g.next == g.serving {
+                drop(g);
+                match op() {
+                    Err(IoError::Busy) => {}
+                    r => return r.map_err(to_io),
+                }
+            }
+        }
+        let mut g = self.gate.lock().unwrap();
+        let ticket = g.next;
+        g.next += 1;
+        while g.serving != ticket {
+            g = self.gate_cv.wait(g).unwrap();
+        }
+        drop(g);
+        let r = loop {
+            if self.stop.load(Acquire) {
+                break Err(io::Error::other("shutting down"));
+            }
+            let seen = self.progress_seen();
+            match op() {
+                Err(IoError::Busy) => {
+                    self.kick();
+                    self.wait_progress(seen);
+                }
+                r => break r.map_err(to_io),
+            }
+        };
+        let mut g = self.gate.lock().unwrap();
+        g.serving += 1;
+        self.gate_cv.notify_all();
+        r
+    }
+}
+
+fn to_io(e: IoError) -> io::Error {
+    match e {
+        IoError::OutOfRange | IoError::Unaligned => io::Error::from_raw_os_error(libc::EINVAL),
+        IoError::Busy => io::Error::from_raw_os_error(libc::EAGAIN),
+        IoError::Corrupt => io::Error::from_raw_os_error(libc::EIO),
+    }
+}
+
+/// One client's handle.
+pub struct VolumeConn {
+    vol: Arc<Volume>,
+    ch: Channel,
+    q: Queue,
+}
+
+impl Drop for VolumeConn {
+    fn drop(&mut self) {
+        self.vol.engine.release_channel(&mut self.ch);
+    }
+}
+
+/// The NBD target: a shared volume.
+pub struct Target(pub Arc<Volume>);
+
+impl BlockTarget for Target {
+    type Conn = VolumeConn;
+    fn size(&self) -> u64 {
+        self.0.engine.size()
+    }
+    fn block_size(&self) -> u32 {
+        self.0.engine.block_size()
+    }
+    fn connect(&self) -> io::Result<VolumeConn> {
+        Ok(VolumeConn {
+            vol: Arc::clone(&self.0),
+            ch: Channel::default(),
+            q: self.0.backing.queue()?,
+        })
+    }
+}
+
+impl BlockConn for VolumeConn {
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        let e = &self.vol.engine;
+        let missed = e.read(&mut self.ch, off, buf).map_err(to_io)?;
+        if missed == 0 {
+            return Ok(());
+        }
+        // Split `buf` into the miss ranges (in order, disjoint) for one batch.
+        let mut ops: Vec<Op<'_>> = Vec::new();
+        let misses: Vec<_> = self.ch.misses().collect();
+        let mut rest: &mut [u8] = &mut *buf;
+        let mut base = 0usize;
+        for m in &misses {
+            let (_, tail) = rest.split_at_mut(m.at - base);
+            let (mid, tail) = tail.split_at_mut(m.len);
+            ops.push(Op::Read {
+                off: off + m.at as u64,
+                buf: mid,
+            });
+            rest = tail;
+            base = m.at + m.len;
+        }
+        let r = self.q.run(&mut ops);
+        drop(ops);
+        e.fill(&mut self.ch, off, buf, r.is_ok());
+        r
+    }
+
+    fn write(&mut self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        let (vol, ch) = (&self.vol, &mut self.ch);
+        vol.gated(|| vol.engine.write(ch, off, data, fua))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let vol = &self.vol;
+        vol.gated(|| vol.engine.flush())
+    }
+
+    fn trim(&mut self, off: u64, len: u64, fua: bool) -> io::Result<()> {
+        let vol = &self.vol;
+        vol.gated(|| vol.engine.write_zeroes(off, len, true, fua))
+    }
+
+    fn write_zeroes(&mut self, off: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
+        let vol = &self.vol;
+        vol.gated(|| vol.engine.write_zeroes(off, len, may_trim, fua))
+    }
+}
