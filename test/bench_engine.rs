@@ -1,0 +1,146 @@
+//! Engine micro-benchmark (`cargo bench --bench engine`): the 4 KiB write, read-hit and
+//! miss paths on an in-memory medium (a /dev/shm mapping in `volatile` mode: memory
+//! speed, no flush cost), next to a plain 4 KiB copy loop over the same mapping, in the
+//! same run. Prints ops/s and the ratio to the copy loop, DRAM bytes per cached extent
+//! (measured with a counting allocator) and replay speed (GB of kset log per second).
+//! Targets (issue 2): read hits >= 0.7x copy, writes >= 0.5x copy, <= 64 B per extent,
+//! replay >= 1 GB/s. Ratios are reported, never asserted: this is not a timed test.
+
+use pcache::engine::{BackingIdentity, Channel, Config, Engine, FormatOptions, Pmem};
+use pcache::env::posix::pmem::{Persistence, PosixPmem};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
+use std::time::Instant;
+
+/// Counts live heap bytes, to measure the index's DRAM cost per extent.
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Relaxed);
+        // SAFETY: same layout contract as our caller's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Relaxed);
+        // SAFETY: `p` was allocated by `System.alloc` with `l`.
+        unsafe { System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+const BS: usize = 4096;
+
+fn rng(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+fn rate(n: usize, t: Instant) -> f64 {
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let path = std::env::temp_dir().join(format!("pcache-bench-{}", std::process::id()));
+    let shm = std::path::PathBuf::from(format!("/dev/shm/pcache-bench-{}", std::process::id()));
+    let pmem_path = if std::path::Path::new("/dev/shm").is_dir() { shm } else { path };
+    let pmem_size: u64 = 1 << 30;
+    let pmem = PosixPmem::open(&pmem_path, Some(pmem_size), Some(Persistence::Volatile)).expect("medium");
+    let backing = BackingIdentity { size: 64 << 30, block_size: 512, id: "bench".into() };
+    let fo = FormatOptions::new(backing.clone(), 7);
+    let cfg = Config { n_ksets: 2, ..Config::default() };
+    let n = 120_000usize; // 470 MiB of 4 KiB extents: below the GC watermark
+    let span = 64u64 << 30 >> 12; // 4 KiB blocks of the 64 GiB device
+    let mut x = 0x9E3779B97F4A7C15u64;
+    let offs: Vec<u64> = (0..n).map(|_| (rng(&mut x) % (span / 2)) * BS as u64).collect();
+    let data = vec![0x5au8; BS];
+    let mut buf = vec![0u8; BS];
+    let mut ch = Channel::default();
+
+    // Baseline: plain 4 KiB copies into and out of the same mapping (before it is formatted), through the same
+    // store and load routines the engine uses, at the same spread of addresses.
+    let data_base = pcache::engine::format::SEGMENTS_OFF;
+    let slots = (pmem_size - data_base) / BS as u64 - 16;
+    let t = Instant::now();
+    for _ in 0..n {
+        let o = data_base + (rng(&mut x) % slots) * BS as u64;
+        pmem.write(o, &data);
+    }
+    let copy_w = rate(n, t);
+    let t = Instant::now();
+    for _ in 0..n {
+        let o = data_base + (rng(&mut x) % slots) * BS as u64;
+        pmem.read(o, &mut buf);
+    }
+    let copy_r = rate(n, t);
+    let e = Engine::format(pmem, &fo, &cfg).expect("format");
+
+
+    let live0 = LIVE.load(Relaxed);
+    let t = Instant::now();
+    for &o in &offs {
+        e.write(&mut ch, o, &data, false).expect("write");
+    }
+    let write = rate(n, t);
+    e.flush().expect("flush");
+    let extents = e.stats().cached_extents as f64;
+    let per_key = (LIVE.load(Relaxed) - live0) as f64 / extents;
+
+    let mut order = offs.clone();
+    for i in (1..order.len()).rev() {
+        order.swap(i, (rng(&mut x) % (i as u64 + 1)) as usize);
+    }
+    let t = Instant::now();
+    for &o in &order {
+        let m = e.read(&mut ch, o, &mut buf).expect("read");
+        assert_eq!(m, 0, "expected a hit");
+    }
+    let hit = rate(n, t);
+
+    let misses = 50_000usize;
+    let t = Instant::now();
+    for i in 0..misses {
+        let o = (span / 2 + i as u64) * BS as u64;
+        let m = e.read(&mut ch, o, &mut buf).expect("read");
+        assert_eq!(m, BS);
+        buf.copy_from_slice(&data); // what the backing device would return
+        e.fill(&mut ch, o, &buf, true);
+    }
+    let miss = rate(misses, t);
+    e.flush().expect("flush");
+    e.release_channel(&mut ch);
+
+    // Replay: reopen the same medium and rebuild the index from the log.
+    let st = e.stats();
+    drop(e);
+    let pmem = PosixPmem::open(&pmem_path, None, Some(Persistence::Volatile)).expect("reopen");
+    let t = Instant::now();
+    let e2 = Engine::open(pmem, &backing, false, &cfg).expect("replay");
+    let secs = t.elapsed().as_secs_f64();
+    let log = e2.walk_log(|_, _| {}).expect("log");
+    let log_bytes = log.ksets as f64 * 32.0 + log.keys as f64 * 40.0;
+    drop(e2);
+    let _ = std::fs::remove_file(&pmem_path);
+
+    println!("engine benchmark, 4 KiB ops, medium {} (volatile mapping)", pmem_path.display());
+    println!("  copy loop into the mapping   {:>12.0} ops/s", copy_w);
+    println!("  copy loop out of the mapping {:>12.0} ops/s", copy_r);
+    println!("  engine write                 {:>12.0} ops/s   ratio to copy {:.2} (target >= 0.5)", write, write / copy_w);
+    println!("  engine read hit              {:>12.0} ops/s   ratio to copy {:.2} (target >= 0.7)", hit, hit / copy_r);
+    println!("  engine read miss + fill      {:>12.0} ops/s   ratio to copy {:.2}", miss, miss / copy_w);
+    println!("  DRAM per cached extent       {:>12.1} bytes   ({} extents; target <= 64)", per_key, extents);
+    println!(
+        "  replay                       {:>12.2} GB/s of log ({} ksets, {} keys, {:.1} ms; target >= 1)",
+        log_bytes / secs / 1e9,
+        log.ksets,
+        log.keys,
+        secs * 1e3
+    );
+    println!("  segments used {} of {}, dirty bytes {}", st.segments_used, st.segments_total, st.dirty_bytes);
+}
