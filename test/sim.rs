@@ -56,7 +56,7 @@ fn crash_at(seed: u64, w: Workload, point: u64, mode: CrashMode) -> Result<(), S
 
 #[test]
 fn crash_points() {
-    let per = env_u64("PCACHE_CRASH_SEEDS").unwrap_or(3);
+    let per = env_u64("PCACHE_CRASH_SEEDS").unwrap_or(8);
     let (mut points, mut violations) = (0u64, vec![]);
     for w in Workload::ALL {
         for s in 0..per {

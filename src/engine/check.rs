@@ -135,7 +135,7 @@ impl<P: Pmem> Engine<P> {
             ));
         }
         for (i, sh) in self.shards.iter().enumerate() {
-            let sh = sh.lock().unwrap();
+            let mut sh = sh.lock().unwrap();
             sh.check().map_err(|e| format!("shard {i}: {e}"))?;
             for (ks, x) in sh.iter() {
                 if x.has_data()

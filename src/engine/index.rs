@@ -54,25 +54,74 @@ impl Extent {
     }
 }
 
+const EMPTY: Extent = Extent {
+    len: 0,
+    seg: 0,
+    seg_off: 0,
+    gen: 0,
+    crc: 0,
+    crc_front: 0,
+    crc_back: 0,
+    flags: 0,
+};
+
+/// Reports the part of extent `k` (at `ks`) inside `[s, e)`.
+fn clip_report(ks: u32, k: Extent, s: u32, e: u32, f: &mut impl FnMut(u32, Extent)) {
+    let mut c = k;
+    let cs = ks.max(s);
+    if cs > ks {
+        c.cut_front(cs - ks);
+    }
+    let ce = (ks + k.len).min(e);
+    if ks + k.len > ce {
+        c.cut_back(ks + k.len - ce);
+    }
+    f(cs, c);
+}
+
 /// One 4 MiB shard. Offsets are relative to the shard's base.
 #[derive(Debug, Default)]
 pub struct Shard {
     map: BTreeMap<u32, Extent>,
+    /// Extents replayed but not yet inserted, in log order. Replay only appends here
+    /// (one cache miss per key instead of a tree insert); the first access to the shard
+    /// inserts them, with the same overlap resolution, so the result is identical.
+    pending: Vec<(u32, Extent)>,
 }
 
 impl Shard {
-    pub fn len(&self) -> usize {
+    /// Queues a replayed extent (see `pending`).
+    pub fn push_replayed(&mut self, s: u32, x: Extent) {
+        self.pending.push((s, x));
+    }
+
+    fn settle(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut p = std::mem::take(&mut self.pending);
+        for (s, x) in p.drain(..) {
+            self.insert(s, x);
+        }
+        self.pending = p; // keeps the capacity only if a caller pushes again
+        self.pending.shrink_to_fit();
+    }
+
+    pub fn len(&mut self) -> usize {
+        self.settle();
         self.map.len()
     }
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+    pub fn is_empty(&mut self) -> bool {
+        self.len() == 0
     }
-    pub fn iter(&self) -> impl Iterator<Item = (u32, &Extent)> {
+    pub fn iter(&mut self) -> impl Iterator<Item = (u32, &Extent)> {
+        self.settle();
         self.map.iter().map(|(k, v)| (*k, v))
     }
 
     /// Removes whatever overlaps `[s, e)`, keeping the parts of old extents outside it.
     pub fn punch(&mut self, s: u32, e: u32) {
+        self.settle();
         if let Some((&ks, k)) = self.map.range(..s).next_back() {
             let ke = ks + k.len;
             if ke > s {
@@ -108,6 +157,7 @@ impl Shard {
     /// Removes the extent starting at `s` if it is still exactly `x` (a racing insert
     /// may have trimmed or replaced it, in which case nothing happens).
     pub fn remove_if_same(&mut self, s: u32, x: &Extent) -> bool {
+        self.settle();
         if self.map.get(&s) == Some(x) {
             self.map.remove(&s);
             true
@@ -126,33 +176,47 @@ impl Shard {
         stale: impl Fn(&Extent) -> bool,
         mut f: impl FnMut(u32, Extent),
     ) {
-        // Purge stale extents in range (rare: only after reclaim).
+        self.settle();
+        // One tree descent in the common case: collect the (few) overlapping extents
+        // walking backwards from `e`, purge stale ones (rare: only after a reclaim),
+        // then report them in address order.
+        const N: usize = 8;
+        let mut buf = [(0u32, EMPTY); N];
         loop {
-            let mut victim = None;
-            for (ks, k) in self.overlapping(s, e) {
-                if k.has_data() && stale(k) {
-                    victim = Some(ks);
+            let mut n = 0;
+            let mut stale_at = None;
+            let mut overflow = false;
+            for (&ks, k) in self.map.range(..e).rev() {
+                if ks + k.len <= s {
                     break;
                 }
-            }
-            match victim {
-                Some(ks) => {
-                    self.map.remove(&ks);
+                if k.has_data() && stale(k) {
+                    stale_at = Some(ks);
+                    break;
                 }
-                None => break,
+                if n == N {
+                    overflow = true;
+                    continue;
+                }
+                buf[n] = (ks, *k);
+                n += 1;
             }
-        }
-        for (ks, k) in self.overlapping(s, e) {
-            let mut c = *k;
-            let cs = ks.max(s);
-            if cs > ks {
-                c.cut_front(cs - ks);
+            if let Some(ks) = stale_at {
+                self.map.remove(&ks);
+                continue;
             }
-            let ce = (ks + k.len).min(e);
-            if ks + k.len > ce {
-                c.cut_back(ks + k.len - ce);
+            if overflow {
+                // Many small extents: walk forward without the buffer.
+                let v: Vec<(u32, Extent)> = self.overlapping(s, e).map(|(a, b)| (a, *b)).collect();
+                for (ks, k) in v {
+                    clip_report(ks, k, s, e, &mut f);
+                }
+                return;
             }
-            f(cs, c);
+            for &(ks, k) in buf[..n].iter().rev() {
+                clip_report(ks, k, s, e, &mut f);
+            }
+            return;
         }
     }
 
@@ -177,6 +241,7 @@ impl Shard {
         token: u32,
         mut f: impl FnMut(u32, &Extent) -> Option<Extent>,
     ) {
+        self.settle();
         let mut at = s;
         loop {
             let found = self
@@ -211,7 +276,8 @@ impl Shard {
     }
 
     /// Checks the no-overlap invariant.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&mut self) -> Result<(), String> {
+        self.settle();
         let mut end = 0u32;
         for (&ks, k) in &self.map {
             if k.len == 0 || ks < end {
@@ -241,7 +307,7 @@ mod tests {
     }
 
     /// Byte-level model: which seg_off each byte maps to.
-    fn model(sh: &Shard, n: u32) -> Vec<Option<u32>> {
+    fn model(sh: &mut Shard, n: u32) -> Vec<Option<u32>> {
         let mut v = vec![None; n as usize];
         for (ks, k) in sh.iter() {
             for i in 0..k.len {
@@ -270,7 +336,7 @@ mod tests {
                 m[(s + j) as usize] = Some(base + j);
             }
             sh.check().unwrap();
-            assert_eq!(model(&sh, n), m, "after insert {i}");
+            assert_eq!(model(&mut sh, n), m, "after insert {i}");
         }
     }
 

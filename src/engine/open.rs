@@ -391,6 +391,6 @@ fn replay_key(
         crc_back: 0,
         flags,
     };
-    shards[shard].insert((k.off % SUBTREE_SIZE) as u32, x);
+    shards[shard].push_replayed((k.off % SUBTREE_SIZE) as u32, x);
     Ok(())
 }
