@@ -159,7 +159,6 @@ impl<P: Pmem> Engine<P> {
     /// is full: retry the whole request later (rewriting is idempotent).
     pub fn write(&self, ch: &mut Channel, off: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
         self.check_range(off, data.len() as u64)?;
-        self.counters.writes.inc();
         let mut pos = 0usize;
         while pos < data.len() {
             let o = off + pos as u64;
@@ -204,6 +203,7 @@ impl<P: Pmem> Engine<P> {
             }
             pos += a.len as usize;
         }
+        self.counters.writes.inc();
         self.counters.bytes_written.add(data.len() as u64);
         Ok(())
     }
