@@ -299,9 +299,16 @@ impl<P: Pmem> Engine<P> {
                         .read(self.geo.data_off(x.seg, x.seg_off as u64), dst);
                     // A reclaim during the copy bumped the generation first: the bytes
                     // may be torn, but the range is on the backing device by then.
-                    if self.segs.gen32(x.seg) != x.gen
-                        || !self.verify_hit(ch, off + at as u64, at, &x, buf)?
-                    {
+                    let good = self.segs.gen32(x.seg) == x.gen
+                        && match self.verify_hit(ch, off + at as u64, at, &x, buf) {
+                            Ok(g) => g,
+                            Err(e) => {
+                                // Withdraw this read's placeholders before failing it.
+                                self.fill(ch, off, buf, false);
+                                return Err(e);
+                            }
+                        };
+                    if !good {
                         ch.plan[i] = Piece::Miss {
                             at,
                             len,

@@ -1,0 +1,292 @@
+//! Targeted engine scenarios, one behaviour each: data CRC on read hits (clean data falls
+//! back to the backing device, dirty data is an error), attach refusals (blank, foreign,
+//! corrupt, wrong backing device), persisted gc_percent, clean data surviving a restart,
+//! writeback errors, a full cache recovering through writeback and GC, and zero/discard
+//! ranges.
+
+use pcache::engine::{
+    BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, OpenError, Pmem, WbBatch,
+    WbKind, WbNext,
+};
+use pcache::env::sim::pmem::SimPmem;
+use std::sync::Arc;
+
+const SEG: u32 = 64 << 10;
+const SIZE: u64 = 8 << 20;
+
+fn id() -> BackingIdentity {
+    BackingIdentity {
+        size: SIZE,
+        block_size: 512,
+        id: "disk-a".into(),
+    }
+}
+
+fn cfg() -> Config {
+    Config {
+        n_ksets: 2,
+        log_reserve: 2,
+    }
+}
+
+fn new_engine(segs: u64, data_crc: bool) -> (Arc<SimPmem>, Engine<Arc<SimPmem>>) {
+    let pmem = Arc::new(SimPmem::new(
+        pcache::engine::format::SEGMENTS_OFF + segs * SEG as u64,
+    ));
+    let mut fo = FormatOptions::new(id(), 1);
+    fo.seg_size = SEG;
+    fo.data_crc = data_crc;
+    let e = Engine::format(pmem.clone(), &fo, &cfg()).unwrap();
+    (pmem, e)
+}
+
+fn reopen(pmem: &SimPmem) -> Engine<Arc<SimPmem>> {
+    Engine::open(
+        Arc::new(SimPmem::from_image(pmem.image())),
+        &id(),
+        false,
+        &cfg(),
+    )
+    .unwrap()
+}
+
+/// Reads with misses served from `backing` (a byte image of the device).
+fn read(
+    e: &Engine<Arc<SimPmem>>,
+    ch: &mut Channel,
+    backing: &[u8],
+    off: u64,
+    len: usize,
+) -> Result<Vec<u8>, IoError> {
+    let mut buf = vec![0u8; len];
+    e.read(ch, off, &mut buf)?;
+    let misses: Vec<_> = ch.misses().collect();
+    for m in misses {
+        let o = off as usize + m.at;
+        buf[m.at..m.at + m.len].copy_from_slice(&backing[o..o + m.len]);
+    }
+    e.fill(ch, off, &buf, true);
+    Ok(buf)
+}
+
+/// The medium offset of the data of the extent cached at `off` (via writeback items).
+fn flip_cached_byte(pmem: &SimPmem, e: &Engine<Arc<SimPmem>>, off: u64) {
+    let mut found = None;
+    e.walk_log(|k, _| {
+        if k.off == off && k.has_data() {
+            found = Some(e.geometry().data_off(k.seg, k.seg_off as u64));
+        }
+    })
+    .unwrap();
+    let at = found.expect("key in the log");
+    let mut b = [0u8; 1];
+    pmem.read(at + 7, &mut b);
+    b[0] ^= 0xff;
+    pmem.write(at + 7, &b);
+}
+
+#[test]
+fn crc_failure_on_clean_hit_falls_back_to_backing() {
+    let (pmem, e) = new_engine(12, true);
+    let backing = vec![0x33u8; SIZE as usize];
+    let mut ch = Channel::default();
+    assert_eq!(
+        read(&e, &mut ch, &backing, 4096, 4096).unwrap(),
+        vec![0x33; 4096]
+    );
+    e.flush().unwrap();
+    assert_eq!(e.stats().fills, 1);
+    flip_cached_byte(&pmem, &e, 4096);
+    assert_eq!(
+        read(&e, &mut ch, &backing, 4096, 4096).unwrap(),
+        vec![0x33; 4096]
+    );
+    assert_eq!(e.stats().crc_errors_clean, 1);
+    e.check_invariants(&[&ch]).unwrap();
+}
+
+#[test]
+fn crc_failure_on_dirty_hit_is_an_error_and_leaks_nothing() {
+    let (pmem, e) = new_engine(12, true);
+    let backing = vec![0u8; SIZE as usize];
+    let mut ch = Channel::default();
+    e.write(&mut ch, 8192, &[0x44; 4096], false).unwrap();
+    e.flush().unwrap();
+    flip_cached_byte(&pmem, &e, 8192);
+    // The read spans a gap (a miss with a placeholder) and the corrupt extent.
+    assert_eq!(
+        read(&e, &mut ch, &backing, 4096, 8192),
+        Err(IoError::Corrupt)
+    );
+    assert_eq!(e.stats().crc_errors_dirty, 1);
+    // The gap's placeholder was withdrawn: a new read of it fills normally.
+    assert_eq!(
+        read(&e, &mut ch, &backing, 4096, 4096).unwrap(),
+        vec![0; 4096]
+    );
+    assert_eq!(e.stats().fills, 1);
+}
+
+#[test]
+fn attach_refusals() {
+    let blank = Arc::new(SimPmem::new(4 << 20));
+    assert_eq!(
+        Engine::open(blank, &id(), false, &cfg()).err(),
+        Some(OpenError::Blank)
+    );
+    let foreign = SimPmem::new(4 << 20);
+    foreign.write(100, b"not a cache");
+    assert_eq!(
+        Engine::open(Arc::new(foreign), &id(), false, &cfg()).err(),
+        Some(OpenError::Foreign)
+    );
+
+    let (pmem, _e) = new_engine(12, false);
+    let other = BackingIdentity {
+        id: "disk-b".into(),
+        ..id()
+    };
+    let img = || Arc::new(SimPmem::from_image(pmem.image()));
+    assert!(matches!(
+        Engine::open(img(), &other, false, &cfg()),
+        Err(OpenError::WrongBacking(_))
+    ));
+    assert!(
+        Engine::open(img(), &other, true, &cfg()).is_ok(),
+        "--force attaches"
+    );
+    let bigger = BackingIdentity {
+        size: SIZE * 2,
+        ..id()
+    };
+    assert!(matches!(
+        Engine::open(img(), &bigger, true, &cfg()),
+        Err(OpenError::WrongBacking(_))
+    ));
+
+    // Both superblock replicas corrupt: an error, never a blank cache.
+    let bad = pmem.image();
+    let mut bad = bad;
+    bad[40] ^= 1;
+    bad[4096 + 40] ^= 1;
+    let r = Engine::open(Arc::new(SimPmem::from_image(bad)), &id(), false, &cfg());
+    assert!(matches!(r, Err(OpenError::Corrupt(_))), "{:?}", r.err());
+    // One replica corrupt: still opens.
+    let mut one = pmem.image();
+    one[40] ^= 1;
+    assert!(Engine::open(Arc::new(SimPmem::from_image(one)), &id(), false, &cfg()).is_ok());
+}
+
+#[test]
+fn gc_percent_and_clean_data_survive_restart() {
+    let (pmem, e) = new_engine(12, false);
+    e.set_gc_percent(35).unwrap();
+    assert!(e.set_gc_percent(91).is_err());
+    let backing = vec![0x5au8; SIZE as usize];
+    let mut ch = Channel::default();
+    read(&e, &mut ch, &backing, 0, 65536).unwrap();
+    e.release_channel(&mut ch);
+    e.flush().unwrap();
+    let e2 = reopen(&pmem);
+    assert_eq!(e2.gc_percent(), 35);
+    let mut ch = Channel::default();
+    let mut buf = vec![0u8; 65536];
+    assert_eq!(
+        e2.read(&mut ch, 0, &mut buf).unwrap(),
+        0,
+        "clean data is a hit after restart"
+    );
+    assert_eq!(buf, vec![0x5a; 65536]);
+}
+
+fn drain(e: &Engine<Arc<SimPmem>>, backing: &mut [u8], fail: bool) -> usize {
+    let mut wb = WbBatch::default();
+    let mut n = 0;
+    while e.writeback_next(&mut wb) == WbNext::Ready {
+        if fail {
+            e.writeback_done(&wb, false);
+            return n;
+        }
+        for it in &wb.items {
+            let dst = &mut backing[it.off as usize..it.off as usize + it.len as usize];
+            match it.kind {
+                WbKind::Data { pmem_off } => e.pmem().read(pmem_off, dst),
+                WbKind::Zero | WbKind::Discard => dst.fill(0),
+            }
+        }
+        e.writeback_done(&wb, true);
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn writeback_errors_keep_data_dirty_then_retry() {
+    let (_pmem, e) = new_engine(12, false);
+    let mut backing = vec![0u8; SIZE as usize];
+    let mut ch = Channel::default();
+    e.write(&mut ch, 0, &[9; 8192], false).unwrap();
+    e.flush().unwrap();
+    drain(&e, &mut backing, true);
+    assert_eq!(e.stats().writeback_errors, 1);
+    assert_eq!(e.dirty_bytes(), 8192);
+    assert!(drain(&e, &mut backing, false) > 0);
+    assert_eq!(e.dirty_bytes(), 0);
+    assert_eq!(&backing[..8192], &[9; 8192][..]);
+}
+
+#[test]
+fn full_cache_recovers_through_writeback_and_gc() {
+    let (_pmem, e) = new_engine(8, false);
+    let mut backing = vec![0u8; SIZE as usize];
+    let mut ch = Channel::default();
+    let block = vec![7u8; 16384];
+    let mut busy = 0;
+    for i in 0..200u64 {
+        let off = (i * 16384) % SIZE;
+        loop {
+            match e.write(&mut ch, off, &block, false) {
+                Ok(()) => break,
+                Err(IoError::Busy) => {
+                    busy += 1;
+                    assert!(busy < 10_000, "no progress");
+                    let _ = e.flush();
+                    drain(&e, &mut backing, false);
+                    e.gc();
+                }
+                Err(x) => panic!("{x}"),
+            }
+        }
+    }
+    assert!(busy > 0, "the cache must have filled up");
+    assert!(e.stats().segments_reclaimed > 0);
+    e.check_invariants(&[&ch]).unwrap();
+}
+
+#[test]
+fn zeroes_and_discards_read_as_zero_and_write_back() {
+    let (pmem, e) = new_engine(12, false);
+    let mut backing = vec![0xeeu8; SIZE as usize];
+    let mut ch = Channel::default();
+    e.write(&mut ch, 0, &[1; 16384], false).unwrap();
+    e.write_zeroes(4096, 4096, false, false).unwrap();
+    e.write_zeroes(12288, 1 << 20, true, true).unwrap(); // crosses nothing, FUA
+    assert!(e.write_zeroes(SIZE - 512, 1024, false, false) == Err(IoError::OutOfRange));
+    assert!(e.write_zeroes(100, 512, false, false) == Err(IoError::Unaligned));
+    let got = read(&e, &mut ch, &backing, 0, 16384).unwrap();
+    assert_eq!(&got[..4096], &[1; 4096][..]);
+    assert_eq!(&got[4096..8192], &[0; 4096][..]);
+    assert_eq!(&got[12288..], &[0; 4096][..]);
+    e.flush().unwrap();
+    let e2 = reopen(&pmem);
+    let mut ch2 = Channel::default();
+    let got = read(&e2, &mut ch2, &backing, 4096, 4096).unwrap();
+    assert_eq!(got, vec![0; 4096], "zeroes survive replay");
+    drain(&e, &mut backing, false);
+    assert_eq!(&backing[4096..8192], &[0; 4096][..]);
+    assert_eq!(&backing[12288..12288 + (1 << 20)], &vec![0u8; 1 << 20][..]);
+    assert_eq!(
+        &backing[(1 << 20) + 12288..(1 << 20) + 12288 + 16],
+        &[0xee; 16][..]
+    );
+}
