@@ -186,6 +186,10 @@ fn cores() -> u32 {
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
+        // Not for serve: a client closing its socket must be an EPIPE, not a kill.
+        signals::default_sigpipe();
+    }
     let r = match cli.cmd {
         Cmd::Format(a) => format(a),
         Cmd::Serve(a) => serve(a),

@@ -169,9 +169,7 @@ impl BackingFile {
         if !is_block {
             // Two caches over one file would corrupt each other: hold an exclusive lock
             // (block devices get the same protection from O_EXCL).
-            // SAFETY: flock on an open descriptor has no memory effects.
-            if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let e = io::Error::last_os_error();
+            if let Err(e) = super::flock_exclusive(fd) {
                 if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                     return Err(invalid("is in use by another pcache instance (flock held)"));
                 }

@@ -318,10 +318,7 @@ impl PosixPmem {
         *created = create;
         let fd = file.as_raw_fd();
 
-        // SAFETY: `fd` is an open descriptor owned by `file`; flock has no memory effects.
-        let rc = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = super::flock_exclusive(fd) {
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 return Err(invalid(
                     "is in use by another pcache instance (flock held)".into(),

@@ -24,3 +24,12 @@ pub fn install() {
 pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
 }
+
+/// Restores the default SIGPIPE action, so a CLI whose output pipe closes (`| head`)
+/// ends quietly like other Unix tools instead of failing on every write.
+pub fn default_sigpipe() {
+    // SAFETY: setting a signal's disposition to SIG_DFL has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

@@ -58,9 +58,9 @@ impl VolumeOptions {
 /// Why a volume could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Pmem(#[from] super::pmem::PmemError),
-    #[error("{0}")]
+    #[error(transparent)]
     Backing(#[from] super::backing::BackingError),
     #[error("{}: {1}", .0.display())]
     Engine(PathBuf, OpenError),
@@ -138,6 +138,17 @@ impl Volume {
 
     /// Formats the medium. Refuses a medium that holds anything unless `force`.
     pub fn format(o: &VolumeOptions) -> Result<Arc<Volume>, VolumeError> {
+        let existed = o.pmem.exists();
+        let r = Self::format_inner(o);
+        if r.is_err() && !existed {
+            // Don't leave a half-made medium behind: a retry with other options must
+            // start from scratch, not silently reuse it.
+            let _ = std::fs::remove_file(&o.pmem);
+        }
+        r
+    }
+
+    fn format_inner(o: &VolumeOptions) -> Result<Arc<Volume>, VolumeError> {
         let (pmem, backing) = Self::open_parts(o)?;
         match probe(&pmem) {
             Probe::Blank => {}
