@@ -32,8 +32,10 @@ if grep -q "test result: FAILED\|error: test failed\|error\[" /tmp/pcache-test.l
   tail -60 /tmp/pcache-test.log
   exit 1
 fi
-echo "== fuzz smoke"
-if [ -x test/fuzz_smoke.sh ] || [ -f test/fuzz_smoke.sh ]; then
-  FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash test/fuzz_smoke.sh
+echo "== fuzz smoke (build every target, run each time-boxed)"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "installing cargo-fuzz"
+  cargo install --locked cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz >/dev/null
 fi
+FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash test/fuzz_smoke.sh
 echo "== all tests passed"

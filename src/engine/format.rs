@@ -48,6 +48,20 @@ pub const KSET_KEYS_MAX: u32 = 128;
 pub const KSET_SIZE_MAX: usize = KSET_HDR + KEY_SIZE * KSET_KEYS_MAX as usize;
 /// Longest backing identity string stored in the superblock.
 pub const BACKING_ID_MAX: usize = 128;
+/// Bound on every persisted sequence number and generation: a value read from the
+/// medium at or above it is corruption. Counting up from it could never wrap in
+/// practice (2^62 updates), so the engine's `+ 1`s need no overflow handling.
+pub const SEQ_LIMIT: u64 = 1 << 62;
+
+/// The part of a backing identity the superblock keeps: at most 128 bytes, cut at a
+/// character boundary. Identities are always compared in this form.
+pub fn clip_id(id: &str) -> &str {
+    let mut n = id.len().min(BACKING_ID_MAX);
+    while !id.is_char_boundary(n) {
+        n -= 1;
+    }
+    &id[..n]
+}
 
 const KIND_SB: u16 = 1;
 const KIND_INFO: u16 = 2;
@@ -127,7 +141,15 @@ fn unseal(b: &[u8], kind: u16, what: &'static str) -> Result<u64, MediaError> {
     if v != FORMAT_VERSION {
         return Err(MediaError::Version(what, v));
     }
-    Ok(get_u64(b, 8))
+    let seq = get_u64(b, 8);
+    if seq >= SEQ_LIMIT {
+        return Err(MediaError::Field {
+            what,
+            field: "sequence",
+            value: seq,
+        });
+    }
+    Ok(seq)
 }
 
 /// Picks the newest valid replica. Returns (slot, seq, value) or the first slot's error
@@ -189,8 +211,8 @@ impl Superblock {
         put_u32(&mut b, 44, self.backing.block_size);
         put_u64(&mut b, 48, self.backing.size);
         put_u64(&mut b, 56, self.format_id);
-        let id = self.backing.id.as_bytes();
-        let n = id.len().min(BACKING_ID_MAX);
+        let id = clip_id(&self.backing.id).as_bytes();
+        let n = id.len();
         put_u32(&mut b, 64, n as u32);
         b[72..72 + n].copy_from_slice(&id[..n]);
         seal(&mut b, KIND_SB, seq);
@@ -342,6 +364,13 @@ impl LogPos {
             off: get_u32(b, 20),
             seq: get_u64(b, 24),
         };
+        if p.seq == 0 || p.seq >= SEQ_LIMIT {
+            return Err(MediaError::Field {
+                what,
+                field: "kset sequence",
+                value: p.seq,
+            });
+        }
         if p.seg >= n_segs {
             return Err(MediaError::Field {
                 what,
@@ -380,7 +409,15 @@ pub fn decode_gen(b: &[u8], seg: u32) -> Result<(u64, u64), MediaError> {
             value: s as u64,
         });
     }
-    Ok((seq, get_u64(b, 24)))
+    let gen = get_u64(b, 24);
+    if gen >= SEQ_LIMIT {
+        return Err(MediaError::Field {
+            what: W,
+            field: "generation",
+            value: gen,
+        });
+    }
+    Ok((seq, gen))
 }
 
 /// One cached extent as stored in a kset.

@@ -77,7 +77,20 @@ pub(crate) fn read_kset<P: Pmem>(
     let remaining = geo.seg_data_size.saturating_sub(pos.off as u64) as usize;
     let n = remaining.min(geo.kset_max_size()).min(buf.len());
     pmem.read(geo.data_off(pos.seg, pos.off as u64), &mut buf[..n]);
-    check_kset(&buf[..n], geo, pos.seq)
+    let r = check_kset(&buf[..n], geo, pos.seq)?;
+    if let KsetCheck::Valid(h) = r {
+        // A close always leaves room for a LAST link and a terminator after a kset; an
+        // authentic kset that does not is corruption (the next close would overrun the
+        // segment, and replay could never get past it).
+        if !h.is_last() && remaining < h.size() + 2 * KSET_HDR {
+            return Err(MediaError::Field {
+                what: "kset",
+                field: "size (overruns its segment)",
+                value: h.size() as u64,
+            });
+        }
+    }
+    Ok(r)
 }
 
 impl<P: Pmem> Engine<P> {
@@ -198,7 +211,7 @@ impl<P: Pmem> Engine<P> {
                 sb.backing.size, sb.backing.block_size, backing.size, backing.block_size
             )));
         }
-        if sb.backing.id != backing.id && !force {
+        if format::clip_id(&sb.backing.id) != format::clip_id(&backing.id) && !force {
             return Err(OpenError::WrongBacking(format!(
                 "formatted for '{}', attaching to '{}'",
                 sb.backing.id, backing.id
