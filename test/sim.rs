@@ -104,3 +104,48 @@ fn replay_one() {
         }
     }
 }
+
+/// A crash at any persistence point of `format` leaves a medium that is either blank
+/// (the superblock is written last) or a complete, empty cache: never a half cache.
+#[test]
+fn crash_during_format() {
+    use pcache::engine::{probe, BackingIdentity, Config, Engine, FormatOptions, OpenError, Probe};
+    use pcache::env::sim::pmem::SimPmem;
+    use pcache::env::sim::rng::Rng;
+    use std::sync::Arc;
+    let id = BackingIdentity { size: 1 << 20, block_size: 512, id: "d".into() };
+    let mut fo = FormatOptions::new(id.clone(), 3);
+    fo.seg_size = 24 << 10;
+    let cfg = Config::default();
+    let size = pcache::engine::format::SEGMENTS_OFF + 12 * (24 << 10);
+    let total = {
+        let p = Arc::new(SimPmem::new(size));
+        drop(Engine::format(p.clone(), &fo, &cfg).unwrap());
+        p.persistence_points()
+    };
+    let (mut blank, mut whole) = (0, 0);
+    for point in 0..=total {
+        for mode in [CrashMode::DropAll, CrashMode::KeepAll, CrashMode::Random] {
+            let p = Arc::new(SimPmem::new(size));
+            p.set_fence_limit(Some(point));
+            let _ = Engine::format(p.clone(), &fo, &cfg);
+            let img = p.crash(&mut Rng::new(point), mode);
+            let p2 = Arc::new(SimPmem::from_image(img));
+            match probe(&p2) {
+                Probe::Blank => blank += 1,
+                Probe::Pcache(_) => {
+                    let e = Engine::open(p2, &id, false, &cfg)
+                        .unwrap_or_else(|e| panic!("crash at fence {point} ({mode:?}): {e}"));
+                    e.check_invariants(&[]).unwrap();
+                    whole += 1;
+                }
+                Probe::Foreign(x) => {
+                    assert_eq!(Engine::open(p2, &id, false, &cfg).err(), Some(OpenError::Foreign));
+                    panic!("crash at fence {point} ({mode:?}) left a foreign-looking medium: {x:?}")
+                }
+            }
+        }
+    }
+    println!("format crash points: {}, blank: {blank}, complete: {whole}", 3 * (total + 1));
+    assert!(blank > 0 && whole > 0);
+}
