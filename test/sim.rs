@@ -113,7 +113,11 @@ fn crash_during_format() {
     use pcache::env::sim::pmem::SimPmem;
     use pcache::env::sim::rng::Rng;
     use std::sync::Arc;
-    let id = BackingIdentity { size: 1 << 20, block_size: 512, id: "d".into() };
+    let id = BackingIdentity {
+        size: 1 << 20,
+        block_size: 512,
+        id: "d".into(),
+    };
     let mut fo = FormatOptions::new(id.clone(), 3);
     fo.seg_size = 24 << 10;
     let cfg = Config::default();
@@ -140,12 +144,18 @@ fn crash_during_format() {
                     whole += 1;
                 }
                 Probe::Foreign(x) => {
-                    assert_eq!(Engine::open(p2, &id, false, &cfg).err(), Some(OpenError::Foreign));
+                    assert_eq!(
+                        Engine::open(p2, &id, false, &cfg).err(),
+                        Some(OpenError::Foreign)
+                    );
                     panic!("crash at fence {point} ({mode:?}) left a foreign-looking medium: {x:?}")
                 }
             }
         }
     }
-    println!("format crash points: {}, blank: {blank}, complete: {whole}", 3 * (total + 1));
+    println!(
+        "format crash points: {}, blank: {blank}, complete: {whole}",
+        3 * (total + 1)
+    );
     assert!(blank > 0 && whole > 0);
 }

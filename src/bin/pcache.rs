@@ -106,8 +106,8 @@ struct ServeArgs {
     /// Control socket path (default: next to the medium, `<pmem>.ctl`).
     #[arg(long)]
     control: Option<PathBuf>,
-    /// Kset buffers (regions are spread over them; default: number of cores).
-    #[arg(long)]
+    /// Reactor threads serving NBD clients, and kset buffers (default: number of cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     cores: Option<u32>,
     /// Data directory for the default files.
     #[arg(long, env = "PCACHE_DATA_DIR")]
@@ -272,7 +272,8 @@ fn serve(a: ServeArgs) -> Result<()> {
         seg_size(a.segment_size)?
     };
     o.force = a.force;
-    o.n_ksets = a.cores.unwrap_or_else(cores).max(1);
+    let n_cores = a.cores.unwrap_or_else(cores).max(1);
+    o.n_ksets = n_cores;
     let vol = Volume::attach(&o, true)?;
     signals::install();
     let stop = Arc::new(AtomicBool::new(false));
@@ -329,7 +330,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         ctl.display()
     );
 
-    let bg = vol.start_background()?;
+    // No background thread: NBD reactor 0 ticks, writes back and collects garbage.
     let ctl_thread = {
         let (vol, stop, ctl) = (Arc::clone(&vol), Arc::clone(&stop), ctl.clone());
         std::thread::spawn(move || {
@@ -347,7 +348,9 @@ fn serve(a: ServeArgs) -> Result<()> {
             stop.store(true, Ordering::Release);
         })
     };
-    let server = NbdServer::new().description("pcache");
+    let server = NbdServer::new()
+        .description("pcache")
+        .reactors(n_cores as usize);
     let r = server.serve(
         listeners,
         Arc::new(Target(Arc::clone(&vol))),
@@ -357,7 +360,6 @@ fn serve(a: ServeArgs) -> Result<()> {
     let _ = watcher.join();
     let _ = ctl_thread.join();
     let shut = vol.shutdown();
-    let _ = bg.join();
     r.context("NBD server")?;
     shut.context("shutdown")?;
     println!(

@@ -196,8 +196,9 @@ impl<P: Pmem> Engine<P> {
                 crc_back: 0,
                 flags,
             };
-            let last = pos + a.len as usize == data.len();
-            if let Err(e) = self.insert_key(&k, x, fua && last) {
+            // FUA closes the kset of *every* piece: pieces of one request in different
+            // regions go through different ksets.
+            if let Err(e) = self.insert_key(&k, x, fua) {
                 self.counters.busy.inc();
                 return Err(e);
             }
@@ -263,7 +264,7 @@ impl<P: Pmem> Engine<P> {
                 crc_back: 0,
                 flags: F_ZERO | F_DIRTY,
             };
-            self.insert_key(&k, x, fua && pos + n == len)?;
+            self.insert_key(&k, x, fua)?;
             pos += n;
         }
         Ok(())

@@ -5,6 +5,7 @@
 pub mod backing;
 pub mod control;
 pub mod pmem;
+pub mod poll;
 pub mod signals;
 pub mod volume;
 

@@ -1,16 +1,32 @@
 //! A cached volume in the embedded runtime: the engine on a mapped medium over an
-//! io_uring backing device, plus the background thread that ticks, writes back and
-//! collects garbage.
+//! io_uring backing device, plus the background work that ticks, writes back and collects
+//! garbage.
 //!
-//! Each connection (NBD client) gets a `VolumeConn` with its own engine channel and its
-//! own io_uring queue, so the request path takes no lock of ours beyond the engine's
-//! short ones. Requests that find the cache full are deferred through a FIFO gate: the
-//! oldest waits first, and while anybody waits, new writes queue behind it, so a retry
-//! never reorders writes. Writeback errors back off exponentially (up to 5 s) and are
-//! counted; they never lose data, which stays dirty in pmem.
+//! Each NBD reactor thread gets one `VolumeConn` (its own engine channel and its own
+//! io_uring queue) and serves all its clients with it, one request at a time, so the
+//! request path takes no lock of ours beyond the engine's short ones. Requests that find
+//! the cache full are deferred through a FIFO gate: the oldest waits first, and while
+//! anybody waits, new writes queue behind it, so a retry never reorders writes. Writeback
+//! errors back off exponentially (up to 5 s) and are counted; they never lose data, which
+//! stays dirty in pmem; the runner does not sleep through a backoff, it skips writeback
+//! until the retry time.
+//!
+//! Background work (a tick every 100 ms, writeback, GC) runs on NBD reactor 0, through
+//! [`BlockTarget::background`], between its polls: `pcache serve` has no background thread.
+//! A step blocks that reactor for one writeback batch (backing writes and a flush through
+//! its ring). Measured with `test/bench_nbd.sh` on the 2-core reference machine against a
+//! dedicated thread, the difference stayed within run-to-run noise in every job (the
+//! thread competes for the same cores anyway), so the layout won; on a machine
+//! where one writeback batch takes long (a slow disk) the clients of reactor 0 would feel
+//! it, and a non-blocking writeback through the reactor's ring is the way out. Whoever
+//! waits for background progress wakes reactor 0 through its waker; a request of reactor
+//! 0 itself that waits (cache full) runs the background steps inline instead, since nobody
+//! else would. An embedder without reactors starts the same work on a thread with
+//! [`Volume::start_background`], which then takes precedence.
 
 use super::backing::{BackingFile, Op, Queue};
 use super::pmem::{Persistence, PosixPmem};
+use super::poll::Waker;
 use crate::engine::{
     probe, BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, OpenError, Pmem,
     Probe, Stats, WbBatch, WbKind, WbNext,
@@ -19,9 +35,16 @@ use crate::frontend::nbd::{BlockConn, BlockTarget};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Period of the engine's tick (ages and closes kset buffers).
+const TICK: Duration = Duration::from_millis(100);
+/// Longest sleep of the background runner when it found nothing to do; a kick ends it early.
+const BACKGROUND_IDLE: Duration = Duration::from_millis(100);
+/// Pause of a background-running request that waits and found no background work either.
+const INLINE_WAIT: Duration = Duration::from_millis(1);
 
 /// How to open (or create) a cached volume.
 #[derive(Debug, Clone)]
@@ -87,6 +110,30 @@ pub struct Volume {
     /// Write everything back (set by `flush` requests), not only what GC needs.
     drain: AtomicBool,
     wb_backoff_ms: AtomicU64,
+    /// After a writeback failure, no retry before this (unless draining). A deadline rather
+    /// than a sleep: the background runner is a reactor that also serves clients.
+    wb_retry_at: Mutex<Option<Instant>>,
+    /// Set by [`Volume::start_background`]: the thread does the background work, reactors not.
+    bg_thread: AtomicBool,
+    /// Wakes the reactor that does the background work (set on its first step).
+    bg_waker: OnceLock<Arc<Waker>>,
+}
+
+/// What the background runner keeps between steps.
+pub struct Background {
+    wb: WbBatch,
+    buf: Vec<u8>,
+    last_tick: Instant,
+}
+
+impl Default for Background {
+    fn default() -> Self {
+        Background {
+            wb: WbBatch::default(),
+            buf: Vec::new(),
+            last_tick: Instant::now(),
+        }
+    }
 }
 
 fn identity(b: &BackingFile) -> BackingIdentity {
@@ -126,6 +173,9 @@ impl Volume {
             progress_cv: Condvar::new(),
             drain: AtomicBool::new(false),
             wb_backoff_ms: AtomicU64::new(0),
+            wb_retry_at: Mutex::new(None),
+            bg_thread: AtomicBool::new(false),
+            bg_waker: OnceLock::new(),
         })
     }
 
@@ -210,27 +260,34 @@ impl Volume {
         self.engine.pmem().mode()
     }
 
-    /// Asks the background thread to write back every dirty byte.
+    /// Asks the background work to write back every dirty byte.
     pub fn start_drain(&self) {
         let _ = self.engine.flush();
         self.drain.store(true, Release);
         self.kick();
     }
 
+    /// Announces progress and wakes the background runner, wherever it runs: somebody
+    /// needs it (a deferred request, a drain, shutdown).
     fn kick(&self) {
+        self.progressed();
+        if let Some(w) = self.bg_waker.get() {
+            w.wake();
+        }
+    }
+
+    /// Announces progress to whoever waits for it.
+    fn progressed(&self) {
         let mut p = self.progress.lock().unwrap();
         *p += 1;
         self.progress_cv.notify_all();
     }
 
     /// Waits (bounded) for background progress after `seen`.
-    fn wait_progress(&self, seen: u64) {
+    fn wait_progress(&self, seen: u64, timeout: Duration) {
         let p = self.progress.lock().unwrap();
         if *p == seen {
-            let _ = self
-                .progress_cv
-                .wait_timeout(p, Duration::from_millis(50))
-                .unwrap();
+            let _ = self.progress_cv.wait_timeout(p, timeout).unwrap();
         }
     }
 
@@ -238,36 +295,35 @@ impl Volume {
         *self.progress.lock().unwrap()
     }
 
-    /// Starts the background thread: tick every 100 ms, writeback, GC.
+    /// Starts a background thread (tick every 100 ms, writeback, GC) for embedders without
+    /// NBD reactors; from then on reactors leave that work to it. Ends on `shutdown`.
     pub fn start_background(self: &Arc<Self>) -> io::Result<JoinHandle<()>> {
         let v = Arc::clone(self);
         let mut q = self.backing.queue()?;
+        self.bg_thread.store(true, Release);
         std::thread::Builder::new()
             .name("pcache-bg".into())
             .spawn(move || v.background(&mut q))
     }
 
     fn background(&self, q: &mut Queue) {
-        let mut wb = WbBatch::default();
-        let mut buf = Vec::new();
-        let mut last_tick = std::time::Instant::now();
+        let mut st = Background::default();
         while !self.stop.load(Acquire) {
-            if last_tick.elapsed() >= Duration::from_millis(100) {
-                self.engine.tick();
-                last_tick = std::time::Instant::now();
-            }
-            let worked = self.background_once(q, &mut wb, &mut buf);
-            if !worked {
-                let seen = self.progress_seen();
-                let p = self.progress.lock().unwrap();
-                if *p == seen && !self.stop.load(Acquire) {
-                    let _ = self
-                        .progress_cv
-                        .wait_timeout(p, Duration::from_millis(100))
-                        .unwrap();
-                }
+            let seen = self.progress_seen();
+            if !self.background_step(q, &mut st) && !self.stop.load(Acquire) {
+                self.wait_progress(seen, BACKGROUND_IDLE);
             }
         }
+    }
+
+    /// The engine's tick when due, then one round of background work. Returns true if it
+    /// did something.
+    pub fn background_step(&self, q: &mut Queue, st: &mut Background) -> bool {
+        if st.last_tick.elapsed() >= TICK {
+            self.engine.tick();
+            st.last_tick = Instant::now();
+        }
+        self.background_once(q, &mut st.wb, &mut st.buf)
     }
 
     /// One round of background work. Returns true if it did something.
@@ -278,8 +334,13 @@ impl Volume {
             let _ = e.flush();
         }
         let backoff = self.wb_backoff_ms.load(Relaxed);
+        let backing_off = self
+            .wb_retry_at
+            .lock()
+            .unwrap()
+            .is_some_and(|t| Instant::now() < t);
         let mut worked = false;
-        if backoff == 0 || self.drain.load(Relaxed) {
+        if !backing_off || self.drain.load(Relaxed) {
             match e.writeback_next(wb) {
                 WbNext::Ready => {
                     worked = true;
@@ -287,14 +348,15 @@ impl Volume {
                         Ok(()) => {
                             e.writeback_done(wb, true);
                             self.wb_backoff_ms.store(0, Relaxed);
+                            *self.wb_retry_at.lock().unwrap() = None;
                         }
                         Err(err) => {
                             e.writeback_done(wb, false);
                             let b = (backoff * 2).clamp(10, 5000);
                             eprintln!("pcache: writeback failed ({err}); retrying in {b} ms");
                             self.wb_backoff_ms.store(b, Relaxed);
-                            std::thread::sleep(Duration::from_millis(b));
-                            self.wb_backoff_ms.store(b.min(4999), Relaxed);
+                            *self.wb_retry_at.lock().unwrap() =
+                                Some(Instant::now() + Duration::from_millis(b));
                         }
                     }
                 }
@@ -310,7 +372,7 @@ impl Volume {
             worked = true;
         }
         if worked {
-            self.kick();
+            self.progressed();
         }
         worked
     }
@@ -380,7 +442,7 @@ impl Volume {
         Ok(())
     }
 
-    /// Stops the background thread's loop (join it afterwards) and closes the ksets.
+    /// Stops the background thread's loop, if any (join it afterwards), and closes the ksets.
     pub fn shutdown(&self) -> io::Result<()> {
         self.stop.store(true, Release);
         self.kick();
@@ -392,8 +454,13 @@ impl Volume {
     }
 
     /// Runs `op` through the deferral gate: while it returns Busy, wait for background
-    /// progress; while others wait, queue behind them.
-    fn gated(&self, mut op: impl FnMut() -> Result<(), IoError>) -> io::Result<()> {
+    /// progress; while others wait, queue behind them. With `bg` (the caller is the reactor
+    /// that runs the background work) it makes that progress itself while it waits.
+    fn gated(
+        &self,
+        mut op: impl FnMut() -> Result<(), IoError>,
+        mut bg: Option<(&mut Queue, &mut Background)>,
+    ) -> io::Result<()> {
         {
             let g = self.gate.lock().unwrap();
             if g.next == g.serving {
@@ -408,7 +475,17 @@ impl Volume {
         let ticket = g.next;
         g.next += 1;
         while g.serving != ticket {
-            g = self.gate_cv.wait(g).unwrap();
+            match bg.as_mut() {
+                Some((q, st)) => {
+                    drop(g);
+                    let worked = self.background_step(q, st);
+                    g = self.gate.lock().unwrap();
+                    if !worked && g.serving != ticket {
+                        g = self.gate_cv.wait_timeout(g, INLINE_WAIT).unwrap().0;
+                    }
+                }
+                None => g = self.gate_cv.wait(g).unwrap(),
+            }
         }
         drop(g);
         let r = loop {
@@ -417,10 +494,17 @@ impl Volume {
             }
             let seen = self.progress_seen();
             match op() {
-                Err(IoError::Busy) => {
-                    self.kick();
-                    self.wait_progress(seen);
-                }
+                Err(IoError::Busy) => match bg.as_mut() {
+                    Some((q, st)) => {
+                        if !self.background_step(q, st) {
+                            self.wait_progress(seen, INLINE_WAIT);
+                        }
+                    }
+                    None => {
+                        self.kick();
+                        self.wait_progress(seen, Duration::from_millis(50));
+                    }
+                },
                 r => break r.map_err(to_io),
             }
         };
@@ -439,11 +523,13 @@ fn to_io(e: IoError) -> io::Error {
     }
 }
 
-/// One client's handle.
+/// A reactor's handle (shared by its clients): an engine channel, an io_uring queue, and
+/// on the reactor that runs it, the background work's state.
 pub struct VolumeConn {
     vol: Arc<Volume>,
     ch: Channel,
     q: Queue,
+    bg: Option<Box<Background>>,
 }
 
 impl Drop for VolumeConn {
@@ -463,11 +549,30 @@ impl BlockTarget for Target {
     fn block_size(&self) -> u32 {
         self.0.engine.block_size()
     }
+    /// A handle holds an engine channel and an io_uring queue, per-thread resources with no
+    /// per-client state: one per NBD reactor serves all of that reactor's clients.
+    fn share_conns(&self) -> bool {
+        true
+    }
     fn connect(&self) -> io::Result<VolumeConn> {
         Ok(VolumeConn {
             vol: Arc::clone(&self.0),
             ch: Channel::default(),
             q: self.0.backing.queue()?,
+            bg: None,
+        })
+    }
+    fn background(&self, conn: &mut VolumeConn, wake: &Arc<Waker>) -> Option<Duration> {
+        let v = &self.0;
+        if v.bg_thread.load(Acquire) {
+            return None;
+        }
+        let _ = v.bg_waker.set(Arc::clone(wake));
+        let st = conn.bg.get_or_insert_with(Box::default);
+        Some(if v.background_step(&mut conn.q, st) {
+            Duration::ZERO
+        } else {
+            BACKGROUND_IDLE
         })
     }
 }
@@ -502,21 +607,25 @@ impl BlockConn for VolumeConn {
 
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
         let (vol, ch) = (&self.vol, &mut self.ch);
-        vol.gated(|| vol.engine.write(ch, off, data, fua))
+        let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
+        vol.gated(|| vol.engine.write(ch, off, data, fua), bg)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         let vol = &self.vol;
-        vol.gated(|| vol.engine.flush())
+        let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
+        vol.gated(|| vol.engine.flush(), bg)
     }
 
     fn trim(&mut self, off: u64, len: u64, fua: bool) -> io::Result<()> {
         let vol = &self.vol;
-        vol.gated(|| vol.engine.write_zeroes(off, len, true, fua))
+        let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
+        vol.gated(|| vol.engine.write_zeroes(off, len, true, fua), bg)
     }
 
     fn write_zeroes(&mut self, off: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
         let vol = &self.vol;
-        vol.gated(|| vol.engine.write_zeroes(off, len, may_trim, fua))
+        let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
+        vol.gated(|| vol.engine.write_zeroes(off, len, may_trim, fua), bg)
     }
 }

@@ -103,6 +103,8 @@ struct Inflight {
 
 pub struct World {
     pub cfg: WorldCfg,
+    /// Byte offset of block 0 of the workload's region on the device.
+    base: u64,
     rng: Rng,
     pub pmem: Arc<SimPmem>,
     pub disk: SimDisk,
@@ -159,7 +161,10 @@ impl World {
         let mut rng = Rng::new(cfg.seed);
         let size = crate::engine::format::SEGMENTS_OFF + cfg.n_segs * cfg.seg_size as u64;
         let pmem = Arc::new(SimPmem::new(size));
-        let backing = cfg.region_blocks * 4 * BS as u64;
+        // The region straddles the 4 MiB boundary between two index shards, so
+        // requests are split into pieces that go through different ksets.
+        let base = (4 << 20) - cfg.region_blocks * BS as u64 / 2;
+        let backing = base + cfg.region_blocks * 4 * BS as u64;
         let mut disk = SimDisk::new(backing, BS as u32);
         disk.set_seed(rng.next_u64());
         let mut fo = FormatOptions::new(identity(backing), rng.next_u64());
@@ -171,6 +176,7 @@ impl World {
             Engine::format(pmem.clone(), &fo, &Self::config(&cfg)).map_err(|e| e.to_string())?;
         let n = cfg.region_blocks as usize;
         Ok(World {
+            base,
             chans: (0..cfg.channels).map(|_| Channel::default()).collect(),
             blocks: vec![
                 Block {
@@ -296,7 +302,7 @@ impl World {
         for attempt in 0.. {
             match self
                 .engine
-                .write(&mut self.chans[ch], off * BS as u64, &data, fua)
+                .write(&mut self.chans[ch], self.base + off * BS as u64, &data, fua)
             {
                 Ok(()) => break,
                 Err(IoError::Busy) if attempt < 200 => self.make_room()?,
@@ -322,7 +328,7 @@ impl World {
         for attempt in 0.. {
             match self
                 .engine
-                .write_zeroes(off * BS as u64, n * BS as u64, discard, fua)
+                .write_zeroes(self.base + off * BS as u64, n * BS as u64, discard, fua)
             {
                 Ok(()) => break,
                 Err(IoError::Busy) if attempt < 200 => self.make_room()?,
@@ -388,7 +394,7 @@ impl World {
     fn read(&mut self, ch: usize) -> Result<(), String> {
         let (off, n) = self.range();
         let mut buf = vec![0u8; n as usize * BS];
-        let o = off * BS as u64;
+        let o = self.base + off * BS as u64;
         let missed = match self.engine.read(&mut self.chans[ch], o, &mut buf) {
             Ok(m) => m,
             Err(e) => return Err(format!("read {off}+{n}: {e}")),
@@ -537,15 +543,15 @@ impl World {
         let n = self.cfg.region_blocks;
         let mut buf = vec![0u8; n as usize * BS];
         self.engine
-            .read(&mut self.chans[0], 0, &mut buf)
+            .read(&mut self.chans[0], self.base, &mut buf)
             .map_err(|e| format!("read after replay: {e}"))?;
         let misses: Vec<_> = self.chans[0].misses().collect();
         for m in misses {
             self.disk
-                .read(m.at as u64, &mut buf[m.at..m.at + m.len])
+                .read(self.base + m.at as u64, &mut buf[m.at..m.at + m.len])
                 .map_err(|e| format!("{e:?}"))?;
         }
-        self.engine.fill(&mut self.chans[0], 0, &buf, true);
+        self.engine.fill(&mut self.chans[0], self.base, &buf, true);
         for b in 0..n {
             let got = decode(b, &buf[b as usize * BS..(b as usize + 1) * BS])?;
             let blk = &mut self.blocks[b as usize];
@@ -581,8 +587,8 @@ impl World {
         let mut ids = Vec::with_capacity(n);
         let mut epoch = 0u64;
         for b in 0..n {
-            let id = decode(b as u64, &img[b * BS..(b + 1) * BS])
-                .map_err(|e| format!("backing: {e}"))?;
+            let at = self.base as usize + b * BS;
+            let id = decode(b as u64, &img[at..at + BS]).map_err(|e| format!("backing: {e}"))?;
             if id != 0 {
                 epoch = epoch.max(self.write_epoch[id as usize]);
             }

@@ -1,36 +1,56 @@
-//! Sockets, threads and the per-connection protocol state machine of the NBD server.
+//! Listeners, the accept loop and the handshake of the NBD server, and how `serve` starts and
+//! stops the reactors that run the transmission phase (`reactor`).
 //!
-//! One accept loop polls every listener (nonblocking, short sleep when idle, so a `stop`
-//! flag is noticed within [`POLL_INTERVAL`]); each accepted client runs on its own thread:
-//! handshake, then a loop that reads one request, executes it on the connection's own
-//! [`BlockConn`] and queues the reply in a buffered writer. Replies are flushed to the socket
-//! whenever no complete request is already buffered, so pipelined requests share a syscall
-//! but a client waiting for an answer never waits on our buffer.
+//! Threads: the caller of [`NbdServer::serve`] runs the accept loop, polling every listener
+//! (a `stop` flag set by another thread is noticed within [`POLL_INTERVAL`]). Each accepted
+//! client gets a short-lived handshake thread: the handshake is a few small blocking
+//! exchanges, each bounded by [`HANDSHAKE_TIMEOUT`], so a slow or silent client delays nobody
+//! else. A client that enters transmission is handed, with any bytes the handshake read past
+//! its last option, to reactor `k` (round robin over the clients that reach transmission)
+//! through a channel and that reactor's [`Waker`]; the handshake thread then ends. The
+//! number of live connections (handshaking or transmitting) is capped by
+//! [`NbdServer::max_connections`], which also bounds the handshake threads.
 //!
-//! Shutdown: when `stop` is set the listeners are closed (their Unix socket files removed),
-//! every live connection gets its read side shut down, which lets it finish the request in
-//! hand, send that reply and then see end-of-file; after a grace period any connection still
-//! running (for example one whose client stopped reading replies) is shut down both ways.
-//! `serve` returns once every connection thread has ended.
+//! Targets that share handles ([`BlockTarget::share_conns`]) get one handle per reactor,
+//! opened before the first client is accepted, so an unopenable device fails `serve` at once
+//! instead of failing every client.
+//!
+//! Shutdown: when `stop` is set the listeners are closed (their Unix socket files removed)
+//! and the reactors are told to stop: each stops reading, executes the requests it already
+//! holds in full, sends their replies and closes its clients, giving up on clients that do
+//! not take their replies within the grace period. Handshaking clients get their read side
+//! shut down, which ends their handshake at once; after the grace period any still running
+//! are shut down both ways. `serve` returns once every thread it started has ended.
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::proto::{self, Command, InfoRequest, Limits, OptionHeader, Request};
-use super::{BlockConn, BlockTarget};
+use super::proto::{self, InfoRequest, Limits, OptionHeader};
+use super::reactor::{Alive, Handoff, Reactor};
+use super::BlockTarget;
+use crate::env::posix::poll::{Interest, PollSet, Waker};
 
-/// How often the accept loop looks at `stop` and at its listeners when idle.
+/// How often the accept loop looks at `stop` when no client arrives.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Longest wait for any single read or write of the handshake; a client that takes longer
+/// (or never speaks) is dropped, so it cannot hold a thread and a connection slot for good.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest string the spec allows in names, descriptions and messages.
 const MAX_STRING: usize = 4096;
+/// Read buffer of a handshake; what it holds past the last option goes to the reactor.
+const HANDSHAKE_BUF: usize = 64 << 10;
+/// More reactor threads than this would only waste memory: the machine has no such core count.
+const MAX_REACTORS: usize = 1024;
 
 /// A bound socket the server accepts clients on.
 #[derive(Debug)]
@@ -117,9 +137,18 @@ impl Drop for Listener {
     }
 }
 
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix { listener, .. } => listener.as_fd(),
+        }
+    }
+}
+
 /// A connected client socket.
 #[derive(Debug)]
-enum Peer {
+pub(super) enum Peer {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
@@ -139,15 +168,48 @@ impl Peer {
         }
     }
 
-    /// Accepted sockets must block: the connection thread has nothing else to do. Replies are
-    /// coalesced by our own buffer, so Nagle would only add latency.
-    fn prepare(&self) -> io::Result<()> {
+    /// The handshake blocks (its thread has nothing else to do), each exchange bounded by
+    /// [`HANDSHAKE_TIMEOUT`]. Replies are coalesced by our own buffers, so Nagle would only
+    /// add latency, here and in transmission.
+    fn prepare_handshake(&self) -> io::Result<()> {
+        let t = Some(HANDSHAKE_TIMEOUT);
         match self {
             Peer::Tcp(s) => {
                 s.set_nonblocking(false)?;
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)?;
                 s.set_nodelay(true)
             }
-            Peer::Unix(s) => s.set_nonblocking(false),
+            Peer::Unix(s) => {
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+
+    /// Transmission: a reactor polls the socket and never blocks on it.
+    fn prepare_transmission(&self) -> io::Result<()> {
+        match self {
+            Peer::Tcp(s) => {
+                s.set_read_timeout(None)?;
+                s.set_write_timeout(None)?;
+                s.set_nonblocking(true)
+            }
+            Peer::Unix(s) => {
+                s.set_read_timeout(None)?;
+                s.set_write_timeout(None)?;
+                s.set_nonblocking(true)
+            }
+        }
+    }
+}
+
+impl AsFd for Peer {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Peer::Tcp(s) => s.as_fd(),
+            Peer::Unix(s) => s.as_fd(),
         }
     }
 }
@@ -174,7 +236,28 @@ impl Write for Peer {
     }
 }
 
-/// The NBD server: what it exports under which name, and how it stops.
+/// One live connection counted against [`NbdServer::max_connections`]; the count drops when
+/// this does, wherever the connection ends (handshake thread or reactor).
+pub(super) struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(live: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Slot(Arc::clone(live)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The NBD server: what it exports under which name, how many reactor threads serve it, and
+/// how it stops.
 #[derive(Clone, Debug)]
 pub struct NbdServer {
     export_name: String,
@@ -182,6 +265,7 @@ pub struct NbdServer {
     read_only: bool,
     max_connections: usize,
     shutdown_grace: Duration,
+    reactors: usize,
 }
 
 impl Default for NbdServer {
@@ -192,12 +276,47 @@ impl Default for NbdServer {
             read_only: false,
             max_connections: 256,
             shutdown_grace: Duration::from_secs(5),
+            reactors: thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
 
-/// Live connections, by id, so shutdown can reach sockets blocked in a read.
+/// Connections still in their handshake, by id, so shutdown can reach sockets blocked in a
+/// read. Reactors look after the connections in transmission themselves.
 type Registry = Arc<Mutex<HashMap<u64, Peer>>>;
+
+/// Where handshake threads hand clients over: one lane (channel and waker) per reactor.
+struct Router<C> {
+    lanes: Vec<(Sender<Handoff<C>>, Arc<Waker>)>,
+    next: AtomicUsize,
+}
+
+impl<C> Router<C> {
+    /// Gives a client to the next reactor in turn. If that reactor is gone (shutdown), the
+    /// client is dropped, which closes it.
+    fn hand_over(&self, h: Handoff<C>) {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        // `serve` starts at least one reactor; without one the client is just closed.
+        let Some((tx, waker)) = turn
+            .checked_rem(self.lanes.len())
+            .and_then(|k| self.lanes.get(k))
+        else {
+            return;
+        };
+        if tx.send(h).is_ok() {
+            waker.wake();
+        }
+    }
+}
+
+/// What a handshake thread needs, shared by all of them.
+struct Shared<T: BlockTarget> {
+    cfg: NbdServer,
+    target: Arc<T>,
+    stop: Arc<AtomicBool>,
+    router: Router<T::Conn>,
+    registry: Registry,
+}
 
 impl NbdServer {
     pub fn new() -> Self {
@@ -223,8 +342,9 @@ impl NbdServer {
         self
     }
 
-    /// Clients beyond this many concurrent connections are closed right after accept, which
-    /// bounds the number of threads a client can make us start.
+    /// Clients beyond this many concurrent connections (handshaking or transmitting) are
+    /// closed right after accept, which bounds the handshake threads and buffers a client
+    /// can make us hold.
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n.max(1);
         self
@@ -233,6 +353,12 @@ impl NbdServer {
     /// How long `serve` lets connections finish after `stop` before closing them hard.
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
+        self
+    }
+
+    /// Number of reactor threads serving the transmission phase (default: one per core).
+    pub fn reactors(mut self, n: usize) -> Self {
+        self.reactors = n.clamp(1, MAX_REACTORS);
         self
     }
 
@@ -258,8 +384,8 @@ impl NbdServer {
 
     /// Accepts clients on every listener until `stop` is set, then stops the connections
     /// (see the module documentation) and returns when all have ended. An error is returned
-    /// for an invalid configuration or a listener that fails for good; the connections are
-    /// still stopped first.
+    /// for an invalid configuration, a shared device handle that cannot be opened, or a
+    /// listener that fails for good; the connections are still stopped first.
     pub fn serve<T: BlockTarget>(
         &self,
         listeners: Vec<Listener>,
@@ -273,18 +399,122 @@ impl NbdServer {
         for l in &listeners {
             l.set_nonblocking()?;
         }
-        let registry: Registry = Arc::default();
-        let mut workers: Vec<JoinHandle<()>> = Vec::new();
+        // The reactors have their own stop flag, raised by this thread only, so that they
+        // can also be stopped when starting them fails half-way.
+        let halt = Arc::new(AtomicBool::new(false));
+        let mut reactors: Vec<(Arc<Waker>, JoinHandle<()>)> = Vec::new();
+        let started = self.start_reactors(&target, &halt, &mut reactors);
+        let result = match started {
+            Ok(router) => self.accept_loop(&listeners, router, &target, &stop),
+            Err(e) => Err(e),
+        };
+        // Closing the listeners first makes new clients fail fast instead of queueing.
+        drop(listeners);
+        halt.store(true, Ordering::Release);
+        for (waker, _) in &reactors {
+            waker.wake();
+        }
+        for (_, h) in reactors {
+            let _ = h.join();
+        }
+        result
+    }
+
+    /// Opens the shared handles (all of them before any thread starts, so a failure leaves
+    /// nothing behind) and starts one thread per reactor; returns the router that feeds them.
+    fn start_reactors<T: BlockTarget>(
+        &self,
+        target: &Arc<T>,
+        halt: &Arc<AtomicBool>,
+        started: &mut Vec<(Arc<Waker>, JoinHandle<()>)>,
+    ) -> io::Result<Router<T::Conn>> {
+        let mut conns = Vec::with_capacity(self.reactors);
+        for _ in 0..self.reactors {
+            conns.push(if target.share_conns() {
+                Some(target.connect()?)
+            } else {
+                None
+            });
+        }
+        let limits = Limits {
+            size: target.size(),
+            block: target.block_size(),
+            max_payload: proto::MAX_PAYLOAD,
+            read_only: self.read_only,
+        };
+        let mut lanes = Vec::with_capacity(self.reactors);
+        let running = Arc::new(AtomicUsize::new(0));
+        for (index, shared) in conns.into_iter().enumerate() {
+            let (tx, inbox) = mpsc::channel();
+            let waker = Arc::new(Waker::new()?);
+            let reactor = Reactor {
+                index,
+                target: Arc::clone(target),
+                shared,
+                inbox,
+                waker: Arc::clone(&waker),
+                halt: Arc::clone(halt),
+                running: Arc::clone(&running),
+                limits,
+                grace: self.shutdown_grace,
+            };
+            let alive = Alive::new(&running);
+            let h = thread::Builder::new()
+                .name(format!("nbd-reactor-{index}"))
+                .spawn(move || {
+                    let _alive = alive;
+                    reactor.run()
+                })?;
+            started.push((Arc::clone(&waker), h));
+            lanes.push((tx, waker));
+        }
+        Ok(Router {
+            lanes,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Accepts until `stop` (or a listener fails for good), starting a handshake thread per
+    /// client; then ends the handshakes still running (see the module documentation).
+    fn accept_loop<T: BlockTarget>(
+        &self,
+        listeners: &[Listener],
+        router: Router<T::Conn>,
+        target: &Arc<T>,
+        stop: &Arc<AtomicBool>,
+    ) -> io::Result<()> {
+        let shared = Arc::new(Shared {
+            cfg: self.clone(),
+            target: Arc::clone(target),
+            stop: Arc::clone(stop),
+            router,
+            registry: Arc::default(),
+        });
+        let live = Arc::new(AtomicUsize::new(0));
+        let mut handshakes: Vec<JoinHandle<()>> = Vec::new();
+        let mut set = PollSet::new();
         let mut next_id = 0u64;
         let mut result = Ok(());
         'accept: while !stop.load(Ordering::Acquire) {
-            let mut idle = true;
-            for l in &listeners {
+            set.clear();
+            for l in listeners {
+                set.add(l.as_fd(), Interest::READ);
+            }
+            if let Err(e) = set.wait(POLL_INTERVAL) {
+                result = Err(e);
+                break;
+            }
+            for (i, l) in listeners.iter().enumerate() {
+                if !set.ready(i).read {
+                    continue;
+                }
                 let peer = match l.accept() {
                     Ok(Some(p)) => p,
                     Ok(None) => continue,
                     Err(e) if accept_error_is_transient(&e) => {
                         eprintln!("pcache nbd: accept: {e}");
+                        // EMFILE and friends stay readable: do not spin on them.
+                        thread::sleep(POLL_INTERVAL);
                         continue;
                     }
                     Err(e) => {
@@ -292,26 +522,24 @@ impl NbdServer {
                         break 'accept;
                     }
                 };
-                idle = false;
                 next_id += 1;
-                if let Some(h) = self.start(next_id, peer, &registry, &target, &stop) {
-                    workers.push(h);
+                let Some(slot) = Slot::take(&live, self.max_connections) else {
+                    eprintln!("pcache nbd: connection {next_id} refused: too many clients");
+                    continue;
+                };
+                if let Some(h) = start_handshake(next_id, peer, slot, &shared) {
+                    handshakes.push(h);
                 }
             }
-            reap(&mut workers);
-            if idle {
-                thread::sleep(POLL_INTERVAL);
-            }
+            reap(&mut handshakes);
         }
-        // Closing the listeners first makes new clients fail fast instead of queueing.
-        drop(listeners);
-        shutdown_all(&registry, Shutdown::Read);
+        shutdown_all(&shared.registry, Shutdown::Read);
         let deadline = Instant::now() + self.shutdown_grace;
-        while workers.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+        while handshakes.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
             thread::sleep(POLL_INTERVAL);
         }
-        shutdown_all(&registry, Shutdown::Both);
-        for h in workers {
+        shutdown_all(&shared.registry, Shutdown::Both);
+        for h in handshakes {
             let _ = h.join();
         }
         result
@@ -331,62 +559,92 @@ impl NbdServer {
         }
         Ok(())
     }
+}
 
-    /// Registers a new client and starts its thread; a client over the limit, or one we
-    /// cannot start a thread for, is simply closed.
-    fn start<T: BlockTarget>(
-        &self,
-        id: u64,
-        peer: Peer,
-        registry: &Registry,
-        target: &Arc<T>,
-        stop: &Arc<AtomicBool>,
-    ) -> Option<JoinHandle<()>> {
-        let handle = peer.try_clone().and_then(|h| peer.prepare().map(|()| h));
-        let handle = match handle {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("pcache nbd: connection {id}: {e}");
-                return None;
-            }
-        };
-        {
-            let mut live = registry.lock().unwrap_or_else(PoisonError::into_inner);
-            if live.len() >= self.max_connections {
-                eprintln!("pcache nbd: connection {id} refused: too many clients");
-                return None;
-            }
-            live.insert(id, handle);
+/// Registers a new client and starts its handshake thread; a client we cannot register or
+/// start a thread for is simply closed.
+fn start_handshake<T: BlockTarget>(
+    id: u64,
+    peer: Peer,
+    slot: Slot,
+    shared: &Arc<Shared<T>>,
+) -> Option<JoinHandle<()>> {
+    let handle = match peer.try_clone() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("pcache nbd: connection {id}: {e}");
+            return None;
         }
-        let guard = Deregister {
-            id,
-            registry: Arc::clone(registry),
-        };
-        let cfg = self.clone();
-        let target = Arc::clone(target);
-        let stop = Arc::clone(stop);
-        let spawned = thread::Builder::new()
-            .name(format!("nbd-conn-{id}"))
-            .spawn(move || {
-                let _guard = guard;
-                if let Err(e) = run_connection(peer, &cfg, &*target, &stop) {
-                    if !is_disconnect(&e) {
-                        eprintln!("pcache nbd: connection {id}: {e}");
-                    }
+    };
+    shared
+        .registry
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(id, handle);
+    let guard = Deregister {
+        id,
+        registry: Arc::clone(&shared.registry),
+    };
+    let shared = Arc::clone(shared);
+    let spawned = thread::Builder::new()
+        .name(format!("nbd-handshake-{id}"))
+        .spawn(move || {
+            if let Err(e) = handshake(id, peer, slot, guard, &shared) {
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut {
+                    eprintln!("pcache nbd: connection {id}: handshake timed out");
+                } else if !is_disconnect(&e) {
+                    eprintln!("pcache nbd: connection {id}: {e}");
                 }
-            });
-        match spawned {
-            Ok(h) => Some(h),
-            Err(e) => {
-                // The closure (and with it the guard) was dropped: the entry is gone again.
-                eprintln!("pcache nbd: connection {id}: cannot start thread: {e}");
-                None
             }
+        });
+    match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            // The closure (and with it the guard and the slot) was dropped: all undone.
+            eprintln!("pcache nbd: connection {id}: cannot start thread: {e}");
+            None
         }
     }
 }
 
-/// Removes a connection from the registry when its thread ends, even by panic.
+/// Runs the handshake of one client and, if it enters transmission, hands it to a reactor.
+fn handshake<T: BlockTarget>(
+    id: u64,
+    peer: Peer,
+    slot: Slot,
+    guard: Deregister,
+    shared: &Shared<T>,
+) -> io::Result<()> {
+    peer.prepare_handshake()?;
+    let mut session = Session {
+        rd: BufReader::with_capacity(HANDSHAKE_BUF, peer.try_clone()?),
+        wr: BufWriter::with_capacity(HANDSHAKE_BUF, peer.try_clone()?),
+        cfg: &shared.cfg,
+    };
+    let outcome = session.negotiate(&*shared.target, &shared.stop);
+    // Best effort on failure: the replies already queued still reach a client that listens.
+    let flushed = session.wr.flush();
+    let Negotiated::Transmission(conn) = outcome? else {
+        return flushed;
+    };
+    flushed?;
+    // Requests the client pipelined behind its last option: the reactor starts with them.
+    let pending = session.rd.buffer().to_vec();
+    drop(session);
+    peer.prepare_transmission()?;
+    // From here on the reactor owns the socket, including at shutdown.
+    drop(guard);
+    shared.router.hand_over(Handoff {
+        id,
+        peer,
+        conn,
+        pending,
+        slot,
+    });
+    Ok(())
+}
+
+/// Removes a connection from the registry when its handshake ends, even by panic.
 struct Deregister {
     id: u64,
     registry: Registry,
@@ -408,7 +666,7 @@ fn shutdown_all(registry: &Registry, how: Shutdown) {
     }
 }
 
-/// Joins the threads that have ended, so the handle list tracks live connections only.
+/// Joins the threads that have ended, so the handle list tracks live handshakes only.
 fn reap(workers: &mut Vec<JoinHandle<()>>) {
     let mut i = 0;
     while i < workers.len() {
@@ -439,7 +697,7 @@ fn accept_error_is_transient(e: &io::Error) -> bool {
 }
 
 /// Errors that only mean the client went away; not worth a log line.
-fn is_disconnect(e: &io::Error) -> bool {
+pub(super) fn is_disconnect(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::UnexpectedEof
@@ -454,28 +712,17 @@ fn invalid(msg: &str) -> io::Error {
 }
 
 /// A client broke the protocol in a way that leaves nothing to answer: close it.
-fn violation(msg: &str) -> io::Error {
+pub(super) fn violation(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-fn run_connection<T: BlockTarget>(
-    peer: Peer,
-    cfg: &NbdServer,
-    target: &T,
-    stop: &AtomicBool,
-) -> io::Result<()> {
-    let mut session = Session {
-        rd: BufReader::with_capacity(64 << 10, peer.try_clone()?),
-        wr: BufWriter::with_capacity(256 << 10, peer),
-        cfg,
-    };
-    let result = match session.negotiate(target, stop)? {
-        Some(conn) => session.transmit(conn, target),
-        None => Ok(()),
-    };
-    // Best effort: the replies already queued still reach a client that is listening.
-    let flushed = session.wr.flush();
-    result.and(flushed)
+/// How a handshake ended.
+enum Negotiated<C> {
+    /// The client aborted or left.
+    Left,
+    /// The client entered transmission; with its own device handle unless the target
+    /// shares handles per reactor.
+    Transmission(Option<C>),
 }
 
 struct Session<'a> {
@@ -485,14 +732,14 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    /// Handshake and option haggling. `Some` when the client entered transmission (the
-    /// device handle is opened then, so clients that only list or query cost no channel),
-    /// `None` when it aborted or left.
+    /// Handshake and option haggling, up to the client entering transmission (a per-client
+    /// device handle is opened then, so clients that only list or query cost no handle) or
+    /// leaving.
     fn negotiate<T: BlockTarget>(
         &mut self,
         target: &T,
         stop: &AtomicBool,
-    ) -> io::Result<Option<T::Conn>> {
+    ) -> io::Result<Negotiated<T::Conn>> {
         self.wr.write_all(&proto::NBDMAGIC.to_be_bytes())?;
         self.wr.write_all(&proto::IHAVEOPT.to_be_bytes())?;
         self.wr
@@ -500,7 +747,7 @@ impl Session<'_> {
         self.wr.flush()?;
         let mut b4 = [0u8; 4];
         if !read_full_or_eof(&mut self.rd, &mut b4)? {
-            return Ok(None);
+            return Ok(Negotiated::Left);
         }
         let client_flags = u32::from_be_bytes(b4);
         if client_flags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
@@ -512,7 +759,7 @@ impl Session<'_> {
             self.wr.flush()?;
             let mut hb = [0u8; proto::OPTION_HEADER_LEN];
             if !read_full_or_eof(&mut self.rd, &mut hb)? {
-                return Ok(None);
+                return Ok(Negotiated::Left);
             }
             let h = OptionHeader::parse(&hb);
             if h.magic != proto::IHAVEOPT {
@@ -536,22 +783,26 @@ impl Session<'_> {
                         return Err(violation("unknown export name"));
                     }
                     if stop.load(Ordering::Acquire) {
-                        return Ok(None);
+                        return Ok(Negotiated::Left);
                     }
-                    let conn = target.connect()?;
+                    let conn = if target.share_conns() {
+                        None
+                    } else {
+                        Some(target.connect()?)
+                    };
                     self.wr.write_all(&target.size().to_be_bytes())?;
                     self.wr
                         .write_all(&self.transmission_flags(target).to_be_bytes())?;
                     if !no_zeroes {
                         self.wr.write_all(&[0u8; 124])?;
                     }
-                    return Ok(Some(conn));
+                    return Ok(Negotiated::Transmission(conn));
                 }
                 proto::OPT_ABORT => {
                     // The client may already be gone; the reply is a courtesy.
                     let _ = self.option_reply(h.option, proto::REP_ACK, &[]);
                     let _ = self.wr.flush();
-                    return Ok(None);
+                    return Ok(Negotiated::Left);
                 }
                 proto::OPT_LIST => {
                     if !data.is_empty() {
@@ -566,8 +817,8 @@ impl Session<'_> {
                     self.option_reply(h.option, proto::REP_ACK, &[])?;
                 }
                 proto::OPT_INFO | proto::OPT_GO => {
-                    if let Some(conn) = self.info_or_go(h.option, &data, target, stop)? {
-                        return Ok(Some(conn));
+                    if let Some(entered) = self.info_or_go(h.option, &data, target, stop)? {
+                        return Ok(entered);
                     }
                 }
                 // TLS, structured replies, metadata contexts, extended headers and anything
@@ -584,7 +835,7 @@ impl Session<'_> {
         data: &[u8],
         target: &T,
         stop: &AtomicBool,
-    ) -> io::Result<Option<T::Conn>> {
+    ) -> io::Result<Option<Negotiated<T::Conn>>> {
         let Some(req) = InfoRequest::parse(data) else {
             self.option_error(option, proto::REP_ERR_INVALID, "malformed request")?;
             return Ok(None);
@@ -599,14 +850,18 @@ impl Session<'_> {
                 self.option_error(option, proto::REP_ERR_SHUTDOWN, "server shutting down")?;
                 return Ok(None);
             }
-            match target.connect() {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    // No option error means "device failed"; POLICY with the reason is the
-                    // closest, and the client may retry.
-                    let msg = format!("cannot open the device: {e}");
-                    self.option_error(option, proto::REP_ERR_POLICY, &msg)?;
-                    return Ok(None);
+            if target.share_conns() {
+                Some(None)
+            } else {
+                match target.connect() {
+                    Ok(c) => Some(Some(c)),
+                    Err(e) => {
+                        // No option error means "device failed"; POLICY with the reason is
+                        // the closest, and the client may retry.
+                        let msg = format!("cannot open the device: {e}");
+                        self.option_error(option, proto::REP_ERR_POLICY, &msg)?;
+                        return Ok(None);
+                    }
                 }
             }
         } else {
@@ -640,7 +895,7 @@ impl Session<'_> {
             }
         }
         self.option_reply(option, proto::REP_ACK, &[])?;
-        Ok(conn)
+        Ok(conn.map(Negotiated::Transmission))
     }
 
     fn name_ok(&self, name: &[u8]) -> bool {
@@ -680,86 +935,6 @@ impl Session<'_> {
         }
         Ok(())
     }
-
-    /// The transmission phase: requests in order, one reply each, until DISC or end of file.
-    fn transmit<T: BlockTarget>(&mut self, mut conn: T::Conn, target: &T) -> io::Result<()> {
-        let lim = Limits {
-            size: target.size(),
-            block: target.block_size(),
-            max_payload: proto::MAX_PAYLOAD,
-            read_only: self.cfg.read_only,
-        };
-        // Reused for every payload; validation bounds it by `max_payload`.
-        let mut buf: Vec<u8> = Vec::new();
-        loop {
-            if self.rd.buffer().len() < proto::REQUEST_LEN {
-                self.wr.flush()?;
-            }
-            let mut hb = [0u8; proto::REQUEST_LEN];
-            if !read_full_or_eof(&mut self.rd, &mut hb)? {
-                return Ok(());
-            }
-            let Some(req) = Request::parse(&hb) else {
-                return Err(violation("bad request magic"));
-            };
-            let verdict = proto::validate(&req, &lim);
-            let payload = req.payload_len();
-            if payload > lim.max_payload {
-                // Refused already (EINVAL); the header framed it, so skipping keeps the stream
-                // in sync without holding the data.
-                self.discard(u64::from(payload))?;
-            } else if payload > 0 {
-                let p = grow(&mut buf, payload);
-                self.rd.read_exact(p)?;
-            }
-            let cmd = match verdict {
-                Ok(c) => c,
-                Err(errno) => {
-                    self.wr.write_all(&proto::simple_reply(errno, req.cookie))?;
-                    continue;
-                }
-            };
-            let done = match cmd {
-                Command::Disc => return Ok(()),
-                Command::Read { off, len } => {
-                    let p = grow(&mut buf, len);
-                    match if len == 0 { Ok(()) } else { conn.read(off, p) } {
-                        Ok(()) => {
-                            self.wr.write_all(&proto::simple_reply(0, req.cookie))?;
-                            self.wr.write_all(p)?;
-                            continue;
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
-                Command::Write { off, len, fua } if len > 0 => {
-                    conn.write(off, &buf[..len as usize], fua)
-                }
-                Command::Flush => conn.flush(),
-                Command::Trim { off, len, fua } if len > 0 => conn.trim(off, len, fua),
-                Command::WriteZeroes {
-                    off,
-                    len,
-                    may_trim,
-                    fua,
-                } if len > 0 => conn.write_zeroes(off, len, may_trim, fua),
-                // Zero-length writes, trims and zeroings touch nothing.
-                _ => Ok(()),
-            };
-            let errno = done.as_ref().map_or_else(proto::errno_of, |_| 0);
-            self.wr.write_all(&proto::simple_reply(errno, req.cookie))?;
-        }
-    }
-}
-
-/// The first `len` bytes of the connection's buffer, growing it if needed (never shrinking:
-/// the next request of the same size must not pay for reallocation or zeroing).
-fn grow(buf: &mut Vec<u8>, len: u32) -> &mut [u8] {
-    let len = len as usize;
-    if buf.len() < len {
-        buf.resize(len, 0);
-    }
-    &mut buf[..len]
 }
 
 /// `read_exact`, except that end-of-file before the first byte is a clean `Ok(false)`: the

@@ -1,0 +1,586 @@
+//! The transmission phase: reactor threads, each serving many clients with non-blocking
+//! sockets, poll(2) and one device handle.
+//!
+//! A reactor loops: take over the clients handed to it, run the target's background step if
+//! it is reactor 0 and the target has one, execute every complete request its clients have
+//! buffered, round robin one request per client per round (so clients interleave at request
+//! granularity and none starves another), send the replies, then poll the sockets and a
+//! [`Waker`] and read what arrived. Requests run to completion one at a time on the
+//! reactor's thread, so a reply to FLUSH covers every write answered before it.
+//!
+//! Per client: an input buffer holding at most one request (header and WRITE payload, up to
+//! 32 MiB) plus a read chunk, and an output buffer of replies not yet taken by the socket.
+//! A client whose output backlog passes [`OUT_LIMIT`] is neither read from nor served until
+//! the backlog drains, which bounds the memory a client that does not read its replies can
+//! make us hold. READ data is read by the device straight into the output buffer and WRITE
+//! data is passed to it straight from the input buffer; both buffers only grow (amortised
+//! doubling, bounded), so the hot path allocates nothing per request.
+//!
+//! Errors: a request that fails validation or on the device gets its NBD error and the
+//! connection stays up; an oversized WRITE is refused and its payload skipped without being
+//! buffered; a bad magic, end of file or DISC stops reading that client, which is closed
+//! once its pending replies are sent (or it took none for the grace period); socket errors
+//! close it at once. Only that client is affected.
+//!
+//! Shutdown: when `halt` is raised the reactor stops reading, executes the requests it holds
+//! in full, sends the replies and closes each client; clients still holding replies when the
+//! grace period ends are closed anyway, then the thread ends.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::proto::{self, Command, Limits, Request, REQUEST_LEN};
+use super::server::{is_disconnect, violation, Peer, Slot};
+use super::{BlockConn, BlockTarget};
+use crate::env::posix::poll::{Interest, PollSet, Waker};
+
+/// Smallest read from a socket: enough for many pipelined small requests per syscall.
+const READ_CHUNK: usize = 64 << 10;
+/// Replies are sent once this much is queued even while more requests are being executed,
+/// so a long batch does not hold back the replies it already produced.
+const FLUSH_AT: usize = 256 << 10;
+/// Output backlog past which a client is neither read from nor served.
+const OUT_LIMIT: usize = 4 << 20;
+/// Largest input buffer: one maximal WRITE plus a read chunk.
+const MAX_INPUT: usize = REQUEST_LEN + proto::MAX_PAYLOAD as usize + READ_CHUNK;
+/// Largest output buffer: a backlog just under the limit plus one maximal READ reply.
+const MAX_OUTPUT: usize = OUT_LIMIT + 16 + proto::MAX_PAYLOAD as usize;
+/// Longest poll when nothing is due: the waker announces clients and shutdown, so this is
+/// only a backstop.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+/// How often reactor 0, done with its own clients at shutdown, looks whether the other
+/// reactors have ended while it keeps running the background work for them.
+const LINGER_POLL: Duration = Duration::from_millis(10);
+/// Length of a simple reply header.
+const REPLY_LEN: usize = 16;
+
+/// A client that finished its handshake, on its way to a reactor.
+pub(super) struct Handoff<C> {
+    pub id: u64,
+    /// Non-blocking already.
+    pub peer: Peer,
+    /// The client's own device handle, unless the target shares one per reactor.
+    pub conn: Option<C>,
+    /// Bytes the handshake read past the client's last option (pipelined requests).
+    pub pending: Vec<u8>,
+    pub slot: Slot,
+}
+
+/// Counts a reactor thread as running until it ends (or never starts: it is made before the
+/// thread and moved into it).
+pub(super) struct Alive(Arc<AtomicUsize>);
+
+impl Alive {
+    pub fn new(running: &Arc<AtomicUsize>) -> Alive {
+        running.fetch_add(1, Ordering::AcqRel);
+        Alive(Arc::clone(running))
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One reactor thread's state (see the module documentation).
+pub(super) struct Reactor<T: BlockTarget> {
+    pub index: usize,
+    pub target: Arc<T>,
+    /// The handle shared by all this reactor's clients (targets that share handles).
+    pub shared: Option<T::Conn>,
+    pub inbox: Receiver<Handoff<T::Conn>>,
+    pub waker: Arc<Waker>,
+    /// Raised once by the server to stop; followed by a wake-up.
+    pub halt: Arc<AtomicBool>,
+    /// Reactors whose thread has not ended yet (this one included).
+    pub running: Arc<AtomicUsize>,
+    pub limits: Limits,
+    pub grace: Duration,
+}
+
+impl<T: BlockTarget> Reactor<T> {
+    pub fn run(mut self) {
+        let mut clients: Vec<Client<T::Conn>> = Vec::new();
+        let mut set = PollSet::new();
+        let mut deadline: Option<Instant> = None;
+        let mut background_due = (self.index == 0 && self.shared.is_some()).then(Instant::now);
+        let mut poll_failed = false;
+        loop {
+            if deadline.is_none() && self.halt.load(Ordering::Acquire) {
+                deadline = Some(Instant::now() + self.grace);
+                for c in &mut clients {
+                    c.reading = false;
+                }
+            }
+            self.admit(&mut clients, deadline.is_some());
+            if background_due.is_some_and(|due| Instant::now() >= due) {
+                background_due = self.background();
+            }
+            self.execute(&mut clients);
+            let now = Instant::now();
+            let mut i = 0;
+            while i < clients.len() {
+                clients[i].send(now);
+                if clients[i].finished(&self.limits, now, self.grace) {
+                    clients.swap_remove(i).close();
+                } else {
+                    i += 1;
+                }
+            }
+            if deadline.is_some_and(|d| clients.is_empty() || now >= d) {
+                break;
+            }
+
+            set.clear();
+            set.add(self.waker.as_fd(), Interest::READ);
+            for c in &clients {
+                set.add(c.peer.as_fd(), c.interest(&self.limits));
+            }
+            let mut wait = IDLE_WAIT;
+            for t in [background_due, deadline].into_iter().flatten() {
+                wait = wait.min(t.saturating_duration_since(now));
+            }
+            if clients.iter().any(|c| !c.reading) {
+                // Clients that no longer read are closed after `grace` without progress.
+                wait = wait.min(self.grace);
+            }
+            let all_ready = match set.wait(wait) {
+                Ok(_) => false,
+                Err(e) => {
+                    // Only resource exhaustion gets here. Every socket operation below is
+                    // non-blocking, so pretending everything is ready is always safe; the
+                    // pause keeps that from spinning.
+                    if !poll_failed {
+                        eprintln!("pcache nbd: reactor {}: poll: {e}", self.index);
+                        poll_failed = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    true
+                }
+            };
+            if all_ready || set.ready(0).read {
+                self.waker.reset();
+            }
+            let now = Instant::now();
+            for (i, c) in clients.iter_mut().enumerate() {
+                let r = set.ready(i + 1);
+                if all_ready || r.read {
+                    c.receive(&self.limits, now);
+                }
+                if all_ready || r.write {
+                    c.send(now);
+                }
+            }
+        }
+        for c in clients {
+            c.close();
+        }
+        // Clients handed over too late are dropped with the inbox, which closes them.
+        // Requests on other reactors may be waiting for background progress (a full cache):
+        // keep providing it until they are gone.
+        while let Some(due) = background_due {
+            if self.running.load(Ordering::Acquire) <= 1 {
+                break;
+            }
+            let now = Instant::now();
+            if now >= due {
+                background_due = self.background();
+            } else {
+                std::thread::sleep((due - now).min(LINGER_POLL));
+            }
+        }
+    }
+
+    /// Takes over the clients handed to this reactor; while stopping, closes them instead.
+    fn admit(&mut self, clients: &mut Vec<Client<T::Conn>>, stopping: bool) {
+        while let Ok(h) = self.inbox.try_recv() {
+            if stopping {
+                continue;
+            }
+            if h.conn.is_none() && self.shared.is_none() {
+                // The server gives every client a handle one way or the other.
+                eprintln!("pcache nbd: connection {}: no device handle", h.id);
+                continue;
+            }
+            clients.push(Client::new(h));
+        }
+    }
+
+    /// Runs the target's background step; returns when it is due again.
+    fn background(&mut self) -> Option<Instant> {
+        let conn = self.shared.as_mut()?;
+        let again = self.target.background(conn, &self.waker)?;
+        Some(Instant::now() + again)
+    }
+
+    /// Executes every complete request buffered, one per client per round.
+    fn execute(&mut self, clients: &mut [Client<T::Conn>]) {
+        loop {
+            let mut progressed = false;
+            for c in clients.iter_mut() {
+                if c.step(&mut self.shared, &self.limits) {
+                    progressed = true;
+                    if c.output.len() >= FLUSH_AT {
+                        c.send(Instant::now());
+                    }
+                }
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+}
+
+/// One client in transmission.
+struct Client<C> {
+    id: u64,
+    peer: Peer,
+    conn: Option<C>,
+    input: ByteQueue,
+    output: ByteQueue,
+    /// Payload bytes of a refused oversized WRITE still to be read and dropped.
+    skip: u64,
+    /// More input is welcome (false after end of file, DISC, a framing error, shutdown).
+    reading: bool,
+    /// Buffered requests may still be executed (false after DISC or a framing error).
+    executing: bool,
+    /// The socket failed: close at once.
+    dead: bool,
+    /// Why the connection ended, logged when it closes (unless the client just left).
+    error: Option<io::Error>,
+    /// Last time the socket moved data; a client that no longer reads is closed when it
+    /// takes no replies for the grace period.
+    last_progress: Instant,
+    _slot: Slot,
+}
+
+impl<C: BlockConn> Client<C> {
+    fn new(h: Handoff<C>) -> Client<C> {
+        Client {
+            id: h.id,
+            peer: h.peer,
+            conn: h.conn,
+            input: ByteQueue::from_vec(h.pending, MAX_INPUT),
+            output: ByteQueue::new(MAX_OUTPUT),
+            skip: 0,
+            reading: true,
+            executing: true,
+            dead: false,
+            error: None,
+            last_progress: Instant::now(),
+            _slot: h.slot,
+        }
+    }
+
+    fn interest(&self, lim: &Limits) -> Interest {
+        Interest {
+            read: self.wants_input(lim),
+            write: !self.output.is_empty(),
+        }
+    }
+
+    /// Whether to read more: not while a request waits for the output backlog to drain, so
+    /// the input holds at most one request plus a chunk.
+    fn wants_input(&self, lim: &Limits) -> bool {
+        self.reading && !self.dead && self.output.len() < OUT_LIMIT && !self.has_request(lim)
+    }
+
+    /// Bytes still missing for the next request to be complete (a header if none is
+    /// buffered; an oversized WRITE counts as its header only, its payload is skipped).
+    fn missing(&self, lim: &Limits) -> usize {
+        let data = self.input.data();
+        let need = match data.first_chunk::<REQUEST_LEN>().and_then(Request::parse) {
+            Some(req) if req.payload_len() <= lim.max_payload => {
+                REQUEST_LEN + req.payload_len() as usize
+            }
+            _ => REQUEST_LEN,
+        };
+        need.saturating_sub(data.len())
+    }
+
+    /// Reads what the socket has, into room for at least the rest of the current request.
+    fn receive(&mut self, lim: &Limits, now: Instant) {
+        // Readiness may also be a hang-up or an error, reported whatever we asked for.
+        if !self.wants_input(lim) {
+            return;
+        }
+        let room = self.input.spare(self.missing(lim).max(READ_CHUNK));
+        match self.peer.read(room) {
+            Ok(0) => {
+                self.reading = false;
+                self.last_progress = now;
+            }
+            Ok(n) => {
+                self.input.commit(n);
+                self.last_progress = now;
+                let dropped = self
+                    .input
+                    .len()
+                    .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
+                self.input.consume(dropped);
+                self.skip -= dropped as u64;
+            }
+            Err(e) if would_block(&e) => {}
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// Writes queued replies until the socket takes no more.
+    fn send(&mut self, now: Instant) {
+        while !self.dead && !self.output.is_empty() {
+            match self.peer.write(self.output.data()) {
+                Ok(0) => self.fail(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.output.consume(n);
+                    self.last_progress = now;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if would_block(&e) => return,
+                Err(e) => self.fail(e),
+            }
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) {
+        self.dead = true;
+        self.error.get_or_insert(e);
+    }
+
+    /// A framing error: nothing more can be parsed; send what is queued, then close.
+    fn hang_up(&mut self, e: io::Error) {
+        self.reading = false;
+        self.executing = false;
+        self.error.get_or_insert(e);
+    }
+
+    /// Whether a complete request (or one to refuse without its payload) is buffered.
+    fn has_request(&self, lim: &Limits) -> bool {
+        self.executing
+            && !self.dead
+            && self.skip == 0
+            && self.input.len() >= REQUEST_LEN
+            && self.missing(lim) == 0
+    }
+
+    fn finished(&self, lim: &Limits, now: Instant, grace: Duration) -> bool {
+        if self.dead {
+            return true;
+        }
+        if self.reading {
+            return false;
+        }
+        let idle = self.output.is_empty() && !self.has_request(lim);
+        idle || now.duration_since(self.last_progress) > grace
+    }
+
+    fn close(self) {
+        if let Some(e) = &self.error {
+            if !is_disconnect(e) {
+                eprintln!("pcache nbd: connection {}: {e}", self.id);
+            }
+        }
+    }
+
+    /// Executes the next buffered request, if it is complete and the output backlog allows;
+    /// returns whether it did.
+    fn step(&mut self, shared: &mut Option<C>, lim: &Limits) -> bool {
+        if !self.has_request(lim) || self.output.len() >= OUT_LIMIT {
+            return false;
+        }
+        let data = self.input.data();
+        let Some(req) = data.first_chunk::<REQUEST_LEN>().and_then(Request::parse) else {
+            self.hang_up(violation("bad request magic"));
+            return true;
+        };
+        let verdict = proto::validate(&req, lim);
+        let payload = req.payload_len();
+        if payload > lim.max_payload {
+            // Refused already (EINVAL); the header framed it, so skipping keeps the stream
+            // in sync without holding the data.
+            let errno = verdict.err().unwrap_or(proto::EINVAL);
+            self.output.put(&proto::simple_reply(errno, req.cookie));
+            let total = REQUEST_LEN as u64 + u64::from(payload);
+            let here = self.input.len().min(REQUEST_LEN + payload as usize);
+            self.input.consume(here);
+            self.skip = total - here as u64;
+            return true;
+        }
+        let total = REQUEST_LEN + payload as usize;
+        let body = &data[REQUEST_LEN..total];
+        let cmd = match verdict {
+            Ok(c) => c,
+            Err(errno) => {
+                self.output.put(&proto::simple_reply(errno, req.cookie));
+                self.input.consume(total);
+                return true;
+            }
+        };
+        let Some(conn) = self.conn.as_mut().or(shared.as_mut()) else {
+            self.fail(io::Error::other("no device handle"));
+            return true;
+        };
+        let done = match cmd {
+            Command::Disc => {
+                self.reading = false;
+                self.executing = false;
+                self.input.consume(total);
+                return true;
+            }
+            Command::Read { off, len } => {
+                // The device reads straight into the reply.
+                let len = len as usize;
+                let room = self.output.spare(REPLY_LEN + len);
+                let (head, rest) = room.split_at_mut(REPLY_LEN);
+                let r = if len == 0 {
+                    Ok(())
+                } else {
+                    conn.read(off, &mut rest[..len])
+                };
+                let (errno, sent) = match r {
+                    Ok(()) => (0, REPLY_LEN + len),
+                    Err(e) => (proto::errno_of(&e), REPLY_LEN),
+                };
+                head.copy_from_slice(&proto::simple_reply(errno, req.cookie));
+                self.output.commit(sent);
+                self.input.consume(total);
+                return true;
+            }
+            Command::Write { off, len, fua } if len > 0 => conn.write(off, body, fua),
+            Command::Flush => conn.flush(),
+            Command::Trim { off, len, fua } if len > 0 => conn.trim(off, len, fua),
+            Command::WriteZeroes {
+                off,
+                len,
+                may_trim,
+                fua,
+            } if len > 0 => conn.write_zeroes(off, len, may_trim, fua),
+            // Zero-length writes, trims and zeroings touch nothing.
+            _ => Ok(()),
+        };
+        let errno = done.as_ref().map_or_else(proto::errno_of, |_| 0);
+        self.output.put(&proto::simple_reply(errno, req.cookie));
+        self.input.consume(total);
+        true
+    }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// A byte FIFO over one buffer: data lives in `buf[start..end]`. The buffer never shrinks
+/// and is zeroed only when it grows, so steady-state use neither allocates nor clears.
+struct ByteQueue {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Growth past this is exact (no doubling), keeping the bound of the module docs.
+    limit: usize,
+}
+
+impl ByteQueue {
+    fn new(limit: usize) -> ByteQueue {
+        ByteQueue::from_vec(Vec::new(), limit)
+    }
+
+    fn from_vec(buf: Vec<u8>, limit: usize) -> ByteQueue {
+        ByteQueue {
+            end: buf.len(),
+            buf,
+            start: 0,
+            limit,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n.min(self.len());
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// The free space after the data, at least `n` bytes: the data moves to the front, or
+    /// the buffer grows, only when the tail is too short.
+    fn spare(&mut self, n: usize) -> &mut [u8] {
+        if self.buf.len() - self.end < n {
+            let len = self.len();
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.start = 0;
+                self.end = len;
+            }
+            let need = len + n;
+            if self.buf.len() < need {
+                let doubled = (self.buf.len() * 2).min(self.limit);
+                self.buf.resize(need.max(doubled), 0);
+            }
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// Appends `n` bytes written into [`ByteQueue::spare`].
+    fn commit(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        self.spare(bytes.len())[..bytes.len()].copy_from_slice(bytes);
+        self.commit(bytes.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_queue_compacts_and_grows_only_when_needed() {
+        let mut q = ByteQueue::new(1 << 20);
+        q.put(b"hello");
+        assert_eq!(q.data(), b"hello");
+        q.consume(2);
+        assert_eq!(q.data(), b"llo");
+        let cap = q.buf.len();
+        // Room at the tail: nothing moves.
+        q.spare(cap - 5);
+        assert_eq!((q.start, q.data()), (2, &b"llo"[..]));
+        // Not enough at the tail but enough overall: the data moves to the front.
+        q.spare(cap - 3);
+        assert_eq!((q.start, q.buf.len(), q.data()), (0, cap, &b"llo"[..]));
+        // Not enough at all: grows (doubling), keeping the data.
+        q.spare(cap);
+        assert!(q.buf.len() >= 2 * cap);
+        assert_eq!(q.data(), b"llo");
+        q.consume(100);
+        assert!(q.is_empty());
+        assert_eq!((q.start, q.end), (0, 0));
+        // Past the limit growth is exact.
+        let mut q = ByteQueue::new(16);
+        q.spare(10);
+        q.commit(10);
+        q.spare(30);
+        assert_eq!(q.buf.len(), 40);
+    }
+}

@@ -1,0 +1,282 @@
+//! Tests of the reactor side of the NBD server that the protocol battery in `test/nbd.rs`
+//! (whose device opens one handle per client) does not reach: handles shared per reactor,
+//! the background hook of reactor 0, requests pipelined behind the handshake, and a client
+//! that stops reading its replies while another on the same reactor keeps being served.
+
+use super::proto::{self, Request};
+use super::{BlockConn, BlockTarget, Listener, NbdServer};
+use crate::env::posix::poll::Waker;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Counters {
+    connects: AtomicUsize,
+    background: AtomicUsize,
+}
+
+/// An in-memory device whose handles are shared per reactor.
+#[derive(Clone)]
+struct Shared {
+    data: Arc<Mutex<Vec<u8>>>,
+    counters: Arc<Counters>,
+}
+
+struct SharedConn(Shared);
+
+impl BlockConn for SharedConn {
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        let d = self.0.data.lock().unwrap();
+        buf.copy_from_slice(&d[off as usize..off as usize + buf.len()]);
+        Ok(())
+    }
+    fn write(&mut self, off: u64, data: &[u8], _fua: bool) -> io::Result<()> {
+        self.0.data.lock().unwrap()[off as usize..off as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn trim(&mut self, _off: u64, _len: u64, _fua: bool) -> io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&mut self, off: u64, len: u64, _may: bool, _fua: bool) -> io::Result<()> {
+        self.0.data.lock().unwrap()[off as usize..(off + len) as usize].fill(0);
+        Ok(())
+    }
+}
+
+impl BlockTarget for Shared {
+    type Conn = SharedConn;
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn block_size(&self) -> u32 {
+        512
+    }
+    fn connect(&self) -> io::Result<SharedConn> {
+        self.counters.connects.fetch_add(1, Ordering::SeqCst);
+        Ok(SharedConn(self.clone()))
+    }
+    fn share_conns(&self) -> bool {
+        true
+    }
+    fn background(&self, _conn: &mut SharedConn, _wake: &Arc<Waker>) -> Option<Duration> {
+        self.counters.background.fetch_add(1, Ordering::SeqCst);
+        Some(Duration::from_millis(5))
+    }
+}
+
+struct Running {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<io::Result<()>>>,
+    sock: PathBuf,
+    target: Shared,
+}
+
+impl Running {
+    fn start(size: usize, reactors: usize) -> Running {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let sock =
+            std::env::temp_dir().join(format!("pcache-reactor-{}-{n}.sock", std::process::id()));
+        let target = Shared {
+            data: Arc::new(Mutex::new(vec![0; size])),
+            counters: Arc::default(),
+        };
+        let listeners = vec![Listener::unix(&sock).unwrap()];
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, t) = (Arc::clone(&stop), Arc::new(target.clone()));
+        let cfg = NbdServer::new()
+            .reactors(reactors)
+            .shutdown_grace(Duration::from_secs(1));
+        let handle = Some(thread::spawn(move || cfg.serve(listeners, t, st)));
+        Running {
+            stop,
+            handle,
+            sock,
+            target,
+        }
+    }
+
+    fn stop(&mut self) -> Duration {
+        let t = Instant::now();
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            h.join().unwrap().unwrap();
+        }
+        t.elapsed()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if !thread::panicking() {
+            self.stop();
+        }
+    }
+}
+
+fn request(kind: u16, cookie: u64, offset: u64, len: u32) -> [u8; proto::REQUEST_LEN] {
+    Request {
+        flags: 0,
+        kind,
+        cookie,
+        offset,
+        len,
+    }
+    .encode()
+}
+
+/// The client half of a fixed-newstyle handshake ending in NBD_OPT_GO, as bytes to send.
+fn go_option() -> Vec<u8> {
+    let mut b = (proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec();
+    b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    b.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+    b.extend_from_slice(&6u32.to_be_bytes());
+    b.extend_from_slice(&[0; 6]); // empty name, no info requests
+    b
+}
+
+struct Client(UnixStream);
+
+impl Client {
+    /// Connects and sends the handshake plus `then` in one write, before reading anything.
+    fn connect(sock: &PathBuf, then: &[u8]) -> Client {
+        let s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = Client(s);
+        let mut out = go_option();
+        out.extend_from_slice(then);
+        c.0.write_all(&out).unwrap();
+        let greeting = c.recv(18);
+        assert_eq!(&greeting[..8], &proto::NBDMAGIC.to_be_bytes());
+        loop {
+            let h = c.recv(20);
+            let reply = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            c.recv(len as usize);
+            if reply == proto::REP_ACK {
+                return c;
+            }
+            assert_eq!(reply, proto::REP_INFO);
+        }
+    }
+
+    fn recv(&mut self, n: usize) -> Vec<u8> {
+        let mut b = vec![0; n];
+        self.0.read_exact(&mut b).unwrap();
+        b
+    }
+
+    /// Reads one simple reply: (error, cookie).
+    fn reply(&mut self) -> (u32, u64) {
+        let r = self.recv(16);
+        assert_eq!(&r[..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        (
+            u32::from_be_bytes(r[4..8].try_into().unwrap()),
+            u64::from_be_bytes(r[8..16].try_into().unwrap()),
+        )
+    }
+
+    fn write(&mut self, cookie: u64, off: u64, data: &[u8]) {
+        let mut b = request(proto::CMD_WRITE, cookie, off, data.len() as u32).to_vec();
+        b.extend_from_slice(data);
+        self.0.write_all(&b).unwrap();
+        assert_eq!(self.reply(), (0, cookie));
+    }
+
+    fn read(&mut self, cookie: u64, off: u64, len: u32) -> Vec<u8> {
+        self.0
+            .write_all(&request(proto::CMD_READ, cookie, off, len))
+            .unwrap();
+        assert_eq!(self.reply(), (0, cookie));
+        self.recv(len as usize)
+    }
+}
+
+#[test]
+fn shared_handles_are_opened_once_per_reactor_and_reactor_0_runs_background() {
+    let mut srv = Running::start(1 << 20, 2);
+    let workers: Vec<_> = (0..4u64)
+        .map(|i| {
+            let sock = srv.sock.clone();
+            thread::spawn(move || {
+                let mut c = Client::connect(&sock, &[]);
+                for j in 0..50u64 {
+                    let off = i * 65536 + (j % 8) * 4096;
+                    let data = vec![(i * 50 + j) as u8; 4096];
+                    c.write(j, off, &data);
+                    assert_eq!(c.read(j, off, 4096), data);
+                }
+                c.0.write_all(&request(proto::CMD_FLUSH, 99, 0, 0)).unwrap();
+                assert_eq!(c.reply(), (0, 99));
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let counters = Arc::clone(&srv.target.counters);
+    assert_eq!(
+        counters.connects.load(Ordering::SeqCst),
+        2,
+        "one per reactor"
+    );
+    thread::sleep(Duration::from_millis(50));
+    assert!(counters.background.load(Ordering::SeqCst) > 1);
+    assert!(srv.stop() < Duration::from_secs(3));
+}
+
+#[test]
+fn requests_pipelined_behind_the_handshake_and_disc_are_served_in_order() {
+    let srv = Running::start(1 << 20, 1);
+    let mut burst = request(proto::CMD_WRITE, 1, 4096, 512).to_vec();
+    burst.extend_from_slice(&[7; 512]);
+    burst.extend_from_slice(&request(proto::CMD_READ, 2, 4096, 512));
+    burst.extend_from_slice(&request(proto::CMD_DISC, 3, 0, 0));
+    let mut c = Client::connect(&srv.sock, &burst);
+    assert_eq!(c.reply(), (0, 1));
+    assert_eq!(c.reply(), (0, 2));
+    assert_eq!(c.recv(512), vec![7; 512]);
+    let mut rest = Vec::new();
+    c.0.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "DISC closes after the replies");
+}
+
+#[test]
+fn a_client_not_reading_replies_does_not_stall_its_reactor() {
+    let mut srv = Running::start(8 << 20, 1);
+    // 256 reads of 1 MiB: far more reply data than socket buffers and the output backlog
+    // hold, so the server must stop serving (and reading) this client.
+    let mut hog = Client::connect(&srv.sock, &[]);
+    let mut reqs = Vec::new();
+    for i in 0..256u64 {
+        reqs.extend_from_slice(&request(proto::CMD_READ, i, 0, 1 << 20));
+    }
+    hog.0.write_all(&reqs).unwrap();
+    let t = Instant::now();
+    let mut c = Client::connect(&srv.sock, &[]);
+    for j in 0..20u64 {
+        c.write(j, 4096 * j, &[j as u8; 4096]);
+        assert_eq!(c.read(j, 4096 * j, 4096), vec![j as u8; 4096]);
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // The hog still gets every reply, in order, once it reads.
+    for i in 0..256u64 {
+        assert_eq!(hog.reply(), (0, i));
+        hog.recv(1 << 20);
+    }
+    // Shutdown does not wait for a client that stopped reading beyond the grace period.
+    hog.0.write_all(&reqs).unwrap();
+    let took = srv.stop();
+    assert!(took < Duration::from_secs(4), "stop took {took:?}");
+}
