@@ -39,8 +39,11 @@ enum Cmd {
     Status(StatusArgs),
     /// Validate all metadata and report what is dirty; non-zero exit on corruption.
     Check(MediumArgs),
-    /// Write every dirty byte back to the backing device (offline), with progress.
+    /// Write every dirty byte back to the backing device, with progress (through a
+    /// running serve's control socket, or offline).
     Flush(FlushArgs),
+    /// Change the GC watermark of a cache (online or offline); it is persisted.
+    Set(SetArgs),
 }
 
 #[derive(Args, Clone)]
@@ -130,11 +133,27 @@ struct StatusArgs {
 struct FlushArgs {
     #[command(flatten)]
     medium: MediumArgs,
+    /// Backing device, for an offline flush (not needed when `serve` is running).
     #[arg(long)]
-    backing: PathBuf,
+    backing: Option<PathBuf>,
+    /// Control socket of a running `pcache serve` (default: `<pmem>.ctl` if it answers).
+    #[arg(long)]
+    control: Option<PathBuf>,
     /// Attach even if the backing device's identity differs from the recorded one.
     #[arg(long)]
     force: bool,
+}
+
+#[derive(Args)]
+struct SetArgs {
+    #[command(flatten)]
+    medium: MediumArgs,
+    /// GC starts when this percentage of segments is in use (0..90).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=90))]
+    gc_percent: u32,
+    /// Control socket of a running `pcache serve` (default: `<pmem>.ctl` if it answers).
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 fn parse_persistence(s: &str) -> Result<Persistence, String> {
@@ -196,6 +215,7 @@ fn main() {
         Cmd::Status(a) => status(a),
         Cmd::Check(a) => check(a),
         Cmd::Flush(a) => flush(a),
+        Cmd::Set(a) => set(a),
     };
     if let Err(e) = r {
         eprintln!("pcache: {e:#}");
@@ -476,12 +496,7 @@ fn check(m: MediumArgs) -> Result<()> {
     Ok(())
 }
 
-fn flush(a: FlushArgs) -> Result<()> {
-    let mut o = VolumeOptions::new(a.medium.pmem.clone(), a.backing.clone());
-    o.persistence = a.medium.persistence;
-    o.force = a.force;
-    let v = Volume::attach(&o, false)?;
-    let total = v.engine.dirty_bytes();
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -489,13 +504,85 @@ fn flush(a: FlushArgs) -> Result<()> {
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    bar
+}
+
+/// Sends `req` to the control socket if a server answers there: Ok(None) if none does.
+fn online(
+    m: &MediumArgs,
+    control: &Option<PathBuf>,
+    req: serde_json::Value,
+) -> Result<Option<serde_json::Value>> {
+    let ctl = control.clone().unwrap_or_else(|| ctl_path(&m.pmem));
+    match control::request(&ctl, &req) {
+        Ok(v) if v["ok"] == json!(true) => Ok(Some(v)),
+        Ok(v) => bail!(
+            "{}: {}",
+            ctl.display(),
+            v["error"].as_str().unwrap_or("request failed")
+        ),
+        Err(e) if control.is_some() => bail!("control socket {}: {e}", ctl.display()),
+        Err(_) => Ok(None),
+    }
+}
+
+fn flush(a: FlushArgs) -> Result<()> {
+    let pmem = a.medium.pmem.display().to_string();
+    if let Some(v) = online(&a.medium, &a.control, json!({"cmd": "flush"}))? {
+        // A running server writes back; follow its progress until nothing is dirty.
+        let total = v["dirty_bytes"].as_u64().unwrap_or(0);
+        let bar = progress_bar(total);
+        loop {
+            let s = online(&a.medium, &a.control, json!({"cmd": "status"}))?
+                .ok_or_else(|| anyhow!("{pmem}: the server went away during the flush"))?;
+            if let Some(m) = s["writeback_stopped"].as_str() {
+                bail!("{pmem}: writeback stopped: {m}");
+            }
+            let dirty = s["dirty_bytes"].as_u64().unwrap_or(0);
+            bar.set_position(total.saturating_sub(dirty));
+            if dirty == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bar.finish_and_clear();
+        println!("{pmem}: wrote back {total} dirty bytes (online); the cache is clean");
+        return Ok(());
+    }
+    let Some(backing) = a.backing.clone() else {
+        bail!("{pmem}: no server answers on its control socket; give --backing to flush offline");
+    };
+    let mut o = VolumeOptions::new(a.medium.pmem.clone(), backing.clone());
+    o.persistence = a.medium.persistence;
+    o.force = a.force;
+    let v = Volume::attach(&o, false)?;
+    let total = v.engine.dirty_bytes();
+    let bar = progress_bar(total);
     v.writeback_all(|done, _| bar.set_position(done))?;
     bar.finish_and_clear();
     v.shutdown()?;
     println!(
-        "{}: wrote back {total} dirty bytes to {}; the cache is clean",
-        a.medium.pmem.display(),
-        a.backing.display()
+        "{pmem}: wrote back {total} dirty bytes to {}; the cache is clean",
+        backing.display()
     );
+    Ok(())
+}
+
+fn set(a: SetArgs) -> Result<()> {
+    let pmem = a.medium.pmem.display().to_string();
+    if online(
+        &a.medium,
+        &a.control,
+        json!({"cmd": "set", "gc_percent": a.gc_percent}),
+    )?
+    .is_some()
+    {
+        println!("{pmem}: gc_percent is now {} (online)", a.gc_percent);
+        return Ok(());
+    }
+    let e = open_offline(&a.medium)?;
+    e.set_gc_percent(a.gc_percent)
+        .map_err(|x| anyhow!("{pmem}: {x}"))?;
+    println!("{pmem}: gc_percent is now {}", a.gc_percent);
     Ok(())
 }
