@@ -87,6 +87,9 @@ pub struct Shard {
     /// (one cache miss per key instead of a tree insert); the first access to the shard
     /// inserts them, with the same overlap resolution, so the result is identical.
     pending: Vec<(u32, Extent)>,
+    /// Longest extent ever inserted here: no extent starting before `s - max_len` can
+    /// reach `s`, so lookups bound their range on both sides and descend the tree once.
+    max_len: u32,
 }
 
 impl Shard {
@@ -151,6 +154,7 @@ impl Shard {
     pub fn insert(&mut self, s: u32, x: Extent) {
         debug_assert!(x.len > 0);
         self.punch(s, s + x.len);
+        self.max_len = self.max_len.max(x.len);
         self.map.insert(s, x);
     }
 
@@ -186,7 +190,8 @@ impl Shard {
             let mut n = 0;
             let mut stale_at = None;
             let mut overflow = false;
-            for (&ks, k) in self.map.range(..e).rev() {
+            let lo = s.saturating_sub(self.max_len);
+            for (&ks, k) in self.map.range(lo..e).rev() {
                 if ks + k.len <= s {
                     break;
                 }
