@@ -74,9 +74,13 @@ impl WbBatch {
             let (ks, ke) = (k.off, k.off + k.len as u64);
             // Emit the parts of [ks, ke) not covered by a later key.
             let mut at = ks;
-            self.covered.sort_unstable();
+            // `covered` is kept sorted by start, so the sweep stops at the first range
+            // past this key.
             for &(cs, ce) in &self.covered {
-                if ce <= at || cs >= ke {
+                if cs >= ke {
+                    break;
+                }
+                if ce <= at {
                     continue;
                 }
                 if cs > at && k.flags & KEY_CLEAN == 0 {
@@ -87,7 +91,8 @@ impl WbBatch {
             if at < ke && k.flags & KEY_CLEAN == 0 {
                 self.items.push(item(geo, k, at, ke));
             }
-            self.covered.push((ks, ke));
+            let i = self.covered.partition_point(|&(cs, _)| cs < ks);
+            self.covered.insert(i, (ks, ke));
         }
         self.items.sort_unstable_by_key(|i| i.off);
     }
