@@ -4,3 +4,5 @@
 
 pub mod posix;
 pub mod sim;
+#[cfg(feature = "spdk")]
+pub mod spdk;

@@ -1,0 +1,193 @@
+//! The per-thread context of a pcache io_channel: engine channels, the base bdev's
+//! channel, bounce buffers and the FIFO of requests waiting for cache space.
+//!
+//! The engine keeps a read's plan in the engine `Channel` from `read` until `fill`, so a
+//! read waiting for the base bdev needs a channel of its own. Writes use `main`; reads
+//! borrow one from `fillers` (at most `Shared::max_fillers` per thread, because each
+//! keeps an allocation head, i.e. an open segment) or, beyond that, from `plain`, whose
+//! reads are served but not cached (`fill(.., false)` only withdraws placeholders and
+//! never allocates). Under cache pressure idle fillers give their segments back.
+//!
+//! Invariants: the context lives inside SPDK's channel allocation from `create_cb` to
+//! `destroy_cb` and is only touched on that channel's thread; every request that enters
+//! `retry` leaves it completed; `destroy_cb` runs when no request is in flight.
+
+use super::cache::{Shared, MAX_IO};
+use super::ffi::{self, DmaBuf, Poller};
+use super::io;
+use crate::engine::Channel;
+use spdk_sys as sys;
+use std::collections::VecDeque;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+/// Size SPDK allocates per channel for our context.
+pub(super) const CTX_SIZE: u32 = std::mem::size_of::<ChannelCtx>() as u32;
+/// How often queued requests are retried while the cache is full.
+const RETRY_PERIOD_US: u64 = 50;
+
+pub(super) struct ChannelCtx {
+    pub shared: Arc<Shared>,
+    pub base_ch: *mut sys::spdk_io_channel,
+    /// Writes, flushes and zeroes.
+    pub main: Channel,
+    pub fillers: Vec<Channel>,
+    /// Fillers in existence (idle ones are in `fillers`).
+    pub n_fillers: usize,
+    pub plain: Vec<Channel>,
+    /// Gathers a multi-iovec write into one slice for `Engine::write`.
+    pub gather: Vec<u8>,
+    /// DMA-able bounces for multi-iovec reads (the base reads into them).
+    pub bounces: Vec<DmaBuf>,
+    /// Ordered requests (writes, flushes, zeroes) waiting for cache space, oldest first.
+    pub retry: VecDeque<*mut sys::spdk_bdev_io>,
+    pub retry_poller: Poller,
+    /// Requests accepted and not completed yet.
+    pub inflight: u64,
+}
+
+impl ChannelCtx {
+    /// An engine channel for a read, and whether it may cache what it fetches.
+    pub(super) fn take_read_channel(&mut self) -> (Channel, bool) {
+        if let Some(c) = self.fillers.pop() {
+            return (c, true);
+        }
+        if self.n_fillers < self.shared.max_fillers {
+            self.n_fillers += 1;
+            return (Channel::default(), true);
+        }
+        (self.plain.pop().unwrap_or_default(), false)
+    }
+
+    pub(super) fn give_read_channel(&mut self, c: Channel, filler: bool) {
+        if filler {
+            self.fillers.push(c);
+        } else {
+            self.plain.push(c);
+        }
+    }
+
+    /// A DMA bounce of at least `len` bytes (len <= MAX_IO), or None if SPDK's memory is
+    /// exhausted.
+    pub(super) fn take_bounce(&mut self, len: usize) -> Option<DmaBuf> {
+        debug_assert!(len <= MAX_IO as usize);
+        self.bounces.pop().or_else(|| DmaBuf::new(MAX_IO as usize))
+    }
+
+    pub(super) fn give_bounce(&mut self, b: DmaBuf) {
+        self.bounces.push(b);
+    }
+
+    /// Under cache pressure idle fillers return their open segments, so GC can reclaim
+    /// them.
+    fn release_idle_heads(&mut self) {
+        let e = &self.shared.engine;
+        for c in &mut self.fillers {
+            e.release_channel(c);
+        }
+    }
+}
+
+/// The context of an io_channel of ours.
+///
+/// # Safety
+/// `ch` must be a live io_channel of a pcache io_device, used on its own thread, and no
+/// other reference to its context may be alive.
+pub(super) unsafe fn ctx_of<'a>(ch: *mut sys::spdk_io_channel) -> &'a mut ChannelCtx {
+    // SAFETY: forwarded contract; create_cb initialised a ChannelCtx at this address.
+    unsafe { &mut *(sys::spdk_sys_io_channel_get_ctx(ch) as *mut ChannelCtx) }
+}
+
+pub(super) extern "C" fn create_cb(io_device: *mut c_void, buf: *mut c_void) -> i32 {
+    let p = io_device as *const Shared;
+    // SAFETY: the io_device is an Arc'd Shared kept alive by its node; taking one more
+    // strong reference for the channel keeps it alive until destroy_cb.
+    let shared = unsafe {
+        Arc::increment_strong_count(p);
+        Arc::from_raw(p)
+    };
+    // SAFETY: the base descriptor stays open while our io_device is registered.
+    let base_ch = unsafe { sys::spdk_bdev_get_io_channel(shared.base_desc.0) };
+    if base_ch.is_null() {
+        return -libc::ENOMEM;
+    }
+    let ctx = buf as *mut ChannelCtx;
+    assert_eq!(
+        ctx as usize % std::mem::align_of::<ChannelCtx>(),
+        0,
+        "SPDK channel context misaligned"
+    );
+    // SAFETY: SPDK allocated CTX_SIZE bytes for us at `buf` (alignment checked above);
+    // they are uninitialised, so write without dropping.
+    unsafe {
+        ctx.write(ChannelCtx {
+            shared,
+            base_ch,
+            main: Channel::default(),
+            fillers: Vec::new(),
+            n_fillers: 0,
+            plain: Vec::new(),
+            gather: vec![0; MAX_IO as usize],
+            bounces: Vec::new(),
+            retry: VecDeque::new(),
+            retry_poller: Poller::none(),
+            inflight: 0,
+        });
+        (*ctx).retry_poller =
+            Poller::start(retry_poll, ctx.cast(), RETRY_PERIOD_US, c"pcache_retry");
+    }
+    0
+}
+
+pub(super) extern "C" fn destroy_cb(_io_device: *mut c_void, buf: *mut c_void) {
+    let ctx = buf as *mut ChannelCtx;
+    // SAFETY: create_cb initialised this context; destroy_cb runs once, on its thread,
+    // after which SPDK frees the memory, so we move the value out to drop it.
+    let mut c = unsafe { ctx.read() };
+    c.retry_poller.stop();
+    // No request can be queued here (the channel is only released when idle); fail any
+    // anyway rather than leak them.
+    while let Some(bio) = c.retry.pop_front() {
+        // SAFETY: queued requests are live and uncompleted.
+        unsafe { io::finish(&mut c, bio, ffi::STATUS_FAILED) };
+    }
+    let e = &c.shared.engine;
+    e.release_channel(&mut c.main);
+    for ch in c.fillers.iter_mut() {
+        e.release_channel(ch);
+    }
+    // SAFETY: obtained in create_cb on this thread; put once.
+    unsafe { sys::spdk_put_io_channel(c.base_ch) };
+}
+
+/// Retries the queued requests oldest first while they find space; fails them all once
+/// the base bdev is gone.
+extern "C" fn retry_poll(arg: *mut c_void) -> i32 {
+    // SAFETY: `arg` is this thread's live channel context (the poller stops before
+    // destroy_cb drops it), and no other reference to it is alive inside a poller call.
+    let c = unsafe { &mut *(arg as *mut ChannelCtx) };
+    if c.retry.is_empty() {
+        return ffi::IDLE;
+    }
+    if c.shared.engine.cache_full() {
+        c.release_idle_heads();
+    }
+    let mut progressed = false;
+    while let Some(&bio) = c.retry.front() {
+        // SAFETY: queued requests are live and uncompleted; the head is retried in order.
+        let done = unsafe { io::retry_ordered(c, bio) };
+        if !done {
+            break;
+        }
+        c.retry.pop_front();
+        c.shared
+            .queued
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        progressed = true;
+    }
+    if progressed {
+        ffi::BUSY
+    } else {
+        ffi::IDLE
+    }
+}

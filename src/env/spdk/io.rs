@@ -1,0 +1,455 @@
+//! The request paths of a pcache bdev, run on the submitting thread.
+//!
+//! * READ: the engine copies hits from pmem straight into the request's buffer (a
+//!   bounce only when it has several iovecs); misses are read from the base bdev into the
+//!   same buffer, then `Engine::fill` caches them (when the read channel may).
+//! * WRITE / FLUSH / UNMAP / WRITE_ZEROES are *ordered*: while any of them waits for
+//!   cache space (`IoError::Busy`), later ones queue behind it in the channel's FIFO,
+//!   retried oldest first by the channel's poller, so a retry never reorders writes.
+//!   A write completes once `Engine::write` has made it durable in pmem; FUA (CDW12 bit
+//!   30 from NVMe-oF) also persists its key.
+//! * RESET completes once no request is in flight on any channel of the cache.
+//! * A base bdev out of request objects (-ENOMEM) is waited for with
+//!   `spdk_bdev_queue_io_wait`.
+//!
+//! Invariants: `IoCtx` lives in the bdev_io's driver_ctx from `submit_request` until
+//! `finish`, which drops it and completes the bdev_io exactly once, on its thread; a
+//! read's engine channel is returned to the pool before the request completes.
+
+use super::channel::{ctx_of, ChannelCtx};
+use super::ffi::{self, DmaBuf, IoDesc};
+use crate::engine::{Channel, IoError};
+use spdk_sys as sys;
+use std::ffi::c_void;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Per-request state, in the bdev_io's driver_ctx.
+pub(super) struct IoCtx {
+    /// The engine channel holding this read's plan, while misses are outstanding.
+    rch: Option<Channel>,
+    filler: bool,
+    /// DMA bounce of a multi-iovec read.
+    bounce: Option<DmaBuf>,
+    /// Base reads outstanding.
+    pending: u32,
+    /// Index of the next miss to submit.
+    next_miss: usize,
+    n_misses: usize,
+    failed: bool,
+    /// Waiting for the base bdev to have request objects again.
+    waiting: bool,
+    wait: sys::spdk_bdev_io_wait_entry,
+}
+
+impl IoCtx {
+    fn new() -> IoCtx {
+        IoCtx {
+            rch: None,
+            filler: false,
+            bounce: None,
+            pending: 0,
+            next_miss: 0,
+            n_misses: 0,
+            failed: false,
+            waiting: false,
+            wait: sys::spdk_bdev_io_wait_entry::default(),
+        }
+    }
+}
+
+fn io_ctx<'a>(bio: *mut sys::spdk_bdev_io) -> &'a mut IoCtx {
+    // SAFETY: driver_ctx is cache-line aligned, get_ctx_size reserved size_of::<IoCtx>()
+    // bytes, and submit_request initialised it; it is used only on the I/O's thread and
+    // every caller holds at most one reference at a time.
+    unsafe { &mut *((*bio).driver_ctx.as_mut_ptr() as *mut IoCtx) }
+}
+
+fn chan_of<'a>(bio: *mut sys::spdk_bdev_io) -> &'a mut ChannelCtx {
+    // SAFETY: the bdev_io was submitted on one of our channels, on this thread, and the
+    // channel lives until all its requests completed.
+    unsafe { ctx_of(sys::spdk_bdev_io_get_io_channel(bio)) }
+}
+
+/// Completes `bio`: drops its IoCtx, then reports `status` to the bdev layer.
+///
+/// # Safety
+/// `bio` must be live and not yet completed, with an initialised IoCtx, on its thread.
+pub(super) unsafe fn finish(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, status: i32) {
+    if status != ffi::STATUS_SUCCESS {
+        c.shared.io_errors.fetch_add(1, Relaxed);
+    }
+    c.inflight -= 1;
+    // SAFETY: the IoCtx was initialised at submit and is dropped exactly once, here,
+    // right before the bdev_io goes back to the bdev layer.
+    unsafe {
+        std::ptr::drop_in_place((*bio).driver_ctx.as_mut_ptr() as *mut IoCtx);
+        ffi::complete(bio, status);
+    }
+}
+
+fn status(r: Result<(), IoError>) -> i32 {
+    match r {
+        Ok(()) => ffi::STATUS_SUCCESS,
+        Err(_) => ffi::STATUS_FAILED,
+    }
+}
+
+pub(super) extern "C" fn submit_request(
+    ch: *mut sys::spdk_io_channel,
+    bio: *mut sys::spdk_bdev_io,
+) {
+    // SAFETY: SPDK submits on one of our live channels, on its thread.
+    let c = unsafe { ctx_of(ch) };
+    // SAFETY: driver_ctx has room for an IoCtx (get_ctx_size) and is uninitialised here.
+    unsafe { ((*bio).driver_ctx.as_mut_ptr() as *mut IoCtx).write(IoCtx::new()) };
+    c.inflight += 1;
+    // SAFETY: `bio` is live and ours until completed.
+    let d = unsafe { ffi::io_desc(bio) };
+    if c.shared.removed.load(Relaxed) {
+        // SAFETY: live, uncompleted request.
+        unsafe { finish(c, bio, ffi::STATUS_FAILED) };
+        return;
+    }
+    match d.ty {
+        sys::SPDK_BDEV_IO_TYPE_READ => read(c, bio, &d),
+        sys::SPDK_BDEV_IO_TYPE_WRITE
+        | sys::SPDK_BDEV_IO_TYPE_FLUSH
+        | sys::SPDK_BDEV_IO_TYPE_UNMAP
+        | sys::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => {
+            if !c.retry.is_empty() {
+                queue(c, bio);
+            } else {
+                match ordered(c, &d) {
+                    Err(IoError::Busy) => queue(c, bio),
+                    // SAFETY: live, uncompleted request.
+                    r => unsafe { finish(c, bio, status(r)) },
+                }
+            }
+        }
+        sys::SPDK_BDEV_IO_TYPE_RESET => reset(bio),
+        // SAFETY: live, uncompleted request; io_type_supported excludes anything else.
+        _ => unsafe { finish(c, bio, ffi::STATUS_FAILED) },
+    }
+}
+
+fn queue(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
+    c.retry.push_back(bio);
+    c.shared.queued.fetch_add(1, Relaxed);
+}
+
+/// Retries the queued request `bio` (the head of the FIFO). True when it completed.
+///
+/// # Safety
+/// `bio` must be a live, queued request of this channel.
+pub(super) unsafe fn retry_ordered(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) -> bool {
+    if c.shared.removed.load(Relaxed) {
+        // SAFETY: forwarded contract.
+        unsafe { finish(c, bio, ffi::STATUS_FAILED) };
+        return true;
+    }
+    // SAFETY: forwarded contract.
+    let d = unsafe { ffi::io_desc(bio) };
+    match ordered(c, &d) {
+        Err(IoError::Busy) => false,
+        r => {
+            // SAFETY: forwarded contract.
+            unsafe { finish(c, bio, status(r)) };
+            true
+        }
+    }
+}
+
+/// Runs one ordered request against the engine.
+fn ordered(c: &mut ChannelCtx, d: &IoDesc) -> Result<(), IoError> {
+    let e = &c.shared.engine;
+    let bs = c.shared.block_size as u64;
+    let off = d.offset_blocks * bs;
+    let len = d.num_blocks * bs;
+    match d.ty {
+        sys::SPDK_BDEV_IO_TYPE_WRITE => {
+            // SAFETY: the request's iovecs are valid for its lifetime.
+            let iovs = unsafe { ffi::iovs(d) };
+            let n = len as usize;
+            if iovs.len() == 1 && iovs[0].iov_len >= n {
+                // SAFETY: a single iovec of at least `n` readable bytes that nothing else
+                // writes while the request is ours.
+                let data = unsafe { std::slice::from_raw_parts(iovs[0].iov_base as *const u8, n) };
+                e.write(&mut c.main, off, data, d.fua)
+            } else {
+                if n > c.gather.len() {
+                    return Err(IoError::OutOfRange);
+                }
+                // SAFETY: the iovecs are readable for their lengths; `gather` is ours.
+                let got = unsafe { ffi::copy_from_iovs(iovs, &mut c.gather[..n]) };
+                if got != n {
+                    return Err(IoError::OutOfRange);
+                }
+                e.write(&mut c.main, off, &c.gather[..n], d.fua)
+            }
+        }
+        sys::SPDK_BDEV_IO_TYPE_FLUSH => e.flush(),
+        sys::SPDK_BDEV_IO_TYPE_UNMAP => e.write_zeroes(off, len, true, false),
+        // CDW12 is only meaningful for WRITE (the bdev layer does not set it otherwise).
+        sys::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => e.write_zeroes(off, len, false, false),
+        _ => Err(IoError::OutOfRange),
+    }
+}
+
+fn read(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoDesc) {
+    // SAFETY: the request's iovecs are valid for its lifetime.
+    let iovs = unsafe { ffi::iovs(d) };
+    if iovs.is_empty() || iovs[0].iov_base.is_null() {
+        let len = d.num_blocks * c.shared.block_size as u64;
+        // SAFETY: a live READ without a buffer: the bdev layer allocates one and calls
+        // back on this thread.
+        unsafe { sys::spdk_bdev_io_get_buf(bio, Some(read_get_buf_cb), len) };
+        return;
+    }
+    read_with_buf(c, bio, d);
+}
+
+extern "C" fn read_get_buf_cb(
+    ch: *mut sys::spdk_io_channel,
+    bio: *mut sys::spdk_bdev_io,
+    success: bool,
+) {
+    // SAFETY: called on the request's thread with our live channel.
+    let c = unsafe { ctx_of(ch) };
+    if !success {
+        // SAFETY: live, uncompleted request.
+        unsafe { finish(c, bio, ffi::STATUS_FAILED) };
+        return;
+    }
+    // SAFETY: live request, now with its buffer.
+    let d = unsafe { ffi::io_desc(bio) };
+    read_with_buf(c, bio, &d);
+}
+
+/// The buffer a read fills: the single iovec, or a DMA bounce.
+fn read_buf<'a>(d: &IoDesc, bounce: &'a mut Option<DmaBuf>, len: usize) -> &'a mut [u8] {
+    match bounce {
+        Some(b) => &mut b.as_mut_slice()[..len],
+        None => {
+            // SAFETY: read_with_buf checked that the single iovec holds `len` writable
+            // bytes owned by this request.
+            unsafe {
+                let iovs = ffi::iovs(d);
+                std::slice::from_raw_parts_mut(iovs[0].iov_base as *mut u8, len)
+            }
+        }
+    }
+}
+
+fn read_with_buf(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoDesc) {
+    let bs = c.shared.block_size as u64;
+    let off = d.offset_blocks * bs;
+    let len = (d.num_blocks * bs) as usize;
+    // SAFETY: the request's iovecs are valid for its lifetime.
+    let iovs = unsafe { ffi::iovs(d) };
+    let single = iovs.len() == 1 && iovs[0].iov_len >= len;
+    let mut bounce = None;
+    if !single {
+        match c.take_bounce(len) {
+            Some(b) => bounce = Some(b),
+            None => {
+                // SAFETY: live, uncompleted request; NOMEM makes the bdev layer retry.
+                unsafe { finish(c, bio, sys::SPDK_BDEV_IO_STATUS_NOMEM) };
+                return;
+            }
+        }
+    }
+    let (mut rch, filler) = c.take_read_channel();
+    let r = c
+        .shared
+        .engine
+        .read(&mut rch, off, read_buf(d, &mut bounce, len));
+    match r {
+        Ok(0) => {
+            c.give_read_channel(rch, filler);
+            complete_read(c, bio, d, bounce, true);
+        }
+        Ok(_) => {
+            let n_misses = rch.misses().count();
+            let x = io_ctx(bio);
+            x.rch = Some(rch);
+            x.filler = filler;
+            x.bounce = bounce;
+            x.n_misses = n_misses;
+            submit_misses(c, bio);
+        }
+        Err(_) => {
+            c.give_read_channel(rch, filler);
+            complete_read(c, bio, d, bounce, false);
+        }
+    }
+}
+
+/// Copies a bounce out to the iovecs (if any), recycles it and completes the read.
+fn complete_read(
+    c: &mut ChannelCtx,
+    bio: *mut sys::spdk_bdev_io,
+    d: &IoDesc,
+    bounce: Option<DmaBuf>,
+    ok: bool,
+) {
+    if let Some(mut b) = bounce {
+        if ok {
+            let len = (d.num_blocks * c.shared.block_size as u64) as usize;
+            // SAFETY: the iovecs are writable request memory, disjoint from the bounce.
+            unsafe { ffi::copy_to_iovs(ffi::iovs(d), &b.as_mut_slice()[..len]) };
+        }
+        c.give_bounce(b);
+    }
+    let st = if ok {
+        ffi::STATUS_SUCCESS
+    } else {
+        ffi::STATUS_FAILED
+    };
+    // SAFETY: live, uncompleted request.
+    unsafe { finish(c, bio, st) };
+}
+
+/// Submits the read's remaining misses to the base bdev.
+fn submit_misses(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
+    // SAFETY: live request.
+    let d = unsafe { ffi::io_desc(bio) };
+    let bs = c.shared.block_size as u64;
+    let off = d.offset_blocks * bs;
+    let desc = c.shared.base_desc.0;
+    let x = io_ctx(bio);
+    x.waiting = false;
+    let base: *mut u8 = match x.bounce.as_mut() {
+        Some(b) => b.as_mut_ptr(),
+        // SAFETY: single-iovec read (else it would have a bounce).
+        None => unsafe { ffi::iovs(&d)[0].iov_base as *mut u8 },
+    };
+    while x.next_miss < x.n_misses {
+        let Some(m) = x.rch.as_ref().and_then(|r| r.misses().nth(x.next_miss)) else {
+            x.failed = true;
+            x.next_miss = x.n_misses;
+            break;
+        };
+        if m.at as u64 % bs != 0 || m.len as u64 % bs != 0 {
+            x.failed = true;
+            x.next_miss = x.n_misses;
+            break;
+        }
+        // SAFETY: `base + m.at .. + m.len` lies inside the request's buffer (the engine's
+        // misses are within the read); the base channel belongs to this thread.
+        let rc = unsafe {
+            sys::spdk_bdev_read_blocks(
+                desc,
+                c.base_ch,
+                base.add(m.at).cast(),
+                (off + m.at as u64) / bs,
+                m.len as u64 / bs,
+                Some(miss_done),
+                bio.cast(),
+            )
+        };
+        if rc == -libc::ENOMEM {
+            x.waiting = true;
+            x.wait.bdev = c.shared.base_bdev;
+            x.wait.cb_fn = Some(miss_retry);
+            x.wait.cb_arg = bio.cast();
+            // SAFETY: the wait entry lives in the request's driver_ctx until it fires.
+            unsafe { sys::spdk_bdev_queue_io_wait(c.shared.base_bdev, c.base_ch, &mut x.wait) };
+            return;
+        }
+        if rc != 0 {
+            x.failed = true;
+            x.next_miss = x.n_misses;
+            break;
+        }
+        x.pending += 1;
+        x.next_miss += 1;
+    }
+    if x.pending == 0 {
+        finish_read(c, bio);
+    }
+}
+
+extern "C" fn miss_retry(arg: *mut c_void) {
+    let bio = arg as *mut sys::spdk_bdev_io;
+    submit_misses(chan_of(bio), bio);
+}
+
+extern "C" fn miss_done(child: *mut sys::spdk_bdev_io, success: bool, arg: *mut c_void) {
+    // SAFETY: the base bdev_io is ours to free once its completion callback runs.
+    unsafe { sys::spdk_bdev_free_io(child) };
+    let bio = arg as *mut sys::spdk_bdev_io;
+    let x = io_ctx(bio);
+    x.pending -= 1;
+    x.failed |= !success;
+    if x.pending == 0 && !x.waiting && x.next_miss >= x.n_misses {
+        finish_read(chan_of(bio), bio);
+    }
+}
+
+/// All misses are back: cache them (or withdraw the placeholders) and complete.
+fn finish_read(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
+    // SAFETY: live request.
+    let d = unsafe { ffi::io_desc(bio) };
+    let bs = c.shared.block_size as u64;
+    let len = (d.num_blocks * bs) as usize;
+    let x = io_ctx(bio);
+    let ok = !x.failed;
+    let mut bounce = x.bounce.take();
+    let filler = x.filler;
+    if let Some(mut rch) = x.rch.take() {
+        let buf = read_buf(&d, &mut bounce, len);
+        c.shared
+            .engine
+            .fill(&mut rch, d.offset_blocks * bs, buf, ok && filler);
+        c.give_read_channel(rch, filler);
+    }
+    complete_read(c, bio, &d, bounce, ok);
+}
+
+/// RESET: complete once nothing is in flight on any channel but the reset itself.
+fn reset(bio: *mut sys::spdk_bdev_io) {
+    let c = chan_of(bio);
+    // SAFETY: our io_device is the Shared the channel points at; the iteration context
+    // (the reset bdev_io) stays live until reset_done completes it.
+    unsafe {
+        sys::spdk_for_each_channel(
+            std::sync::Arc::as_ptr(&c.shared) as *mut c_void,
+            Some(reset_count),
+            bio.cast(),
+            Some(reset_done),
+        )
+    };
+}
+
+extern "C" fn reset_count(i: *mut sys::spdk_io_channel_iter) {
+    // SAFETY: the iterator hands us each live channel of our io_device on its thread;
+    // the reference is dropped before this function returns.
+    let c = unsafe { ctx_of(sys::spdk_io_channel_iter_get_channel(i)) };
+    // SAFETY: the context is the reset bdev_io; only its channel counts it as in flight.
+    let bio = unsafe { sys::spdk_io_channel_iter_get_ctx(i) } as *mut sys::spdk_bdev_io;
+    // SAFETY: `bio` and the iterator are live.
+    let mine = unsafe {
+        sys::spdk_bdev_io_get_io_channel(bio) == sys::spdk_io_channel_iter_get_channel(i)
+    };
+    let busy = c.inflight > u64::from(mine);
+    // SAFETY: continue the iteration exactly once per channel.
+    unsafe { sys::spdk_for_each_channel_continue(i, if busy { -libc::EAGAIN } else { 0 }) };
+}
+
+extern "C" fn reset_done(i: *mut sys::spdk_io_channel_iter, status: i32) {
+    // SAFETY: the iteration context is the reset bdev_io, live until completed here.
+    let bio = unsafe { sys::spdk_io_channel_iter_get_ctx(i) } as *mut sys::spdk_bdev_io;
+    if status == 0 {
+        // SAFETY: live, uncompleted request, on its thread (the iteration completes on
+        // the thread that started it).
+        unsafe { finish(chan_of(bio), bio, ffi::STATUS_SUCCESS) };
+    } else {
+        // Something is still in flight: look again shortly.
+        // SAFETY: the message runs on this thread with the still-live request.
+        unsafe { sys::spdk_thread_send_msg(ffi::current_thread(), Some(reset_again), bio.cast()) };
+    }
+}
+
+extern "C" fn reset_again(arg: *mut c_void) {
+    reset(arg as *mut sys::spdk_bdev_io);
+}

@@ -1,0 +1,41 @@
+//! The SPDK bdev module (feature `spdk`): pcache as a virtual bdev inside a stock
+//! `spdk_tgt` or `bdevperf`, loaded with `LD_PRELOAD` from the cdylib this crate builds.
+//!
+//! Layout: `module` (registration, registry, examine, config), `cache` (attach and
+//! teardown of one cache), `vbdev` (the bdev function table), `channel` (per-thread
+//! context), `io` (request paths), `writeback` (tick, writeback and GC pollers), `wbmap`
+//! (direct pmem access for writeback), `rpc` and `params` (JSON-RPC methods), `json`
+//! (SPDK JSON <-> serde_json) and `ffi` (small wrappers). All of the crate's
+//! SPDK-facing `unsafe` code lives here.
+//!
+//! Invariants: registration happens in a load-time constructor, before `main`, so the
+//! bdev layer finds the module when it initialises; the constructor only links static
+//! structs into SPDK's lists (no allocation-heavy work, no thread APIs). Control-path
+//! state lives on the app thread; the I/O path touches only its channel's context and the
+//! engine, and never makes a syscall or takes a sleeping lock of ours. A panic aborts the
+//! process (Rust aborts on unwinding out of an `extern "C"` function), like a C assert.
+
+mod cache;
+mod channel;
+mod ffi;
+mod io;
+mod json;
+mod module;
+mod params;
+mod rpc;
+mod vbdev;
+mod wbmap;
+mod writeback;
+
+/// The SPDK version the module was built against.
+pub const SPDK_VERSION: &str = spdk_sys::SPDK_SYS_VERSION;
+
+/// Runs when the shared object is loaded (LD_PRELOAD: before the host's `main`).
+extern "C" fn pcache_load() {
+    module::register();
+    rpc::register();
+}
+
+#[used]
+#[link_section = ".init_array"]
+static PCACHE_LOAD: extern "C" fn() = pcache_load;

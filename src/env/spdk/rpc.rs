@@ -1,0 +1,397 @@
+//! The JSON-RPC methods: `bdev_pcache_create`, `bdev_pcache_delete`,
+//! `bdev_pcache_get_stats`, `bdev_pcache_set_options`, `bdev_pcache_flush`, and the
+//! statistics object shared with `dump_info_json`.
+//!
+//! Invariants: handlers run on the app thread; parameters are fully validated
+//! (`params.rs`) before anything changes, and every check that can fail runs before the
+//! first change, so an error leaves the target as it was (a medium file we created for
+//! the request is removed again). Errors carry a negative errno as the JSON-RPC code
+//! (SPDK's convention) or -32602 for malformed parameters.
+
+use super::cache::{self, AttachError, Node};
+use super::ffi::{cstring, noticelog};
+use super::json::{self, Request, INVALID_PARAMS};
+use super::module::{self, Entry, NodePtr, State};
+use super::params::{self, CreateParams};
+use super::writeback;
+use crate::engine::{probe, Pmem, Probe};
+use crate::env::posix::pmem::{Persistence, PosixPmem};
+use serde_json::{json, Value};
+use spdk_sys as sys;
+use std::ffi::c_void;
+use std::sync::atomic::Ordering::Relaxed;
+
+type Handler = extern "C" fn(*mut sys::spdk_jsonrpc_request, *const sys::spdk_json_val);
+
+/// Registers the methods; called from the load-time constructor.
+pub(super) fn register() {
+    let methods: [(&std::ffi::CStr, Handler); 5] = [
+        (c"bdev_pcache_create", rpc_create),
+        (c"bdev_pcache_delete", rpc_delete),
+        (c"bdev_pcache_get_stats", rpc_get_stats),
+        (c"bdev_pcache_set_options", rpc_set_options),
+        (c"bdev_pcache_flush", rpc_flush),
+    ];
+    for (name, h) in methods {
+        // SAFETY: static names and handlers; spdk_rpc_register_method only records them.
+        unsafe { sys::spdk_rpc_register_method(name.as_ptr(), Some(h), sys::SPDK_RPC_RUNTIME) };
+    }
+}
+
+/// Decodes the request's parameters with `parse`, answering malformed ones itself.
+///
+/// # Safety
+/// `req` and `p` must be the arguments of the running RPC handler.
+unsafe fn decode<T>(
+    req: *mut sys::spdk_jsonrpc_request,
+    p: *const sys::spdk_json_val,
+    parse: impl FnOnce(Option<&Value>) -> Result<T, String>,
+) -> Option<(Request, T)> {
+    // SAFETY: forwarded contract: the request is answered exactly once through `r`.
+    let r = unsafe { Request::new(req) };
+    // SAFETY: forwarded contract.
+    let v = match unsafe { json::params(p) } {
+        Ok(v) => v,
+        Err(m) => {
+            r.error(INVALID_PARAMS, &m);
+            return None;
+        }
+    };
+    match parse(v.as_ref()) {
+        Ok(t) => Some((r, t)),
+        Err(m) => {
+            r.error(INVALID_PARAMS, &m);
+            None
+        }
+    }
+}
+
+fn bdev_exists(name: &str) -> bool {
+    let c = cstring(name);
+    // SAFETY: app thread; lookup by name only.
+    !unsafe { sys::spdk_bdev_get_by_name(c.as_ptr()) }.is_null()
+}
+
+extern "C" fn rpc_create(req: *mut sys::spdk_jsonrpc_request, p: *const sys::spdk_json_val) {
+    // SAFETY: handler arguments.
+    let Some((r, params)) = (unsafe { decode(req, p, params::create) }) else {
+        return;
+    };
+    match create(params) {
+        Ok(name) => r.reply(&Value::String(name)),
+        Err((code, msg)) => r.error(code, &msg),
+    }
+}
+
+fn create(p: CreateParams) -> Result<String, AttachError> {
+    let clash = module::with(|r| {
+        r.iter().find_map(|e| {
+            if e.params.name == p.name {
+                Some((
+                    -libc::EEXIST,
+                    format!("a pcache bdev named '{}' already exists", p.name),
+                ))
+            } else if e.params.base_bdev_name == p.base_bdev_name {
+                Some((
+                    -libc::EBUSY,
+                    format!(
+                        "base bdev '{}' is already used by pcache bdev '{}'",
+                        p.base_bdev_name, e.params.name
+                    ),
+                ))
+            } else if e.params.pmem_path == p.pmem_path {
+                Some((
+                    -libc::EBUSY,
+                    format!(
+                        "pmem_path {} is already used by pcache bdev '{}'",
+                        p.pmem_path.display(),
+                        e.params.name
+                    ),
+                ))
+            } else {
+                None
+            }
+        })
+    });
+    if let Some(e) = clash {
+        return Err(e);
+    }
+    if bdev_exists(&p.name) {
+        return Err((
+            -libc::EEXIST,
+            format!("a bdev named '{}' already exists", p.name),
+        ));
+    }
+    let path = p.pmem_path.display().to_string();
+    let meta = std::fs::metadata(&p.pmem_path).ok();
+    if let (Some(m), Some(mb)) = (&meta, p.pmem_size_mb) {
+        if m.is_file() && m.len() != 0 && m.len() != mb << 20 {
+            return Err((
+                -libc::EINVAL,
+                format!(
+                    "pmem_path {path} is {} bytes, but pmem_size_mb asks for {} bytes (omit \
+                     pmem_size_mb to use the file as it is)",
+                    m.len(),
+                    mb << 20
+                ),
+            ));
+        }
+    }
+    let created = meta.is_none();
+    let pmem = PosixPmem::open(
+        &p.pmem_path,
+        p.pmem_size_mb.map(|m| m << 20),
+        Some(p.persistence),
+    )
+    .map_err(|e| {
+        let hint = if p.persistence == Persistence::Pmem {
+            " (\"persistence\": \"pmem\" needs a DAX mapping; use \"volatile\" for RAM or \
+                 a non-DAX file)"
+        } else {
+            ""
+        };
+        (-libc::EINVAL, format!("unusable pmem_path: {e}{hint}"))
+    })?;
+    if !p.format {
+        if let Probe::Foreign(_) = probe(&pmem) {
+            drop(pmem);
+            return Err((
+                -libc::EINVAL,
+                format!(
+                    "{path} holds data that is not a pcache cache; refusing to touch it (pass \
+                     \"format\": true to overwrite it)"
+                ),
+            ));
+        }
+    }
+    let name = p.name.clone();
+    if bdev_exists(&p.base_bdev_name) {
+        match cache::attach(&p, pmem) {
+            Ok(node) => {
+                module::with(|r| {
+                    r.push(Entry {
+                        params: p,
+                        state: State::Active(NodePtr(node)),
+                    })
+                });
+                Ok(name)
+            }
+            Err(e) => {
+                if created {
+                    module::remove_created(&p);
+                }
+                Err(e)
+            }
+        }
+    } else {
+        noticelog!(
+            "{name}: base bdev {} does not exist yet; the cache is created when it appears",
+            p.base_bdev_name
+        );
+        module::with(|r| {
+            r.push(Entry {
+                params: p,
+                state: State::Waiting { pmem, created },
+            })
+        });
+        Ok(name)
+    }
+}
+
+extern "C" fn rpc_delete(req: *mut sys::spdk_jsonrpc_request, p: *const sys::spdk_json_val) {
+    // SAFETY: handler arguments.
+    let Some((r, d)) = (unsafe { decode(req, p, params::delete) }) else {
+        return;
+    };
+    let Some(node) = module::active(&d.name) else {
+        match module::take(&d.name) {
+            Some(e) => {
+                if let State::Waiting { pmem, created } = e.state {
+                    drop(pmem);
+                    if created {
+                        module::remove_created(&e.params);
+                    }
+                }
+                r.reply(&Value::Bool(true));
+            }
+            None => r.error(-libc::ENODEV, &format!("no pcache bdev named '{}'", d.name)),
+        }
+        return;
+    };
+    if !d.flush {
+        unregister(&d.name, r);
+        return;
+    }
+    let name = d.name.clone();
+    writeback::start_drain(
+        node,
+        Some(Box::new(move |res: Result<(), String>| match res {
+            Ok(()) => unregister(&name, r),
+            Err(m) => r.error(
+                -libc::EIO,
+                &format!("'{name}' not deleted: {m}; dirty data is still cached"),
+            ),
+        })),
+    );
+}
+
+fn unregister(name: &str, r: Request) {
+    let c = cstring(name);
+    let arg = Box::into_raw(Box::new(r));
+    // SAFETY: app thread; `arg` is reclaimed exactly once, by the callback or below.
+    let rc = unsafe {
+        sys::spdk_bdev_unregister_by_name(
+            c.as_ptr(),
+            module::ptr(),
+            Some(unregister_done),
+            arg.cast(),
+        )
+    };
+    if rc != 0 {
+        // SAFETY: the callback will not run when the call fails.
+        let r = unsafe { Box::from_raw(arg) };
+        r.error(
+            rc,
+            &format!(
+                "cannot delete '{name}': {}",
+                std::io::Error::from_raw_os_error(-rc)
+            ),
+        );
+    }
+}
+
+extern "C" fn unregister_done(arg: *mut c_void, rc: i32) {
+    // SAFETY: the box leaked in `unregister`, reclaimed once.
+    let r = unsafe { Box::from_raw(arg as *mut Request) };
+    if rc == 0 {
+        r.reply(&Value::Bool(true));
+    } else {
+        r.error(
+            rc,
+            &format!("delete failed: {}", std::io::Error::from_raw_os_error(-rc)),
+        );
+    }
+}
+
+/// Statistics of one configured cache.
+fn entry_stats(e: &Entry) -> Value {
+    let p = &e.params;
+    let mut v = json!({
+        "name": p.name,
+        "base_bdev_name": p.base_bdev_name,
+        "pmem_path": p.pmem_path.to_string_lossy(),
+        "persistence": p.persistence.to_string(),
+    });
+    match &e.state {
+        State::Waiting { pmem, .. } => {
+            v["state"] = "waiting".into();
+            v["pmem_size"] = pmem.size().into();
+        }
+        State::Failed(m) => {
+            v["state"] = "failed".into();
+            v["error"] = m.clone().into();
+        }
+        State::Active(n) => {
+            // SAFETY: app thread; active nodes are alive while in the registry.
+            let nd: &Node = unsafe { &*n.0 };
+            let s = &nd.shared;
+            let e = &s.engine;
+            if let Ok(Value::Object(m)) = serde_json::to_value(e.stats()) {
+                for (k, x) in m {
+                    v[k] = x;
+                }
+            }
+            let pm = e.pmem();
+            v["state"] = "active".into();
+            v["persistence"] = pm.mode().to_string().into();
+            v["pmem_size"] = pm.size().into();
+            v["flush_method"] = pm.flush_method().into();
+            v["block_size"] = s.block_size.into();
+            v["io_errors"] = s.io_errors.load(Relaxed).into();
+            v["queued_requests"] = s.queued.load(Relaxed).into();
+            v["base_removed"] = s.removed.load(Relaxed).into();
+            let bg = &nd.bg;
+            v["writeback"] = json!({
+                "state": bg.state(),
+                "direct_from_pmem": bg.direct(),
+                "backoff_ms": bg.backoff_ms(),
+                "batches": bg.batches,
+                "last_error": bg.last_error,
+            });
+            v["flush"] = json!({
+                "active": bg.drain.active,
+                "total_bytes": bg.drain.total_bytes,
+                "remaining_bytes": e.dirty_bytes(),
+                "completed": bg.drain.completed,
+            });
+        }
+    }
+    v
+}
+
+/// The statistics object of `name` (also `driver_specific.pcache` in bdev_get_bdevs).
+pub(super) fn stats_of(name: &str) -> Option<Value> {
+    module::with(|r| r.iter().find(|e| e.params.name == name).map(entry_stats))
+}
+
+extern "C" fn rpc_get_stats(req: *mut sys::spdk_jsonrpc_request, p: *const sys::spdk_json_val) {
+    // SAFETY: handler arguments.
+    let Some((r, name)) = (unsafe { decode(req, p, params::get_stats) }) else {
+        return;
+    };
+    let list: Vec<Value> = module::with(|reg| {
+        reg.iter()
+            .filter(|e| name.as_deref().is_none_or(|n| n == e.params.name))
+            .map(entry_stats)
+            .collect()
+    });
+    match name {
+        Some(n) if list.is_empty() => {
+            r.error(-libc::ENODEV, &format!("no pcache bdev named '{n}'"))
+        }
+        _ => r.reply(&Value::Array(list)),
+    }
+}
+
+extern "C" fn rpc_set_options(req: *mut sys::spdk_jsonrpc_request, p: *const sys::spdk_json_val) {
+    // SAFETY: handler arguments.
+    let Some((r, o)) = (unsafe { decode(req, p, params::set_options) }) else {
+        return;
+    };
+    if let Some(n) = module::active(&o.name) {
+        // SAFETY: app thread; the node is alive while registered.
+        if let Err(e) = unsafe { &*n }.shared.engine.set_gc_percent(o.gc_percent) {
+            r.error(-libc::EINVAL, &e.to_string());
+            return;
+        }
+    }
+    let found = module::with(|reg| {
+        reg.iter_mut()
+            .find(|e| e.params.name == o.name)
+            .map(|e| e.params.gc_percent = Some(o.gc_percent))
+            .is_some()
+    });
+    if found {
+        r.reply(&Value::Bool(true));
+    } else {
+        r.error(-libc::ENODEV, &format!("no pcache bdev named '{}'", o.name));
+    }
+}
+
+extern "C" fn rpc_flush(req: *mut sys::spdk_jsonrpc_request, p: *const sys::spdk_json_val) {
+    // SAFETY: handler arguments.
+    let Some((r, name)) = (unsafe { decode(req, p, params::flush) }) else {
+        return;
+    };
+    match module::active(&name) {
+        Some(n) => {
+            writeback::start_drain(n, None);
+            r.reply(&Value::Bool(true));
+        }
+        None if stats_of(&name).is_some() => r.error(
+            -libc::EAGAIN,
+            &format!("'{name}' is not active (waiting for its base bdev or failed)"),
+        ),
+        None => r.error(-libc::ENODEV, &format!("no pcache bdev named '{name}'")),
+    }
+}

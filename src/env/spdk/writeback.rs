@@ -1,0 +1,522 @@
+//! Background work of a cache, as pollers on the app thread: the 100 ms engine tick,
+//! writeback of dirty ksets to the base bdev, and GC.
+//!
+//! Writeback takes one kset at a time (`writeback_next`), copies its dirty extents from
+//! pmem into a DMA bounce in waves of at most `WB_BOUNCE` bytes, writes them to the base
+//! bdev (zero and discard extents become WRITE_ZEROES, so the base reads back zeros
+//! whatever its unmap semantics), FLUSHes the base, and only then acknowledges the kset
+//! (`writeback_done`), which lets the engine persist the advanced dirty_tail. The next
+//! kset starts from the completion callback, so a backlog drains at the base's speed,
+//! not the poller's period. Errors back off exponentially (10 ms .. 5 s) and never lose
+//! data: it stays dirty in pmem and is written again.
+//!
+//! Invariants: everything here runs on the app thread; at most one kset is in flight;
+//! stopping waits for the base I/O in flight before the continuation (teardown) runs.
+
+use super::cache::{AttachError, Node, MAX_IO};
+use super::ffi::{self, errlog, noticelog, DmaBuf, Poller};
+use super::wbmap::WbMap;
+use crate::engine::{Pmem, WbBatch, WbKind, WbNext};
+use spdk_sys as sys;
+use std::ffi::c_void;
+
+/// Bytes of dirty data in flight per wave.
+const WB_BOUNCE: usize = 8 << 20;
+/// Period of the writeback poller when idle (work in progress chains itself).
+const WB_PERIOD_US: u64 = 1000;
+/// The engine tick period (kset buffers older than two ticks get closed).
+const TICK_PERIOD_US: u64 = 100_000;
+const BACKOFF_MIN_MS: u64 = 10;
+const BACKOFF_MAX_MS: u64 = 5000;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Idle,
+    Writing,
+    Flushing,
+}
+
+/// Told when a drain ends: Ok, or why writeback stopped.
+pub(super) type DrainWaiter = Box<dyn FnOnce(Result<(), String>)>;
+
+/// Progress of a `bdev_pcache_flush` (or of a delete with flush).
+#[derive(Default)]
+pub(super) struct Drain {
+    pub active: bool,
+    pub total_bytes: u64,
+    pub completed: u64,
+    pub waiters: Vec<DrainWaiter>,
+}
+
+pub(super) struct Background {
+    base_ch: *mut sys::spdk_io_channel,
+    wb_poller: Poller,
+    tick_poller: Poller,
+    batch: WbBatch,
+    phase: Phase,
+    item: usize,
+    item_off: u64,
+    pending: u32,
+    failed: bool,
+    waiting: bool,
+    bounce: Option<DmaBuf>,
+    bounce_used: usize,
+    /// Direct access to the medium for writes to the base, when usable.
+    map: Option<WbMap>,
+    wait: sys::spdk_bdev_io_wait_entry,
+    base_flush: bool,
+    backoff_ms: u64,
+    retry_at: u64,
+    on_stop: Option<Box<dyn FnOnce()>>,
+    stopping: bool,
+    pub drain: Drain,
+    pub last_error: Option<String>,
+    pub batches: u64,
+}
+
+impl Background {
+    pub(super) fn new() -> Background {
+        Background {
+            base_ch: std::ptr::null_mut(),
+            wb_poller: Poller::none(),
+            tick_poller: Poller::none(),
+            batch: WbBatch::default(),
+            phase: Phase::Idle,
+            item: 0,
+            item_off: 0,
+            pending: 0,
+            failed: false,
+            waiting: false,
+            bounce: None,
+            bounce_used: 0,
+            map: None,
+            wait: sys::spdk_bdev_io_wait_entry::default(),
+            base_flush: false,
+            backoff_ms: 0,
+            retry_at: 0,
+            on_stop: None,
+            stopping: false,
+            drain: Drain::default(),
+            last_error: None,
+            batches: 0,
+        }
+    }
+
+    /// "idle", "writing", "flushing" or "backoff".
+    pub(super) fn state(&self) -> &'static str {
+        match self.phase {
+            Phase::Idle if self.backoff_ms > 0 => "backoff",
+            Phase::Idle => "idle",
+            Phase::Writing => "writing",
+            Phase::Flushing => "flushing",
+        }
+    }
+
+    pub(super) fn backoff_ms(&self) -> u64 {
+        self.backoff_ms
+    }
+
+    /// Stops the pollers and gives back the base channel (teardown; idempotent).
+    pub(super) fn stop_now(&mut self) {
+        self.wb_poller.stop();
+        self.tick_poller.stop();
+        if !self.base_ch.is_null() {
+            // SAFETY: obtained in `start` on this (app) thread; put once.
+            unsafe { sys::spdk_put_io_channel(self.base_ch) };
+            self.base_ch = std::ptr::null_mut();
+        }
+        self.bounce = None;
+        self.map = None;
+    }
+
+    /// Whether writeback reads straight from the medium (else through a bounce).
+    pub(super) fn direct(&self) -> bool {
+        self.map.is_some()
+    }
+}
+
+fn node<'a>(p: *mut c_void) -> &'a mut Node {
+    // SAFETY: every callback here gets the node pointer, alive until teardown, which
+    // waits for the background to stop; app thread only, one reference at a time.
+    unsafe { &mut *(p as *mut Node) }
+}
+
+/// Starts the pollers (app thread).
+pub(super) fn start(n: *mut Node) -> Result<(), AttachError> {
+    // SAFETY: app thread; the node was just created.
+    let nd = unsafe { &mut *n };
+    // SAFETY: the base descriptor is open.
+    let ch = unsafe { sys::spdk_bdev_get_io_channel(nd.base_desc) };
+    if ch.is_null() {
+        return Err((
+            -libc::ENOMEM,
+            "cannot get an I/O channel of the base bdev".into(),
+        ));
+    }
+    let bg = &mut nd.bg;
+    bg.base_ch = ch;
+    bg.bounce = DmaBuf::new(WB_BOUNCE);
+    if bg.bounce.is_none() {
+        bg.stop_now();
+        return Err((
+            -libc::ENOMEM,
+            format!("cannot allocate a {} MiB writeback buffer", WB_BOUNCE >> 20),
+        ));
+    }
+    let pm = nd.shared.engine.pmem();
+    bg.map = WbMap::new(&nd.shared.name, pm.path(), pm.size());
+    // SAFETY: getter on an open bdev.
+    bg.base_flush =
+        unsafe { sys::spdk_bdev_io_type_supported(nd.base_bdev, sys::SPDK_BDEV_IO_TYPE_FLUSH) };
+    // SAFETY: the node outlives the pollers (stopped in stop/stop_now before it is freed).
+    unsafe {
+        bg.wb_poller = Poller::start(wb_poll, n.cast(), WB_PERIOD_US, c"pcache_writeback");
+        bg.tick_poller = Poller::start(tick_poll, n.cast(), TICK_PERIOD_US, c"pcache_tick");
+    }
+    Ok(())
+}
+
+/// Stops the background and runs `then` once no base I/O is in flight.
+pub(super) fn stop(n: *mut Node, then: Box<dyn FnOnce()>) {
+    let bg = &mut node(n.cast()).bg;
+    bg.stopping = true;
+    bg.wb_poller.stop();
+    bg.tick_poller.stop();
+    for w in bg.drain.waiters.drain(..) {
+        w(Err("the cache is going away".into()));
+    }
+    bg.drain.active = false;
+    if bg.pending == 0 && !bg.waiting {
+        bg.phase = Phase::Idle;
+        then();
+    } else {
+        bg.on_stop = Some(then);
+    }
+}
+
+/// Runs the stop continuation once the last I/O came back.
+fn stopped(n: *mut Node) -> bool {
+    let bg = &mut node(n.cast()).bg;
+    if !bg.stopping {
+        return false;
+    }
+    if bg.pending == 0 && !bg.waiting {
+        bg.phase = Phase::Idle;
+        if let Some(f) = bg.on_stop.take() {
+            f();
+        }
+    }
+    true
+}
+
+/// Starts writing back everything dirty now (`bdev_pcache_flush`).
+pub(super) fn start_drain(n: *mut Node, waiter: Option<DrainWaiter>) {
+    let nd = node(n.cast());
+    let e = &nd.shared.engine;
+    let _ = e.flush();
+    let bg = &mut nd.bg;
+    if !bg.drain.active {
+        bg.drain.active = true;
+        bg.drain.total_bytes = e.dirty_bytes();
+    }
+    // A drain is what the user waits for: no backoff delay before the next attempt.
+    bg.retry_at = 0;
+    if let Some(w) = waiter {
+        bg.drain.waiters.push(w);
+    }
+    check_drain(n);
+}
+
+fn check_drain(n: *mut Node) {
+    let nd = node(n.cast());
+    let bg = &mut nd.bg;
+    if !bg.drain.active {
+        return;
+    }
+    let e = &nd.shared.engine;
+    let result = if let Some(m) = e.stats().writeback_stopped {
+        Some(Err(format!("writeback stopped: {m}")))
+    } else if bg.phase == Phase::Idle && e.dirty_bytes() == 0 {
+        Some(Ok(()))
+    } else {
+        None
+    };
+    if let Some(r) = result {
+        bg.drain.active = false;
+        if r.is_ok() {
+            bg.drain.completed += 1;
+            noticelog!("{}: flush complete, no dirty data left", nd.shared.name);
+        }
+        for w in bg.drain.waiters.drain(..) {
+            w(r.clone());
+        }
+    }
+}
+
+extern "C" fn tick_poll(arg: *mut c_void) -> i32 {
+    node(arg).shared.engine.tick();
+    ffi::BUSY
+}
+
+extern "C" fn wb_poll(arg: *mut c_void) -> i32 {
+    let n = arg as *mut Node;
+    let nd = node(arg);
+    if nd.bg.stopping {
+        return ffi::IDLE;
+    }
+    let e = &nd.shared.engine;
+    if e.cache_full() {
+        // Writers are waiting: buffered keys must reach the log to be written back.
+        let _ = e.flush();
+    }
+    let mut worked = false;
+    if nd.bg.phase == Phase::Idle && ffi::ticks() >= nd.bg.retry_at {
+        worked |= start_batch(n);
+    }
+    worked |= gc(n);
+    check_drain(n);
+    if worked {
+        ffi::BUSY
+    } else {
+        ffi::IDLE
+    }
+}
+
+fn gc(n: *mut Node) -> bool {
+    let e = &node(n.cast()).shared.engine;
+    e.gc_wanted() && e.gc().ksets > 0
+}
+
+/// Takes the next dirty kset, if any, and starts writing it.
+fn start_batch(n: *mut Node) -> bool {
+    let nd = node(n.cast());
+    let bg = &mut nd.bg;
+    match nd.shared.engine.writeback_next(&mut bg.batch) {
+        WbNext::Ready => {
+            bg.phase = Phase::Writing;
+            bg.item = 0;
+            bg.item_off = 0;
+            bg.failed = false;
+            bg.bounce_used = 0;
+            submit_wave(n);
+            true
+        }
+        WbNext::Idle => false,
+        WbNext::Stopped(m) => {
+            if bg.last_error.as_deref() != Some(m.as_str()) {
+                errlog!("{}: writeback stopped: {m}", nd.shared.name);
+                bg.last_error = Some(m);
+            }
+            false
+        }
+    }
+}
+
+/// Submits the batch's next items until the bounce is full or all are out.
+fn submit_wave(n: *mut Node) {
+    let nd = node(n.cast());
+    let (shared, bg) = (&nd.shared, &mut nd.bg);
+    let bs = shared.block_size as u64;
+    let desc = nd.base_desc;
+    bg.waiting = false;
+    if bg.pending == 0 {
+        bg.bounce_used = 0;
+    }
+    while bg.item < bg.batch.items.len() {
+        let it = bg.batch.items[bg.item];
+        let rest = it.len as u64 - bg.item_off;
+        let at = it.off + bg.item_off;
+        let (rc, len, used) = match it.kind {
+            WbKind::Data { pmem_off } if bg.map.is_some() => {
+                let len = rest.min(MAX_IO as u64);
+                let src = bg
+                    .map
+                    .as_ref()
+                    .and_then(|m| m.ptr(pmem_off + bg.item_off, len));
+                let Some(src) = src else {
+                    bg.failed = true;
+                    break;
+                };
+                // SAFETY: `src..src + len` is medium data of this batch, which the engine
+                // keeps unchanged until the batch is acknowledged; the base only reads it.
+                let rc = unsafe {
+                    sys::spdk_bdev_write_blocks(
+                        desc,
+                        bg.base_ch,
+                        src.cast(),
+                        at / bs,
+                        len / bs,
+                        Some(wb_io_done),
+                        n.cast(),
+                    )
+                };
+                (rc, len, 0)
+            }
+            WbKind::Data { pmem_off } => {
+                let Some(buf) = bg.bounce.as_mut() else {
+                    bg.failed = true;
+                    break;
+                };
+                let room = (buf.len() - bg.bounce_used) as u64;
+                let len = rest.min(MAX_IO as u64).min(room);
+                if len == 0 {
+                    break;
+                }
+                let dst = &mut buf.as_mut_slice()[bg.bounce_used..bg.bounce_used + len as usize];
+                shared.engine.pmem().read(pmem_off + bg.item_off, dst);
+                // SAFETY: the bounce region stays untouched until this write completes (the
+                // wave only moves forward in the bounce); channel of this thread.
+                let rc = unsafe {
+                    sys::spdk_bdev_write_blocks(
+                        desc,
+                        bg.base_ch,
+                        dst.as_mut_ptr().cast(),
+                        at / bs,
+                        len / bs,
+                        Some(wb_io_done),
+                        n.cast(),
+                    )
+                };
+                (rc, len, len as usize)
+            }
+            WbKind::Zero | WbKind::Discard => {
+                // SAFETY: plain block-range request on our base channel.
+                let rc = unsafe {
+                    sys::spdk_bdev_write_zeroes_blocks(
+                        desc,
+                        bg.base_ch,
+                        at / bs,
+                        rest / bs,
+                        Some(wb_io_done),
+                        n.cast(),
+                    )
+                };
+                (rc, rest, 0)
+            }
+        };
+        if rc == -libc::ENOMEM {
+            bg.waiting = true;
+            bg.wait.bdev = nd.base_bdev;
+            bg.wait.cb_fn = Some(wb_retry);
+            bg.wait.cb_arg = n.cast();
+            // SAFETY: the entry lives in the node until it fires (stop waits for it).
+            unsafe { sys::spdk_bdev_queue_io_wait(nd.base_bdev, bg.base_ch, &mut bg.wait) };
+            return;
+        }
+        if rc != 0 {
+            bg.failed = true;
+            break;
+        }
+        bg.pending += 1;
+        bg.bounce_used += used;
+        bg.item_off += len;
+        if bg.item_off == it.len as u64 {
+            bg.item += 1;
+            bg.item_off = 0;
+        }
+    }
+    if bg.pending == 0 {
+        wave_done(n);
+    }
+}
+
+extern "C" fn wb_retry(arg: *mut c_void) {
+    let n = arg as *mut Node;
+    node(arg).bg.waiting = false;
+    if stopped(n) {
+        return;
+    }
+    submit_wave(n);
+}
+
+extern "C" fn wb_io_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c_void) {
+    // SAFETY: the base bdev_io is ours to free in its completion callback.
+    unsafe { sys::spdk_bdev_free_io(child) };
+    let n = arg as *mut Node;
+    let bg = &mut node(arg).bg;
+    bg.pending -= 1;
+    bg.failed |= !ok;
+    if bg.pending == 0 && !bg.waiting {
+        if stopped(n) {
+            return;
+        }
+        wave_done(n);
+    }
+}
+
+/// Every request of a wave came back: next wave, or flush the base, or give up.
+fn wave_done(n: *mut Node) {
+    let nd = node(n.cast());
+    let bg = &mut nd.bg;
+    if bg.failed {
+        batch_done(n, false);
+        return;
+    }
+    if bg.item < bg.batch.items.len() {
+        submit_wave(n);
+        return;
+    }
+    if !bg.base_flush {
+        batch_done(n, true);
+        return;
+    }
+    bg.phase = Phase::Flushing;
+    // SAFETY: FLUSH of the whole base on our channel; completion comes back here.
+    let rc = unsafe {
+        sys::spdk_bdev_flush_blocks(
+            nd.base_desc,
+            bg.base_ch,
+            0,
+            sys::spdk_bdev_get_num_blocks(nd.base_bdev),
+            Some(wb_flush_done),
+            n.cast(),
+        )
+    };
+    if rc == 0 {
+        bg.pending += 1;
+    } else {
+        batch_done(n, false);
+    }
+}
+
+extern "C" fn wb_flush_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c_void) {
+    // SAFETY: the base bdev_io is ours to free in its completion callback.
+    unsafe { sys::spdk_bdev_free_io(child) };
+    let n = arg as *mut Node;
+    node(arg).bg.pending -= 1;
+    batch_done(n, ok);
+}
+
+/// The kset is on the base and flushed (or failed): acknowledge, then go on.
+fn batch_done(n: *mut Node, ok: bool) {
+    let nd = node(n.cast());
+    let e = &nd.shared.engine;
+    e.writeback_done(&nd.bg.batch, ok);
+    let bg = &mut nd.bg;
+    bg.phase = Phase::Idle;
+    if ok {
+        bg.batches += 1;
+        if bg.backoff_ms > 0 {
+            noticelog!("{}: writeback recovered", nd.shared.name);
+        }
+        bg.backoff_ms = 0;
+        bg.retry_at = 0;
+    } else {
+        bg.backoff_ms = (bg.backoff_ms * 2).clamp(BACKOFF_MIN_MS, BACKOFF_MAX_MS);
+        bg.retry_at = ffi::ticks() + bg.backoff_ms * ffi::ticks_hz() / 1000;
+        errlog!(
+            "{}: writeback to base bdev {} failed; retrying in {} ms (the data stays dirty in pmem)",
+            nd.shared.name,
+            nd.base_name,
+            bg.backoff_ms
+        );
+    }
+    if stopped(n) {
+        return;
+    }
+    gc(n);
+    check_drain(n);
+    if ok {
+        start_batch(n);
+    }
+}

@@ -1,0 +1,171 @@
+# Shared by test/spdk/run.sh and test/spdk/bench.sh (sourced, not run): locates SPDK
+# (SPDK_DIR: install prefix or built tree; else pkg-config), builds the module with
+# `cargo build --release --features spdk`, copies libpcache.so to
+# $WORK/libspdk_bdev_pcache.so (the name the issue and README use), and defines helpers to
+# start, wait for and stop SPDK apps with the module preloaded. Without SPDK it prints
+# "SKIP: ..." and exits 0. Cleans up every process it started and every medium file in
+# /dev/shm on exit.
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+HERE="$ROOT/test/spdk"
+
+# ---------------------------------------------------------------- locate SPDK
+if [ -n "${SPDK_DIR:-}" ]; then
+    if [ -x "$SPDK_DIR/build/bin/spdk_tgt" ]; then
+        LIBDIR=$SPDK_DIR/build/lib
+        : "${SPDK_TGT:=$SPDK_DIR/build/bin/spdk_tgt}"
+        : "${BDEVPERF:=$SPDK_DIR/build/examples/bdevperf}"
+        : "${SPDK_DD:=$SPDK_DIR/build/bin/spdk_dd}"
+        : "${RPC_PY:=$SPDK_DIR/scripts/rpc.py}"
+        : "${SPDK_PYTHONPATH:=$SPDK_DIR/python}"
+    else
+        PREFIX=$SPDK_DIR
+    fi
+elif command -v pkg-config > /dev/null && pkg-config --exists spdk_bdev 2> /dev/null; then
+    PREFIX=$(pkg-config --variable=prefix spdk_bdev)
+else
+    echo "SKIP: no SPDK found (set SPDK_DIR or PKG_CONFIG_PATH)"
+    exit 0
+fi
+if [ -n "${PREFIX:-}" ]; then
+    LIBDIR=$PREFIX/lib
+    : "${SPDK_TGT:=$PREFIX/bin/spdk_tgt}"
+    : "${BDEVPERF:=$PREFIX/bin/bdevperf}"
+    : "${SPDK_DD:=$PREFIX/bin/spdk_dd}"
+    : "${RPC_PY:=$PREFIX/bin/spdk-rpc}"
+    : "${SPDK_PYTHONPATH:=$(echo "$PREFIX"/lib/python3*/site-packages)}"
+fi
+for b in "$SPDK_TGT" "$BDEVPERF" "$SPDK_DD" "$RPC_PY"; do
+    if [ ! -x "$b" ]; then
+        echo "FAIL: $b not found or not executable (set SPDK_TGT/BDEVPERF/SPDK_DD/RPC_PY)"
+        exit 1
+    fi
+done
+export LD_LIBRARY_PATH=$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export PYTHONPATH=$SPDK_PYTHONPATH:$ROOT/configs/rpc${PYTHONPATH:+:$PYTHONPATH}
+
+# ---------------------------------------------------------------- build
+WORK=$(mktemp -d /tmp/pcache-spdk.XXXXXX)
+SHM=/dev/shm/pcache-test-$$
+TAG=$$
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do
+        kill -9 "$p" 2> /dev/null
+    done
+    wait 2> /dev/null
+    # Trace buffers of apps that did not exit cleanly (SPDK removes them on a clean exit).
+    for p in "${PIDS[@]}"; do
+        rm -f /dev/shm/*_trace.pid"$p"
+    done
+    rm -f "$SHM"-*
+    if [ "${SPDK_TEST_KEEP:-0}" = 1 ]; then
+        echo "work directory kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+echo "building the module (cargo build --release --features spdk)..."
+if ! (cd "$ROOT" && cargo build --release --features spdk) > "$WORK/build.log" 2>&1; then
+    tail -30 "$WORK/build.log"
+    echo "FAIL: build"
+    exit 1
+fi
+MOD=$WORK/libspdk_bdev_pcache.so
+cp "$TARGET_DIR/release/libpcache.so" "$MOD"
+
+# ---------------------------------------------------------------- helpers
+raw() { python3 "$HERE/rpc_raw.py" "$@"; }
+rpc() { "$RPC_PY" --plugin pcache_rpc "$@"; }
+
+# start NAME PRELOAD(0|1) MASK SOCK BINARY ARGS... ; sets APP_PID
+start() {
+    local name=$1 pre=$2 mask=$3 sock=$4 bin=$5
+    shift 5
+    rm -f "$sock"
+    if [ "$pre" = 1 ]; then
+        LD_PRELOAD=$MOD "$bin" --no-huge -s 2048 -u -m "$mask" --disable-cpumask-locks \
+            -r "$sock" "$@" > "$WORK/$name.log" 2>&1 < /dev/null &
+    else
+        "$bin" --no-huge -s 2048 -u -m "$mask" --disable-cpumask-locks \
+            -r "$sock" "$@" > "$WORK/$name.log" 2>&1 < /dev/null &
+    fi
+    APP_PID=$!
+    PIDS+=("$APP_PID")
+}
+
+# Waits until the app on SOCK answers (and finished its JSON config).
+wait_up() {
+    local i
+    for i in $(seq 1 120); do
+        if raw "$1" framework_wait_init '' 5 > /dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.5
+    done
+    return 1
+}
+
+# Stops an app: SIGTERM through RPC, then kill -9 after 20 s.
+stop() {
+    local sock=$1 pid=$2 i
+    raw "$sock" spdk_kill_instance '{"sig_name": "SIGTERM"}' 5 > /dev/null 2>&1
+    for i in $(seq 1 80); do
+        kill -0 "$pid" 2> /dev/null || { wait "$pid" 2> /dev/null; return 0; }
+        sleep 0.25
+    done
+    kill -9 "$pid" 2> /dev/null
+    wait "$pid" 2> /dev/null
+    return 1
+}
+
+# A config from configs/ with its medium paths and ports made unique to this run.
+cfg() {
+    sed -e "s|/dev/shm/pcache|$SHM-|g" \
+        -e "s|\"4420\"|\"$PORT_BASE\"|g" -e "s|\"4421\"|\"$PORT_EXPORT\"|g" \
+        "$ROOT/configs/$1"
+}
+PORT_BASE=$((20000 + TAG % 20000))
+PORT_EXPORT=$((PORT_BASE + 1))
+
+# "IOPS FAILS" of a bdevperf log's Total line.
+bp_total() {
+    tr '\r' '\n' < "$1" | awk '$1 == "Total" && $2 == ":" { print $3, $5 }' | tail -1
+}
+
+# Field of the first cache in a get_stats answer on stdin.
+field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(d[0]$1 if d else '')"; }
+
+# Runs bdevperf (preloaded) on CONFIG for SECS with WORKLOAD; snapshots pcache stats
+# three quarters through. Sets BP_RC, BP_IOPS, BP_FAILS, BP_STATS.
+run_bdevperf() {
+    local name=$1 config=$2 workload=$3 secs=$4
+    local sock=$WORK/$name.sock
+    start "$name" 1 0x1 "$sock" "$BDEVPERF" -c "$config" -q 32 -o 4096 -w "$workload" \
+        -t "$secs" -T PCache0
+    local pid=$APP_PID
+    wait_up "$sock"
+    sleep $((secs * 3 / 4))
+    BP_STATS=$(raw "$sock" bdev_pcache_get_stats '' 10 2> /dev/null)
+    wait "$pid"
+    BP_RC=$?
+    read -r BP_IOPS BP_FAILS <<< "$(bp_total "$WORK/$name.log")"
+}
+
+check_bdevperf() {
+    local what=$1
+    local wb gc
+    wb=$(field "['writeback_ksets']" <<< "${BP_STATS:-[]}" 2> /dev/null)
+    gc=$(field "['gc_ksets']" <<< "${BP_STATS:-[]}" 2> /dev/null)
+    if [ "$BP_RC" = 0 ] && [ -n "${BP_IOPS:-}" ] && [ "${BP_FAILS:-x}" = "0.00" ] &&
+        [ "${wb:-0}" -gt 0 ] && [ "${gc:-0}" -gt 0 ]; then
+        pass "$what: ${BP_IOPS} IOPS, 0 failures, writeback ksets $wb, GC ksets $gc"
+    else
+        fail "$what: rc=$BP_RC IOPS=${BP_IOPS:-?} fail/s=${BP_FAILS:-?} writeback=${wb:-?} gc=${gc:-?}"
+        tail -15 "$WORK/$2.log"
+    fi
+}
+
