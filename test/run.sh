@@ -32,6 +32,8 @@ if grep -q "test result: FAILED\|error: test failed\|error\[" /tmp/pcache-test.l
   tail -60 /tmp/pcache-test.log
   exit 1
 fi
+echo "== SPDK module (runs when SPDK is found via SPDK_DIR or pkg-config)"
+SPDK_TEST_SECONDS="${SPDK_TEST_SECONDS:-10}" bash test/spdk/run.sh
 echo "== fuzz smoke (build every target, run each time-boxed)"
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "installing cargo-fuzz"
