@@ -56,13 +56,9 @@ struct MediumArgs {
     persistence: Option<Persistence>,
 }
 
+/// Options that shape a cache (used when formatting, checked when attaching).
 #[derive(Args, Clone)]
-struct CacheArgs {
-    #[command(flatten)]
-    medium: MediumArgs,
-    /// The backing file or block device.
-    #[arg(long)]
-    backing: PathBuf,
+struct CacheOpts {
     /// Size of the medium file to create if it does not exist (e.g. 512M, 4G).
     #[arg(long, value_parser = parse_size)]
     pmem_size: Option<u64>,
@@ -80,6 +76,28 @@ struct CacheArgs {
     force: bool,
 }
 
+impl CacheOpts {
+    fn apply(&self, o: &mut VolumeOptions) -> Result<()> {
+        o.pmem_size = self.pmem_size;
+        o.data_crc = self.data_crc;
+        o.gc_percent = self.gc_percent;
+        o.seg_size = seg_size(self.segment_size)?;
+        o.force = self.force;
+        Ok(())
+    }
+}
+
+#[derive(Args, Clone)]
+struct CacheArgs {
+    #[command(flatten)]
+    medium: MediumArgs,
+    /// The backing file or block device.
+    #[arg(long)]
+    backing: PathBuf,
+    #[command(flatten)]
+    opts: CacheOpts,
+}
+
 #[derive(Args)]
 struct ServeArgs {
     /// Cache medium (default: a file in the data directory).
@@ -88,18 +106,11 @@ struct ServeArgs {
     /// Backing device (default: a file in the data directory).
     #[arg(long, requires = "pmem")]
     backing: Option<PathBuf>,
+    /// How durable the medium is: pmem (MAP_SYNC), file (msync), volatile (RAM).
     #[arg(long, value_parser = parse_persistence)]
     persistence: Option<Persistence>,
-    #[arg(long, value_parser = parse_size)]
-    pmem_size: Option<u64>,
-    #[arg(long)]
-    data_crc: bool,
-    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=90))]
-    gc_percent: Option<u32>,
-    #[arg(long, value_parser = parse_size, default_value = "16M")]
-    segment_size: u64,
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    opts: CacheOpts,
     /// NBD Unix socket path.
     #[arg(long)]
     nbd_socket: Option<PathBuf>,
@@ -225,12 +236,8 @@ fn main() {
 
 fn volume_options(a: &CacheArgs) -> Result<VolumeOptions> {
     let mut o = VolumeOptions::new(a.medium.pmem.clone(), a.backing.clone());
-    o.pmem_size = a.pmem_size;
+    a.opts.apply(&mut o)?;
     o.persistence = a.medium.persistence;
-    o.data_crc = a.data_crc;
-    o.gc_percent = a.gc_percent;
-    o.seg_size = seg_size(a.segment_size)?;
-    o.force = a.force;
     o.n_ksets = cores();
     Ok(o)
 }
@@ -280,18 +287,15 @@ fn serve(a: ServeArgs) -> Result<()> {
     };
     let default_small = dir.is_some();
     let mut o = VolumeOptions::new(pmem.clone(), backing.clone());
-    o.pmem_size = a
-        .pmem_size
-        .or(if default_small { Some(256 << 20) } else { None });
+    a.opts.apply(&mut o)?;
     o.persistence = a.persistence;
-    o.data_crc = a.data_crc;
-    o.gc_percent = a.gc_percent;
-    o.seg_size = if default_small && a.segment_size == 16 << 20 {
-        4 << 20
-    } else {
-        seg_size(a.segment_size)?
-    };
-    o.force = a.force;
+    if default_small {
+        // The default files are small: a 256 MiB medium in 4 MiB segments.
+        o.pmem_size = o.pmem_size.or(Some(256 << 20));
+        if a.opts.segment_size == 16 << 20 {
+            o.seg_size = 4 << 20;
+        }
+    }
     let n_cores = a.cores.unwrap_or_else(cores).max(1);
     o.n_ksets = n_cores;
     let vol = Volume::attach(&o, true)?;
