@@ -8,6 +8,7 @@
 //! CRC computed over the whole original extent can still be verified. Staleness is not
 //! known here: the engine passes a predicate over (segment, generation).
 
+use super::format::KeyRec;
 use std::collections::BTreeMap;
 
 /// The extent holds dirty data (not yet on the backing device).
@@ -35,6 +36,34 @@ pub struct Extent {
 }
 
 impl Extent {
+    /// The extent of a key as written (nothing trimmed yet).
+    pub fn of_key(k: &KeyRec, flags: u8) -> Extent {
+        Extent {
+            len: k.len,
+            seg: k.seg,
+            seg_off: k.seg_off,
+            gen: k.gen as u32,
+            crc: k.data_crc,
+            crc_front: 0,
+            crc_back: 0,
+            flags,
+        }
+    }
+
+    /// A range without pmem data: zeros, or a placeholder whose `gen` is a miss token.
+    pub const fn without_data(len: u32, flags: u8, token: u32) -> Extent {
+        Extent {
+            len,
+            seg: 0,
+            seg_off: 0,
+            gen: token,
+            crc: 0,
+            crc_front: 0,
+            crc_back: 0,
+            flags,
+        }
+    }
+
     pub fn is(&self, f: u8) -> bool {
         self.flags & f != 0
     }
@@ -54,16 +83,7 @@ impl Extent {
     }
 }
 
-const EMPTY: Extent = Extent {
-    len: 0,
-    seg: 0,
-    seg_off: 0,
-    gen: 0,
-    crc: 0,
-    crc_front: 0,
-    crc_back: 0,
-    flags: 0,
-};
+const EMPTY: Extent = Extent::without_data(0, 0, 0);
 
 /// Reports the part of extent `k` (at `ks`) inside `[s, e)`.
 fn clip_report(ks: u32, k: Extent, s: u32, e: u32, f: &mut impl FnMut(u32, Extent)) {

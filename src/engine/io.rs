@@ -186,16 +186,7 @@ impl<P: Pmem> Engine<P> {
             if self.data_crc {
                 flags |= F_CRC;
             }
-            let x = Extent {
-                len: k.len,
-                seg: k.seg,
-                seg_off: k.seg_off,
-                gen: a.gen as u32,
-                crc,
-                crc_front: 0,
-                crc_back: 0,
-                flags,
-            };
+            let x = Extent::of_key(&k, flags);
             // FUA closes the kset of *every* piece: pieces of one request in different
             // regions go through different ksets.
             if let Err(e) = self.insert_key(&k, x, fua) {
@@ -254,16 +245,7 @@ impl<P: Pmem> Engine<P> {
                 flags,
                 ..Default::default()
             };
-            let x = Extent {
-                len: n as u32,
-                seg: 0,
-                seg_off: 0,
-                gen: 0,
-                crc: 0,
-                crc_front: 0,
-                crc_back: 0,
-                flags: F_ZERO | F_DIRTY,
-            };
+            let x = Extent::without_data(n as u32, F_ZERO | F_DIRTY, 0);
             self.insert_key(&k, x, fua)?;
             pos += n;
         }
@@ -388,16 +370,7 @@ impl<P: Pmem> Engine<P> {
             } = p
             {
                 *t = self.next_token.fetch_add(1, Relaxed);
-                let ph = Extent {
-                    len: *len as u32,
-                    seg: 0,
-                    seg_off: 0,
-                    gen: *t,
-                    crc: 0,
-                    crc_front: 0,
-                    crc_back: 0,
-                    flags: F_EMPTY,
-                };
+                let ph = Extent::without_data(*len as u32, F_EMPTY, *t);
                 shard.insert(s + (*pat - at) as u32, ph);
             }
         }
@@ -526,16 +499,7 @@ impl<P: Pmem> Engine<P> {
             referenced = true;
             kb.push(&k, false);
             self.counters.fills.inc();
-            Some(Extent {
-                len: frag.len,
-                seg: a.seg,
-                seg_off: k.seg_off,
-                gen: a.gen as u32,
-                crc,
-                crc_front: 0,
-                crc_back: 0,
-                flags: if self.data_crc { F_CRC } else { 0 },
-            })
+            Some(Extent::of_key(&k, if self.data_crc { F_CRC } else { 0 }))
         });
         drop(kb);
         drop(shard);

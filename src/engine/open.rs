@@ -394,16 +394,7 @@ fn replay_key(
         flags |= F_ZERO;
     }
     let shard = (k.off / SUBTREE_SIZE) as usize;
-    let x = Extent {
-        len: k.len,
-        seg: k.seg,
-        seg_off: k.seg_off,
-        gen: k.gen as u32,
-        crc: k.data_crc,
-        crc_front: 0,
-        crc_back: 0,
-        flags,
-    };
+    let x = Extent::of_key(k, flags);
     shards[shard].push_replayed((k.off % SUBTREE_SIZE) as u32, x);
     Ok(())
 }
