@@ -577,19 +577,13 @@ impl BlockTarget for Target {
     }
 }
 
-impl BlockConn for VolumeConn {
-    fn read(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        let e = &self.vol.engine;
-        let missed = e.read(&mut self.ch, off, buf).map_err(to_io)?;
-        if missed == 0 {
-            return Ok(());
-        }
-        // Split `buf` into the miss ranges (in order, disjoint) for one batch.
+impl VolumeConn {
+    /// Reads several miss ranges of one request (in order, disjoint) as one batch.
+    fn read_misses(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         let mut ops: Vec<Op<'_>> = Vec::new();
-        let misses: Vec<_> = self.ch.misses().collect();
-        let mut rest: &mut [u8] = &mut *buf;
+        let mut rest: &mut [u8] = buf;
         let mut base = 0usize;
-        for m in &misses {
+        for m in self.ch.misses() {
             let (_, tail) = rest.split_at_mut(m.at - base);
             let (mid, tail) = tail.split_at_mut(m.len);
             ops.push(Op::Read {
@@ -599,9 +593,34 @@ impl BlockConn for VolumeConn {
             rest = tail;
             base = m.at + m.len;
         }
-        let r = self.q.run(&mut ops);
-        drop(ops);
-        e.fill(&mut self.ch, off, buf, r.is_ok());
+        self.q.run(&mut ops)
+    }
+}
+
+impl BlockConn for VolumeConn {
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        let missed = self
+            .vol
+            .engine
+            .read(&mut self.ch, off, buf)
+            .map_err(to_io)?;
+        if missed == 0 {
+            return Ok(());
+        }
+        // The common case is one miss: read it directly, allocating nothing.
+        let mut misses = self.ch.misses();
+        let first = misses.next().expect("missed > 0 means a miss");
+        let r = if misses.next().is_none() {
+            drop(misses);
+            self.q.read(
+                off + first.at as u64,
+                &mut buf[first.at..first.at + first.len],
+            )
+        } else {
+            drop(misses);
+            self.read_misses(off, buf)
+        };
+        self.vol.engine.fill(&mut self.ch, off, buf, r.is_ok());
         r
     }
 
