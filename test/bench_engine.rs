@@ -7,31 +7,13 @@
 //! replay >= 1 GB/s. Ratios are reported, never asserted: this is not a timed test.
 
 use pcache::engine::{BackingIdentity, Channel, Config, Engine, FormatOptions, Pmem};
+use pcache::env::counting_alloc::{live_bytes, CountingAlloc};
 use pcache::env::posix::pmem::{Persistence, PosixPmem};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
 use std::time::Instant;
 
 /// Counts live heap bytes, to measure the index's DRAM cost per extent.
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Relaxed);
-        // SAFETY: same layout contract as our caller's.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Relaxed);
-        // SAFETY: `p` was allocated by `System.alloc` with `l`.
-        unsafe { System.dealloc(p, l) }
-    }
-}
-
 #[global_allocator]
-static A: Counting = Counting;
+static A: CountingAlloc = CountingAlloc;
 
 const BS: usize = 4096;
 
@@ -102,7 +84,7 @@ fn main() {
     let copy_r = rate(n, t);
     let e = Engine::format(pmem, &fo, &cfg).expect("format");
 
-    let live0 = LIVE.load(Relaxed);
+    let live0 = live_bytes();
     let t = Instant::now();
     for &o in &offs {
         e.write(&mut ch, o, &data, false).expect("write");
@@ -110,7 +92,7 @@ fn main() {
     let write = rate(n, t);
     e.flush().expect("flush");
     let extents = e.stats().cached_extents as f64;
-    let per_key = (LIVE.load(Relaxed) - live0) as f64 / extents;
+    let per_key = (live_bytes() - live0) as f64 / extents;
 
     let mut order = offs.clone();
     for i in (1..order.len()).rev() {

@@ -383,10 +383,13 @@ impl Server {
     }
 
     fn signal(&self, sig: libc::c_int) {
-        let pid = self.child.as_ref().unwrap().id() as libc::pid_t;
-        // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
-        let r = unsafe { libc::kill(pid, sig) };
-        assert_eq!(r, 0, "kill({pid}, {sig}) failed");
+        // kill(1) rather than libc::kill: all unsafe code lives in src/env.
+        let pid = self.child.as_ref().unwrap().id();
+        let st = Command::new("kill")
+            .args([format!("-{sig}"), pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill -{sig} {pid} failed");
     }
 
     /// SIGTERM: must exit 0 after "stopped cleanly". Returns stdout.

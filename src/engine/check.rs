@@ -6,7 +6,7 @@
 //! live extent pointing into a free or log segment). They take every lock in order, so
 //! they are correct but slow; never call them on the I/O path.
 
-use super::format::{KeyRec, KsetCheck, LogPos, KEY_CLEAN, KEY_SIZE, KSET_HDR};
+use super::format::{KeyRec, KsetCheck, KEY_CLEAN, KEY_SIZE, KSET_HDR};
 use super::open::read_kset;
 use super::segs::Use;
 use super::{Channel, Engine, Pmem};
@@ -51,11 +51,7 @@ impl<P: Pmem> Engine<P> {
             };
             s.ksets += 1;
             if hdr.is_last() {
-                pos = LogPos {
-                    seq: pos.seq + 1,
-                    seg: hdr.count,
-                    off: 0,
-                };
+                pos = pos.after(&hdr);
                 s.log_segments.push(pos.seg);
             } else {
                 for i in 0..hdr.count as usize {
@@ -68,11 +64,7 @@ impl<P: Pmem> Engine<P> {
                     s.keys += 1;
                     f(&k, dirty);
                 }
-                pos = LogPos {
-                    seq: pos.seq + 1,
-                    seg: pos.seg,
-                    off: pos.off + hdr.size() as u32,
-                };
+                pos = pos.after(&hdr);
             }
             if pos == dt {
                 dirty = true;

@@ -338,6 +338,24 @@ pub struct LogPos {
 }
 
 impl LogPos {
+    /// The position of the kset that follows the valid kset `hdr` found here: the next
+    /// segment's start after a LAST link, the next byte after a normal kset.
+    pub fn after(&self, hdr: &KsetHdr) -> LogPos {
+        if hdr.is_last() {
+            LogPos {
+                seq: self.seq + 1,
+                seg: hdr.count,
+                off: 0,
+            }
+        } else {
+            LogPos {
+                seq: self.seq + 1,
+                seg: self.seg,
+                off: self.off + hdr.size() as u32,
+            }
+        }
+    }
+
     pub fn encode(&self, kind: u16, seq: u64) -> [u8; TAIL_SIZE] {
         let mut b = [0u8; TAIL_SIZE];
         put_u32(&mut b, 16, self.seg);

@@ -279,11 +279,7 @@ impl<P: Pmem> Engine<P> {
                     )));
                 }
                 uses[next as usize] = Use::Log;
-                pos = LogPos {
-                    seq: pos.seq + 1,
-                    seg: next,
-                    off: 0,
-                };
+                pos = pos.after(&hdr);
             } else {
                 for i in 0..hdr.count as usize {
                     let o = KSET_HDR + i * KEY_SIZE;
@@ -298,8 +294,7 @@ impl<P: Pmem> Engine<P> {
                     }
                     replay_key(&k, &gens, &mut refs, &mut shards, data_crc, saw_dirty)?;
                 }
-                pos.off += hdr.size() as u32;
-                pos.seq += 1;
+                pos = pos.after(&hdr);
             }
             if pos == dirty_tail {
                 saw_dirty = true;

@@ -144,11 +144,7 @@ impl<P: Pmem> Engine<P> {
                 Err(e) => return self.stop_writeback(e.to_string()),
             };
             if hdr.is_last() {
-                t.dirty = LogPos {
-                    seq: pos.seq + 1,
-                    seg: hdr.count,
-                    off: 0,
-                };
+                t.dirty = pos.after(&hdr);
                 self.persist_dirty_tail(&mut t);
                 continue;
             }
@@ -174,11 +170,7 @@ impl<P: Pmem> Engine<P> {
             }
             b.build(&self.geo);
             b.pos = pos;
-            b.next = LogPos {
-                seq: pos.seq + 1,
-                seg: pos.seg,
-                off: pos.off + hdr.size() as u32,
-            };
+            b.next = pos.after(&hdr);
             return WbNext::Ready;
         }
     }
@@ -264,22 +256,14 @@ impl<P: Pmem> Engine<P> {
             r.ksets += 1;
             self.counters.gc_ksets.inc();
             if hdr.is_last() {
-                t.key = LogPos {
-                    seq: pos.seq + 1,
-                    seg: hdr.count,
-                    off: 0,
-                };
+                t.key = pos.after(&hdr);
                 self.persist_key_tail(&mut t);
                 drop(t);
                 self.segs.free_log(pos.seg);
                 r.segments_freed += 1;
                 continue;
             }
-            t.key = LogPos {
-                seq: pos.seq + 1,
-                seg: pos.seg,
-                off: pos.off + hdr.size() as u32,
-            };
+            t.key = pos.after(&hdr);
             self.persist_key_tail(&mut t);
             drop(t);
             for i in 0..hdr.count as usize {

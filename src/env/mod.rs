@@ -2,6 +2,7 @@
 //! for OS calls: `sim` (deterministic simulator for tests and benches) and `posix` (the
 //! embedded runtime: mmap'd pmem, io_uring backing device).
 
+pub mod counting_alloc;
 pub mod posix;
 pub mod sim;
 #[cfg(feature = "spdk")]
