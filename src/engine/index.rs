@@ -1,15 +1,23 @@
-//! The in-DRAM index: one shard per 4 MiB of backing address, each an ordered map from
-//! the extent's offset inside the shard to where its bytes live.
+//! The in-DRAM index: one shard per 4 MiB of backing address (the lock unit), each a
+//! sorted vector of (offset inside the shard, extent) saying where those bytes live,
+//! cut into 16 runs of 256 KiB ("buckets") by a small table beside the lock.
 //!
-//! Invariant: extents in a shard never overlap. An insert resolves every overlap case
-//! (the new extent covers an old one's head, tail, all of it, or sits inside it) by
-//! trimming or splitting the old extents, so "later inserted wins", exactly as replay
-//! needs. Trimming keeps the original extent's bounds (`crc_front`/`crc_back`) so a data
-//! CRC computed over the whole original extent can still be verified. Staleness is not
-//! known here: the engine passes a predicate over (segment, generation).
+//! Why a vector and not a tree: a 4 KiB hit touches the lock's cache line and one
+//! binary search over a short run (one or two more lines) instead of a walk down tree
+//! nodes; an exact overwrite replaces its entry in place; nothing allocates once the
+//! vector has grown. The price is that an insert that adds an entry shifts the ones
+//! after it (at most 1024 entries of 4 KiB; a shard of 512 B extents is the worst
+//! case, 8192).
+//!
+//! Invariants: extents in a shard never overlap, and none crosses a bucket boundary
+//! (an insert splits at boundaries; the pieces keep the original extent's bounds in
+//! `crc_front`/`crc_back`, so a data CRC over the whole original extent can still be
+//! verified). An insert resolves every overlap case (the new extent covers an old one's
+//! head, tail, all of it, or sits inside it) by trimming or splitting the old extents, so
+//! "later inserted wins", exactly as replay needs. Staleness is not known here: the
+//! engine passes a predicate over (segment, generation).
 
 use super::format::KeyRec;
-use std::collections::BTreeMap;
 
 /// The extent holds dirty data (not yet on the backing device).
 pub const F_DIRTY: u8 = 1;
@@ -20,7 +28,7 @@ pub const F_ZERO: u8 = 4;
 /// `crc` is meaningful.
 pub const F_CRC: u8 = 8;
 
-/// One extent in DRAM; 32 bytes plus the 4-byte map key.
+/// One extent in DRAM: 28 bytes, 32 with its start (two entries per cache line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
     pub len: u32,
@@ -29,10 +37,11 @@ pub struct Extent {
     /// Low 32 bits of the segment generation, or the miss token of a placeholder.
     pub gen: u32,
     pub crc: u32,
-    /// Bytes trimmed off the front / back of the original extent since it was written.
+    /// Bytes trimmed off the front of the original extent since it was written.
     pub crc_front: u32,
-    pub crc_back: u32,
-    pub flags: u8,
+    /// Bytes trimmed off the back (high 24 bits: an extent is at most 4 MiB) and the
+    /// `F_*` flags (low 8 bits), packed to keep an entry at 32 bytes.
+    back_flags: u32,
 }
 
 impl Extent {
@@ -45,8 +54,7 @@ impl Extent {
             gen: k.gen as u32,
             crc: k.data_crc,
             crc_front: 0,
-            crc_back: 0,
-            flags,
+            back_flags: flags as u32,
         }
     }
 
@@ -59,16 +67,19 @@ impl Extent {
             gen: token,
             crc: 0,
             crc_front: 0,
-            crc_back: 0,
-            flags,
+            back_flags: flags as u32,
         }
     }
 
     pub fn is(&self, f: u8) -> bool {
-        self.flags & f != 0
+        self.back_flags & f as u32 != 0
     }
     pub fn has_data(&self) -> bool {
-        self.flags & (F_EMPTY | F_ZERO) == 0
+        !self.is(F_EMPTY | F_ZERO)
+    }
+    /// Bytes trimmed off the back of the original extent since it was written.
+    pub fn crc_back(&self) -> u32 {
+        self.back_flags >> 8
     }
     fn cut_front(&mut self, d: u32) {
         self.len -= d;
@@ -79,14 +90,14 @@ impl Extent {
     }
     fn cut_back(&mut self, d: u32) {
         self.len -= d;
-        self.crc_back += d;
+        self.back_flags += d << 8;
     }
 }
 
 const EMPTY: Extent = Extent::without_data(0, 0, 0);
 
 /// Reports the part of extent `k` (at `ks`) inside `[s, e)`.
-fn clip_report(ks: u32, k: Extent, s: u32, e: u32, f: &mut impl FnMut(u32, Extent)) {
+fn clip(ks: u32, k: Extent, s: u32, e: u32) -> (u32, Extent) {
     let mut c = k;
     let cs = ks.max(s);
     if cs > ks {
@@ -96,98 +107,182 @@ fn clip_report(ks: u32, k: Extent, s: u32, e: u32, f: &mut impl FnMut(u32, Exten
     if ks + k.len > ce {
         c.cut_back(ks + k.len - ce);
     }
-    f(cs, c);
+    (cs, c)
 }
 
-/// One 4 MiB shard. Offsets are relative to the shard's base.
+const BUCKET_SHIFT: u32 = 18;
+const BUCKET: u32 = 1 << BUCKET_SHIFT;
+const N_BUCKETS: usize = (super::format::SUBTREE_SIZE >> BUCKET_SHIFT) as usize;
+
+/// An extent and its start; 32-byte aligned so a lookup never straddles lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C, align(32))]
+struct Entry(u32, Extent);
+
+/// Calls `f(bucket, start, end)` for each bucket-sized piece of `[s, e)`.
+fn pieces(s: u32, e: u32, mut f: impl FnMut(usize, u32, u32)) {
+    let mut at = s;
+    while at < e {
+        let b = (at >> BUCKET_SHIFT) as usize;
+        let end = e.min((at | (BUCKET - 1)).saturating_add(1));
+        f(b, at, end);
+        at = end;
+    }
+}
+
+/// Index of the first entry of `v` that ends after `s` (the first one that can overlap
+/// `[s, ..)`).
+fn first_overlap(v: &[Entry], s: u32) -> usize {
+    let i = v.partition_point(|x| x.0 < s);
+    if i > 0 && v[i - 1].0 + v[i - 1].1.len > s {
+        i - 1
+    } else {
+        i
+    }
+}
+
+/// One 4 MiB shard: all its extents in one sorted vector, cut into `N_BUCKETS` runs
+/// (one per 256 KiB) by `ends`, so a lookup searches one short run. The lock, the
+/// vector's header and `ends` share one cache line (see `ShardLock`): a 4 KiB hit
+/// touches that line and the one or two lines of its run. Offsets are relative to the
+/// shard's base.
 #[derive(Debug, Default)]
 pub struct Shard {
-    map: BTreeMap<u32, Extent>,
-    /// Extents replayed but not yet inserted, in log order. Replay only appends here
-    /// (one cache miss per key instead of a tree insert); the first access to the shard
+    v: Vec<Entry>,
+    /// `ends[b]`: index in `v` one past bucket `b`'s last entry (the last bucket ends
+    /// at `v.len()`). At most 8192 entries fit a shard (512 B each), so u16 suffices.
+    ends: [u16; N_BUCKETS - 1],
+    /// `v` holds replayed extents in log order, not yet inserted. Replay only appends
+    /// (one cache miss per key instead of an insert); the first access to the shard
     /// inserts them, with the same overlap resolution, so the result is identical.
-    pending: Vec<(u32, Extent)>,
-    /// Longest extent ever inserted here: no extent starting before `s - max_len` can
-    /// reach `s`, so lookups bound their range on both sides and descend the tree once.
-    max_len: u32,
+    replayed: bool,
+}
+
+/// A shard behind its lock, aligned so lock and shard header share one cache line.
+#[repr(align(64))]
+#[derive(Debug, Default)]
+pub struct ShardLock(pub std::sync::Mutex<Shard>);
+
+impl std::ops::Deref for ShardLock {
+    type Target = std::sync::Mutex<Shard>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Shard {
-    /// Queues a replayed extent (see `pending`).
+    /// Queues a replayed extent (see `replayed`).
     pub fn push_replayed(&mut self, s: u32, x: Extent) {
-        self.pending.push((s, x));
+        self.replayed = true;
+        self.v.push(Entry(s, x));
     }
 
     fn settle(&mut self) {
-        if self.pending.is_empty() {
+        if !self.replayed {
             return;
         }
-        let mut p = std::mem::take(&mut self.pending);
-        for (s, x) in p.drain(..) {
+        self.replayed = false;
+        let p = std::mem::take(&mut self.v);
+        for Entry(s, x) in p {
             self.insert(s, x);
         }
-        self.pending = p; // keeps the capacity only if a caller pushes again
-        self.pending.shrink_to_fit();
+    }
+
+    /// Bounds of bucket `b` in `v`.
+    fn run(&self, b: usize) -> (usize, usize) {
+        let lo = if b == 0 { 0 } else { self.ends[b - 1] as usize };
+        let hi = if b == N_BUCKETS - 1 {
+            self.v.len()
+        } else {
+            self.ends[b] as usize
+        };
+        (lo, hi)
+    }
+
+    /// Replaces `v[i..j]` (inside bucket `b`) with `new` (at most three entries).
+    fn replace(&mut self, b: usize, i: usize, j: usize, new: &[Entry]) {
+        let old = j - i;
+        let common = old.min(new.len());
+        self.v[i..i + common].copy_from_slice(&new[..common]);
+        if old > common {
+            self.v.drain(i + common..j);
+            for e in &mut self.ends[b..] {
+                *e -= (old - common) as u16;
+            }
+        } else if new.len() > common {
+            let add = &new[common..];
+            self.v.splice(i + common..i + common, add.iter().copied());
+            for e in &mut self.ends[b..] {
+                *e += add.len() as u16;
+            }
+        }
+    }
+
+    /// Removes whatever overlaps `[s, e)` inside bucket `b`, keeping the parts of old
+    /// extents outside it, and puts `x` (if any) at `s` in their place.
+    fn punch_insert(&mut self, b: usize, s: u32, e: u32, x: Option<Extent>) {
+        let (lo, hi) = self.run(b);
+        let i = lo + first_overlap(&self.v[lo..hi], s);
+        let mut new = [Entry(0, EMPTY); 3];
+        let mut n = 0;
+        let mut j = i;
+        while j < hi && self.v[j].0 < e {
+            let Entry(ks, k) = self.v[j];
+            let ke = ks + k.len;
+            if ks < s {
+                let mut front = k;
+                front.cut_back(ke - s);
+                new[n] = Entry(ks, front);
+                n += 1;
+            }
+            if ke > e {
+                let mut back = k;
+                back.cut_front(e - ks);
+                // The back piece sorts after `x`: place `x` first.
+                if let Some(x) = x {
+                    new[n] = Entry(s, x);
+                    n += 1;
+                }
+                new[n] = Entry(e, back);
+                n += 1;
+                self.replace(b, i, j + 1, &new[..n]);
+                return;
+            }
+            j += 1;
+        }
+        if let Some(x) = x {
+            new[n] = Entry(s, x);
+            n += 1;
+        }
+        self.replace(b, i, j, &new[..n]);
     }
 
     pub fn len(&mut self) -> usize {
         self.settle();
-        self.map.len()
+        self.v.len()
     }
     pub fn is_empty(&mut self) -> bool {
         self.len() == 0
     }
     pub fn iter(&mut self) -> impl Iterator<Item = (u32, &Extent)> {
         self.settle();
-        self.map.iter().map(|(k, v)| (*k, v))
+        self.v.iter().map(|x| (x.0, &x.1))
     }
 
     /// Removes whatever overlaps `[s, e)`, keeping the parts of old extents outside it.
     pub fn punch(&mut self, s: u32, e: u32) {
         self.settle();
-        if let Some((&ks, k)) = self.map.range(..s).next_back() {
-            let ke = ks + k.len;
-            if ke > s {
-                let mut front = *k;
-                front.cut_back(ke - s);
-                if ke > e {
-                    let mut back = *k;
-                    back.cut_front(e - ks);
-                    self.map.insert(e, back);
-                }
-                self.map.insert(ks, front);
-            }
-        }
-        while let Some((&ks, k)) = self.map.range(s..e).next() {
-            let k = *k;
-            self.map.remove(&ks);
-            let ke = ks + k.len;
-            if ke > e {
-                let mut back = k;
-                back.cut_front(e - ks);
-                self.map.insert(e, back);
-            }
-        }
+        pieces(s, e, |b, ps, pe| self.punch_insert(b, ps, pe, None));
     }
 
     /// Inserts an extent at `s`, trimming everything it overlaps (later wins).
     pub fn insert(&mut self, s: u32, x: Extent) {
         debug_assert!(x.len > 0);
-        self.punch(s, s + x.len);
-        self.max_len = self.max_len.max(x.len);
-        self.map.insert(s, x);
-    }
-
-    /// Removes the extent starting at `s` if it is still exactly `x` (a racing insert
-    /// may have trimmed or replaced it, in which case nothing happens).
-    pub fn remove_if_same(&mut self, s: u32, x: &Extent) -> bool {
         self.settle();
-        if self.map.get(&s) == Some(x) {
-            self.map.remove(&s);
-            true
-        } else {
-            false
-        }
+        pieces(s, s + x.len, |b, ps, pe| {
+            let (_, piece) = clip(s, x, ps, pe);
+            self.punch_insert(b, ps, pe, Some(piece));
+        });
     }
 
     /// Visits the extents overlapping `[s, e)` in order, clipped to the range, as
@@ -201,64 +296,26 @@ impl Shard {
         mut f: impl FnMut(u32, Extent),
     ) {
         self.settle();
-        // One tree descent in the common case: collect the (few) overlapping extents
-        // walking backwards from `e`, purge stale ones (rare: only after a reclaim),
-        // then report them in address order.
-        const N: usize = 8;
-        let mut buf = [(0u32, EMPTY); N];
-        loop {
-            let mut n = 0;
-            let mut stale_at = None;
-            let mut overflow = false;
-            let lo = s.saturating_sub(self.max_len);
-            for (&ks, k) in self.map.range(lo..e).rev() {
-                if ks + k.len <= s {
-                    break;
-                }
-                if k.has_data() && stale(k) {
-                    stale_at = Some(ks);
-                    break;
-                }
-                if n == N {
-                    overflow = true;
+        pieces(s, e, |b, ps, pe| {
+            let (lo, mut hi) = self.run(b);
+            let mut i = lo + first_overlap(&self.v[lo..hi], ps);
+            while i < hi && self.v[i].0 < pe {
+                let Entry(ks, k) = self.v[i];
+                if k.has_data() && stale(&k) {
+                    self.replace(b, i, i + 1, &[]);
+                    hi -= 1;
                     continue;
                 }
-                buf[n] = (ks, *k);
-                n += 1;
+                let (cs, c) = clip(ks, k, ps, pe);
+                f(cs, c);
+                i += 1;
             }
-            if let Some(ks) = stale_at {
-                self.map.remove(&ks);
-                continue;
-            }
-            if overflow {
-                // Many small extents: walk forward without the buffer.
-                let v: Vec<(u32, Extent)> = self.overlapping(s, e).map(|(a, b)| (a, *b)).collect();
-                for (ks, k) in v {
-                    clip_report(ks, k, s, e, &mut f);
-                }
-                return;
-            }
-            for &(ks, k) in buf[..n].iter().rev() {
-                clip_report(ks, k, s, e, &mut f);
-            }
-            return;
-        }
-    }
-
-    fn overlapping(&self, s: u32, e: u32) -> impl Iterator<Item = (u32, &Extent)> {
-        let before = self
-            .map
-            .range(..s)
-            .next_back()
-            .filter(|(ks, k)| **ks + k.len > s)
-            .map(|(k, v)| (*k, v));
-        before
-            .into_iter()
-            .chain(self.map.range(s..e).map(|(k, v)| (*k, v)))
+        });
     }
 
     /// Replaces the placeholder fragments carrying `token` inside `[s, e)` using `f`,
     /// which maps (fragment start, fragment) to its replacement or None to drop it.
+    /// Fragments are visited in address order.
     pub fn resolve_placeholders(
         &mut self,
         s: u32,
@@ -267,48 +324,61 @@ impl Shard {
         mut f: impl FnMut(u32, &Extent) -> Option<Extent>,
     ) {
         self.settle();
-        let mut at = s;
-        loop {
-            let found = self
-                .overlapping(at, e)
-                .find(|(_, k)| k.is(F_EMPTY) && k.gen == token)
-                .map(|(ks, k)| (ks, *k));
-            let Some((ks, k)) = found else { break };
-            self.map.remove(&ks);
-            let ke = ks + k.len;
-            let mut c = k;
-            if ks < s {
-                let mut front = k;
-                front.cut_back(ke - s);
-                self.map.insert(ks, front);
-                c.cut_front(s - ks);
+        pieces(s, e, |b, ps, pe| {
+            let (lo, hi) = self.run(b);
+            let mut i = lo + first_overlap(&self.v[lo..hi], ps);
+            while i < self.run(b).1 && self.v[i].0 < pe {
+                let Entry(ks, k) = self.v[i];
+                if !(k.is(F_EMPTY) && k.gen == token) {
+                    i += 1;
+                    continue;
+                }
+                let ke = ks + k.len;
+                let (cs, c) = clip(ks, k, ps, pe);
+                let ce = cs + c.len;
+                let mut new = [Entry(0, EMPTY); 3];
+                let mut n = 0;
+                if cs > ks {
+                    let mut front = k;
+                    front.cut_back(ke - cs);
+                    new[n] = Entry(ks, front);
+                    n += 1;
+                }
+                if let Some(x) = f(cs, &c) {
+                    new[n] = Entry(cs, x);
+                    n += 1;
+                }
+                if ke > ce {
+                    let mut back = k;
+                    back.cut_front(ce - ks);
+                    new[n] = Entry(ce, back);
+                    n += 1;
+                }
+                self.replace(b, i, i + 1, &new[..n]);
+                i += n;
             }
-            if ke > e {
-                let mut back = k;
-                back.cut_front(e - ks);
-                self.map.insert(e, back);
-                c.cut_back(ke - e);
-            }
-            let cs = ks.max(s);
-            if let Some(x) = f(cs, &c) {
-                self.map.insert(cs, x);
-            }
-            at = ke;
-            if at >= e {
-                break;
-            }
-        }
+        });
     }
 
-    /// Checks the no-overlap invariant.
+    /// Checks the invariants: sorted, non-empty, non-overlapping, inside their bucket.
     pub fn check(&mut self) -> Result<(), String> {
         self.settle();
-        let mut end = 0u32;
-        for (&ks, k) in &self.map {
-            if k.len == 0 || ks < end {
-                return Err(format!("extent at {ks} len {} overlaps or is empty", k.len));
+        for b in 0..N_BUCKETS {
+            let (lo, hi) = self.run(b);
+            if lo > hi || hi > self.v.len() {
+                return Err(format!("bucket {b} bounds {lo}..{hi} of {}", self.v.len()));
             }
-            end = ks + k.len;
+            let base = b as u32 * BUCKET;
+            let mut end = base;
+            for &Entry(ks, k) in &self.v[lo..hi] {
+                if k.len == 0 || ks < end || ks + k.len > base + BUCKET {
+                    return Err(format!(
+                        "extent at {ks} len {} overlaps, is empty or leaves bucket {b}",
+                        k.len
+                    ));
+                }
+                end = ks + k.len;
+            }
         }
         Ok(())
     }
@@ -326,8 +396,7 @@ mod tests {
             gen: 0,
             crc: 0,
             crc_front: 0,
-            crc_back: 0,
-            flags: F_DIRTY,
+            back_flags: F_DIRTY as u32,
         }
     }
 
@@ -365,6 +434,128 @@ mod tests {
         }
     }
 
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Cell {
+        Data(u32),
+        Hole(u32),
+    }
+
+    /// Random inserts, punches, placeholders and their resolution over `[base, base +
+    /// n * unit)`, checked against a model with one cell per `unit` bytes after every
+    /// step: contents, walk output, and that every piece still knows its original
+    /// extent's bounds (`crc` holds the insert number, `orig` its (seg_off, len)).
+    fn model_run(base: u32, unit: u32, n: u32, max_len: u32, steps: u32) {
+        let mut sh = Shard::default();
+        let mut m: Vec<Option<Cell>> = vec![None; n as usize];
+        let mut orig = vec![];
+        let mut x = 12345u64 ^ base as u64 ^ unit as u64;
+        let mut rnd = |k: u32| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) as u32) % k
+        };
+        for step in 0..steps {
+            let s = rnd(n);
+            let len = 1 + rnd((n - s).min(max_len));
+            let (bs, blen) = (base + s * unit, len * unit);
+            match rnd(4) {
+                0 | 1 => {
+                    let mut e = ext(blen, step * 1_000_000);
+                    e.crc = orig.len() as u32;
+                    orig.push((e.seg_off, blen));
+                    sh.insert(bs, e);
+                    for j in 0..len {
+                        m[(s + j) as usize] = Some(Cell::Data(step * 1_000_000 + j * unit));
+                    }
+                }
+                2 => {
+                    sh.punch(bs, bs + blen);
+                    m[s as usize..(s + len) as usize].fill(None);
+                }
+                _ => {
+                    // A placeholder, then half of it resolved into data, half dropped.
+                    sh.insert(bs, Extent::without_data(blen, F_EMPTY, step));
+                    m[s as usize..(s + len) as usize].fill(Some(Cell::Hole(step)));
+                    let keep = rnd(2) == 0;
+                    let (rs, rl) = (s + rnd(len), 1 + rnd(len));
+                    let rl = rl.min(s + len - rs);
+                    let id = orig.len() as u32;
+                    let mut seen = vec![];
+                    sh.resolve_placeholders(
+                        base + rs * unit,
+                        base + (rs + rl) * unit,
+                        step,
+                        |fs, f| {
+                            seen.push((fs, f.len));
+                            keep.then(|| {
+                                let mut e = ext(f.len, 7_000_000 + fs);
+                                e.crc = id + seen.len() as u32 - 1;
+                                e
+                            })
+                        },
+                    );
+                    for w in seen.windows(2) {
+                        assert!(w[0].0 + w[0].1 <= w[1].0, "fragments out of order");
+                    }
+                    for &(fs, fl) in &seen {
+                        orig.push((7_000_000 + fs, fl));
+                        for j in 0..fl / unit {
+                            m[((fs - base) / unit + j) as usize] =
+                                keep.then_some(Cell::Data(7_000_000 + fs + j * unit));
+                        }
+                    }
+                    if !keep {
+                        orig.push((0, 0));
+                    }
+                }
+            }
+            sh.check().unwrap();
+            let mut got: Vec<Option<Cell>> = vec![None; n as usize];
+            let mut walked = vec![];
+            sh.walk(
+                base,
+                base + n * unit,
+                |_| false,
+                |ks, k| walked.push((ks, k)),
+            );
+            let listed: Vec<_> = sh.iter().map(|(ks, k)| (ks, *k)).collect();
+            assert_eq!(walked, listed, "walk over everything lists everything");
+            for (ks, k) in listed {
+                assert!(ks >= base && ks + k.len <= base + n * unit);
+                if k.is(F_EMPTY) {
+                    for j in 0..k.len / unit {
+                        got[((ks - base) / unit + j) as usize] = Some(Cell::Hole(k.gen));
+                    }
+                    continue;
+                }
+                let (os, ol) = orig[k.crc as usize];
+                assert_eq!(k.crc_front + k.len + k.crc_back(), ol, "step {step}");
+                assert_eq!(k.seg_off - k.crc_front, os, "step {step}");
+                for j in 0..k.len / unit {
+                    got[((ks - base) / unit + j) as usize] = Some(Cell::Data(k.seg_off + j * unit));
+                }
+            }
+            assert_eq!(got, m, "after step {step}");
+        }
+    }
+
+    #[test]
+    fn a_shard_and_its_lock_fill_one_cache_line() {
+        assert_eq!(std::mem::size_of::<ShardLock>(), 64);
+    }
+
+    #[test]
+    fn model_at_a_bucket_boundary() {
+        model_run(BUCKET - 128, 1, 256, 40, 3000);
+    }
+
+    #[test]
+    fn model_across_a_whole_shard() {
+        model_run(0, 4096, 1024, 200, 3000);
+        model_run(0, 512, 8192, 1200, 400);
+    }
+
     #[test]
     fn walk_clips_and_punch_keeps_outside() {
         let mut sh = Shard::default();
@@ -375,7 +566,7 @@ mod tests {
         sh.punch(15, 20);
         let v: Vec<_> = sh
             .iter()
-            .map(|(s, k)| (s, k.len, k.seg_off, k.crc_front, k.crc_back))
+            .map(|(s, k)| (s, k.len, k.seg_off, k.crc_front, k.crc_back()))
             .collect();
         assert_eq!(v, vec![(10, 5, 100, 0, 15), (20, 10, 110, 10, 0)]);
     }

@@ -389,10 +389,10 @@ impl<P: Pmem> Engine<P> {
         if !self.data_crc || !x.is(F_CRC) {
             return Ok(true);
         }
-        let got = if x.crc_front == 0 && x.crc_back == 0 {
+        let got = if x.crc_front == 0 && x.crc_back() == 0 {
             format::crc(&buf[at..at + x.len as usize])
         } else {
-            let n = (x.crc_front + x.len + x.crc_back) as usize;
+            let n = (x.crc_front + x.len + x.crc_back()) as usize;
             ch.scratch.resize(n, 0);
             let start = self.geo.data_off(x.seg, (x.seg_off - x.crc_front) as u64);
             self.pmem.read(start, &mut ch.scratch);

@@ -34,7 +34,7 @@ use format::{
     CacheInfo, Geometry, Superblock, DIRTY_TAIL_OFF, INFO_OFF, KEY_TAIL_OFF, KIND_DIRTY_TAIL,
     KIND_KEY_TAIL,
 };
-use index::Shard;
+use index::ShardLock;
 use log::{KsetBuf, LogHead};
 use segs::Segs;
 use std::sync::atomic::AtomicU32;
@@ -158,7 +158,7 @@ pub struct Engine<P: Pmem> {
     geo: Geometry,
     data_crc: bool,
     align: u32,
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[ShardLock]>,
     ksets: Box<[Mutex<KsetBuf>]>,
     head: Mutex<LogHead>,
     tails: Mutex<Tails>,

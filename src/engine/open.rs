@@ -13,7 +13,7 @@ use super::format::{
     KEY_SIZE, KEY_TAIL_OFF, KIND_DIRTY_TAIL, KIND_KEY_TAIL, KSET_HDR, SB_OFF, SB_SIZE,
     SEGMENTS_OFF, SLOT, SUBTREE_SIZE, TAIL_SIZE,
 };
-use super::index::{Extent, Shard, F_CRC, F_DIRTY, F_ZERO};
+use super::index::{Extent, Shard, ShardLock, F_CRC, F_DIRTY, F_ZERO};
 use super::log::{KsetBuf, LogHead};
 use super::segs::{self, Segs, Use};
 use super::{Config, Engine, Errors, FormatOptions, InfoState, OpenError, Pmem, Replica, Tails};
@@ -324,7 +324,10 @@ impl<P: Pmem> Engine<P> {
             align: sb.backing.block_size,
             sb,
             geo,
-            shards: shards.into_iter().map(Mutex::new).collect(),
+            shards: shards
+                .into_iter()
+                .map(|s| ShardLock(Mutex::new(s)))
+                .collect(),
             ksets: (0..n_ksets)
                 .map(|_| Mutex::new(KsetBuf::default()))
                 .collect(),
