@@ -126,8 +126,8 @@ impl<P: Pmem> Engine<P> {
                 summary.dirty_bytes
             ));
         }
-        for (i, sh) in self.shards.iter().enumerate() {
-            let mut sh = sh.lock().unwrap();
+        for i in 0..self.shards.len() {
+            let sh = self.shard(i);
             sh.check().map_err(|e| format!("shard {i}: {e}"))?;
             for (ks, x) in sh.iter() {
                 if x.has_data()

@@ -152,9 +152,7 @@ pub struct Shard {
     /// `ends[b]`: index in `v` one past bucket `b`'s last entry (the last bucket ends
     /// at `v.len()`). At most 8192 entries fit a shard (512 B each), so u16 suffices.
     ends: [u16; N_BUCKETS - 1],
-    /// `v` holds replayed extents in log order, not yet inserted. Replay only appends
-    /// (one cache miss per key instead of an insert); the first access to the shard
-    /// inserts them, with the same overlap resolution, so the result is identical.
+    /// Replayed extents of this shard wait in `Replayed` (see there).
     replayed: bool,
 }
 
@@ -170,21 +168,80 @@ impl std::ops::Deref for ShardLock {
     }
 }
 
-impl Shard {
-    /// Queues a replayed extent (see `replayed`).
-    pub fn push_replayed(&mut self, s: u32, x: Extent) {
-        self.replayed = true;
-        self.v.push(Entry(s, x));
+const NONE: u32 = u32::MAX;
+
+/// The extents replay found, in log order, chained per shard. Replay only appends here
+/// (sequential writes instead of an insert, or even a push, per key); each shard
+/// inserts its chain on first access, with the same overlap resolution, so the result
+/// is identical (see `Engine::shard`).
+#[derive(Debug)]
+pub struct Replayed {
+    entries: Vec<Entry>,
+    next: Vec<u32>,
+    heads: Vec<u32>,
+    tails: Vec<u32>,
+    /// The shards holding replayed extents, in the order replay first reached them.
+    pub order: Vec<u32>,
+}
+
+impl Replayed {
+    pub fn new(n_shards: usize) -> Replayed {
+        Replayed {
+            entries: Vec::new(),
+            next: Vec::new(),
+            heads: vec![NONE; n_shards],
+            tails: vec![NONE; n_shards],
+            order: Vec::new(),
+        }
     }
 
-    fn settle(&mut self) {
-        if !self.replayed {
-            return;
+    /// Appends an extent of shard `si`; false when the chain indexes (u32) are full.
+    pub fn push(&mut self, si: usize, s: u32, x: Extent) -> bool {
+        let Ok(i) = u32::try_from(self.entries.len()) else {
+            return false;
+        };
+        if i == NONE {
+            return false;
         }
+        self.entries.push(Entry(s, x));
+        self.next.push(NONE);
+        match self.tails[si] {
+            NONE => {
+                self.heads[si] = i;
+                self.order.push(si as u32);
+            }
+            t => self.next[t as usize] = i,
+        }
+        self.tails[si] = i;
+        true
+    }
+
+    /// True when shard `si` has replayed extents.
+    pub fn has(&self, si: usize) -> bool {
+        self.heads[si] != NONE
+    }
+}
+
+impl Shard {
+    /// Marks the shard as owing the insert of its replayed chain.
+    pub fn set_replayed(&mut self) {
+        self.replayed = true;
+    }
+
+    /// True until `settle` ran.
+    pub fn replayed(&self) -> bool {
+        self.replayed
+    }
+
+    /// Inserts shard `si`'s replayed chain from `r`, in log order.
+    pub fn settle(&mut self, r: Option<&Replayed>, si: usize) {
         self.replayed = false;
-        let p = std::mem::take(&mut self.v);
-        for Entry(s, x) in p {
+        let Some(r) = r else { return };
+        let mut i = r.heads[si];
+        while i != NONE {
+            let Entry(s, x) = r.entries[i as usize];
             self.insert(s, x);
+            i = r.next[i as usize];
         }
     }
 
@@ -257,28 +314,28 @@ impl Shard {
         self.replace(b, i, j, &new[..n]);
     }
 
-    pub fn len(&mut self) -> usize {
-        self.settle();
+    pub fn len(&self) -> usize {
+        debug_assert!(!self.replayed);
         self.v.len()
     }
-    pub fn is_empty(&mut self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    pub fn iter(&mut self) -> impl Iterator<Item = (u32, &Extent)> {
-        self.settle();
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Extent)> {
+        debug_assert!(!self.replayed);
         self.v.iter().map(|x| (x.0, &x.1))
     }
 
     /// Removes whatever overlaps `[s, e)`, keeping the parts of old extents outside it.
     pub fn punch(&mut self, s: u32, e: u32) {
-        self.settle();
+        debug_assert!(!self.replayed);
         pieces(s, e, |b, ps, pe| self.punch_insert(b, ps, pe, None));
     }
 
     /// Inserts an extent at `s`, trimming everything it overlaps (later wins).
     pub fn insert(&mut self, s: u32, x: Extent) {
         debug_assert!(x.len > 0);
-        self.settle();
+        debug_assert!(!self.replayed);
         pieces(s, s + x.len, |b, ps, pe| {
             let (_, piece) = clip(s, x, ps, pe);
             self.punch_insert(b, ps, pe, Some(piece));
@@ -295,7 +352,7 @@ impl Shard {
         stale: impl Fn(&Extent) -> bool,
         mut f: impl FnMut(u32, Extent),
     ) {
-        self.settle();
+        debug_assert!(!self.replayed);
         pieces(s, e, |b, ps, pe| {
             let (lo, mut hi) = self.run(b);
             let mut i = lo + first_overlap(&self.v[lo..hi], ps);
@@ -323,7 +380,7 @@ impl Shard {
         token: u32,
         mut f: impl FnMut(u32, &Extent) -> Option<Extent>,
     ) {
-        self.settle();
+        debug_assert!(!self.replayed);
         pieces(s, e, |b, ps, pe| {
             let (lo, hi) = self.run(b);
             let mut i = lo + first_overlap(&self.v[lo..hi], ps);
@@ -361,8 +418,8 @@ impl Shard {
     }
 
     /// Checks the invariants: sorted, non-empty, non-overlapping, inside their bucket.
-    pub fn check(&mut self) -> Result<(), String> {
-        self.settle();
+    pub fn check(&self) -> Result<(), String> {
+        debug_assert!(!self.replayed);
         for b in 0..N_BUCKETS {
             let (lo, hi) = self.run(b);
             if lo > hi || hi > self.v.len() {

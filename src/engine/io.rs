@@ -204,7 +204,7 @@ impl<P: Pmem> Engine<P> {
     /// On `Busy` before the insert the key's segment reference is dropped.
     fn insert_key(&self, k: &KeyRec, x: Extent, force: bool) -> Result<(), IoError> {
         let si = self.shard_of(k.off);
-        let mut shard = self.shards[si].lock().unwrap();
+        let mut shard = self.shard(si);
         let mut kb = match self.kset_with_room(k.off) {
             Ok(kb) => kb,
             Err(LogFull) => {
@@ -320,7 +320,7 @@ impl<P: Pmem> Engine<P> {
         let si = self.shard_of(o);
         let s = (o % SUBTREE_SIZE) as u32;
         let e = s + n as u32;
-        let mut shard = self.shards[si].lock().unwrap();
+        let mut shard = self.shard(si);
         let first = ch.plan.len();
         let mut cursor = s;
         let plan = &mut ch.plan;
@@ -407,7 +407,7 @@ impl<P: Pmem> Engine<P> {
         }
         self.counters.crc_errors_clean.inc();
         // Drop the bad extent unless a write replaced it meanwhile.
-        let mut shard = self.shards[self.shard_of(o)].lock().unwrap();
+        let mut shard = self.shard(self.shard_of(o));
         let (s, e) = ((o % SUBTREE_SIZE) as u32, (o % SUBTREE_SIZE) as u32 + x.len);
         let mut same = true;
         shard.walk(
@@ -457,7 +457,7 @@ impl<P: Pmem> Engine<P> {
     }
 
     fn drop_placeholders(&self, o: u64, len: u64, t: u32) {
-        let mut shard = self.shards[self.shard_of(o)].lock().unwrap();
+        let mut shard = self.shard(self.shard_of(o));
         let s = (o % SUBTREE_SIZE) as u32;
         shard.resolve_placeholders(s, s + len as u32, t, |_, _| None);
     }
@@ -465,7 +465,7 @@ impl<P: Pmem> Engine<P> {
     /// Turns the surviving placeholder fragments over `[o, o + a.len)` into clean
     /// extents pointing at the freshly written copy in `a`.
     fn fill_chunk(&self, o: u64, a: &Alloc, src: &[u8], t: u32) {
-        let mut shard = self.shards[self.shard_of(o)].lock().unwrap();
+        let mut shard = self.shard(self.shard_of(o));
         let s = (o % SUBTREE_SIZE) as u32;
         let mut kb = self.kset_with_room(o).ok();
         let whole_crc = if self.data_crc { format::crc(src) } else { 0 };

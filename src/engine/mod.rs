@@ -7,8 +7,10 @@
 //! and writeback hands out batches that the caller writes, flushes and acknowledges.
 //! Time enters only through `tick`. Shared state is the sharded index, the kset
 //! buffers, the log head, the tails and the segment table, each behind its own short
-//! lock; the lock order is shard -> kset -> log head -> segment allocator, and tails ->
-//! log head. No lock is held across a data copy.
+//! lock; the lock order is shard -> kset -> log head -> segment allocator, shard ->
+//! replayed extents, and tails -> log head. No lock is held across a data copy.
+//! Replay leaves each shard's extents in a log-ordered chain; the shard inserts them
+//! the first time it is locked (`Engine::shard`) or when `tick` gets to it.
 #![forbid(unsafe_code)]
 
 mod check;
@@ -34,11 +36,12 @@ use format::{
     CacheInfo, Geometry, Superblock, DIRTY_TAIL_OFF, INFO_OFF, KEY_TAIL_OFF, KIND_DIRTY_TAIL,
     KIND_KEY_TAIL,
 };
-use index::ShardLock;
+use index::{Replayed, Shard, ShardLock};
 use log::{KsetBuf, LogHead};
 use segs::Segs;
-use std::sync::atomic::AtomicU32;
-use std::sync::Mutex;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU32, AtomicUsize};
+use std::sync::{Arc, Mutex, MutexGuard};
 use thiserror::Error;
 
 /// Parameters fixed when a medium is formatted.
@@ -151,6 +154,9 @@ struct Errors {
     gc: Option<String>,
 }
 
+/// Replayed shards `tick` settles per call: small, because tick runs on a reactor.
+const SETTLE_PER_TICK: usize = 4;
+
 /// A cache engine over one medium.
 pub struct Engine<P: Pmem> {
     pmem: P,
@@ -159,6 +165,11 @@ pub struct Engine<P: Pmem> {
     data_crc: bool,
     align: u32,
     shards: Box<[ShardLock]>,
+    /// Replayed extents not yet inserted into their shards; dropped once all are.
+    replayed: Mutex<Option<Arc<Replayed>>>,
+    /// Shards still owing their replayed chain, and how far `tick` got settling them.
+    unsettled: AtomicUsize,
+    settle_cursor: AtomicUsize,
     ksets: Box<[Mutex<KsetBuf>]>,
     head: Mutex<LogHead>,
     tails: Mutex<Tails>,
@@ -220,6 +231,35 @@ impl<P: Pmem> Engine<P> {
             .persist(DIRTY_TAIL_OFF[slot], &t.dirty.encode(KIND_DIRTY_TAIL, seq));
     }
 
+    /// Locks shard `si`, first inserting its replayed extents if it still owes them.
+    fn shard(&self, si: usize) -> MutexGuard<'_, Shard> {
+        let mut g = self.shards[si].lock().unwrap();
+        if g.replayed() {
+            let r = self.replayed.lock().unwrap().clone();
+            g.settle(r.as_deref(), si);
+            if self.unsettled.fetch_sub(1, Relaxed) == 1 {
+                *self.replayed.lock().unwrap() = None;
+            }
+        }
+        g
+    }
+
+    /// Settles up to `n` more replayed shards (from `tick`), so the replayed extents'
+    /// memory is released and first accesses stay cheap.
+    fn settle_some(&self, n: usize) {
+        if self.unsettled.load(Relaxed) == 0 {
+            return;
+        }
+        let Some(r) = self.replayed.lock().unwrap().clone() else {
+            return;
+        };
+        for _ in 0..n {
+            let i = self.settle_cursor.fetch_add(1, Relaxed);
+            let Some(&si) = r.order.get(i) else { return };
+            drop(self.shard(si as usize));
+        }
+    }
+
     fn shard_of(&self, off: u64) -> usize {
         (off >> format::SUBTREE_SHIFT) as usize
     }
@@ -246,6 +286,7 @@ impl<P: Pmem> Engine<P> {
     /// Time passes: ksets that held keys at the previous tick are closed, so an
     /// unflushed write's key reaches the log within two tick periods.
     pub fn tick(&self) {
+        self.settle_some(SETTLE_PER_TICK);
         for k in self.ksets.iter() {
             let mut kb = k.lock().unwrap();
             if kb.count == 0 {
@@ -262,7 +303,7 @@ impl<P: Pmem> Engine<P> {
 
     /// True when a request failed with `Busy` since the last reclaim.
     pub fn cache_full(&self) -> bool {
-        self.segs.full.load(std::sync::atomic::Ordering::Relaxed)
+        self.segs.full.load(Relaxed)
     }
 
     /// Releases a channel's allocation head (the channel goes away).

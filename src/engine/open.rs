@@ -13,12 +13,12 @@ use super::format::{
     KEY_SIZE, KEY_TAIL_OFF, KIND_DIRTY_TAIL, KIND_KEY_TAIL, KSET_HDR, SB_OFF, SB_SIZE,
     SEGMENTS_OFF, SLOT, SUBTREE_SIZE, TAIL_SIZE,
 };
-use super::index::{Extent, Shard, ShardLock, F_CRC, F_DIRTY, F_ZERO};
+use super::index::{Extent, Replayed, Shard, ShardLock, F_CRC, F_DIRTY, F_ZERO};
 use super::log::{KsetBuf, LogHead};
 use super::segs::{self, Segs, Use};
 use super::{Config, Engine, Errors, FormatOptions, InfoState, OpenError, Pmem, Replica, Tails};
-use std::sync::atomic::AtomicU32;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicUsize};
+use std::sync::{Arc, Mutex};
 
 /// What a medium holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,7 +255,7 @@ impl<P: Pmem> Engine<P> {
 
         let data_crc = info.flags & INFO_DATA_CRC != 0;
         let n_shards = geo.backing_size.div_ceil(SUBTREE_SIZE) as usize;
-        let mut shards: Vec<Shard> = (0..n_shards).map(|_| Shard::default()).collect();
+        let mut replayed = Replayed::new(n_shards);
         let mut uses = vec![Use::Free; geo.n_segs as usize];
         let mut refs = vec![0u32; geo.n_segs as usize];
         let mut buf = vec![0u8; geo.kset_max_size()];
@@ -292,7 +292,7 @@ impl<P: Pmem> Engine<P> {
                     if saw_dirty && k.flags & KEY_CLEAN == 0 {
                         closed_dirty += k.len as u64;
                     }
-                    replay_key(&k, &gens, &mut refs, &mut shards, data_crc, saw_dirty)?;
+                    replay_key(&k, &gens, &mut refs, &mut replayed, data_crc, saw_dirty)?;
                 }
                 pos = pos.after(&hdr);
             }
@@ -324,10 +324,18 @@ impl<P: Pmem> Engine<P> {
             align: sb.backing.block_size,
             sb,
             geo,
-            shards: shards
-                .into_iter()
-                .map(|s| ShardLock(Mutex::new(s)))
+            shards: (0..n_shards)
+                .map(|si| {
+                    let mut s = Shard::default();
+                    if replayed.has(si) {
+                        s.set_replayed();
+                    }
+                    ShardLock(Mutex::new(s))
+                })
                 .collect(),
+            unsettled: AtomicUsize::new(replayed.order.len()),
+            settle_cursor: AtomicUsize::new(0),
+            replayed: Mutex::new(Some(Arc::new(replayed))),
             ksets: (0..n_ksets)
                 .map(|_| Mutex::new(KsetBuf::default()))
                 .collect(),
@@ -365,7 +373,7 @@ fn replay_key(
     k: &KeyRec,
     gens: &[u64],
     refs: &mut [u32],
-    shards: &mut [Shard],
+    replayed: &mut Replayed,
     data_crc: bool,
     dirty: bool,
 ) -> Result<(), OpenError> {
@@ -393,6 +401,8 @@ fn replay_key(
     }
     let shard = (k.off / SUBTREE_SIZE) as usize;
     let x = Extent::of_key(k, flags);
-    shards[shard].push_replayed((k.off % SUBTREE_SIZE) as u32, x);
+    if !replayed.push(shard, (k.off % SUBTREE_SIZE) as u32, x) {
+        return Err(corrupt("the log holds more than 4 billion keys"));
+    }
     Ok(())
 }

@@ -115,10 +115,9 @@ impl<P: Pmem> Engine<P> {
             segments_used: self.segs.used(),
             backing_size: self.geo.backing_size,
             dirty_bytes: self.dirty_bytes(),
-            cached_extents: self
-                .shards
-                .iter()
-                .map(|s| s.lock().unwrap().len() as u64)
+            // Settles every replayed shard, as an access would.
+            cached_extents: (0..self.shards.len())
+                .map(|i| self.shard(i).len() as u64)
                 .sum(),
             key_head: pos(kh),
             dirty_tail: pos(dt),
