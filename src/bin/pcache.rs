@@ -472,9 +472,10 @@ fn status(a: StatusArgs) -> Result<()> {
         g("writes")
     );
     println!(
-        "writeback:    {} ksets, {} bytes, {} errors   gc: {} ksets",
+        "writeback:    {} ksets, {} bytes ({} superseded bytes skipped), {} errors   gc: {} ksets",
         g("writeback_ksets"),
         g("writeback_bytes"),
+        g("writeback_skipped_bytes"),
         g("writeback_errors"),
         g("gc_ksets")
     );

@@ -28,6 +28,13 @@ pub const F_ZERO: u8 = 4;
 /// `crc` is meaningful.
 pub const F_CRC: u8 = 8;
 
+const FRONT_BITS: u32 = 22;
+const FRONT_MASK: u32 = (1 << FRONT_BITS) - 1;
+/// Bits of the write epoch an extent keeps: writeback compares epochs only within a
+/// window of `1 << EPOCH_BITS` epochs, where these bits identify one exactly.
+pub const EPOCH_BITS: u32 = 32 - FRONT_BITS;
+const EPOCH_MASK: u32 = (1 << EPOCH_BITS) - 1;
+
 /// One extent in DRAM: 28 bytes, 32 with its start (two entries per cache line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -37,8 +44,10 @@ pub struct Extent {
     /// Low 32 bits of the segment generation, or the miss token of a placeholder.
     pub gen: u32,
     pub crc: u32,
-    /// Bytes trimmed off the front of the original extent since it was written.
-    pub crc_front: u32,
+    /// Bytes trimmed off the front of the original extent since it was written (low 22
+    /// bits: an extent is at most 4 MiB) and the low `EPOCH_BITS` bits of the epoch its
+    /// key was written in (see `Engine::epoch`).
+    front_epoch: u32,
     /// Bytes trimmed off the back (high 24 bits: an extent is at most 4 MiB) and the
     /// `F_*` flags (low 8 bits), packed to keep an entry at 32 bytes.
     back_flags: u32,
@@ -53,7 +62,7 @@ impl Extent {
             seg_off: k.seg_off,
             gen: k.gen as u32,
             crc: k.data_crc,
-            crc_front: 0,
+            front_epoch: 0,
             back_flags: flags as u32,
         }
     }
@@ -66,7 +75,7 @@ impl Extent {
             seg_off: 0,
             gen: token,
             crc: 0,
-            crc_front: 0,
+            front_epoch: 0,
             back_flags: flags as u32,
         }
     }
@@ -81,11 +90,22 @@ impl Extent {
     pub fn crc_back(&self) -> u32 {
         self.back_flags >> 8
     }
+    /// Bytes trimmed off the front of the original extent since it was written.
+    pub fn crc_front(&self) -> u32 {
+        self.front_epoch & FRONT_MASK
+    }
+    /// The low `EPOCH_BITS` bits of the epoch the key was written in.
+    pub fn epoch_bits(&self) -> u32 {
+        self.front_epoch >> FRONT_BITS
+    }
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.front_epoch = self.crc_front() | ((epoch as u32 & EPOCH_MASK) << FRONT_BITS);
+    }
     fn cut_front(&mut self, d: u32) {
         self.len -= d;
         if self.has_data() {
             self.seg_off += d;
-            self.crc_front += d;
+            self.front_epoch += d;
         }
     }
     fn cut_back(&mut self, d: u32) {
@@ -452,7 +472,7 @@ mod tests {
             seg_off,
             gen: 0,
             crc: 0,
-            crc_front: 0,
+            front_epoch: 0,
             back_flags: F_DIRTY as u32,
         }
     }
@@ -587,8 +607,8 @@ mod tests {
                     continue;
                 }
                 let (os, ol) = orig[k.crc as usize];
-                assert_eq!(k.crc_front + k.len + k.crc_back(), ol, "step {step}");
-                assert_eq!(k.seg_off - k.crc_front, os, "step {step}");
+                assert_eq!(k.crc_front() + k.len + k.crc_back(), ol, "step {step}");
+                assert_eq!(k.seg_off - k.crc_front(), os, "step {step}");
                 for j in 0..k.len / unit {
                     got[((ks - base) / unit + j) as usize] = Some(Cell::Data(k.seg_off + j * unit));
                 }
@@ -623,7 +643,7 @@ mod tests {
         sh.punch(15, 20);
         let v: Vec<_> = sh
             .iter()
-            .map(|(s, k)| (s, k.len, k.seg_off, k.crc_front, k.crc_back()))
+            .map(|(s, k)| (s, k.len, k.seg_off, k.crc_front(), k.crc_back()))
             .collect();
         assert_eq!(v, vec![(10, 5, 100, 0, 15), (20, 10, 110, 10, 0)]);
     }

@@ -13,7 +13,7 @@ use super::format::{self, KeyRec, KEY_CLEAN, KEY_DISCARD, KEY_ZERO, SUBTREE_SIZE
 use super::index::{Extent, F_CRC, F_DIRTY, F_EMPTY, F_ZERO};
 use super::log::{self, KsetBuf, LogFull};
 use super::{Engine, IoError, Pmem};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::MutexGuard;
 
 /// A channel: per-thread state. Create with `Channel::default()`; give it back with
@@ -159,6 +159,10 @@ impl<P: Pmem> Engine<P> {
     /// is full: retry the whole request later (rewriting is idempotent).
     pub fn write(&self, ch: &mut Channel, off: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
         self.check_range(off, data.len() as u64)?;
+        if fua {
+            // A barrier like FLUSH: writeback must not fold keys across it.
+            self.epoch.fetch_add(1, AcqRel);
+        }
         let mut pos = 0usize;
         while pos < data.len() {
             let o = off + pos as u64;
@@ -202,7 +206,7 @@ impl<P: Pmem> Engine<P> {
 
     /// Inserts an extent and appends its key, atomically with respect to the region.
     /// On `Busy` before the insert the key's segment reference is dropped.
-    fn insert_key(&self, k: &KeyRec, x: Extent, force: bool) -> Result<(), IoError> {
+    fn insert_key(&self, k: &KeyRec, mut x: Extent, force: bool) -> Result<(), IoError> {
         let si = self.shard_of(k.off);
         let mut shard = self.shard(si);
         let mut kb = match self.kset_with_room(k.off) {
@@ -215,6 +219,11 @@ impl<P: Pmem> Engine<P> {
                 return Err(IoError::Busy);
             }
         };
+        // Read under the kset lock: a FLUSH advances the epoch before it closes ksets,
+        // so a key that missed its close carries the new epoch.
+        let epoch = self.epoch.load(Acquire);
+        x.set_epoch(epoch);
+        kb.note_epoch(epoch);
         shard.insert((k.off % SUBTREE_SIZE) as u32, x);
         self.append(&mut kb, k, force)
     }
@@ -233,6 +242,9 @@ impl<P: Pmem> Engine<P> {
             self.counters.discards.inc();
         } else {
             self.counters.zeroes.inc();
+        }
+        if fua {
+            self.epoch.fetch_add(1, AcqRel);
         }
         let mut pos = 0u64;
         while pos < len {
@@ -389,12 +401,12 @@ impl<P: Pmem> Engine<P> {
         if !self.data_crc || !x.is(F_CRC) {
             return Ok(true);
         }
-        let got = if x.crc_front == 0 && x.crc_back() == 0 {
+        let got = if x.crc_front() == 0 && x.crc_back() == 0 {
             format::crc(&buf[at..at + x.len as usize])
         } else {
-            let n = (x.crc_front + x.len + x.crc_back()) as usize;
+            let n = (x.crc_front() + x.len + x.crc_back()) as usize;
             ch.scratch.resize(n, 0);
-            let start = self.geo.data_off(x.seg, (x.seg_off - x.crc_front) as u64);
+            let start = self.geo.data_off(x.seg, (x.seg_off - x.crc_front()) as u64);
             self.pmem.read(start, &mut ch.scratch);
             format::crc(&ch.scratch)
         };

@@ -22,6 +22,8 @@ pub struct KsetBuf {
     pub dirty_bytes: u64,
     /// Set by a tick while the buffer holds keys; a second tick closes it.
     pub aged: bool,
+    /// Lowest and highest write epoch of the buffered dirty keys.
+    epochs: (u64, u64),
 }
 
 impl Default for KsetBuf {
@@ -31,11 +33,29 @@ impl Default for KsetBuf {
             count: 0,
             dirty_bytes: 0,
             aged: false,
+            epochs: NO_EPOCHS,
         }
     }
 }
 
+const NO_EPOCHS: (u64, u64) = (u64::MAX, 0);
+
 impl KsetBuf {
+    /// Notes the write epoch of a dirty key being pushed.
+    pub fn note_epoch(&mut self, epoch: u64) {
+        self.epochs = (self.epochs.0.min(epoch), self.epochs.1.max(epoch));
+    }
+
+    /// True when a buffered key overlaps `[off, off + len)` (such a key is not in the
+    /// log yet).
+    pub fn overlaps(&self, off: u64, len: u64) -> bool {
+        (0..self.count as usize).any(|i| {
+            let o = KSET_HDR + KEY_SIZE * i;
+            let (ko, kl) = KeyRec::decode_range(&self.buf[o..o + KEY_SIZE]);
+            ko < off + len && off < ko + kl as u64
+        })
+    }
+
     pub fn push(&mut self, k: &KeyRec, dirty: bool) {
         let o = KSET_HDR + KEY_SIZE * self.count as usize;
         k.encode(&mut self.buf[o..o + KEY_SIZE]);
@@ -60,6 +80,10 @@ pub struct LogHead {
     pub pos: LogPos,
     /// Dirty bytes in closed ksets past dirty_tail (moved here by close).
     pub closed_dirty: u64,
+    /// (log sequence, epoch) of the closed ksets whose dirty keys all share one write
+    /// epoch, oldest first (writeback drops what it passed). DRAM only: ksets replayed
+    /// at open are not here, so writeback never skips their keys.
+    pub epochs: std::collections::VecDeque<(u64, u64)>,
 }
 
 /// The log has no free segment to grow into.
@@ -123,8 +147,12 @@ pub fn close<P: Pmem>(
         off: head.pos.off + size as u32,
     };
     head.closed_dirty += kb.dirty_bytes;
+    if kb.dirty_bytes > 0 && kb.epochs.0 == kb.epochs.1 {
+        head.epochs.push_back((head.pos.seq - 1, kb.epochs.0));
+    }
     kb.count = 0;
     kb.dirty_bytes = 0;
     kb.aged = false;
+    kb.epochs = NO_EPOCHS;
     Ok(())
 }

@@ -39,8 +39,8 @@ use format::{
 use index::{Replayed, Shard, ShardLock};
 use log::{KsetBuf, LogHead};
 use segs::Segs;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicU32, AtomicUsize};
+use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use thiserror::Error;
 
@@ -172,6 +172,10 @@ pub struct Engine<P: Pmem> {
     settle_cursor: AtomicUsize,
     ksets: Box<[Mutex<KsetBuf>]>,
     head: Mutex<LogHead>,
+    /// The write epoch: every FLUSH and FUA write starts a new one, before it closes
+    /// ksets. Writeback may skip a dirty key only when a newer key from the same epoch,
+    /// already in the log, covers it (see `writeback::skip_superseded`).
+    epoch: AtomicU64,
     tails: Mutex<Tails>,
     info: Mutex<InfoState>,
     segs: Segs,
@@ -272,6 +276,7 @@ impl<P: Pmem> Engine<P> {
     /// survives a crash (the FLUSH of the durability contract).
     pub fn flush(&self) -> Result<(), IoError> {
         self.counters.flushes.inc();
+        self.epoch.fetch_add(1, AcqRel);
         let mut res = Ok(());
         for k in self.ksets.iter() {
             let mut kb = k.lock().unwrap();

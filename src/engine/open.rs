@@ -17,7 +17,7 @@ use super::index::{Extent, Replayed, Shard, ShardLock, F_CRC, F_DIRTY, F_ZERO};
 use super::log::{KsetBuf, LogHead};
 use super::segs::{self, Segs, Use};
 use super::{Config, Engine, Errors, FormatOptions, InfoState, OpenError, Pmem, Replica, Tails};
-use std::sync::atomic::{AtomicU32, AtomicUsize};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 /// What a medium holds.
@@ -339,7 +339,12 @@ impl<P: Pmem> Engine<P> {
             ksets: (0..n_ksets)
                 .map(|_| Mutex::new(KsetBuf::default()))
                 .collect(),
-            head: Mutex::new(LogHead { pos, closed_dirty }),
+            head: Mutex::new(LogHead {
+                pos,
+                closed_dirty,
+                epochs: Default::default(),
+            }),
+            epoch: AtomicU64::new(1),
             tails: Mutex::new(Tails {
                 key: key_tail,
                 key_r: Replica {

@@ -37,6 +37,7 @@ pub struct Counters {
     pub busy: Counter,
     pub wb_ksets: Counter,
     pub wb_bytes: Counter,
+    pub wb_skipped_bytes: Counter,
     pub wb_errors: Counter,
     pub gc_ksets: Counter,
     pub segs_reclaimed: Counter,
@@ -74,6 +75,9 @@ pub struct Stats {
     pub cache_full_events: u64,
     pub writeback_ksets: u64,
     pub writeback_bytes: u64,
+    /// Dirty bytes writeback left out because a newer write of the same epoch, already
+    /// in the log, covers them (written back later instead).
+    pub writeback_skipped_bytes: u64,
     pub writeback_errors: u64,
     pub gc_ksets: u64,
     pub segments_reclaimed: u64,
@@ -137,6 +141,7 @@ impl<P: Pmem> Engine<P> {
             cache_full_events: c.busy.get(),
             writeback_ksets: c.wb_ksets.get(),
             writeback_bytes: c.wb_bytes.get(),
+            writeback_skipped_bytes: c.wb_skipped_bytes.get(),
             writeback_errors: c.wb_errors.get(),
             gc_ksets: c.gc_ksets.get(),
             segments_reclaimed: c.segs_reclaimed.get(),

@@ -9,9 +9,12 @@
 //! persists the advanced key_tail *first* and then drops the segment references of the
 //! kset's keys, so a crash in between can never resurrect keys into reused space.
 
+use super::format::SUBTREE_SIZE;
 use super::format::{KeyRec, KsetCheck, LogPos, KEY_CLEAN, KEY_DISCARD, KEY_SIZE, KSET_HDR};
+use super::index::{self, F_DIRTY};
 use super::open::read_kset;
 use super::{Engine, Pmem};
+use std::sync::atomic::Ordering::Acquire;
 
 /// What to write to the backing device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,8 +41,11 @@ pub struct WbBatch {
     pos: LogPos,
     next: LogPos,
     dirty_bytes: u64,
+    /// Bytes of this kset's dirty data a newer key of the same epoch covers.
+    skipped: u64,
     keys: Vec<KeyRec>,
     covered: Vec<(u64, u64)>,
+    kept: Vec<WbItem>,
     buf: Vec<u8>,
 }
 
@@ -171,8 +177,95 @@ impl<P: Pmem> Engine<P> {
             b.build(&self.geo);
             b.pos = pos;
             b.next = pos.after(&hdr);
+            let epoch = self.kset_epoch(pos.seq);
+            drop(t);
+            b.skipped = 0;
+            if let Some(e) = epoch {
+                self.skip_superseded(b, e);
+            }
             return WbNext::Ready;
         }
+    }
+
+    /// The write epoch shared by every dirty key of the kset at `seq`, if known (it is
+    /// not for ksets replayed at open, nor for ksets that straddle a barrier).
+    fn kset_epoch(&self, seq: u64) -> Option<u64> {
+        let mut head = self.head.lock().unwrap();
+        while head.epochs.front().is_some_and(|&(s, _)| s < seq) {
+            head.epochs.pop_front();
+        }
+        match head.epochs.front() {
+            Some(&(s, e)) if s == seq => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Leaves out of `b.items` the data a newer key already in the log covers, when that
+    /// key was written in the kset's own epoch `epoch`. Sound for the backing device's
+    /// consistency: no FLUSH or FUA came between the two writes, so no barrier can
+    /// require the backing device to hold the older one, and the newer one is written
+    /// back (log order) before anything from a later epoch. The newer key must be
+    /// closed into the log: were it still buffered and lost in a crash, replay would
+    /// bring back the older key as clean data the backing device never got.
+    fn skip_superseded(&self, b: &mut WbBatch, epoch: u64) {
+        let now = self.epoch.load(Acquire);
+        // The extent keeps EPOCH_BITS bits: they identify an epoch in [epoch, now]
+        // exactly only while that window is narrower than 2^EPOCH_BITS.
+        if now - epoch >= 1 << index::EPOCH_BITS {
+            return;
+        }
+        let bits = (epoch as u32) & ((1 << index::EPOCH_BITS) - 1);
+        let mut items = std::mem::take(&mut b.items);
+        b.kept.clear();
+        for it in items.drain(..) {
+            let WbKind::Data { pmem_off } = it.kind else {
+                b.kept.push(it);
+                continue;
+            };
+            let base = it.off - it.off % SUBTREE_SIZE;
+            let s = (it.off - base) as u32;
+            let e = s + it.len;
+            let mut shard = self.shard(self.shard_of(it.off));
+            let kb = self.ksets[self.kset_of(it.off)].lock().unwrap();
+            let geo = &self.geo;
+            let kept = &mut b.kept;
+            let mut skipped = 0u64;
+            // Emits [from, to) of this item (shard-relative) unless it is empty.
+            let mut keep = |from: u32, to: u32| {
+                if to > from {
+                    kept.push(WbItem {
+                        off: base + from as u64,
+                        len: to - from,
+                        kind: WbKind::Data {
+                            pmem_off: pmem_off + (from - s) as u64,
+                        },
+                    });
+                }
+            };
+            let mut run = s; // start of the current run of kept bytes
+            shard.walk(
+                s,
+                e,
+                |_| false,
+                |ps, x| {
+                    let ours = x.has_data()
+                        && geo.data_off(x.seg, x.seg_off as u64) == pmem_off + (ps - s) as u64;
+                    let newer = !ours
+                        && x.is(F_DIRTY)
+                        && x.epoch_bits() == bits
+                        && !kb.overlaps(base + ps as u64, x.len as u64);
+                    if newer {
+                        keep(run, ps);
+                        skipped += x.len as u64;
+                        run = ps + x.len;
+                    }
+                },
+            );
+            keep(run, e);
+            b.skipped += skipped;
+        }
+        b.items = items;
+        std::mem::swap(&mut b.items, &mut b.kept);
     }
 
     /// Never write corrupt data to the backing device: check every dirty key's CRC.
@@ -217,6 +310,7 @@ impl<P: Pmem> Engine<P> {
         self.head.lock().unwrap().closed_dirty -= b.dirty_bytes;
         self.counters.wb_ksets.inc();
         self.counters.wb_bytes.add(b.bytes());
+        self.counters.wb_skipped_bytes.add(b.skipped);
     }
 
     /// True when GC should run: usage at or above gc_percent, or a request found the
