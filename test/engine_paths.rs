@@ -372,3 +372,37 @@ fn writeback_skips_superseded_data_only_within_an_epoch() {
         assert_eq!(backing[b * 4096], v, "block {b}");
     }
 }
+
+/// Writeback waits while little dirty data is closed and writes keep coming (so
+/// overwrites can supersede it), and runs once writes stop for a tick, once dirty data
+/// passes three quarters of the GC watermark, or when GC finds nothing clean.
+#[test]
+fn writeback_waits_for_pressure_or_idleness() {
+    let (_pmem, e) = new_engine(16, false);
+    let mut ch = Channel::default();
+    assert!(!e.writeback_wanted(), "nothing closed");
+    e.write(&mut ch, 0, &[1; 4096], false).unwrap();
+    e.flush().unwrap();
+    e.tick(); // a write since the previous tick: busy
+    assert!(!e.writeback_wanted(), "a little dirty data while busy");
+    e.tick(); // no write in this period: idle
+    assert!(e.writeback_wanted(), "idle");
+    let mut backing = vec![0u8; SIZE as usize];
+    drain(&e, &mut backing, false);
+    assert!(!e.writeback_wanted(), "all written back");
+
+    // Busy again, with closed dirty data past 3/4 of gc_percent (70) of the capacity.
+    let cap = 16 * (SEG as u64 - 4096);
+    let mut off = 0;
+    while off * 400 < cap * 3 * 70 {
+        e.write(&mut ch, off, &[2; 65536], false).unwrap();
+        off += 65536;
+        e.tick();
+        if off * 400 < cap * 3 * 70 - 65536 * 400 {
+            e.flush().unwrap();
+            assert!(!e.writeback_wanted(), "{off} dirty bytes while busy");
+        }
+    }
+    e.flush().unwrap();
+    assert!(e.writeback_wanted(), "{off} dirty bytes");
+}

@@ -40,7 +40,7 @@ use index::{Replayed, Shard, ShardLock};
 use log::{KsetBuf, LogHead};
 use segs::Segs;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use thiserror::Error;
 
@@ -176,6 +176,9 @@ pub struct Engine<P: Pmem> {
     /// ksets. Writeback may skip a dirty key only when a newer key from the same epoch,
     /// already in the log, covers it (see `writeback::skip_superseded`).
     epoch: AtomicU64,
+    /// Write count at the last tick, and whether none arrived between the last two.
+    writes_at_tick: AtomicU64,
+    idle: AtomicBool,
     tails: Mutex<Tails>,
     info: Mutex<InfoState>,
     segs: Segs,
@@ -292,6 +295,10 @@ impl<P: Pmem> Engine<P> {
     /// unflushed write's key reaches the log within two tick periods.
     pub fn tick(&self) {
         self.settle_some(SETTLE_PER_TICK);
+        let c = &self.counters;
+        let writes = c.writes.get() + c.zeroes.get() + c.discards.get();
+        let before = self.writes_at_tick.swap(writes, Relaxed);
+        self.idle.store(writes == before, Relaxed);
         for k in self.ksets.iter() {
             let mut kb = k.lock().unwrap();
             if kb.count == 0 {
@@ -304,6 +311,11 @@ impl<P: Pmem> Engine<P> {
                 kb.aged = true;
             }
         }
+    }
+
+    /// True when no write arrived between the last two ticks.
+    pub fn idle(&self) -> bool {
+        self.idle.load(Relaxed)
     }
 
     /// True when a request failed with `Busy` since the last reclaim.

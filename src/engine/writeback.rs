@@ -313,6 +313,30 @@ impl<P: Pmem> Engine<P> {
         self.counters.wb_skipped_bytes.add(b.skipped);
     }
 
+    /// Whether writeback should run now (runtimes ask before `writeback_next`; a
+    /// drain ignores it). Writing back lazily lets overwrites supersede older dirty
+    /// data first, which writeback then skips (see `skip_superseded`): it runs when
+    /// closed dirty data passes three quarters of the GC watermark, when GC is wanted
+    /// but finds nothing clean to reclaim, or when no write arrived for a whole tick.
+    pub fn writeback_wanted(&self) -> bool {
+        let (closed, head) = {
+            let h = self.head.lock().unwrap();
+            (h.closed_dirty, h.pos)
+        };
+        let (key, dirty) = {
+            let t = self.tails.lock().unwrap();
+            (t.key, t.dirty)
+        };
+        if dirty == head {
+            return false; // nothing closed past dirty_tail
+        }
+        if self.gc_wanted() && key == dirty {
+            return true; // GC is starved (even clean ksets need dirty_tail past them)
+        }
+        let capacity = self.geo.n_segs as u64 * self.geo.seg_data_size;
+        closed == 0 || closed * 400 >= capacity * 3 * self.gc_percent() as u64 || self.idle()
+    }
+
     /// True when GC should run: usage at or above gc_percent, or a request found the
     /// cache full.
     pub fn gc_wanted(&self) -> bool {

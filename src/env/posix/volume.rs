@@ -340,7 +340,8 @@ impl Volume {
             .unwrap()
             .is_some_and(|t| Instant::now() < t);
         let mut worked = false;
-        if !backing_off || self.drain.load(Relaxed) {
+        let drain = self.drain.load(Relaxed);
+        if drain || (!backing_off && e.writeback_wanted()) {
             match e.writeback_next(wb) {
                 WbNext::Ready => {
                     worked = true;
@@ -578,22 +579,36 @@ impl BlockTarget for Target {
 }
 
 impl VolumeConn {
-    /// Reads several miss ranges of one request (in order, disjoint) as one batch.
+    /// Reads several miss ranges of one request (in order, disjoint), up to `BATCH` at
+    /// a time in one ring submission, from a stack array: nothing allocates.
     fn read_misses(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        let mut ops: Vec<Op<'_>> = Vec::new();
+        const BATCH: usize = 8;
+        let mut ops: [Op<'_>; BATCH] = std::array::from_fn(|_| Op::Read {
+            off: 0,
+            buf: &mut [],
+        });
+        let mut n = 0;
         let mut rest: &mut [u8] = buf;
         let mut base = 0usize;
         for m in self.ch.misses() {
             let (_, tail) = rest.split_at_mut(m.at - base);
             let (mid, tail) = tail.split_at_mut(m.len);
-            ops.push(Op::Read {
+            ops[n] = Op::Read {
                 off: off + m.at as u64,
                 buf: mid,
-            });
+            };
+            n += 1;
+            if n == BATCH {
+                self.q.run(&mut ops[..n])?;
+                n = 0;
+            }
             rest = tail;
             base = m.at + m.len;
         }
-        self.q.run(&mut ops)
+        if n == 0 {
+            return Ok(());
+        }
+        self.q.run(&mut ops[..n])
     }
 }
 
