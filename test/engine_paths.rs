@@ -252,7 +252,7 @@ fn full_cache_recovers_through_writeback_and_gc() {
                     assert!(busy < 10_000, "no progress");
                     let _ = e.flush();
                     drain(&e, &mut backing, false);
-                    e.gc();
+                    e.gc(&mut Vec::new());
                 }
                 Err(x) => panic!("{x}"),
             }

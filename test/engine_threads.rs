@@ -110,7 +110,7 @@ fn four_channels_and_background_work() {
                     let _ = e.flush();
                 }
                 let worked = writeback(&e, &disk, &mut wb);
-                e.gc();
+                e.gc(&mut Vec::new());
                 if !worked {
                     std::thread::yield_now();
                 }

@@ -1108,7 +1108,7 @@ fn exercise(e: Engine<SimPmem>, rng: &mut Rng, tally: &Tally) -> Vec<String> {
             }
         }
     }
-    let _ = e.gc();
+    let _ = e.gc(&mut Vec::new());
     if let Err(m) = e.check_invariants(&[]) {
         tally.add("ANOMALY accepted: invariants fail after writeback and GC");
         notes.push(format!("invariants after writeback/gc: {m}"));
@@ -1635,7 +1635,7 @@ fn regression_gen_max_overflows_on_reclaim() {
         while e.writeback_next(&mut b) == WbNext::Ready {
             e.writeback_done(&b, true);
         }
-        e.gc().ksets
+        e.gc(&mut Vec::new()).ksets
     }));
     assert!(r.is_ok(), "writeback + GC panicked");
 }

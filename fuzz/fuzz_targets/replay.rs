@@ -144,7 +144,7 @@ fn build(variant: u8) -> Base {
         }
         if variant == 2 && i % 40 == 39 {
             write_back_all(&e, 6);
-            let _ = e.gc();
+            let _ = e.gc(&mut Vec::new());
         }
     }
     e.release_channel(&mut ch);
@@ -275,6 +275,6 @@ fuzz_target!(|data: &[u8]| {
         }
         e.release_channel(&mut ch);
         write_back_all(&e, 64);
-        let _ = e.gc();
+        let _ = e.gc(&mut Vec::new());
     }
 });

@@ -345,19 +345,27 @@ impl<P: Pmem> Engine<P> {
     }
 
     /// Reclaims written-back ksets from key_tail while GC is wanted.
-    pub fn gc(&self) -> GcResult {
+    ///
+    /// `scratch` is the caller's reusable buffer for reading ksets: it only ever grows
+    /// (to one kset's maximum size), so a caller that keeps it across calls makes GC
+    /// allocation-free once warm. Its contents are overwritten; its length never shrinks.
+    pub fn gc(&self, scratch: &mut Vec<u8>) -> GcResult {
         let mut r = GcResult::default();
         if self.errors.lock().unwrap().gc.is_some() {
             return r;
         }
-        let mut buf = vec![0u8; self.geo.kset_max_size()];
+        let need = self.geo.kset_max_size();
+        if scratch.len() < need {
+            scratch.resize(need, 0);
+        }
+        let buf = &mut scratch[..need];
         while self.gc_wanted() {
             let mut t = self.tails.lock().unwrap();
             let pos = t.key;
             if pos == t.dirty {
                 break;
             }
-            let hdr = match read_kset(&self.pmem, &self.geo, pos, &mut buf) {
+            let hdr = match read_kset(&self.pmem, &self.geo, pos, buf) {
                 Ok(KsetCheck::Valid(h)) => h,
                 other => {
                     let why = match other {

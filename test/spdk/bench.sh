@@ -7,7 +7,8 @@
 #   ocf_wb     bdev_ocf in write-back mode, cache = a malloc bdev of the pcache's size
 #   pcache     pcache over the base, medium in /dev/shm (volatile)
 # Each runs in its own bdevperf process: a sequential write fills the device (so reads
-# hit in the caches), then randread QD32, randread QD1, randwrite QD32, randwrite QD1.
+# hit in the caches; its IOPS are shown too), then randread QD32, randread QD1,
+# randwrite QD32, randwrite QD1.
 # Cold reads: pcache and passthru over a delay bdev over a 64 GiB null bdev (misses
 # all the way: the cache cannot warm up), randread QD32 and QD1.
 # Prints IOPS and mean latency per target and workload, and pcache's ratios.
@@ -113,7 +114,7 @@ targets = ["malloc", "base", "passthru", "ocf_wb", "pcache"]
 print()
 print(sys.argv[2] or "SPDK")
 print(f"{'workload':<24}" + "".join(f"{t:>12}" for t in targets))
-for wl, qd, what in [("randwrite", 32, "IOPS"), ("randread", 32, "IOPS"),
+for wl, qd, what in [("write", 32, "IOPS"), ("randwrite", 32, "IOPS"), ("randread", 32, "IOPS"),
                      ("randwrite", 1, "lat_us"), ("randread", 1, "lat_us")]:
     i = 0 if what == "IOPS" else 1
     name = f"{wl} qd{qd} {what}"

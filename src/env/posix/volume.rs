@@ -369,7 +369,7 @@ impl Volume {
                 WbNext::Stopped(_) => {}
             }
         }
-        if e.gc_wanted() && e.gc().ksets > 0 {
+        if e.gc_wanted() && e.gc(buf).ksets > 0 {
             worked = true;
         }
         if worked {

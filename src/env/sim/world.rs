@@ -354,7 +354,7 @@ impl World {
                 break;
             }
         }
-        self.engine.gc();
+        self.engine.gc(&mut Vec::new());
         Ok(())
     }
 
@@ -444,7 +444,7 @@ impl World {
         match self.rng.below(4) {
             0 => self.engine.tick(),
             1 => {
-                self.engine.gc();
+                self.engine.gc(&mut Vec::new());
             }
             _ => {
                 self.writeback_step()?;

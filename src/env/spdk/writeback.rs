@@ -1,14 +1,21 @@
 //! Background work of a cache, as pollers on the app thread: the 100 ms engine tick,
 //! writeback of dirty ksets to the base bdev, and GC.
 //!
-//! Writeback takes one kset at a time (`writeback_next`), copies its dirty extents from
-//! pmem into a DMA bounce in waves of at most `WB_BOUNCE` bytes, writes them to the base
-//! bdev (zero and discard extents become WRITE_ZEROES, so the base reads back zeros
-//! whatever its unmap semantics), FLUSHes the base, and only then acknowledges the kset
+//! Writeback runs when the engine wants it (`writeback_wanted`: lazily, so overwrites
+//! can supersede older dirty data first) or a drain asks for everything. It takes one
+//! kset at a time (`writeback_next`) and writes its dirty extents to the base bdev
+//! straight from the mapped medium (`WbMap`) or, when the mapping is not usable for
+//! DMA, through a DMA bounce in waves of at most `WB_BOUNCE` bytes. Extents
+//! that continue each other on the base (and, when written straight from the medium, in
+//! the medium too) go out as one request of up to `MAX_IO` bytes; zero and discard
+//! extents become WRITE_ZEROES, so the base reads back zeros whatever its unmap
+//! semantics. Then it FLUSHes the base, and only then acknowledges the kset
 //! (`writeback_done`), which lets the engine persist the advanced dirty_tail. The next
 //! kset starts from the completion callback, so a backlog drains at the base's speed,
-//! not the poller's period. Errors back off exponentially (10 ms .. 5 s) and never lose
-//! data: it stays dirty in pmem and is written again.
+//! not the poller's period. GC runs from the same poller and after every batch, with a
+//! scratch buffer kept here (nothing allocates once started). Errors back off
+//! exponentially (10 ms .. 5 s) and never lose data: it stays dirty in pmem and is
+//! written again.
 //!
 //! Invariants: everything here runs on the app thread; at most one kset is in flight;
 //! stopping waits for the base I/O in flight before the continuation (teardown) runs.
@@ -16,7 +23,7 @@
 use super::cache::{AttachError, Node, MAX_IO};
 use super::ffi::{self, errlog, noticelog, DmaBuf, Poller};
 use super::wbmap::WbMap;
-use crate::engine::{Pmem, WbBatch, WbKind, WbNext};
+use crate::engine::{Pmem, WbBatch, WbItem, WbKind, WbNext};
 use spdk_sys as sys;
 use std::ffi::c_void;
 
@@ -63,6 +70,8 @@ pub(super) struct Background {
     bounce_used: usize,
     /// Direct access to the medium for writes to the base, when usable.
     map: Option<WbMap>,
+    /// Scratch for `Engine::gc` (one kset), allocated in `start`.
+    gc_buf: Vec<u8>,
     wait: sys::spdk_bdev_io_wait_entry,
     base_flush: bool,
     backoff_ms: u64,
@@ -90,6 +99,7 @@ impl Background {
             bounce: None,
             bounce_used: 0,
             map: None,
+            gc_buf: Vec::new(),
             wait: sys::spdk_bdev_io_wait_entry::default(),
             base_flush: false,
             backoff_ms: 0,
@@ -165,6 +175,7 @@ pub(super) fn start(n: *mut Node) -> Result<(), AttachError> {
     }
     let pm = nd.shared.engine.pmem();
     bg.map = WbMap::new(&nd.shared.name, pm.path(), pm.size());
+    bg.gc_buf = vec![0; nd.shared.engine.geometry().kset_max_size()];
     // SAFETY: getter on an open bdev.
     bg.base_flush =
         unsafe { sys::spdk_bdev_io_type_supported(nd.base_bdev, sys::SPDK_BDEV_IO_TYPE_FLUSH) };
@@ -270,7 +281,8 @@ extern "C" fn wb_poll(arg: *mut c_void) -> i32 {
         let _ = e.flush();
     }
     let mut worked = false;
-    if nd.bg.phase == Phase::Idle && ffi::ticks() >= nd.bg.retry_at {
+    // retry_at is 0 unless writeback is backing off: no clock read in the common case.
+    if nd.bg.phase == Phase::Idle && (nd.bg.retry_at == 0 || ffi::ticks() >= nd.bg.retry_at) {
         worked |= start_batch(n);
     }
     worked |= gc(n);
@@ -283,13 +295,40 @@ extern "C" fn wb_poll(arg: *mut c_void) -> i32 {
 }
 
 fn gc(n: *mut Node) -> bool {
-    let e = &node(n.cast()).shared.engine;
-    e.gc_wanted() && e.gc().ksets > 0
+    let nd = node(n.cast());
+    let e = &nd.shared.engine;
+    e.gc_wanted() && e.gc(&mut nd.bg.gc_buf).ksets > 0
 }
 
-/// Takes the next dirty kset, if any, and starts writing it.
+/// The length of one request made of the whole item `items[i]` and the whole items after
+/// it that continue it on the base (and in the medium too when `same_src`), at most
+/// `max` bytes in all. `items[i]` itself must fit in `max`.
+fn coalesce(items: &[WbItem], i: usize, max: u64, same_src: bool) -> u64 {
+    let first = items[i];
+    let mut len = first.len as u64;
+    for next in &items[i + 1..] {
+        let joins = next.off == first.off + len
+            && match (first.kind, next.kind) {
+                (WbKind::Data { pmem_off: a }, WbKind::Data { pmem_off: b }) => {
+                    !same_src || b == a + len
+                }
+                (WbKind::Zero | WbKind::Discard, WbKind::Zero | WbKind::Discard) => true,
+                _ => false,
+            };
+        if !joins || len + next.len as u64 > max {
+            break;
+        }
+        len += next.len as u64;
+    }
+    len
+}
+
+/// Takes the next dirty kset, if any and if writeback is due, and starts writing it.
 fn start_batch(n: *mut Node) -> bool {
     let nd = node(n.cast());
+    if !nd.bg.drain.active && !nd.shared.engine.writeback_wanted() {
+        return false;
+    }
     let bg = &mut nd.bg;
     match nd.shared.engine.writeback_next(&mut bg.batch) {
         WbNext::Ready => {
@@ -328,7 +367,12 @@ fn submit_wave(n: *mut Node) {
         let at = it.off + bg.item_off;
         let (rc, len, used) = match it.kind {
             WbKind::Data { pmem_off } if bg.map.is_some() => {
-                let len = rest.min(MAX_IO as u64);
+                // A whole item starts the request: the ones continuing it ride along.
+                let len = if bg.item_off == 0 && rest <= MAX_IO as u64 {
+                    coalesce(&bg.batch.items, bg.item, MAX_IO as u64, true)
+                } else {
+                    rest.min(MAX_IO as u64)
+                };
                 let src = bg
                     .map
                     .as_ref()
@@ -358,12 +402,36 @@ fn submit_wave(n: *mut Node) {
                     break;
                 };
                 let room = (buf.len() - bg.bounce_used) as u64;
-                let len = rest.min(MAX_IO as u64).min(room);
+                let max = room.min(MAX_IO as u64);
+                let len = if bg.item_off == 0 && rest <= max {
+                    coalesce(&bg.batch.items, bg.item, max, false)
+                } else {
+                    rest.min(max)
+                };
                 if len == 0 {
                     break;
                 }
                 let dst = &mut buf.as_mut_slice()[bg.bounce_used..bg.bounce_used + len as usize];
-                shared.engine.pmem().read(pmem_off + bg.item_off, dst);
+                if bg.item_off == 0 && rest <= max {
+                    // Gather the coalesced items (base-contiguous, `len` bytes in all).
+                    let mut done = 0usize;
+                    for x in &bg.batch.items[bg.item..] {
+                        if done == len as usize {
+                            break;
+                        }
+                        let WbKind::Data { pmem_off } = x.kind else {
+                            break;
+                        };
+                        let l = x.len as usize;
+                        shared
+                            .engine
+                            .pmem()
+                            .read(pmem_off, &mut dst[done..done + l]);
+                        done += l;
+                    }
+                } else {
+                    shared.engine.pmem().read(pmem_off + bg.item_off, dst);
+                }
                 // SAFETY: the bounce region stays untouched until this write completes (the
                 // wave only moves forward in the bounce); channel of this thread.
                 let rc = unsafe {
@@ -380,18 +448,25 @@ fn submit_wave(n: *mut Node) {
                 (rc, len, len as usize)
             }
             WbKind::Zero | WbKind::Discard => {
+                // Zero extents are never split: the range is the item and any zero items
+                // continuing it.
+                let len = if bg.item_off == 0 {
+                    coalesce(&bg.batch.items, bg.item, u64::MAX, false)
+                } else {
+                    rest
+                };
                 // SAFETY: plain block-range request on our base channel.
                 let rc = unsafe {
                     sys::spdk_bdev_write_zeroes_blocks(
                         desc,
                         bg.base_ch,
                         at / bs,
-                        rest / bs,
+                        len / bs,
                         Some(wb_io_done),
                         n.cast(),
                     )
                 };
-                (rc, rest, 0)
+                (rc, len, 0)
             }
         };
         if rc == -libc::ENOMEM {
@@ -409,10 +484,11 @@ fn submit_wave(n: *mut Node) {
         }
         bg.pending += 1;
         bg.bounce_used += used;
+        // Step over every item the request covered (one, part of one, or coalesced ones).
         bg.item_off += len;
-        if bg.item_off == it.len as u64 {
+        while bg.item < bg.batch.items.len() && bg.item_off >= bg.batch.items[bg.item].len as u64 {
+            bg.item_off -= bg.batch.items[bg.item].len as u64;
             bg.item += 1;
-            bg.item_off = 0;
         }
     }
     if bg.pending == 0 {
