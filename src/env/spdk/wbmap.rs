@@ -68,7 +68,8 @@ impl WbMap {
                 aligned as *mut c_void,
                 size,
                 libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_FIXED,
+                // Populated: writeback then never faults on the reactor.
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
                 file.as_raw_fd(),
                 0,
             )
