@@ -264,8 +264,8 @@ impl<P: Pmem> Engine<P> {
             keep(run, e);
             b.skipped += skipped;
         }
-        b.items = items;
-        std::mem::swap(&mut b.items, &mut b.kept);
+        // The kept items become the batch; the drained vector is reused next time.
+        b.items = std::mem::replace(&mut b.kept, items);
     }
 
     /// Never write corrupt data to the backing device: check every dirty key's CRC.

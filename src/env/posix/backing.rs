@@ -348,10 +348,23 @@ impl BackingFile {
         )
     }
 
-    /// fallocate(mode) with EINTR retry; `Ok(false)` if the mode is unsupported.
-    fn fallocate(&self, mode: libc::c_int, off: u64, len: u64) -> io::Result<bool> {
+    /// fallocate(mode) with EINTR retry. `Ok(false)` if the device does not support
+    /// the mode, remembered in `unsupported` so later calls skip the syscall; errors
+    /// carry `what` and the range.
+    fn fallocate(
+        &self,
+        what: &str,
+        unsupported: &AtomicBool,
+        mode: libc::c_int,
+        off: u64,
+        len: u64,
+    ) -> io::Result<bool> {
+        if unsupported.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
         let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
-            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+            let e = io::Error::from_raw_os_error(libc::EFBIG);
+            return Err(self.context(what, off, len, e));
         };
         loop {
             // SAFETY: fallocate on an open descriptor has no memory effects.
@@ -361,8 +374,11 @@ impl BackingFile {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
-                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => return Ok(false),
-                _ => return Err(e),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                    unsupported.store(true, Ordering::Relaxed);
+                    return Ok(false);
+                }
+                _ => return Err(self.context(what, off, len, e)),
             }
         }
     }
@@ -549,13 +565,15 @@ impl Queue {
         if len == 0 {
             return Ok(());
         }
-        if !dev.no_zero_range.load(Ordering::Relaxed) {
-            let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-            match dev.fallocate(mode, off, len) {
-                Ok(true) => return Ok(()),
-                Ok(false) => dev.no_zero_range.store(true, Ordering::Relaxed),
-                Err(e) => return Err(dev.context("write_zeroes (fallocate)", off, len, e)),
-            }
+        let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        if dev.fallocate(
+            "write_zeroes (fallocate)",
+            &dev.no_zero_range,
+            mode,
+            off,
+            len,
+        )? {
+            return Ok(());
         }
         self.write_zero_blocks(off, len)
     }
@@ -569,13 +587,9 @@ impl Queue {
         if len == 0 {
             return Ok(());
         }
-        if !dev.no_punch_hole.load(Ordering::Relaxed) {
-            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            match dev.fallocate(mode, off, len) {
-                Ok(true) => return Ok(()),
-                Ok(false) => dev.no_punch_hole.store(true, Ordering::Relaxed),
-                Err(e) => return Err(dev.context("discard (fallocate)", off, len, e)),
-            }
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        if dev.fallocate("discard (fallocate)", &dev.no_punch_hole, mode, off, len)? {
+            return Ok(());
         }
         self.write_zeroes(off, len)
     }
