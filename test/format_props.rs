@@ -25,19 +25,21 @@
 //! includes their fault classes.
 
 use pcache::engine::format::{
-    self, check_kset, crc, decode_gen, encode_gen, pick_replica, seal_kset, CacheInfo, Geometry,
-    KeyRec, KsetCheck, KsetHdr, LogPos, MediaError, Superblock, BACKING_ID_MAX, DIRTY_TAIL_OFF,
-    FORMAT_VERSION, GEN_OFF, GEN_SIZE, INFO_DATA_CRC, INFO_INIT_DONE, INFO_OFF, INFO_SIZE,
-    KEY_CLEAN, KEY_DISCARD, KEY_SIZE, KEY_TAIL_OFF, KEY_ZERO, KIND_DIRTY_TAIL, KIND_KEY_TAIL,
-    KSET_HDR, KSET_KEYS_MAX, KSET_LAST, KSET_MAGIC, KSET_SIZE_MAX, SB_OFF, SB_SIZE, SEGMENTS_OFF,
-    SEG_HDR, SEQ_LIMIT, SUBTREE_SIZE, TAIL_SIZE,
+    self, check_kset, crc, decode_gen, encode_gen, get_u32, pick_replica, put_u16, put_u32,
+    put_u64, seal_kset, CacheInfo, Geometry, KeyRec, KsetCheck, KsetHdr, LogPos, MediaError,
+    Superblock, BACKING_ID_MAX, DIRTY_TAIL_OFF, FORMAT_VERSION, GEN_OFF, GEN_SIZE, INFO_DATA_CRC,
+    INFO_INIT_DONE, INFO_OFF, INFO_SIZE, KEY_CLEAN, KEY_DISCARD, KEY_SIZE, KEY_TAIL_OFF, KEY_ZERO,
+    KIND_DIRTY_TAIL, KIND_KEY_TAIL, KSET_HDR, KSET_KEYS_MAX, KSET_LAST, KSET_MAGIC, KSET_SIZE_MAX,
+    SB_OFF, SB_SIZE, SEGMENTS_OFF, SEG_HDR, SEQ_LIMIT, SUBTREE_SIZE, TAIL_SIZE,
 };
 use pcache::engine::{
-    probe, BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, OpenError, WbBatch,
-    WbNext,
+    probe, BackingIdentity, Channel, Engine, FormatOptions, IoError, OpenError, WbBatch, WbNext,
 };
 use pcache::env::sim::pmem::SimPmem;
 use pcache::env::sim::rng::Rng;
+use pcache::env::sim::tiny::{
+    config, geometry, identity, BACKING, BS, DATA, KEYS, NSEG, PMEM, SEG,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, TestCaseError, TestRunner};
 use std::cell::RefCell;
@@ -62,19 +64,6 @@ fn pt(cases: u32) -> ProptestConfig {
 fn reseal(b: &mut [u8]) {
     let c = crc(&b[4..]);
     b[..4].copy_from_slice(&c.to_le_bytes());
-}
-
-fn put_u16(b: &mut [u8], o: usize, v: u16) {
-    b[o..o + 2].copy_from_slice(&v.to_le_bytes());
-}
-fn put_u32(b: &mut [u8], o: usize, v: u32) {
-    b[o..o + 4].copy_from_slice(&v.to_le_bytes());
-}
-fn put_u64(b: &mut [u8], o: usize, v: u64) {
-    b[o..o + 8].copy_from_slice(&v.to_le_bytes());
-}
-fn get_u32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
 }
 
 /// Every encoded bit flipped in turn must be rejected by `dec`.
@@ -702,40 +691,6 @@ proptest! {
 // Engine level: replay of damaged and crafted media.
 // ---------------------------------------------------------------------------------
 
-const SEG: u32 = 24 << 10;
-const NSEG: u32 = 12;
-const KEYS: u32 = 8;
-const BACKING: u64 = 512 << 10;
-const BS: u64 = 512;
-const PMEM: u64 = SEGMENTS_OFF + NSEG as u64 * SEG as u64;
-const DATA: u64 = SEG as u64 - SEG_HDR;
-
-fn identity() -> BackingIdentity {
-    BackingIdentity {
-        size: BACKING,
-        block_size: BS as u32,
-        id: "format-props".into(),
-    }
-}
-
-fn config() -> Config {
-    Config {
-        n_ksets: 2,
-        log_reserve: 2,
-    }
-}
-
-fn geometry(format_id: u64) -> Geometry {
-    Geometry {
-        n_segs: NSEG,
-        seg_size: SEG as u64,
-        seg_data_size: DATA,
-        kset_keys: KEYS,
-        backing_size: BACKING,
-        format_id,
-    }
-}
-
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
@@ -869,7 +824,7 @@ fn run_seeds(name: &str, case: impl Fn(u64, &Tally) -> Result<(), String>) {
 /// A formatted medium with a few writes, zeroes and fills on it, flushed.
 fn written_image(rng: &mut Rng) -> (Vec<u8>, u64) {
     let format_id = rng.next_u64();
-    let mut fo = FormatOptions::new(identity(), format_id);
+    let mut fo = FormatOptions::new(identity("format-props"), format_id);
     fo.seg_size = SEG;
     fo.kset_keys = KEYS;
     fo.data_crc = rng.chance(1, 2);
@@ -1066,7 +1021,12 @@ fn exercise(e: Engine<SimPmem>, rng: &mut Rng, tally: &Tally) -> Vec<String> {
     e.release_channel(&mut ch);
     let img = e.pmem().image();
     drop(e);
-    let e = match Engine::open(SimPmem::from_image(img), &identity(), true, &config()) {
+    let e = match Engine::open(
+        SimPmem::from_image(img),
+        &identity("format-props"),
+        true,
+        &config(),
+    ) {
         Ok(e) => e,
         Err(err) => {
             tally.add("ANOMALY accepted: reopen after writes fails");
@@ -1120,7 +1080,7 @@ fn exercise(e: Engine<SimPmem>, rng: &mut Rng, tally: &Tally) -> Vec<String> {
 fn open_and_exercise(img: Vec<u8>, force: bool, rng: &mut Rng, tally: &Tally) -> Vec<String> {
     let pmem = SimPmem::from_image(img);
     let _ = probe(&pmem);
-    match Engine::open(pmem, &identity(), force, &config()) {
+    match Engine::open(pmem, &identity("format-props"), force, &config()) {
         Err(e) => {
             tally.add(open_error_kind(&e));
             vec![]
@@ -1193,7 +1153,7 @@ fn arbitrary_medium_never_panics() {
                 n_segs: NSEG,
                 kset_keys: KEYS,
                 format_id: rng.next_u64(),
-                backing: identity(),
+                backing: identity("format-props"),
             };
             img[..SB_SIZE].copy_from_slice(&sb.encode(1));
             if rng.chance(1, 2) {
@@ -1285,7 +1245,7 @@ fn crafted_image(rng: &mut Rng) -> (Vec<u8>, String) {
         n_segs: NSEG,
         kset_keys: KEYS,
         format_id: geo.format_id,
-        backing: identity(),
+        backing: identity("format-props"),
     };
     put(&mut img, SB_OFF[0], &sb.encode(1));
     put(&mut img, SB_OFF[1], &sb.encode(1));
@@ -1533,7 +1493,7 @@ fn crafted_medium_replay_never_panics() {
 /// A freshly formatted small medium (empty log: key_tail = dirty_tail = kset 1 at 0:0).
 fn formatted(gc_percent: u32) -> (Vec<u8>, u64) {
     let format_id = 0x5eed;
-    let mut fo = FormatOptions::new(identity(), format_id);
+    let mut fo = FormatOptions::new(identity("format-props"), format_id);
     fo.seg_size = SEG;
     fo.kset_keys = KEYS;
     fo.gc_percent = gc_percent;
@@ -1550,8 +1510,13 @@ fn put_tails(img: &mut [u8], key: LogPos, dirty: LogPos) {
 
 /// Opens `img`, writes one block and flushes; a panic fails the caller's test.
 fn open_write_flush(img: Vec<u8>) -> Result<Engine<SimPmem>, String> {
-    let e = Engine::open(SimPmem::from_image(img), &identity(), false, &config())
-        .map_err(|e| e.to_string())?;
+    let e = Engine::open(
+        SimPmem::from_image(img),
+        &identity("format-props"),
+        false,
+        &config(),
+    )
+    .map_err(|e| e.to_string())?;
     let mut ch = Channel::default();
     e.write(&mut ch, 0, &[7u8; BS as usize], false)
         .map_err(|e| e.to_string())?;
@@ -1608,7 +1573,13 @@ fn regression_kset_seq_max_overflows_in_replay() {
     let at = geo.data_off(0, 0) as usize;
     img[at..at + b.len()].copy_from_slice(&b);
     let r = catch_unwind(AssertUnwindSafe(|| {
-        Engine::open(SimPmem::from_image(img), &identity(), false, &config()).map(|_| ())
+        Engine::open(
+            SimPmem::from_image(img),
+            &identity("format-props"),
+            false,
+            &config(),
+        )
+        .map(|_| ())
     }));
     assert!(r.is_ok(), "open panicked");
 }
@@ -1692,7 +1663,13 @@ fn regression_kset_filling_segment_loses_later_writes() {
     };
     let img = e.pmem().image();
     drop(e);
-    let e = Engine::open(SimPmem::from_image(img), &identity(), false, &config()).expect("reopen");
+    let e = Engine::open(
+        SimPmem::from_image(img),
+        &identity("format-props"),
+        false,
+        &config(),
+    )
+    .expect("reopen");
     let mut ch = Channel::default();
     let mut buf = vec![0u8; BS as usize];
     let missed = e.read(&mut ch, 0, &mut buf).unwrap();
@@ -1724,7 +1701,7 @@ fn regression_long_backing_id_fails_format() {
     ] {
         let backing = BackingIdentity {
             id: id.clone(),
-            ..identity()
+            ..identity("format-props")
         };
         let mut fo = FormatOptions::new(backing, 1);
         fo.seg_size = SEG;

@@ -21,50 +21,15 @@
 
 use libfuzzer_sys::fuzz_target;
 use pcache::engine::format::{
-    crc, Geometry, DIRTY_TAIL_OFF, GEN_OFF, GEN_SIZE, INFO_OFF, INFO_SIZE, KEY_SIZE, KEY_TAIL_OFF,
+    crc, get_u32, DIRTY_TAIL_OFF, GEN_OFF, GEN_SIZE, INFO_OFF, INFO_SIZE, KEY_SIZE, KEY_TAIL_OFF,
     KSET_HDR, KSET_LAST, KSET_MAGIC, SB_OFF, SB_SIZE, SEGMENTS_OFF, SEG_HDR, TAIL_SIZE,
 };
-use pcache::engine::{BackingIdentity, Channel, Config, Engine, FormatOptions, WbBatch, WbNext};
+use pcache::engine::{Channel, Engine, FormatOptions, WbBatch, WbNext};
 use pcache::env::sim::pmem::SimPmem;
+use pcache::env::sim::tiny::{
+    config, geometry, identity, BACKING, BS, DATA, KEYS, NSEG, PMEM, SEG,
+};
 use std::sync::OnceLock;
-
-const SEG: u32 = 24 << 10;
-const NSEG: u32 = 12;
-const KEYS: u32 = 8;
-const BACKING: u64 = 512 << 10;
-const BS: u64 = 512;
-const PMEM: u64 = SEGMENTS_OFF + NSEG as u64 * SEG as u64;
-const DATA: u64 = SEG as u64 - SEG_HDR;
-
-fn identity() -> BackingIdentity {
-    BackingIdentity {
-        size: BACKING,
-        block_size: BS as u32,
-        id: "fuzz".into(),
-    }
-}
-
-fn config() -> Config {
-    Config {
-        n_ksets: 2,
-        log_reserve: 2,
-    }
-}
-
-fn geometry() -> Geometry {
-    Geometry {
-        n_segs: NSEG,
-        seg_size: SEG as u64,
-        seg_data_size: DATA,
-        kset_keys: KEYS,
-        backing_size: BACKING,
-        format_id: 0,
-    }
-}
-
-fn get_u32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
-}
 
 /// A tiny deterministic generator for building the base media.
 struct Lcg(u64);
@@ -116,7 +81,7 @@ fn write_back_all(e: &Engine<SimPmem>, limit: usize) {
 /// small flushed writes (a log over several segments), then writeback and GC; 3
 /// zeroes, discards and miss fills (clean keys), data CRC on.
 fn build(variant: u8) -> Base {
-    let mut fo = FormatOptions::new(identity(), 0xf022 + variant as u64);
+    let mut fo = FormatOptions::new(identity("fuzz"), 0xf022 + variant as u64);
     fo.seg_size = SEG;
     fo.kset_keys = KEYS;
     fo.data_crc = variant % 2 == 1;
@@ -157,7 +122,7 @@ fn build(variant: u8) -> Base {
 /// Medium offsets of the kset headers found by walking each segment's data area from
 /// its start while the magic matches.
 fn kset_sites(img: &[u8]) -> Vec<u64> {
-    let geo = geometry();
+    let geo = geometry(0);
     let mut sites = vec![];
     for s in 0..NSEG {
         let mut off = 0u64;
@@ -184,7 +149,7 @@ fn reseal(b: &mut [u8]) {
 /// Recomputes every metadata CRC, and the CRC of every kset at `sites` over the size
 /// its (possibly patched) header claims.
 fn reseal_image(img: &mut [u8], sites: &[u64]) {
-    let geo = geometry();
+    let geo = geometry(0);
     let mut objs: Vec<(u64, usize)> = vec![];
     objs.extend(SB_OFF.iter().map(|&o| (o, SB_SIZE)));
     objs.extend(INFO_OFF.iter().map(|&o| (o, INFO_SIZE)));
@@ -212,7 +177,7 @@ fn reseal_image(img: &mut [u8], sites: &[u64]) {
 
 /// Applies the input's chunks to `img`.
 fn patch(img: &mut [u8], sites: &[u64], mut data: &[u8]) {
-    let geo = geometry();
+    let geo = geometry(0);
     while data.len() >= 4 {
         let region = data[0] % 8;
         let off = u16::from_le_bytes([data[1], data[2]]) as u64;
@@ -254,7 +219,12 @@ fuzz_target!(|data: &[u8]| {
         reseal_image(&mut img, &base.sites);
     }
     let force = mode & 8 != 0;
-    let Ok(e) = Engine::open(SimPmem::from_image(img), &identity(), force, &config()) else {
+    let Ok(e) = Engine::open(
+        SimPmem::from_image(img),
+        &identity("fuzz"),
+        force,
+        &config(),
+    ) else {
         return;
     };
     let strict = std::env::var_os("PCACHE_FUZZ_STRICT").is_some_and(|v| v == "1");

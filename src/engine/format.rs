@@ -104,22 +104,24 @@ pub fn crc(data: &[u8]) -> u32 {
     crc32c::crc32c_append(CRC_SEED, data)
 }
 
-fn get_u16(b: &[u8], o: usize) -> u16 {
+// Little-endian field access at byte offset `o` (public for the property tests and
+// fuzzers that craft media; they panic if `b` is too short).
+pub fn get_u16(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes([b[o], b[o + 1]])
 }
-fn get_u32(b: &[u8], o: usize) -> u32 {
+pub fn get_u32(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"))
 }
-fn get_u64(b: &[u8], o: usize) -> u64 {
+pub fn get_u64(b: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
 }
-fn put_u16(b: &mut [u8], o: usize, v: u16) {
+pub fn put_u16(b: &mut [u8], o: usize, v: u16) {
     b[o..o + 2].copy_from_slice(&v.to_le_bytes());
 }
-fn put_u32(b: &mut [u8], o: usize, v: u32) {
+pub fn put_u32(b: &mut [u8], o: usize, v: u32) {
     b[o..o + 4].copy_from_slice(&v.to_le_bytes());
 }
-fn put_u64(b: &mut [u8], o: usize, v: u64) {
+pub fn put_u64(b: &mut [u8], o: usize, v: u64) {
     b[o..o + 8].copy_from_slice(&v.to_le_bytes());
 }
 

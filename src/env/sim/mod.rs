@@ -5,4 +5,5 @@
 pub mod disk;
 pub mod pmem;
 pub mod rng;
+pub mod tiny;
 pub mod world;
