@@ -155,6 +155,23 @@ run_bdevperf() {
     read -r BP_IOPS BP_FAILS <<< "$(bp_total "$WORK/$name.log")"
 }
 
+# initiator_verify NAME WHAT CONFIG BDEVPERF_ARGS...: runs a plain bdevperf (core 1) on
+# CONFIG to the end; WHAT passes if it exited 0 with no failed I/O.
+initiator_verify() {
+    local name=$1 what=$2 config=$3 rc iops fails
+    shift 3
+    start "$name" 0 0x2 "$WORK/$name.sock" "$BDEVPERF" -c "$config" "$@"
+    wait "$APP_PID"
+    rc=$?
+    read -r iops fails <<< "$(bp_total "$WORK/$name.log")"
+    if [ $rc = 0 ] && [ "${fails:-x}" = "0.00" ]; then
+        pass "$what: $iops IOPS, 0 failures"
+    else
+        fail "$what: rc=$rc IOPS=${iops:-?} fail/s=${fails:-?}"
+        tail -15 "$WORK/$name.log"
+    fi
+}
+
 check_bdevperf() {
     local what=$1
     local wb gc

@@ -60,17 +60,8 @@ if wait_up "$WORK/backend.sock"; then
     start cfg_nvmf 1 0x1 "$WORK/cfg.sock" "$SPDK_TGT" -c "$WORK/tgt-nvmf.json"
     CFG_PID=$APP_PID
     if wait_up "$WORK/cfg.sock"; then
-        start cfg_initiator 0 0x2 "$WORK/initiator.sock" "$BDEVPERF" \
-            -c "$WORK/bp-initiator.json" -q 32 -o 4096 -w verify -t 5
-        wait "$APP_PID"
-        rc=$?
-        read -r iops fails <<< "$(bp_total "$WORK/cfg_initiator.log")"
-        if [ $rc = 0 ] && [ "${fails:-x}" = "0.00" ]; then
-            pass "configs/spdk_tgt-pcache-nvmf.json: NVMe-oF base -> pcache -> NVMe-oF export, verify from a third process: $iops IOPS, 0 failures"
-        else
-            fail "configs/spdk_tgt-pcache-nvmf.json: rc=$rc IOPS=${iops:-?} fail/s=${fails:-?}"
-            tail -10 "$WORK/cfg_initiator.log"
-        fi
+        initiator_verify cfg_initiator "configs/spdk_tgt-pcache-nvmf.json: NVMe-oF base -> pcache -> NVMe-oF export, verify from a third process" \
+            "$WORK/bp-initiator.json" -q 32 -o 4096 -w verify -t 5
     else
         fail "configs/spdk_tgt-pcache-nvmf.json: spdk_tgt did not come up"
         tail -10 "$WORK/cfg_nvmf.log"
@@ -150,29 +141,11 @@ $R bdev_malloc_create -b Malloc0 256 4096 > /dev/null &&
 setup=$?
 ESECS=$((SECS / 2 > 10 ? SECS / 2 : 10))
 if [ $setup = 0 ]; then
-    start initiator 0 0x2 "$WORK/initiator.sock" "$BDEVPERF" -c "$WORK/bp-initiator.json" \
-        -q 32 -o 4096 -w verify -t "$ESECS"
-    wait "$APP_PID"
-    rc=$?
-    read -r iops fails <<< "$(bp_total "$WORK/initiator.log")"
-    if [ $rc = 0 ] && [ "${fails:-x}" = "0.00" ]; then
-        pass "export_nvmf: bdevperf verify from a second process over NVMe-oF/TCP: $iops IOPS, 0 failures"
-    else
-        fail "export_nvmf: rc=$rc IOPS=${iops:-?} fail/s=${fails:-?}"
-        tail -15 "$WORK/initiator.log"
-    fi
+    initiator_verify initiator "export_nvmf: bdevperf verify from a second process over NVMe-oF/TCP" \
+        "$WORK/bp-initiator.json" -q 32 -o 4096 -w verify -t "$ESECS"
     # 64 KiB requests arrive in 8 KiB iovecs (io_unit_size above): the multi-iovec paths.
-    start initiator64k 0 0x2 "$WORK/initiator.sock" "$BDEVPERF" -c "$WORK/bp-initiator.json" \
-        -q 16 -o 65536 -w verify -t 10
-    wait "$APP_PID"
-    rc=$?
-    read -r iops fails <<< "$(bp_total "$WORK/initiator64k.log")"
-    if [ $rc = 0 ] && [ "${fails:-x}" = "0.00" ]; then
-        pass "export_nvmf_64k: verify with 64 KiB requests split in 8 KiB iovecs: $iops IOPS, 0 failures"
-    else
-        fail "export_nvmf_64k: rc=$rc IOPS=${iops:-?} fail/s=${fails:-?}"
-        tail -15 "$WORK/initiator64k.log"
-    fi
+    initiator_verify initiator64k "export_nvmf_64k: verify with 64 KiB requests split in 8 KiB iovecs" \
+        "$WORK/bp-initiator.json" -q 16 -o 65536 -w verify -t 10
 else
     fail "export_nvmf: setting up the export failed"
 fi
