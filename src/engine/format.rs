@@ -471,11 +471,6 @@ impl KeyRec {
         put_u32(b, 36, 0);
     }
     /// Decodes a key and validates it against the geometry and the backing size.
-    /// The backing range of an encoded key, unchecked (for keys this engine encoded).
-    pub fn decode_range(b: &[u8]) -> (u64, u32) {
-        (get_u64(b, 0), get_u32(b, 8))
-    }
-
     pub fn decode(b: &[u8], geo: &Geometry) -> Result<Self, MediaError> {
         const W: &str = "key";
         let k = KeyRec {

@@ -328,8 +328,16 @@ impl Shard {
     }
 
     /// Removes whatever overlaps `[s, e)` inside bucket `b`, keeping the parts of old
-    /// extents outside it, and puts `x` (if any) at `s` in their place.
-    fn punch_insert(&mut self, b: usize, s: u32, e: u32, x: Option<Extent>) {
+    /// extents outside it, and puts `x` (if any) at `s` in their place. `gone` sees each
+    /// removed part (clipped to `[s, e)`).
+    fn punch_insert(
+        &mut self,
+        b: usize,
+        s: u32,
+        e: u32,
+        x: Option<Extent>,
+        gone: &mut impl FnMut(u32, Extent),
+    ) {
         let (lo, hi) = self.run(b);
         let i = lo + first_overlap(&self.v[lo..hi], b, s);
         let mut new = [Entry(0, EMPTY); 3];
@@ -338,6 +346,8 @@ impl Shard {
         while j < hi && self.v[j].0 < e {
             let Entry(ks, k) = self.v[j];
             let ke = ks + k.len;
+            let (cs, c) = clip(ks, k, s, e);
+            gone(cs, c);
             if ks < s {
                 let mut front = k;
                 front.cut_back(ke - s);
@@ -381,16 +391,24 @@ impl Shard {
     /// Removes whatever overlaps `[s, e)`, keeping the parts of old extents outside it.
     pub fn punch(&mut self, s: u32, e: u32) {
         debug_assert!(!self.replayed);
-        pieces(s, e, |b, ps, pe| self.punch_insert(b, ps, pe, None));
+        pieces(s, e, |b, ps, pe| {
+            self.punch_insert(b, ps, pe, None, &mut |_, _| {})
+        });
     }
 
     /// Inserts an extent at `s`, trimming everything it overlaps (later wins).
     pub fn insert(&mut self, s: u32, x: Extent) {
+        self.insert_reporting(s, x, |_, _| {});
+    }
+
+    /// `insert`, calling `gone(start, extent)` for each part of an old extent the new one
+    /// replaces (clipped to the new extent's range, in address order).
+    pub fn insert_reporting(&mut self, s: u32, x: Extent, mut gone: impl FnMut(u32, Extent)) {
         debug_assert!(x.len > 0);
         debug_assert!(!self.replayed);
         pieces(s, s + x.len, |b, ps, pe| {
             let (_, piece) = clip(s, x, ps, pe);
-            self.punch_insert(b, ps, pe, Some(piece));
+            self.punch_insert(b, ps, pe, Some(piece), &mut gone);
         });
     }
 

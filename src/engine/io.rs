@@ -11,7 +11,7 @@
 
 use super::format::{self, KeyRec, KEY_CLEAN, KEY_DISCARD, KEY_ZERO, SUBTREE_SIZE};
 use super::index::{Extent, F_CRC, F_DIRTY, F_EMPTY, F_ZERO};
-use super::log::{self, KsetBuf, LogFull};
+use super::log::{self, KsetBuf, LogFull, Superseded};
 use super::{Engine, IoError, Pmem};
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::MutexGuard;
@@ -224,7 +224,19 @@ impl<P: Pmem> Engine<P> {
         let epoch = self.epoch.load(Acquire);
         x.set_epoch(epoch);
         kb.note_epoch(epoch);
-        shard.insert((k.off % SUBTREE_SIZE) as u32, x);
+        let bits = x.epoch_bits();
+        shard.insert_reporting((k.off % SUBTREE_SIZE) as u32, x, |_, y| {
+            // Old dirty data of this epoch: writeback may skip it once this key is in
+            // the log (no barrier lies between the two writes).
+            if y.is(F_DIRTY) && y.has_data() && y.epoch_bits() == bits {
+                kb.note_superseded(Superseded {
+                    seg: y.seg,
+                    seg_off: y.seg_off,
+                    len: y.len,
+                    gen: y.gen,
+                });
+            }
+        });
         self.append(&mut kb, k, force)
     }
 

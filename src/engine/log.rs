@@ -24,6 +24,19 @@ pub struct KsetBuf {
     pub aged: bool,
     /// Lowest and highest write epoch of the buffered dirty keys.
     epochs: (u64, u64),
+    /// Dirty data the buffered keys replaced within its own write epoch; marked
+    /// superseded (`Segs::mark_superseded`) once those keys are in the log.
+    superseded: Vec<Superseded>,
+}
+
+/// Old dirty data a buffered key replaced: `len` bytes at `seg_off` of `seg`, generation
+/// `gen`.
+#[derive(Debug, Clone, Copy)]
+pub struct Superseded {
+    pub seg: u32,
+    pub seg_off: u32,
+    pub len: u32,
+    pub gen: u32,
 }
 
 impl Default for KsetBuf {
@@ -34,6 +47,8 @@ impl Default for KsetBuf {
             dirty_bytes: 0,
             aged: false,
             epochs: NO_EPOCHS,
+            // Typically one per key (a 4 KiB overwrite replaces one 4 KiB extent).
+            superseded: Vec::with_capacity(256),
         }
     }
 }
@@ -46,14 +61,9 @@ impl KsetBuf {
         self.epochs = (self.epochs.0.min(epoch), self.epochs.1.max(epoch));
     }
 
-    /// True when a buffered key overlaps `[off, off + len)` (such a key is not in the
-    /// log yet).
-    pub fn overlaps(&self, off: u64, len: u64) -> bool {
-        (0..self.count as usize).any(|i| {
-            let o = KSET_HDR + KEY_SIZE * i;
-            let (ko, kl) = KeyRec::decode_range(&self.buf[o..o + KEY_SIZE]);
-            ko < off + len && off < ko + kl as u64
-        })
+    /// Notes old dirty data of the same epoch that a key being pushed replaces.
+    pub fn note_superseded(&mut self, s: Superseded) {
+        self.superseded.push(s);
     }
 
     pub fn push(&mut self, k: &KeyRec, dirty: bool) {
@@ -146,6 +156,10 @@ pub fn close<P: Pmem>(
         seg: head.pos.seg,
         off: head.pos.off + size as u32,
     };
+    // The replacing keys are in the log now: writeback may leave the old data out.
+    for s in kb.superseded.drain(..) {
+        segs.mark_superseded(s.seg, s.seg_off, s.len, s.gen);
+    }
     head.closed_dirty += kb.dirty_bytes;
     if kb.dirty_bytes > 0 && kb.epochs.0 == kb.epochs.1 {
         head.epochs.push_back((head.pos.seq - 1, kb.epochs.0));

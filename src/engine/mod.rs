@@ -173,8 +173,9 @@ pub struct Engine<P: Pmem> {
     ksets: Box<[Mutex<KsetBuf>]>,
     head: Mutex<LogHead>,
     /// The write epoch: every FLUSH and FUA write starts a new one, before it closes
-    /// ksets. Writeback may skip a dirty key only when a newer key from the same epoch,
-    /// already in the log, covers it (see `writeback::skip_superseded`).
+    /// ksets. Writeback may skip dirty data only when a newer key from the same epoch,
+    /// already in the log, replaced it (marked by `insert_key` and `log::close`, see
+    /// `Segs::mark_superseded`).
     epoch: AtomicU64,
     /// Write count at the last tick, and whether none arrived between the last two.
     writes_at_tick: AtomicU64,

@@ -317,7 +317,7 @@ impl<P: Pmem> Engine<P> {
             }
         }
         let n_ksets = cfg.n_ksets as usize;
-        let segs = Segs::new(uses, gens, refs, cfg.log_reserve);
+        let segs = Segs::new(uses, gens, refs, cfg.log_reserve, geo.seg_data_size);
         Ok(Engine {
             pmem,
             data_crc,

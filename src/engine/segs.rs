@@ -8,11 +8,18 @@
 //! segments are not counted; the log frees them explicitly when key_tail leaves them.
 //! `reserve` segments are kept back from data allocation so the log can always grow
 //! enough to close the ksets that writeback needs in order to make progress.
+//!
+//! Superseded marks (DRAM only, one byte per 4 KiB of data): `mark_superseded` records
+//! that a block's dirty data was replaced by a newer key of the same write epoch that is
+//! now in the log, so writeback may leave the block out (see `Engine::writeback_next`).
+//! A mark carries the low bits of the segment generation it was set under and counts
+//! only while the segment is still in that generation; a segment's marks are cleared
+//! when it is taken for data again, so a mark never speaks for reused space.
 
 use super::format::{decode_gen, encode_gen, pick_replica, Geometry, GEN_OFF, GEN_SIZE};
 use super::pmem::Pmem;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use std::sync::Mutex;
 
 /// What a segment is used for.
@@ -30,6 +37,17 @@ pub struct Segs {
     /// Set when an allocation failed; cleared by a reclaim.
     pub full: AtomicBool,
     pub reserve: u32,
+    /// Superseded marks, `blocks_per_seg` per segment (see the module comment).
+    marks: Box<[AtomicU8]>,
+    blocks_per_seg: usize,
+}
+
+/// The granularity of superseded marks.
+pub const MARK_BLOCK: u32 = 4096;
+
+/// A mark's value for generation `gen`: never 0 (the cleared state).
+fn mark_tag(gen: u32) -> u8 {
+    0x80 | (gen & 0x7f) as u8
 }
 
 struct Alloc {
@@ -39,11 +57,22 @@ struct Alloc {
 
 impl Segs {
     /// Builds the table from per-segment uses and generations (after format or replay).
-    pub fn new(uses: Vec<Use>, gens: Vec<u64>, refs: Vec<u32>, reserve: u32) -> Self {
+    pub fn new(
+        uses: Vec<Use>,
+        gens: Vec<u64>,
+        refs: Vec<u32>,
+        reserve: u32,
+        seg_data_size: u64,
+    ) -> Self {
         let free = (0..uses.len() as u32)
             .filter(|&i| uses[i as usize] == Use::Free)
             .collect();
+        let blocks_per_seg = seg_data_size.div_ceil(MARK_BLOCK as u64) as usize;
         Segs {
+            marks: (0..uses.len() * blocks_per_seg)
+                .map(|_| AtomicU8::new(0))
+                .collect(),
+            blocks_per_seg,
             refs: refs.into_iter().map(AtomicU32::new).collect(),
             gens: gens.into_iter().map(AtomicU64::new).collect(),
             alloc: Mutex::new(Alloc { free, uses }),
@@ -76,6 +105,9 @@ impl Segs {
         let s = a.free.pop_front()?;
         a.uses[s as usize] = Use::Data;
         self.refs[s as usize].store(1, Relaxed);
+        for m in self.seg_marks(s) {
+            m.store(0, Relaxed);
+        }
         Some(s)
     }
 
@@ -124,6 +156,35 @@ impl Segs {
         true
     }
 
+    fn seg_marks(&self, seg: u32) -> &[AtomicU8] {
+        let b = seg as usize * self.blocks_per_seg;
+        &self.marks[b..b + self.blocks_per_seg]
+    }
+
+    /// Marks the whole `MARK_BLOCK`s inside `[seg_off, seg_off + len)` of `seg` as
+    /// superseded, if the segment is still in generation `gen` (low 32 bits).
+    pub fn mark_superseded(&self, seg: u32, seg_off: u32, len: u32, gen: u32) {
+        if self.gen32(seg) != gen {
+            return; // reclaimed since: the data is gone, there is nothing to skip
+        }
+        let first = seg_off.div_ceil(MARK_BLOCK) as usize;
+        let end = ((seg_off + len) / MARK_BLOCK) as usize;
+        let tag = mark_tag(gen);
+        if let Some(ms) = self.seg_marks(seg).get(first..end) {
+            for m in ms {
+                m.store(tag, Release);
+            }
+        }
+    }
+
+    /// Whether the `MARK_BLOCK` at `seg_off` (a multiple of it) of `seg` holds data of
+    /// generation `gen` that a newer key of its epoch superseded.
+    pub fn superseded(&self, seg: u32, seg_off: u32, gen: u32) -> bool {
+        self.seg_marks(seg)
+            .get((seg_off / MARK_BLOCK) as usize)
+            .is_some_and(|m| m.load(Acquire) == mark_tag(gen))
+    }
+
     /// Current generation, as the index stores it (low 32 bits).
     pub fn gen32(&self, seg: u32) -> u32 {
         self.gens[seg as usize].load(Acquire) as u32
@@ -147,5 +208,50 @@ pub fn format_gen<P: Pmem>(pmem: &P, geo: &Geometry, seg: u32) {
     for off in GEN_OFF {
         pmem.write(geo.seg_base(seg) + off, &rec);
         pmem.flush(geo.seg_base(seg) + off, GEN_SIZE as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::sim::{pmem::SimPmem, tiny};
+
+    /// A mark counts only for the generation it was set under, and never survives the
+    /// segment being taken for data again.
+    #[test]
+    fn marks_follow_generations_and_reuse() {
+        let geo = tiny::geometry(1);
+        let pmem = SimPmem::new(geo.seg_base(geo.n_segs - 1) + geo.seg_size);
+        let n = geo.n_segs as usize;
+        let segs = Segs::new(
+            vec![Use::Free; n],
+            vec![0; n],
+            vec![0; n],
+            0,
+            geo.seg_data_size,
+        );
+        let s = segs.take_data().unwrap();
+        let b = MARK_BLOCK;
+        // Only whole blocks inside the range are marked.
+        segs.mark_superseded(s, b / 2, 2 * b, 0);
+        assert!(!segs.superseded(s, 0, 0));
+        assert!(segs.superseded(s, b, 0));
+        assert!(!segs.superseded(s, 2 * b, 0));
+        assert!(!segs.superseded(s, b, 1), "another generation");
+        // Reclaimed: a late mark for the old generation is dropped...
+        assert!(segs.put(&pmem, &geo, s));
+        segs.mark_superseded(s, 0, b, 0);
+        assert!(!segs.superseded(s, 0, 0) && !segs.superseded(s, 0, 1));
+        // ...and taking the segment again clears what the old generation left.
+        let mut again = segs.take_data();
+        while again != Some(s) {
+            again = segs.take_data();
+        }
+        assert!(!segs.superseded(s, b, 1) && !segs.superseded(s, b, 0));
+        segs.mark_superseded(s, b, b, 1);
+        assert!(segs.superseded(s, b, 1));
+        // Out-of-range blocks are simply not marked.
+        segs.mark_superseded(s, geo.seg_data_size as u32, b, 1);
+        assert!(!segs.superseded(s, geo.seg_data_size as u32, 1));
     }
 }

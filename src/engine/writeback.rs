@@ -9,10 +9,12 @@
 //! persists the advanced key_tail *first* and then drops the segment references of the
 //! kset's keys, so a crash in between can never resurrect keys into reused space.
 
-use super::format::SUBTREE_SIZE;
-use super::format::{KeyRec, KsetCheck, LogPos, KEY_CLEAN, KEY_DISCARD, KEY_SIZE, KSET_HDR};
-use super::index::{self, F_DIRTY};
+use super::format::{
+    Geometry, KeyRec, KsetCheck, LogPos, KEY_CLEAN, KEY_DISCARD, KEY_SIZE, KSET_HDR,
+};
+use super::index;
 use super::open::read_kset;
+use super::segs::{Segs, MARK_BLOCK};
 use super::{Engine, Pmem};
 use std::sync::atomic::Ordering::Acquire;
 
@@ -45,7 +47,6 @@ pub struct WbBatch {
     skipped: u64,
     keys: Vec<KeyRec>,
     covered: Vec<(u64, u64)>,
-    kept: Vec<WbItem>,
     buf: Vec<u8>,
 }
 
@@ -72,10 +73,18 @@ impl WbBatch {
         self.items.iter().map(|i| i.len as u64).sum()
     }
 
-    /// Resolves overlaps inside the kset (later keys win) into `items`.
-    fn build(&mut self, geo: &super::format::Geometry) {
+    /// Resolves overlaps inside the kset (later keys win) into `items`. With `marks`,
+    /// whole blocks marked superseded are left out (and counted in `skipped`).
+    fn build(&mut self, geo: &Geometry, marks: Option<&Segs>) {
         self.items.clear();
         self.covered.clear();
+        self.skipped = 0;
+        let mut out = Emit {
+            items: &mut self.items,
+            skipped: &mut self.skipped,
+            geo,
+            marks,
+        };
         for k in self.keys.iter().rev() {
             let (ks, ke) = (k.off, k.off + k.len as u64);
             // Emit the parts of [ks, ke) not covered by a later key.
@@ -90,12 +99,12 @@ impl WbBatch {
                     continue;
                 }
                 if cs > at && k.flags & KEY_CLEAN == 0 {
-                    self.items.push(item(geo, k, at, cs));
+                    out.key_part(k, at, cs);
                 }
                 at = at.max(ce);
             }
             if at < ke && k.flags & KEY_CLEAN == 0 {
-                self.items.push(item(geo, k, at, ke));
+                out.key_part(k, at, ke);
             }
             let i = self.covered.partition_point(|&(cs, _)| cs < ks);
             self.covered.insert(i, (ks, ke));
@@ -104,7 +113,42 @@ impl WbBatch {
     }
 }
 
-fn item(geo: &super::format::Geometry, k: &KeyRec, s: u64, e: u64) -> WbItem {
+/// Where `build` puts the parts of keys it writes back.
+struct Emit<'a> {
+    items: &'a mut Vec<WbItem>,
+    skipped: &'a mut u64,
+    geo: &'a Geometry,
+    marks: Option<&'a Segs>,
+}
+
+impl Emit<'_> {
+    /// Emits `[s, e)` of dirty key `k`, less the blocks marked superseded.
+    fn key_part(&mut self, k: &KeyRec, s: u64, e: u64) {
+        let Some(segs) = self.marks.filter(|_| k.has_data()) else {
+            self.items.push(item(self.geo, k, s, e));
+            return;
+        };
+        let mb = MARK_BLOCK as u64;
+        let (mut at, mut run) = (s, s);
+        while at < e {
+            let so = k.seg_off as u64 + (at - k.off);
+            let next = e.min(at + (mb - so % mb));
+            if so % mb == 0 && next - at == mb && segs.superseded(k.seg, so as u32, k.gen as u32) {
+                if run < at {
+                    self.items.push(item(self.geo, k, run, at));
+                }
+                *self.skipped += mb;
+                run = next;
+            }
+            at = next;
+        }
+        if run < e {
+            self.items.push(item(self.geo, k, run, e));
+        }
+    }
+}
+
+fn item(geo: &Geometry, k: &KeyRec, s: u64, e: u64) -> WbItem {
     let kind = if k.has_data() {
         WbKind::Data {
             pmem_off: geo.data_off(k.seg, k.seg_off as u64 + (s - k.off)),
@@ -174,15 +218,18 @@ impl<P: Pmem> Engine<P> {
                     return self.stop_writeback(m);
                 }
             }
-            b.build(&self.geo);
             b.pos = pos;
             b.next = pos.after(&hdr);
             let epoch = self.kset_epoch(pos.seq);
             drop(t);
-            b.skipped = 0;
-            if let Some(e) = epoch {
-                self.skip_superseded(b, e);
-            }
+            // Marks name data a newer key of the *same* epoch replaced; the kset's
+            // epoch must be known and still identified exactly by an extent's epoch
+            // bits (see `Segs::mark_superseded` and `io::insert_key`).
+            let now = self.epoch.load(Acquire);
+            let marks = epoch
+                .filter(|&e| now - e < 1 << index::EPOCH_BITS)
+                .map(|_| &self.segs);
+            b.build(&self.geo, marks);
             return WbNext::Ready;
         }
     }
@@ -198,74 +245,6 @@ impl<P: Pmem> Engine<P> {
             Some(&(s, e)) if s == seq => Some(e),
             _ => None,
         }
-    }
-
-    /// Leaves out of `b.items` the data a newer key already in the log covers, when that
-    /// key was written in the kset's own epoch `epoch`. Sound for the backing device's
-    /// consistency: no FLUSH or FUA came between the two writes, so no barrier can
-    /// require the backing device to hold the older one, and the newer one is written
-    /// back (log order) before anything from a later epoch. The newer key must be
-    /// closed into the log: were it still buffered and lost in a crash, replay would
-    /// bring back the older key as clean data the backing device never got.
-    fn skip_superseded(&self, b: &mut WbBatch, epoch: u64) {
-        let now = self.epoch.load(Acquire);
-        // The extent keeps EPOCH_BITS bits: they identify an epoch in [epoch, now]
-        // exactly only while that window is narrower than 2^EPOCH_BITS.
-        if now - epoch >= 1 << index::EPOCH_BITS {
-            return;
-        }
-        let bits = (epoch as u32) & ((1 << index::EPOCH_BITS) - 1);
-        let mut items = std::mem::take(&mut b.items);
-        b.kept.clear();
-        for it in items.drain(..) {
-            let WbKind::Data { pmem_off } = it.kind else {
-                b.kept.push(it);
-                continue;
-            };
-            let base = it.off - it.off % SUBTREE_SIZE;
-            let s = (it.off - base) as u32;
-            let e = s + it.len;
-            let mut shard = self.shard(self.shard_of(it.off));
-            let kb = self.ksets[self.kset_of(it.off)].lock().unwrap();
-            let geo = &self.geo;
-            let kept = &mut b.kept;
-            let mut skipped = 0u64;
-            // Emits [from, to) of this item (shard-relative) unless it is empty.
-            let mut keep = |from: u32, to: u32| {
-                if to > from {
-                    kept.push(WbItem {
-                        off: base + from as u64,
-                        len: to - from,
-                        kind: WbKind::Data {
-                            pmem_off: pmem_off + (from - s) as u64,
-                        },
-                    });
-                }
-            };
-            let mut run = s; // start of the current run of kept bytes
-            shard.walk(
-                s,
-                e,
-                |_| false,
-                |ps, x| {
-                    let ours = x.has_data()
-                        && geo.data_off(x.seg, x.seg_off as u64) == pmem_off + (ps - s) as u64;
-                    let newer = !ours
-                        && x.is(F_DIRTY)
-                        && x.epoch_bits() == bits
-                        && !kb.overlaps(base + ps as u64, x.len as u64);
-                    if newer {
-                        keep(run, ps);
-                        skipped += x.len as u64;
-                        run = ps + x.len;
-                    }
-                },
-            );
-            keep(run, e);
-            b.skipped += skipped;
-        }
-        // The kept items become the batch; the drained vector is reused next time.
-        b.items = std::mem::replace(&mut b.kept, items);
     }
 
     /// Never write corrupt data to the backing device: check every dirty key's CRC.
@@ -315,7 +294,7 @@ impl<P: Pmem> Engine<P> {
 
     /// Whether writeback should run now (runtimes ask before `writeback_next`; a
     /// drain ignores it). Writing back lazily lets overwrites supersede older dirty
-    /// data first, which writeback then skips (see `skip_superseded`): it runs when
+    /// data first, which writeback then skips (see `Segs::mark_superseded`): it runs when
     /// closed dirty data passes three quarters of the GC watermark, when GC is wanted
     /// but finds nothing clean to reclaim, or when no write arrived for a whole tick.
     pub fn writeback_wanted(&self) -> bool {
