@@ -376,6 +376,24 @@ impl Shard {
         self.replace(b, i, j, &new[..n]);
     }
 
+    /// Where a lookup of `s` will start reading (the interpolated guess of
+    /// `lower_bound`), for a caller that wants that line fetched early; None when the
+    /// run is empty or the shard still owes its replayed chain.
+    pub fn probe_addr(&self, s: u32) -> Option<*const u8> {
+        if self.replayed {
+            return None;
+        }
+        let b = (s >> BUCKET_SHIFT) as usize;
+        let (lo, hi) = self.run(b);
+        let n = (hi - lo) as u64;
+        if n == 0 {
+            return None;
+        }
+        let rel = (s - b as u32 * BUCKET) as u64;
+        let g = ((rel * n) >> BUCKET_SHIFT).min(n - 1) as usize;
+        Some(&self.v[lo + g] as *const Entry as *const u8)
+    }
+
     pub fn len(&self) -> usize {
         debug_assert!(!self.replayed);
         self.v.len()

@@ -154,6 +154,15 @@ impl<P: Pmem> Engine<P> {
         Ok(())
     }
 
+    /// The DRAM line a write or read of `off` will look up first in the index, or None
+    /// if the shard is busy or has nothing there. An environment may prefetch it before
+    /// copying data, so the lookup after the copy does not wait for memory. Costs one
+    /// uncontended lock; never blocks.
+    pub fn probe_addr(&self, off: u64) -> Option<*const u8> {
+        let sh = self.shards.get(self.shard_of(off))?.try_lock().ok()?;
+        sh.probe_addr((off % SUBTREE_SIZE) as u32)
+    }
+
     /// Writes `data` at backing offset `off`. Completes only once the data is
     /// persistent in pmem; with `fua` its key is persistent too. `Busy` means the cache
     /// is full: retry the whole request later (rewriting is idempotent).

@@ -3,6 +3,7 @@
 //! embedded runtime: mmap'd pmem, io_uring backing device).
 
 pub mod counting_alloc;
+pub mod cpu;
 pub mod posix;
 pub mod sim;
 #[cfg(feature = "spdk")]

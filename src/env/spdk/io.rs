@@ -167,6 +167,10 @@ fn ordered(c: &mut ChannelCtx, d: &IoDesc) -> Result<(), IoError> {
     let len = d.num_blocks * bs;
     match d.ty {
         sys::SPDK_BDEV_IO_TYPE_WRITE => {
+            // The index lookup after the data copy then finds its line in cache.
+            if let Some(p) = e.probe_addr(off) {
+                crate::env::cpu::prefetch(p);
+            }
             // SAFETY: the request's iovecs are valid for its lifetime.
             let iovs = unsafe { ffi::iovs(d) };
             let n = len as usize;
