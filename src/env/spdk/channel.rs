@@ -8,9 +8,17 @@
 //! reads are served but not cached (`fill(.., false)` only withdraws placeholders and
 //! never allocates). Under cache pressure idle fillers give their segments back.
 //!
+//! Reads with a buffer are queued at submit (after a prefetch of their index line) and
+//! served by `read_poll`, in batches, once per reactor iteration: the index lines of a
+//! whole batch are then in cache, and the batch completes from poller context, without
+//! the message hop SPDK needs for a completion inside `submit_request`.
+//!
 //! Invariants: the context lives inside SPDK's channel allocation from `create_cb` to
 //! `destroy_cb` and is only touched on that channel's thread; every request that enters
-//! `retry` leaves it completed; `destroy_cb` runs when no request is in flight.
+//! `retry` or `reads` leaves it completed; `destroy_cb` runs when no request is in
+//! flight. While a poller of ours holds the context (`in_poll`), completions are
+//! collected in `deferred` and delivered after it let go of it (`complete_deferred`):
+//! a completion callback may submit a new request, which takes the context again.
 
 use super::cache::{Shared, MAX_IO};
 use super::ffi::{self, DmaBuf, Poller};
@@ -25,6 +33,9 @@ use std::sync::Arc;
 pub(super) const CTX_SIZE: u32 = std::mem::size_of::<ChannelCtx>() as u32;
 /// How often queued requests are retried while the cache is full.
 const RETRY_PERIOD_US: u64 = 50;
+/// Room reserved for a reactor iteration's worth of reads and completions (more only
+/// grows the vectors).
+const BATCH_CAPACITY: usize = 256;
 
 pub(super) struct ChannelCtx {
     pub shared: Arc<Shared>,
@@ -42,6 +53,14 @@ pub(super) struct ChannelCtx {
     /// Ordered requests (writes, flushes, zeroes) waiting for cache space, oldest first.
     pub retry: VecDeque<*mut sys::spdk_bdev_io>,
     pub retry_poller: Poller,
+    /// Reads waiting for `read_poll`, and the batch it works on (swapped, so neither
+    /// allocates once warm).
+    pub reads: Vec<*mut sys::spdk_bdev_io>,
+    batch: Vec<*mut sys::spdk_bdev_io>,
+    pub read_poller: Poller,
+    /// Set while a poller holds the context: `io::finish` then defers the completion.
+    pub in_poll: bool,
+    pub deferred: Vec<(*mut sys::spdk_bdev_io, i32)>,
     /// Requests accepted and not completed yet.
     pub inflight: u64,
 }
@@ -131,10 +150,16 @@ pub(super) extern "C" fn create_cb(io_device: *mut c_void, buf: *mut c_void) -> 
             bounces: Vec::new(),
             retry: VecDeque::new(),
             retry_poller: Poller::none(),
+            reads: Vec::with_capacity(BATCH_CAPACITY),
+            batch: Vec::with_capacity(BATCH_CAPACITY),
+            read_poller: Poller::none(),
+            in_poll: false,
+            deferred: Vec::with_capacity(BATCH_CAPACITY),
             inflight: 0,
         });
         (*ctx).retry_poller =
             Poller::start(retry_poll, ctx.cast(), RETRY_PERIOD_US, c"pcache_retry");
+        (*ctx).read_poller = Poller::start(read_poll, ctx.cast(), 0, c"pcache_read");
     }
     0
 }
@@ -145,6 +170,13 @@ pub(super) extern "C" fn destroy_cb(_io_device: *mut c_void, buf: *mut c_void) {
     // after which SPDK frees the memory, so we move the value out to drop it.
     let mut c = unsafe { ctx.read() };
     c.retry_poller.stop();
+    c.read_poller.stop();
+    // As below for `retry`: nothing should be queued, but never leak a request.
+    c.in_poll = true;
+    for bio in std::mem::take(&mut c.reads) {
+        // SAFETY: queued reads are live and uncompleted.
+        unsafe { io::finish(&mut c, bio, ffi::STATUS_FAILED) };
+    }
     // No request can be queued here (the channel is only released when idle); fail any
     // anyway rather than leak them.
     while let Some(bio) = c.retry.pop_front() {
@@ -158,33 +190,86 @@ pub(super) extern "C" fn destroy_cb(_io_device: *mut c_void, buf: *mut c_void) {
     }
     // SAFETY: obtained in create_cb on this thread; put once.
     unsafe { sys::spdk_put_io_channel(c.base_ch) };
+    for (bio, st) in std::mem::take(&mut c.deferred) {
+        // SAFETY: finished (IoCtx dropped) but not yet completed, on this thread.
+        unsafe { ffi::complete(bio, st) };
+    }
+}
+
+/// Delivers the completions a poller collected, after it stopped using the context
+/// (each callback may submit a new request on this channel).
+///
+/// # Safety
+/// `arg` is this thread's live channel context and no reference to it is alive.
+unsafe fn complete_deferred(arg: *mut c_void) {
+    // SAFETY: forwarded contract; this reference ends before the callbacks run.
+    let mut done = std::mem::take(unsafe { &mut (*(arg as *mut ChannelCtx)).deferred });
+    for (bio, st) in done.drain(..) {
+        // SAFETY: finished (IoCtx dropped) but not yet completed, on this thread.
+        unsafe { ffi::complete(bio, st) };
+    }
+    // SAFETY: as above; the callbacks are done. `deferred` is empty again (in_poll was
+    // false), so hand the allocation back for the next batch.
+    unsafe { (*(arg as *mut ChannelCtx)).deferred = done };
+}
+
+/// Serves the reads queued since the last call (see the module comment).
+extern "C" fn read_poll(arg: *mut c_void) -> i32 {
+    {
+        // SAFETY: `arg` is this thread's live channel context (the poller stops before
+        // destroy_cb drops it); this reference ends before complete_deferred.
+        let c = unsafe { &mut *(arg as *mut ChannelCtx) };
+        if c.reads.is_empty() {
+            return ffi::IDLE;
+        }
+        let mut batch = std::mem::take(&mut c.batch);
+        std::mem::swap(&mut batch, &mut c.reads);
+        c.in_poll = true;
+        for bio in batch.drain(..) {
+            // SAFETY: queued reads are live and uncompleted, on this thread.
+            unsafe { io::serve_read(c, bio) };
+        }
+        c.batch = batch;
+        c.in_poll = false;
+    }
+    // SAFETY: the context reference above has ended.
+    unsafe { complete_deferred(arg) };
+    ffi::BUSY
 }
 
 /// Retries the queued requests oldest first while they find space; fails them all once
 /// the base bdev is gone.
 extern "C" fn retry_poll(arg: *mut c_void) -> i32 {
-    // SAFETY: `arg` is this thread's live channel context (the poller stops before
-    // destroy_cb drops it), and no other reference to it is alive inside a poller call.
-    let c = unsafe { &mut *(arg as *mut ChannelCtx) };
-    if c.retry.is_empty() {
-        return ffi::IDLE;
-    }
-    if c.shared.engine.cache_full() {
-        c.release_idle_heads();
-    }
-    let mut progressed = false;
-    while let Some(&bio) = c.retry.front() {
-        // SAFETY: queued requests are live and uncompleted; the head is retried in order.
-        let done = unsafe { io::retry_ordered(c, bio) };
-        if !done {
-            break;
+    let progressed = {
+        // SAFETY: `arg` is this thread's live channel context (the poller stops before
+        // destroy_cb drops it); this reference ends before complete_deferred.
+        let c = unsafe { &mut *(arg as *mut ChannelCtx) };
+        if c.retry.is_empty() {
+            return ffi::IDLE;
         }
-        c.retry.pop_front();
-        c.shared
-            .queued
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        progressed = true;
-    }
+        if c.shared.engine.cache_full() {
+            c.release_idle_heads();
+        }
+        c.in_poll = true;
+        let mut progressed = false;
+        while let Some(&bio) = c.retry.front() {
+            // SAFETY: queued requests are live and uncompleted; the head is retried in
+            // order.
+            let done = unsafe { io::retry_ordered(c, bio) };
+            if !done {
+                break;
+            }
+            c.retry.pop_front();
+            c.shared
+                .queued
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            progressed = true;
+        }
+        c.in_poll = false;
+        progressed
+    };
+    // SAFETY: the context reference above has ended.
+    unsafe { complete_deferred(arg) };
     if progressed {
         ffi::BUSY
     } else {

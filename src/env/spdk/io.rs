@@ -8,6 +8,8 @@
 //!   retried oldest first by the channel's poller, so a retry never reorders writes.
 //!   A write completes once `Engine::write` has made it durable in pmem; FUA (CDW12 bit
 //!   30 from NVMe-oF) also persists its key.
+//! * Reads with a buffer wait for the channel's read poller (see `channel`), which
+//!   serves them in batches.
 //! * RESET completes once no request is in flight on any channel of the cache.
 //! * A base bdev out of request objects (-ENOMEM) is waited for with
 //!   `spdk_bdev_queue_io_wait`.
@@ -81,9 +83,13 @@ pub(super) unsafe fn finish(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, sta
     c.inflight -= 1;
     // SAFETY: the IoCtx was initialised at submit and is dropped exactly once, here,
     // right before the bdev_io goes back to the bdev layer.
-    unsafe {
-        std::ptr::drop_in_place((*bio).driver_ctx.as_mut_ptr() as *mut IoCtx);
-        ffi::complete(bio, status);
+    unsafe { std::ptr::drop_in_place((*bio).driver_ctx.as_mut_ptr() as *mut IoCtx) };
+    if c.in_poll {
+        // A poller holds the channel: it completes the request once it let go.
+        c.deferred.push((bio, status));
+    } else {
+        // SAFETY: live, uncompleted request on its thread (caller contract).
+        unsafe { ffi::complete(bio, status) };
     }
 }
 
@@ -209,7 +215,31 @@ fn read(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoDesc) {
         unsafe { sys::spdk_bdev_io_get_buf(bio, Some(read_get_buf_cb), len) };
         return;
     }
-    read_with_buf(c, bio, d);
+    // Served by the channel's read poller, later this reactor iteration; by then the
+    // index line it looks up first has arrived.
+    if let Some(p) = c
+        .shared
+        .engine
+        .probe_addr(d.offset_blocks * c.shared.block_size as u64)
+    {
+        crate::env::cpu::prefetch(p);
+    }
+    c.reads.push(bio);
+}
+
+/// Serves a read queued by `read` (from the channel's read poller).
+///
+/// # Safety
+/// `bio` must be a live, queued read of this channel, on its thread.
+pub(super) unsafe fn serve_read(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
+    if c.shared.removed.load(Relaxed) {
+        // SAFETY: forwarded contract.
+        unsafe { finish(c, bio, ffi::STATUS_FAILED) };
+        return;
+    }
+    // SAFETY: forwarded contract.
+    let d = unsafe { ffi::io_desc(bio) };
+    read_with_buf(c, bio, &d);
 }
 
 extern "C" fn read_get_buf_cb(
