@@ -162,6 +162,11 @@ fn lower_bound(v: &[Entry], b: usize, s: u32) -> usize {
     }
     let rel = s.saturating_sub(b as u32 * BUCKET) as u64;
     let g = ((rel * n as u64) >> BUCKET_SHIFT).min(n as u64 - 1) as usize;
+    if v[g].0 == s {
+        // Starts are strictly increasing: the guess is the answer, and looking at the
+        // entry before it (maybe another cache line) is not needed.
+        return g;
+    }
     let (lo, hi) = if v[g].0 < s {
         // The answer is in (g, n]: widen forward until an entry reaches `s`.
         let (mut lo, mut step) = (g + 1, 1);
@@ -186,7 +191,9 @@ fn lower_bound(v: &[Entry], b: usize, s: u32) -> usize {
 /// first one that can overlap `[s, ..)`).
 fn first_overlap(v: &[Entry], b: usize, s: u32) -> usize {
     let i = lower_bound(v, b, s);
-    if i > 0 && v[i - 1].0 + v[i - 1].1.len > s {
+    // An entry starting at `s` has no overlapping predecessor (extents never overlap),
+    // so the common exact hit touches only its own line.
+    if i > 0 && v.get(i).is_none_or(|x| x.0 != s) && v[i - 1].0 + v[i - 1].1.len > s {
         i - 1
     } else {
         i
