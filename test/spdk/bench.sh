@@ -11,17 +11,24 @@
 # randwrite QD32, randwrite QD1.
 # Cold reads: pcache and passthru over a delay bdev over a 64 GiB null bdev (misses
 # all the way: the cache cannot warm up), randread QD32 and QD1.
-# Prints IOPS and mean latency per target and workload, and pcache's ratios.
+# The machine's speed drifts over minutes (a VM shares memory bandwidth), so the
+# targets pcache is compared with run in rounds: each round runs malloc, ocf_wb, pcache
+# and the cold pair back to back, a ratio is taken within a round, and the summary
+# gives the median over rounds (with every round's value). base and passthru, context
+# only, run once.
+# Prints IOPS and mean latency per target and workload (medians), and pcache's ratios.
 #
 # Environment: as test/spdk/run.sh (SPDK_DIR / PKG_CONFIG_PATH), BENCH_SECONDS (per
-# workload, default 5), BENCH_CACHE_MB (pcache medium and OCF cache, default 512),
-# BENCH_BASE_MB (base, default 256).
+# workload, default 5), BENCH_ROUNDS (default 3), BENCH_CACHE_MB (pcache medium and
+# OCF cache, default 512), BENCH_BASE_MB (base, default 256).
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=test/spdk/common.sh
 . "$HERE/common.sh"
 
 T=${BENCH_SECONDS:-5}
+ROUNDS=${BENCH_ROUNDS:-3}
+ROUND=1
 CACHE_MB=${BENCH_CACHE_MB:-512}
 BASE_MB=${BENCH_BASE_MB:-256}
 BASE_BLOCKS=$((BASE_MB * 256))
@@ -48,14 +55,14 @@ config() { # JSON method objects...
 perform() {
     local sock=$1 label=$2 wl=$3 qd=$4 secs=$5 out
     out=$(raw "$sock" perform_tests "{\"workload_type\": \"$wl\", \"queue_depth\": $qd, \"io_size\": \"4096\", \"time_in_sec\": $secs}" $((secs + 60)) 2>&1)
-    python3 - "$label" "$wl" "$qd" "$out" >> "$RESULTS" << 'PY'
+    python3 - "$ROUND" "$label" "$wl" "$qd" "$out" >> "$RESULTS" << 'PY'
 import json, sys
-label, wl, qd, out = sys.argv[1:5]
+rnd, label, wl, qd, out = sys.argv[1:6]
 try:
     r = json.loads(out)["results"][0]
-    print(f"{label}\t{wl}\t{qd}\t{r['iops']:.0f}\t{r['avg_latency_us']:.2f}\t{r['io_failed']}")
+    print(f"{rnd}\t{label}\t{wl}\t{qd}\t{r['iops']:.0f}\t{r['avg_latency_us']:.2f}\t{r['io_failed']}")
 except Exception:
-    print(f"{label}\t{wl}\t{qd}\t0\t0\terror: {out[:80]!r}")
+    print(f"{rnd}\t{label}\t{wl}\t{qd}\t0\t0\terror: {out[:80]!r}")
 PY
 }
 
@@ -79,40 +86,58 @@ bench() {
     local w
     for w in "$@"; do
         IFS=: read -r wl qd secs <<< "$w"
-        echo "  $label: $wl qd$qd ${secs}s" >&2
+        echo "  round $ROUND $label: $wl qd$qd ${secs}s" >&2
         perform "$sock" "$label" "$wl" "$qd" "$secs"
     done
     stop "$sock" "$pid"
 }
 
 WL=("write:32:3" "randread:32:$T" "randread:1:$T" "randwrite:32:$T" "randwrite:1:$T")
-echo "benchmark: ${T}s per workload, base ${BASE_MB} MiB, cache ${CACHE_MB} MiB, one core" >&2
-bench malloc "$(config "$malloc_only")" "${WL[@]}"
+echo "benchmark: ${T}s per workload, $ROUNDS rounds, base ${BASE_MB} MiB, cache ${CACHE_MB} MiB, one core" >&2
+COLD=("randread:32:$T" "randread:1:$T")
 bench base "$(config "$malloc_base" "$base_only")" "${WL[@]}"
 bench passthru "$(config "$malloc_base" "$delay_base" "$passthru")" "${WL[@]}"
-bench ocf_wb "$(config "$malloc_base" "$delay_base" "$ocf_cache" "$ocf")" "${WL[@]}"
-bench pcache "$(config "$malloc_base" "$delay_base" "$pcache")" "${WL[@]}"
-COLD=("randread:32:$T" "randread:1:$T")
-bench passthru_cold "$(config "$null_base" "$delay_base" "$passthru")" "${COLD[@]}"
-bench pcache_cold "$(config "$null_base" "$delay_base" "$pcache")" "${COLD[@]}"
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+    bench malloc "$(config "$malloc_only")" "${WL[@]}"
+    bench ocf_wb "$(config "$malloc_base" "$delay_base" "$ocf_cache" "$ocf")" "${WL[@]}"
+    bench pcache "$(config "$malloc_base" "$delay_base" "$pcache")" "${WL[@]}"
+    bench passthru_cold "$(config "$null_base" "$delay_base" "$passthru")" "${COLD[@]}"
+    bench pcache_cold "$(config "$null_base" "$delay_base" "$pcache")" "${COLD[@]}"
+done
 
 python3 - "$RESULTS" "$(cat "$WORK/version" 2> /dev/null)" << 'PY'
-import sys
-rows = {}
+import statistics, sys
+rows = {}  # (label, wl, qd) -> {round: (iops, lat)}
 errors = []
 for line in open(sys.argv[1]):
-    label, wl, qd, iops, lat, failed = line.rstrip("\n").split("\t")
-    rows[(label, wl, int(qd))] = (float(iops), float(lat))
+    rnd, label, wl, qd, iops, lat, failed = line.rstrip("\n").split("\t")
+    rows.setdefault((label, wl, int(qd)), {})[int(rnd)] = (float(iops), float(lat))
     if failed != "0":
-        errors.append(f"{label} {wl} qd{qd}: {failed}")
+        errors.append(f"round {rnd} {label} {wl} qd{qd}: {failed}")
+nan = float("nan")
 
 def get(label, wl, qd, i):
     v = rows.get((label, wl, qd))
-    return v[i] if v else float("nan")
+    return statistics.median(x[i] for x in v.values()) if v else nan
+
+def per_round(f):
+    """f(round) for every round where it is defined, and their median."""
+    vals = []
+    for rnd in sorted({r for v in rows.values() for r in v}):
+        try:
+            vals.append(f(rnd))
+        except (KeyError, ZeroDivisionError):
+            pass
+    return (statistics.median(vals) if vals else nan), vals
+
+def val(rnd, label, wl, qd, i):
+    return rows[(label, wl, qd)][rnd][i]
 
 targets = ["malloc", "base", "passthru", "ocf_wb", "pcache"]
+n_rounds = len({r for v in rows.values() for r in v})
 print()
 print(sys.argv[2] or "SPDK")
+print(f"medians over {n_rounds} round(s) (base and passthru: one run)")
 print(f"{'workload':<24}" + "".join(f"{t:>12}" for t in targets))
 for wl, qd, what in [("write", 32, "IOPS"), ("randwrite", 32, "IOPS"), ("randread", 32, "IOPS"),
                      ("randwrite", 1, "lat_us"), ("randread", 1, "lat_us")]:
@@ -122,18 +147,27 @@ for wl, qd, what in [("write", 32, "IOPS"), ("randwrite", 32, "IOPS"), ("randrea
 print(f"{'cold randread qd32 IOPS':<24}{'':>24}{get('passthru_cold', 'randread', 32, 0):>12.0f}{'':>12}{get('pcache_cold', 'randread', 32, 0):>12.0f}")
 print(f"{'cold randread qd1 lat_us':<24}{'':>24}{get('passthru_cold', 'randread', 1, 1):>12.2f}{'':>12}{get('pcache_cold', 'randread', 1, 1):>12.2f}")
 print()
-def r(a, b):
-    return a / b if b else float("nan")
-w = get("pcache", "randwrite", 32, 0)
-h = get("pcache", "randread", 32, 0)
-print("pcache ratios (issue targets in brackets):")
-print(f"  randwrite qd32  vs malloc   {r(w, get('malloc', 'randwrite', 32, 0)):6.2f}x  [>= 0.8]")
-print(f"  randread  qd32  vs malloc   {r(h, get('malloc', 'randread', 32, 0)):6.2f}x  [>= 0.8]  (read hits)")
-print(f"  randwrite qd32  vs ocf_wb   {r(w, get('ocf_wb', 'randwrite', 32, 0)):6.2f}x  [>= 2.5]")
-print(f"  randread  qd32  vs ocf_wb   {r(h, get('ocf_wb', 'randread', 32, 0)):6.2f}x  [>= 2.5]")
-print(f"  cold randread   vs passthru {r(get('pcache_cold', 'randread', 32, 0), get('passthru_cold', 'randread', 32, 0)):6.2f}x  [>= 0.95]")
-print(f"  randwrite qd1 latency - malloc's: {get('pcache', 'randwrite', 1, 1) - get('malloc', 'randwrite', 1, 1):+.2f} us  [<= +1]")
-print(f"  ocf_wb vs malloc: randwrite {r(get('ocf_wb', 'randwrite', 32, 0), get('malloc', 'randwrite', 32, 0)):.2f}x, randread {r(get('ocf_wb', 'randread', 32, 0), get('malloc', 'randread', 32, 0)):.2f}x")
+
+def ratio(a, wa, b, wb=None, qd=32):
+    wb = wb or wa
+    return per_round(lambda r: val(r, a, wa, qd, 0) / val(r, b, wb, qd, 0))
+
+def show(name, med_vals, target, unit="x"):
+    med, vals = med_vals
+    each = ", ".join(f"{v:.2f}" for v in vals)
+    print(f"  {name:<28}{med:6.2f}{unit}  [{target}]  rounds: {each}")
+
+print("pcache ratios, median of per-round ratios (issue targets in brackets):")
+show("randwrite qd32 vs malloc", ratio("pcache", "randwrite", "malloc"), ">= 0.8")
+show("randread  qd32 vs malloc", ratio("pcache", "randread", "malloc"), ">= 0.8, read hits")
+show("randwrite qd32 vs ocf_wb", ratio("pcache", "randwrite", "ocf_wb"), ">= 2.5")
+show("randread  qd32 vs ocf_wb", ratio("pcache", "randread", "ocf_wb"), ">= 2.5")
+show("cold randread vs passthru", ratio("pcache_cold", "randread", "passthru_cold"), ">= 0.95")
+show("randwrite qd1 lat - malloc's",
+     per_round(lambda r: val(r, "pcache", "randwrite", 1, 1) - val(r, "malloc", "randwrite", 1, 1)),
+     "<= +1", " us")
+show("ocf_wb randwrite vs malloc", ratio("ocf_wb", "randwrite", "malloc"), "context")
+show("ocf_wb randread  vs malloc", ratio("ocf_wb", "randread", "malloc"), "context")
 if errors:
     print("I/O errors: " + "; ".join(errors))
 PY
