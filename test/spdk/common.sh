@@ -59,6 +59,7 @@ cleanup() {
         rm -f /dev/shm/*_trace.pid"$p"
     done
     rm -f "$SHM"-*
+    hugepages_release
     if [ "${SPDK_TEST_KEEP:-0}" = 1 ]; then
         echo "work directory kept: $WORK"
     else
@@ -66,6 +67,49 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
+
+# hugepages_reserve MB: a hugetlbfs mount ($HUGE_DIR) with MB MiB of free 2 MiB pages,
+# reserved for this run (root only) and given back by hugepages_release. False, with
+# the reason in HUGE_WHY, when that is not possible.
+HUGE_DIR= HUGE_ADDED=0
+hugepages_reserve() {
+    local want=$(($1 / 2)) free total
+    HUGE_WHY=
+    if [ ! -w /proc/sys/vm/nr_hugepages ]; then
+        HUGE_WHY="cannot reserve hugepages (not root)"
+        return 1
+    fi
+    free=$(awk '/^HugePages_Free:/ { print $2 }' /proc/meminfo)
+    total=$(cat /proc/sys/vm/nr_hugepages)
+    if [ "${free:-0}" -lt "$want" ]; then
+        HUGE_ADDED=$((want - free))
+        echo $((total + HUGE_ADDED)) > /proc/sys/vm/nr_hugepages
+        free=$(awk '/^HugePages_Free:/ { print $2 }' /proc/meminfo)
+        if [ "${free:-0}" -lt "$want" ]; then
+            HUGE_WHY="the kernel gave only $free of $want free 2 MiB pages"
+            hugepages_release
+            return 1
+        fi
+    fi
+    HUGE_DIR=$WORK/huge
+    mkdir -p "$HUGE_DIR"
+    if ! mount -t hugetlbfs -o pagesize=2M nodev "$HUGE_DIR" 2> /dev/null; then
+        HUGE_WHY="cannot mount hugetlbfs"
+        HUGE_DIR=
+        hugepages_release
+        return 1
+    fi
+}
+hugepages_release() {
+    if [ -n "$HUGE_DIR" ]; then
+        umount "$HUGE_DIR" 2> /dev/null
+        HUGE_DIR=
+    fi
+    if [ "$HUGE_ADDED" -gt 0 ]; then
+        echo $(($(cat /proc/sys/vm/nr_hugepages) - HUGE_ADDED)) > /proc/sys/vm/nr_hugepages
+        HUGE_ADDED=0
+    fi
+}
 
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 echo "building the module (cargo build --release --features spdk)..."
@@ -82,15 +126,18 @@ raw() { python3 "$HERE/rpc_raw.py" "$@"; }
 rpc() { "$RPC_PY" --plugin pcache_rpc "$@"; }
 
 # start NAME PRELOAD(0|1) MASK SOCK BINARY ARGS... ; sets APP_PID
+# Memory options come from APP_MEM (default: no hugepages, 2 GiB).
 start() {
     local name=$1 pre=$2 mask=$3 sock=$4 bin=$5
+    local -a mem
+    read -r -a mem <<< "${APP_MEM:---no-huge -s 2048}"
     shift 5
     rm -f "$sock"
     if [ "$pre" = 1 ]; then
-        LD_PRELOAD=$MOD "$bin" --no-huge -s 2048 -u -m "$mask" --disable-cpumask-locks \
+        LD_PRELOAD=$MOD "$bin" "${mem[@]}" -u -m "$mask" --disable-cpumask-locks \
             -r "$sock" "$@" > "$WORK/$name.log" 2>&1 < /dev/null &
     else
-        "$bin" --no-huge -s 2048 -u -m "$mask" --disable-cpumask-locks \
+        "$bin" "${mem[@]}" -u -m "$mask" --disable-cpumask-locks \
             -r "$sock" "$@" > "$WORK/$name.log" 2>&1 < /dev/null &
     fi
     APP_PID=$!

@@ -5,7 +5,8 @@
 #   verify_malloc   bdevperf -w verify on pcache over a malloc bdev (GC and writeback run)
 #   verify_nvmf     the same over an NVMe-oF/TCP-attached base (second target, 127.0.0.1)
 #   configs/...     the shipped spdk_tgt configs: NVMe-oF base -> pcache -> NVMe-oF export
-#                   (verified from a third process), and the vhost-blk export
+#                   (verified from a third process), and the vhost-blk export (verified
+#                   from a virtio-user initiator when hugepages can be reserved)
 #   reset           bdevperf -w reset: verify with RESETs in between
 #   deferred        create before the base exists: "waiting", then attached when it appears
 #   export_nvmf     pcache exported over NVMe-oF/TCP, bdevperf verify from a second process
@@ -75,6 +76,19 @@ if wait_up "$WORK/backend.sock"; then
         raw "$WORK/cfg.sock" vhost_get_controllers '' 10 2> /dev/null | grep -q '"bdev": "PCache0"' &&
         [ -S "$WORK/vhost/vhost.pcache0" ]; then
         pass "configs/spdk_tgt-pcache-vhost.json: vhost-blk controller vhost.pcache0 serves PCache0"
+        # The data path: bdevperf as a virtio-user initiator. vhost-user shares the
+        # initiator's memory by file descriptor, so that side needs hugepages (-g: one
+        # file, so the memory table is fixed when the device starts).
+        if hugepages_reserve 1100; then
+            sed "s|/var/tmp/vhost.pcache0|$WORK/vhost/vhost.pcache0|" \
+                "$ROOT/configs/bdevperf-vhost-blk.json" > "$WORK/bp-vhost.json"
+            APP_MEM="-g -s 1024 --huge-dir $HUGE_DIR" initiator_verify vhost_initiator \
+                "vhost_blk: bdevperf verify over virtio-user -> vhost-blk -> pcache over NVMe-oF" \
+                "$WORK/bp-vhost.json" -q 32 -o 4096 -w verify -t 5
+            hugepages_release
+        else
+            echo "SKIP: vhost_blk data path: $HUGE_WHY (the controller check above ran)"
+        fi
     else
         fail "configs/spdk_tgt-pcache-vhost.json: no vhost.pcache0 controller"
         tail -10 "$WORK/cfg_vhost.log"
