@@ -208,9 +208,12 @@ unsafe fn complete_deferred(arg: *mut c_void) {
         // SAFETY: finished (IoCtx dropped) but not yet completed, on this thread.
         unsafe { ffi::complete(bio, st) };
     }
-    // SAFETY: as above; the callbacks are done. `deferred` is empty again (in_poll was
-    // false), so hand the allocation back for the next batch.
-    unsafe { (*(arg as *mut ChannelCtx)).deferred = done };
+    // SAFETY: as above; the callbacks are done and no other reference is alive. They
+    // ran with in_poll false, so nothing should have been deferred meanwhile; keep
+    // whatever was anyway, in the larger allocation, for the next poll.
+    let c = unsafe { &mut *(arg as *mut ChannelCtx) };
+    done.append(&mut c.deferred);
+    c.deferred = done;
 }
 
 /// Serves the reads queued since the last call (see the module comment).
@@ -219,7 +222,7 @@ extern "C" fn read_poll(arg: *mut c_void) -> i32 {
         // SAFETY: `arg` is this thread's live channel context (the poller stops before
         // destroy_cb drops it); this reference ends before complete_deferred.
         let c = unsafe { &mut *(arg as *mut ChannelCtx) };
-        if c.reads.is_empty() {
+        if c.reads.is_empty() && c.deferred.is_empty() {
             return ffi::IDLE;
         }
         let mut batch = std::mem::take(&mut c.batch);
