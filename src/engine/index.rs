@@ -160,8 +160,7 @@ fn lower_bound(v: &[Entry], b: usize, s: u32) -> usize {
     if n == 0 {
         return 0;
     }
-    let rel = s.saturating_sub(b as u32 * BUCKET) as u64;
-    let g = ((rel * n as u64) >> BUCKET_SHIFT).min(n as u64 - 1) as usize;
+    let g = guess(n, b, s);
     if v[g].0 == s {
         // Starts are strictly increasing: the guess is the answer, and looking at the
         // entry before it (maybe another cache line) is not needed.
@@ -185,6 +184,12 @@ fn lower_bound(v: &[Entry], b: usize, s: u32) -> usize {
         (if hi >= step { hi - step + 1 } else { 0 }, hi)
     };
     lo + v[lo..hi].partition_point(|x| x.0 < s)
+}
+
+/// Where `s` would sit in a run of `n > 0` entries spread evenly over bucket `b`.
+fn guess(n: usize, b: usize, s: u32) -> usize {
+    let rel = s.saturating_sub(b as u32 * BUCKET) as u64;
+    ((rel * n as u64) >> BUCKET_SHIFT).min(n as u64 - 1) as usize
 }
 
 /// Index of the first entry of `v` (the run of bucket `b`) that ends after `s` (the
@@ -392,13 +397,10 @@ impl Shard {
         }
         let b = (s >> BUCKET_SHIFT) as usize;
         let (lo, hi) = self.run(b);
-        let n = (hi - lo) as u64;
-        if n == 0 {
+        if hi == lo {
             return None;
         }
-        let rel = (s - b as u32 * BUCKET) as u64;
-        let g = ((rel * n) >> BUCKET_SHIFT).min(n - 1) as usize;
-        Some(&self.v[lo + g] as *const Entry as *const u8)
+        Some(&self.v[lo + guess(hi - lo, b, s)] as *const Entry as *const u8)
     }
 
     pub fn len(&self) -> usize {
@@ -737,6 +739,39 @@ mod tests {
     fn model_across_a_whole_shard() {
         model_run(0, 4096, 1024, 200, 3000);
         model_run(0, 512, 8192, 1200, 400);
+    }
+
+    /// On a dense run the probe is the entry a lookup lands on, and insert_reporting
+    /// reports exactly the replaced pieces.
+    #[test]
+    fn probe_and_reported_pieces() {
+        let mut sh = Shard::default();
+        assert_eq!(sh.probe_addr(0), None);
+        for i in 0..64u32 {
+            sh.insert(BUCKET + i * 4096, ext(4096, i * 4096));
+        }
+        for i in [0u32, 1, 31, 63] {
+            let s = BUCKET + i * 4096;
+            let (lo, hi) = sh.run(1);
+            let at = lo + first_overlap(&sh.v[lo..hi], 1, s);
+            assert_eq!(sh.v[at].0, s);
+            assert_eq!(
+                sh.probe_addr(s),
+                Some(&sh.v[at] as *const Entry as *const u8)
+            );
+        }
+        let mut gone = Vec::new();
+        sh.insert_reporting(BUCKET + 2048, ext(8192, 1 << 20), |s, x| {
+            gone.push((s, x.len, x.seg_off))
+        });
+        assert_eq!(
+            gone,
+            vec![
+                (BUCKET + 2048, 2048, 2048),
+                (BUCKET + 4096, 4096, 4096),
+                (BUCKET + 8192, 2048, 8192)
+            ]
+        );
     }
 
     #[test]
