@@ -3,8 +3,8 @@
 //! cut into 16 runs of 256 KiB ("buckets") by a small table beside the lock.
 //!
 //! Why a vector and not a tree: a 4 KiB hit touches the lock's cache line and one
-//! binary search over a short run (one or two more lines) instead of a walk down tree
-//! nodes; an exact overwrite replaces its entry in place; nothing allocates once the
+//! interpolated probe into a short run (usually one more line, see `lower_bound`)
+//! instead of a walk down tree nodes; an exact overwrite replaces its entry in place; nothing allocates once the
 //! vector has grown. The price is that an insert that adds an entry shifts the ones
 //! after it (at most 1024 entries of 4 KiB; a shard of 512 B extents is the worst
 //! case, 8192).

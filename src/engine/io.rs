@@ -13,7 +13,7 @@ use super::format::{self, KeyRec, KEY_CLEAN, KEY_DISCARD, KEY_ZERO, SUBTREE_SIZE
 use super::index::{Extent, F_CRC, F_DIRTY, F_EMPTY, F_ZERO};
 use super::log::{self, KsetBuf, LogFull, Superseded};
 use super::{Engine, IoError, Pmem};
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::MutexGuard;
 
 /// A channel: per-thread state. Create with `Channel::default()`; give it back with
@@ -169,8 +169,7 @@ impl<P: Pmem> Engine<P> {
     pub fn write(&self, ch: &mut Channel, off: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
         self.check_range(off, data.len() as u64)?;
         if fua {
-            // A barrier like FLUSH: writeback must not fold keys across it.
-            self.epoch.fetch_add(1, AcqRel);
+            self.new_epoch();
         }
         let mut pos = 0usize;
         while pos < data.len() {
@@ -265,7 +264,7 @@ impl<P: Pmem> Engine<P> {
             self.counters.zeroes.inc();
         }
         if fua {
-            self.epoch.fetch_add(1, AcqRel);
+            self.new_epoch();
         }
         let mut pos = 0u64;
         while pos < len {

@@ -280,7 +280,7 @@ impl<P: Pmem> Engine<P> {
     /// survives a crash (the FLUSH of the durability contract).
     pub fn flush(&self) -> Result<(), IoError> {
         self.counters.flushes.inc();
-        self.epoch.fetch_add(1, AcqRel);
+        self.new_epoch();
         let mut res = Ok(());
         for k in self.ksets.iter() {
             let mut kb = k.lock().unwrap();
@@ -312,6 +312,12 @@ impl<P: Pmem> Engine<P> {
                 kb.aged = true;
             }
         }
+    }
+
+    /// Starts a new write epoch (FLUSH and FUA are barriers): writeback never skips
+    /// data across one. Called before the barrier closes any kset.
+    fn new_epoch(&self) {
+        self.epoch.fetch_add(1, AcqRel);
     }
 
     /// True when no write arrived between the last two ticks.

@@ -17,7 +17,7 @@
 //! `destroy_cb` and is only touched on that channel's thread; every request that enters
 //! `retry` or `reads` leaves it completed; `destroy_cb` runs when no request is in
 //! flight. While a poller of ours holds the context (`in_poll`), completions are
-//! collected in `deferred` and delivered after it let go of it (`complete_deferred`):
+//! collected in `deferred` and delivered after it let go of it (`deferring`):
 //! a completion callback may submit a new request, which takes the context again.
 
 use super::cache::{Shared, MAX_IO};
@@ -196,14 +196,22 @@ pub(super) extern "C" fn destroy_cb(_io_device: *mut c_void, buf: *mut c_void) {
     }
 }
 
-/// Delivers the completions a poller collected, after it stopped using the context
-/// (each callback may submit a new request on this channel).
+/// Runs `f` on the channel context with completions deferred (`in_poll`), then, once
+/// that reference has ended, delivers them: each completion callback may submit a new
+/// request on this channel, which takes the context again.
 ///
 /// # Safety
-/// `arg` is this thread's live channel context and no reference to it is alive.
-unsafe fn complete_deferred(arg: *mut c_void) {
-    // SAFETY: forwarded contract; this reference ends before the callbacks run.
-    let mut done = std::mem::take(unsafe { &mut (*(arg as *mut ChannelCtx)).deferred });
+/// `arg` is this thread's live channel context (a poller stops before destroy_cb drops
+/// it) and no reference to it is alive.
+unsafe fn deferring<R>(arg: *mut c_void, f: impl FnOnce(&mut ChannelCtx) -> R) -> R {
+    let (r, mut done) = {
+        // SAFETY: forwarded contract; this reference ends before the callbacks run.
+        let c = unsafe { &mut *(arg as *mut ChannelCtx) };
+        c.in_poll = true;
+        let r = f(c);
+        c.in_poll = false;
+        (r, std::mem::take(&mut c.deferred))
+    };
     for (bio, st) in done.drain(..) {
         // SAFETY: finished (IoCtx dropped) but not yet completed, on this thread.
         unsafe { ffi::complete(bio, st) };
@@ -214,65 +222,60 @@ unsafe fn complete_deferred(arg: *mut c_void) {
     let c = unsafe { &mut *(arg as *mut ChannelCtx) };
     done.append(&mut c.deferred);
     c.deferred = done;
+    r
 }
 
 /// Serves the reads queued since the last call (see the module comment).
 extern "C" fn read_poll(arg: *mut c_void) -> i32 {
-    {
-        // SAFETY: `arg` is this thread's live channel context (the poller stops before
-        // destroy_cb drops it); this reference ends before complete_deferred.
-        let c = unsafe { &mut *(arg as *mut ChannelCtx) };
-        if c.reads.is_empty() && c.deferred.is_empty() {
-            return ffi::IDLE;
-        }
-        let mut batch = std::mem::take(&mut c.batch);
-        std::mem::swap(&mut batch, &mut c.reads);
-        c.in_poll = true;
-        for bio in batch.drain(..) {
-            // SAFETY: queued reads are live and uncompleted, on this thread.
-            unsafe { io::serve_read(c, bio) };
-        }
-        c.batch = batch;
-        c.in_poll = false;
+    // SAFETY: `arg` is this thread's live channel context; this reference ends here.
+    let c = unsafe { &*(arg as *const ChannelCtx) };
+    if c.reads.is_empty() && c.deferred.is_empty() {
+        return ffi::IDLE;
     }
-    // SAFETY: the context reference above has ended.
-    unsafe { complete_deferred(arg) };
+    // SAFETY: as above, and no reference to the context is alive.
+    unsafe {
+        deferring(arg, |c| {
+            let mut batch = std::mem::take(&mut c.batch);
+            std::mem::swap(&mut batch, &mut c.reads);
+            for bio in batch.drain(..) {
+                // SAFETY: queued reads are live and uncompleted, on this thread.
+                io::serve_read(c, bio);
+            }
+            c.batch = batch;
+        })
+    };
     ffi::BUSY
 }
 
 /// Retries the queued requests oldest first while they find space; fails them all once
 /// the base bdev is gone.
 extern "C" fn retry_poll(arg: *mut c_void) -> i32 {
-    let progressed = {
-        // SAFETY: `arg` is this thread's live channel context (the poller stops before
-        // destroy_cb drops it); this reference ends before complete_deferred.
-        let c = unsafe { &mut *(arg as *mut ChannelCtx) };
-        if c.retry.is_empty() {
-            return ffi::IDLE;
-        }
-        if c.shared.engine.cache_full() {
-            c.release_idle_heads();
-        }
-        c.in_poll = true;
-        let mut progressed = false;
-        while let Some(&bio) = c.retry.front() {
-            // SAFETY: queued requests are live and uncompleted; the head is retried in
-            // order.
-            let done = unsafe { io::retry_ordered(c, bio) };
-            if !done {
-                break;
+    // SAFETY: `arg` is this thread's live channel context; this reference ends here.
+    if unsafe { &*(arg as *const ChannelCtx) }.retry.is_empty() {
+        return ffi::IDLE;
+    }
+    // SAFETY: as above, and no reference to the context is alive.
+    let progressed = unsafe {
+        deferring(arg, |c| {
+            if c.shared.engine.cache_full() {
+                c.release_idle_heads();
             }
-            c.retry.pop_front();
-            c.shared
-                .queued
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            progressed = true;
-        }
-        c.in_poll = false;
-        progressed
+            let mut progressed = false;
+            while let Some(&bio) = c.retry.front() {
+                // SAFETY: queued requests are live and uncompleted; the head is retried
+                // in order.
+                if !io::retry_ordered(c, bio) {
+                    break;
+                }
+                c.retry.pop_front();
+                c.shared
+                    .queued
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                progressed = true;
+            }
+            progressed
+        })
     };
-    // SAFETY: the context reference above has ended.
-    unsafe { complete_deferred(arg) };
     if progressed {
         ffi::BUSY
     } else {

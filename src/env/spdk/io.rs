@@ -174,9 +174,7 @@ fn ordered(c: &mut ChannelCtx, d: &IoDesc) -> Result<(), IoError> {
     match d.ty {
         sys::SPDK_BDEV_IO_TYPE_WRITE => {
             // The index lookup after the data copy then finds its line in cache.
-            if let Some(p) = e.probe_addr(off) {
-                crate::env::cpu::prefetch(p);
-            }
+            prefetch_index(c, off);
             // SAFETY: the request's iovecs are valid for its lifetime.
             let iovs = unsafe { ffi::iovs(d) };
             let n = len as usize;
@@ -217,14 +215,15 @@ fn read(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoDesc) {
     }
     // Served by the channel's read poller, later this reactor iteration; by then the
     // index line it looks up first has arrived.
-    if let Some(p) = c
-        .shared
-        .engine
-        .probe_addr(d.offset_blocks * c.shared.block_size as u64)
-    {
+    prefetch_index(c, d.offset_blocks * c.shared.block_size as u64);
+    c.reads.push(bio);
+}
+
+/// Starts fetching the index line a request at backing offset `off` will look up.
+fn prefetch_index(c: &ChannelCtx, off: u64) {
+    if let Some(p) = c.shared.engine.probe_addr(off) {
         crate::env::cpu::prefetch(p);
     }
-    c.reads.push(bio);
 }
 
 /// Serves a read queued by `read` (from the channel's read poller).
