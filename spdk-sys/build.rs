@@ -1,20 +1,29 @@
-//! Build script of spdk-sys: locates an SPDK installation, generates the bindings with
-//! bindgen, compiles the C shim for SPDK's `static inline` helpers, and emits the link
-//! flags for SPDK's *shared* libraries.
+//! Build script of spdk-sys: locates an SPDK, generates the bindings with bindgen,
+//! compiles the C shim for SPDK's `static inline` helpers, and tells the root crate which
+//! SPDK libraries to link into the module.
 //!
 //! Where SPDK comes from, first match wins:
-//! 1. `SPDK_DIR`: an install prefix (`include/spdk`, `lib/`) or a built source tree
-//!    (`include/spdk`, `build/lib/`). Its `pkgconfig/` directory, when present, supplies
-//!    the exact library list; otherwise a fixed minimal list is linked.
-//! 2. pkg-config (`spdk_bdev`, `spdk_env_dpdk`, `spdk_syslibs` on `PKG_CONFIG_PATH`).
+//! 1. `SPDK_DIR`: an install prefix (`include/spdk`, `lib/`) or a source tree built with
+//!    `--with-shared` (`include/spdk`, `build/lib/`).
+//! 2. pkg-config: the directory of `spdk_log.pc` on `PKG_CONFIG_PATH` (a package with no
+//!    `Requires`), taken as a tree or prefix as above.
+//!
+//! What is linked: exactly the SPDK libraries the module calls (`SPDK_LIBS`), and for
+//! executables the system and DPDK libraries those underlinked .so files use, read from
+//! `spdk_syslibs.pc` and `spdk_dpdklibs.pc` (two files that name no other package; a
+//! fixed list when absent). Never `spdk_bdev.pc`: it pulls in every bdev module through
+//! `spdk_bdev_modules.pc`, which with OCF names a package SPDK never writes, so
+//! pkg-config fails, and a module preloaded into an SPDK app needs none of them.
 //!
 //! Invariants: SPDK is never built here and never linked statically (a static copy inside
 //! a module preloaded into `spdk_tgt` would be a second bdev layer and RPC table, and
-//! the module would register into the wrong one). `spdk_syslibs` is always linked because
-//! SPDK's shared libraries are underlinked (libspdk_util uses libcrypto without a NEEDED
-//! entry). The library directory and those system libraries are exported as
-//! `DEP_SPDK_LIB_DIR` and `DEP_SPDK_SYSLIBS` so the root crate can set an rpath and keep
-//! the system libraries in its executables.
+//! the module would register into the wrong one). This crate emits no link flags for
+//! SPDK itself: it exports them (`DEP_SPDK_LIB_DIR`, `DEP_SPDK_LIBS`, `DEP_SPDK_SEARCH`,
+//! `DEP_SPDK_SYSLIBS`) and the root crate's build script passes them to the cdylib only,
+//! so the `pcache` binary never depends on SPDK. For the same reason the module's
+//! load-time constructor is a C object (`c/load.c`, exported as `DEP_SPDK_LOAD_OBJ`)
+//! that only the cdylib links: a constructor in the rlib would be kept in every
+//! executable.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -25,31 +34,30 @@ struct Spdk {
     include: Vec<PathBuf>,
     /// Directory of `libspdk_*.so`.
     lib_dir: PathBuf,
-    /// `-L` directories, `lib_dir` first.
+    /// Further `-L` directories the system libraries need (ISA-L of a source tree).
     search: Vec<PathBuf>,
-    /// `-l` names, in link order.
-    libs: Vec<String>,
-    /// The non-SPDK libraries (DPDK, system) SPDK's .so files use without declaring them.
+    /// The non-SPDK libraries (DPDK, system) SPDK's .so files use, often without
+    /// declaring them.
     syslibs: Vec<String>,
 }
 
-/// Linked when SPDK_DIR has no pkg-config files: the libraries the module calls into,
-/// plus the system libraries SPDK's own .so files forget to declare.
-const FALLBACK_LIBS: &[&str] = &[
+/// The SPDK libraries whose functions the module (src/env/spdk, c/shim.c) calls, in link
+/// order. Checked with `nm -D --undefined-only libpcache.so` against each library's
+/// exports (SPDK 26.09-pre: 58 symbols, all from these): the bdev layer and module API,
+/// threads and pollers, JSON and JSON-RPC, the RPC method table, logging, utilities
+/// (crc, uuid, string) and the env (spdk_zmalloc, spdk_get_ticks).
+const SPDK_LIBS: &[&str] = &[
     "spdk_bdev",
     "spdk_thread",
-    "spdk_json",
-    "spdk_jsonrpc",
     "spdk_rpc",
-    "spdk_log",
-    "spdk_util",
+    "spdk_jsonrpc",
+    "spdk_json",
     "spdk_env_dpdk",
-    "ssl",
-    "crypto",
-    "uuid",
+    "spdk_util",
+    "spdk_log",
 ];
 
-/// System libraries of the fallback list (see `FALLBACK_LIBS`).
+/// System libraries when SPDK has no `spdk_syslibs.pc` / `spdk_dpdklibs.pc`.
 const FALLBACK_SYSLIBS: &[&str] = &[
     "rte_eal",
     "rte_mempool",
@@ -59,10 +67,11 @@ const FALLBACK_SYSLIBS: &[&str] = &[
     "ssl",
     "crypto",
     "uuid",
+    "numa",
 ];
 
-/// pkg-config packages whose union is the link line.
-const PC_PACKAGES: &[&str] = &["spdk_bdev", "spdk_env_dpdk", "spdk_syslibs"];
+/// The .pc files read for the system libraries; neither has `Requires` into SPDK.
+const SYSLIB_PCS: &[&str] = &["spdk_syslibs", "spdk_dpdklibs"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=SPDK_DIR");
@@ -70,14 +79,16 @@ fn main() {
     println!("cargo:rerun-if-changed=c/wrapper.h");
     println!("cargo:rerun-if-changed=c/shim.h");
     println!("cargo:rerun-if-changed=c/shim.c");
+    println!("cargo:rerun-if-changed=c/load.c");
 
     let spdk = match locate() {
         Ok(s) => s,
         Err(msg) => {
             // A build script cannot print a friendlier error than a panic message.
             panic!(
-                "spdk-sys: no SPDK found ({msg}). Set SPDK_DIR to an SPDK install prefix or \
-                 built source tree, or PKG_CONFIG_PATH to its lib/pkgconfig directory."
+                "spdk-sys: no usable SPDK ({msg}). Set SPDK_DIR to an SPDK install prefix or \
+                 a source tree built --with-shared (scripts/build-spdk.sh builds one and \
+                 prints its path), or PKG_CONFIG_PATH to its lib/pkgconfig directory."
             );
         }
     };
@@ -93,111 +104,101 @@ fn locate() -> Result<Spdk, String> {
     if let Some(dir) = env::var_os("SPDK_DIR").filter(|d| !d.is_empty()) {
         return from_dir(Path::new(&dir));
     }
-    from_pkg_config(None)
+    // spdk_log requires nothing, so this probe cannot trip over the module list.
+    let log = pkg_config::Config::new()
+        .cargo_metadata(false)
+        .env_metadata(false)
+        .probe("spdk_log")
+        .map_err(|e| format!("SPDK_DIR is not set, and pkg-config spdk_log: {e}"))?;
+    let lib_dir = log
+        .link_paths
+        .iter()
+        .find(|d| d.join("libspdk_log.so").exists())
+        .ok_or("pkg-config spdk_log gave no directory holding libspdk_log.so")?;
+    // <tree>/build/lib or <prefix>/lib: the directory above holds include/.
+    let top = lib_dir
+        .parent()
+        .map(|p| {
+            if p.ends_with("build") {
+                p.parent().unwrap_or(p)
+            } else {
+                p
+            }
+        })
+        .ok_or("pkg-config spdk_log: library directory has no parent")?;
+    from_dir(top)
 }
 
 /// SPDK_DIR: an install prefix or a source tree built with `--with-shared`.
 fn from_dir(dir: &Path) -> Result<Spdk, String> {
     let include = dir.join("include");
     if !include.join("spdk/bdev_module.h").is_file() {
-        return Err(format!(
-            "SPDK_DIR={}: no include/spdk/bdev_module.h",
-            dir.display()
-        ));
+        return Err(format!("{}: no include/spdk/bdev_module.h", dir.display()));
     }
     let lib_dir = [dir.join("build/lib"), dir.join("lib")]
         .into_iter()
         .find(|d| d.join("libspdk_bdev.so").exists())
         .ok_or_else(|| {
             format!(
-                "SPDK_DIR={}: no libspdk_bdev.so in build/lib or lib (SPDK must be \
+                "{}: no libspdk_bdev.so in build/lib or lib (SPDK must be built, \
                  configured --with-shared)",
                 dir.display()
             )
         })?;
-    let pc_dir = lib_dir.join("pkgconfig");
-    if pc_dir.join("spdk_bdev.pc").is_file() {
-        let mut s = from_pkg_config(Some(&pc_dir))?;
-        s.include.insert(0, include);
-        s.lib_dir = lib_dir;
-        return Ok(s);
+    let missing: Vec<String> = SPDK_LIBS
+        .iter()
+        .map(|l| format!("lib{l}.so"))
+        .filter(|f| !lib_dir.join(f).exists())
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "{}: no {} (an SPDK older than 23.01?)",
+            lib_dir.display(),
+            missing.join(", ")
+        ));
     }
+    let (search, syslibs) = syslibs(&lib_dir.join("pkgconfig"));
     Ok(Spdk {
         include: vec![include],
-        search: vec![lib_dir.clone()],
         lib_dir,
-        libs: FALLBACK_LIBS.iter().map(|s| s.to_string()).collect(),
-        syslibs: FALLBACK_SYSLIBS.iter().map(|s| s.to_string()).collect(),
+        search,
+        syslibs,
     })
 }
 
-/// pkg-config, optionally restricted to one directory of .pc files.
-fn from_pkg_config(dir: Option<&Path>) -> Result<Spdk, String> {
-    if let Some(d) = dir {
-        // pkg-config reads PKG_CONFIG_PATH from the environment; the build script is the
-        // only process that sees this change.
-        let mut path = d.as_os_str().to_owned();
-        if let Some(old) = env::var_os("PKG_CONFIG_PATH") {
-            path.push(":");
-            path.push(old);
-        }
-        env::set_var("PKG_CONFIG_PATH", path);
-    }
-    let mut include = Vec::new();
+/// `-L` directories and `-l` names of SPDK's system and DPDK libraries.
+fn syslibs(pc_dir: &Path) -> (Vec<PathBuf>, Vec<String>) {
     let mut search = Vec::new();
     let mut libs = Vec::new();
-    let mut syslibs = Vec::new();
-    for pkg in PC_PACKAGES {
-        let lib = pkg_config::Config::new()
+    for pc in SYSLIB_PCS {
+        let file = pc_dir.join(format!("{pc}.pc"));
+        println!("cargo:rerun-if-changed={}", file.display());
+        if !file.is_file() {
+            continue;
+        }
+        // Probing the file by path reads only it (and what it requires: nothing).
+        let Ok(lib) = pkg_config::Config::new()
             .cargo_metadata(false)
             .env_metadata(false)
-            .probe(pkg)
-            .map_err(|e| format!("pkg-config {pkg}: {e}"))?;
-        for p in lib.include_paths {
-            if !include.contains(&p) {
-                include.push(p);
-            }
-        }
+            .probe(&file.to_string_lossy())
+        else {
+            continue;
+        };
         for p in lib.link_paths {
             if !search.contains(&p) {
                 search.push(p);
             }
         }
-        // DPDK's and the system's libraries: SPDK's .so files rely on them being loaded.
-        for l in lib.libs.iter().filter(|l| !l.starts_with("spdk_")) {
-            if !syslibs.contains(l) {
-                syslibs.push(l.clone());
-            }
-        }
         for l in lib.libs {
-            if !libs.contains(&l) {
+            if !l.starts_with("spdk_") && !libs.contains(&l) {
                 libs.push(l);
             }
         }
     }
-    let lib_dir = search
-        .iter()
-        .find(|d| d.join("libspdk_bdev.so").exists())
-        .cloned()
-        .ok_or("pkg-config gave no directory holding libspdk_bdev.so")?;
-    if !include
-        .iter()
-        .any(|d| d.join("spdk/bdev_module.h").is_file())
-    {
-        // spdk_bdev.pc of an install prefix names <prefix>/include.
-        let guess = lib_dir.parent().map(|p| p.join("include"));
-        match guess {
-            Some(g) if g.join("spdk/bdev_module.h").is_file() => include.push(g),
-            _ => return Err("pkg-config gave no include directory with spdk/".into()),
-        }
+    if libs.is_empty() {
+        libs = FALLBACK_SYSLIBS.iter().map(|s| s.to_string()).collect();
     }
-    Ok(Spdk {
-        include,
-        lib_dir,
-        search,
-        libs,
-        syslibs,
-    })
+    (search, libs)
 }
 
 fn generate_bindings(spdk: &Spdk, out: &Path) {
@@ -264,19 +265,26 @@ fn compile_shim(spdk: &Spdk) {
         cc.include(inc);
     }
     cc.compile("spdk_sys_shim");
+    // The constructor stays a loose object: only the cdylib's link line names it.
+    let load = cc::Build::new()
+        .file("c/load.c")
+        .warnings(true)
+        .pic(true)
+        .compile_intermediates();
+    let obj = load.first().expect("cc compiled c/load.c to no object");
+    println!("cargo:load_obj={}", obj.display());
 }
 
 fn emit_link(spdk: &Spdk) {
-    for d in &spdk.search {
-        println!("cargo:rustc-link-search=native={}", d.display());
-    }
-    for l in &spdk.libs {
-        println!("cargo:rustc-link-lib=dylib={l}");
-    }
+    // Read by the root crate's build script as DEP_SPDK_*; see its doc comment.
     println!("cargo:lib_dir={}", spdk.lib_dir.display());
-    // Executables linked with --as-needed drop these (nothing of theirs references
-    // them), and then SPDK's libraries fail to load: the root crate links them again
-    // with --no-as-needed.
+    println!("cargo:libs={}", SPDK_LIBS.join(" "));
+    let search: Vec<String> = spdk
+        .search
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    println!("cargo:search={}", search.join(" "));
     println!("cargo:syslibs={}", spdk.syslibs.join(" "));
     if let Some(inc) = spdk.include.first() {
         println!("cargo:include={}", inc.display());

@@ -8,7 +8,8 @@
 //! (SPDK JSON <-> serde_json) and `ffi` (small wrappers). All of the crate's
 //! SPDK-facing `unsafe` code lives here.
 //!
-//! Invariants: registration happens in a load-time constructor, before `main`, so the
+//! Invariants: registration happens in a load-time constructor, before `main` (the C
+//! object spdk-sys/c/load.c, linked into the cdylib only), so the
 //! bdev layer finds the module when it initialises; the constructor only links static
 //! structs into SPDK's lists (no allocation-heavy work, no thread APIs). Control-path
 //! state lives on the app thread; the I/O path touches only its channel's context and the
@@ -30,12 +31,11 @@ mod writeback;
 /// The SPDK version the module was built against.
 pub const SPDK_VERSION: &str = spdk_sys::SPDK_SYS_VERSION;
 
-/// Runs when the shared object is loaded (LD_PRELOAD: before the host's `main`).
-extern "C" fn pcache_load() {
+/// Runs when the shared object is loaded (LD_PRELOAD: before the host's `main`), called
+/// by the constructor in spdk-sys/c/load.c, which only the cdylib links: a `.init_array`
+/// entry here would be kept in every executable linking this crate and drag SPDK in.
+#[no_mangle]
+pub extern "C" fn spdk_sys_module_load() {
     module::register();
     rpc::register();
 }
-
-#[used]
-#[link_section = ".init_array"]
-static PCACHE_LOAD: extern "C" fn() = pcache_load;
