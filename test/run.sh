@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (`.ci/run` calls exactly this script).
 # Installs the real clients the tests use (Debian packages) when they are missing,
-# then: format check, clippy with -D warnings, every cargo test, and a time-boxed
-# fuzz smoke run. SPDK tests skip with a visible message when no SPDK is found.
+# then: format check, clippy with -D warnings, every cargo test, the SPDK module's tier
+# (test/spdk/run.sh), and a time-boxed fuzz smoke run. The SPDK tier runs against
+# SPDK_DIR or the SPDK that scripts/build-spdk.sh builds from the pinned source
+# (../shared/spdk) and keeps in its cache; it skips, saying how to get an SPDK, only when
+# there is neither an SPDK nor a source to build one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
+# bindgen (the SPDK module's bindings) needs libclang whenever there is an SPDK to build
+# against; the packages SPDK's own build needs are installed by scripts/build-spdk.sh,
+# only when it has to build.
+if [ -n "${SPDK_DIR:-}" ] || [ -n "${PCACHE_SPDK_SOURCE:-}" ] || compgen -G "../shared/spdk/spdk-*.tar.*" >/dev/null; then
+  dpkg-query -W -f='${Status}' libclang-dev 2>/dev/null | grep -q "install ok installed" || need+=(libclang-dev)
+fi
 command -v fio >/dev/null || need+=(fio)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v nbdkit >/dev/null || need+=(nbdkit)
@@ -32,12 +41,25 @@ if grep -q "test result: FAILED\|error: test failed\|error\[" /tmp/pcache-test.l
   tail -60 /tmp/pcache-test.log
   exit 1
 fi
-echo "== SPDK module (runs when SPDK is found via SPDK_DIR or pkg-config)"
-SPDK_TEST_SECONDS="${SPDK_TEST_SECONDS:-10}" bash test/spdk/run.sh
+echo "== SPDK module (SPDK_DIR, else the SPDK scripts/build-spdk.sh builds from ../shared/spdk and caches)"
+# The tier exits non-zero on any failed case (or a failed build): that fails the run.
+spdk_rc=0
+SPDK_TEST_SECONDS="${SPDK_TEST_SECONDS:-10}" bash test/spdk/run.sh 2>&1 | tee /tmp/pcache-spdk-test.log || spdk_rc=$?
+spdk_counts=$(grep -E "^[0-9]+ passed, [0-9]+ failed$" /tmp/pcache-spdk-test.log | tail -1 || true)
+if [ "$spdk_rc" != 0 ]; then
+  echo "== SPDK module FAILED (${spdk_counts:-before any test ran})"
+  exit 1
+elif [ -n "$spdk_counts" ]; then
+  echo "== SPDK module: $spdk_counts"
+else
+  spdk_counts=skipped
+  echo "== SPDK module: skipped (no SPDK and no SPDK source, see above)"
+fi
 echo "== fuzz smoke (build every target, run each time-boxed)"
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "installing cargo-fuzz"
   cargo install --locked cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz >/dev/null
 fi
 FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash test/fuzz_smoke.sh
-echo "== all tests passed"
+cargo_passed=$(grep -oE "^test result: ok\. [0-9]+ passed" /tmp/pcache-test.log | awk '{ n += $4 } END { print n + 0 }')
+echo "== all tests passed (cargo test: $cargo_passed passed; SPDK module: $spdk_counts)"

@@ -1,15 +1,30 @@
 # Shared by test/spdk/run.sh and test/spdk/bench.sh (sourced, not run): locates SPDK
-# (SPDK_DIR: install prefix or built tree; else pkg-config), builds the module with
+# (SPDK_DIR: install prefix or built tree; else the cache of scripts/build-spdk.sh,
+# building it from the pinned source when needed; else pkg-config), builds the module with
 # `cargo build --release --features spdk`, copies libpcache.so to
 # $WORK/libspdk_bdev_pcache.so (the name the issue and README use), and defines helpers to
-# start, wait for and stop SPDK apps with the module preloaded. Without SPDK it prints
-# "SKIP: ..." and exits 0. Cleans up every process it started and every medium file in
-# /dev/shm on exit.
+# start, wait for and stop SPDK apps with the module preloaded. Without SPDK or a source
+# to build one it prints "SKIP: ..." and exits 0. Cleans up every process it started and
+# every medium file in /dev/shm on exit.
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE="$ROOT/test/spdk"
 
 # ---------------------------------------------------------------- locate SPDK
+# Without SPDK_DIR: the SPDK that scripts/build-spdk.sh keeps in its cache, built now from
+# the pinned source (../shared/spdk or PCACHE_SPDK_SOURCE) when not built yet; then
+# an installed SPDK found by pkg-config.
+if [ -z "${SPDK_DIR:-}" ]; then
+    SPDK_DIR=$("$ROOT/scripts/build-spdk.sh")
+    case $? in
+        0) export SPDK_DIR ;;
+        3) SPDK_DIR= ;;
+        *)
+            echo "FAIL: building SPDK (scripts/build-spdk.sh) failed"
+            exit 1
+            ;;
+    esac
+fi
 if [ -n "${SPDK_DIR:-}" ]; then
     if [ -x "$SPDK_DIR/build/bin/spdk_tgt" ]; then
         LIBDIR=$SPDK_DIR/build/lib
@@ -21,10 +36,15 @@ if [ -n "${SPDK_DIR:-}" ]; then
     else
         PREFIX=$SPDK_DIR
     fi
-elif command -v pkg-config > /dev/null && pkg-config --exists spdk_bdev 2> /dev/null; then
-    PREFIX=$(pkg-config --variable=prefix spdk_bdev)
+elif command -v pkg-config > /dev/null && pkg-config --exists spdk_log 2> /dev/null; then
+    # spdk_log.pc requires nothing (spdk_bdev.pc pulls in the module list, which fails
+    # on an SPDK with OCF).
+    PREFIX=$(pkg-config --variable=prefix spdk_log)
 else
-    echo "SKIP: no SPDK found (set SPDK_DIR or PKG_CONFIG_PATH)"
+    echo "SKIP: no SPDK found and no SPDK source to build one. Get one of: SPDK_DIR=<an SPDK"
+    echo "      install prefix or source tree built --with-shared>; the pinned source at"
+    echo "      ../shared/spdk/ beside the clone; or an SPDK checkout with its submodules,"
+    echo "      built with scripts/build-spdk.sh <checkout> (see README.md, SPDK module)"
     exit 0
 fi
 if [ -n "${PREFIX:-}" ]; then

@@ -18,9 +18,10 @@
 #   writeback_content  data written through a small cache, drained: the base file equals it
 #   hot_remove      the base bdev deleted under I/O: pcache unregisters, process survives
 # Prints PASS/FAIL per case and "N passed, M failed"; exits non-zero on any failure.
-# Without SPDK it prints "SKIP: ..." and exits 0.
+# Without SPDK, and without a source to build one, it prints "SKIP: ..." and exits 0.
 #
-# Environment: SPDK_DIR, PKG_CONFIG_PATH (where SPDK is), SPDK_TEST_SECONDS (length of
+# Environment: SPDK_DIR, PKG_CONFIG_PATH (where SPDK is; unset: the SPDK that
+# scripts/build-spdk.sh builds from the pinned source and caches), SPDK_TEST_SECONDS (length of
 # each verify run, default 30), SPDK_TEST_KEEP=1 (keep the work directory), and
 # overrides SPDK_TGT, BDEVPERF, SPDK_DD, RPC_PY, SPDK_PYTHONPATH.
 # Cores: the app under test runs on core 0, the second process (backend target or
