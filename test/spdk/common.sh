@@ -41,10 +41,11 @@ elif command -v pkg-config > /dev/null && pkg-config --exists spdk_log 2> /dev/n
     # on an SPDK with OCF).
     PREFIX=$(pkg-config --variable=prefix spdk_log)
 else
-    echo "SKIP: no SPDK found and no SPDK source to build one. Get one of: SPDK_DIR=<an SPDK"
-    echo "      install prefix or source tree built --with-shared>; the pinned source at"
-    echo "      ../shared/spdk/ beside the clone; or an SPDK checkout with its submodules,"
-    echo "      built with scripts/build-spdk.sh <checkout> (see README.md, SPDK module)"
+    echo "SKIP: no SPDK found and no SPDK source to build one. Set SPDK_DIR to an SPDK"
+    echo "      install prefix or source tree built --with-shared, or PCACHE_SPDK_SOURCE to"
+    echo "      an SPDK tarball or checkout with submodules (git 3230130e6a), which"
+    echo "      scripts/build-spdk.sh builds and caches; CI has the pinned source at"
+    echo "      ../shared/spdk/ beside the clone. See README.md, section SPDK."
     exit 0
 fi
 if [ -n "${PREFIX:-}" ]; then
