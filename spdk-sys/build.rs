@@ -115,26 +115,19 @@ fn locate() -> Result<Spdk, String> {
         .iter()
         .find(|d| d.join("libspdk_log.so").exists())
         .ok_or("pkg-config spdk_log gave no directory holding libspdk_log.so")?;
-    // <tree>/build/lib or <prefix>/lib: the directory above holds include/.
-    let top = lib_dir
-        .parent()
-        .map(|p| {
-            if p.ends_with("build") {
-                p.parent().unwrap_or(p)
-            } else {
-                p
-            }
-        })
-        .ok_or("pkg-config spdk_log: library directory has no parent")?;
-    from_dir(top)
+    // The include directory pkg-config names, else <prefix>/include beside <prefix>/lib.
+    let include = log
+        .include_paths
+        .iter()
+        .find(|d| d.join("spdk/bdev_module.h").is_file())
+        .cloned()
+        .or_else(|| lib_dir.parent().map(|p| p.join("include")))
+        .ok_or("pkg-config spdk_log gave no include directory")?;
+    from_parts(include, lib_dir.clone())
 }
 
 /// SPDK_DIR: an install prefix or a source tree built with `--with-shared`.
 fn from_dir(dir: &Path) -> Result<Spdk, String> {
-    let include = dir.join("include");
-    if !include.join("spdk/bdev_module.h").is_file() {
-        return Err(format!("{}: no include/spdk/bdev_module.h", dir.display()));
-    }
     let lib_dir = [dir.join("build/lib"), dir.join("lib")]
         .into_iter()
         .find(|d| d.join("libspdk_bdev.so").exists())
@@ -145,6 +138,14 @@ fn from_dir(dir: &Path) -> Result<Spdk, String> {
                 dir.display()
             )
         })?;
+    from_parts(dir.join("include"), lib_dir)
+}
+
+/// Checks that the headers and every library in `SPDK_LIBS` are there.
+fn from_parts(include: PathBuf, lib_dir: PathBuf) -> Result<Spdk, String> {
+    if !include.join("spdk/bdev_module.h").is_file() {
+        return Err(format!("no {}/spdk/bdev_module.h", include.display()));
+    }
     let missing: Vec<String> = SPDK_LIBS
         .iter()
         .map(|l| format!("lib{l}.so"))
@@ -152,7 +153,7 @@ fn from_dir(dir: &Path) -> Result<Spdk, String> {
         .collect();
     if !missing.is_empty() {
         return Err(format!(
-            "{}: no {} (an SPDK older than 23.01?)",
+            "{}: no {} (SPDK must be configured --with-shared)",
             lib_dir.display(),
             missing.join(", ")
         ));
