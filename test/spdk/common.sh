@@ -1,11 +1,11 @@
 # Shared by test/spdk/run.sh and test/spdk/bench.sh (sourced, not run): locates SPDK
 # (SPDK_DIR: install prefix or built tree; else the cache of scripts/build-spdk.sh,
 # building it from the pinned source when needed; else pkg-config), builds the module with
-# `cargo build --release --features spdk`, copies libpcache.so to
-# $WORK/libspdk_bdev_pcache.so (the name the issue and README use), and defines helpers to
-# start, wait for and stop SPDK apps with the module preloaded. Without SPDK or a source
-# to build one it prints "SKIP: ..." and exits 0. Cleans up every process it started and
-# every medium file in /dev/shm on exit.
+# `cargo build --release --features spdk --lib` (the module only: no test runs the pcache
+# binary), copies libpcache.so to $WORK/libspdk_bdev_pcache.so (the name the issue and
+# README use), and defines helpers to start, wait for and stop SPDK apps with the module
+# preloaded. Without SPDK or a source to build one it prints "SKIP: ..." and exits 0.
+# Cleans up every process it started and every medium file in /dev/shm on exit.
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE="$ROOT/test/spdk"
@@ -133,8 +133,8 @@ hugepages_release() {
 }
 
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-echo "building the module (cargo build --release --features spdk)..."
-if ! (cd "$ROOT" && cargo build --release --features spdk) > "$WORK/build.log" 2>&1; then
+echo "building the module (cargo build --release --features spdk --lib)..."
+if ! (cd "$ROOT" && cargo build --release --features spdk --lib) > "$WORK/build.log" 2>&1; then
     tail -30 "$WORK/build.log"
     echo "FAIL: build"
     exit 1
