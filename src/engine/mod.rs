@@ -281,6 +281,8 @@ impl<P: Pmem> Engine<P> {
     pub fn flush(&self) -> Result<(), IoError> {
         self.counters.flushes.inc();
         self.new_epoch();
+        // Even with every kset empty, data flushed with `flush_data` becomes durable here.
+        self.pmem.drain();
         let mut res = Ok(());
         for k in self.ksets.iter() {
             let mut kb = k.lock().unwrap();

@@ -7,7 +7,16 @@
 //!   `flush` issues clwb / clflushopt / clflush per 64-byte line, `fence` an sfence.
 //! * [`Persistence::File`]: an ordinary page-cache mapping. `flush` runs
 //!   `msync(MS_SYNC)` on the covering pages, so data is on stable storage when it
-//!   returns and `fence` only has to order stores.
+//!   returns and `fence` only has to order stores. With group commit on
+//!   ([`PosixPmem::set_group_commit`], which the NBD target turns on), `flush_data`
+//!   (request data whose key is not in the log yet) only counts a postponed flush, and
+//!   one `fdatasync` of the whole file ([`PosixPmem::commit`], at the end of a reactor
+//!   pass, or `drain`) makes every postponed range durable at once: the runtime answers
+//!   the writes of a pass only after it. Metadata (kset close, tails, generations,
+//!   superblock) keeps its synchronous `msync`, and the engine drains before storing any
+//!   key, so "data durable before its key is stored" still holds and nothing else is
+//!   reordered: an `fdatasync` may also write back unflushed stores early, which the
+//!   `Pmem` contract already allows (a CPU cache may evict any line at any time).
 //! * [`Persistence::Volatile`]: nothing survives a power loss (tmpfs, or a test).
 //!   Only ever used when explicitly asked for; `flush` does nothing.
 //!
@@ -31,7 +40,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::engine::Pmem;
@@ -161,11 +170,22 @@ pub struct PosixPmem {
     insn: FlushInsn,
     page_size: usize,
     path: PathBuf,
-    /// Keeps the exclusive `flock` alive; the mapping itself does not need the fd.
-    _file: File,
+    /// Keeps the exclusive `flock` alive; group commit `fdatasync`s it.
+    file: File,
     /// Set once an `msync` failed; `flush` cannot return errors, so they are sticky.
     flush_failed: AtomicBool,
     flush_error: Mutex<Option<String>>,
+    /// File mode only: `flush_data` postpones durability to `commit`/`drain`.
+    group: AtomicBool,
+    /// Postponed `flush_data` calls so far (a sequence, never reset).
+    deferred: AtomicU64,
+    /// Every postponed flush up to this sequence is durable.
+    durable: AtomicU64,
+    /// One group sync at a time: a thread that finds one running waits for it and then
+    /// usually has nothing left to sync (leader/follower group commit).
+    sync_lock: Mutex<()>,
+    /// Group syncs issued (`fdatasync` calls), for tests and status.
+    syncs: AtomicU64,
 }
 
 // SAFETY: `PosixPmem` owns its mapping (no other Rust value aliases it) and every access
@@ -429,9 +449,14 @@ impl PosixPmem {
             insn,
             page_size,
             path: path.to_path_buf(),
-            _file: file,
+            file,
             flush_failed: AtomicBool::new(false),
             flush_error: Mutex::new(None),
+            group: AtomicBool::new(false),
+            deferred: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            sync_lock: Mutex::new(()),
+            syncs: AtomicU64::new(0),
         })
     }
 
@@ -491,6 +516,82 @@ impl PosixPmem {
         })
     }
 
+    /// Turns group commit on or off (File mode only; elsewhere `flush_data` has no
+    /// syscall to save and stays immediate). While on, a `flush_data` range is durable
+    /// only after the next [`PosixPmem::commit`] (or an engine `drain`): whoever turns it
+    /// on must call `commit` before it reports a write complete. Turning it off commits
+    /// what is pending.
+    pub fn set_group_commit(&self, on: bool) {
+        if self.mode != Persistence::File {
+            return;
+        }
+        if !on {
+            self.group.store(false, Ordering::Release);
+        }
+        self.sync_deferred();
+        if on {
+            self.group.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether `flush_data` currently postpones durability to `commit`.
+    pub fn group_commit(&self) -> bool {
+        self.group.load(Ordering::Acquire)
+    }
+
+    /// Makes every `flush_data` range postponed so far durable, with one `fdatasync` for
+    /// all of them (none when nothing is pending, or when a concurrent commit already
+    /// covered them). Errors if this or any earlier flush failed: then no write may be
+    /// reported complete any more.
+    pub fn commit(&self) -> Result<(), PmemError> {
+        self.sync_deferred();
+        self.check_error()
+    }
+
+    /// Group syncs issued so far.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Whether some `flush_data` range is not durable yet.
+    pub fn pending(&self) -> bool {
+        self.durable.load(Ordering::Acquire) < self.deferred.load(Ordering::Acquire)
+    }
+
+    /// The group sync behind `commit` and `drain`.
+    fn sync_deferred(&self) {
+        let target = self.deferred.load(Ordering::Acquire);
+        if self.durable.load(Ordering::Acquire) >= target {
+            return;
+        }
+        let _leader = match self.sync_lock.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if self.durable.load(Ordering::Acquire) >= target {
+            return; // the sync we waited for covered our ranges
+        }
+        // Every store of a flush counted up to here happened before this load, hence
+        // before the fdatasync below, which writes back every dirty page of the file
+        // (pages dirtied through the shared mapping included) and flushes the device.
+        let upto = self.deferred.load(Ordering::Acquire);
+        let fd = self.file.as_raw_fd();
+        let rc = loop {
+            // SAFETY: fdatasync on our open descriptor has no memory effects.
+            let rc = unsafe { libc::fdatasync(fd) };
+            if rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break rc;
+            }
+        };
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            self.record_error(format!("fdatasync of the medium failed: {e}"));
+        }
+        // Even after a failure: the error is sticky and `commit` reports it from now on.
+        self.durable.fetch_max(upto, Ordering::AcqRel);
+    }
+
     /// Asserts `[off, off + len)` lies inside the medium and returns `off` as usize.
     /// A failure is a bug in the caller (the engine bounds every access), not bad input.
     fn checked(&self, op: &str, off: u64, len: usize) -> usize {
@@ -505,7 +606,10 @@ impl PosixPmem {
     }
 
     fn record_flush_error(&self, off: usize, len: usize, e: io::Error) {
-        let msg = format!("msync of [{off}, {}) failed: {e}", off + len);
+        self.record_error(format!("msync of [{off}, {}) failed: {e}", off + len));
+    }
+
+    fn record_error(&self, msg: String) {
         if let Ok(mut g) = self.flush_error.lock() {
             if g.is_none() {
                 eprintln!("pcache: {}: {msg}", self.path.display());
@@ -574,6 +678,21 @@ impl Pmem for PosixPmem {
 
     fn fence(&self) {
         arch::sfence();
+    }
+
+    fn flush_data(&self, off: u64, len: u64) {
+        if self.mode == Persistence::File && self.group.load(Ordering::Acquire) {
+            let len_usize = usize::try_from(len).unwrap_or(usize::MAX);
+            self.checked("flush_data", off, len_usize);
+            // Release: the data stores are visible to whoever syncs up to this count.
+            self.deferred.fetch_add(1, Ordering::Release);
+        } else {
+            self.flush(off, len);
+        }
+    }
+
+    fn drain(&self) {
+        self.sync_deferred();
     }
 }
 
@@ -1061,6 +1180,91 @@ mod tests {
         let mut b = vec![0u8; 3000];
         f.read_exact(&mut b).unwrap();
         assert_eq!(b, data);
+    }
+
+    #[test]
+    fn group_commit_syncs_once_for_many_data_flushes() {
+        use std::io::{Read, Seek, SeekFrom};
+        let d = TempDir::new();
+        let p = d.0.join("cache");
+        let m = PosixPmem::open(&p, Some(1 << 20), None).unwrap();
+        assert_eq!(m.mode(), Persistence::File);
+        // Off by default: flush_data is an immediate msync and leaves nothing pending.
+        m.write(0, &[1; 4096]);
+        m.flush_data(0, 4096);
+        assert!(!m.pending());
+        m.set_group_commit(true);
+        assert!(m.group_commit());
+        for i in 0..32u64 {
+            m.write(i * 4096, &pattern(i as usize, 4096));
+            m.flush_data(i * 4096, 4096);
+            m.fence();
+        }
+        assert!(m.pending(), "32 data flushes postponed");
+        assert_eq!(m.syncs(), 0, "no sync before the commit");
+        m.commit().unwrap();
+        assert_eq!(m.syncs(), 1, "one sync for the whole group");
+        assert!(!m.pending());
+        m.commit().unwrap();
+        m.drain();
+        assert_eq!(m.syncs(), 1, "nothing pending: no sync");
+        // The data reached the file through the mapping.
+        let mut f = File::open(&p).unwrap();
+        f.seek(SeekFrom::Start(31 * 4096)).unwrap();
+        let mut b = vec![0u8; 4096];
+        f.read_exact(&mut b).unwrap();
+        assert_eq!(b, pattern(31, 4096));
+        // drain (the engine's, before a kset close) syncs too; turning group commit off
+        // commits what is pending.
+        m.flush_data(0, 4096);
+        m.drain();
+        assert_eq!(m.syncs(), 2);
+        m.flush_data(4096, 4096);
+        m.set_group_commit(false);
+        assert_eq!(m.syncs(), 3);
+        assert!(!m.pending() && !m.group_commit());
+    }
+
+    #[test]
+    fn group_commit_from_many_threads_covers_every_flush() {
+        let d = TempDir::new();
+        let p = d.0.join("cache");
+        let m = std::sync::Arc::new(PosixPmem::open(&p, Some(1 << 20), None).unwrap());
+        m.set_group_commit(true);
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50u64 {
+                        let off = (t * 50 + i) * 4096;
+                        m.write(off, &[t as u8; 4096]);
+                        m.flush_data(off, 4096);
+                        let mine = m.deferred.load(Ordering::Acquire);
+                        m.commit().unwrap();
+                        // Our own flush is covered once our commit returns, whoever synced.
+                        assert!(m.durable.load(Ordering::Acquire) >= mine);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(!m.pending());
+        assert!(m.syncs() <= 200, "{}", m.syncs());
+    }
+
+    #[test]
+    fn group_commit_is_file_mode_only() {
+        let d = TempDir::new();
+        let m =
+            PosixPmem::open(&d.0.join("c"), Some(1 << 16), Some(Persistence::Volatile)).unwrap();
+        m.set_group_commit(true);
+        assert!(!m.group_commit());
+        m.flush_data(0, 4096);
+        assert!(!m.pending());
+        m.commit().unwrap();
+        assert_eq!(m.syncs(), 0);
     }
 
     #[test]

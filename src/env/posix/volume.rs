@@ -11,6 +11,11 @@
 //! stays dirty in pmem; the runner does not sleep through a backoff, it skips writeback
 //! until the retry time.
 //!
+//! Group commit (`file` media): [`Target::connect`] turns it on, so a write's data is
+//! made durable by the reactor's [`BlockConn::commit`] at the end of its pass (one
+//! `fdatasync` for every write of the pass, see `pmem`) before any reply is sent; FUA,
+//! FLUSH and every kset close drain it synchronously.
+//!
 //! Background work (a tick every 100 ms, writeback, GC) runs on NBD reactor 0, through
 //! [`BlockTarget::background`], between its polls: `pcache serve` has no background thread.
 //! A step blocks that reactor for one writeback batch (backing writes and a flush through
@@ -531,6 +536,10 @@ pub struct VolumeConn {
     ch: Channel,
     q: Queue,
     bg: Option<Box<Background>>,
+    /// A write-type request ran since the last commit. Read misses also postpone their
+    /// fill's data sync, but no reply waits for it (a kset close drains it before the
+    /// key), so reads alone never cost a sync.
+    uncommitted: bool,
 }
 
 impl Drop for VolumeConn {
@@ -555,12 +564,16 @@ impl BlockTarget for Target {
     fn share_conns(&self) -> bool {
         true
     }
+    /// Also turns on group commit of a `file` medium: the reactors answer a write only
+    /// after [`BlockConn::commit`], one `fdatasync` per reactor pass.
     fn connect(&self) -> io::Result<VolumeConn> {
+        self.0.engine.pmem().set_group_commit(true);
         Ok(VolumeConn {
             vol: Arc::clone(&self.0),
             ch: Channel::default(),
             q: self.0.backing.queue()?,
             bg: None,
+            uncommitted: false,
         })
     }
     fn background(&self, conn: &mut VolumeConn, wake: &Arc<Waker>) -> Option<Duration> {
@@ -640,9 +653,25 @@ impl BlockConn for VolumeConn {
     }
 
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.uncommitted = true;
         let (vol, ch) = (&self.vol, &mut self.ch);
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
         vol.gated(|| vol.engine.write(ch, off, data, fua), bg)
+    }
+
+    fn wants_commit(&self) -> bool {
+        self.uncommitted && self.vol.engine.pmem().pending()
+    }
+
+    fn commit(&mut self) -> io::Result<()> {
+        if !std::mem::take(&mut self.uncommitted) {
+            return Ok(());
+        }
+        self.vol
+            .engine
+            .pmem()
+            .commit()
+            .map_err(|e| io::Error::other(e.to_string()))
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -652,14 +681,85 @@ impl BlockConn for VolumeConn {
     }
 
     fn trim(&mut self, off: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.uncommitted = true;
         let vol = &self.vol;
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
         vol.gated(|| vol.engine.write_zeroes(off, len, true, fua), bg)
     }
 
     fn write_zeroes(&mut self, off: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
+        self.uncommitted = true;
         let vol = &self.vol;
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
         vol.gated(|| vol.engine.write_zeroes(off, len, may_trim, fua), bg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Group commit on a `file` medium through the NBD handle: writes postpone their data
+    /// sync to `commit`, one sync covers them all, and FUA, FLUSH and kset closes (the
+    /// engine's `drain`) never leave postponed data behind a key.
+    #[test]
+    fn file_medium_group_commit_through_the_target() {
+        let dir = std::env::temp_dir().join(format!("pcache-vol-gc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let backing = dir.join("backing");
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let mut o = VolumeOptions::new(dir.join("cache"), backing);
+        o.pmem_size = Some(64 << 20);
+        o.seg_size = 1 << 20;
+        let vol = Volume::format(&o).unwrap();
+        let pm = vol.engine.pmem();
+        assert_eq!(pm.mode(), Persistence::File);
+        let t = Target(Arc::clone(&vol));
+        let mut c = t.connect().unwrap();
+        assert!(pm.group_commit());
+
+        let syncs = pm.syncs();
+        for i in 0..32u64 {
+            c.write(i * 4096, &[i as u8; 4096], false).unwrap();
+        }
+        assert!(pm.pending(), "data syncs postponed to the commit");
+        assert_eq!(pm.syncs(), syncs, "no sync per write");
+        c.commit().unwrap();
+        assert!(!pm.pending());
+        assert_eq!(pm.syncs(), syncs + 1, "32 writes, one sync");
+
+        // FLUSH drains before it closes the ksets.
+        c.write(0, &[9; 4096], false).unwrap();
+        assert!(pm.pending());
+        c.flush().unwrap();
+        assert!(!pm.pending());
+        // FUA closes the write's kset, which drains first: durable on return.
+        c.write(8192, &[7; 4096], true).unwrap();
+        assert!(!pm.pending());
+        // A kset closed by ticks (two of them) drains too.
+        c.write(4096, &[5; 4096], false).unwrap();
+        assert!(pm.pending());
+        vol.engine.tick();
+        vol.engine.tick();
+        assert!(!pm.pending());
+        let mut b = vec![0; 4096];
+        c.read(4096, &mut b).unwrap();
+        assert_eq!(b, vec![5; 4096]);
+        // A read miss fills the cache without asking its reply to wait for a sync.
+        c.commit().unwrap();
+        let before = pm.syncs();
+        c.read(32 << 20, &mut b).unwrap();
+        c.commit().unwrap();
+        assert_eq!(pm.syncs(), before, "reads alone never sync");
+        assert!(pm.pending(), "the fill's data waits for the next drain");
+        c.flush().unwrap();
+        assert!(!pm.pending());
+        drop(c);
+        drop(t);
+        drop(vol);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
