@@ -1380,6 +1380,28 @@ fn assert_refused(o: &Out, what: &str, want: &str) {
     );
 }
 
+/// The refusal to attach to another backing device names the device the cache was
+/// formatted for and gives the ways out that keep the dirty data before the one that
+/// discards it.
+fn assert_advice_keeps_data(o: &Out, formatted_for: &Path, what: &str) {
+    let e = &o.stderr;
+    let canon = std::fs::canonicalize(formatted_for).unwrap();
+    assert!(
+        e.contains(&format!("formatted for '{}'", canon.display())),
+        "{what}: the expected identity is not named: {e}"
+    );
+    let (give, flush, format) = (
+        e.find("give --backing the device"),
+        e.find("pcache flush --pmem"),
+        e.find("pcache format --force"),
+    );
+    assert!(
+        give.is_some() && flush.is_some() && format.is_some() && give < format && flush < format,
+        "{what}: non-destructive ways out must come before format: {e}"
+    );
+    assert!(e.contains("--force attaches it anyway"), "{what}: {e}");
+}
+
 #[test]
 fn cli_errors_status_and_flush() {
     let c = Cache::new("cli", 64 * MIB);
@@ -1423,17 +1445,22 @@ fn cli_errors_status_and_flush() {
     a.extend(vol);
     let other_sock = c.dir.join("other.sock");
     a.extend(["--nbd-socket", Cache::s(&other_sock)]);
-    assert_refused(
-        &c.run(&a),
-        "serve on another backing",
-        "another backing device",
-    );
+    let o = c.run(&a);
+    assert_refused(&o, "serve on another backing", "another backing device");
+    assert_advice_keeps_data(&o, &c.backing, "serve on another backing");
     let mut a = vec!["flush", "--pmem", pmem, "--backing", Cache::s(&other)];
     a.extend(vol);
-    assert_refused(
-        &c.run(&a),
-        "flush to another backing",
-        "another backing device",
+    let o = c.run(&a);
+    assert_refused(&o, "flush to another backing", "another backing device");
+    assert_advice_keeps_data(&o, &c.backing, "flush to another backing");
+    // Formatting over a cache names it and says how to keep its data first, too.
+    let o = fmt(pmem);
+    let canon = std::fs::canonicalize(&c.backing).unwrap();
+    assert!(
+        o.stderr.contains(&*canon.to_string_lossy())
+            && o.stderr.find("pcache flush") < o.stderr.find("--force formats"),
+        "format over a cache: {}",
+        o.show()
     );
 
     // Bad flags.

@@ -98,7 +98,9 @@ pub enum OpenError {
     Foreign,
     #[error("corrupt cache metadata: {0}")]
     Corrupt(String),
-    #[error("this cache belongs to another backing device: {0} (use --force to attach anyway)")]
+    /// The message names the identity recorded at format time and the device given;
+    /// front ends add the ways out, non-destructive ones first.
+    #[error("this cache belongs to another backing device: {0}")]
     WrongBacking(String),
     #[error("invalid option: {0}")]
     Invalid(String),

@@ -207,10 +207,21 @@ impl Volume {
         let (pmem, backing) = Self::open_parts(o)?;
         match probe(&pmem) {
             Probe::Blank => {}
-            Probe::Pcache(_) if !o.force => {
+            Probe::Pcache(sb) if !o.force => {
                 return Err(VolumeError::Other(format!(
-                    "{}: already holds a pcache cache (it may hold dirty data); use --force to format it anyway",
-                    o.pmem.display()
+                    "{}: already holds a pcache cache of '{}' ({} bytes), which may hold dirty \
+                     data: to keep it, attach it with `pcache serve`, or write it back first \
+                     with `pcache flush --pmem {}{} --backing <that device>`; --force formats \
+                     anyway and discards every cached and dirty byte",
+                    o.pmem.display(),
+                    sb.backing.id,
+                    sb.backing.size,
+                    o.pmem.display(),
+                    if o.persistence == Some(Persistence::Volatile) {
+                        " --persistence volatile"
+                    } else {
+                        ""
+                    }
                 )))
             }
             Probe::Foreign(_) if !o.force => {
@@ -239,11 +250,21 @@ impl Volume {
     /// when `format_blank`.
     pub fn attach(o: &VolumeOptions, format_blank: bool) -> Result<Arc<Volume>, VolumeError> {
         let (pmem, backing) = Self::open_parts(o)?;
-        if format_blank && probe(&pmem) == Probe::Blank {
+        let probed = probe(&pmem);
+        if format_blank && probed == Probe::Blank {
             return Self::format_parts(o, pmem, backing);
         }
-        let e = Engine::open(pmem, &identity(&backing), o.force, &Self::config(o))
-            .map_err(|e| VolumeError::Engine(o.pmem.clone(), e))?;
+        let found = identity(&backing);
+        let e = Engine::open(pmem, &found, o.force, &Self::config(o)).map_err(|e| match e {
+            OpenError::WrongBacking(m) => {
+                let expected = match probed {
+                    Probe::Pcache(sb) => sb.backing,
+                    _ => BackingIdentity::default(),
+                };
+                VolumeError::Other(wrong_backing_advice(o, &m, &expected, &found))
+            }
+            e => VolumeError::Engine(o.pmem.clone(), e),
+        })?;
         if o.data_crc && !e.data_crc() {
             return Err(VolumeError::Other(format!(
                 "{}: --data-crc given but the cache was formatted without data CRCs",
@@ -519,6 +540,40 @@ impl Volume {
         self.gate_cv.notify_all();
         r
     }
+}
+
+/// The refusal to attach a cache to another backing device: what the cache expects, then
+/// the ways out that keep its dirty data, and formatting only as the data-losing last one.
+fn wrong_backing_advice(
+    o: &VolumeOptions,
+    why: &str,
+    expected: &BackingIdentity,
+    found: &BackingIdentity,
+) -> String {
+    let pmem = o.pmem.display();
+    let volatile = if o.persistence == Some(Persistence::Volatile) {
+        " --persistence volatile"
+    } else {
+        ""
+    };
+    let same_shape = expected.size == found.size && expected.block_size == found.block_size;
+    let force = if same_shape {
+        format!(
+            " If {} is that very device under another name, --force attaches it anyway \
+             (on any other device, writeback would overwrite its data).",
+            o.backing.display()
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{pmem}: this cache belongs to another backing device: {why}. Its dirty data stays \
+         in the cache. To keep it, give --backing the device the cache was formatted for \
+         ('{}'), or write the dirty data back to that device offline: \
+         `pcache flush --pmem {pmem}{volatile} --backing <that device>`.{force} Only as the \
+         last resort, `pcache format --force` discards every cached and dirty byte.",
+        expected.id
+    )
 }
 
 fn to_io(e: IoError) -> io::Error {
