@@ -1656,3 +1656,84 @@ fn restart_right_after_kill9_is_not_refused() {
         "{refused} restarts in {rounds} were refused with \"flock held\" right after kill -9"
     );
 }
+
+/// Issue 12: looking at a medium needs no durability mode. `status` and `check` open a
+/// tmpfs medium without `--persistence` and never change a byte of it; the commands that
+/// write (`flush`, `set`, `serve`, `format`) still ask for `--persistence volatile` there.
+#[test]
+fn read_only_commands_need_no_persistence() {
+    let c = Cache::new("ro", 64 * MIB);
+    let (pmem, backing) = (Cache::s(&c.pmem), Cache::s(&c.backing));
+    let o = c.run(&[
+        "format",
+        "--pmem",
+        pmem,
+        "--backing",
+        backing,
+        "--persistence",
+        "volatile",
+        "--pmem-size",
+        PMEM_SIZE,
+        "--segment-size",
+        SEG_SIZE,
+    ]);
+    assert!(o.ok(), "{}", o.show());
+    let image = std::fs::read(&c.pmem).unwrap();
+
+    let o = c.run(&["status", "--pmem", pmem]);
+    assert!(o.ok(), "status without --persistence:\n{}", o.show());
+    assert!(o.stdout.contains("persistence:  volatile"), "{}", o.show());
+    let o = c.run(&["status", "--json", "--pmem", pmem]);
+    assert!(o.ok(), "{}", o.show());
+    let v: Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["persistence"], "volatile");
+    assert_eq!(v["online"], false);
+    let o = c.run(&["check", "--pmem", pmem]);
+    assert!(o.ok() && o.stdout.contains(": ok:"), "{}", o.show());
+    // A given mode must fit the medium (a typo is not silently accepted).
+    assert_refused(
+        &c.run(&["check", "--pmem", pmem, "--persistence", "file"]),
+        "check --persistence file on tmpfs",
+        "does not fit this medium",
+    );
+    assert_eq!(
+        std::fs::read(&c.pmem).unwrap(),
+        image,
+        "status/check changed the medium"
+    );
+
+    let ram = "lives in RAM (tmpfs)";
+    assert_refused(
+        &c.run(&["set", "--pmem", pmem, "--gc-percent", "50"]),
+        "set without --persistence",
+        ram,
+    );
+    assert_refused(
+        &c.run(&["flush", "--pmem", pmem, "--backing", backing]),
+        "flush without --persistence",
+        ram,
+    );
+    assert_refused(
+        &c.run(&[
+            "serve",
+            "--pmem",
+            pmem,
+            "--backing",
+            backing,
+            "--nbd-socket",
+            Cache::s(&c.sock),
+        ]),
+        "serve without --persistence",
+        ram,
+    );
+    assert_refused(
+        &c.run(&["format", "--pmem", pmem, "--backing", backing, "--force"]),
+        "format without --persistence",
+        ram,
+    );
+    assert_eq!(
+        std::fs::read(&c.pmem).unwrap(),
+        image,
+        "a refusal changed the medium"
+    );
+}

@@ -309,6 +309,95 @@ impl PosixPmem {
         r
     }
 
+    /// Opens an existing medium for reading only (`pcache status`, `pcache check`): no
+    /// durability mode is needed to look at it, so none is asked for, and nothing can be
+    /// written: the file is opened read-only and mapped `PROT_READ` (a store would fault,
+    /// never reach the medium). The mode reported is what the medium is: `Volatile` on
+    /// tmpfs/ramfs, `Pmem` where a `MAP_SYNC` mapping is accepted, else `File`. Takes the
+    /// same exclusive `flock` as [`PosixPmem::open`], so it never reads a medium that a
+    /// running instance is changing.
+    pub fn open_read_only(path: &Path) -> Result<PosixPmem, PmemError> {
+        let io_err = |what: &str, source: io::Error| PmemError::Io {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+            source,
+        };
+        let invalid = |msg: &str| PmemError::Invalid {
+            path: path.to_path_buf(),
+            msg: msg.to_string(),
+        };
+        let meta = std::fs::metadata(path).map_err(|e| io_err("cannot stat", e))?;
+        let (kind, dax) = if meta.file_type().is_file() {
+            (Kind::RegularFile, None)
+        } else if meta.file_type().is_char_device() {
+            let g = devdax_geometry(&meta).map_err(|e| match e {
+                DaxProbe::NotDax => {
+                    invalid("character device is not a device-dax instance (no size in sysfs)")
+                }
+                DaxProbe::Io(what, e) => io_err(&what, e),
+            })?;
+            (Kind::DevDax, Some(g))
+        } else {
+            return Err(invalid(
+                "is neither a regular file nor a device-dax character device",
+            ));
+        };
+        let in_ram =
+            kind == Kind::RegularFile && is_ram_fs(path).map_err(|e| io_err("cannot statfs", e))?;
+        let file = File::open(path).map_err(|e| io_err("cannot open", e))?;
+        if let Err(e) = super::flock_exclusive(file.as_raw_fd()) {
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(invalid("is in use by another pcache instance (flock held)"));
+            }
+            return Err(io_err("cannot lock", e));
+        }
+        let size = match dax {
+            Some((dev_size, align)) => dev_size - dev_size % align,
+            None => file.metadata().map_err(|e| io_err("cannot stat", e))?.len(),
+        };
+        if size == 0 {
+            return Err(invalid("is empty: not a pcache medium"));
+        }
+        let map_len = usize::try_from(size)
+            .map_err(|_| invalid("its size does not fit the address space"))?;
+        let fd = file.as_raw_fd();
+        let insn = arch::detect();
+        let synced = if in_ram || insn == FlushInsn::None {
+            None
+        } else {
+            map_ro(fd, map_len, true).ok()
+        };
+        let (base, mode) = match synced {
+            Some(b) => (b, Persistence::Pmem),
+            None => (
+                map_ro(fd, map_len, false).map_err(|e| io_err("cannot mmap", e))?,
+                if in_ram {
+                    Persistence::Volatile
+                } else {
+                    Persistence::File
+                },
+            ),
+        };
+        Ok(PosixPmem {
+            base,
+            map_len,
+            size,
+            mode,
+            kind,
+            insn,
+            page_size: page_size(),
+            path: path.to_path_buf(),
+            file,
+            flush_failed: AtomicBool::new(false),
+            flush_error: Mutex::new(None),
+            group: AtomicBool::new(false),
+            deferred: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            sync_lock: Mutex::new(()),
+            syncs: AtomicU64::new(0),
+        })
+    }
+
     /// The part of `open` after all checks that need no descriptor. Sets `created` once
     /// it has created the file.
     fn map_medium(
@@ -433,12 +522,7 @@ impl PosixPmem {
             }
         };
 
-        // SAFETY: sysconf has no memory effects.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        let page_size = usize::try_from(page)
-            .ok()
-            .filter(|p| p.is_power_of_two())
-            .unwrap_or(4096);
+        let page_size = page_size();
 
         Ok(PosixPmem {
             base,
@@ -742,6 +826,33 @@ fn map(fd: i32, len: usize, sync: bool, populate: bool) -> io::Result<*mut u8> {
         return Err(io::Error::last_os_error());
     }
     Ok(p.cast())
+}
+
+/// Maps `len` bytes of `fd` (open read-only) shared and read-only, with `MAP_SYNC` if
+/// `sync` (which only succeeds on DAX: how a read-only open tells `pmem` from `file`).
+fn map_ro(fd: i32, len: usize, sync: bool) -> io::Result<*mut u8> {
+    let flags = if sync {
+        libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC
+    } else {
+        libc::MAP_SHARED
+    };
+    // SAFETY: a fresh mapping at an address of the kernel's choosing cannot alias any
+    // existing Rust object; PROT_READ matches the read-only descriptor.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, flags, fd, 0) };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
+/// The system page size (4096 if sysconf does not give a power of two).
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory effects.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(page)
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .unwrap_or(4096)
 }
 
 /// `MAP_SYNC` was refused because the medium is not DAX (EOPNOTSUPP), or because the
@@ -1265,6 +1376,34 @@ mod tests {
         assert!(!m.pending());
         m.commit().unwrap();
         assert_eq!(m.syncs(), 0);
+    }
+
+    #[test]
+    fn read_only_open_detects_the_mode_and_needs_none() {
+        let d = TempDir::new();
+        let p = d.0.join("cache");
+        let m = PosixPmem::open(&p, Some(1 << 16), None).unwrap();
+        m.persist(100, b"kept");
+        drop(m);
+        let r = PosixPmem::open_read_only(&p).unwrap();
+        assert_eq!((r.mode(), r.size()), (Persistence::File, 1 << 16));
+        let mut b = [0u8; 4];
+        r.read(100, &mut b);
+        assert_eq!(&b, b"kept");
+        // Exclusive like a writer: a second look waits for the first to end.
+        let e = PosixPmem::open(&p, None, None).unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+        drop(r);
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            let d = TempDir::new_in(shm);
+            let p = d.0.join("cache");
+            drop(PosixPmem::open(&p, Some(1 << 16), Some(Persistence::Volatile)).unwrap());
+            let r = PosixPmem::open_read_only(&p).unwrap();
+            assert_eq!(r.mode(), Persistence::Volatile);
+        }
+        let e = PosixPmem::open_read_only(&d.0.join("missing")).unwrap_err();
+        assert!(e.to_string().contains("cannot stat"), "{e}");
     }
 
     #[test]
