@@ -51,7 +51,8 @@ struct MediumArgs {
     /// The cache medium: a DAX file, /dev/daxX.Y, a regular file or a file in /dev/shm.
     #[arg(long)]
     pmem: PathBuf,
-    /// How durable the medium is: pmem (MAP_SYNC), file (msync), volatile (RAM).
+    /// How durable the medium is: pmem (MAP_SYNC), file (msync), volatile (RAM). Commands
+    /// that write need `volatile` for a medium in RAM; status and check need none.
     #[arg(long, value_parser = parse_persistence)]
     persistence: Option<Persistence>,
 }
@@ -399,11 +400,41 @@ fn ctl_path(pmem: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Opens a cache offline to change it (`set`): the medium's durability mode is asked for
+/// as when serving (tmpfs needs `--persistence volatile`).
 fn open_offline(m: &MediumArgs) -> Result<Engine<PosixPmem>> {
     if !m.pmem.exists() {
         bail!("{}: no such file", m.pmem.display());
     }
     let p = PosixPmem::open(&m.pmem, None, m.persistence)?;
+    replay(m, p)
+}
+
+/// Opens a cache offline only to look at it (`status`, `check`): mapped read-only, so
+/// nothing is ever written, and no `--persistence` is needed on any medium (a given one
+/// is checked against what the medium is, so a typo is not silently accepted).
+fn open_read_only(m: &MediumArgs) -> Result<Engine<PosixPmem>> {
+    if !m.pmem.exists() {
+        bail!("{}: no such file", m.pmem.display());
+    }
+    let p = PosixPmem::open_read_only(&m.pmem)?;
+    if let Some(want) = m.persistence {
+        // `file` on a DAX medium is a valid (slower) choice for serving; other mismatches
+        // would be refused by `serve`, so say so here too.
+        let ok = want == p.mode() || (want == Persistence::File && p.mode() == Persistence::Pmem);
+        if !ok {
+            bail!(
+                "{}: --persistence {want} does not fit this medium, which is {} (status and \
+                 check need no --persistence)",
+                m.pmem.display(),
+                p.mode()
+            );
+        }
+    }
+    replay(m, p)
+}
+
+fn replay(m: &MediumArgs, p: PosixPmem) -> Result<Engine<PosixPmem>> {
     let cfg = Config {
         n_ksets: 1,
         ..Config::default()
@@ -420,7 +451,7 @@ fn status(a: StatusArgs) -> Result<()> {
         Ok(v) => v,
         Err(e) if a.control.is_some() => bail!("control socket {}: {e}", ctl.display()),
         Err(_) => {
-            let e = open_offline(&a.medium)?;
+            let e = open_read_only(&a.medium)?;
             let mut v = serde_json::to_value(e.stats())?;
             v["online"] = json!(false);
             v["pmem"] = json!(e.pmem().describe());
@@ -483,7 +514,7 @@ fn status(a: StatusArgs) -> Result<()> {
 }
 
 fn check(m: MediumArgs) -> Result<()> {
-    let e = open_offline(&m)?;
+    let e = open_read_only(&m)?;
     let s = e
         .check_invariants(&[])
         .map_err(|x| anyhow!("{}: inconsistent metadata: {x}", m.pmem.display()))?;

@@ -164,7 +164,8 @@ impl<P: Pmem> Engine<P> {
     }
 
     /// Writes `data` at backing offset `off`. Completes only once the data is
-    /// persistent in pmem; with `fua` its key is persistent too. `Busy` means the cache
+    /// persistent in pmem (after the environment's group commit, if its `flush_data`
+    /// postpones durability); with `fua` its key and data are persistent on return. `Busy` means the cache
     /// is full: retry the whole request later (rewriting is idempotent).
     pub fn write(&self, ch: &mut Channel, off: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
         self.check_range(off, data.len() as u64)?;
@@ -182,7 +183,8 @@ impl<P: Pmem> Engine<P> {
             let src = &data[pos..pos + a.len as usize];
             let at = self.geo.data_off(a.seg, a.off);
             self.pmem.write(at, src);
-            self.pmem.flush(at, a.len);
+            // The key below goes to a DRAM kset; `log::close` drains before storing it.
+            self.pmem.flush_data(at, a.len);
             self.pmem.fence();
             let crc = if self.data_crc { format::crc(src) } else { 0 };
             let k = KeyRec {
@@ -479,7 +481,7 @@ impl<P: Pmem> Engine<P> {
                 let src = &buf[at + done..at + done + a.len as usize];
                 let dst = self.geo.data_off(a.seg, a.off);
                 self.pmem.write(dst, src);
-                self.pmem.flush(dst, a.len);
+                self.pmem.flush_data(dst, a.len);
                 self.pmem.fence();
                 self.fill_chunk(o, &a, src, t);
                 done += a.len as usize;

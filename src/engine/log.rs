@@ -7,6 +7,7 @@
 //! then fences; it always leaves room for a LAST kset, which links a full log segment
 //! to the next one. Every kset carries the next 64-bit log sequence number, so the end
 //! of the log is the first position whose kset is missing, torn, or from an older lap.
+//! A close first drains postponed data flushes (`Pmem::drain`): data before its key.
 
 use super::format::{
     seal_kset, Geometry, KeyRec, KsetHdr, LogPos, KEY_SIZE, KSET_HDR, KSET_LAST, KSET_SIZE_MAX,
@@ -111,6 +112,9 @@ pub fn close<P: Pmem>(
     if kb.count == 0 {
         return Ok(());
     }
+    // The buffered keys may point at data whose durability the environment postponed
+    // (group commit): it must be durable before any byte of the kset can reach the medium.
+    pmem.drain();
     let size = KSET_HDR + KEY_SIZE * kb.count as usize;
     // Room for this kset, a LAST link after it, and the terminator after that.
     if head.pos.off as u64 + (size + 2 * KSET_HDR) as u64 > geo.seg_data_size {

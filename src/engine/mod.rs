@@ -98,7 +98,9 @@ pub enum OpenError {
     Foreign,
     #[error("corrupt cache metadata: {0}")]
     Corrupt(String),
-    #[error("this cache belongs to another backing device: {0} (use --force to attach anyway)")]
+    /// The message names the identity recorded at format time and the device given;
+    /// front ends add the ways out, non-destructive ones first.
+    #[error("this cache belongs to another backing device: {0}")]
     WrongBacking(String),
     #[error("invalid option: {0}")]
     Invalid(String),
@@ -281,6 +283,8 @@ impl<P: Pmem> Engine<P> {
     pub fn flush(&self) -> Result<(), IoError> {
         self.counters.flushes.inc();
         self.new_epoch();
+        // Even with every kset empty, data flushed with `flush_data` becomes durable here.
+        self.pmem.drain();
         let mut res = Ok(());
         for k in self.ksets.iter() {
             let mut kb = k.lock().unwrap();

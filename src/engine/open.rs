@@ -205,16 +205,26 @@ impl<P: Pmem> Engine<P> {
             Probe::Foreign(Some(e)) => return Err(corrupt(e)),
             Probe::Pcache(sb) => sb,
         };
+        // Both refusals name the identity the cache expects, so the user can find (or
+        // recreate) that device instead of discarding the cache.
+        let show = |b: &format::BackingIdentity| {
+            format!(
+                "'{}' ({} bytes, {}-byte blocks)",
+                b.id, b.size, b.block_size
+            )
+        };
         if sb.backing.size != backing.size || sb.backing.block_size != backing.block_size {
             return Err(OpenError::WrongBacking(format!(
-                "formatted for {} bytes with {}-byte blocks, the device has {} bytes with {}-byte blocks",
-                sb.backing.size, sb.backing.block_size, backing.size, backing.block_size
+                "formatted for {}, the device is {}: sizes differ",
+                show(&sb.backing),
+                show(backing)
             )));
         }
         if format::clip_id(&sb.backing.id) != format::clip_id(&backing.id) && !force {
             return Err(OpenError::WrongBacking(format!(
-                "formatted for '{}', attaching to '{}'",
-                sb.backing.id, backing.id
+                "formatted for {}, the device is {}",
+                show(&sb.backing),
+                show(backing)
             )));
         }
         let geo = Geometry::from_sb(&sb);

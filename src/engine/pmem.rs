@@ -5,6 +5,13 @@
 //! after `flush` of a range covering them *and* a later `fence` on the same thread.
 //! Unflushed or unfenced bytes may survive a crash whole, not at all, or torn at 8-byte
 //! words. Implementations must allow concurrent calls on disjoint ranges.
+//!
+//! Group commit: a request's data (a write, a miss fill) is flushed with `flush_data`,
+//! which an environment may make durable later, for many requests at once (one `fdatasync`
+//! for a whole reactor pass in `file` mode). Such a request completes only once the
+//! environment has made its data durable. The engine keeps the one ordering that depends
+//! on it: it calls `drain` before it stores any key into the log (kset close), so a key
+//! never reaches the medium ahead of the data it points at, and at FLUSH.
 
 /// A byte-addressable persistent medium mapped into the process.
 pub trait Pmem: Send + Sync {
@@ -19,6 +26,15 @@ pub trait Pmem: Send + Sync {
     fn flush(&self, off: u64, len: u64);
     /// Orders and completes every earlier flush and non-temporal store of this thread.
     fn fence(&self);
+    /// Like `flush`, for request data whose key is not in the log yet: the environment
+    /// may postpone its durability until `drain` or its own group commit, and then
+    /// completes the request only after that. Default: `flush`.
+    fn flush_data(&self, off: u64, len: u64) {
+        self.flush(off, len)
+    }
+    /// Makes every earlier `flush_data` range durable before returning. Called before a
+    /// key is stored into the log and at FLUSH. Default: nothing was postponed.
+    fn drain(&self) {}
 
     /// `write` + `flush` + `fence`: the common persistence point.
     fn persist(&self, off: u64, src: &[u8]) {
@@ -43,5 +59,11 @@ impl<T: Pmem + ?Sized> Pmem for std::sync::Arc<T> {
     }
     fn fence(&self) {
         (**self).fence()
+    }
+    fn flush_data(&self, off: u64, len: u64) {
+        (**self).flush_data(off, len)
+    }
+    fn drain(&self) {
+        (**self).drain()
     }
 }

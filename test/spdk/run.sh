@@ -257,6 +257,19 @@ bad base_used_by_pcache bdev_pcache_create "{\"name\": \"X\", \"base_bdev_name\"
 bad base_claimed bdev_pcache_create "{\"name\": \"X\", \"base_bdev_name\": \"Bad2\", \"pmem_path\": \"$SHM-b1\", \"pmem_size_mb\": 64, $V}"
 bad pmem_in_use bdev_pcache_create "{\"name\": \"X\", \"base_bdev_name\": \"Bad1\", \"pmem_path\": \"$SHM-bad\", $V}"
 bad medium_of_other_backing bdev_pcache_create "{\"name\": \"X\", \"base_bdev_name\": \"Bad1\", \"pmem_path\": \"$SHM-other\", $V}"
+# That refusal names the identity the medium expects (Bad3's UUID) and the ways out that
+# keep the dirty data (recreate the base with that UUID, flush offline) before "format".
+err=$(raw "$SOCK" bdev_pcache_create "{\"name\": \"X_advice\", \"base_bdev_name\": \"Bad1\", \"pmem_path\": \"$SHM-other\", $V}" 10 2>&1 > /dev/null)
+uuid3=$($R bdev_get_bdevs -b Bad3 2> /dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["uuid"])' 2> /dev/null)
+if python3 -c '
+import json,sys
+m=json.loads(sys.argv[1])["message"]; u=sys.argv[2]
+keep=[m.find("-u "+u), m.find("pcache flush --pmem")]; fmt=m.find("\"format\": true")
+sys.exit(0 if u and min(keep) >= 0 and fmt > max(keep) else 1)' "$err" "$uuid3" 2> /dev/null; then
+    pass "bad_rpc medium_of_other_backing_advice: names UUID $uuid3, keeps data before format"
+else
+    fail "bad_rpc medium_of_other_backing_advice: $err"
+fi
 bad delete_unknown bdev_pcache_delete '{"name": "NoSuch"}'
 bad delete_flush_wrong_type bdev_pcache_delete '{"name": "BadP", "flush": "no"}'
 bad get_stats_unknown bdev_pcache_get_stats '{"name": "NoSuch"}'

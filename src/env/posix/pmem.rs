@@ -7,7 +7,16 @@
 //!   `flush` issues clwb / clflushopt / clflush per 64-byte line, `fence` an sfence.
 //! * [`Persistence::File`]: an ordinary page-cache mapping. `flush` runs
 //!   `msync(MS_SYNC)` on the covering pages, so data is on stable storage when it
-//!   returns and `fence` only has to order stores.
+//!   returns and `fence` only has to order stores. With group commit on
+//!   ([`PosixPmem::set_group_commit`], which the NBD target turns on), `flush_data`
+//!   (request data whose key is not in the log yet) only counts a postponed flush, and
+//!   one `fdatasync` of the whole file ([`PosixPmem::commit`], at the end of a reactor
+//!   pass, or `drain`) makes every postponed range durable at once: the runtime answers
+//!   the writes of a pass only after it. Metadata (kset close, tails, generations,
+//!   superblock) keeps its synchronous `msync`, and the engine drains before storing any
+//!   key, so "data durable before its key is stored" still holds and nothing else is
+//!   reordered: an `fdatasync` may also write back unflushed stores early, which the
+//!   `Pmem` contract already allows (a CPU cache may evict any line at any time).
 //! * [`Persistence::Volatile`]: nothing survives a power loss (tmpfs, or a test).
 //!   Only ever used when explicitly asked for; `flush` does nothing.
 //!
@@ -31,7 +40,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::engine::Pmem;
@@ -161,11 +170,22 @@ pub struct PosixPmem {
     insn: FlushInsn,
     page_size: usize,
     path: PathBuf,
-    /// Keeps the exclusive `flock` alive; the mapping itself does not need the fd.
-    _file: File,
+    /// Keeps the exclusive `flock` alive; group commit `fdatasync`s it.
+    file: File,
     /// Set once an `msync` failed; `flush` cannot return errors, so they are sticky.
     flush_failed: AtomicBool,
     flush_error: Mutex<Option<String>>,
+    /// File mode only: `flush_data` postpones durability to `commit`/`drain`.
+    group: AtomicBool,
+    /// Postponed `flush_data` calls so far (a sequence, never reset).
+    deferred: AtomicU64,
+    /// Every postponed flush up to this sequence is durable.
+    durable: AtomicU64,
+    /// One group sync at a time: a thread that finds one running waits for it and then
+    /// usually has nothing left to sync (leader/follower group commit).
+    sync_lock: Mutex<()>,
+    /// Group syncs issued (`fdatasync` calls), for tests and status.
+    syncs: AtomicU64,
 }
 
 // SAFETY: `PosixPmem` owns its mapping (no other Rust value aliases it) and every access
@@ -287,6 +307,95 @@ impl PosixPmem {
             let _ = std::fs::remove_file(path);
         }
         r
+    }
+
+    /// Opens an existing medium for reading only (`pcache status`, `pcache check`): no
+    /// durability mode is needed to look at it, so none is asked for, and nothing can be
+    /// written: the file is opened read-only and mapped `PROT_READ` (a store would fault,
+    /// never reach the medium). The mode reported is what the medium is: `Volatile` on
+    /// tmpfs/ramfs, `Pmem` where a `MAP_SYNC` mapping is accepted, else `File`. Takes the
+    /// same exclusive `flock` as [`PosixPmem::open`], so it never reads a medium that a
+    /// running instance is changing.
+    pub fn open_read_only(path: &Path) -> Result<PosixPmem, PmemError> {
+        let io_err = |what: &str, source: io::Error| PmemError::Io {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+            source,
+        };
+        let invalid = |msg: &str| PmemError::Invalid {
+            path: path.to_path_buf(),
+            msg: msg.to_string(),
+        };
+        let meta = std::fs::metadata(path).map_err(|e| io_err("cannot stat", e))?;
+        let (kind, dax) = if meta.file_type().is_file() {
+            (Kind::RegularFile, None)
+        } else if meta.file_type().is_char_device() {
+            let g = devdax_geometry(&meta).map_err(|e| match e {
+                DaxProbe::NotDax => {
+                    invalid("character device is not a device-dax instance (no size in sysfs)")
+                }
+                DaxProbe::Io(what, e) => io_err(&what, e),
+            })?;
+            (Kind::DevDax, Some(g))
+        } else {
+            return Err(invalid(
+                "is neither a regular file nor a device-dax character device",
+            ));
+        };
+        let in_ram =
+            kind == Kind::RegularFile && is_ram_fs(path).map_err(|e| io_err("cannot statfs", e))?;
+        let file = File::open(path).map_err(|e| io_err("cannot open", e))?;
+        if let Err(e) = super::flock_exclusive(file.as_raw_fd()) {
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(invalid("is in use by another pcache instance (flock held)"));
+            }
+            return Err(io_err("cannot lock", e));
+        }
+        let size = match dax {
+            Some((dev_size, align)) => dev_size - dev_size % align,
+            None => file.metadata().map_err(|e| io_err("cannot stat", e))?.len(),
+        };
+        if size == 0 {
+            return Err(invalid("is empty: not a pcache medium"));
+        }
+        let map_len = usize::try_from(size)
+            .map_err(|_| invalid("its size does not fit the address space"))?;
+        let fd = file.as_raw_fd();
+        let insn = arch::detect();
+        let synced = if in_ram || insn == FlushInsn::None {
+            None
+        } else {
+            map_ro(fd, map_len, true).ok()
+        };
+        let (base, mode) = match synced {
+            Some(b) => (b, Persistence::Pmem),
+            None => (
+                map_ro(fd, map_len, false).map_err(|e| io_err("cannot mmap", e))?,
+                if in_ram {
+                    Persistence::Volatile
+                } else {
+                    Persistence::File
+                },
+            ),
+        };
+        Ok(PosixPmem {
+            base,
+            map_len,
+            size,
+            mode,
+            kind,
+            insn,
+            page_size: page_size(),
+            path: path.to_path_buf(),
+            file,
+            flush_failed: AtomicBool::new(false),
+            flush_error: Mutex::new(None),
+            group: AtomicBool::new(false),
+            deferred: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            sync_lock: Mutex::new(()),
+            syncs: AtomicU64::new(0),
+        })
     }
 
     /// The part of `open` after all checks that need no descriptor. Sets `created` once
@@ -413,12 +522,7 @@ impl PosixPmem {
             }
         };
 
-        // SAFETY: sysconf has no memory effects.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        let page_size = usize::try_from(page)
-            .ok()
-            .filter(|p| p.is_power_of_two())
-            .unwrap_or(4096);
+        let page_size = page_size();
 
         Ok(PosixPmem {
             base,
@@ -429,9 +533,14 @@ impl PosixPmem {
             insn,
             page_size,
             path: path.to_path_buf(),
-            _file: file,
+            file,
             flush_failed: AtomicBool::new(false),
             flush_error: Mutex::new(None),
+            group: AtomicBool::new(false),
+            deferred: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            sync_lock: Mutex::new(()),
+            syncs: AtomicU64::new(0),
         })
     }
 
@@ -491,6 +600,82 @@ impl PosixPmem {
         })
     }
 
+    /// Turns group commit on or off (File mode only; elsewhere `flush_data` has no
+    /// syscall to save and stays immediate). While on, a `flush_data` range is durable
+    /// only after the next [`PosixPmem::commit`] (or an engine `drain`): whoever turns it
+    /// on must call `commit` before it reports a write complete. Turning it off commits
+    /// what is pending.
+    pub fn set_group_commit(&self, on: bool) {
+        if self.mode != Persistence::File {
+            return;
+        }
+        if !on {
+            self.group.store(false, Ordering::Release);
+        }
+        self.sync_deferred();
+        if on {
+            self.group.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether `flush_data` currently postpones durability to `commit`.
+    pub fn group_commit(&self) -> bool {
+        self.group.load(Ordering::Acquire)
+    }
+
+    /// Makes every `flush_data` range postponed so far durable, with one `fdatasync` for
+    /// all of them (none when nothing is pending, or when a concurrent commit already
+    /// covered them). Errors if this or any earlier flush failed: then no write may be
+    /// reported complete any more.
+    pub fn commit(&self) -> Result<(), PmemError> {
+        self.sync_deferred();
+        self.check_error()
+    }
+
+    /// Group syncs issued so far.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Whether some `flush_data` range is not durable yet.
+    pub fn pending(&self) -> bool {
+        self.durable.load(Ordering::Acquire) < self.deferred.load(Ordering::Acquire)
+    }
+
+    /// The group sync behind `commit` and `drain`.
+    fn sync_deferred(&self) {
+        let target = self.deferred.load(Ordering::Acquire);
+        if self.durable.load(Ordering::Acquire) >= target {
+            return;
+        }
+        let _leader = match self.sync_lock.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if self.durable.load(Ordering::Acquire) >= target {
+            return; // the sync we waited for covered our ranges
+        }
+        // Every store of a flush counted up to here happened before this load, hence
+        // before the fdatasync below, which writes back every dirty page of the file
+        // (pages dirtied through the shared mapping included) and flushes the device.
+        let upto = self.deferred.load(Ordering::Acquire);
+        let fd = self.file.as_raw_fd();
+        let rc = loop {
+            // SAFETY: fdatasync on our open descriptor has no memory effects.
+            let rc = unsafe { libc::fdatasync(fd) };
+            if rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break rc;
+            }
+        };
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            self.record_error(format!("fdatasync of the medium failed: {e}"));
+        }
+        // Even after a failure: the error is sticky and `commit` reports it from now on.
+        self.durable.fetch_max(upto, Ordering::AcqRel);
+    }
+
     /// Asserts `[off, off + len)` lies inside the medium and returns `off` as usize.
     /// A failure is a bug in the caller (the engine bounds every access), not bad input.
     fn checked(&self, op: &str, off: u64, len: usize) -> usize {
@@ -505,7 +690,10 @@ impl PosixPmem {
     }
 
     fn record_flush_error(&self, off: usize, len: usize, e: io::Error) {
-        let msg = format!("msync of [{off}, {}) failed: {e}", off + len);
+        self.record_error(format!("msync of [{off}, {}) failed: {e}", off + len));
+    }
+
+    fn record_error(&self, msg: String) {
         if let Ok(mut g) = self.flush_error.lock() {
             if g.is_none() {
                 eprintln!("pcache: {}: {msg}", self.path.display());
@@ -575,6 +763,21 @@ impl Pmem for PosixPmem {
     fn fence(&self) {
         arch::sfence();
     }
+
+    fn flush_data(&self, off: u64, len: u64) {
+        if self.mode == Persistence::File && self.group.load(Ordering::Acquire) {
+            let len_usize = usize::try_from(len).unwrap_or(usize::MAX);
+            self.checked("flush_data", off, len_usize);
+            // Release: the data stores are visible to whoever syncs up to this count.
+            self.deferred.fetch_add(1, Ordering::Release);
+        } else {
+            self.flush(off, len);
+        }
+    }
+
+    fn drain(&self) {
+        self.sync_deferred();
+    }
 }
 
 impl Drop for PosixPmem {
@@ -623,6 +826,33 @@ fn map(fd: i32, len: usize, sync: bool, populate: bool) -> io::Result<*mut u8> {
         return Err(io::Error::last_os_error());
     }
     Ok(p.cast())
+}
+
+/// Maps `len` bytes of `fd` (open read-only) shared and read-only, with `MAP_SYNC` if
+/// `sync` (which only succeeds on DAX: how a read-only open tells `pmem` from `file`).
+fn map_ro(fd: i32, len: usize, sync: bool) -> io::Result<*mut u8> {
+    let flags = if sync {
+        libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC
+    } else {
+        libc::MAP_SHARED
+    };
+    // SAFETY: a fresh mapping at an address of the kernel's choosing cannot alias any
+    // existing Rust object; PROT_READ matches the read-only descriptor.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, flags, fd, 0) };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
+/// The system page size (4096 if sysconf does not give a power of two).
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory effects.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(page)
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .unwrap_or(4096)
 }
 
 /// `MAP_SYNC` was refused because the medium is not DAX (EOPNOTSUPP), or because the
@@ -853,269 +1083,5 @@ mod arch {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicU32;
-
-    /// A fresh, unique directory under `base` that is removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new_in(base: &Path) -> TempDir {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = base.join(format!(
-                "pcache-pmem-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-        fn new() -> TempDir {
-            TempDir::new_in(&std::env::temp_dir())
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn pattern(seed: usize, len: usize) -> Vec<u8> {
-        (0..len)
-            .map(|i| ((i * 131 + seed * 7 + 3) % 251) as u8)
-            .collect()
-    }
-
-    #[test]
-    fn persistence_parse_and_display() {
-        for p in [Persistence::Pmem, Persistence::File, Persistence::Volatile] {
-            assert_eq!(p.to_string().parse::<Persistence>().unwrap(), p);
-        }
-        assert_eq!(
-            "VOLATILE".parse::<Persistence>().unwrap(),
-            Persistence::Volatile
-        );
-        let e = "disk".parse::<Persistence>().unwrap_err();
-        assert!(e.to_string().contains("expected pmem, file or volatile"));
-    }
-
-    #[test]
-    fn creates_regular_file_in_file_mode() {
-        let d = TempDir::new();
-        let p = d.0.join("cache");
-        let m = PosixPmem::open(&p, Some(1 << 20), None).unwrap();
-        assert_eq!(m.size(), 1 << 20);
-        assert_eq!(m.mode(), Persistence::File);
-        assert_eq!(m.flush_method(), "msync");
-        assert_eq!(m.path(), p.as_path());
-        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
-        assert!(
-            m.describe().contains("persistence file"),
-            "{}",
-            m.describe()
-        );
-        m.persist(4093, b"hello");
-        m.check_error().unwrap();
-        drop(m);
-        // Reopen: existing size wins, contents survive.
-        let m = PosixPmem::open(&p, None, None).unwrap();
-        assert_eq!(m.size(), 1 << 20);
-        let mut b = [0u8; 5];
-        m.read(4093, &mut b);
-        assert_eq!(&b, b"hello");
-    }
-
-    #[test]
-    fn explicit_modes_on_regular_file() {
-        let d = TempDir::new();
-        let p = d.0.join("cache");
-        let e = PosixPmem::open(&p, Some(1 << 16), Some(Persistence::Pmem)).unwrap_err();
-        assert!(e.to_string().contains("MAP_SYNC"), "{e}");
-        assert!(
-            !p.exists(),
-            "a refused open must not leave a new file behind"
-        );
-        let m = PosixPmem::open(&p, Some(1 << 16), Some(Persistence::Volatile)).unwrap();
-        assert_eq!(m.mode(), Persistence::Volatile);
-        assert_eq!(m.flush_method(), "none");
-        drop(m);
-        let m = PosixPmem::open(&p, None, Some(Persistence::File)).unwrap();
-        assert_eq!(m.mode(), Persistence::File);
-    }
-
-    #[test]
-    fn tmpfs_needs_explicit_volatile() {
-        let shm = Path::new("/dev/shm");
-        if !shm.is_dir() {
-            eprintln!("no /dev/shm, skipping");
-            return;
-        }
-        let d = TempDir::new_in(shm);
-        let p = d.0.join("cache");
-        let e = PosixPmem::open(&p, Some(1 << 16), None).unwrap_err();
-        assert!(e.to_string().contains("lives in RAM (tmpfs)"), "{e}");
-        let e = PosixPmem::open(&p, Some(1 << 16), Some(Persistence::File)).unwrap_err();
-        assert!(e.to_string().contains("lives in RAM (tmpfs)"), "{e}");
-        let e = PosixPmem::open(&p, Some(1 << 16), Some(Persistence::Pmem)).unwrap_err();
-        assert!(e.to_string().contains("MAP_SYNC"), "{e}");
-        assert!(!p.exists(), "a refused open must not create the file");
-        let m = PosixPmem::open(&p, Some(1 << 16), Some(Persistence::Volatile)).unwrap();
-        assert_eq!(m.mode(), Persistence::Volatile);
-        drop(m);
-        // An existing tmpfs file is refused just the same.
-        let e = PosixPmem::open(&p, None, None).unwrap_err();
-        assert!(e.to_string().contains("lives in RAM (tmpfs)"), "{e}");
-        assert!(p.exists());
-        let m = PosixPmem::open(&p, None, Some(Persistence::Volatile)).unwrap();
-        m.persist(0, &[7; 300]);
-        let mut b = [0u8; 300];
-        m.read(0, &mut b);
-        assert_eq!(b, [7; 300]);
-    }
-
-    #[test]
-    fn rejects_bad_paths() {
-        let d = TempDir::new();
-        let e = PosixPmem::open(&d.0, Some(4096), None).unwrap_err();
-        assert!(e.to_string().contains("is a directory"), "{e}");
-        let missing = d.0.join("missing");
-        let e = PosixPmem::open(&missing, None, None).unwrap_err();
-        assert!(e.to_string().contains("does not exist"), "{e}");
-        assert!(!missing.exists());
-        let empty = d.0.join("empty");
-        File::create(&empty).unwrap();
-        let e = PosixPmem::open(&empty, None, None).unwrap_err();
-        assert!(e.to_string().contains("is empty"), "{e}");
-        let e = PosixPmem::open(&empty, Some(0), None).unwrap_err();
-        assert!(e.to_string().contains("larger than zero"), "{e}");
-        // An empty file is initialised to the requested size.
-        let m = PosixPmem::open(&empty, Some(8192), None).unwrap();
-        assert_eq!(m.size(), 8192);
-        let e = PosixPmem::open(Path::new("/dev/null"), None, None).unwrap_err();
-        assert!(e.to_string().contains("not a device-dax"), "{e}");
-    }
-
-    #[test]
-    fn second_open_is_refused_while_locked() {
-        let d = TempDir::new();
-        let p = d.0.join("cache");
-        let _m = PosixPmem::open(&p, Some(1 << 16), None).unwrap();
-        let e = PosixPmem::open(&p, None, None).unwrap_err();
-        assert!(e.to_string().contains("in use"), "{e}");
-    }
-
-    #[test]
-    fn round_trip_all_alignments() {
-        let d = TempDir::new();
-        let p = d.0.join("cache");
-        let m = PosixPmem::open(&p, Some(64 << 10), Some(Persistence::Volatile)).unwrap();
-        let sizes: Vec<usize> = (1..=300)
-            .chain((301..5000).step_by(97))
-            .chain([4999, 5000])
-            .collect();
-        let mut back = vec![0u8; 5000 + 260];
-        for &len in &sizes {
-            for off in 0..130usize {
-                let base = 1000u64; // keep guard bytes on both sides
-                let at = base + off as u64;
-                // Guard: fill the neighbourhood with a known byte.
-                m.write(base - 64, &vec![0xEE; len + off + 128]);
-                let data = pattern(len + off, len);
-                m.write(at, &data);
-                m.flush(at, len as u64);
-                m.fence();
-                let view = &mut back[..len + off + 128];
-                m.read(base - 64, view);
-                assert!(
-                    view[..64 + off].iter().all(|&b| b == 0xEE),
-                    "head guard {len}@{off}"
-                );
-                assert_eq!(
-                    &view[64 + off..64 + off + len],
-                    &data[..],
-                    "data {len}@{off}"
-                );
-                assert!(
-                    view[64 + off + len..].iter().all(|&b| b == 0xEE),
-                    "tail guard {len}@{off}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn file_mode_flush_reaches_the_file() {
-        use std::io::{Read, Seek, SeekFrom};
-        let d = TempDir::new();
-        let p = d.0.join("cache");
-        let m = PosixPmem::open(&p, Some(1 << 20), None).unwrap();
-        let data = pattern(9, 3000);
-        m.persist(12345, &data);
-        m.flush(m.size() - 1, 1);
-        m.flush(0, m.size());
-        m.fence();
-        let mut f = File::open(&p).unwrap();
-        f.seek(SeekFrom::Start(12345)).unwrap();
-        let mut b = vec![0u8; 3000];
-        f.read_exact(&mut b).unwrap();
-        assert_eq!(b, data);
-    }
-
-    #[test]
-    fn concurrent_disjoint_writes() {
-        let d = TempDir::new();
-        let p = d.0.join("cache");
-        let m = std::sync::Arc::new(
-            PosixPmem::open(&p, Some(1 << 20), Some(Persistence::Volatile)).unwrap(),
-        );
-        let threads: Vec<_> = (0..4)
-            .map(|t| {
-                let m = m.clone();
-                std::thread::spawn(move || {
-                    for i in 0..64 {
-                        let off = (t * 64 + i) as u64 * 4096 + 3;
-                        m.persist(off, &pattern(t * 1000 + i, 4000));
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        let mut b = vec![0u8; 4000];
-        for t in 0..4 {
-            for i in 0..64 {
-                m.read((t * 64 + i) as u64 * 4096 + 3, &mut b);
-                assert_eq!(b, pattern(t * 1000 + i, 4000));
-            }
-        }
-    }
-
-    #[test]
-    #[should_panic(expected = "outside the medium")]
-    fn out_of_range_is_a_clear_assertion() {
-        let d = TempDir::new();
-        let m = PosixPmem::open(&d.0.join("c"), Some(4096), Some(Persistence::Volatile)).unwrap();
-        m.write(4090, &[0; 7]);
-    }
-
-    #[test]
-    fn flush_instruction_is_known() {
-        let i = flush_instruction();
-        assert!(
-            ["clwb", "clflushopt", "clflush", "msync"].contains(&i),
-            "{i}"
-        );
-        // Exercise the real flush path on ordinary memory-mapped pages too.
-        #[cfg(target_arch = "x86_64")]
-        {
-            let mut buf = vec![1u8; 1000];
-            // SAFETY: `buf` is a live allocation of 1000 bytes.
-            unsafe { arch::flush_lines(arch::detect(), buf.as_mut_ptr().add(3), 990) };
-            arch::sfence();
-            assert!(buf.iter().all(|&b| b == 1));
-        }
-    }
-}
+#[path = "pmem_tests.rs"]
+mod tests;

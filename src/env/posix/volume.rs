@@ -11,6 +11,11 @@
 //! stays dirty in pmem; the runner does not sleep through a backoff, it skips writeback
 //! until the retry time.
 //!
+//! Group commit (`file` media): [`Target::connect`] turns it on, so a write's data is
+//! made durable by the reactor's [`BlockConn::commit`] at the end of its pass (one
+//! `fdatasync` for every write of the pass, see `pmem`) before any reply is sent; FUA,
+//! FLUSH and every kset close drain it synchronously.
+//!
 //! Background work (a tick every 100 ms, writeback, GC) runs on NBD reactor 0, through
 //! [`BlockTarget::background`], between its polls: `pcache serve` has no background thread.
 //! A step blocks that reactor for one writeback batch (backing writes and a flush through
@@ -202,10 +207,21 @@ impl Volume {
         let (pmem, backing) = Self::open_parts(o)?;
         match probe(&pmem) {
             Probe::Blank => {}
-            Probe::Pcache(_) if !o.force => {
+            Probe::Pcache(sb) if !o.force => {
                 return Err(VolumeError::Other(format!(
-                    "{}: already holds a pcache cache (it may hold dirty data); use --force to format it anyway",
-                    o.pmem.display()
+                    "{}: already holds a pcache cache of '{}' ({} bytes), which may hold dirty \
+                     data: to keep it, attach it with `pcache serve`, or write it back first \
+                     with `pcache flush --pmem {}{} --backing <that device>`; --force formats \
+                     anyway and discards every cached and dirty byte",
+                    o.pmem.display(),
+                    sb.backing.id,
+                    sb.backing.size,
+                    o.pmem.display(),
+                    if o.persistence == Some(Persistence::Volatile) {
+                        " --persistence volatile"
+                    } else {
+                        ""
+                    }
                 )))
             }
             Probe::Foreign(_) if !o.force => {
@@ -234,11 +250,21 @@ impl Volume {
     /// when `format_blank`.
     pub fn attach(o: &VolumeOptions, format_blank: bool) -> Result<Arc<Volume>, VolumeError> {
         let (pmem, backing) = Self::open_parts(o)?;
-        if format_blank && probe(&pmem) == Probe::Blank {
+        let probed = probe(&pmem);
+        if format_blank && probed == Probe::Blank {
             return Self::format_parts(o, pmem, backing);
         }
-        let e = Engine::open(pmem, &identity(&backing), o.force, &Self::config(o))
-            .map_err(|e| VolumeError::Engine(o.pmem.clone(), e))?;
+        let found = identity(&backing);
+        let e = Engine::open(pmem, &found, o.force, &Self::config(o)).map_err(|e| match e {
+            OpenError::WrongBacking(m) => {
+                let expected = match probed {
+                    Probe::Pcache(sb) => sb.backing,
+                    _ => BackingIdentity::default(),
+                };
+                VolumeError::Other(wrong_backing_advice(o, &m, &expected, &found))
+            }
+            e => VolumeError::Engine(o.pmem.clone(), e),
+        })?;
         if o.data_crc && !e.data_crc() {
             return Err(VolumeError::Other(format!(
                 "{}: --data-crc given but the cache was formatted without data CRCs",
@@ -516,6 +542,40 @@ impl Volume {
     }
 }
 
+/// The refusal to attach a cache to another backing device: what the cache expects, then
+/// the ways out that keep its dirty data, and formatting only as the data-losing last one.
+fn wrong_backing_advice(
+    o: &VolumeOptions,
+    why: &str,
+    expected: &BackingIdentity,
+    found: &BackingIdentity,
+) -> String {
+    let pmem = o.pmem.display();
+    let volatile = if o.persistence == Some(Persistence::Volatile) {
+        " --persistence volatile"
+    } else {
+        ""
+    };
+    let same_shape = expected.size == found.size && expected.block_size == found.block_size;
+    let force = if same_shape {
+        format!(
+            " If {} is that very device under another name, --force attaches it anyway \
+             (on any other device, writeback would overwrite its data).",
+            o.backing.display()
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{pmem}: this cache belongs to another backing device: {why}. Its dirty data stays \
+         in the cache. To keep it, give --backing the device the cache was formatted for \
+         ('{}'), or write the dirty data back to that device offline: \
+         `pcache flush --pmem {pmem}{volatile} --backing <that device>`.{force} Only as the \
+         last resort, `pcache format --force` discards every cached and dirty byte.",
+        expected.id
+    )
+}
+
 fn to_io(e: IoError) -> io::Error {
     match e {
         IoError::OutOfRange | IoError::Unaligned => io::Error::from_raw_os_error(libc::EINVAL),
@@ -531,6 +591,10 @@ pub struct VolumeConn {
     ch: Channel,
     q: Queue,
     bg: Option<Box<Background>>,
+    /// A write-type request ran since the last commit. Read misses also postpone their
+    /// fill's data sync, but no reply waits for it (a kset close drains it before the
+    /// key), so reads alone never cost a sync.
+    uncommitted: bool,
 }
 
 impl Drop for VolumeConn {
@@ -555,12 +619,16 @@ impl BlockTarget for Target {
     fn share_conns(&self) -> bool {
         true
     }
+    /// Also turns on group commit of a `file` medium: the reactors answer a write only
+    /// after [`BlockConn::commit`], one `fdatasync` per reactor pass.
     fn connect(&self) -> io::Result<VolumeConn> {
+        self.0.engine.pmem().set_group_commit(true);
         Ok(VolumeConn {
             vol: Arc::clone(&self.0),
             ch: Channel::default(),
             q: self.0.backing.queue()?,
             bg: None,
+            uncommitted: false,
         })
     }
     fn background(&self, conn: &mut VolumeConn, wake: &Arc<Waker>) -> Option<Duration> {
@@ -640,9 +708,25 @@ impl BlockConn for VolumeConn {
     }
 
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.uncommitted = true;
         let (vol, ch) = (&self.vol, &mut self.ch);
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
         vol.gated(|| vol.engine.write(ch, off, data, fua), bg)
+    }
+
+    fn wants_commit(&self) -> bool {
+        self.uncommitted && self.vol.engine.pmem().pending()
+    }
+
+    fn commit(&mut self) -> io::Result<()> {
+        if !std::mem::take(&mut self.uncommitted) {
+            return Ok(());
+        }
+        self.vol
+            .engine
+            .pmem()
+            .commit()
+            .map_err(|e| io::Error::other(e.to_string()))
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -652,14 +736,85 @@ impl BlockConn for VolumeConn {
     }
 
     fn trim(&mut self, off: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.uncommitted = true;
         let vol = &self.vol;
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
         vol.gated(|| vol.engine.write_zeroes(off, len, true, fua), bg)
     }
 
     fn write_zeroes(&mut self, off: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
+        self.uncommitted = true;
         let vol = &self.vol;
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
         vol.gated(|| vol.engine.write_zeroes(off, len, may_trim, fua), bg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Group commit on a `file` medium through the NBD handle: writes postpone their data
+    /// sync to `commit`, one sync covers them all, and FUA, FLUSH and kset closes (the
+    /// engine's `drain`) never leave postponed data behind a key.
+    #[test]
+    fn file_medium_group_commit_through_the_target() {
+        let dir = std::env::temp_dir().join(format!("pcache-vol-gc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let backing = dir.join("backing");
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let mut o = VolumeOptions::new(dir.join("cache"), backing);
+        o.pmem_size = Some(64 << 20);
+        o.seg_size = 1 << 20;
+        let vol = Volume::format(&o).unwrap();
+        let pm = vol.engine.pmem();
+        assert_eq!(pm.mode(), Persistence::File);
+        let t = Target(Arc::clone(&vol));
+        let mut c = t.connect().unwrap();
+        assert!(pm.group_commit());
+
+        let syncs = pm.syncs();
+        for i in 0..32u64 {
+            c.write(i * 4096, &[i as u8; 4096], false).unwrap();
+        }
+        assert!(pm.pending(), "data syncs postponed to the commit");
+        assert_eq!(pm.syncs(), syncs, "no sync per write");
+        c.commit().unwrap();
+        assert!(!pm.pending());
+        assert_eq!(pm.syncs(), syncs + 1, "32 writes, one sync");
+
+        // FLUSH drains before it closes the ksets.
+        c.write(0, &[9; 4096], false).unwrap();
+        assert!(pm.pending());
+        c.flush().unwrap();
+        assert!(!pm.pending());
+        // FUA closes the write's kset, which drains first: durable on return.
+        c.write(8192, &[7; 4096], true).unwrap();
+        assert!(!pm.pending());
+        // A kset closed by ticks (two of them) drains too.
+        c.write(4096, &[5; 4096], false).unwrap();
+        assert!(pm.pending());
+        vol.engine.tick();
+        vol.engine.tick();
+        assert!(!pm.pending());
+        let mut b = vec![0; 4096];
+        c.read(4096, &mut b).unwrap();
+        assert_eq!(b, vec![5; 4096]);
+        // A read miss fills the cache without asking its reply to wait for a sync.
+        c.commit().unwrap();
+        let before = pm.syncs();
+        c.read(32 << 20, &mut b).unwrap();
+        c.commit().unwrap();
+        assert_eq!(pm.syncs(), before, "reads alone never sync");
+        assert!(pm.pending(), "the fill's data waits for the next drain");
+        c.flush().unwrap();
+        assert!(!pm.pending());
+        drop(c);
+        drop(t);
+        drop(vol);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -16,7 +16,7 @@ use super::ffi::{self, cstring, errlog, noticelog};
 use super::params::{CreateParams, GC_PERCENT_DEFAULT};
 use super::{channel, module, vbdev, writeback::Background};
 use crate::engine::{probe, BackingIdentity, Config, Engine, FormatOptions, OpenError, Probe};
-use crate::env::posix::pmem::PosixPmem;
+use crate::env::posix::pmem::{Persistence, PosixPmem};
 use spdk_sys as sys;
 use std::ffi::{c_void, CString};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::*};
@@ -114,6 +114,33 @@ fn random_id() -> u64 {
     x ^ (x >> 33)
 }
 
+/// The refusal to attach a cache to another base bdev: the identity the cache expects,
+/// then the ways out that keep its dirty data (recreate the base with that UUID or name,
+/// or write the data back offline), and `"format": true` only as the data-losing last one.
+fn wrong_base_advice(
+    p: &CreateParams,
+    path: &str,
+    why: &str,
+    expected: &BackingIdentity,
+) -> String {
+    let volatile = if p.persistence == Persistence::Volatile {
+        " --persistence volatile"
+    } else {
+        ""
+    };
+    format!(
+        "{path} is the cache of another base bdev ({why}); its dirty data is kept. To attach \
+         it, give base_bdev_name the bdev it was formatted for, {} bytes in {}-byte blocks with \
+         UUID (or name) '{}': a base bdev created anew gets a new UUID unless given that one \
+         (e.g. bdev_uring_create / bdev_aio_create -u {}). Or write the dirty data back \
+         offline, with the target stopped: `pcache flush --pmem {path}{volatile} --backing \
+         <the file or device under that bdev> --force` (--force: an SPDK UUID never matches \
+         a path). Only as the last resort, \"format\": true discards every cached and dirty \
+         byte.",
+        expected.size, expected.block_size, expected.id, expected.id
+    )
+}
+
 /// Formats or attaches the engine on `pmem` for the base described by `id`, following
 /// the `format` rule of `bdev_pcache_create`.
 fn open_engine(
@@ -146,14 +173,12 @@ fn open_engine(
             ),
         ));
     }
+    let expected = match &what {
+        Probe::Pcache(sb) => sb.backing.clone(),
+        _ => BackingIdentity::default(),
+    };
     let e = Engine::open(pmem, &id, false, &cfg).map_err(|e| match e {
-        OpenError::WrongBacking(m) => (
-            -libc::EXDEV,
-            format!(
-                "{path} is the cache of another backing device ({m}); pass \"format\": true \
-                 to discard it"
-            ),
-        ),
+        OpenError::WrongBacking(m) => (-libc::EXDEV, wrong_base_advice(p, &path, &m, &expected)),
         e => (einval, format!("cannot attach {path}: {e}")),
     })?;
     if let Some(c) = p.data_crc {

@@ -22,8 +22,10 @@
 //! plus a read chunk, and an output backlog that stops being filled past a few MiB); a
 //! malformed request is answered with an NBD error and the connection stays up, unless the
 //! byte stream can no longer be framed (bad magic), in which case only that connection is
-//! closed. Requests of one connection are executed and answered in order, each to completion
-//! before the next (of any connection on that reactor) starts, so a reply to FLUSH covers
+//! closed. Replies leave only after the handles that executed their requests were committed
+//! ([`BlockConn::commit`], once per reactor pass), so a group commit never answers a write
+//! before it is durable. Requests of one connection are executed and answered in order, each
+//! to completion before the next (of any connection on that reactor) starts, so a reply to FLUSH covers
 //! every write answered before it, on this connection or, since the target's flush is global
 //! (CAN_MULTI_CONN), on any other. No `unsafe` here: readiness polling and wake-ups come from
 //! the safe wrapper in `crate::env::posix::poll`.
@@ -42,8 +44,22 @@ pub use server::{Listener, NbdServer};
 pub trait BlockConn: Send {
     /// Fills `buf` with the device content at `off`.
     fn read(&mut self, off: u64, buf: &mut [u8]) -> std::io::Result<()>;
-    /// Writes `data` at `off`; with `fua` it is durable when this returns.
+    /// Writes `data` at `off`; with `fua` it is durable when this returns. Without,
+    /// durability may wait for the next [`BlockConn::commit`] (group commit).
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> std::io::Result<()>;
+    /// Makes every request this handle executed so far as durable as its reply promises
+    /// (group commit: one sync for a whole reactor pass). The reactor calls it before it
+    /// sends any reply of those requests; an error means they must not be answered (the
+    /// clients using this handle are disconnected instead). Default: nothing to do.
+    fn commit(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Whether [`BlockConn::commit`] has real work to do (a sync pending): the reactor then
+    /// first reads and executes what else its clients already sent, so one sync covers as
+    /// many writes as possible. Default: false.
+    fn wants_commit(&self) -> bool {
+        false
+    }
     /// Makes every write completed before this call durable.
     fn flush(&mut self) -> std::io::Result<()>;
     /// Discards a range; its content becomes unspecified (the cache may read zeroes or the

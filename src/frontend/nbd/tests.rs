@@ -18,6 +18,13 @@ use std::time::{Duration, Instant};
 struct Counters {
     connects: AtomicUsize,
     background: AtomicUsize,
+    /// Writes executed, and how many of them a commit covered.
+    writes: AtomicUsize,
+    committed: AtomicUsize,
+    commits: AtomicUsize,
+    /// While true, `commit` waits (a slow sync); the test lowers it.
+    hold: Mutex<bool>,
+    hold_cv: std::sync::Condvar,
 }
 
 /// An in-memory device whose handles are shared per reactor.
@@ -37,6 +44,21 @@ impl BlockConn for SharedConn {
     }
     fn write(&mut self, off: u64, data: &[u8], _fua: bool) -> io::Result<()> {
         self.0.data.lock().unwrap()[off as usize..off as usize + data.len()].copy_from_slice(data);
+        self.0.counters.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn commit(&mut self) -> io::Result<()> {
+        let c = &self.0.counters;
+        if c.writes.load(Ordering::SeqCst) == c.committed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut hold = c.hold.lock().unwrap();
+        while *hold {
+            hold = c.hold_cv.wait(hold).unwrap();
+        }
+        c.commits.fetch_add(1, Ordering::SeqCst);
+        c.committed
+            .store(c.writes.load(Ordering::SeqCst), Ordering::SeqCst);
         Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -279,4 +301,49 @@ fn a_client_not_reading_replies_does_not_stall_its_reactor() {
     hog.0.write_all(&reqs).unwrap();
     let took = srv.stop();
     assert!(took < Duration::from_secs(4), "stop took {took:?}");
+}
+
+#[test]
+fn writes_of_one_pass_share_one_commit_and_no_reply_precedes_it() {
+    let srv = Running::start(1 << 20, 1);
+    let counters = Arc::clone(&srv.target.counters);
+    *counters.hold.lock().unwrap() = true;
+    // 16 writes in one small burst with the handshake: the reactor finds them all in one
+    // pass.
+    let mut burst = Vec::new();
+    for i in 0..16u64 {
+        burst.extend_from_slice(&request(proto::CMD_WRITE, i, i * 4096, 512));
+        burst.extend_from_slice(&[i as u8; 512]);
+    }
+    let mut c = Client::connect(&srv.sock, &burst);
+    // Executed, but the commit is held: not one reply may arrive.
+    let t = Instant::now();
+    while counters.writes.load(Ordering::SeqCst) < 16 {
+        assert!(t.elapsed() < Duration::from_secs(10), "writes not executed");
+        thread::sleep(Duration::from_millis(5));
+    }
+    c.0.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    let early = c.0.read(&mut b);
+    assert!(
+        matches!(&early, Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)),
+        "a reply left before its commit: {early:?}"
+    );
+    assert_eq!(counters.committed.load(Ordering::SeqCst), 0);
+    *counters.hold.lock().unwrap() = false;
+    counters.hold_cv.notify_all();
+    c.0.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    for i in 0..16u64 {
+        assert_eq!(c.reply(), (0, i));
+    }
+    assert_eq!(
+        counters.commits.load(Ordering::SeqCst),
+        1,
+        "one commit for the pass"
+    );
+    assert_eq!(counters.committed.load(Ordering::SeqCst), 16);
+    // Reads after it need no commit of their own.
+    assert_eq!(c.read(100, 15 * 4096, 512), vec![15; 512]);
+    assert_eq!(counters.commits.load(Ordering::SeqCst), 1);
 }
