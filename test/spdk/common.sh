@@ -112,8 +112,8 @@ hugepages_release() {
 }
 
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-echo "building the module (cargo build --release --features spdk)..."
-if ! (cd "$ROOT" && cargo build --release --features spdk) > "$WORK/build.log" 2>&1; then
+echo "building the module (cargo build --release --features spdk --lib)..."
+if ! (cd "$ROOT" && cargo build --release --features spdk --lib) > "$WORK/build.log" 2>&1; then
     tail -30 "$WORK/build.log"
     echo "FAIL: build"
     exit 1
