@@ -3,7 +3,8 @@
 //!
 //! Writeback runs when the engine wants it (`writeback_wanted`: lazily, so overwrites
 //! can supersede older dirty data first) or a drain asks for everything. It takes one
-//! kset at a time (`writeback_next`) and writes its dirty extents to the base bdev
+//! window of up to [`WINDOW_KSETS`](crate::engine::WINDOW_KSETS) ksets at a time (`writeback_next`, sorted by address,
+//! one base FLUSH for all) and writes its dirty extents to the base bdev
 //! straight from the mapped medium (`WbMap`) or, when the mapping is not usable for
 //! DMA, through a DMA bounce in waves of at most `WB_BOUNCE` bytes. Extents
 //! that continue each other on the base (and, when written straight from the medium, in
@@ -17,7 +18,10 @@
 //! exponentially (10 ms .. 5 s) and never lose data: it stays dirty in pmem and is
 //! written again.
 //!
-//! Invariants: everything here runs on the app thread; at most one kset is in flight;
+//! Every completed request earns admission credit (`writeback_progress`), which paces
+//! writers above the GC watermark.
+//!
+//! Invariants: everything here runs on the app thread; at most one window is in flight;
 //! stopping waits for the base I/O in flight before the continuation (teardown) runs.
 
 use super::cache::{AttachError, Node, MAX_IO};
@@ -509,9 +513,16 @@ extern "C" fn wb_io_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c_vo
     // SAFETY: the base bdev_io is ours to free in its completion callback.
     unsafe { sys::spdk_bdev_free_io(child) };
     let n = arg as *mut Node;
-    let bg = &mut node(arg).bg;
+    let nd = node(arg);
+    let bg = &mut nd.bg;
     bg.pending -= 1;
     bg.failed |= !ok;
+    if ok {
+        // Writers above the GC watermark are admitted against this credit: earn it per
+        // request, not per window, so they move on evenly.
+        let step = bg.batch.retire_bytes() / bg.batch.items.len().max(1) as u64;
+        nd.shared.engine.writeback_progress(&mut bg.batch, step);
+    }
     if bg.pending == 0 && !bg.waiting {
         if stopped(n) {
             return;
