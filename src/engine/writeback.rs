@@ -365,7 +365,8 @@ impl<P: Pmem> Engine<P> {
     /// drain ignores it). Writing back lazily lets overwrites supersede older dirty
     /// data first, which writeback then skips (see `Segs::mark_superseded`): it runs when
     /// closed dirty data passes three quarters of the GC watermark, when GC is wanted
-    /// but finds nothing clean to reclaim, or when no write arrived for a whole tick.
+    /// but finds nothing clean to reclaim, when writes are paced (`admit`), or when no
+    /// write arrived for a whole tick.
     pub fn writeback_wanted(&self) -> bool {
         let (closed, head) = {
             let h = self.head.lock().unwrap();
@@ -380,6 +381,9 @@ impl<P: Pmem> Engine<P> {
         }
         if self.gc_wanted() && key == dirty {
             return true; // GC is starved (even clean ksets need dirty_tail past them)
+        }
+        if self.pace.load(Relaxed) {
+            return true; // writers are paced by writeback's progress
         }
         let capacity = self.geo.n_segs as u64 * self.geo.seg_data_size;
         closed == 0 || closed * 400 >= capacity * 3 * self.gc_percent() as u64 || self.idle()

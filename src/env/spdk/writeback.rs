@@ -33,6 +33,11 @@ use std::ffi::c_void;
 
 /// Bytes of dirty data in flight per wave.
 const WB_BOUNCE: usize = 8 << 20;
+/// Most writeback requests in flight to the base. A window may hold a thousand; more
+/// requests than the base device's queue holds make a kernel-backed base (bdev_uring,
+/// bdev_aio) block the reactor in submission, and every foreground I/O with it. 96 stays
+/// under a common 128-entry device queue and leaves room for foreground misses at QD32.
+const WB_INFLIGHT: u32 = 96;
 /// Period of the writeback poller when idle (work in progress chains itself).
 const WB_PERIOD_US: u64 = 1000;
 /// The engine tick period (kset buffers older than two ticks get closed).
@@ -365,7 +370,7 @@ fn submit_wave(n: *mut Node) {
     if bg.pending == 0 {
         bg.bounce_used = 0;
     }
-    while bg.item < bg.batch.items.len() {
+    while bg.item < bg.batch.items.len() && bg.pending < WB_INFLIGHT {
         let it = bg.batch.items[bg.item];
         let rest = it.len as u64 - bg.item_off;
         let at = it.off + bg.item_off;
@@ -528,6 +533,12 @@ extern "C" fn wb_io_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c_vo
             return;
         }
         wave_done(n);
+    } else if !bg.waiting && !bg.failed && !bg.stopping && bg.map.is_some() {
+        // Straight from the medium there is no bounce to recycle: keep the window's
+        // requests flowing, up to WB_INFLIGHT.
+        if bg.item < bg.batch.items.len() {
+            submit_wave(n);
+        }
     }
 }
 
