@@ -11,8 +11,12 @@
 # nothing here passes or fails on a number.
 #
 # Usage: bash test/bench_nbd.sh [seconds-per-job (default 8)]
+#        bash test/bench_nbd.sh overload     (the overload tier, test/bench_nbd_overload.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = overload ]; then
+  exec bash test/bench_nbd_overload.sh
+fi
 SECS="${1:-8}"
 SIZE_MB=512
 for c in fio nbdkit qemu-storage-daemon; do

@@ -311,7 +311,7 @@ fn writeback_skips_superseded_data_only_within_an_epoch() {
     };
     // Writes back the next kset; returns the blocks it wrote.
     let next = |backing: &mut [u8]| -> Vec<u64> {
-        let mut wb = WbBatch::default();
+        let mut wb = WbBatch::with_window(1);
         assert_eq!(e.writeback_next(&mut wb), WbNext::Ready);
         for it in &wb.items {
             let dst = &mut backing[it.off as usize..it.off as usize + it.len as usize];
@@ -405,4 +405,58 @@ fn writeback_waits_for_pressure_or_idleness() {
     }
     e.flush().unwrap();
     assert!(e.writeback_wanted(), "{off} dirty bytes");
+}
+
+/// A writeback window takes consecutive ksets of one epoch (newest data wins, sorted by
+/// address, at most the window's size) and never reaches across a FLUSH.
+#[test]
+fn writeback_windows_stay_inside_an_epoch() {
+    let pmem = Arc::new(SimPmem::new(
+        pcache::engine::format::SEGMENTS_OFF + 16 * SEG as u64,
+    ));
+    let mut fo = FormatOptions::new(id(), 1);
+    fo.seg_size = SEG;
+    fo.kset_keys = 4;
+    let e = Engine::format(pmem, &fo, &cfg()).unwrap();
+    let mut ch = Channel::default();
+    let w = |ch: &mut Channel, blk: u64, v: u8| e.write(ch, blk * 4096, &[v; 4096], false).unwrap();
+    // Epoch 1: ksets [9 8 7 6] [5 4 3 9'] [2 1]; FLUSH; epoch 2: [11 10].
+    for b in [9, 8, 7, 6, 5, 4, 3] {
+        w(&mut ch, b, 1);
+    }
+    w(&mut ch, 9, 2);
+    w(&mut ch, 2, 1);
+    w(&mut ch, 1, 1);
+    e.flush().unwrap();
+    w(&mut ch, 11, 1);
+    w(&mut ch, 10, 1);
+    e.flush().unwrap();
+    let mut wb = WbBatch::with_window(2);
+    let mut backing = vec![0u8; SIZE as usize];
+    let mut batch = |wb: &mut WbBatch| -> Vec<(u64, u8)> {
+        assert_eq!(e.writeback_next(wb), WbNext::Ready);
+        let got = wb
+            .items
+            .iter()
+            .map(|it| {
+                let dst = &mut backing[it.off as usize..it.off as usize + it.len as usize];
+                if let WbKind::Data { pmem_off } = it.kind {
+                    e.pmem().read(pmem_off, dst);
+                }
+                (it.off / 4096, dst[0])
+            })
+            .collect();
+        e.writeback_done(wb, true);
+        got
+    };
+    // Two ksets, block 9 once with its newer data, in address order.
+    assert_eq!(
+        batch(&mut wb),
+        vec![(3, 1), (4, 1), (5, 1), (6, 1), (7, 1), (8, 1), (9, 2)]
+    );
+    // The rest of epoch 1 alone: the FLUSH ends the window.
+    assert_eq!(batch(&mut wb), vec![(1, 1), (2, 1)]);
+    assert_eq!(batch(&mut wb), vec![(10, 1), (11, 1)]);
+    assert_eq!(e.writeback_next(&mut wb), WbNext::Idle);
+    assert_eq!(e.dirty_bytes(), 0);
 }

@@ -355,7 +355,11 @@ fn serve(a: ServeArgs) -> Result<()> {
         ctl.display()
     );
 
-    // No background thread: NBD reactor 0 ticks, writes back and collects garbage.
+    // Background work (tick, writeback, GC) on its own thread: a writeback window is
+    // written with blocking waits on the backing device, and on a reactor its clients
+    // would wait that long (tens of ms on a busy disk, measured with the overload tier
+    // of test/bench_nbd.sh).
+    let bg_thread = vol.start_background().context("background thread")?;
     let ctl_thread = {
         let (vol, stop, ctl) = (Arc::clone(&vol), Arc::clone(&stop), ctl.clone());
         std::thread::spawn(move || {
@@ -385,6 +389,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     let _ = watcher.join();
     let _ = ctl_thread.join();
     let shut = vol.shutdown();
+    let _ = bg_thread.join();
     r.context("NBD server")?;
     shut.context("shutdown")?;
     println!(

@@ -169,6 +169,8 @@ impl<P: Pmem> Engine<P> {
     /// is full: retry the whole request later (rewriting is idempotent).
     pub fn write(&self, ch: &mut Channel, off: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
         self.check_range(off, data.len() as u64)?;
+        self.admit(data.len() as u64)
+            .inspect_err(|_| self.counters.busy.inc())?;
         if fua {
             self.new_epoch();
         }

@@ -30,7 +30,7 @@ pub use io::{Channel, Miss};
 pub use open::{probe, Probe};
 pub use pmem::Pmem;
 pub use stats::Stats;
-pub use writeback::{GcResult, WbBatch, WbItem, WbKind, WbNext};
+pub use writeback::{GcResult, WbBatch, WbItem, WbKind, WbNext, WINDOW_KSETS};
 
 use format::{
     CacheInfo, Geometry, Superblock, DIRTY_TAIL_OFF, INFO_OFF, KEY_TAIL_OFF, KIND_DIRTY_TAIL,
@@ -40,7 +40,7 @@ use index::{Replayed, Shard, ShardLock};
 use log::{KsetBuf, LogHead};
 use segs::Segs;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use thiserror::Error;
 
@@ -182,6 +182,11 @@ pub struct Engine<P: Pmem> {
     /// Write count at the last tick, and whether none arrived between the last two.
     writes_at_tick: AtomicU64,
     idle: AtomicBool,
+    /// Admission pacing (see `Engine::admit`): on while usage is at or above the GC
+    /// watermark and writeback has closed dirty data to work on; then every write takes
+    /// its bytes from `credit`, which writeback refills with the bytes it retires.
+    pace: AtomicBool,
+    credit: AtomicI64,
     tails: Mutex<Tails>,
     info: Mutex<InfoState>,
     segs: Segs,

@@ -17,7 +17,7 @@ use super::index::{Extent, Replayed, Shard, ShardLock, F_CRC, F_DIRTY, F_ZERO};
 use super::log::{KsetBuf, LogHead};
 use super::segs::{self, Segs, Use};
 use super::{Config, Engine, Errors, FormatOptions, InfoState, OpenError, Pmem, Replica, Tails};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 /// What a medium holds.
@@ -357,6 +357,8 @@ impl<P: Pmem> Engine<P> {
             epoch: AtomicU64::new(1),
             writes_at_tick: AtomicU64::new(0),
             idle: AtomicBool::new(true),
+            pace: AtomicBool::new(false),
+            credit: AtomicI64::new(0),
             tails: Mutex::new(Tails {
                 key: key_tail,
                 key_r: Replica {

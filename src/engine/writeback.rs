@@ -1,13 +1,17 @@
 //! Writeback and garbage collection, driven by the environment.
 //!
-//! Writeback walks the log from dirty_tail one kset at a time: `writeback_next` hands
-//! out the kset's dirty extents (overlaps inside the kset resolved, newest wins; clean
-//! ones skipped); the caller writes them to the backing device, FLUSHes it, and calls
+//! Writeback walks the log from dirty_tail one window at a time: `writeback_next` hands
+//! out the dirty extents of up to `WINDOW_KSETS` consecutive ksets of one write epoch
+//! (overlaps resolved, newest wins; clean ones skipped; sorted by address); the caller
+//! writes them to the backing device in any order, FLUSHes it, and calls
 //! `writeback_done`, which only then persists the advanced dirty_tail. So the backing
-//! device alone always holds the result of a prefix of the log plus part of one kset
-//! whose writes do not overlap. GC walks from key_tail, never past dirty_tail: it
-//! persists the advanced key_tail *first* and then drops the segment references of the
-//! kset's keys, so a crash in between can never resurrect keys into reused space.
+//! device alone always holds the result of a prefix of the log plus, for the window in
+//! flight, any subset of its writes: as no FLUSH or FUA lies inside a window, that is
+//! what a disk with a volatile write cache may show between two FLUSHes. GC walks from
+//! key_tail, never past dirty_tail: it persists the advanced key_tail *first* and then
+//! drops the segment references of the kset's keys, so a crash in between can never
+//! resurrect keys into reused space. Above the GC watermark, writes are admitted against
+//! credit that writeback earns (`admit`), so they slow down evenly instead of stalling.
 
 use super::format::{
     Geometry, KeyRec, KsetCheck, LogPos, KEY_CLEAN, KEY_DISCARD, KEY_SIZE, KSET_HDR,
@@ -16,7 +20,10 @@ use super::index;
 use super::open::read_kset;
 use super::segs::{Segs, MARK_BLOCK};
 use super::{Engine, Pmem};
-use std::sync::atomic::Ordering::Acquire;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
+
+/// Most ksets one writeback window takes (one backing FLUSH for all of them).
+pub const WINDOW_KSETS: usize = 8;
 
 /// What to write to the backing device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +50,15 @@ pub struct WbBatch {
     pos: LogPos,
     next: LogPos,
     dirty_bytes: u64,
+    /// Bytes of data the batch's keys point at (dirty or clean): what acknowledging it
+    /// lets GC reclaim, and the admission credit it earns.
+    retire_bytes: u64,
+    /// Credit already earned through `writeback_progress`.
+    credited: u64,
+    /// Ksets in the window.
+    ksets: u32,
+    /// Most ksets a window may take (0: `WINDOW_KSETS`).
+    window: u32,
     /// Bytes of this kset's dirty data a newer key of the same epoch covers.
     skipped: u64,
     keys: Vec<KeyRec>,
@@ -68,6 +84,21 @@ pub struct GcResult {
 }
 
 impl WbBatch {
+    /// A batch whose windows take at most `ksets` ksets (at least one). A runtime that
+    /// blocks while a window is written keeps it small; one that keeps many requests in
+    /// flight takes more per backing FLUSH.
+    pub fn with_window(ksets: u32) -> WbBatch {
+        WbBatch {
+            window: ksets.max(1),
+            ..Default::default()
+        }
+    }
+
+    /// Bytes of data the batch's keys point at (what acknowledging it lets GC reclaim).
+    pub fn retire_bytes(&self) -> u64 {
+        self.retire_bytes
+    }
+
     /// Bytes this batch writes.
     pub fn bytes(&self) -> u64 {
         self.items.iter().map(|i| i.len as u64).sum()
@@ -173,20 +204,32 @@ impl<P: Pmem> Engine<P> {
         WbNext::Stopped(msg)
     }
 
-    /// Prepares the next kset to write back.
+    /// Prepares the next writeback window: from dirty_tail, up to `WINDOW_KSETS`
+    /// consecutive ksets of one known write epoch (a single kset when its epoch is
+    /// unknown). No FLUSH or FUA lies between them, so their writes may reach the backing
+    /// device in any order, like a disk's write cache between two FLUSHes: `build`
+    /// resolves overlaps (newest wins) and sorts the window by address, and one backing
+    /// FLUSH then covers all of it before dirty_tail moves past it.
     pub fn writeback_next(&self, b: &mut WbBatch) -> WbNext {
         if let Some(m) = &self.errors.lock().unwrap().writeback {
             return WbNext::Stopped(m.clone());
         }
         b.buf.resize(self.geo.kset_max_size(), 0);
+        b.keys.clear();
+        b.dirty_bytes = 0;
+        b.retire_bytes = 0;
+        b.credited = 0;
         let mut t = self.tails.lock().unwrap();
+        let mut pos = t.dirty;
+        let mut n = 0usize;
+        let mut epoch = None;
         loop {
-            let pos = t.dirty;
             if pos == self.head.lock().unwrap().pos {
-                return WbNext::Idle;
+                break;
             }
             let hdr = match read_kset(&self.pmem, &self.geo, pos, &mut b.buf) {
                 Ok(KsetCheck::Valid(h)) => h,
+                _ if n > 0 => break, // the next call meets it at dirty_tail
                 Ok(KsetCheck::End) => {
                     return self.stop_writeback(format!(
                         "kset {} at {}:{} (dirty_tail) is unreadable",
@@ -196,12 +239,18 @@ impl<P: Pmem> Engine<P> {
                 Err(e) => return self.stop_writeback(e.to_string()),
             };
             if hdr.is_last() {
+                if n > 0 {
+                    break;
+                }
                 t.dirty = pos.after(&hdr);
                 self.persist_dirty_tail(&mut t);
+                pos = t.dirty;
                 continue;
             }
-            b.keys.clear();
-            b.dirty_bytes = 0;
+            let e = self.kset_epoch(pos.seq);
+            if n > 0 && (e.is_none() || e != epoch) {
+                break;
+            }
             for i in 0..hdr.count as usize {
                 let o = KSET_HDR + i * KEY_SIZE;
                 match KeyRec::decode(&b.buf[o..o + KEY_SIZE], &self.geo) {
@@ -209,31 +258,48 @@ impl<P: Pmem> Engine<P> {
                         if k.flags & KEY_CLEAN == 0 {
                             b.dirty_bytes += k.len as u64;
                         }
+                        if k.has_data() {
+                            b.retire_bytes += k.len as u64;
+                        }
                         b.keys.push(k)
                     }
                     Err(e) => return self.stop_writeback(format!("kset {}: {e}", pos.seq)),
                 }
             }
-            if self.data_crc {
-                if let Err(m) = self.verify_keys(b) {
-                    self.counters.crc_errors_dirty.inc();
-                    return self.stop_writeback(m);
-                }
+            epoch = e;
+            n += 1;
+            pos = pos.after(&hdr);
+            let max = if b.window == 0 {
+                WINDOW_KSETS
+            } else {
+                b.window as usize
+            };
+            if e.is_none() || n >= max {
+                break;
             }
-            b.pos = pos;
-            b.next = pos.after(&hdr);
-            let epoch = self.kset_epoch(pos.seq);
-            drop(t);
-            // Marks name data a newer key of the *same* epoch replaced; the kset's
-            // epoch must be known and still identified exactly by an extent's epoch
-            // bits (see `Segs::mark_superseded` and `io::insert_key`).
-            let now = self.epoch.load(Acquire);
-            let marks = epoch
-                .filter(|&e| now - e < 1 << index::EPOCH_BITS)
-                .map(|_| &self.segs);
-            b.build(&self.geo, marks);
-            return WbNext::Ready;
         }
+        if n == 0 {
+            return WbNext::Idle;
+        }
+        if self.data_crc {
+            if let Err(m) = self.verify_keys(b) {
+                self.counters.crc_errors_dirty.inc();
+                return self.stop_writeback(m);
+            }
+        }
+        b.pos = t.dirty;
+        b.next = pos;
+        b.ksets = n as u32;
+        drop(t);
+        // Marks name data a newer key of the *same* epoch replaced; the window's
+        // epoch must be known and still identified exactly by an extent's epoch
+        // bits (see `Segs::mark_superseded` and `io::insert_key`).
+        let now = self.epoch.load(Acquire);
+        let marks = epoch
+            .filter(|&e| now - e < 1 << index::EPOCH_BITS)
+            .map(|_| &self.segs);
+        b.build(&self.geo, marks);
+        WbNext::Ready
     }
 
     /// The write epoch shared by every dirty key of the kset at `seq`, if known (it is
@@ -289,7 +355,8 @@ impl<P: Pmem> Engine<P> {
         self.persist_dirty_tail(&mut t);
         drop(t);
         self.head.lock().unwrap().closed_dirty -= b.dirty_bytes;
-        self.counters.wb_ksets.inc();
+        self.earn(b.retire_bytes - b.credited.min(b.retire_bytes));
+        self.counters.wb_ksets.add(b.ksets as u64);
         self.counters.wb_bytes.add(b.bytes());
         self.counters.wb_skipped_bytes.add(b.skipped);
     }
@@ -298,7 +365,8 @@ impl<P: Pmem> Engine<P> {
     /// drain ignores it). Writing back lazily lets overwrites supersede older dirty
     /// data first, which writeback then skips (see `Segs::mark_superseded`): it runs when
     /// closed dirty data passes three quarters of the GC watermark, when GC is wanted
-    /// but finds nothing clean to reclaim, or when no write arrived for a whole tick.
+    /// but finds nothing clean to reclaim, when writes are paced (`admit`), or when no
+    /// write arrived for a whole tick.
     pub fn writeback_wanted(&self) -> bool {
         let (closed, head) = {
             let h = self.head.lock().unwrap();
@@ -314,15 +382,58 @@ impl<P: Pmem> Engine<P> {
         if self.gc_wanted() && key == dirty {
             return true; // GC is starved (even clean ksets need dirty_tail past them)
         }
+        if self.pace.load(Relaxed) {
+            return true; // writers are paced by writeback's progress
+        }
         let capacity = self.geo.n_segs as u64 * self.geo.seg_data_size;
         closed == 0 || closed * 400 >= capacity * 3 * self.gc_percent() as u64 || self.idle()
     }
 
     /// True when GC should run: usage at or above gc_percent, or a request found the
-    /// cache full.
+    /// cache full. Also turns admission pacing on or off (runtimes ask every poll).
     pub fn gc_wanted(&self) -> bool {
         let used = self.segs.used() as u64;
-        self.cache_full() || used * 100 >= self.geo.n_segs as u64 * self.gc_percent() as u64
+        let over = used * 100 >= self.geo.n_segs as u64 * self.gc_percent() as u64;
+        let pace = over && self.head.lock().unwrap().closed_dirty > 0;
+        if self.pace.load(Relaxed) != pace {
+            self.pace.store(pace, Relaxed);
+        }
+        self.cache_full() || over
+    }
+
+    /// Admission pacing: above the GC watermark a write is admitted only against the
+    /// credit writeback earns, so writers slow down evenly to writeback's pace instead
+    /// of filling the cache at memory speed and then all waiting (60-150 ms) until GC
+    /// frees a whole segment. Below the watermark, or with nothing closed to write back,
+    /// every write is admitted. A write may overdraw positive credit (a request larger
+    /// than the credit never starves); `Busy` otherwise, with nothing done.
+    pub(super) fn admit(&self, len: u64) -> Result<(), super::IoError> {
+        if !self.pace.load(Relaxed) {
+            return Ok(());
+        }
+        if self.credit.fetch_sub(len as i64, Relaxed) > 0 {
+            return Ok(());
+        }
+        self.credit.fetch_add(len as i64, Relaxed);
+        Err(super::IoError::Busy)
+    }
+
+    /// Adds admission credit, capped at one segment so a pause in writes cannot bank
+    /// a long burst.
+    fn earn(&self, bytes: u64) {
+        let cap = self.geo.seg_data_size as i64;
+        let _ = self.credit.fetch_update(Relaxed, Relaxed, |c| {
+            Some(c.saturating_add(bytes as i64).min(cap))
+        });
+    }
+
+    /// Reports that `bytes` of batch `b`'s writes reached the backing device (before its
+    /// FLUSH): admission credit follows writeback I/O by I/O rather than in whole
+    /// batches. Optional; `writeback_done` credits whatever was not reported.
+    pub fn writeback_progress(&self, b: &mut WbBatch, bytes: u64) {
+        let n = bytes.min(b.retire_bytes.saturating_sub(b.credited));
+        b.credited += n;
+        self.earn(n);
     }
 
     /// Reclaims written-back ksets from key_tail while GC is wanted.

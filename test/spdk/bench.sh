@@ -21,8 +21,14 @@
 # Environment: as test/spdk/run.sh (SPDK_DIR / PKG_CONFIG_PATH), BENCH_SECONDS (per
 # workload, default 5), BENCH_ROUNDS (default 3), BENCH_CACHE_MB (pcache medium and
 # OCF cache, default 512), BENCH_BASE_MB (base, default 256).
+#
+# `bash test/spdk/bench.sh overload` runs the overload tier instead (test/spdk/bench_overload.sh:
+# working set 8x the cache on the real disk, sustained writes, tail latency, plots).
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
+if [ "${1:-}" = overload ]; then
+    exec bash "$HERE/bench_overload.sh"
+fi
 # shellcheck source=test/spdk/common.sh
 . "$HERE/common.sh"
 

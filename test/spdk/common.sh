@@ -63,6 +63,11 @@ for b in "$SPDK_TGT" "$BDEVPERF" "$SPDK_DD" "$RPC_PY"; do
     fi
 done
 export LD_LIBRARY_PATH=$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# A built tree links its own ISA-L; the preloaded module must not pull in the system's
+# (older, missing symbols SPDK's libraries need).
+if [ -n "${SPDK_DIR:-}" ] && [ -d "$SPDK_DIR/isa-l/.libs" ]; then
+    LD_LIBRARY_PATH=$SPDK_DIR/isa-l/.libs:$LD_LIBRARY_PATH
+fi
 export PYTHONPATH=$SPDK_PYTHONPATH:$ROOT/configs/rpc${PYTHONPATH:+:$PYTHONPATH}
 
 # ---------------------------------------------------------------- build

@@ -16,18 +16,16 @@
 //! `fdatasync` for every write of the pass, see `pmem`) before any reply is sent; FUA,
 //! FLUSH and every kset close drain it synchronously.
 //!
-//! Background work (a tick every 100 ms, writeback, GC) runs on NBD reactor 0, through
-//! [`BlockTarget::background`], between its polls: `pcache serve` has no background thread.
-//! A step blocks that reactor for one writeback batch (backing writes and a flush through
-//! its ring). Measured with `test/bench_nbd.sh` on the 2-core reference machine against a
-//! dedicated thread, the difference stayed within run-to-run noise in every job (the
-//! thread competes for the same cores anyway), so the layout won; on a machine
-//! where one writeback batch takes long (a slow disk) the clients of reactor 0 would feel
-//! it, and a non-blocking writeback through the reactor's ring is the way out. Whoever
-//! waits for background progress wakes reactor 0 through its waker; a request of reactor
-//! 0 itself that waits (cache full) runs the background steps inline instead, since nobody
-//! else would. An embedder without reactors starts the same work on a thread with
-//! [`Volume::start_background`], which then takes precedence.
+//! Background work (a tick every 100 ms, writeback, GC) runs on a thread started with
+//! [`Volume::start_background`] (`pcache serve` does). Without one it runs on NBD reactor
+//! 0, through [`BlockTarget::background`], between its polls; a step then blocks that
+//! reactor for one writeback window (backing writes and a flush through its ring), which
+//! with the working set larger than the cache on a busy disk held its clients for tens of
+//! ms (the overload tier of `test/bench_nbd.sh`), hence the thread. Whoever waits for
+//! background progress wakes the runner; a request of reactor 0 itself that waits (cache
+//! full, no thread) runs the background steps inline instead, since nobody else would.
+//! Above the GC watermark writes are paced by the engine against writeback's progress
+//! (`IoError::Busy` from `admit`): they wait here, in the same FIFO gate, for a window.
 
 use super::backing::{BackingFile, Op, Queue};
 use super::pmem::{Persistence, PosixPmem};
@@ -48,6 +46,9 @@ use std::time::{Duration, Instant};
 const TICK: Duration = Duration::from_millis(100);
 /// Longest sleep of the background runner when it found nothing to do; a kick ends it early.
 const BACKGROUND_IDLE: Duration = Duration::from_millis(100);
+/// Ksets per writeback window (one backing FLUSH each): reactor 0 blocks while a window
+/// is written, so its clients wait that long.
+const EMBEDDED_WINDOW: u32 = 2;
 /// Pause of a background-running request that waits and found no background work either.
 const INLINE_WAIT: Duration = Duration::from_millis(1);
 
@@ -134,7 +135,8 @@ pub struct Background {
 impl Default for Background {
     fn default() -> Self {
         Background {
-            wb: WbBatch::default(),
+            // Small windows: reactor 0 serves no client while one is written.
+            wb: WbBatch::with_window(EMBEDDED_WINDOW),
             buf: Vec::new(),
             last_tick: Instant::now(),
         }
@@ -528,8 +530,13 @@ impl Volume {
                         }
                     }
                     None => {
-                        self.kick();
-                        self.wait_progress(seen, Duration::from_millis(50));
+                        // Wake the runner, then wait for its next progress (the kick
+                        // itself counts as progress: waiting from `seen` would spin).
+                        if self.progress_seen() == seen {
+                            self.kick();
+                            let kicked = self.progress_seen();
+                            self.wait_progress(kicked, Duration::from_millis(50));
+                        }
                     }
                 },
                 r => break r.map_err(to_io),

@@ -172,6 +172,9 @@ impl World {
         fo.kset_keys = cfg.kset_keys;
         fo.data_crc = cfg.data_crc;
         fo.gc_percent = (rng.below(4) * 20) as u32;
+        // Writeback windows of 1 to 8 ksets: one FLUSH after several ksets' writes,
+        // which the disk completes and persists in any order.
+        let window = 1 + rng.below(8) as u32;
         let engine =
             Engine::format(pmem.clone(), &fo, &Self::config(&cfg)).map_err(|e| e.to_string())?;
         let n = cfg.region_blocks as usize;
@@ -188,7 +191,7 @@ impl World {
             write_epoch: vec![0],
             flush_snap: vec![],
             inflight_ids: vec![],
-            wb: WbBatch::default(),
+            wb: WbBatch::with_window(window),
             wb_inflight: None,
             crashes: 0,
             cfg,
@@ -511,6 +514,10 @@ impl World {
             self.engine.writeback_done(&self.wb, ok);
         } else {
             inf.pending -= 1;
+            if !failed {
+                let len = self.wb.items.get(tag as usize).map_or(0, |i| i.len as u64);
+                self.engine.writeback_progress(&mut self.wb, len);
+            }
         }
         Ok(true)
     }

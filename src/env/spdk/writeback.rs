@@ -3,7 +3,8 @@
 //!
 //! Writeback runs when the engine wants it (`writeback_wanted`: lazily, so overwrites
 //! can supersede older dirty data first) or a drain asks for everything. It takes one
-//! kset at a time (`writeback_next`) and writes its dirty extents to the base bdev
+//! window of up to [`WINDOW_KSETS`](crate::engine::WINDOW_KSETS) ksets at a time (`writeback_next`, sorted by address,
+//! one base FLUSH for all) and writes its dirty extents to the base bdev
 //! straight from the mapped medium (`WbMap`) or, when the mapping is not usable for
 //! DMA, through a DMA bounce in waves of at most `WB_BOUNCE` bytes. Extents
 //! that continue each other on the base (and, when written straight from the medium, in
@@ -17,7 +18,10 @@
 //! exponentially (10 ms .. 5 s) and never lose data: it stays dirty in pmem and is
 //! written again.
 //!
-//! Invariants: everything here runs on the app thread; at most one kset is in flight;
+//! Every completed request earns admission credit (`writeback_progress`), which paces
+//! writers above the GC watermark.
+//!
+//! Invariants: everything here runs on the app thread; at most one window is in flight;
 //! stopping waits for the base I/O in flight before the continuation (teardown) runs.
 
 use super::cache::{AttachError, Node, MAX_IO};
@@ -29,6 +33,11 @@ use std::ffi::c_void;
 
 /// Bytes of dirty data in flight per wave.
 const WB_BOUNCE: usize = 8 << 20;
+/// Most writeback requests in flight to the base. A window may hold a thousand; more
+/// requests than the base device's queue holds make a kernel-backed base (bdev_uring,
+/// bdev_aio) block the reactor in submission, and every foreground I/O with it. 96 stays
+/// under a common 128-entry device queue and leaves room for foreground misses at QD32.
+const WB_INFLIGHT: u32 = 96;
 /// Period of the writeback poller when idle (work in progress chains itself).
 const WB_PERIOD_US: u64 = 1000;
 /// The engine tick period (kset buffers older than two ticks get closed).
@@ -361,7 +370,7 @@ fn submit_wave(n: *mut Node) {
     if bg.pending == 0 {
         bg.bounce_used = 0;
     }
-    while bg.item < bg.batch.items.len() {
+    while bg.item < bg.batch.items.len() && bg.pending < WB_INFLIGHT {
         let it = bg.batch.items[bg.item];
         let rest = it.len as u64 - bg.item_off;
         let at = it.off + bg.item_off;
@@ -509,14 +518,27 @@ extern "C" fn wb_io_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c_vo
     // SAFETY: the base bdev_io is ours to free in its completion callback.
     unsafe { sys::spdk_bdev_free_io(child) };
     let n = arg as *mut Node;
-    let bg = &mut node(arg).bg;
+    let nd = node(arg);
+    let bg = &mut nd.bg;
     bg.pending -= 1;
     bg.failed |= !ok;
+    if ok {
+        // Writers above the GC watermark are admitted against this credit: earn it per
+        // request, not per window, so they move on evenly.
+        let step = bg.batch.retire_bytes() / bg.batch.items.len().max(1) as u64;
+        nd.shared.engine.writeback_progress(&mut bg.batch, step);
+    }
     if bg.pending == 0 && !bg.waiting {
         if stopped(n) {
             return;
         }
         wave_done(n);
+    } else if !bg.waiting && !bg.failed && !bg.stopping && bg.map.is_some() {
+        // Straight from the medium there is no bounce to recycle: keep the window's
+        // requests flowing, up to WB_INFLIGHT.
+        if bg.item < bg.batch.items.len() {
+            submit_wave(n);
+        }
     }
 }
 
