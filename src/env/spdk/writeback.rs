@@ -23,9 +23,11 @@
 use super::cache::{AttachError, Node, MAX_IO};
 use super::ffi::{self, errlog, noticelog, DmaBuf, Poller};
 use super::wbmap::WbMap;
+use crate::engine::latency::{Class, LatencySet};
 use crate::engine::{Pmem, WbBatch, WbItem, WbKind, WbNext};
 use spdk_sys as sys;
 use std::ffi::c_void;
+use std::sync::Arc;
 
 /// Bytes of dirty data in flight per wave.
 const WB_BOUNCE: usize = 8 << 20;
@@ -79,8 +81,16 @@ pub(super) struct Background {
     on_stop: Option<Box<dyn FnOnce()>>,
     stopping: bool,
     pub drain: Drain,
+    /// Why writeback stopped, as last logged (logged once per reason).
     pub last_error: Option<String>,
     pub batches: u64,
+    /// Latency of the base requests of writeback (this thread records).
+    lat: Option<Arc<LatencySet>>,
+    /// When the requests in flight were submitted (SPDK ticks), and ns per tick (32.32).
+    io_start: u64,
+    ns_per_tick: u64,
+    /// Why the batch in progress failed.
+    why: &'static str,
 }
 
 impl Background {
@@ -109,6 +119,21 @@ impl Background {
             drain: Drain::default(),
             last_error: None,
             batches: 0,
+            lat: None,
+            io_start: 0,
+            ns_per_tick: 0,
+            why: "",
+        }
+    }
+
+    /// Records the latency of a base request submitted at `io_start`.
+    fn record_io(&self) {
+        if let Some(l) = &self.lat {
+            let dt = ffi::ticks().wrapping_sub(self.io_start);
+            l.record(
+                Class::Writeback,
+                ((dt as u128 * self.ns_per_tick as u128) >> 32) as u64,
+            );
         }
     }
 
@@ -176,6 +201,8 @@ pub(super) fn start(n: *mut Node) -> Result<(), AttachError> {
     let pm = nd.shared.engine.pmem();
     bg.map = WbMap::new(&nd.shared.name, pm.path(), pm.size());
     bg.gc_buf = vec![0; nd.shared.engine.geometry().kset_max_size()];
+    bg.lat = Some(nd.shared.engine.latency().register());
+    bg.ns_per_tick = ((1_000_000_000u128 << 32) / ffi::ticks_hz() as u128) as u64;
     // SAFETY: getter on an open bdev.
     bg.base_flush =
         unsafe { sys::spdk_bdev_io_type_supported(nd.base_bdev, sys::SPDK_BDEV_IO_TYPE_FLUSH) };
@@ -336,6 +363,7 @@ fn start_batch(n: *mut Node) -> bool {
             bg.item = 0;
             bg.item_off = 0;
             bg.failed = false;
+            bg.why = "";
             bg.bounce_used = 0;
             submit_wave(n);
             true
@@ -360,6 +388,8 @@ fn submit_wave(n: *mut Node) {
     bg.waiting = false;
     if bg.pending == 0 {
         bg.bounce_used = 0;
+        // The wave's requests go out together: each one's latency counts from here.
+        bg.io_start = ffi::ticks();
     }
     while bg.item < bg.batch.items.len() {
         let it = bg.batch.items[bg.item];
@@ -378,6 +408,7 @@ fn submit_wave(n: *mut Node) {
                     .as_ref()
                     .and_then(|m| m.ptr(pmem_off + bg.item_off, len));
                 let Some(src) = src else {
+                    bg.why = "the medium range is not mapped for DMA";
                     bg.failed = true;
                     break;
                 };
@@ -479,6 +510,7 @@ fn submit_wave(n: *mut Node) {
             return;
         }
         if rc != 0 {
+            bg.why = "could not submit a write to the base bdev";
             bg.failed = true;
             break;
         }
@@ -511,7 +543,12 @@ extern "C" fn wb_io_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c_vo
     let n = arg as *mut Node;
     let bg = &mut node(arg).bg;
     bg.pending -= 1;
-    bg.failed |= !ok;
+    if ok {
+        bg.record_io();
+    } else {
+        bg.why = "the base bdev failed a write";
+        bg.failed = true;
+    }
     if bg.pending == 0 && !bg.waiting {
         if stopped(n) {
             return;
@@ -537,6 +574,7 @@ fn wave_done(n: *mut Node) {
         return;
     }
     bg.phase = Phase::Flushing;
+    bg.io_start = ffi::ticks();
     // SAFETY: FLUSH of the whole base on our channel; completion comes back here.
     let rc = unsafe {
         sys::spdk_bdev_flush_blocks(
@@ -551,6 +589,7 @@ fn wave_done(n: *mut Node) {
     if rc == 0 {
         bg.pending += 1;
     } else {
+        bg.why = "could not submit a FLUSH to the base bdev";
         batch_done(n, false);
     }
 }
@@ -559,7 +598,13 @@ extern "C" fn wb_flush_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c
     // SAFETY: the base bdev_io is ours to free in its completion callback.
     unsafe { sys::spdk_bdev_free_io(child) };
     let n = arg as *mut Node;
-    node(arg).bg.pending -= 1;
+    let bg = &mut node(arg).bg;
+    bg.pending -= 1;
+    if ok {
+        bg.record_io();
+    } else {
+        bg.why = "the base bdev failed a FLUSH";
+    }
     batch_done(n, ok);
 }
 
@@ -567,8 +612,24 @@ extern "C" fn wb_flush_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c
 fn batch_done(n: *mut Node, ok: bool) {
     let nd = node(n.cast());
     let e = &nd.shared.engine;
-    e.writeback_done(&nd.bg.batch, ok);
     let bg = &mut nd.bg;
+    if ok {
+        e.writeback_done(&bg.batch, true);
+    } else {
+        let backoff = (bg.backoff_ms * 2).clamp(BACKOFF_MIN_MS, BACKOFF_MAX_MS);
+        let why = if bg.why.is_empty() {
+            "the base bdev failed a request"
+        } else {
+            bg.why
+        };
+        e.writeback_failed(
+            &bg.batch,
+            &format!(
+                "{why} (base bdev {}); retrying in {backoff} ms, the data stays dirty",
+                nd.base_name
+            ),
+        );
+    }
     bg.phase = Phase::Idle;
     if ok {
         bg.batches += 1;
