@@ -64,8 +64,9 @@ pub fn hist(v: &Value, class: &str) -> Result<HistSnapshot> {
         .get("latency")
         .and_then(|l| l.get(class))
         .ok_or_else(|| anyhow!("status has no latency for {class}"))?;
-    let pairs: Vec<(u32, u64)> = serde_json::from_value(h.get("buckets").cloned().unwrap_or(json!([])))
-        .map_err(|e| anyhow!("bad latency buckets for {class}: {e}"))?;
+    let pairs: Vec<(u32, u64)> =
+        serde_json::from_value(h.get("buckets").cloned().unwrap_or(json!([])))
+            .map_err(|e| anyhow!("bad latency buckets for {class}: {e}"))?;
     HistSnapshot::from_sparse(&pairs, n(h, "sum_ns"), n(h, "max_ns")).map_err(|e| anyhow!(e))
 }
 
@@ -134,7 +135,10 @@ pub fn print(v: &Value) -> Result<()> {
         g(v, "crc_errors_dirty")
     );
     println!("last io err:  {}", error_line(v.get("last_io_error")));
-    println!("last wb err:  {}", error_line(v.get("last_writeback_error")));
+    println!(
+        "last wb err:  {}",
+        error_line(v.get("last_writeback_error"))
+    );
     if v.get("online") == Some(&json!(false)) {
         println!("latency:      not available offline (no pcache serve is running)");
         return Ok(());
