@@ -11,8 +11,9 @@
 //! Invariants: each `LatencySet` has ONE writer (the channel that owns it); recording is
 //! a relaxed load and store per word (no lock prefix, no read-modify-write), and readers
 //! on other threads see counts that may lag by a request, never torn ones (each word is
-//! an atomic). A second writer would only lose counts, never corrupt memory. Sets are
-//! never removed from a `Registry`, so cumulative counts never go backwards.
+//! an atomic). A second writer would only lose counts, never corrupt memory. A set
+//! retired from its `Registry` leaves its counts behind, so cumulative counts never go
+//! backwards.
 
 use serde::{Serialize, Serializer};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -119,25 +120,44 @@ impl LatencySet {
     }
 }
 
-/// Every channel's set, for merging. Channels register when they are created (not on
-/// the I/O path); sets are kept after their channel ends.
+/// Every channel's set, for merging. Channels register when they are created and retire
+/// when they end (neither on the I/O path); a retired set's counts are folded into the
+/// registry, so totals never go backwards and channels that come and go leave no memory.
 #[derive(Default)]
 pub struct Registry {
-    sets: Mutex<Vec<Arc<LatencySet>>>,
+    inner: Mutex<Sets>,
+}
+
+#[derive(Default)]
+struct Sets {
+    live: Vec<Arc<LatencySet>>,
+    retired: LatencySnapshot,
 }
 
 impl Registry {
     /// A new set for a channel, included in every later snapshot.
     pub fn register(&self) -> Arc<LatencySet> {
         let s = Arc::new(LatencySet::default());
-        self.sets.lock().unwrap().push(Arc::clone(&s));
+        self.inner.lock().unwrap().live.push(Arc::clone(&s));
         s
     }
 
-    /// Merges every channel's histograms.
+    /// The channel of `set` ended (its owner records no more): keep its counts, drop it.
+    pub fn retire(&self, set: &Arc<LatencySet>) {
+        let mut g = self.inner.lock().unwrap();
+        if let Some(i) = g.live.iter().position(|s| Arc::ptr_eq(s, set)) {
+            let s = g.live.swap_remove(i);
+            for (h, r) in s.h.iter().zip(g.retired.classes.iter_mut()) {
+                h.add_to(r);
+            }
+        }
+    }
+
+    /// Merges every channel's histograms (and the retired ones).
     pub fn snapshot(&self) -> LatencySnapshot {
-        let mut out = LatencySnapshot::default();
-        for set in self.sets.lock().unwrap().iter() {
+        let g = self.inner.lock().unwrap();
+        let mut out = g.retired.clone();
+        for set in &g.live {
             for (h, s) in set.h.iter().zip(out.classes.iter_mut()) {
                 h.add_to(s);
             }
@@ -379,6 +399,10 @@ mod tests {
             let s = reg.register();
             for &v in &a { s.record(Class::Flush, v); }
             let first = reg.snapshot();
+            // A channel that ends keeps its counts in the registry.
+            reg.retire(&s);
+            prop_assert_eq!(&reg.snapshot(), &first);
+            let s = reg.register();
             for &v in &b { s.record(Class::Flush, v); }
             let second = reg.snapshot();
             let h = second.class(Class::Flush);

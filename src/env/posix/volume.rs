@@ -560,6 +560,7 @@ pub struct VolumeConn {
 
 impl Drop for VolumeConn {
     fn drop(&mut self) {
+        self.vol.engine.latency().retire(&self.lat);
         self.vol.engine.release_channel(&mut self.ch);
     }
 }

@@ -197,6 +197,7 @@ pub(super) extern "C" fn destroy_cb(_io_device: *mut c_void, buf: *mut c_void) {
         unsafe { io::finish(&mut c, bio, ffi::STATUS_FAILED) };
     }
     let e = &c.shared.engine;
+    e.latency().retire(&c.lat);
     e.release_channel(&mut c.main);
     for ch in c.fillers.iter_mut() {
         e.release_channel(ch);
