@@ -25,6 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "embedded/observe.rs"]
+mod observe;
+
 const BIN: &str = env!("CARGO_BIN_EXE_pcache");
 const MIB: u64 = 1 << 20;
 /// Cache medium size and segment size of every test: small, so GC and writeback run.

@@ -26,6 +26,7 @@ fn cfg() -> Config {
     Config {
         n_ksets: 2,
         log_reserve: 2,
+        ..Config::default()
     }
 }
 

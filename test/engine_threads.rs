@@ -90,6 +90,7 @@ fn four_channels_and_background_work() {
     let cfg = Config {
         n_ksets: 2,
         log_reserve: 2,
+        ..Config::default()
     };
     let e = Arc::new(Engine::format(pmem.clone(), &fo, &cfg).unwrap());
     let disk = Arc::new(Mutex::new(SimDisk::new(size, 512)));

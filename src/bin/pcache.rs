@@ -4,13 +4,16 @@
 //! backtrace. `pcache serve` with no options works on a fresh machine: it creates a
 //! small medium and backing file in a data directory and says how to connect.
 
+#[path = "pcache/status.rs"]
+mod status;
+
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use pcache::engine::{Config, Engine};
-use pcache::env::posix::control;
 use pcache::env::posix::pmem::{Persistence, PosixPmem};
 use pcache::env::posix::signals;
 use pcache::env::posix::volume::{Target, Volume, VolumeOptions};
+use pcache::env::posix::{control, metrics};
 use pcache::frontend::nbd::{Listener, NbdServer};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -127,18 +130,28 @@ struct ServeArgs {
     /// Data directory for the default files.
     #[arg(long, env = "PCACHE_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP at this address (GET /metrics), e.g. 127.0.0.1:9100.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Args)]
 struct StatusArgs {
     #[command(flatten)]
     medium: MediumArgs,
-    /// Print JSON.
+    /// Print JSON (stable field names; with --watch, one object per interval and line).
     #[arg(long)]
     json: bool,
     /// Control socket of a running `pcache serve` (default: `<pmem>.ctl` if it answers).
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Refresh every SECS seconds (default 1) with per-interval rates and latency, like
+    /// `iostat 1`; needs a running `pcache serve`.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1")]
+    watch: Option<f64>,
+    /// With --watch: stop after this many intervals.
+    #[arg(long, requires = "watch")]
+    count: Option<u64>,
 }
 
 #[derive(Args)]
@@ -360,6 +373,21 @@ fn serve(a: ServeArgs) -> Result<()> {
     // would wait that long (tens of ms on a busy disk, measured with the overload tier
     // of test/bench_nbd.sh).
     let bg_thread = vol.start_background().context("background thread")?;
+
+    let metrics_thread = match &a.metrics_listen {
+        Some(addr) => {
+            let l = metrics::bind(addr)?;
+            println!("  curl http://{}/metrics   (Prometheus)", l.local_addr()?);
+            let (vol, stop) = (Arc::clone(&vol), Arc::clone(&stop));
+            Some(std::thread::spawn(move || {
+                if let Err(e) = metrics::serve(l, vol, stop) {
+                    eprintln!("pcache: metrics listener: {e}");
+                }
+            }))
+        }
+        None => None,
+    };
+
     let ctl_thread = {
         let (vol, stop, ctl) = (Arc::clone(&vol), Arc::clone(&stop), ctl.clone());
         std::thread::spawn(move || {
@@ -388,6 +416,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     stop.store(true, Ordering::Release);
     let _ = watcher.join();
     let _ = ctl_thread.join();
+    if let Some(t) = metrics_thread {
+        let _ = t.join();
+    }
     let shut = vol.shutdown();
     let _ = bg_thread.join();
     r.context("NBD server")?;
@@ -452,6 +483,17 @@ fn status(a: StatusArgs) -> Result<()> {
         .control
         .clone()
         .unwrap_or_else(|| ctl_path(&a.medium.pmem));
+    if let Some(secs) = a.watch {
+        let fetch = || {
+            control::request(&ctl, &json!({"cmd": "status"})).map_err(|e| {
+                anyhow!(
+                    "status --watch needs a running pcache serve: control socket {}: {e}",
+                    ctl.display()
+                )
+            })
+        };
+        return status::watch(fetch, secs, a.count, a.json);
+    }
     let v = match control::request(&ctl, &json!({"cmd": "status"})) {
         Ok(v) => v,
         Err(e) if a.control.is_some() => bail!("control socket {}: {e}", ctl.display()),
@@ -469,53 +511,7 @@ fn status(a: StatusArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let g = |k: &str| {
-        v.get(k)
-            .map(|x| x.to_string().trim_matches('"').to_string())
-            .unwrap_or_default()
-    };
-    println!("pmem:         {}", g("pmem"));
-    println!(
-        "persistence:  {}   mode: {}   data_crc: {}   gc_percent: {}",
-        g("persistence"),
-        g("mode"),
-        g("data_crc"),
-        g("gc_percent")
-    );
-    println!(
-        "segments:     {} used of {} ({} bytes each)",
-        g("segments_used"),
-        g("segments_total"),
-        g("segment_size")
-    );
-    println!(
-        "dirty bytes:  {}   cached extents: {}",
-        g("dirty_bytes"),
-        g("cached_extents")
-    );
-    println!(
-        "key_head:     {}   dirty_tail: {}   key_tail: {}",
-        g("key_head"),
-        g("dirty_tail"),
-        g("key_tail")
-    );
-    println!(
-        "reads:        {} (hits {}, misses {}, partial {})   writes: {}",
-        g("reads"),
-        g("hits"),
-        g("misses"),
-        g("partial_hits"),
-        g("writes")
-    );
-    println!(
-        "writeback:    {} ksets, {} bytes ({} superseded bytes skipped), {} errors   gc: {} ksets",
-        g("writeback_ksets"),
-        g("writeback_bytes"),
-        g("writeback_skipped_bytes"),
-        g("writeback_errors"),
-        g("gc_ksets")
-    );
-    Ok(())
+    status::print(&v)
 }
 
 fn check(m: MediumArgs) -> Result<()> {

@@ -170,7 +170,7 @@ impl<P: Pmem> Engine<P> {
     pub fn write(&self, ch: &mut Channel, off: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
         self.check_range(off, data.len() as u64)?;
         self.admit(data.len() as u64)
-            .inspect_err(|_| self.counters.busy.inc())?;
+            .inspect_err(|_| self.counters.paced.inc())?;
         if fua {
             self.new_epoch();
         }
@@ -179,9 +179,7 @@ impl<P: Pmem> Engine<P> {
             let o = off + pos as u64;
             let to_boundary = SUBTREE_SIZE - o % SUBTREE_SIZE;
             let want = (data.len() - pos).min(to_boundary as usize) as u64;
-            let a = self
-                .alloc(ch, want)
-                .inspect_err(|_| self.counters.busy.inc())?;
+            let a = self.alloc(ch, want)?;
             let src = &data[pos..pos + a.len as usize];
             let at = self.geo.data_off(a.seg, a.off);
             self.pmem.write(at, src);
@@ -205,10 +203,7 @@ impl<P: Pmem> Engine<P> {
             let x = Extent::of_key(&k, flags);
             // FUA closes the kset of *every* piece: pieces of one request in different
             // regions go through different ksets.
-            if let Err(e) = self.insert_key(&k, x, fua) {
-                self.counters.busy.inc();
-                return Err(e);
-            }
+            self.insert_key(&k, x, fua)?;
             pos += a.len as usize;
         }
         self.counters.writes.inc();
@@ -438,10 +433,18 @@ impl<P: Pmem> Engine<P> {
             return Ok(true);
         }
         if x.is(F_DIRTY) {
+            // The read fails: an I/O error too.
             self.counters.crc_errors_dirty.inc();
+            self.counters.io_errors.inc();
+            self.note_io_error(format!(
+                "dirty data at backing offset {o} fails its CRC: read failed (it cannot be recovered)"
+            ));
             return Err(IoError::Corrupt);
         }
         self.counters.crc_errors_clean.inc();
+        self.note_io_error(format!(
+            "clean data at backing offset {o} fails its CRC: dropped, read from the backing device"
+        ));
         // Drop the bad extent unless a write replaced it meanwhile.
         let mut shard = self.shard(self.shard_of(o));
         let (s, e) = ((o % SUBTREE_SIZE) as u32, (o % SUBTREE_SIZE) as u32 + x.len);

@@ -17,6 +17,7 @@ mod check;
 pub mod format;
 pub mod index;
 mod io;
+pub mod latency;
 pub mod log;
 mod open;
 pub mod pmem;
@@ -29,7 +30,7 @@ pub use format::{BackingIdentity, LogPos};
 pub use io::{Channel, Miss};
 pub use open::{probe, Probe};
 pub use pmem::Pmem;
-pub use stats::Stats;
+pub use stats::{ErrorEvent, Stats};
 pub use writeback::{GcResult, WbBatch, WbItem, WbKind, WbNext, WINDOW_KSETS};
 
 use format::{
@@ -78,6 +79,9 @@ pub struct Config {
     pub n_ksets: u32,
     /// Segments kept back from data allocation for the log.
     pub log_reserve: u32,
+    /// The wall clock, in milliseconds since the Unix epoch, read only to date an error
+    /// (the engine has no clock of its own; the default dates nothing: 0).
+    pub wall_clock_ms: fn() -> u64,
 }
 
 impl Default for Config {
@@ -85,6 +89,7 @@ impl Default for Config {
         Config {
             n_ksets: 4,
             log_reserve: 2,
+            wall_clock_ms: || 0,
         }
     }
 }
@@ -149,11 +154,13 @@ struct InfoState {
     r: Replica,
 }
 
-/// Latched background errors.
+/// Latched background errors, and the last error of each kind that was counted.
 #[derive(Default)]
 struct Errors {
     writeback: Option<String>,
     gc: Option<String>,
+    last_io: Option<ErrorEvent>,
+    last_writeback: Option<ErrorEvent>,
 }
 
 /// Replayed shards `tick` settles per call: small, because tick runs on a reactor.
@@ -193,6 +200,11 @@ pub struct Engine<P: Pmem> {
     counters: stats::Counters,
     next_token: AtomicU32,
     errors: Mutex<Errors>,
+    wall_clock_ms: fn() -> u64,
+    /// Requests the environment holds back because the cache was full (a gauge it keeps).
+    waiting: AtomicU64,
+    /// Every channel's latency histograms (recorded by the environment, which has the clock).
+    latency: latency::Registry,
 }
 
 impl<P: Pmem> Engine<P> {
@@ -337,6 +349,48 @@ impl<P: Pmem> Engine<P> {
     /// True when a request failed with `Busy` since the last reclaim.
     pub fn cache_full(&self) -> bool {
         self.segs.full.load(Relaxed)
+    }
+
+    /// The latency histograms: environments register one set per channel and record
+    /// into it; `stats` merges them.
+    pub fn latency(&self) -> &latency::Registry {
+        &self.latency
+    }
+
+    /// A request starts waiting for cache space (the environment's FIFO).
+    pub fn waiting_inc(&self) {
+        self.waiting.fetch_add(1, Relaxed);
+    }
+
+    /// A waiting request left the FIFO.
+    pub fn waiting_dec(&self) {
+        self.waiting.fetch_sub(1, Relaxed);
+    }
+
+    fn event(&self, message: String) -> ErrorEvent {
+        ErrorEvent {
+            message,
+            unix_ms: (self.wall_clock_ms)(),
+        }
+    }
+
+    /// Counts a failed request (a backing-device read that failed, a request that could
+    /// not be served) and remembers it, with the time, as the last I/O error.
+    pub fn io_error(&self, message: String) {
+        self.counters.io_errors.inc();
+        self.note_io_error(message);
+    }
+
+    /// Remembers the last I/O error (the caller counted it).
+    fn note_io_error(&self, message: String) {
+        let ev = self.event(message);
+        self.errors.lock().unwrap().last_io = Some(ev);
+    }
+
+    /// Remembers the last writeback error (the caller counted it).
+    fn note_writeback_error(&self, message: String) {
+        let ev = self.event(message);
+        self.errors.lock().unwrap().last_writeback = Some(ev);
     }
 
     /// Releases a channel's allocation head (the channel goes away).

@@ -382,6 +382,9 @@ impl<P: Pmem> Engine<P> {
             counters: Default::default(),
             next_token: AtomicU32::new(1),
             errors: Mutex::new(Errors::default()),
+            wall_clock_ms: cfg.wall_clock_ms,
+            waiting: AtomicU64::new(0),
+            latency: Default::default(),
         })
     }
 }

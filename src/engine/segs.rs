@@ -36,6 +36,8 @@ pub struct Segs {
     alloc: Mutex<Alloc>,
     /// Set when an allocation failed; cleared by a reclaim.
     pub full: AtomicBool,
+    /// Times `full` went from clear to set: how often the cache became full.
+    pub full_events: AtomicU64,
     pub reserve: u32,
     /// Superseded marks, `blocks_per_seg` per segment (see the module comment).
     marks: Box<[AtomicU8]>,
@@ -77,6 +79,7 @@ impl Segs {
             gens: gens.into_iter().map(AtomicU64::new).collect(),
             alloc: Mutex::new(Alloc { free, uses }),
             full: AtomicBool::new(false),
+            full_events: AtomicU64::new(0),
             reserve,
         }
     }
@@ -99,7 +102,7 @@ impl Segs {
     pub fn take_data(&self) -> Option<u32> {
         let mut a = self.alloc.lock().unwrap();
         if a.free.len() as u32 <= self.reserve {
-            self.full.store(true, Relaxed);
+            self.became_full();
             return None;
         }
         let s = a.free.pop_front()?;
@@ -115,11 +118,20 @@ impl Segs {
     pub fn take_log(&self) -> Option<u32> {
         let mut a = self.alloc.lock().unwrap();
         let Some(s) = a.free.pop_front() else {
-            self.full.store(true, Relaxed);
+            self.became_full();
             return None;
         };
         a.uses[s as usize] = Use::Log;
         Some(s)
+    }
+
+    /// An allocation failed: the cache is full. Counts the transition, not every failed
+    /// retry of a waiting request (called under the allocator lock, so a reclaim's clear
+    /// cannot interleave).
+    fn became_full(&self) {
+        if !self.full.swap(true, Relaxed) {
+            self.full_events.fetch_add(1, Relaxed);
+        }
     }
 
     /// Returns a log segment that key_tail has left.

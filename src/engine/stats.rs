@@ -1,6 +1,10 @@
 //! Statistics: relaxed atomic counters bumped on the I/O path, and a snapshot type that
 //! status, the control socket and JSON-RPC print.
+//!
+//! Every counted error also leaves its text and time in a last-error slot (a short lock:
+//! errors are rare), so a non-zero error count always comes with its explanation.
 
+use super::latency::LatencySnapshot;
 use super::{Engine, Pmem};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -34,7 +38,6 @@ pub struct Counters {
     pub flushes: Counter,
     pub zeroes: Counter,
     pub discards: Counter,
-    pub busy: Counter,
     pub wb_ksets: Counter,
     pub wb_bytes: Counter,
     pub wb_skipped_bytes: Counter,
@@ -43,10 +46,22 @@ pub struct Counters {
     pub segs_reclaimed: Counter,
     pub crc_errors_clean: Counter,
     pub crc_errors_dirty: Counter,
+    pub io_errors: Counter,
+    /// Write attempts refused by admission pacing (above the GC watermark, waiting for
+    /// writeback to earn credit); each is retried.
+    pub paced: Counter,
+}
+
+/// An error that was counted: what happened, and when (milliseconds since the Unix
+/// epoch, from the environment's wall clock; 0 where it has none).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ErrorEvent {
+    pub message: String,
+    pub unix_ms: u64,
 }
 
 /// A point-in-time view of the cache.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct Stats {
     pub mode: &'static str,
     pub data_crc: bool,
@@ -72,7 +87,12 @@ pub struct Stats {
     pub flushes: u64,
     pub write_zeroes: u64,
     pub discards: u64,
+    /// Times the cache became full (allocation failed after space was available).
     pub cache_full_events: u64,
+    /// Requests waiting for cache space right now.
+    pub waiting_requests: u64,
+    /// Write attempts held back by admission pacing above the GC watermark (retried).
+    pub paced_writes: u64,
     pub writeback_ksets: u64,
     pub writeback_bytes: u64,
     /// Dirty bytes writeback left out because a newer write of the same epoch, already
@@ -83,8 +103,16 @@ pub struct Stats {
     pub segments_reclaimed: u64,
     pub crc_errors_clean: u64,
     pub crc_errors_dirty: u64,
+    /// Requests that failed (backing-device reads, corrupt dirty data, ...).
+    pub io_errors: u64,
+    /// The last counted I/O error (CRC errors included).
+    pub last_io_error: Option<ErrorEvent>,
+    /// The last writeback error (a failed batch, or why writeback stopped).
+    pub last_writeback_error: Option<ErrorEvent>,
     pub writeback_stopped: Option<String>,
     pub gc_stopped: Option<String>,
+    /// Latency histograms merged over every channel, cumulative since open.
+    pub latency: LatencySnapshot,
 }
 
 fn pos(p: super::LogPos) -> String {
@@ -109,7 +137,17 @@ impl<P: Pmem> Engine<P> {
             (t.key, t.dirty)
         };
         let kh = self.head.lock().unwrap().pos;
-        let errors = self.errors.lock().unwrap();
+        // Cloned out at once: the index and log locks below are never taken under it.
+        let (wb_stopped, gc_stopped, last_io, last_wb) = {
+            let e = self.errors.lock().unwrap();
+            let e = &*e;
+            (
+                e.writeback.clone(),
+                e.gc.clone(),
+                e.last_io.clone(),
+                e.last_writeback.clone(),
+            )
+        };
         Stats {
             mode: "writeback",
             data_crc: self.data_crc,
@@ -138,7 +176,9 @@ impl<P: Pmem> Engine<P> {
             flushes: c.flushes.get(),
             write_zeroes: c.zeroes.get(),
             discards: c.discards.get(),
-            cache_full_events: c.busy.get(),
+            cache_full_events: self.segs.full_events.load(Relaxed),
+            waiting_requests: self.waiting.load(Relaxed),
+            paced_writes: c.paced.get(),
             writeback_ksets: c.wb_ksets.get(),
             writeback_bytes: c.wb_bytes.get(),
             writeback_skipped_bytes: c.wb_skipped_bytes.get(),
@@ -147,8 +187,12 @@ impl<P: Pmem> Engine<P> {
             segments_reclaimed: c.segs_reclaimed.get(),
             crc_errors_clean: c.crc_errors_clean.get(),
             crc_errors_dirty: c.crc_errors_dirty.get(),
-            writeback_stopped: errors.writeback.clone(),
-            gc_stopped: errors.gc.clone(),
+            io_errors: c.io_errors.get(),
+            last_io_error: last_io,
+            last_writeback_error: last_wb,
+            writeback_stopped: wb_stopped,
+            gc_stopped,
+            latency: self.latency.snapshot(),
         }
     }
 }

@@ -200,6 +200,7 @@ fn item(geo: &Geometry, k: &KeyRec, s: u64, e: u64) -> WbItem {
 
 impl<P: Pmem> Engine<P> {
     fn stop_writeback(&self, msg: String) -> WbNext {
+        self.note_writeback_error(format!("writeback stopped: {msg}"));
         self.errors.lock().unwrap().writeback = Some(msg.clone());
         WbNext::Stopped(msg)
     }
@@ -341,10 +342,10 @@ impl<P: Pmem> Engine<P> {
     }
 
     /// Acknowledges a batch. `ok` means every item was written and the backing device
-    /// was flushed afterwards.
+    /// was flushed afterwards. A failure is counted: say why with `writeback_failed`.
     pub fn writeback_done(&self, b: &WbBatch, ok: bool) {
         if !ok {
-            self.counters.wb_errors.inc();
+            self.writeback_failed(b, "the backing device failed a write or flush");
             return;
         }
         let mut t = self.tails.lock().unwrap();
@@ -359,6 +360,17 @@ impl<P: Pmem> Engine<P> {
         self.counters.wb_ksets.add(b.ksets as u64);
         self.counters.wb_bytes.add(b.bytes());
         self.counters.wb_skipped_bytes.add(b.skipped);
+    }
+
+    /// A batch failed (`why`: what the backing device did): counted, remembered with
+    /// the time as the last writeback error. The data stays dirty, to be written again.
+    pub fn writeback_failed(&self, b: &WbBatch, why: &str) {
+        self.counters.wb_errors.inc();
+        self.note_writeback_error(format!(
+            "writeback of kset {} ({} bytes) failed: {why}",
+            b.pos.seq,
+            b.bytes()
+        ));
     }
 
     /// Whether writeback should run now (runtimes ask before `writeback_next`; a

@@ -419,6 +419,9 @@ else
 fi
 stop "$SOCK" "$TGT_PID"
 
+# ---------------------------------------------------------------- observability
+. "$HERE/observe.sh"
+
 echo "elapsed $(($(date +%s) - T0)) s (SPDK_TEST_SECONDS=$SECS)"
 echo "$PASS passed, $FAILED failed"
 [ "$FAILED" = 0 ]

@@ -4,6 +4,7 @@
 
 pub mod backing;
 pub mod control;
+pub mod metrics;
 pub mod pmem;
 pub mod poll;
 pub mod signals;

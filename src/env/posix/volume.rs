@@ -30,6 +30,7 @@
 use super::backing::{BackingFile, Op, Queue};
 use super::pmem::{Persistence, PosixPmem};
 use super::poll::Waker;
+use crate::engine::latency::{Class, LatencySet};
 use crate::engine::{
     probe, BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, OpenError, Pmem,
     Probe, Stats, WbBatch, WbKind, WbNext,
@@ -123,6 +124,8 @@ pub struct Volume {
     bg_thread: AtomicBool,
     /// Wakes the reactor that does the background work (set on its first step).
     bg_waker: OnceLock<Arc<Waker>>,
+    /// Latency of writeback's backing I/O: one runner writes back at a time.
+    wb_lat: Arc<LatencySet>,
 }
 
 /// What the background runner keeps between steps.
@@ -141,6 +144,11 @@ impl Default for Background {
             last_tick: Instant::now(),
         }
     }
+}
+
+/// Nanoseconds since `t0`, for the latency histograms.
+fn ns_since(t0: Instant) -> u64 {
+    t0.elapsed().as_nanos().min(u64::MAX as u128) as u64
 }
 
 fn identity(b: &BackingFile) -> BackingIdentity {
@@ -171,7 +179,6 @@ impl Volume {
 
     fn build(engine: Engine<PosixPmem>, backing: Arc<BackingFile>) -> Arc<Volume> {
         Arc::new(Volume {
-            engine,
             backing,
             stop: AtomicBool::new(false),
             gate: Mutex::default(),
@@ -183,12 +190,15 @@ impl Volume {
             wb_retry_at: Mutex::new(None),
             bg_thread: AtomicBool::new(false),
             bg_waker: OnceLock::new(),
+            wb_lat: engine.latency().register(),
+            engine,
         })
     }
 
     fn config(o: &VolumeOptions) -> Config {
         Config {
             n_ksets: o.n_ksets,
+            wall_clock_ms: crate::env::unix_ms,
             ..Config::default()
         }
     }
@@ -380,7 +390,7 @@ impl Volume {
                             *self.wb_retry_at.lock().unwrap() = None;
                         }
                         Err(err) => {
-                            e.writeback_done(wb, false);
+                            e.writeback_failed(wb, &err.to_string());
                             let b = (backoff * 2).clamp(10, 5000);
                             eprintln!("pcache: writeback failed ({err}); retrying in {b} ms");
                             self.wb_backoff_ms.store(b, Relaxed);
@@ -435,15 +445,26 @@ impl Volume {
                 rest = b;
             }
         }
+        // The writes go out together: each one's latency is the time until all are back.
+        let t0 = Instant::now();
         q.run(&mut ops)?;
+        let ns = ns_since(t0);
+        for _ in 0..ops.len() {
+            self.wb_lat.record(Class::Writeback, ns);
+        }
         for it in &wb.items {
+            let t0 = Instant::now();
             match it.kind {
                 WbKind::Zero => q.write_zeroes(it.off, it.len as u64)?,
                 WbKind::Discard => q.discard(it.off, it.len as u64)?,
-                WbKind::Data { .. } => {}
+                WbKind::Data { .. } => continue,
             }
+            self.wb_lat.record(Class::Writeback, ns_since(t0));
         }
-        q.flush()
+        let t0 = Instant::now();
+        q.flush()?;
+        self.wb_lat.record(Class::Writeback, ns_since(t0));
+        Ok(())
     }
 
     /// Writes back every dirty byte from the calling thread (offline `pcache flush`).
@@ -503,6 +524,7 @@ impl Volume {
         let mut g = self.gate.lock().unwrap();
         let ticket = g.next;
         g.next += 1;
+        self.engine.waiting_inc();
         while g.serving != ticket {
             match bg.as_mut() {
                 Some((q, st)) => {
@@ -542,6 +564,7 @@ impl Volume {
                 r => break r.map_err(to_io),
             }
         };
+        self.engine.waiting_dec();
         let mut g = self.gate.lock().unwrap();
         g.serving += 1;
         self.gate_cv.notify_all();
@@ -602,10 +625,13 @@ pub struct VolumeConn {
     /// fill's data sync, but no reply waits for it (a kset close drains it before the
     /// key), so reads alone never cost a sync.
     uncommitted: bool,
+    /// This reactor's latency histograms (only this reactor records into them).
+    lat: Arc<LatencySet>,
 }
 
 impl Drop for VolumeConn {
     fn drop(&mut self) {
+        self.vol.engine.latency().retire(&self.lat);
         self.vol.engine.release_channel(&mut self.ch);
     }
 }
@@ -636,6 +662,7 @@ impl BlockTarget for Target {
             q: self.0.backing.queue()?,
             bg: None,
             uncommitted: false,
+            lat: self.0.engine.latency().register(),
         })
     }
     fn background(&self, conn: &mut VolumeConn, wake: &Arc<Waker>) -> Option<Duration> {
@@ -689,12 +716,14 @@ impl VolumeConn {
 
 impl BlockConn for VolumeConn {
     fn read(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        let t0 = Instant::now();
         let missed = self
             .vol
             .engine
             .read(&mut self.ch, off, buf)
             .map_err(to_io)?;
         if missed == 0 {
+            self.lat.record(Class::ReadHit, ns_since(t0));
             return Ok(());
         }
         // The common case is one miss: read it directly, allocating nothing.
@@ -711,14 +740,26 @@ impl BlockConn for VolumeConn {
             self.read_misses(off, buf)
         };
         self.vol.engine.fill(&mut self.ch, off, buf, r.is_ok());
+        match &r {
+            Ok(()) => self.lat.record(Class::ReadMiss, ns_since(t0)),
+            Err(e) => self.vol.engine.io_error(format!(
+                "read of {} bytes at offset {off} from the backing device failed: {e}",
+                buf.len()
+            )),
+        }
         r
     }
 
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
         self.uncommitted = true;
+        let t0 = Instant::now();
         let (vol, ch) = (&self.vol, &mut self.ch);
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
-        vol.gated(|| vol.engine.write(ch, off, data, fua), bg)
+        let r = vol.gated(|| vol.engine.write(ch, off, data, fua), bg);
+        if r.is_ok() {
+            self.lat.record(Class::Write, ns_since(t0));
+        }
+        r
     }
 
     fn wants_commit(&self) -> bool {
@@ -737,9 +778,14 @@ impl BlockConn for VolumeConn {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        let t0 = Instant::now();
         let vol = &self.vol;
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
-        vol.gated(|| vol.engine.flush(), bg)
+        let r = vol.gated(|| vol.engine.flush(), bg);
+        if r.is_ok() {
+            self.lat.record(Class::Flush, ns_since(t0));
+        }
+        r
     }
 
     fn trim(&mut self, off: u64, len: u64, fua: bool) -> io::Result<()> {

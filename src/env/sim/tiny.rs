@@ -29,6 +29,7 @@ pub fn config() -> Config {
     Config {
         n_ksets: 2,
         log_reserve: 2,
+        ..Config::default()
     }
 }
 

@@ -206,6 +206,7 @@ impl World {
         Config {
             n_ksets: 2,
             log_reserve: 2,
+            ..Config::default()
         }
     }
 

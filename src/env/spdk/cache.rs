@@ -19,7 +19,7 @@ use crate::engine::{probe, BackingIdentity, Config, Engine, FormatOptions, OpenE
 use crate::env::posix::pmem::{Persistence, PosixPmem};
 use spdk_sys as sys;
 use std::ffi::{c_void, CString};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering::*};
 use std::sync::Arc;
 
 /// Largest READ/WRITE handed to the module (the bdev layer splits bigger ones), which
@@ -52,8 +52,6 @@ pub(super) struct Shared {
     pub removed: AtomicBool,
     /// The app-thread node; only dereferenced on the app thread.
     pub node: AtomicPtr<Node>,
-    pub io_errors: AtomicU64,
-    pub queued: AtomicU64,
 }
 
 // SAFETY: `base_bdev` is only passed back to SPDK calls that are thread-safe
@@ -150,6 +148,7 @@ fn open_engine(
 ) -> Result<Engine<PosixPmem>, AttachError> {
     let cfg = Config {
         n_ksets: N_KSETS,
+        wall_clock_ms: crate::env::unix_ms,
         ..Config::default()
     };
     let path = p.pmem_path.display().to_string();
@@ -295,8 +294,6 @@ pub(super) fn attach(p: &CreateParams, pmem: PosixPmem) -> Result<*mut Node, Att
         max_fillers: (segs / 32).clamp(1, 16),
         removed: AtomicBool::new(false),
         node: AtomicPtr::new(std::ptr::null_mut()),
-        io_errors: AtomicU64::new(0),
-        queued: AtomicU64::new(0),
     });
     let name_c = cstring(&p.name);
     let node = Box::into_raw(Box::new(Node {

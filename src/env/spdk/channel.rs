@@ -23,6 +23,7 @@
 use super::cache::{Shared, MAX_IO};
 use super::ffi::{self, DmaBuf, Poller};
 use super::io;
+use crate::engine::latency::LatencySet;
 use crate::engine::Channel;
 use spdk_sys as sys;
 use std::collections::VecDeque;
@@ -63,9 +64,18 @@ pub(super) struct ChannelCtx {
     pub deferred: Vec<(*mut sys::spdk_bdev_io, i32)>,
     /// Requests accepted and not completed yet.
     pub inflight: u64,
+    /// This channel's latency histograms (only this thread records into them).
+    pub lat: Arc<LatencySet>,
+    /// Nanoseconds per SPDK tick, as a 32.32 fixed-point factor.
+    ns_per_tick: u64,
 }
 
 impl ChannelCtx {
+    /// A tick count as nanoseconds: one multiply, no division on the I/O path.
+    pub(super) fn ticks_to_ns(&self, ticks: u64) -> u64 {
+        ((ticks as u128 * self.ns_per_tick as u128) >> 32) as u64
+    }
+
     /// An engine channel for a read, and whether it may cache what it fetches.
     pub(super) fn take_read_channel(&mut self) -> (Channel, bool) {
         if let Some(c) = self.fillers.pop() {
@@ -140,7 +150,6 @@ pub(super) extern "C" fn create_cb(io_device: *mut c_void, buf: *mut c_void) -> 
     // they are uninitialised, so write without dropping.
     unsafe {
         ctx.write(ChannelCtx {
-            shared,
             base_ch,
             main: Channel::default(),
             fillers: Vec::new(),
@@ -156,6 +165,9 @@ pub(super) extern "C" fn create_cb(io_device: *mut c_void, buf: *mut c_void) -> 
             in_poll: false,
             deferred: Vec::with_capacity(BATCH_CAPACITY),
             inflight: 0,
+            lat: shared.engine.latency().register(),
+            ns_per_tick: ((1_000_000_000u128 << 32) / ffi::ticks_hz() as u128) as u64,
+            shared,
         });
         (*ctx).retry_poller =
             Poller::start(retry_poll, ctx.cast(), RETRY_PERIOD_US, c"pcache_retry");
@@ -180,10 +192,12 @@ pub(super) extern "C" fn destroy_cb(_io_device: *mut c_void, buf: *mut c_void) {
     // No request can be queued here (the channel is only released when idle); fail any
     // anyway rather than leak them.
     while let Some(bio) = c.retry.pop_front() {
+        c.shared.engine.waiting_dec();
         // SAFETY: queued requests are live and uncompleted.
         unsafe { io::finish(&mut c, bio, ffi::STATUS_FAILED) };
     }
     let e = &c.shared.engine;
+    e.latency().retire(&c.lat);
     e.release_channel(&mut c.main);
     for ch in c.fillers.iter_mut() {
         e.release_channel(ch);
@@ -268,9 +282,7 @@ extern "C" fn retry_poll(arg: *mut c_void) -> i32 {
                     break;
                 }
                 c.retry.pop_front();
-                c.shared
-                    .queued
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                c.shared.engine.waiting_dec();
                 progressed = true;
             }
             progressed

@@ -20,6 +20,7 @@
 
 use super::channel::{ctx_of, ChannelCtx};
 use super::ffi::{self, DmaBuf, IoDesc};
+use crate::engine::latency::Class;
 use crate::engine::{Channel, IoError};
 use spdk_sys as sys;
 use std::ffi::c_void;
@@ -41,6 +42,11 @@ pub(super) struct IoCtx {
     /// Waiting for the base bdev to have request objects again.
     waiting: bool,
     wait: sys::spdk_bdev_io_wait_entry,
+    /// When submitted (SPDK ticks), and what its latency counts as once it succeeds.
+    start: u64,
+    class: Option<Class>,
+    /// Why it failed, for the last I/O error (set where the failure is found).
+    why: &'static str,
 }
 
 impl IoCtx {
@@ -55,7 +61,25 @@ impl IoCtx {
             failed: false,
             waiting: false,
             wait: sys::spdk_bdev_io_wait_entry::default(),
+            start: ffi::ticks(),
+            class: None,
+            why: "the request failed",
         }
+    }
+}
+
+/// Records why `bio` is about to fail.
+fn fail_why(bio: *mut sys::spdk_bdev_io, why: &'static str) {
+    io_ctx(bio).why = why;
+}
+
+/// What an engine error means, for the last I/O error.
+fn engine_why(e: IoError) -> &'static str {
+    match e {
+        IoError::Busy => "the cache is full",
+        IoError::OutOfRange => "beyond the end of the device, or larger than a request may be",
+        IoError::Unaligned => "not aligned to the block size",
+        IoError::Corrupt => "cached dirty data is corrupt (fails its CRC)",
     }
 }
 
@@ -77,8 +101,29 @@ fn chan_of<'a>(bio: *mut sys::spdk_bdev_io) -> &'a mut ChannelCtx {
 /// # Safety
 /// `bio` must be live and not yet completed, with an initialised IoCtx, on its thread.
 pub(super) unsafe fn finish(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, status: i32) {
-    if status != ffi::STATUS_SUCCESS {
-        c.shared.io_errors.fetch_add(1, Relaxed);
+    let x = io_ctx(bio);
+    if status == ffi::STATUS_SUCCESS {
+        if let Some(class) = x.class {
+            c.lat
+                .record(class, c.ticks_to_ns(ffi::ticks().wrapping_sub(x.start)));
+        }
+    } else if status == ffi::STATUS_FAILED {
+        // NOMEM is not an error: the bdev layer resubmits.
+        let why = x.why;
+        // SAFETY: live request (caller contract).
+        let d = unsafe { ffi::io_desc(bio) };
+        let what = match d.ty {
+            sys::SPDK_BDEV_IO_TYPE_READ => "read",
+            sys::SPDK_BDEV_IO_TYPE_WRITE => "write",
+            sys::SPDK_BDEV_IO_TYPE_FLUSH => "flush",
+            sys::SPDK_BDEV_IO_TYPE_UNMAP => "unmap",
+            sys::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => "write_zeroes",
+            _ => "request",
+        };
+        c.shared.engine.io_error(format!(
+            "{what} of {} blocks at block {} failed: {why}",
+            d.num_blocks, d.offset_blocks
+        ));
     }
     c.inflight -= 1;
     // SAFETY: the IoCtx was initialised at submit and is dropped exactly once, here,
@@ -112,6 +157,7 @@ pub(super) extern "C" fn submit_request(
     // SAFETY: `bio` is live and ours until completed.
     let d = unsafe { ffi::io_desc(bio) };
     if c.shared.removed.load(Relaxed) {
+        fail_why(bio, "the base bdev was removed");
         // SAFETY: live, uncompleted request.
         unsafe { finish(c, bio, ffi::STATUS_FAILED) };
         return;
@@ -122,25 +168,45 @@ pub(super) extern "C" fn submit_request(
         | sys::SPDK_BDEV_IO_TYPE_FLUSH
         | sys::SPDK_BDEV_IO_TYPE_UNMAP
         | sys::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => {
+            io_ctx(bio).class = match d.ty {
+                sys::SPDK_BDEV_IO_TYPE_WRITE => Some(Class::Write),
+                sys::SPDK_BDEV_IO_TYPE_FLUSH => Some(Class::Flush),
+                _ => None,
+            };
             if !c.retry.is_empty() {
                 queue(c, bio);
             } else {
                 match ordered(c, &d) {
                     Err(IoError::Busy) => queue(c, bio),
                     // SAFETY: live, uncompleted request.
-                    r => unsafe { finish(c, bio, status(r)) },
+                    r => unsafe { finish_ordered(c, bio, r) },
                 }
             }
         }
         sys::SPDK_BDEV_IO_TYPE_RESET => reset(bio),
-        // SAFETY: live, uncompleted request; io_type_supported excludes anything else.
-        _ => unsafe { finish(c, bio, ffi::STATUS_FAILED) },
+        _ => {
+            fail_why(bio, "unsupported request type");
+            // SAFETY: live, uncompleted request; io_type_supported excludes anything else.
+            unsafe { finish(c, bio, ffi::STATUS_FAILED) }
+        }
     }
+}
+
+/// Completes an ordered request with the engine's result.
+///
+/// # Safety
+/// As `finish`.
+unsafe fn finish_ordered(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, r: Result<(), IoError>) {
+    if let Err(e) = r {
+        fail_why(bio, engine_why(e));
+    }
+    // SAFETY: forwarded contract.
+    unsafe { finish(c, bio, status(r)) };
 }
 
 fn queue(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
     c.retry.push_back(bio);
-    c.shared.queued.fetch_add(1, Relaxed);
+    c.shared.engine.waiting_inc();
 }
 
 /// Retries the queued request `bio` (the head of the FIFO). True when it completed.
@@ -149,6 +215,7 @@ fn queue(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
 /// `bio` must be a live, queued request of this channel.
 pub(super) unsafe fn retry_ordered(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) -> bool {
     if c.shared.removed.load(Relaxed) {
+        fail_why(bio, "the base bdev was removed");
         // SAFETY: forwarded contract.
         unsafe { finish(c, bio, ffi::STATUS_FAILED) };
         return true;
@@ -159,7 +226,7 @@ pub(super) unsafe fn retry_ordered(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_
         Err(IoError::Busy) => false,
         r => {
             // SAFETY: forwarded contract.
-            unsafe { finish(c, bio, status(r)) };
+            unsafe { finish_ordered(c, bio, r) };
             true
         }
     }
@@ -232,6 +299,7 @@ fn prefetch_index(c: &ChannelCtx, off: u64) {
 /// `bio` must be a live, queued read of this channel, on its thread.
 pub(super) unsafe fn serve_read(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
     if c.shared.removed.load(Relaxed) {
+        fail_why(bio, "the base bdev was removed");
         // SAFETY: forwarded contract.
         unsafe { finish(c, bio, ffi::STATUS_FAILED) };
         return;
@@ -249,6 +317,7 @@ extern "C" fn read_get_buf_cb(
     // SAFETY: called on the request's thread with our live channel.
     let c = unsafe { ctx_of(ch) };
     if !success {
+        fail_why(bio, "no buffer could be allocated for the read");
         // SAFETY: live, uncompleted request.
         unsafe { finish(c, bio, ffi::STATUS_FAILED) };
         return;
@@ -299,19 +368,22 @@ fn read_with_buf(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoDesc) {
     match r {
         Ok(0) => {
             c.give_read_channel(rch, filler);
+            io_ctx(bio).class = Some(Class::ReadHit);
             complete_read(c, bio, d, bounce, true);
         }
         Ok(_) => {
             let n_misses = rch.misses().count();
             let x = io_ctx(bio);
+            x.class = Some(Class::ReadMiss);
             x.rch = Some(rch);
             x.filler = filler;
             x.bounce = bounce;
             x.n_misses = n_misses;
             submit_misses(c, bio);
         }
-        Err(_) => {
+        Err(e) => {
             c.give_read_channel(rch, filler);
+            fail_why(bio, engine_why(e));
             complete_read(c, bio, d, bounce, false);
         }
     }
@@ -363,6 +435,7 @@ fn submit_misses(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
             break;
         };
         if m.at as u64 % bs != 0 || m.len as u64 % bs != 0 {
+            x.why = "a miss not aligned to the block size";
             x.failed = true;
             x.next_miss = x.n_misses;
             break;
@@ -390,6 +463,7 @@ fn submit_misses(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
             return;
         }
         if rc != 0 {
+            x.why = "could not submit a read to the base bdev";
             x.failed = true;
             x.next_miss = x.n_misses;
             break;
@@ -413,7 +487,10 @@ extern "C" fn miss_done(child: *mut sys::spdk_bdev_io, success: bool, arg: *mut 
     let bio = arg as *mut sys::spdk_bdev_io;
     let x = io_ctx(bio);
     x.pending -= 1;
-    x.failed |= !success;
+    if !success {
+        x.why = "a read from the base bdev failed";
+        x.failed = true;
+    }
     if x.pending == 0 && !x.waiting && x.next_miss >= x.n_misses {
         finish_read(chan_of(bio), bio);
     }

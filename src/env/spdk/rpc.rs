@@ -296,7 +296,9 @@ fn entry_stats(e: &Entry) -> Value {
             let nd: &Node = unsafe { &*n.0 };
             let s = &nd.shared;
             let e = &s.engine;
-            if let Ok(Value::Object(m)) = serde_json::to_value(e.stats()) {
+            let st = e.stats();
+            let last_wb = st.last_writeback_error.clone();
+            if let Ok(Value::Object(m)) = serde_json::to_value(st) {
                 for (k, x) in m {
                     v[k] = x;
                 }
@@ -307,8 +309,8 @@ fn entry_stats(e: &Entry) -> Value {
             v["pmem_size"] = pm.size().into();
             v["flush_method"] = pm.flush_method().into();
             v["block_size"] = s.block_size.into();
-            v["io_errors"] = s.io_errors.load(Relaxed).into();
-            v["queued_requests"] = s.queued.load(Relaxed).into();
+            // Kept under its old name: the same gauge as waiting_requests.
+            v["queued_requests"] = v["waiting_requests"].clone();
             v["base_removed"] = s.removed.load(Relaxed).into();
             let bg = &nd.bg;
             v["writeback"] = json!({
@@ -316,7 +318,7 @@ fn entry_stats(e: &Entry) -> Value {
                 "direct_from_pmem": bg.direct(),
                 "backoff_ms": bg.backoff_ms(),
                 "batches": bg.batches,
-                "last_error": bg.last_error,
+                "last_error": last_wb,
             });
             v["flush"] = json!({
                 "active": bg.drain.active,

@@ -27,9 +27,11 @@
 use super::cache::{AttachError, Node, MAX_IO};
 use super::ffi::{self, errlog, noticelog, DmaBuf, Poller};
 use super::wbmap::WbMap;
+use crate::engine::latency::{Class, LatencySet};
 use crate::engine::{Pmem, WbBatch, WbItem, WbKind, WbNext};
 use spdk_sys as sys;
 use std::ffi::c_void;
+use std::sync::Arc;
 
 /// Bytes of dirty data in flight per wave.
 const WB_BOUNCE: usize = 8 << 20;
@@ -38,6 +40,8 @@ const WB_BOUNCE: usize = 8 << 20;
 /// bdev_aio) block the reactor in submission, and every foreground I/O with it. 96 stays
 /// under a common 128-entry device queue and leaves room for foreground misses at QD32.
 const WB_INFLIGHT: u32 = 96;
+/// Slots for the start times of the requests in flight: a window's writes, or its FLUSH.
+const START_SLOTS: usize = WB_INFLIGHT as usize + 1;
 /// Period of the writeback poller when idle (work in progress chains itself).
 const WB_PERIOD_US: u64 = 1000;
 /// The engine tick period (kset buffers older than two ticks get closed).
@@ -88,8 +92,21 @@ pub(super) struct Background {
     on_stop: Option<Box<dyn FnOnce()>>,
     stopping: bool,
     pub drain: Drain,
+    /// Why writeback stopped, as last logged (logged once per reason).
     pub last_error: Option<String>,
     pub batches: u64,
+    /// Latency of the base requests of writeback (this thread records).
+    lat: Option<Arc<LatencySet>>,
+    /// When the requests in flight were submitted (SPDK ticks), oldest at `io_head`, in
+    /// submission order: the window keeps topping up while requests complete, so one
+    /// start per wave would not do. A completion is charged to the oldest start, exact
+    /// while the base completes in order and an upper bound otherwise.
+    io_starts: [u64; START_SLOTS],
+    io_head: usize,
+    /// ns per SPDK tick (32.32 fixed point).
+    ns_per_tick: u64,
+    /// Why the batch in progress failed.
+    why: &'static str,
 }
 
 impl Background {
@@ -118,6 +135,35 @@ impl Background {
             drain: Drain::default(),
             last_error: None,
             batches: 0,
+            lat: None,
+            io_starts: [0; START_SLOTS],
+            io_head: 0,
+            ns_per_tick: 0,
+            why: "",
+        }
+    }
+
+    /// Notes the submission time of the request about to be counted in `pending`.
+    fn push_start(&mut self, now: u64) {
+        self.io_starts[(self.io_head + self.pending as usize) % START_SLOTS] = now;
+    }
+
+    /// The submission time of the oldest request in flight, which is retired; called
+    /// once per completion, before `pending` drops.
+    fn pop_start(&mut self) -> u64 {
+        let t = self.io_starts[self.io_head];
+        self.io_head = (self.io_head + 1) % START_SLOTS;
+        t
+    }
+
+    /// Records the latency of a base request submitted at `started`.
+    fn record_io(&self, started: u64) {
+        if let Some(l) = &self.lat {
+            let dt = ffi::ticks().wrapping_sub(started);
+            l.record(
+                Class::Writeback,
+                ((dt as u128 * self.ns_per_tick as u128) >> 32) as u64,
+            );
         }
     }
 
@@ -185,6 +231,8 @@ pub(super) fn start(n: *mut Node) -> Result<(), AttachError> {
     let pm = nd.shared.engine.pmem();
     bg.map = WbMap::new(&nd.shared.name, pm.path(), pm.size());
     bg.gc_buf = vec![0; nd.shared.engine.geometry().kset_max_size()];
+    bg.lat = Some(nd.shared.engine.latency().register());
+    bg.ns_per_tick = ((1_000_000_000u128 << 32) / ffi::ticks_hz() as u128) as u64;
     // SAFETY: getter on an open bdev.
     bg.base_flush =
         unsafe { sys::spdk_bdev_io_type_supported(nd.base_bdev, sys::SPDK_BDEV_IO_TYPE_FLUSH) };
@@ -345,6 +393,7 @@ fn start_batch(n: *mut Node) -> bool {
             bg.item = 0;
             bg.item_off = 0;
             bg.failed = false;
+            bg.why = "";
             bg.bounce_used = 0;
             submit_wave(n);
             true
@@ -370,6 +419,7 @@ fn submit_wave(n: *mut Node) {
     if bg.pending == 0 {
         bg.bounce_used = 0;
     }
+    let now = ffi::ticks();
     while bg.item < bg.batch.items.len() && bg.pending < WB_INFLIGHT {
         let it = bg.batch.items[bg.item];
         let rest = it.len as u64 - bg.item_off;
@@ -387,6 +437,7 @@ fn submit_wave(n: *mut Node) {
                     .as_ref()
                     .and_then(|m| m.ptr(pmem_off + bg.item_off, len));
                 let Some(src) = src else {
+                    bg.why = "the medium range is not mapped for DMA";
                     bg.failed = true;
                     break;
                 };
@@ -488,9 +539,11 @@ fn submit_wave(n: *mut Node) {
             return;
         }
         if rc != 0 {
+            bg.why = "could not submit a write to the base bdev";
             bg.failed = true;
             break;
         }
+        bg.push_start(now);
         bg.pending += 1;
         bg.bounce_used += used;
         // Step over every item the request covered (one, part of one, or coalesced ones).
@@ -522,11 +575,15 @@ extern "C" fn wb_io_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c_vo
     let bg = &mut nd.bg;
     bg.pending -= 1;
     bg.failed |= !ok;
+    let started = bg.pop_start();
     if ok {
+        bg.record_io(started);
         // Writers above the GC watermark are admitted against this credit: earn it per
         // request, not per window, so they move on evenly.
         let step = bg.batch.retire_bytes() / bg.batch.items.len().max(1) as u64;
         nd.shared.engine.writeback_progress(&mut bg.batch, step);
+    } else {
+        bg.why = "the base bdev failed a write";
     }
     if bg.pending == 0 && !bg.waiting {
         if stopped(n) {
@@ -559,6 +616,7 @@ fn wave_done(n: *mut Node) {
         return;
     }
     bg.phase = Phase::Flushing;
+    let now = ffi::ticks();
     // SAFETY: FLUSH of the whole base on our channel; completion comes back here.
     let rc = unsafe {
         sys::spdk_bdev_flush_blocks(
@@ -571,8 +629,10 @@ fn wave_done(n: *mut Node) {
         )
     };
     if rc == 0 {
+        bg.push_start(now);
         bg.pending += 1;
     } else {
+        bg.why = "could not submit a FLUSH to the base bdev";
         batch_done(n, false);
     }
 }
@@ -581,7 +641,14 @@ extern "C" fn wb_flush_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c
     // SAFETY: the base bdev_io is ours to free in its completion callback.
     unsafe { sys::spdk_bdev_free_io(child) };
     let n = arg as *mut Node;
-    node(arg).bg.pending -= 1;
+    let bg = &mut node(arg).bg;
+    let started = bg.pop_start();
+    bg.pending -= 1;
+    if ok {
+        bg.record_io(started);
+    } else {
+        bg.why = "the base bdev failed a FLUSH";
+    }
     batch_done(n, ok);
 }
 
@@ -589,8 +656,24 @@ extern "C" fn wb_flush_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c
 fn batch_done(n: *mut Node, ok: bool) {
     let nd = node(n.cast());
     let e = &nd.shared.engine;
-    e.writeback_done(&nd.bg.batch, ok);
     let bg = &mut nd.bg;
+    if ok {
+        e.writeback_done(&bg.batch, true);
+    } else {
+        let backoff = (bg.backoff_ms * 2).clamp(BACKOFF_MIN_MS, BACKOFF_MAX_MS);
+        let why = if bg.why.is_empty() {
+            "the base bdev failed a request"
+        } else {
+            bg.why
+        };
+        e.writeback_failed(
+            &bg.batch,
+            &format!(
+                "{why} (base bdev {}); retrying in {backoff} ms, the data stays dirty",
+                nd.base_name
+            ),
+        );
+    }
     bg.phase = Phase::Idle;
     if ok {
         bg.batches += 1;
