@@ -43,6 +43,12 @@ pub struct Counters {
     pub segs_reclaimed: Counter,
     pub crc_errors_clean: Counter,
     pub crc_errors_dirty: Counter,
+    /// Requests (and their bytes) that bypassed the cache: direct writes that cached
+    /// nothing, reads whose misses were not cached (policy.rs).
+    pub bypassed: Counter,
+    pub bypassed_bytes: Counter,
+    /// Direct writes or mode switches that dropped cached clean data.
+    pub invalidations: Counter,
 }
 
 /// A point-in-time view of the cache.
@@ -85,6 +91,11 @@ pub struct Stats {
     pub crc_errors_dirty: u64,
     pub writeback_stopped: Option<String>,
     pub gc_stopped: Option<String>,
+    pub seq_cutoff_kib: u32,
+    pub seq_cutoff_policy: &'static str,
+    pub bypassed_requests: u64,
+    pub bypassed_bytes: u64,
+    pub invalidations: u64,
 }
 
 fn pos(p: super::LogPos) -> String {
@@ -111,7 +122,7 @@ impl<P: Pmem> Engine<P> {
         let kh = self.head.lock().unwrap().pos;
         let errors = self.errors.lock().unwrap();
         Stats {
-            mode: "writeback",
+            mode: self.policy().mode.name(),
             data_crc: self.data_crc,
             gc_percent: self.gc_percent(),
             segment_size: self.geo.seg_size,
@@ -149,6 +160,11 @@ impl<P: Pmem> Engine<P> {
             crc_errors_dirty: c.crc_errors_dirty.get(),
             writeback_stopped: errors.writeback.clone(),
             gc_stopped: errors.gc.clone(),
+            seq_cutoff_kib: self.policy().seq_cutoff_kib,
+            seq_cutoff_policy: self.policy().seq_policy.name(),
+            bypassed_requests: c.bypassed.get(),
+            bypassed_bytes: c.bypassed_bytes.get(),
+            invalidations: c.invalidations.get(),
         }
     }
 }

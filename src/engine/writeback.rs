@@ -292,6 +292,7 @@ impl<P: Pmem> Engine<P> {
         self.counters.wb_ksets.inc();
         self.counters.wb_bytes.add(b.bytes());
         self.counters.wb_skipped_bytes.add(b.skipped);
+        self.mark_written_back(&b.items);
     }
 
     /// Whether writeback should run now (runtimes ask before `writeback_next`; a
@@ -313,6 +314,9 @@ impl<P: Pmem> Engine<P> {
         }
         if self.gc_wanted() && key == dirty {
             return true; // GC is starved (even clean ksets need dirty_tail past them)
+        }
+        if self.mode() != super::CacheMode::WriteBack {
+            return true; // draining after a switch away from write-back
         }
         let capacity = self.geo.n_segs as u64 * self.geo.seg_data_size;
         closed == 0 || closed * 400 >= capacity * 3 * self.gc_percent() as u64 || self.idle()
