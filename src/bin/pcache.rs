@@ -124,6 +124,9 @@ fn parse_seq_policy(s: &str) -> Result<SeqPolicy, String> {
 
 /// A size in bytes (suffixes as for sizes), as whole KiB up to the maximum.
 fn parse_cutoff(s: &str) -> Result<u32, String> {
+    if s == "0" {
+        return Ok(0); // off
+    }
     let b = parse_size(s)?;
     if b % 1024 != 0 {
         return Err(format!("{s}: the cutoff must be a multiple of 1 KiB"));

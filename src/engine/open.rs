@@ -378,6 +378,10 @@ impl<P: Pmem> Engine<P> {
             direct_flushed: AtomicU64::new(0),
         };
         e.load_policy_codes(info.policy);
+        if info.policy.mode == super::CacheMode::PassThrough {
+            // Replay brought the clean extents back; passthrough serves none of them.
+            e.invalidate_clean();
+        }
         Ok(e)
     }
 }

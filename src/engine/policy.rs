@@ -244,7 +244,7 @@ impl<P: Pmem> Engine<P> {
     }
 
     /// Drops every clean extent from the index (their keys stay in the log until GC).
-    fn invalidate_clean(&self) {
+    pub(super) fn invalidate_clean(&self) {
         let mut clean = Vec::new();
         for si in 0..self.shards.len() {
             let mut sh = self.shard(si);
