@@ -483,3 +483,52 @@ impl<P: Pmem> Engine<P> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_accumulate_interleave_and_evict_the_oldest() {
+        let mut s = Streams::default();
+        // Two interleaved sequential writers and a reader at the same place.
+        assert_eq!(s.note(0, 4096, true), 4096);
+        assert_eq!(s.note(1 << 30, 8192, true), 8192);
+        assert_eq!(s.note(4096, 4096, true), 8192);
+        assert_eq!(s.note(4096, 4096, false), 4096); // reads are their own streams
+        assert_eq!(s.note((1 << 30) + 8192, 8192, true), 16384);
+        assert_eq!(s.note(8192, 4096, true), 12288);
+        // Two more streams: one takes the free slot, the other the slot used longest
+        // ago (the reader's).
+        s.note(5 << 30, 512, true);
+        s.note(7 << 30, 512, true);
+        assert_eq!(s.note(12288, 4096, true), 16384, "writer 1 survived");
+        assert_eq!(s.note(8192, 4096, false), 4096, "the reader was evicted");
+        // A jump breaks a stream.
+        assert_eq!(s.note(1 << 20, 4096, true), 4096);
+    }
+
+    #[test]
+    fn names_parse_back_and_bad_ones_explain() {
+        for m in CacheMode::ALL {
+            assert_eq!(CacheMode::parse(m.name()), Ok(m));
+            assert_eq!(CacheMode::from_code(m.code()), Some(m));
+        }
+        for p in SeqPolicy::ALL {
+            assert_eq!(SeqPolicy::parse(p.name()), Ok(p));
+            assert_eq!(SeqPolicy::from_code(p.code()), Some(p));
+        }
+        assert!(CacheMode::parse("wb").unwrap_err().contains("writethrough"));
+        assert!(SeqPolicy::parse("sometimes")
+            .unwrap_err()
+            .contains("always"));
+        assert_eq!(CacheMode::from_code(4), None);
+        let p = Policy::default();
+        assert_eq!((p.mode, p.seq_cutoff_kib), (CacheMode::WriteBack, 0));
+        let big = Policy {
+            seq_cutoff_kib: SEQ_CUTOFF_MAX_KIB + 1,
+            ..p
+        };
+        assert!(big.validate().is_err());
+    }
+}
