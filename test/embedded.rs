@@ -1780,3 +1780,251 @@ fn read_only_commands_need_no_persistence() {
         "a refusal changed the medium"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 5. Cache modes and the sequential cutoff (policy.rs): fio verify in every mode and
+//    across online switches under load; bad values change nothing.
+
+/// fio jobs: random 4k writes over a hot set, plus a sequential writer of 64k..1m.
+fn policy_jobs(size: u64) -> Vec<String> {
+    vec![
+        "--name=hot".into(),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+        format!("--size={}", size / 2),
+        "--offset=0".into(),
+        "--name=stream".into(),
+        "--rw=write".into(),
+        "--bsrange=64k-1m".into(),
+        format!("--size={size}"),
+        format!("--offset={}", 64 * MIB),
+    ]
+}
+
+#[test]
+fn fio_verify_every_cache_mode() {
+    if !have_fio_nbd() {
+        return;
+    }
+    for mode in ["writeback", "writethrough", "writearound", "passthrough"] {
+        let c = Cache::new(&format!("mode-{mode}"), 256 * MIB);
+        let srv = c.start(
+            None,
+            &[
+                "--cache-mode",
+                mode,
+                "--seq-cutoff",
+                "256K",
+                "--seq-cutoff-policy",
+                "always",
+            ],
+        );
+        let jobs = policy_jobs(2 * PMEM_BYTES);
+        let mut a = fio_base(&c.uri());
+        a.extend(jobs.iter().cloned());
+        fio(&c.dir.0, mode, &a);
+        let mut v = fio_base(&c.uri());
+        v.push("--verify_only=1".into());
+        v.extend(jobs);
+        fio(&c.dir.0, &format!("{mode} verify_only"), &v);
+        let st = c.status();
+        println!(
+            "{mode}: bypassed {} requests ({} bytes), invalidations {}, dirty {}, hits {}",
+            st["bypassed_requests"],
+            st["bypassed_bytes"],
+            st["invalidations"],
+            st["dirty_bytes"],
+            st["hits"]
+        );
+        assert_eq!(st["mode"], json!(mode), "{st}");
+        assert_eq!(st["seq_cutoff_kib"], json!(256), "{st}");
+        // Every mode bypasses something: the sequential writer passes the cutoff, and
+        // the other modes send writes to the backing device.
+        assert!(
+            num(&st, "bypassed_requests") > 0,
+            "{mode}: nothing bypassed: {st}"
+        );
+        if mode == "passthrough" || mode == "writearound" {
+            assert_eq!(num(&st, "dirty_bytes"), 0, "{mode} left dirty data: {st}");
+        }
+        drop(srv);
+        // The mode survives a restart (it is on the medium).
+        let st = c.status_offline();
+        assert_eq!(st["mode"], json!(mode), "after restart: {st}");
+    }
+}
+
+/// Waits until `dirty_bytes` reaches 0 (the drain after a switch away from write-back).
+fn wait_drained(c: &Cache, what: &str) -> Value {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = c.status();
+        if num(&st, "dirty_bytes") == 0 {
+            return st;
+        }
+        assert!(
+            Instant::now() < end,
+            "{what}: dirty data never drained: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn fio_verify_across_online_mode_switches() {
+    if !have_fio_nbd() {
+        return;
+    }
+    let c = Cache::new("mode-switch", 256 * MIB);
+    let _srv = c.start(None, &[]);
+    // fio writes (and verifies at its end) while the mode changes under it.
+    let jobs = policy_jobs(4 * PMEM_BYTES);
+    let mut a = fio_base(&c.uri());
+    a.extend(jobs.iter().cloned());
+    let dir = c.dir.0.clone();
+    let writer = std::thread::spawn(move || fio(&dir, "under switches", &a));
+    let modes = ["writethrough", "writearound", "passthrough", "writeback"];
+    for m in modes {
+        std::thread::sleep(Duration::from_millis(700));
+        let o = c.run(&[
+            "set",
+            "--pmem",
+            Cache::s(&c.pmem),
+            "--control",
+            Cache::s(&c.ctl),
+            "--cache-mode",
+            m,
+        ]);
+        assert_no_panic(&o, "pcache set");
+        assert!(o.ok(), "pcache set --cache-mode {m} failed:\n{}", o.show());
+        assert!(o.stdout.contains(m), "{}", o.show());
+        if m == "writethrough" {
+            // The drain of the write-back data runs while fio keeps writing.
+            println!("after switch to {m}: {}", c.status()["dirty_bytes"]);
+        }
+    }
+    writer.join().unwrap();
+    let mut v = fio_base(&c.uri());
+    v.push("--verify_only=1".into());
+    v.extend(jobs.iter().cloned());
+    fio(&c.dir.0, "verify_only after switches", &v);
+    // Away from write-back with nothing writing: every dirty byte gets written back.
+    let o = c.run(&[
+        "set",
+        "--pmem",
+        Cache::s(&c.pmem),
+        "--control",
+        Cache::s(&c.ctl),
+        "--cache-mode",
+        "writethrough",
+    ]);
+    assert!(o.ok(), "{}", o.show());
+    let st = wait_drained(&c, "writethrough");
+    assert_eq!(st["mode"], json!("writethrough"));
+    fio(&c.dir.0, "verify_only after the drain", &v);
+}
+
+#[test]
+fn policy_bad_values_change_nothing() {
+    let c = Cache::new("policy-bad", 64 * MIB);
+    let srv = c.start(None, &["--cache-mode", "writearound"]);
+    let p = Cache::s(&c.pmem).to_string();
+    let ctl = Cache::s(&c.ctl).to_string();
+    let before = c.status();
+    for (args, want) in [
+        (vec!["--cache-mode", "wb"], "unknown cache mode"),
+        (vec!["--seq-cutoff", "1x"], "seq-cutoff"),
+        (vec!["--seq-cutoff", "1000"], "multiple of 1 KiB"),
+        (vec!["--seq-cutoff", "8G"], "at most 4G"),
+        (
+            vec!["--seq-cutoff-policy", "sometimes"],
+            "unknown seq_cutoff_policy",
+        ),
+        (vec![], "give --gc-percent"),
+    ] {
+        let mut a = vec!["set", "--pmem", &p, "--control", &ctl];
+        a.extend(args.iter());
+        let o = c.run(&a);
+        assert_no_panic(&o, "pcache set");
+        assert!(!o.ok(), "set {args:?} succeeded:\n{}", o.show());
+        assert!(
+            o.stderr.contains(want),
+            "set {args:?}: want {want:?}:\n{}",
+            o.show()
+        );
+    }
+    for (req, want) in [
+        (
+            json!({"cmd": "set", "cache_mode": "wb"}),
+            "unknown cache mode",
+        ),
+        (json!({"cmd": "set", "cache_mode": 3}), "must be a string"),
+        (
+            json!({"cmd": "set", "seq_cutoff_kib": -1}),
+            "seq_cutoff_kib",
+        ),
+        (
+            json!({"cmd": "set", "seq_cutoff_kib": 5000000}),
+            "seq_cutoff_kib",
+        ),
+        (
+            json!({"cmd": "set", "seq_cutoff_policy": "ALWAYS"}),
+            "unknown seq_cutoff_policy",
+        ),
+        // A bad value next to a good one: the good one is not applied either.
+        (
+            json!({"cmd": "set", "cache_mode": "passthrough", "gc_percent": 95}),
+            "gc_percent",
+        ),
+        (
+            json!({"cmd": "set", "cache_mode": "passthrough", "mode": "x"}),
+            "unknown parameter",
+        ),
+        (json!({"cmd": "set"}), "set needs"),
+    ] {
+        let r = ctl_request(&c.ctl, &req).unwrap();
+        assert_eq!(r["ok"], json!(false), "{req} was accepted: {r}");
+        let e = r["error"].as_str().unwrap_or_default();
+        assert!(e.contains(want), "{req}: want {want:?} in {r}");
+    }
+    let after = c.status();
+    for k in ["mode", "seq_cutoff_kib", "seq_cutoff_policy", "gc_percent"] {
+        assert_eq!(before[k], after[k], "{k} changed by bad input");
+    }
+    // A good change online, then offline (server stopped), both persisted.
+    let o = c.run(&["set", "--pmem", &p, "--control", &ctl, "--seq-cutoff", "2M"]);
+    assert!(o.ok(), "{}", o.show());
+    assert_eq!(c.status()["seq_cutoff_kib"], json!(2048));
+    drop(srv);
+    let o = c.run(&[
+        "set",
+        "--pmem",
+        &p,
+        "--persistence",
+        "volatile",
+        "--cache-mode",
+        "passthrough",
+        "--seq-cutoff-policy",
+        "never",
+    ]);
+    assert!(o.ok(), "offline set failed:\n{}", o.show());
+    let st = c.status_offline();
+    assert_eq!(st["mode"], json!("passthrough"), "{st}");
+    assert_eq!(st["seq_cutoff_policy"], json!("never"), "{st}");
+    assert_eq!(st["seq_cutoff_kib"], json!(2048), "{st}");
+    // Bad values on format/serve are refused before anything starts.
+    let o = c.run(&[
+        "format",
+        "--pmem",
+        &p,
+        "--backing",
+        Cache::s(&c.backing),
+        "--cache-mode",
+        "fast",
+    ]);
+    assert!(
+        !o.ok() && o.stderr.contains("unknown cache mode"),
+        "{}",
+        o.show()
+    );
+}

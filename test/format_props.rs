@@ -32,8 +32,10 @@ use pcache::engine::format::{
     KIND_DIRTY_TAIL, KIND_KEY_TAIL, KSET_HDR, KSET_KEYS_MAX, KSET_LAST, KSET_MAGIC, KSET_SIZE_MAX,
     SB_OFF, SB_SIZE, SEGMENTS_OFF, SEG_HDR, SEQ_LIMIT, SUBTREE_SIZE, TAIL_SIZE,
 };
+use pcache::engine::policy::SEQ_CUTOFF_MAX_KIB;
 use pcache::engine::{
-    probe, BackingIdentity, Channel, Engine, FormatOptions, IoError, OpenError, WbBatch, WbNext,
+    probe, BackingIdentity, CacheMode, Channel, Engine, FormatOptions, IoError, OpenError, Policy,
+    SeqPolicy, WbBatch, WbNext,
 };
 use pcache::env::sim::pmem::SimPmem;
 use pcache::env::sim::rng::Rng;
@@ -267,8 +269,14 @@ proptest! {
     #![proptest_config(pt(256))]
 
     #[test]
-    fn cache_info_round_trips(gc in 0u32..=90, flags in any::<u32>(), seq in 0..SEQ_LIMIT) {
-        let ci = CacheInfo { gc_percent: gc, flags };
+    fn cache_info_round_trips(gc in 0u32..=90, flags in any::<u32>(), seq in 0..SEQ_LIMIT,
+                              mode in 0u8..4, sp in 0u8..3, kib in 0u32..=SEQ_CUTOFF_MAX_KIB) {
+        let policy = Policy {
+            mode: CacheMode::from_code(mode).unwrap(),
+            seq_policy: SeqPolicy::from_code(sp).unwrap(),
+            seq_cutoff_kib: kib,
+        };
+        let ci = CacheInfo { gc_percent: gc, flags, policy };
         let enc = ci.encode(seq);
         prop_assert_eq!(CacheInfo::decode(&enc), Ok((seq, ci)));
         all_flips_rejected(&enc, CacheInfo::decode)?;
@@ -276,8 +284,32 @@ proptest! {
 
     #[test]
     fn cache_info_bad_gc_rejected(gc in 91u32..=u32::MAX, flags in any::<u32>(), seq in any::<u64>()) {
-        let enc = CacheInfo { gc_percent: gc, flags }.encode(seq);
+        let enc = CacheInfo { gc_percent: gc, flags, ..Default::default() }.encode(seq);
         prop_assert!(CacheInfo::decode(&enc).is_err());
+    }
+
+    /// A cache_info written before modes existed (zeros in bytes 24..32) reads as
+    /// write-back with the cutoff off; unknown mode or policy codes and oversized
+    /// thresholds are corruption, never a panic.
+    #[test]
+    fn cache_info_policy_fields(gc in 0u32..=90, seq in 0..SEQ_LIMIT, mode in 4u8..=255,
+                                sp in 3u8..=255, kib in (SEQ_CUTOFF_MAX_KIB + 1)..=u32::MAX) {
+        let old = CacheInfo { gc_percent: gc, flags: 0, ..Default::default() }.encode(seq);
+        prop_assert!(old[24..32].iter().all(|&b| b == 0));
+        let (_, ci) = CacheInfo::decode(&old).unwrap();
+        prop_assert_eq!(ci.policy, Policy::default());
+        prop_assert_eq!(ci.policy.mode, CacheMode::WriteBack);
+        prop_assert_eq!(ci.policy.seq_cutoff_kib, 0);
+        for (at, v) in [(24usize, mode), (25, sp)] {
+            let mut b = old;
+            b[at] = v;
+            reseal(&mut b);
+            prop_assert!(CacheInfo::decode(&b).is_err());
+        }
+        let mut b = old;
+        b[28..32].copy_from_slice(&kib.to_le_bytes());
+        reseal(&mut b);
+        prop_assert!(CacheInfo::decode(&b).is_err());
     }
 
     #[test]
@@ -1253,6 +1285,7 @@ fn crafted_image(rng: &mut Rng) -> (Vec<u8>, String) {
     let info = CacheInfo {
         gc_percent: rng.below(91) as u32,
         flags: INFO_INIT_DONE | if data_crc { INFO_DATA_CRC } else { 0 },
+        ..Default::default()
     };
     put(
         &mut img,

@@ -5,6 +5,7 @@
 //! the seed (and crash point) that replays it: `PCACHE_SEED=S PCACHE_CRASH=N cargo test
 //! --test sim replay_one`.
 
+use pcache::engine::{CacheMode, Policy, SeqPolicy};
 use pcache::env::sim::pmem::CrashMode;
 use pcache::env::sim::world::{Workload, World, WorldCfg};
 
@@ -158,4 +159,150 @@ fn crash_during_format() {
         3 * (total + 1)
     );
     assert!(blank > 0 && whole > 0);
+}
+
+/// The policy configurations the mode tests run: every mode from the start (with a
+/// 4 KiB cutoff on sequential streams for write-back), and a switch from write-back to
+/// every other mode (and back) in the middle of the workload.
+fn policy_cfgs(seed: u64, w: Workload) -> Vec<(String, WorldCfg)> {
+    let mut v = vec![];
+    for mode in CacheMode::ALL {
+        let mut c = WorldCfg::new(seed, w);
+        c.policy = Policy {
+            mode,
+            seq_cutoff_kib: if mode == CacheMode::WriteBack { 4 } else { 0 },
+            seq_policy: SeqPolicy::Always,
+        };
+        c.seq_percent = 40;
+        v.push((mode.name().to_string(), c));
+    }
+    for (from, to) in [
+        (CacheMode::WriteBack, CacheMode::WriteThrough),
+        (CacheMode::WriteBack, CacheMode::WriteAround),
+        (CacheMode::WriteBack, CacheMode::PassThrough),
+        (CacheMode::WriteThrough, CacheMode::WriteBack),
+    ] {
+        let mut c = WorldCfg::new(seed, w);
+        c.policy = Policy {
+            mode: from,
+            seq_cutoff_kib: 0,
+            seq_policy: SeqPolicy::Never,
+        };
+        c.switch = Some((c.ops / 2, to));
+        c.seq_percent = 20;
+        v.push((format!("{}->{}", from.name(), to.name()), c));
+    }
+    v
+}
+
+const POLICY_WORKLOADS: [Workload; 3] = [Workload::Overwrite, Workload::Mixed, Workload::CacheFull];
+
+/// Every mode and a mode switch, with random seeds: the oracle holds, and once writes
+/// stop, a cache that is not in write-back mode drains to zero dirty bytes.
+#[test]
+fn policy_random_seeds() {
+    let n = env_u64("PCACHE_SEEDS").unwrap_or(24);
+    let (mut runs, mut fails) = (0u64, vec![]);
+    let mut bypassed = 0u64;
+    for seed in 0..n {
+        let w = POLICY_WORKLOADS[(seed % 3) as usize];
+        for (name, cfg) in policy_cfgs(seed, w) {
+            runs += 1;
+            let r = (|| -> Result<(), String> {
+                let mut world = World::new(cfg)?;
+                world.run()?;
+                world.crash_and_check(CrashMode::Random)?;
+                world.run()?;
+                bypassed += world.engine.stats().bypassed_requests;
+                if world.engine.policy().mode != CacheMode::WriteBack {
+                    let left = world.drain()?;
+                    if left != 0 {
+                        return Err(format!("{left} dirty bytes left after the drain"));
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = r {
+                fails.push(format!("seed {seed} {w:?} {name}: {e}"));
+            }
+        }
+    }
+    println!(
+        "policy runs: {runs}, bypassed requests: {bypassed}, failures: {}",
+        fails.len()
+    );
+    for f in fails.iter().take(10) {
+        println!("  {f}");
+    }
+    assert!(fails.is_empty());
+    assert!(bypassed > 0, "no request ever bypassed the cache");
+}
+
+/// Crash-point enumeration in every mode and across a mode switch.
+#[test]
+fn policy_crash_points() {
+    let per = env_u64("PCACHE_CRASH_SEEDS").unwrap_or(1);
+    let (mut points, mut violations) = (0u64, vec![]);
+    for w in POLICY_WORKLOADS {
+        for s in 0..per {
+            let seed = 2000 + s * 7 + w as u64;
+            for (name, cfg) in policy_cfgs(seed, w) {
+                let total = {
+                    let mut world = World::new(cfg.clone()).unwrap();
+                    let start = world.fences();
+                    world
+                        .run()
+                        .unwrap_or_else(|e| panic!("seed {seed} {name}: {e}"));
+                    world.fences() - start
+                };
+                for p in 1..=total {
+                    let mode = [CrashMode::Random, CrashMode::DropAll, CrashMode::KeepAll]
+                        [(p % 3) as usize];
+                    points += 1;
+                    let r = (|| {
+                        let mut world = World::new(cfg.clone())?;
+                        world.pmem.set_fence_limit(Some(world.fences() + p));
+                        world.run()?;
+                        world.crash_and_check(mode)?;
+                        world.run()?;
+                        world.crash_and_check(CrashMode::Random)
+                    })();
+                    if let Err(e) = r {
+                        violations.push(format!(
+                            "seed {seed} {w:?} {name} crash point {p} ({mode:?}): {e}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "policy crash points explored: {points}, violations: {}",
+        violations.len()
+    );
+    for v in violations.iter().take(10) {
+        println!("  {v}");
+    }
+    assert!(violations.is_empty());
+}
+
+/// Replays one policy configuration: `PCACHE_POLICY=seed,workload,config,crash_point`
+/// (workload and config index into `POLICY_WORKLOADS` and `policy_cfgs`).
+#[test]
+fn policy_replay_one() {
+    let Ok(v) = std::env::var("PCACHE_POLICY") else {
+        return;
+    };
+    let f: Vec<u64> = v.split(',').map(|x| x.parse().unwrap()).collect();
+    let w = POLICY_WORKLOADS[f[1] as usize];
+    let (name, cfg) = policy_cfgs(f[0], w).swap_remove(f[2] as usize);
+    println!("{name}");
+    let mut world = World::new(cfg).unwrap();
+    world.pmem.set_fence_limit(Some(world.fences() + f[3]));
+    world.run().unwrap();
+    let mode = [CrashMode::Random, CrashMode::DropAll, CrashMode::KeepAll][(f[3] % 3) as usize];
+    world.crash_and_check(mode).unwrap();
+    println!("second run");
+    world.run().unwrap();
+    world.crash_and_check(CrashMode::Random).unwrap();
 }

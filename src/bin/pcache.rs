@@ -9,7 +9,8 @@ mod status;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use pcache::engine::{Config, Engine};
+use pcache::engine::policy::SEQ_CUTOFF_MAX_KIB;
+use pcache::engine::{CacheMode, Config, Engine, SeqPolicy};
 use pcache::env::posix::pmem::{Persistence, PosixPmem};
 use pcache::env::posix::signals;
 use pcache::env::posix::volume::{Target, Volume, VolumeOptions};
@@ -75,6 +76,8 @@ struct CacheOpts {
     /// Segment size (default 16M; smaller suits small media).
     #[arg(long, value_parser = parse_size, default_value = "16M")]
     segment_size: u64,
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// Overwrite a medium holding other data, or attach to a different backing device.
     #[arg(long)]
     force: bool,
@@ -87,8 +90,56 @@ impl CacheOpts {
         o.gc_percent = self.gc_percent;
         o.seg_size = seg_size(self.segment_size)?;
         o.force = self.force;
+        o.cache_mode = self.policy.cache_mode;
+        o.seq_cutoff_kib = self.policy.seq_cutoff;
+        o.seq_policy = self.policy.seq_cutoff_policy;
         Ok(())
     }
+}
+
+/// Cache mode and sequential cutoff (persisted; `pcache set` changes them later).
+#[derive(Args, Clone, Default)]
+struct PolicyArgs {
+    /// writeback (default), writethrough, writearound or passthrough.
+    #[arg(long, value_parser = parse_mode)]
+    cache_mode: Option<CacheMode>,
+    /// Sequential streams longer than this bypass the cache (e.g. 1M; 0 = off; default
+    /// 1M for a new cache).
+    #[arg(long, value_parser = parse_cutoff)]
+    seq_cutoff: Option<u32>,
+    /// When the cutoff applies: always, full (only when the cache is full; default) or never.
+    #[arg(long, value_parser = parse_seq_policy)]
+    seq_cutoff_policy: Option<SeqPolicy>,
+}
+
+impl PolicyArgs {
+    fn any(&self) -> bool {
+        self.cache_mode.is_some() || self.seq_cutoff.is_some() || self.seq_cutoff_policy.is_some()
+    }
+}
+
+fn parse_mode(s: &str) -> Result<CacheMode, String> {
+    CacheMode::parse(s)
+}
+
+fn parse_seq_policy(s: &str) -> Result<SeqPolicy, String> {
+    SeqPolicy::parse(s)
+}
+
+/// A size in bytes (suffixes as for sizes), as whole KiB up to the maximum.
+fn parse_cutoff(s: &str) -> Result<u32, String> {
+    if s == "0" {
+        return Ok(0); // off
+    }
+    let b = parse_size(s)?;
+    if b % 1024 != 0 {
+        return Err(format!("{s}: the cutoff must be a multiple of 1 KiB"));
+    }
+    let kib = b / 1024;
+    if kib > SEQ_CUTOFF_MAX_KIB as u64 {
+        return Err(format!("{s}: the cutoff must be at most 4G"));
+    }
+    Ok(kib as u32)
 }
 
 #[derive(Args, Clone)]
@@ -175,7 +226,9 @@ struct SetArgs {
     medium: MediumArgs,
     /// GC starts when this percentage of segments is in use (0..90).
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=90))]
-    gc_percent: u32,
+    gc_percent: Option<u32>,
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// Control socket of a running `pcache serve` (default: `<pmem>.ctl` if it answers).
     #[arg(long)]
     control: Option<PathBuf>,
@@ -607,19 +660,50 @@ fn flush(a: FlushArgs) -> Result<()> {
 
 fn set(a: SetArgs) -> Result<()> {
     let pmem = a.medium.pmem.display().to_string();
-    if online(
-        &a.medium,
-        &a.control,
-        json!({"cmd": "set", "gc_percent": a.gc_percent}),
-    )?
-    .is_some()
-    {
-        println!("{pmem}: gc_percent is now {} (online)", a.gc_percent);
+    if a.gc_percent.is_none() && !a.policy.any() {
+        bail!("set: give --gc-percent, --cache-mode, --seq-cutoff or --seq-cutoff-policy");
+    }
+    let mut req = json!({"cmd": "set"});
+    if let Some(g) = a.gc_percent {
+        req["gc_percent"] = json!(g);
+    }
+    if let Some(m) = a.policy.cache_mode {
+        req["cache_mode"] = json!(m.name());
+    }
+    if let Some(k) = a.policy.seq_cutoff {
+        req["seq_cutoff_kib"] = json!(k);
+    }
+    if let Some(p) = a.policy.seq_cutoff_policy {
+        req["seq_cutoff_policy"] = json!(p.name());
+    }
+    if let Some(r) = online(&a.medium, &a.control, req)? {
+        println!(
+            "{pmem}: gc_percent {}, cache_mode {}, seq_cutoff {} KiB, seq_cutoff_policy {} (online; dirty bytes {})",
+            r["gc_percent"], r["cache_mode"], r["seq_cutoff_kib"], r["seq_cutoff_policy"], r["dirty_bytes"]
+        );
         return Ok(());
     }
     let e = open_offline(&a.medium)?;
-    e.set_gc_percent(a.gc_percent)
-        .map_err(|x| anyhow!("{pmem}: {x}"))?;
-    println!("{pmem}: gc_percent is now {}", a.gc_percent);
+    if let Some(g) = a.gc_percent {
+        e.set_gc_percent(g).map_err(|x| anyhow!("{pmem}: {x}"))?;
+    }
+    let p = a.policy;
+    let pol = e
+        .policy()
+        .with(p.cache_mode, p.seq_cutoff, p.seq_cutoff_policy);
+    e.set_policy(pol).map_err(|x| anyhow!("{pmem}: {x}"))?;
+    println!(
+        "{pmem}: gc_percent {}, cache_mode {}, seq_cutoff {} KiB, seq_cutoff_policy {}",
+        e.gc_percent(),
+        pol.mode.name(),
+        pol.seq_cutoff_kib,
+        pol.seq_policy.name()
+    );
+    if pol.mode != CacheMode::WriteBack && e.dirty_bytes() > 0 {
+        println!(
+            "{pmem}: {} dirty bytes are written back when the cache is served (or run pcache flush)",
+            e.dirty_bytes()
+        );
+    }
     Ok(())
 }

@@ -10,6 +10,8 @@
 //! for a live one. Decoders never trust a field: every id, offset, length and count is
 //! checked against the geometry before it is used.
 
+use super::policy::SEQ_CUTOFF_MAX_KIB;
+pub use super::policy::{CacheMode, Policy, SeqPolicy};
 use thiserror::Error;
 
 /// Version of the on-media format written by this build.
@@ -80,7 +82,11 @@ pub const KSET_LAST: u32 = 1;
 pub const KEY_CLEAN: u32 = 1 << 1;
 pub const KEY_ZERO: u32 = 1 << 2;
 pub const KEY_DISCARD: u32 = 1 << 3;
-const KEY_FLAGS_KNOWN: u32 = KEY_CLEAN | KEY_ZERO | KEY_DISCARD;
+/// A tombstone: the range is no longer cached (a write went to the backing device
+/// around the cache). Always with KEY_CLEAN | KEY_ZERO: it has no data and nothing to
+/// write back; replay drops older extents of the range.
+pub const KEY_INVALID: u32 = 1 << 4;
+const KEY_FLAGS_KNOWN: u32 = KEY_CLEAN | KEY_ZERO | KEY_DISCARD | KEY_INVALID;
 
 /// Seed of every CRC (dm-pcache's seed, kept for familiarity).
 const CRC_SEED: u32 = 0x3B15A;
@@ -295,10 +301,13 @@ pub fn check_seg_size(seg_size: u32) -> Result<(), String> {
 }
 
 /// cache_info: the run-time settings that persist.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CacheInfo {
     pub gc_percent: u32,
     pub flags: u32,
+    /// Cache mode and sequential cutoff (bytes 24..32, zero on media written before
+    /// they existed, which reads as write-back with the cutoff off).
+    pub policy: Policy,
 }
 
 impl CacheInfo {
@@ -306,6 +315,9 @@ impl CacheInfo {
         let mut b = [0u8; INFO_SIZE];
         put_u32(&mut b, 16, self.gc_percent);
         put_u32(&mut b, 20, self.flags);
+        b[24] = self.policy.mode.code();
+        b[25] = self.policy.seq_policy.code();
+        put_u32(&mut b, 28, self.policy.seq_cutoff_kib);
         seal(&mut b, KIND_INFO, seq);
         b
     }
@@ -320,11 +332,28 @@ impl CacheInfo {
                 value: gc_percent as u64,
             });
         }
+        let field = |field, value| MediaError::Field {
+            what: W,
+            field,
+            value,
+        };
+        let mode = CacheMode::from_code(b[24]).ok_or(field("cache_mode", b[24] as u64))?;
+        let seq_policy =
+            SeqPolicy::from_code(b[25]).ok_or(field("seq_cutoff_policy", b[25] as u64))?;
+        let seq_cutoff_kib = get_u32(b, 28);
+        if seq_cutoff_kib > SEQ_CUTOFF_MAX_KIB {
+            return Err(field("seq_cutoff_kib", seq_cutoff_kib as u64));
+        }
         Ok((
             seq,
             CacheInfo {
                 gc_percent,
                 flags: get_u32(b, 20),
+                policy: Policy {
+                    mode,
+                    seq_cutoff_kib,
+                    seq_policy,
+                },
             },
         ))
     }
@@ -504,6 +533,13 @@ impl KeyRec {
         if k.flags & !KEY_FLAGS_KNOWN != 0 {
             return bad("flags", k.flags as u64);
         }
+        let tomb = KEY_INVALID | KEY_CLEAN | KEY_ZERO;
+        if k.flags & KEY_INVALID != 0 && k.flags & tomb != tomb {
+            return bad(
+                "flags (a tombstone is clean and has no data)",
+                k.flags as u64,
+            );
+        }
         if k.has_data() {
             if k.seg >= geo.n_segs {
                 return bad("segment", k.seg as u64);
@@ -661,11 +697,13 @@ mod tests {
         let a = CacheInfo {
             gc_percent: 10,
             flags: 0,
+            ..Default::default()
         }
         .encode(5);
         let mut b = CacheInfo {
             gc_percent: 20,
             flags: 0,
+            ..Default::default()
         }
         .encode(6);
         let r = pick_replica([CacheInfo::decode(&a), CacheInfo::decode(&b)]).unwrap();

@@ -304,7 +304,12 @@ impl Shard {
         let mut i = r.heads[si];
         while i != NONE {
             let Entry(s, x) = r.entries[i as usize];
-            self.insert(s, x);
+            if x.is(F_EMPTY) {
+                // A tombstone key (no placeholder is ever replayed): uncache the range.
+                self.punch(s, s + x.len);
+            } else {
+                self.insert(s, x);
+            }
             i = r.next[i as usize];
         }
     }
@@ -462,6 +467,35 @@ impl Shard {
                 }
                 let (cs, c) = clip(ks, k, ps, pe);
                 f(cs, c);
+                i += 1;
+            }
+        });
+    }
+
+    /// Clears `F_DIRTY` on (with `remove`: removes) the dirty extents lying wholly
+    /// inside `[s, e)` for which `pred(start, extent)` holds: writeback made them clean.
+    /// Extents reaching outside the range stay dirty (the conservative answer).
+    pub fn clean_matching(
+        &mut self,
+        s: u32,
+        e: u32,
+        remove: bool,
+        pred: impl Fn(u32, &Extent) -> bool,
+    ) {
+        debug_assert!(!self.replayed);
+        pieces(s, e, |b, ps, pe| {
+            let (lo, mut hi) = self.run(b);
+            let mut i = lo + first_overlap(&self.v[lo..hi], b, ps);
+            while i < hi && self.v[i].0 < pe {
+                let Entry(ks, k) = self.v[i];
+                if ks >= s && ks + k.len <= e && k.is(F_DIRTY) && pred(ks, &k) {
+                    if remove {
+                        self.replace(b, i, i + 1, &[]);
+                        hi -= 1;
+                        continue;
+                    }
+                    self.v[i].1.back_flags &= !(F_DIRTY as u32);
+                }
                 i += 1;
             }
         });

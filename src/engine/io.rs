@@ -23,6 +23,10 @@ pub struct Channel {
     pub(super) head: Option<Head>,
     plan: Vec<Piece>,
     scratch: Vec<u8>,
+    /// Sequential streams seen (for the cutoff), and whether the last read's misses
+    /// are to be cached.
+    pub(super) streams: super::policy::Streams,
+    no_fill: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -67,15 +71,15 @@ impl Channel {
     }
 }
 
-struct Alloc {
-    seg: u32,
-    off: u64,
-    len: u64,
+pub(super) struct Alloc {
+    pub(super) seg: u32,
+    pub(super) off: u64,
+    pub(super) len: u64,
     gen: u64,
 }
 
 impl<P: Pmem> Engine<P> {
-    fn check_range(&self, off: u64, len: u64) -> Result<(), IoError> {
+    pub(super) fn check_range(&self, off: u64, len: u64) -> Result<(), IoError> {
         if off
             .checked_add(len)
             .is_none_or(|e| e > self.geo.backing_size)
@@ -91,7 +95,7 @@ impl<P: Pmem> Engine<P> {
 
     /// Carves up to `want` bytes from the channel's head; the result holds one segment
     /// reference for the key that will point at it.
-    fn alloc(&self, ch: &mut Channel, want: u64) -> Result<Alloc, IoError> {
+    pub(super) fn alloc(&self, ch: &mut Channel, want: u64) -> Result<Alloc, IoError> {
         let data = self.geo.seg_data_size;
         let a = self.align as u64;
         loop {
@@ -133,7 +137,7 @@ impl<P: Pmem> Engine<P> {
     }
 
     /// Locks the kset of `off` and makes sure it has room for one more key.
-    fn kset_with_room(&self, off: u64) -> Result<MutexGuard<'_, KsetBuf>, LogFull> {
+    pub(super) fn kset_with_room(&self, off: u64) -> Result<MutexGuard<'_, KsetBuf>, LogFull> {
         let mut kb = self.ksets[self.kset_of(off)].lock().unwrap();
         if kb.count >= self.geo.kset_keys {
             let mut head = self.head.lock().unwrap();
@@ -143,7 +147,7 @@ impl<P: Pmem> Engine<P> {
     }
 
     /// Appends a key (room guaranteed) and closes the kset if full or forced.
-    fn append(&self, kb: &mut KsetBuf, k: &KeyRec, force: bool) -> Result<(), IoError> {
+    pub(super) fn append(&self, kb: &mut KsetBuf, k: &KeyRec, force: bool) -> Result<(), IoError> {
         kb.push(k, k.flags & KEY_CLEAN == 0);
         if force || kb.count >= self.geo.kset_keys {
             let mut head = self.head.lock().unwrap();
@@ -290,6 +294,7 @@ impl<P: Pmem> Engine<P> {
     pub fn read(&self, ch: &mut Channel, off: u64, buf: &mut [u8]) -> Result<usize, IoError> {
         self.check_range(off, buf.len() as u64)?;
         self.counters.reads.inc();
+        ch.no_fill = !self.read_fills(ch, off, buf.len() as u64);
         ch.plan.clear();
         let mut pos = 0usize;
         while pos < buf.len() {
@@ -338,6 +343,10 @@ impl<P: Pmem> Engine<P> {
         let c = &self.counters;
         c.bytes_read.add(buf.len() as u64);
         c.bytes_hit.add(hit as u64);
+        if ch.no_fill && missed > 0 {
+            c.bypassed.inc();
+            c.bypassed_bytes.add(missed as u64);
+        }
         match (hit > 0, missed > 0) {
             (_, false) => c.hits.inc(),
             (false, true) => c.misses.inc(),
@@ -465,6 +474,9 @@ impl<P: Pmem> Engine<P> {
     /// `buf` holds the backing device's data and the ranges this read placed
     /// placeholders on are cached as clean data, unless a write replaced them since.
     pub fn fill(&self, ch: &mut Channel, off: u64, buf: &[u8], ok: bool) {
+        // Cutoff or passthrough: the placeholders only kept concurrent reads from
+        // filling stale data; nothing is cached.
+        let ok = ok && !ch.no_fill && self.fills_allowed();
         for i in 0..ch.plan.len() {
             let Piece::Miss {
                 at,
@@ -495,7 +507,7 @@ impl<P: Pmem> Engine<P> {
         ch.plan.clear();
     }
 
-    fn drop_placeholders(&self, o: u64, len: u64, t: u32) {
+    pub(super) fn drop_placeholders(&self, o: u64, len: u64, t: u32) {
         let mut shard = self.shard(self.shard_of(o));
         let s = (o % SUBTREE_SIZE) as u32;
         shard.resolve_placeholders(s, s + len as u32, t, |_, _| None);
@@ -503,7 +515,7 @@ impl<P: Pmem> Engine<P> {
 
     /// Turns the surviving placeholder fragments over `[o, o + a.len)` into clean
     /// extents pointing at the freshly written copy in `a`.
-    fn fill_chunk(&self, o: u64, a: &Alloc, src: &[u8], t: u32) {
+    pub(super) fn fill_chunk(&self, o: u64, a: &Alloc, src: &[u8], t: u32) {
         let mut shard = self.shard(self.shard_of(o));
         let s = (o % SUBTREE_SIZE) as u32;
         let mut kb = self.kset_with_room(o).ok();

@@ -21,6 +21,7 @@ pub mod latency;
 pub mod log;
 mod open;
 pub mod pmem;
+pub mod policy;
 pub mod segs;
 mod stats;
 mod writeback;
@@ -30,6 +31,7 @@ pub use format::{BackingIdentity, LogPos};
 pub use io::{Channel, Miss};
 pub use open::{probe, Probe};
 pub use pmem::Pmem;
+pub use policy::{CacheMode, Direct, Policy, Route, SeqPolicy};
 pub use stats::{ErrorEvent, Stats};
 pub use writeback::{GcResult, WbBatch, WbItem, WbKind, WbNext, WINDOW_KSETS};
 
@@ -54,6 +56,8 @@ pub struct FormatOptions {
     pub kset_keys: u32,
     pub data_crc: bool,
     pub gc_percent: u32,
+    /// Cache mode and sequential cutoff (changeable later with `set_policy`).
+    pub policy: Policy,
     /// A random id distinguishing this format from earlier ones on the same medium.
     pub format_id: u64,
     pub backing: BackingIdentity,
@@ -66,6 +70,7 @@ impl FormatOptions {
             kset_keys: 128,
             data_crc: false,
             gc_percent: 70,
+            policy: Policy::new_default(),
             format_id,
             backing,
         }
@@ -205,6 +210,13 @@ pub struct Engine<P: Pmem> {
     waiting: AtomicU64,
     /// Every channel's latency histograms (recorded by the environment, which has the clock).
     latency: latency::Registry,
+    /// The policy's mode and cutoff (kib << 8 | policy code), read per request without
+    /// the info lock; `info` holds the persisted copy.
+    mode_code: AtomicU32,
+    seq_code: AtomicU64,
+    /// Direct writes completed, and how many of them a backing FLUSH covered.
+    direct_done: AtomicU64,
+    direct_flushed: AtomicU64,
 }
 
 impl<P: Pmem> Engine<P> {

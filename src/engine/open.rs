@@ -159,9 +159,11 @@ impl<P: Pmem> Engine<P> {
         if opts.data_crc {
             flags |= INFO_DATA_CRC;
         }
+        opts.policy.validate().map_err(OpenError::Invalid)?;
         let info = CacheInfo {
             gc_percent: opts.gc_percent,
             flags,
+            policy: opts.policy,
         };
         pmem.write(INFO_OFF[0], &info.encode(1));
         pmem.flush(INFO_OFF[0], INFO_SIZE as u64);
@@ -328,7 +330,7 @@ impl<P: Pmem> Engine<P> {
         }
         let n_ksets = cfg.n_ksets as usize;
         let segs = Segs::new(uses, gens, refs, cfg.log_reserve, geo.seg_data_size);
-        Ok(Engine {
+        let e = Engine {
             pmem,
             data_crc,
             align: sb.backing.block_size,
@@ -385,7 +387,17 @@ impl<P: Pmem> Engine<P> {
             wall_clock_ms: cfg.wall_clock_ms,
             waiting: AtomicU64::new(0),
             latency: Default::default(),
-        })
+            mode_code: AtomicU32::new(info.policy.mode.code() as u32),
+            seq_code: AtomicU64::new(0),
+            direct_done: AtomicU64::new(0),
+            direct_flushed: AtomicU64::new(0),
+        };
+        e.load_policy_codes(info.policy);
+        if info.policy.mode == super::CacheMode::PassThrough {
+            // Replay brought the clean extents back; passthrough serves none of them.
+            e.invalidate_clean();
+        }
+        Ok(e)
     }
 }
 
@@ -402,6 +414,10 @@ fn replay_key(
     let mut flags = 0;
     if dirty && k.flags & KEY_CLEAN == 0 {
         flags |= F_DIRTY;
+    }
+    if k.flags & super::format::KEY_INVALID != 0 {
+        // A tombstone: `Shard::settle` punches the range instead of inserting.
+        flags |= super::index::F_EMPTY;
     }
     if k.has_data() {
         let g = gens[k.seg as usize];

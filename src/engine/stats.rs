@@ -50,6 +50,12 @@ pub struct Counters {
     /// Write attempts refused by admission pacing (above the GC watermark, waiting for
     /// writeback to earn credit); each is retried.
     pub paced: Counter,
+    /// Requests (and their bytes) that bypassed the cache: direct writes that cached
+    /// nothing, reads whose misses were not cached (policy.rs).
+    pub bypassed: Counter,
+    pub bypassed_bytes: Counter,
+    /// Direct writes or mode switches that dropped cached clean data.
+    pub invalidations: Counter,
 }
 
 /// An error that was counted: what happened, and when (milliseconds since the Unix
@@ -113,6 +119,11 @@ pub struct Stats {
     pub gc_stopped: Option<String>,
     /// Latency histograms merged over every channel, cumulative since open.
     pub latency: LatencySnapshot,
+    pub seq_cutoff_kib: u32,
+    pub seq_cutoff_policy: &'static str,
+    pub bypassed_requests: u64,
+    pub bypassed_bytes: u64,
+    pub invalidations: u64,
 }
 
 fn pos(p: super::LogPos) -> String {
@@ -149,7 +160,7 @@ impl<P: Pmem> Engine<P> {
             )
         };
         Stats {
-            mode: "writeback",
+            mode: self.policy().mode.name(),
             data_crc: self.data_crc,
             gc_percent: self.gc_percent(),
             segment_size: self.geo.seg_size,
@@ -193,6 +204,11 @@ impl<P: Pmem> Engine<P> {
             writeback_stopped: wb_stopped,
             gc_stopped,
             latency: self.latency.snapshot(),
+            seq_cutoff_kib: self.policy().seq_cutoff_kib,
+            seq_cutoff_policy: self.policy().seq_policy.name(),
+            bypassed_requests: c.bypassed.get(),
+            bypassed_bytes: c.bypassed_bytes.get(),
+            invalidations: c.invalidations.get(),
         }
     }
 }

@@ -360,6 +360,7 @@ impl<P: Pmem> Engine<P> {
         self.counters.wb_ksets.add(b.ksets as u64);
         self.counters.wb_bytes.add(b.bytes());
         self.counters.wb_skipped_bytes.add(b.skipped);
+        self.mark_written_back(&b.items);
     }
 
     /// A batch failed (`why`: what the backing device did): counted, remembered with
@@ -396,6 +397,9 @@ impl<P: Pmem> Engine<P> {
         }
         if self.pace.load(Relaxed) {
             return true; // writers are paced by writeback's progress
+        }
+        if self.mode() != super::CacheMode::WriteBack {
+            return true; // draining after a switch away from write-back
         }
         let capacity = self.geo.n_segs as u64 * self.geo.seg_data_size;
         closed == 0 || closed * 400 >= capacity * 3 * self.gc_percent() as u64 || self.idle()

@@ -90,6 +90,14 @@ pub fn print(v: &Value) -> Result<()> {
         g(v, "gc_percent")
     );
     println!(
+        "seq cutoff:   {} KiB ({})   bypassed: {} requests, {} bytes   invalidations: {}",
+        g(v, "seq_cutoff_kib"),
+        g(v, "seq_cutoff_policy"),
+        g(v, "bypassed_requests"),
+        g(v, "bypassed_bytes"),
+        g(v, "invalidations")
+    );
+    println!(
         "segments:     {} used of {} ({} bytes each)",
         g(v, "segments_used"),
         g(v, "segments_total"),

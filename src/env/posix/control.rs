@@ -1,13 +1,16 @@
 //! The control socket of `pcache serve`: a Unix socket speaking one JSON object per
 //! line, so `pcache status`, `pcache flush` and scripts can talk to a running cache.
 //!
-//! Requests: `{"cmd":"status"}` returns the statistics; `{"cmd":"set","gc_percent":N}`
-//! changes (and persists) the GC watermark; `{"cmd":"flush"}` starts writing back every
+//! Requests: `{"cmd":"status"}` returns the statistics; `{"cmd":"set","gc_percent":N,
+//! "cache_mode":M,"seq_cutoff_kib":K,"seq_cutoff_policy":P}` (any of them) changes and
+//! persists the GC watermark, the cache mode and the sequential cutoff; `{"cmd":"flush"}` starts writing back every
 //! dirty byte and returns at once (progress shows as `dirty_bytes` in status). Every
 //! reply is `{"ok":true,...}` or `{"ok":false,"error":"..."}`. A client that sends
 //! garbage gets an error reply; a line longer than 64 KiB closes its connection.
 
 use super::volume::Volume;
+use crate::engine::policy::SEQ_CUTOFF_MAX_KIB;
+use crate::engine::{CacheMode, Policy, SeqPolicy};
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -24,19 +27,84 @@ pub fn handle(vol: &Volume, line: &str) -> Value {
     };
     match req.get("cmd").and_then(Value::as_str) {
         Some("status") => status_json(vol),
-        Some("set") => match req.get("gc_percent").and_then(Value::as_u64) {
-            Some(p) if p <= 90 => match vol.engine.set_gc_percent(p as u32) {
-                Ok(()) => json!({"ok": true, "gc_percent": p}),
-                Err(e) => json!({"ok": false, "error": e.to_string()}),
-            },
-            _ => json!({"ok": false, "error": "set needs gc_percent, an integer in 0..90"}),
-        },
+        Some("set") => set(vol, &req),
         Some("flush") => {
             vol.start_drain();
             json!({"ok": true, "dirty_bytes": vol.engine.dirty_bytes()})
         }
         _ => json!({"ok": false, "error": "unknown cmd: expected status, set or flush"}),
     }
+}
+
+/// `set`: any of gc_percent, cache_mode, seq_cutoff_kib, seq_cutoff_policy. Every
+/// value is checked before anything changes.
+fn set(vol: &Volume, req: &Value) -> Value {
+    match parse_set(vol, req) {
+        Ok((gc, p)) => {
+            let e = &vol.engine;
+            if let Err(x) = gc.map_or(Ok(()), |g| e.set_gc_percent(g)) {
+                return json!({"ok": false, "error": x.to_string()});
+            }
+            if let Err(x) = e.set_policy(p) {
+                return json!({"ok": false, "error": x.to_string()});
+            }
+            // A switch away from write-back drains: let the background see it now.
+            vol.start_drain_if_needed();
+            json!({"ok": true, "gc_percent": e.gc_percent(), "cache_mode": p.mode.name(),
+                   "seq_cutoff_kib": p.seq_cutoff_kib, "seq_cutoff_policy": p.seq_policy.name(),
+                   "dirty_bytes": e.dirty_bytes()})
+        }
+        Err(m) => json!({"ok": false, "error": m}),
+    }
+}
+
+fn parse_set(vol: &Volume, req: &Value) -> Result<(Option<u32>, Policy), String> {
+    const KEYS: [&str; 5] = [
+        "cmd",
+        "gc_percent",
+        "cache_mode",
+        "seq_cutoff_kib",
+        "seq_cutoff_policy",
+    ];
+    if let Some(m) = req.as_object() {
+        if let Some(k) = m.keys().find(|k| !KEYS.contains(&k.as_str())) {
+            return Err(format!("set: unknown parameter {k:?}"));
+        }
+        if m.len() == 1 {
+            return Err(
+                "set needs gc_percent, cache_mode, seq_cutoff_kib or seq_cutoff_policy".into(),
+            );
+        }
+    }
+    let gc = match req.get("gc_percent") {
+        None => None,
+        Some(v) => match v.as_u64() {
+            Some(p) if p <= 90 => Some(p as u32),
+            _ => return Err("gc_percent must be an integer in 0..90".into()),
+        },
+    };
+    let text = |k: &str| -> Result<Option<&str>, String> {
+        match req.get(k) {
+            None => Ok(None),
+            Some(v) => v.as_str().map(Some).ok_or(format!("{k} must be a string")),
+        }
+    };
+    let mode = text("cache_mode")?.map(CacheMode::parse).transpose()?;
+    let sp = text("seq_cutoff_policy")?
+        .map(SeqPolicy::parse)
+        .transpose()?;
+    let kib = match req.get("seq_cutoff_kib") {
+        None => None,
+        Some(v) => match v.as_u64() {
+            Some(k) if k <= SEQ_CUTOFF_MAX_KIB as u64 => Some(k as u32),
+            _ => {
+                return Err(format!(
+                    "seq_cutoff_kib must be an integer in 0..{SEQ_CUTOFF_MAX_KIB} (0 = off)"
+                ))
+            }
+        },
+    };
+    Ok((gc, vol.engine.policy().with(mode, kib, sp)))
 }
 
 /// The status reply: engine statistics plus the medium and backing device.

@@ -35,6 +35,7 @@ use crate::engine::{
     probe, BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, OpenError, Pmem,
     Probe, Stats, WbBatch, WbKind, WbNext,
 };
+use crate::engine::{CacheMode, Route, SeqPolicy};
 use crate::frontend::nbd::{BlockConn, BlockTarget};
 use std::io;
 use std::path::PathBuf;
@@ -67,6 +68,10 @@ pub struct VolumeOptions {
     /// Overwrite foreign data / attach to a different backing device.
     pub force: bool,
     pub n_ksets: u32,
+    /// Cache mode and sequential cutoff: given ones are set at format or attach.
+    pub cache_mode: Option<CacheMode>,
+    pub seq_cutoff_kib: Option<u32>,
+    pub seq_policy: Option<SeqPolicy>,
 }
 
 impl VolumeOptions {
@@ -81,6 +86,9 @@ impl VolumeOptions {
             seg_size: 16 << 20,
             force: false,
             n_ksets: 8,
+            cache_mode: None,
+            seq_cutoff_kib: None,
+            seq_policy: None,
         }
     }
 }
@@ -253,6 +261,7 @@ impl Volume {
         fo.seg_size = o.seg_size;
         fo.data_crc = o.data_crc;
         fo.gc_percent = o.gc_percent.unwrap_or(70);
+        fo.policy = fo.policy.with(o.cache_mode, o.seq_cutoff_kib, o.seq_policy);
         let e = Engine::format(pmem, &fo, &Self::config(o))
             .map_err(|e| VolumeError::Engine(o.pmem.clone(), e))?;
         Ok(Self::build(e, backing))
@@ -287,6 +296,13 @@ impl Volume {
             e.set_gc_percent(p)
                 .map_err(|e| VolumeError::Other(e.to_string()))?;
         }
+        let p = e
+            .policy()
+            .with(o.cache_mode, o.seq_cutoff_kib, o.seq_policy);
+        if p != e.policy() {
+            e.set_policy(p)
+                .map_err(|e| VolumeError::Other(e.to_string()))?;
+        }
         Ok(Self::build(e, backing))
     }
 
@@ -303,6 +319,14 @@ impl Volume {
         let _ = self.engine.flush();
         self.drain.store(true, Release);
         self.kick();
+    }
+
+    /// After a switch away from write-back: close the ksets so their dirty keys reach
+    /// writeback, and wake the background work (progress: `dirty_bytes` in status).
+    pub fn start_drain_if_needed(&self) {
+        if self.engine.policy().mode != CacheMode::WriteBack && self.engine.dirty_bytes() > 0 {
+            self.start_drain();
+        }
     }
 
     /// Announces progress and wakes the background runner, wherever it runs: somebody
@@ -714,6 +738,40 @@ impl VolumeConn {
     }
 }
 
+impl VolumeConn {
+    /// A write the policy sends to the backing device (policy.rs): None when it goes
+    /// through the cache after all. A write-through is flushed before it is cached.
+    fn write_direct(&mut self, off: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
+        let e = &self.vol.engine;
+        let Route::Direct { through } = e.route_write(&mut self.ch, off, data.len() as u64) else {
+            return None;
+        };
+        let d = match e.begin_direct(off, data.len() as u64, through) {
+            Ok(Some(d)) => d,
+            Ok(None) => return None,
+            Err(x) => return Some(Err(to_io(x))),
+        };
+        let r = self.q.write(off, data).and_then(|()| {
+            if fua || through {
+                self.q.flush()
+            } else {
+                Ok(())
+            }
+        });
+        e.end_direct(&mut self.ch, off, data, d, r.is_ok());
+        Some(r)
+    }
+
+    /// After a FLUSH: the writes that went around the cache must be durable too.
+    fn flush_direct(&mut self) -> io::Result<()> {
+        if let Some(n) = self.vol.engine.direct_flush_needed() {
+            self.q.flush()?;
+            self.vol.engine.direct_flushed(n);
+        }
+        Ok(())
+    }
+}
+
 impl BlockConn for VolumeConn {
     fn read(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         let t0 = Instant::now();
@@ -753,6 +811,12 @@ impl BlockConn for VolumeConn {
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
         self.uncommitted = true;
         let t0 = Instant::now();
+        if let Some(r) = self.write_direct(off, data, fua) {
+            if r.is_ok() {
+                self.lat.record(Class::Write, ns_since(t0));
+            }
+            return r;
+        }
         let (vol, ch) = (&self.vol, &mut self.ch);
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
         let r = vol.gated(|| vol.engine.write(ch, off, data, fua), bg);
@@ -781,7 +845,9 @@ impl BlockConn for VolumeConn {
         let t0 = Instant::now();
         let vol = &self.vol;
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
-        let r = vol.gated(|| vol.engine.flush(), bg);
+        let r = vol
+            .gated(|| vol.engine.flush(), bg)
+            .and_then(|()| self.flush_direct());
         if r.is_ok() {
             self.lat.record(Class::Flush, ns_since(t0));
         }

@@ -20,7 +20,8 @@ use super::disk::{DiskOp, SimDisk};
 use super::pmem::{CrashMode, SimPmem};
 use super::rng::Rng;
 use crate::engine::{
-    BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, Pmem, WbBatch, WbKind, WbNext,
+    BackingIdentity, CacheMode, Channel, Config, Engine, FormatOptions, IoError, Pmem, Policy,
+    Route, WbBatch, WbKind, WbNext,
 };
 use std::sync::Arc;
 
@@ -63,6 +64,13 @@ pub struct WorldCfg {
     pub kset_keys: u32,
     /// Blocks (512 B) the workload touches; the backing device has 4x as many.
     pub region_blocks: u64,
+    /// Cache mode and sequential cutoff the cache is formatted with.
+    pub policy: Policy,
+    /// Switch to this mode after this many operations (a mode switch under load).
+    pub switch: Option<(usize, CacheMode)>,
+    /// Percent of writes and reads that continue their channel's previous request,
+    /// forming sequential streams for the cutoff.
+    pub seq_percent: u32,
 }
 
 impl WorldCfg {
@@ -82,6 +90,9 @@ impl WorldCfg {
             n_segs: 12,
             kset_keys: 8,
             region_blocks,
+            policy: Policy::default(),
+            switch: None,
+            seq_percent: 0,
         }
     }
 }
@@ -120,6 +131,12 @@ pub struct World {
     wb: WbBatch,
     wb_inflight: Option<Inflight>,
     pub crashes: u64,
+    /// Write ids that went to the backing device directly (policy.rs), which the
+    /// backing-alone check does not order against the log.
+    direct: Vec<bool>,
+    /// Where each channel's last request ended (for sequential streams), in blocks.
+    last_end: Vec<u64>,
+    ops_done: usize,
 }
 
 fn identity(size: u64) -> BackingIdentity {
@@ -175,6 +192,7 @@ impl World {
         // Writeback windows of 1 to 8 ksets: one FLUSH after several ksets' writes,
         // which the disk completes and persists in any order.
         let window = 1 + rng.below(8) as u32;
+        fo.policy = cfg.policy;
         let engine =
             Engine::format(pmem.clone(), &fo, &Self::config(&cfg)).map_err(|e| e.to_string())?;
         let n = cfg.region_blocks as usize;
@@ -194,6 +212,9 @@ impl World {
             wb: WbBatch::with_window(window),
             wb_inflight: None,
             crashes: 0,
+            direct: vec![false],
+            last_end: vec![0; cfg.channels],
+            ops_done: 0,
             cfg,
             rng,
             pmem,
@@ -218,6 +239,17 @@ impl World {
     /// Runs the workload. Stops early (Ok) when the pmem crashed under a fence limit.
     pub fn run(&mut self) -> Result<(), String> {
         for _ in 0..self.cfg.ops {
+            if let Some((at, mode)) = self.cfg.switch {
+                if self.ops_done == at && self.engine.policy().mode != mode {
+                    self.trace(format_args!("switch to {}", mode.name()));
+                    let p = Policy {
+                        mode,
+                        ..self.engine.policy()
+                    };
+                    self.engine.set_policy(p).map_err(|e| e.to_string())?;
+                }
+            }
+            self.ops_done += 1;
             self.step()?;
             if self.pmem.crashed() {
                 return Ok(());
@@ -251,7 +283,7 @@ impl World {
         if r < p_read + p_flush {
             return self.flush();
         }
-        let (off, n) = self.range();
+        let (off, n) = self.range_on(ch);
         if r < p_read + p_flush + p_zero {
             let discard = self.rng.chance(1, 2);
             let fua = self.rng.chance(p_fua as u32, 100);
@@ -271,10 +303,25 @@ impl World {
         (off, n)
     }
 
+    /// A range that continues channel `ch`'s last request `seq_percent` of the time.
+    fn range_on(&mut self, ch: usize) -> (u64, u64) {
+        let (off, n) = self.range();
+        let end = self.last_end[ch];
+        let (off, n) = if self.rng.chance(self.cfg.seq_percent, 100) && end < self.cfg.region_blocks
+        {
+            (end, n.min(self.cfg.region_blocks - end))
+        } else {
+            (off, n)
+        };
+        self.last_end[ch] = off + n;
+        (off, n)
+    }
+
     fn new_write(&mut self, zero: bool) -> u64 {
         if zero {
             return 0;
         }
+        self.direct.push(false);
         self.write_epoch.push(self.flush_snap.len() as u64);
         self.write_epoch.len() as u64 - 1
     }
@@ -303,11 +350,42 @@ impl World {
             );
         }
         self.inflight_ids = (off..off + n).map(|b| (b, id)).collect();
-        for attempt in 0.. {
-            match self
+        let o = self.base + off * BS as u64;
+        if let Route::Direct { through } =
+            self.engine
+                .route_write(&mut self.chans[ch], o, n * BS as u64)
+        {
+            let d = self
                 .engine
-                .write(&mut self.chans[ch], self.base + off * BS as u64, &data, fua)
-            {
+                .begin_direct(o, n * BS as u64, through)
+                .map_err(|e| format!("begin_direct {off}+{n}: {e}"))?;
+            if let Some(d) = d {
+                self.trace(format_args!("  direct (through {through})"));
+                if self.pmem.crashed() {
+                    return Ok(()); // no power: nothing reaches the disk
+                }
+                self.direct[id as usize] = true;
+                // A write-through is durable on the disk before it is cached as clean.
+                let r = self.disk.write(o, &data).and_then(|_| {
+                    if fua || through {
+                        self.disk.flush()
+                    } else {
+                        Ok(())
+                    }
+                });
+                self.engine
+                    .end_direct(&mut self.chans[ch], o, &data, d, r.is_ok());
+                r.map_err(|e| format!("direct write {off}+{n}: {e:?}"))?;
+                if self.pmem.crashed() {
+                    return Ok(());
+                }
+                self.inflight_ids.clear();
+                self.complete(off, n, id, fua);
+                return Ok(());
+            }
+        }
+        for attempt in 0.. {
+            match self.engine.write(&mut self.chans[ch], o, &data, fua) {
                 Ok(()) => break,
                 Err(IoError::Busy) if attempt < 200 => self.make_room()?,
                 Err(e) => return Err(format!("write {off}+{n}: {e} (attempt {attempt})")),
@@ -362,6 +440,14 @@ impl World {
         Ok(())
     }
 
+    /// Writes back everything (as a drain after a mode switch does, with no new
+    /// writes) and returns the dirty bytes left: 0 unless writeback is stuck.
+    pub fn drain(&mut self) -> Result<u64, String> {
+        self.make_room()?;
+        while self.writeback_step()? {}
+        Ok(self.engine.dirty_bytes())
+    }
+
     fn trace(&self, a: std::fmt::Arguments) {
         if std::env::var_os("PCACHE_TRACE").is_some() {
             eprintln!("[fence {}] {a}", self.pmem.persistence_points());
@@ -383,6 +469,13 @@ impl World {
         if self.pmem.crashed() {
             return Ok(());
         }
+        // Writes that went around the cache are made durable by the disk's FLUSH.
+        if let Some(n) = self.engine.direct_flush_needed() {
+            self.disk
+                .flush()
+                .map_err(|e| format!("flush of direct writes: {e:?}"))?;
+            self.engine.direct_flushed(n);
+        }
         let snap: Vec<u64> = self
             .blocks
             .iter()
@@ -396,7 +489,7 @@ impl World {
     }
 
     fn read(&mut self, ch: usize) -> Result<(), String> {
-        let (off, n) = self.range();
+        let (off, n) = self.range_on(ch);
         let mut buf = vec![0u8; n as usize * BS];
         let o = self.base + off * BS as u64;
         let missed = match self.engine.read(&mut self.chans[ch], o, &mut buf) {
@@ -597,7 +690,7 @@ impl World {
         for b in 0..n {
             let at = self.base as usize + b * BS;
             let id = decode(b as u64, &img[at..at + BS]).map_err(|e| format!("backing: {e}"))?;
-            if id != 0 {
+            if id != 0 && !self.direct[id as usize] {
                 epoch = epoch.max(self.write_epoch[id as usize]);
             }
             ids.push(id);

@@ -1,0 +1,534 @@
+//! Cache policy: the cache mode and the sequential cutoff, and the routing of requests
+//! that do not go through the write-back path (bcache's and OCF's modes).
+//!
+//! A write is routed either through the cache (today's write-back path) or *direct*:
+//! the caller writes it to the backing device between `begin_direct` and `end_direct`.
+//! `begin_direct` covers the range with a placeholder under the shard lock, so reads
+//! during the backing write go to the backing device and fill nothing, and the clean
+//! data it replaced is invalidated; `end_direct` then either caches the data as clean
+//! (write-through, only once the backing device has it durably) or drops the
+//! placeholder (write-around, passthrough, cutoff). Invariant: a direct write never
+//! starts over dirty data whose key is past dirty_tail, because writeback would later
+//! put that older data over the newer backing data; such a request is routed through
+//! the cache instead (`begin_direct` returns None). Writeback clears the dirty flag of
+//! the extents it wrote back (`mark_written_back`), so once the log is drained direct
+//! writes are possible everywhere. Writes that went to the backing device only are
+//! made durable by the caller's FLUSH (`direct_flush_needed`).
+
+use super::format::{KeyRec, KEY_CLEAN, KEY_INVALID, KEY_ZERO, SUBTREE_SIZE};
+use super::index::{Extent, F_DIRTY, F_EMPTY};
+use super::io::Channel;
+use super::{Engine, IoError, OpenError, Pmem};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+
+/// How the cache treats writes and read misses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Writes complete in pmem and are written back later (the default).
+    #[default]
+    WriteBack,
+    /// Writes go to the backing device and pmem; they complete when both have them.
+    WriteThrough,
+    /// Writes go to the backing device and invalidate cached copies; misses fill.
+    WriteAround,
+    /// Everything goes to the backing device; nothing new is cached.
+    PassThrough,
+}
+
+impl CacheMode {
+    pub const ALL: [CacheMode; 4] = [
+        CacheMode::WriteBack,
+        CacheMode::WriteThrough,
+        CacheMode::WriteAround,
+        CacheMode::PassThrough,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::WriteBack => "writeback",
+            CacheMode::WriteThrough => "writethrough",
+            CacheMode::WriteAround => "writearound",
+            CacheMode::PassThrough => "passthrough",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            format!("unknown cache mode {s:?}: use writeback, writethrough, writearound or passthrough")
+        })
+    }
+    /// On-media code (cache_info byte 24); 0 is what a medium from before modes holds.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+    pub fn from_code(c: u8) -> Option<Self> {
+        Self::ALL.get(c as usize).copied()
+    }
+}
+
+/// When the sequential cutoff applies (OCF's `seq_cutoff_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeqPolicy {
+    /// Only when the cache is full (OCF's default).
+    #[default]
+    Full,
+    Always,
+    Never,
+}
+
+impl SeqPolicy {
+    pub const ALL: [SeqPolicy; 3] = [SeqPolicy::Full, SeqPolicy::Always, SeqPolicy::Never];
+    pub fn name(self) -> &'static str {
+        match self {
+            SeqPolicy::Full => "full",
+            SeqPolicy::Always => "always",
+            SeqPolicy::Never => "never",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown seq_cutoff_policy {s:?}: use always, full or never"))
+    }
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+    pub fn from_code(c: u8) -> Option<Self> {
+        Self::ALL.get(c as usize).copied()
+    }
+}
+
+/// Largest sequential cutoff threshold (4 GiB, in KiB).
+pub const SEQ_CUTOFF_MAX_KIB: u32 = 4 << 20;
+/// Default threshold for new caches: 1 MiB, as OCF.
+pub const SEQ_CUTOFF_DEFAULT_KIB: u32 = 1024;
+
+/// The persisted policy. An old medium (zeros in these fields) reads as write-back with
+/// the cutoff off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policy {
+    pub mode: CacheMode,
+    /// Threshold in KiB; 0 turns the cutoff off.
+    pub seq_cutoff_kib: u32,
+    pub seq_policy: SeqPolicy,
+}
+
+impl Policy {
+    /// What a new cache gets: write-back, cutoff 1 MiB when the cache is full.
+    pub fn new_default() -> Self {
+        Policy {
+            mode: CacheMode::WriteBack,
+            seq_cutoff_kib: SEQ_CUTOFF_DEFAULT_KIB,
+            seq_policy: SeqPolicy::Full,
+        }
+    }
+    /// This policy with the given fields replaced.
+    pub fn with(
+        self,
+        mode: Option<CacheMode>,
+        seq_cutoff_kib: Option<u32>,
+        seq_policy: Option<SeqPolicy>,
+    ) -> Policy {
+        Policy {
+            mode: mode.unwrap_or(self.mode),
+            seq_cutoff_kib: seq_cutoff_kib.unwrap_or(self.seq_cutoff_kib),
+            seq_policy: seq_policy.unwrap_or(self.seq_policy),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.seq_cutoff_kib > SEQ_CUTOFF_MAX_KIB {
+            return Err(format!(
+                "seq_cutoff {} KiB is above the maximum {SEQ_CUTOFF_MAX_KIB} KiB",
+                self.seq_cutoff_kib
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Sequential streams a channel tracks (least recently used is replaced).
+pub const STREAMS: usize = 4;
+
+/// One sequential stream seen on a channel.
+#[derive(Debug, Clone, Copy, Default)]
+struct Stream {
+    /// Where the next request of the stream starts; 0 = unused slot.
+    end: u64,
+    /// Bytes of the stream so far.
+    len: u64,
+    last_use: u64,
+    write: bool,
+}
+
+/// A channel's stream tracker (fixed size: nothing allocates per request).
+#[derive(Debug, Default)]
+pub(super) struct Streams {
+    s: [Stream; STREAMS],
+    clock: u64,
+}
+
+impl Streams {
+    /// Records a request and returns the length of the stream it continues (itself
+    /// included).
+    fn note(&mut self, off: u64, len: u64, write: bool) -> u64 {
+        self.clock += 1;
+        let now = self.clock;
+        if let Some(st) = self
+            .s
+            .iter_mut()
+            .find(|st| st.len > 0 && st.end == off && st.write == write)
+        {
+            st.end = off + len;
+            st.len += len;
+            st.last_use = now;
+            return st.len;
+        }
+        let lru = self
+            .s
+            .iter_mut()
+            .min_by_key(|st| st.last_use)
+            .expect("STREAMS > 0");
+        *lru = Stream {
+            end: off + len,
+            len,
+            last_use: now,
+            write,
+        };
+        len
+    }
+}
+
+/// Where a write goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Through the cache (write-back path): `Engine::write`.
+    Cache,
+    /// To the backing device: `begin_direct`, the backing write, `end_direct`.
+    /// `through` caches the data as clean afterwards.
+    Direct { through: bool },
+}
+
+/// A direct write in progress (from `begin_direct`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Direct {
+    token: u32,
+    pub through: bool,
+}
+
+impl<P: Pmem> Engine<P> {
+    pub fn policy(&self) -> Policy {
+        self.info.lock().unwrap().info.policy
+    }
+
+    /// Changes mode and cutoff, persisted. Switching to passthrough invalidates the
+    /// clean cached data; dirty data is written back by the background writeback
+    /// (`writeback_wanted` asks for it while the mode is not write-back).
+    pub fn set_policy(&self, p: Policy) -> Result<(), OpenError> {
+        p.validate().map_err(OpenError::Invalid)?;
+        {
+            let mut st = self.info.lock().unwrap();
+            st.info.policy = p;
+            let (slot, seq) = st.r.advance();
+            self.pmem
+                .persist(super::format::INFO_OFF[slot], &st.info.encode(seq));
+        }
+        self.mode_code.store(p.mode.code() as u32, Relaxed);
+        if p.mode == CacheMode::PassThrough {
+            self.invalidate_clean();
+        }
+        Ok(())
+    }
+
+    pub(super) fn mode(&self) -> CacheMode {
+        CacheMode::from_code(self.mode_code.load(Relaxed) as u8).unwrap_or_default()
+    }
+
+    /// Drops every clean extent from the index (their keys stay in the log until GC).
+    pub(super) fn invalidate_clean(&self) {
+        let mut clean = Vec::new();
+        for si in 0..self.shards.len() {
+            let mut sh = self.shard(si);
+            clean.clear();
+            clean.extend(
+                sh.iter()
+                    .filter(|(_, x)| !x.is(F_DIRTY) && !x.is(F_EMPTY))
+                    .map(|(s, x)| (s, s + x.len)),
+            );
+            for &(s, e) in &clean {
+                sh.punch(s, e);
+            }
+            self.counters.invalidations.add(clean.len() as u64);
+        }
+    }
+
+    /// Whether the sequential cutoff sends this request around the cache.
+    fn cutoff(&self, ch: &mut Channel, off: u64, len: u64, write: bool) -> bool {
+        let p = self.policy_cached();
+        let stream = ch.streams.note(off, len, write);
+        if p.seq_cutoff_kib == 0 || stream < (p.seq_cutoff_kib as u64) << 10 {
+            return false;
+        }
+        match p.seq_policy {
+            SeqPolicy::Never => false,
+            SeqPolicy::Always => true,
+            SeqPolicy::Full => {
+                self.cache_full() || self.segs.used() as u64 * 100 >= self.geo.n_segs as u64 * 95
+            }
+        }
+    }
+
+    /// The policy without taking the info lock on every request.
+    fn policy_cached(&self) -> Policy {
+        let v = self.seq_code.load(Relaxed);
+        Policy {
+            mode: self.mode(),
+            seq_cutoff_kib: (v >> 8) as u32,
+            seq_policy: SeqPolicy::from_code(v as u8).unwrap_or_default(),
+        }
+    }
+
+    pub(super) fn load_policy_codes(&self, p: Policy) {
+        self.mode_code.store(p.mode.code() as u32, Relaxed);
+        self.seq_code.store(
+            ((p.seq_cutoff_kib as u64) << 8) | p.seq_policy.code() as u64,
+            Relaxed,
+        );
+    }
+
+    /// Decides where a write of `len` bytes at `off` goes (and tracks its stream).
+    pub fn route_write(&self, ch: &mut Channel, off: u64, len: u64) -> Route {
+        let cut = self.cutoff(ch, off, len, true);
+        match self.mode() {
+            CacheMode::WriteBack if !cut => Route::Cache,
+            CacheMode::WriteThrough if !cut => Route::Direct { through: true },
+            _ => Route::Direct { through: false },
+        }
+    }
+
+    /// Whether a read's misses should be cached (tracks the read's stream).
+    pub(super) fn read_fills(&self, ch: &mut Channel, off: u64, len: u64) -> bool {
+        let cut = self.cutoff(ch, off, len, false);
+        !cut && self.mode() != CacheMode::PassThrough
+    }
+
+    /// Starts a direct write of `[off, off + len)`: invalidates the cached clean data
+    /// there and covers it with a placeholder. None: dirty data overlaps, route the
+    /// write through the cache (`write`) instead.
+    ///
+    /// Each region also gets a tombstone key, persistent before this returns, so a
+    /// replay after a crash never brings back clean data the backing write made stale
+    /// (the backing device may keep the write even when it was never flushed).
+    pub fn begin_direct(
+        &self,
+        off: u64,
+        len: u64,
+        through: bool,
+    ) -> Result<Option<Direct>, IoError> {
+        self.check_range(off, len)?;
+        let token = self.next_token.fetch_add(1, Relaxed);
+        let mut pos = 0u64;
+        while pos < len {
+            let o = off + pos;
+            let n = (len - pos).min(SUBTREE_SIZE - o % SUBTREE_SIZE);
+            let s = (o % SUBTREE_SIZE) as u32;
+            let mut sh = self.shard(self.shard_of(o));
+            let mut dirty = false;
+            let mut cached = false;
+            let segs = &self.segs;
+            sh.walk(
+                s,
+                s + n as u32,
+                |x| segs.gen32(x.seg) != x.gen,
+                |_, x| {
+                    dirty |= x.is(F_DIRTY);
+                    cached |= !x.is(F_EMPTY);
+                },
+            );
+            if dirty {
+                drop(sh);
+                // Withdraw the placeholders already placed in earlier regions.
+                self.end_pieces(off, pos, token);
+                return Ok(None);
+            }
+            let tomb = KeyRec {
+                off: o,
+                len: n as u32,
+                flags: KEY_INVALID | KEY_CLEAN | KEY_ZERO,
+                ..Default::default()
+            };
+            let logged = match self.kset_with_room(o) {
+                Ok(mut kb) => {
+                    sh.insert(s, Extent::without_data(n as u32, F_EMPTY, token));
+                    self.append(&mut kb, &tomb, true).is_ok()
+                }
+                Err(_) => false,
+            };
+            if !logged {
+                // No room in the log: go through the cache, which waits for room.
+                drop(sh);
+                self.end_pieces(off, pos + n, token);
+                return Ok(None);
+            }
+            if cached {
+                self.counters.invalidations.inc();
+            }
+            pos += n;
+        }
+        Ok(Some(Direct { token, through }))
+    }
+
+    fn end_pieces(&self, off: u64, len: u64, token: u32) {
+        let mut pos = 0u64;
+        while pos < len {
+            let o = off + pos;
+            let n = (len - pos).min(SUBTREE_SIZE - o % SUBTREE_SIZE);
+            self.drop_placeholders(o, n, token);
+            pos += n;
+        }
+    }
+
+    /// Completes a direct write. `ok`: the backing device has `data` (durably, for a
+    /// write-through: the caller flushed it). A write-through then caches it as clean
+    /// where no newer write replaced the placeholder; everything else just drops the
+    /// placeholder, so later reads miss and fetch the new data.
+    pub fn end_direct(&self, ch: &mut Channel, off: u64, data: &[u8], d: Direct, ok: bool) {
+        let len = data.len() as u64;
+        if ok && d.through {
+            let mut done = 0u64;
+            while done < len {
+                let o = off + done;
+                let rest = (len - done).min(SUBTREE_SIZE - o % SUBTREE_SIZE);
+                let Ok(a) = self.alloc(ch, rest) else {
+                    self.end_pieces(o, len - done, d.token);
+                    break;
+                };
+                let src = &data[done as usize..(done + a.len) as usize];
+                let at = self.geo.data_off(a.seg, a.off);
+                self.pmem.write(at, src);
+                self.pmem.flush(at, a.len);
+                self.pmem.fence();
+                self.fill_chunk(o, &a, src, d.token);
+                done += a.len;
+            }
+        } else {
+            self.end_pieces(off, len, d.token);
+        }
+        if ok {
+            let c = &self.counters;
+            c.writes.inc();
+            c.bytes_written.add(len);
+            if !d.through {
+                c.bypassed.inc();
+                c.bypassed_bytes.add(len);
+            }
+            // Counted after the backing write: a FLUSH that sees it flushes the backing,
+            // and until then no miss fills (see `fills_allowed`). A write-through was
+            // flushed by the caller already.
+            if !d.through {
+                self.direct_done.fetch_add(1, AcqRel);
+            }
+        }
+    }
+
+    /// For a FLUSH: Some(n) when direct writes completed since the backing device was
+    /// last flushed for them. The caller flushes the backing device, then calls
+    /// `direct_flushed(n)`.
+    pub fn direct_flush_needed(&self) -> Option<u64> {
+        let n = self.direct_done.load(Acquire);
+        (self.direct_flushed.load(Acquire) < n).then_some(n)
+    }
+    pub fn direct_flushed(&self, n: u64) {
+        self.direct_flushed.fetch_max(n, AcqRel);
+    }
+
+    /// The count to pass to `direct_flushed` after a backing FLUSH issued now (for
+    /// runtimes that flush the backing device for other reasons, e.g. writeback).
+    pub fn direct_mark(&self) -> u64 {
+        self.direct_done.load(Acquire)
+    }
+
+    /// Whether a read miss may be cached now. Not while a direct write is not yet
+    /// flushed: the miss may have read it from the backing device's volatile cache,
+    /// and a clean key over data the backing device can still lose would, after a
+    /// power loss, show data the backing device no longer has.
+    pub(super) fn fills_allowed(&self) -> bool {
+        self.direct_flushed.load(Acquire) >= self.direct_done.load(Acquire)
+    }
+
+    /// After a writeback batch is durable: its extents are no longer dirty (unless a
+    /// newer write replaced them, which the segment position tells). In passthrough
+    /// they are dropped instead: nothing stays cached.
+    pub(super) fn mark_written_back(&self, items: &[super::WbItem]) {
+        let drop_all = self.mode() == CacheMode::PassThrough;
+        for it in items {
+            let super::WbKind::Data { pmem_off } = it.kind else {
+                continue;
+            };
+            let rel = pmem_off - super::format::SEGMENTS_OFF;
+            let seg = (rel / self.geo.seg_size) as u32;
+            let seg_off = (rel % self.geo.seg_size - super::format::SEG_HDR) as u32;
+            let mut pos = 0u64;
+            let len = it.len as u64;
+            while pos < len {
+                let o = it.off + pos;
+                let n = (len - pos).min(SUBTREE_SIZE - o % SUBTREE_SIZE);
+                let s = (o % SUBTREE_SIZE) as u32;
+                let want = seg_off + pos as u32;
+                let mut sh = self.shard(self.shard_of(o));
+                sh.clean_matching(s, s + n as u32, drop_all, |ks, x| {
+                    x.has_data() && x.seg == seg && x.seg_off == want + (ks - s)
+                });
+                pos += n;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_accumulate_interleave_and_evict_the_oldest() {
+        let mut s = Streams::default();
+        // Two interleaved sequential writers and a reader at the same place.
+        assert_eq!(s.note(0, 4096, true), 4096);
+        assert_eq!(s.note(1 << 30, 8192, true), 8192);
+        assert_eq!(s.note(4096, 4096, true), 8192);
+        assert_eq!(s.note(4096, 4096, false), 4096); // reads are their own streams
+        assert_eq!(s.note((1 << 30) + 8192, 8192, true), 16384);
+        assert_eq!(s.note(8192, 4096, true), 12288);
+        // Two more streams: one takes the free slot, the other the slot used longest
+        // ago (the reader's).
+        s.note(5 << 30, 512, true);
+        s.note(7 << 30, 512, true);
+        assert_eq!(s.note(12288, 4096, true), 16384, "writer 1 survived");
+        assert_eq!(s.note(8192, 4096, false), 4096, "the reader was evicted");
+        // A jump breaks a stream.
+        assert_eq!(s.note(1 << 20, 4096, true), 4096);
+    }
+
+    #[test]
+    fn names_parse_back_and_bad_ones_explain() {
+        for m in CacheMode::ALL {
+            assert_eq!(CacheMode::parse(m.name()), Ok(m));
+            assert_eq!(CacheMode::from_code(m.code()), Some(m));
+        }
+        for p in SeqPolicy::ALL {
+            assert_eq!(SeqPolicy::parse(p.name()), Ok(p));
+            assert_eq!(SeqPolicy::from_code(p.code()), Some(p));
+        }
+        assert!(CacheMode::parse("wb").unwrap_err().contains("writethrough"));
+        assert!(SeqPolicy::parse("sometimes")
+            .unwrap_err()
+            .contains("always"));
+        assert_eq!(CacheMode::from_code(4), None);
+        let p = Policy::default();
+        assert_eq!((p.mode, p.seq_cutoff_kib), (CacheMode::WriteBack, 0));
+        let big = Policy {
+            seq_cutoff_kib: SEQ_CUTOFF_MAX_KIB + 1,
+            ..p
+        };
+        assert!(big.validate().is_err());
+    }
+}
