@@ -77,7 +77,10 @@ def parse_fio(path, iops_log):
         for line in open(iops_log):
             f = [x.strip() for x in line.split(",")]
             if len(f) >= 2:
-                t = max(int(f[0]) - 1, 0) // 1000
+                # An entry stamped T ms covers the second ending at T; fio's stamps jitter
+                # by a millisecond or two (17001, 18000), so round rather than truncate, or
+                # two entries share a second and the plot shows a false zero beside a spike.
+                t = max(round(int(f[0]) / 1000) - 1, 0)
                 per[t] = per.get(t, 0) + int(f[1])
     secs = [per.get(t, 0) for t in range(max(per) + 1)] if per else []
     return total, secs, pct, max_us, hist
