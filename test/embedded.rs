@@ -252,6 +252,25 @@ impl Cache {
         pcache(&self.dir.0, args)
     }
 
+    /// `pcache format` of a volatile medium of the tests' size over the backing file;
+    /// asserts success.
+    fn format_volatile(&self) {
+        let o = self.run(&[
+            "format",
+            "--pmem",
+            Self::s(&self.pmem),
+            "--backing",
+            Self::s(&self.backing),
+            "--persistence",
+            "volatile",
+            "--pmem-size",
+            PMEM_SIZE,
+            "--segment-size",
+            SEG_SIZE,
+        ]);
+        assert!(o.ok(), "{}", o.show());
+    }
+
     /// `pcache check` on the medium (offline); asserts success.
     fn check(&self) -> String {
         let o = self.run(&[
@@ -1602,20 +1621,7 @@ fn cli_errors_status_and_flush() {
 #[test]
 fn status_to_closed_pipe_does_not_panic() {
     let c = Cache::new("epipe", 64 * MIB);
-    let o = c.run(&[
-        "format",
-        "--pmem",
-        Cache::s(&c.pmem),
-        "--backing",
-        Cache::s(&c.backing),
-        "--persistence",
-        "volatile",
-        "--pmem-size",
-        PMEM_SIZE,
-        "--segment-size",
-        SEG_SIZE,
-    ]);
-    assert!(o.ok(), "{}", o.show());
+    c.format_volatile();
     let mut child = Command::new(BIN)
         .args(["status", "--json", "--pmem", Cache::s(&c.pmem)])
         .args(["--persistence", "volatile"])
@@ -1707,20 +1713,7 @@ fn restart_right_after_kill9_is_not_refused() {
 fn read_only_commands_need_no_persistence() {
     let c = Cache::new("ro", 64 * MIB);
     let (pmem, backing) = (Cache::s(&c.pmem), Cache::s(&c.backing));
-    let o = c.run(&[
-        "format",
-        "--pmem",
-        pmem,
-        "--backing",
-        backing,
-        "--persistence",
-        "volatile",
-        "--pmem-size",
-        PMEM_SIZE,
-        "--segment-size",
-        SEG_SIZE,
-    ]);
-    assert!(o.ok(), "{}", o.show());
+    c.format_volatile();
     let image = std::fs::read(&c.pmem).unwrap();
 
     let o = c.run(&["status", "--pmem", pmem]);

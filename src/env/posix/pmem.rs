@@ -188,6 +188,16 @@ pub struct PosixPmem {
     syncs: AtomicU64,
 }
 
+/// What an `open` path mapped, handed to `PosixPmem::assemble`.
+struct Mapping {
+    base: *mut u8,
+    map_len: usize,
+    size: u64,
+    mode: Persistence,
+    kind: Kind,
+    insn: FlushInsn,
+}
+
 // SAFETY: `PosixPmem` owns its mapping (no other Rust value aliases it) and every access
 // goes through raw pointers derived from `base`, copying bytes in or out; nothing hands
 // out references into the mapping. Concurrent calls on disjoint ranges touch disjoint
@@ -378,24 +388,15 @@ impl PosixPmem {
                 },
             ),
         };
-        Ok(PosixPmem {
+        let m = Mapping {
             base,
             map_len,
             size,
             mode,
             kind,
             insn,
-            page_size: page_size(),
-            path: path.to_path_buf(),
-            file,
-            flush_failed: AtomicBool::new(false),
-            flush_error: Mutex::new(None),
-            group: AtomicBool::new(false),
-            deferred: AtomicU64::new(0),
-            durable: AtomicU64::new(0),
-            sync_lock: Mutex::new(()),
-            syncs: AtomicU64::new(0),
-        })
+        };
+        Ok(PosixPmem::assemble(m, path, file))
     }
 
     /// The part of `open` after all checks that need no descriptor. Sets `created` once
@@ -522,16 +523,28 @@ impl PosixPmem {
             }
         };
 
-        let page_size = page_size();
-
-        Ok(PosixPmem {
+        let m = Mapping {
             base,
             map_len,
             size,
             mode,
             kind,
             insn,
-            page_size,
+        };
+        Ok(PosixPmem::assemble(m, path, file))
+    }
+
+    /// The medium around a fresh mapping: both `open` paths (read-write and read-only)
+    /// end here, with no flush error and no group-commit state yet.
+    fn assemble(m: Mapping, path: &Path, file: File) -> PosixPmem {
+        PosixPmem {
+            base: m.base,
+            map_len: m.map_len,
+            size: m.size,
+            mode: m.mode,
+            kind: m.kind,
+            insn: m.insn,
+            page_size: page_size(),
             path: path.to_path_buf(),
             file,
             flush_failed: AtomicBool::new(false),
@@ -541,7 +554,7 @@ impl PosixPmem {
             durable: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
             syncs: AtomicU64::new(0),
-        })
+        }
     }
 
     /// The persistence mode chosen at open.
