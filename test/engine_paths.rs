@@ -2,7 +2,7 @@
 //! back to the backing device, dirty data is an error), attach refusals (blank, foreign,
 //! corrupt, wrong backing device), persisted gc_percent, clean data surviving a restart,
 //! writeback errors, a full cache recovering through writeback and GC, and zero/discard
-//! ranges.
+//! ranges (also routed to the backing device outside write-back).
 
 use pcache::engine::{
     BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, OpenError, Pmem, WbBatch,
@@ -460,4 +460,60 @@ fn writeback_windows_stay_inside_an_epoch() {
     assert_eq!(batch(&mut wb), vec![(10, 1), (11, 1)]);
     assert_eq!(e.writeback_next(&mut wb), WbNext::Idle);
     assert_eq!(e.dirty_bytes(), 0);
+}
+
+/// Outside write-back, write-zeroes and discards go to the backing device: the cached
+/// copy is invalidated (reads miss while the backing command runs and after it), the
+/// zeroes are counted as bypassed, nothing dirty is left, and a later read miss fills
+/// only once a FLUSH covers the backing command.
+#[test]
+fn zeroes_bypass_the_cache_outside_writeback() {
+    let (_pmem, e) = new_engine(12, false);
+    let mut backing = vec![0u8; SIZE as usize];
+    let mut ch = Channel::default();
+    e.write(&mut ch, 0, &[3; 16384], false).unwrap();
+    e.flush().unwrap();
+    drain(&e, &mut backing, false);
+    assert!(!e.zeroes_direct(), "write-back keeps zeroes in the cache");
+    let p = e
+        .policy()
+        .with(Some(pcache::engine::CacheMode::WriteAround), None, None);
+    e.set_policy(p).unwrap();
+    assert!(e.zeroes_direct());
+    let d = e
+        .begin_direct(4096, 8192, false)
+        .unwrap()
+        .expect("clean data only");
+    // While the backing command runs, reads of the range miss (the old data is gone).
+    let mut buf = vec![0u8; 16384];
+    e.read(&mut ch, 0, &mut buf).unwrap();
+    let misses: Vec<_> = ch.misses().map(|m| (m.at, m.len)).collect();
+    assert_eq!(misses, vec![(4096, 8192)]);
+    backing[4096..12288].fill(0);
+    e.end_direct_zeroes(4096, 8192, d, true, false);
+    let s = e.stats();
+    assert_eq!((s.write_zeroes, s.bypassed_requests), (1, 1));
+    assert_eq!(e.dirty_bytes(), 0);
+    let got = read(&e, &mut ch, &backing, 0, 16384).unwrap();
+    assert_eq!(&got[..4096], &[3; 4096][..]);
+    assert_eq!(&got[4096..12288], &[0; 8192][..]);
+    assert_eq!(&got[12288..], &[3; 4096][..]);
+    // Not yet flushed: that miss was not cached.
+    e.read(&mut ch, 4096, &mut buf[..4096]).unwrap();
+    assert_eq!(ch.misses().count(), 1);
+    buf[..4096].fill(0);
+    e.fill(&mut ch, 4096, &buf[..4096], true);
+    e.read(&mut ch, 4096, &mut buf[..4096]).unwrap();
+    assert_eq!(ch.misses().count(), 1, "the miss before the flush was not cached");
+    e.fill(&mut ch, 4096, &buf[..4096], false);
+    let n = e.direct_flush_needed().expect("a flush is owed");
+    e.direct_flushed(n);
+    read(&e, &mut ch, &backing, 4096, 4096).unwrap();
+    e.read(&mut ch, 4096, &mut buf[..4096]).unwrap();
+    assert_eq!(ch.misses().count(), 0, "filled after the flush");
+    // A failed backing command changes nothing but drops the placeholder.
+    let d = e.begin_direct(0, 4096, false).unwrap().unwrap();
+    e.end_direct_zeroes(0, 4096, d, false, true);
+    assert_eq!(e.stats().discards, 0);
+    e.check_invariants(&[&ch]).unwrap();
 }

@@ -430,6 +430,34 @@ impl<P: Pmem> Engine<P> {
         }
     }
 
+    /// Whether a write-zeroes or discard goes to the backing device (`begin_direct`
+    /// with `through` false, the backing WRITE_ZEROES or discard, `end_direct_zeroes`)
+    /// instead of becoming a dirty zero extent. Outside write-back nothing new may stay
+    /// dirty, so only write-back keeps them; the sequential cutoff does not apply
+    /// (they move no data through pmem).
+    pub fn zeroes_direct(&self) -> bool {
+        self.mode() != CacheMode::WriteBack
+    }
+
+    /// Completes a direct write-zeroes or discard of `[off, off + len)`: drops the
+    /// placeholder, so later reads miss and read the zeroes from the backing device,
+    /// and counts it. `ok`: the backing device did it.
+    pub fn end_direct_zeroes(&self, off: u64, len: u64, d: Direct, ok: bool, discard: bool) {
+        self.end_pieces(off, len, d.token);
+        if ok {
+            let c = &self.counters;
+            if discard {
+                c.discards.inc();
+            } else {
+                c.zeroes.inc();
+            }
+            c.bypassed.inc();
+            c.bypassed_bytes.add(len);
+            // As for a direct write: until a FLUSH covers it, no miss fills.
+            self.direct_done.fetch_add(1, AcqRel);
+        }
+    }
+
     /// For a FLUSH: Some(n) when direct writes completed since the backing device was
     /// last flushed for them. The caller flushes the backing device, then calls
     /// `direct_flushed(n)`.
