@@ -504,7 +504,11 @@ fn zeroes_bypass_the_cache_outside_writeback() {
     buf[..4096].fill(0);
     e.fill(&mut ch, 4096, &buf[..4096], true);
     e.read(&mut ch, 4096, &mut buf[..4096]).unwrap();
-    assert_eq!(ch.misses().count(), 1, "the miss before the flush was not cached");
+    assert_eq!(
+        ch.misses().count(),
+        1,
+        "the miss before the flush was not cached"
+    );
     e.fill(&mut ch, 4096, &buf[..4096], false);
     let n = e.direct_flush_needed().expect("a flush is owed");
     e.direct_flushed(n);

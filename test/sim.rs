@@ -195,7 +195,13 @@ fn policy_cfgs(seed: u64, w: Workload) -> Vec<(String, WorldCfg)> {
     v
 }
 
-const POLICY_WORKLOADS: [Workload; 3] = [Workload::Overwrite, Workload::Mixed, Workload::CacheFull];
+/// ZeroDiscard: outside write-back, write-zeroes and discards go to the disk directly.
+const POLICY_WORKLOADS: [Workload; 4] = [
+    Workload::Overwrite,
+    Workload::Mixed,
+    Workload::CacheFull,
+    Workload::ZeroDiscard,
+];
 
 /// Every mode and a mode switch, with random seeds: the oracle holds, and once writes
 /// stop, a cache that is not in write-back mode drains to zero dirty bytes.
@@ -205,7 +211,7 @@ fn policy_random_seeds() {
     let (mut runs, mut fails) = (0u64, vec![]);
     let mut bypassed = 0u64;
     for seed in 0..n {
-        let w = POLICY_WORKLOADS[(seed % 3) as usize];
+        let w = POLICY_WORKLOADS[(seed % 4) as usize];
         for (name, cfg) in policy_cfgs(seed, w) {
             runs += 1;
             let r = (|| -> Result<(), String> {

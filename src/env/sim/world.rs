@@ -407,6 +407,33 @@ impl World {
             "zeroes blocks {off}+{n} discard {discard} fua {fua}"
         ));
         self.inflight_ids = (off..off + n).map(|b| (b, 0)).collect();
+        let (o, len) = (self.base + off * BS as u64, n * BS as u64);
+        if self.engine.zeroes_direct() {
+            let d = self
+                .engine
+                .begin_direct(o, len, false)
+                .map_err(|e| format!("begin_direct zeroes {off}+{n}: {e}"))?;
+            if let Some(d) = d {
+                self.trace(format_args!("  direct zeroes"));
+                if self.pmem.crashed() {
+                    return Ok(()); // no power: nothing reaches the disk
+                }
+                let r = if discard {
+                    self.disk.discard(o, len)
+                } else {
+                    self.disk.write_zeroes(o, len)
+                }
+                .and_then(|_| if fua { self.disk.flush() } else { Ok(()) });
+                self.engine.end_direct_zeroes(o, len, d, r.is_ok(), discard);
+                r.map_err(|e| format!("direct zeroes {off}+{n}: {e:?}"))?;
+                if self.pmem.crashed() {
+                    return Ok(());
+                }
+                self.inflight_ids.clear();
+                self.complete(off, n, 0, fua);
+                return Ok(());
+            }
+        }
         for attempt in 0.. {
             match self
                 .engine
