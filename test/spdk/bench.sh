@@ -23,11 +23,14 @@
 # OCF cache, default 512), BENCH_BASE_MB (base, default 256).
 #
 # `bash test/spdk/bench.sh overload` runs the overload tier instead (test/spdk/bench_overload.sh:
-# working set 8x the cache on the real disk, sustained writes, tail latency, plots).
+# working set 8x the cache on the real disk, sustained writes, tail latency, plots), and
+# `bash test/spdk/bench.sh policy` the cache-policy tier (test/spdk/bench_policy.sh).
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 if [ "${1:-}" = overload ]; then
     exec bash "$HERE/bench_overload.sh"
+elif [ "${1:-}" = policy ]; then
+    exec bash "$HERE/bench_policy.sh"
 fi
 # shellcheck source=test/spdk/common.sh
 . "$HERE/common.sh"
