@@ -762,6 +762,35 @@ impl VolumeConn {
         Some(r)
     }
 
+    /// A write-zeroes or trim outside write-back (`Engine::zeroes_direct`): done on the
+    /// backing device, the cached copy invalidated. None: write-back, or dirty data
+    /// overlaps; it goes through the cache as a zero extent.
+    fn zeroes_direct(
+        &mut self,
+        off: u64,
+        len: u64,
+        discard: bool,
+        fua: bool,
+    ) -> Option<io::Result<()>> {
+        let e = &self.vol.engine;
+        if !e.zeroes_direct() {
+            return None;
+        }
+        let d = match e.begin_direct(off, len, false) {
+            Ok(Some(d)) => d,
+            Ok(None) => return None,
+            Err(x) => return Some(Err(to_io(x))),
+        };
+        let r = if discard {
+            self.q.discard(off, len)
+        } else {
+            self.q.write_zeroes(off, len)
+        }
+        .and_then(|()| if fua { self.q.flush() } else { Ok(()) });
+        e.end_direct_zeroes(off, len, d, r.is_ok(), discard);
+        Some(r)
+    }
+
     /// After a FLUSH: the writes that went around the cache must be durable too.
     fn flush_direct(&mut self) -> io::Result<()> {
         if let Some(n) = self.vol.engine.direct_flush_needed() {
@@ -856,6 +885,9 @@ impl BlockConn for VolumeConn {
 
     fn trim(&mut self, off: u64, len: u64, fua: bool) -> io::Result<()> {
         self.uncommitted = true;
+        if let Some(r) = self.zeroes_direct(off, len, true, fua) {
+            return r;
+        }
         let vol = &self.vol;
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
         vol.gated(|| vol.engine.write_zeroes(off, len, true, fua), bg)
@@ -863,6 +895,10 @@ impl BlockConn for VolumeConn {
 
     fn write_zeroes(&mut self, off: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
         self.uncommitted = true;
+        // Kept allocated (ZERO_RANGE), as a write-zeroes asks, even when it may trim.
+        if let Some(r) = self.zeroes_direct(off, len, false, fua) {
+            return r;
+        }
         let vol = &self.vol;
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
         vol.gated(|| vol.engine.write_zeroes(off, len, may_trim, fua), bg)
@@ -931,6 +967,77 @@ mod tests {
         assert!(pm.pending(), "the fill's data waits for the next drain");
         c.flush().unwrap();
         assert!(!pm.pending());
+        drop(c);
+        drop(t);
+        drop(vol);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Outside write-back, write-zeroes and trims go to the backing file: they read
+    /// back as zeros, the file has the zeros, nothing is left dirty, and they count as
+    /// bypassed. Data cached clean (written in write-through) is invalidated.
+    #[test]
+    fn zeroes_and_trims_bypass_the_cache_outside_writeback() {
+        let dir = std::env::temp_dir().join(format!("pcache-vol-zero-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let backing = dir.join("backing");
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let mut o = VolumeOptions::new(dir.join("cache"), backing.clone());
+        o.pmem_size = Some(64 << 20);
+        o.seg_size = 1 << 20;
+        o.cache_mode = Some(CacheMode::WriteThrough);
+        let vol = Volume::format(&o).unwrap();
+        let t = Target(Arc::clone(&vol));
+        let mut c = t.connect().unwrap();
+        let mb = 1u64 << 20;
+        for (i, mode) in [
+            CacheMode::WriteThrough,
+            CacheMode::WriteAround,
+            CacheMode::PassThrough,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let p = vol.engine.policy().with(Some(mode), None, None);
+            vol.engine.set_policy(p).unwrap();
+            let base = i as u64 * 4 * mb;
+            c.write(base, &vec![0xab; 4 * mb as usize], false).unwrap();
+            let hits = vol.engine.stats().hits;
+            let mut b = vec![0u8; 4096];
+            c.read(base, &mut b).unwrap();
+            let before = vol.engine.stats();
+            c.write_zeroes(base + mb, mb, true, false).unwrap();
+            c.trim(base + 2 * mb, mb, true).unwrap();
+            let st = vol.engine.stats();
+            assert_eq!(
+                st.bypassed_requests,
+                before.bypassed_requests + 2,
+                "{mode:?}"
+            );
+            assert_eq!(st.write_zeroes, before.write_zeroes + 1);
+            assert_eq!(st.discards, before.discards + 1);
+            assert_eq!(vol.engine.dirty_bytes(), 0, "{mode:?} left dirty data");
+            c.flush().unwrap();
+            let mut got = vec![0u8; 4 * mb as usize];
+            c.read(base, &mut got).unwrap();
+            let file = std::fs::read(&backing).unwrap();
+            let file = &file[base as usize..(base + 4 * mb) as usize];
+            for (what, data) in [("read", &got[..]), ("backing file", file)] {
+                let m = mb as usize;
+                assert!(data[..m].iter().all(|&x| x == 0xab), "{mode:?} {what}");
+                assert!(data[m..3 * m].iter().all(|&x| x == 0), "{mode:?} {what}");
+                assert!(data[3 * m..].iter().all(|&x| x == 0xab), "{mode:?} {what}");
+            }
+            if mode == CacheMode::WriteThrough {
+                assert!(
+                    hits < vol.engine.stats().hits,
+                    "write-through cached the data"
+                );
+            }
+        }
         drop(c);
         drop(t);
         drop(vol);
