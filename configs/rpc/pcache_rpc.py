@@ -17,9 +17,22 @@ def _params(args, names):
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+_POLICY = ['cache_mode', 'seq_cutoff_kib', 'seq_cutoff_policy']
+
+
+def _policy_args(p):
+    p.add_argument('--cache-mode', dest='cache_mode',
+                   help='writeback (default), writethrough, writearound or passthrough '
+                        '(kept on the medium)')
+    p.add_argument('--seq-cutoff-kib', dest='seq_cutoff_kib', type=int,
+                   help='sequential cutoff threshold in KiB, 0 = off (default 1024)')
+    p.add_argument('--seq-cutoff-policy', dest='seq_cutoff_policy',
+                   help='always, full (default: only when the cache is full) or never')
+
+
 def bdev_pcache_create(args):
     params = _params(args, ['name', 'base_bdev_name', 'pmem_path', 'pmem_size_mb',
-                            'persistence', 'data_crc', 'gc_percent', 'format'])
+                            'persistence', 'data_crc', 'gc_percent', 'format'] + _POLICY)
     print_json(args.client.call('bdev_pcache_create', params))
 
 
@@ -32,7 +45,7 @@ def bdev_pcache_get_stats(args):
 
 
 def bdev_pcache_set_options(args):
-    params = _params(args, ['name', 'gc_percent'])
+    params = _params(args, ['name', 'gc_percent'] + _POLICY)
     print_json(args.client.call('bdev_pcache_set_options', params))
 
 
@@ -57,6 +70,7 @@ def spdk_rpc_plugin_initialize(subparsers):
                    help='segment usage at which GC starts, 0..90 (default 70)')
     p.add_argument('--format', action='store_true', default=None,
                    help='format the medium anew, discarding what it holds')
+    _policy_args(p)
     p.set_defaults(func=bdev_pcache_create)
 
     p = subparsers.add_parser('bdev_pcache_delete', help='Delete a pcache bdev')
@@ -72,8 +86,9 @@ def spdk_rpc_plugin_initialize(subparsers):
 
     p = subparsers.add_parser('bdev_pcache_set_options', help='Change options of a pcache bdev')
     p.add_argument('name', help='pcache bdev name')
-    p.add_argument('--gc-percent', dest='gc_percent', type=int, required=True,
+    p.add_argument('--gc-percent', dest='gc_percent', type=int,
                    help='segment usage at which GC starts, 0..90')
+    _policy_args(p)
     p.set_defaults(func=bdev_pcache_set_options)
 
     p = subparsers.add_parser('bdev_pcache_flush',

@@ -52,6 +52,8 @@ pub(super) struct Shared {
     pub removed: AtomicBool,
     /// The app-thread node; only dereferenced on the app thread.
     pub node: AtomicPtr<Node>,
+    /// Counters of the requests the cache policy sent to the base bdev.
+    pub direct: super::direct::DirectStats,
 }
 
 // SAFETY: `base_bdev` is only passed back to SPDK calls that are thread-safe
@@ -159,6 +161,8 @@ fn open_engine(
         let mut fo = FormatOptions::new(id, random_id());
         fo.data_crc = p.data_crc.unwrap_or(false);
         fo.gc_percent = p.gc_percent.unwrap_or(GC_PERCENT_DEFAULT);
+        fo.policy = p.policy.apply(fo.policy);
+        fo.policy.validate().map_err(|m| (einval, m))?;
         return Engine::format(pmem, &fo, &cfg)
             .map_err(|e| (einval, format!("cannot format {path}: {e}")));
     }
@@ -193,6 +197,12 @@ fn open_engine(
     }
     if let Some(g) = p.gc_percent {
         e.set_gc_percent(g).map_err(|e| (einval, e.to_string()))?;
+    }
+    let policy = p.policy.apply(e.policy());
+    if policy != e.policy() {
+        policy.validate().map_err(|m| (einval, m))?;
+        e.set_policy(policy)
+            .map_err(|x| (einval, format!("cannot set the cache policy: {x}")))?;
     }
     Ok(e)
 }
@@ -294,6 +304,7 @@ pub(super) fn attach(p: &CreateParams, pmem: PosixPmem) -> Result<*mut Node, Att
         max_fillers: (segs / 32).clamp(1, 16),
         removed: AtomicBool::new(false),
         node: AtomicPtr::new(std::ptr::null_mut()),
+        direct: Default::default(),
     });
     let name_c = cstring(&p.name);
     let node = Box::into_raw(Box::new(Node {

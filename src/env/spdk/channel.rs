@@ -21,6 +21,7 @@
 //! a completion callback may submit a new request, which takes the context again.
 
 use super::cache::{Shared, MAX_IO};
+use super::direct::Flusher;
 use super::ffi::{self, DmaBuf, Poller};
 use super::io;
 use crate::engine::latency::LatencySet;
@@ -68,6 +69,8 @@ pub(super) struct ChannelCtx {
     pub lat: Arc<LatencySet>,
     /// Nanoseconds per SPDK tick, as a 32.32 fixed-point factor.
     ns_per_tick: u64,
+    /// The group FLUSH of the base bdev for direct requests (direct.rs).
+    pub flush: Flusher,
 }
 
 impl ChannelCtx {
@@ -167,6 +170,11 @@ pub(super) extern "C" fn create_cb(io_device: *mut c_void, buf: *mut c_void) -> 
             inflight: 0,
             lat: shared.engine.latency().register(),
             ns_per_tick: ((1_000_000_000u128 << 32) / ffi::ticks_hz() as u128) as u64,
+            // SAFETY: getter on the open base bdev.
+            flush: Flusher::new(sys::spdk_bdev_io_type_supported(
+                shared.base_bdev,
+                sys::SPDK_BDEV_IO_TYPE_FLUSH,
+            )),
             shared,
         });
         (*ctx).retry_poller =
@@ -217,7 +225,7 @@ pub(super) extern "C" fn destroy_cb(_io_device: *mut c_void, buf: *mut c_void) {
 /// # Safety
 /// `arg` is this thread's live channel context (a poller stops before destroy_cb drops
 /// it) and no reference to it is alive.
-unsafe fn deferring<R>(arg: *mut c_void, f: impl FnOnce(&mut ChannelCtx) -> R) -> R {
+pub(super) unsafe fn deferring<R>(arg: *mut c_void, f: impl FnOnce(&mut ChannelCtx) -> R) -> R {
     let (r, mut done) = {
         // SAFETY: forwarded contract; this reference ends before the callbacks run.
         let c = unsafe { &mut *(arg as *mut ChannelCtx) };

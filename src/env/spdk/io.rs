@@ -10,6 +10,8 @@
 //!   30 from NVMe-oF) also persists its key.
 //! * Reads with a buffer wait for the channel's read poller (see `channel`), which
 //!   serves them in batches.
+//! * Outside write-back (or past the sequential cutoff) WRITE, WRITE_ZEROES and UNMAP
+//!   may go to the base bdev instead (`direct.rs`), and a FLUSH then also flushes it.
 //! * RESET completes once no request is in flight on any channel of the cache.
 //! * A base bdev out of request objects (-ENOMEM) is waited for with
 //!   `spdk_bdev_queue_io_wait`.
@@ -21,7 +23,8 @@
 use super::channel::{ctx_of, ChannelCtx};
 use super::ffi::{self, DmaBuf, IoDesc};
 use crate::engine::latency::Class;
-use crate::engine::{Channel, IoError};
+use super::direct;
+use crate::engine::{Channel, Direct, IoError};
 use spdk_sys as sys;
 use std::ffi::c_void;
 use std::sync::atomic::Ordering::Relaxed;
@@ -40,13 +43,18 @@ pub(super) struct IoCtx {
     n_misses: usize,
     failed: bool,
     /// Waiting for the base bdev to have request objects again.
-    waiting: bool,
-    wait: sys::spdk_bdev_io_wait_entry,
+    pub(super) waiting: bool,
+    pub(super) wait: sys::spdk_bdev_io_wait_entry,
     /// When submitted (SPDK ticks), and what its latency counts as once it succeeds.
     start: u64,
     class: Option<Class>,
     /// Why it failed, for the last I/O error (set where the failure is found).
-    why: &'static str,
+    pub(super) why: &'static str,
+    /// A request the cache policy sent to the base bdev (direct.rs): its placeholder,
+    /// what it is, and the next request waiting for the same base FLUSH.
+    pub(super) direct: Option<Direct>,
+    pub(super) dkind: u8,
+    pub(super) next: *mut sys::spdk_bdev_io,
 }
 
 impl IoCtx {
@@ -64,17 +72,20 @@ impl IoCtx {
             start: ffi::ticks(),
             class: None,
             why: "the request failed",
+            direct: None,
+            dkind: 0,
+            next: std::ptr::null_mut(),
         }
     }
 }
 
 /// Records why `bio` is about to fail.
-fn fail_why(bio: *mut sys::spdk_bdev_io, why: &'static str) {
+pub(super) fn fail_why(bio: *mut sys::spdk_bdev_io, why: &'static str) {
     io_ctx(bio).why = why;
 }
 
 /// What an engine error means, for the last I/O error.
-fn engine_why(e: IoError) -> &'static str {
+pub(super) fn engine_why(e: IoError) -> &'static str {
     match e {
         IoError::Busy => "the cache is full",
         IoError::OutOfRange => "beyond the end of the device, or larger than a request may be",
@@ -83,14 +94,14 @@ fn engine_why(e: IoError) -> &'static str {
     }
 }
 
-fn io_ctx<'a>(bio: *mut sys::spdk_bdev_io) -> &'a mut IoCtx {
+pub(super) fn io_ctx<'a>(bio: *mut sys::spdk_bdev_io) -> &'a mut IoCtx {
     // SAFETY: driver_ctx is cache-line aligned, get_ctx_size reserved size_of::<IoCtx>()
     // bytes, and submit_request initialised it; it is used only on the I/O's thread and
     // every caller holds at most one reference at a time.
     unsafe { &mut *((*bio).driver_ctx.as_mut_ptr() as *mut IoCtx) }
 }
 
-fn chan_of<'a>(bio: *mut sys::spdk_bdev_io) -> &'a mut ChannelCtx {
+pub(super) fn chan_of<'a>(bio: *mut sys::spdk_bdev_io) -> &'a mut ChannelCtx {
     // SAFETY: the bdev_io was submitted on one of our channels, on this thread, and the
     // channel lives until all its requests completed.
     unsafe { ctx_of(sys::spdk_bdev_io_get_io_channel(bio)) }
@@ -175,7 +186,7 @@ pub(super) extern "C" fn submit_request(
             };
             if !c.retry.is_empty() {
                 queue(c, bio);
-            } else {
+            } else if !direct::try_start(c, bio, &d) {
                 match ordered(c, &d) {
                     Err(IoError::Busy) => queue(c, bio),
                     // SAFETY: live, uncompleted request.
@@ -199,6 +210,8 @@ pub(super) extern "C" fn submit_request(
 unsafe fn finish_ordered(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, r: Result<(), IoError>) {
     if let Err(e) = r {
         fail_why(bio, engine_why(e));
+    } else if io_ctx(bio).class == Some(Class::Flush) && direct::flush_owed(c, bio) {
+        return; // completes after the base FLUSH that direct writes need
     }
     // SAFETY: forwarded contract.
     unsafe { finish(c, bio, status(r)) };
@@ -222,6 +235,9 @@ pub(super) unsafe fn retry_ordered(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_
     }
     // SAFETY: forwarded contract.
     let d = unsafe { ffi::io_desc(bio) };
+    if direct::try_start(c, bio, &d) {
+        return true; // left the queue for the base bdev
+    }
     match ordered(c, &d) {
         Err(IoError::Busy) => false,
         r => {

@@ -18,6 +18,7 @@
 
 mod cache;
 mod channel;
+mod direct;
 mod ffi;
 mod io;
 mod json;

@@ -5,6 +5,8 @@
 //! Invariant: a value returned by these parsers is fully valid; the RPC handlers act on
 //! it without further checks and change nothing when parsing failed.
 
+use crate::engine::policy::SEQ_CUTOFF_MAX_KIB;
+use crate::engine::{CacheMode, Policy, SeqPolicy};
 use crate::env::posix::pmem::Persistence;
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
@@ -29,6 +31,44 @@ pub(super) struct CreateParams {
     /// None: as stored on the medium (70 for a new format).
     pub gc_percent: Option<u32>,
     pub format: bool,
+    /// None each: as stored on the medium (a new format: write-back, cutoff 1 MiB
+    /// when full).
+    pub policy: PolicyParams,
+}
+
+/// `cache_mode`, `seq_cutoff_kib`, `seq_cutoff_policy`: each optional.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct PolicyParams {
+    pub cache_mode: Option<CacheMode>,
+    pub seq_cutoff_kib: Option<u32>,
+    pub seq_policy: Option<SeqPolicy>,
+}
+
+impl PolicyParams {
+    pub(super) fn is_empty(&self) -> bool {
+        *self == PolicyParams::default()
+    }
+    /// `p` with these fields replaced.
+    pub(super) fn apply(&self, p: Policy) -> Policy {
+        p.with(self.cache_mode, self.seq_cutoff_kib, self.seq_policy)
+    }
+    /// Remembers the fields of `o` that are set (for `save_config`).
+    pub(super) fn merge(&mut self, o: &PolicyParams) {
+        self.cache_mode = o.cache_mode.or(self.cache_mode);
+        self.seq_cutoff_kib = o.seq_cutoff_kib.or(self.seq_cutoff_kib);
+        self.seq_policy = o.seq_policy.or(self.seq_policy);
+    }
+    fn to_json(self, p: &mut Value) {
+        if let Some(m) = self.cache_mode {
+            p["cache_mode"] = m.name().into();
+        }
+        if let Some(k) = self.seq_cutoff_kib {
+            p["seq_cutoff_kib"] = k.into();
+        }
+        if let Some(s) = self.seq_policy {
+            p["seq_cutoff_policy"] = s.name().into();
+        }
+    }
 }
 
 impl CreateParams {
@@ -51,6 +91,7 @@ impl CreateParams {
         if let Some(g) = self.gc_percent {
             p["gc_percent"] = g.into();
         }
+        self.policy.to_json(&mut p);
         json!({ "method": "bdev_pcache_create", "params": p })
     }
 }
@@ -66,7 +107,8 @@ pub(super) struct DeleteParams {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct SetOptionsParams {
     pub name: String,
-    pub gc_percent: u32,
+    pub gc_percent: Option<u32>,
+    pub policy: PolicyParams,
 }
 
 /// The object of named parameters, refusing keys outside `known`.
@@ -126,6 +168,25 @@ fn uint(
     }
 }
 
+/// The policy parameters present in `m`, each checked.
+fn policy(m: &Map<String, Value>) -> Result<PolicyParams, String> {
+    let cache_mode = match string(m, "cache_mode", false)? {
+        None => None,
+        Some(s) => Some(CacheMode::parse(&s).map_err(|e| format!("'cache_mode': {e}"))?),
+    };
+    let seq_policy = match string(m, "seq_cutoff_policy", false)? {
+        None => None,
+        Some(s) => Some(SeqPolicy::parse(&s).map_err(|e| format!("'seq_cutoff_policy': {e}"))?),
+    };
+    let seq_cutoff_kib =
+        uint(m, "seq_cutoff_kib", 0, SEQ_CUTOFF_MAX_KIB as u64, false)?.map(|k| k as u32);
+    Ok(PolicyParams {
+        cache_mode,
+        seq_cutoff_kib,
+        seq_policy,
+    })
+}
+
 /// A bdev name SPDK can carry: non-empty, printable, no whitespace.
 fn bdev_name(key: &str, s: String) -> Result<String, String> {
     if s.len() > 255 || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -146,6 +207,9 @@ pub(super) fn create(v: Option<&Value>) -> Result<CreateParams, String> {
         "data_crc",
         "gc_percent",
         "format",
+        "cache_mode",
+        "seq_cutoff_kib",
+        "seq_cutoff_policy",
     ];
     let m = object(v, KNOWN, false)?.expect("required");
     let name = bdev_name("name", string(m, "name", true)?.expect("required"))?;
@@ -189,6 +253,7 @@ pub(super) fn create(v: Option<&Value>) -> Result<CreateParams, String> {
         data_crc: boolean(m, "data_crc")?,
         gc_percent: uint(m, "gc_percent", 0, GC_PERCENT_MAX, false)?.map(|x| x as u32),
         format: boolean(m, "format")?.unwrap_or(false),
+        policy: policy(m)?,
     })
 }
 
@@ -208,12 +273,29 @@ pub(super) fn get_stats(v: Option<&Value>) -> Result<Option<String>, String> {
     }
 }
 
+/// `bdev_pcache_set_options`: the name and at least one option, all checked before
+/// anything changes.
 pub(super) fn set_options(v: Option<&Value>) -> Result<SetOptionsParams, String> {
-    let m = object(v, &["name", "gc_percent"], false)?.expect("required");
-    Ok(SetOptionsParams {
+    const KNOWN: &[&str] = &[
+        "name",
+        "gc_percent",
+        "cache_mode",
+        "seq_cutoff_kib",
+        "seq_cutoff_policy",
+    ];
+    let m = object(v, KNOWN, false)?.expect("required");
+    let o = SetOptionsParams {
         name: string(m, "name", true)?.expect("required"),
-        gc_percent: uint(m, "gc_percent", 0, GC_PERCENT_MAX, true)?.expect("required") as u32,
-    })
+        gc_percent: uint(m, "gc_percent", 0, GC_PERCENT_MAX, false)?.map(|g| g as u32),
+        policy: policy(m)?,
+    };
+    if o.gc_percent.is_none() && o.policy.is_empty() {
+        return Err(format!(
+            "nothing to change: give at least one of {}",
+            KNOWN[1..].join(", ")
+        ));
+    }
+    Ok(o)
 }
 
 /// `bdev_pcache_flush`: the name.
@@ -251,6 +333,14 @@ mod tests {
             json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "pmem_size_mb": 0}),
             json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "bogus": 1}),
             json!({"name": "M0", "base_bdev_name": "M0", "pmem_path": "/x"}),
+            json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "cache_mode": "wb"}),
+            json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "cache_mode": 1}),
+            json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "seq_cutoff_kib": -1}),
+            json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x",
+                   "seq_cutoff_kib": (SEQ_CUTOFF_MAX_KIB as u64) + 1}),
+            json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "seq_cutoff_kib": "1M"}),
+            json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x",
+                   "seq_cutoff_policy": "sometimes"}),
             json!([1, 2]),
         ];
         for b in bad {
@@ -264,7 +354,8 @@ mod tests {
         let p = c(
             json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/dev/shm/x",
                          "pmem_size_mb": 64, "persistence": "volatile", "gc_percent": 50,
-                         "format": true}),
+                         "format": true, "cache_mode": "writearound", "seq_cutoff_kib": 0,
+                         "seq_cutoff_policy": "never"}),
         )
         .unwrap();
         let cfg = p.to_config();
@@ -282,13 +373,30 @@ mod tests {
         assert!(delete(Some(&json!({"flush": true}))).is_err());
         assert_eq!(get_stats(None).unwrap(), None);
         assert!(get_stats(Some(&json!({"name": 1}))).is_err());
-        assert!(set_options(Some(&json!({"name": "P0"}))).is_err());
+        assert!(set_options(Some(&json!({"name": "P0"})))
+            .unwrap_err()
+            .contains("nothing to change"));
         assert_eq!(
             set_options(Some(&json!({"name": "P0", "gc_percent": 0})))
                 .unwrap()
                 .gc_percent,
-            0
+            Some(0)
         );
+        let o = set_options(Some(&json!({"name": "P0", "cache_mode": "passthrough",
+                                          "seq_cutoff_policy": "always"})))
+        .unwrap();
+        assert_eq!(o.gc_percent, None);
+        assert_eq!(o.policy.cache_mode, Some(CacheMode::PassThrough));
+        assert_eq!(o.policy.seq_policy, Some(SeqPolicy::Always));
+        assert_eq!(o.policy.seq_cutoff_kib, None);
+        // One bad value refuses the whole request.
+        for bad in [
+            json!({"name": "P0", "gc_percent": 50, "cache_mode": "fast"}),
+            json!({"name": "P0", "cache_mode": "writeback", "seq_cutoff_kib": -5}),
+            json!({"name": "P0", "cache_mode": "writeback", "mode": "x"}),
+        ] {
+            assert!(set_options(Some(&bad)).is_err(), "accepted {bad}");
+        }
         assert!(flush(Some(&json!({}))).is_err());
     }
 }

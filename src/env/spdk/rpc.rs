@@ -14,7 +14,7 @@ use super::json::{self, Request, INVALID_PARAMS};
 use super::module::{self, Entry, NodePtr, State};
 use super::params::{self, CreateParams};
 use super::writeback;
-use crate::engine::{probe, Pmem, Probe};
+use crate::engine::{probe, CacheMode, Pmem, Probe};
 use crate::env::posix::pmem::{Persistence, PosixPmem};
 use serde_json::{json, Value};
 use spdk_sys as sys;
@@ -305,6 +305,9 @@ fn entry_stats(e: &Entry) -> Value {
             }
             let pm = e.pmem();
             v["state"] = "active".into();
+            // The RPC's parameter names, beside the engine's own `mode`.
+            v["cache_mode"] = v["mode"].clone();
+            v["direct"] = s.direct.json();
             v["persistence"] = pm.mode().to_string().into();
             v["pmem_size"] = pm.size().into();
             v["flush_method"] = pm.flush_method().into();
@@ -360,24 +363,58 @@ extern "C" fn rpc_set_options(req: *mut sys::spdk_jsonrpc_request, p: *const sys
     let Some((r, o)) = (unsafe { decode(req, p, params::set_options) }) else {
         return;
     };
-    if let Some(n) = module::active(&o.name) {
-        // SAFETY: app thread; the node is alive while registered.
-        if let Err(e) = unsafe { &*n }.shared.engine.set_gc_percent(o.gc_percent) {
-            r.error(-libc::EINVAL, &e.to_string());
-            return;
+    let Some(stored) = module::with(|reg| {
+        reg.iter()
+            .find(|e| e.params.name == o.name)
+            .map(|e| e.params.policy)
+    }) else {
+        r.error(-libc::ENODEV, &format!("no pcache bdev named '{}'", o.name));
+        return;
+    };
+    let node = module::active(&o.name);
+    // Every check before the first change: an error leaves everything as it was.
+    // SAFETY: app thread; the node is alive while registered.
+    let engine = node.map(|n| &unsafe { &*n }.shared.engine);
+    let policy = engine.map(|e| o.policy.apply(e.policy()));
+    let check = match policy {
+        Some(p) => p.validate(),
+        None => o.policy.apply(stored.apply(Default::default())).validate(),
+    };
+    if let Err(m) = check {
+        r.error(INVALID_PARAMS, &m);
+        return;
+    }
+    if let (Some(e), Some(n)) = (engine, node) {
+        if let Some(g) = o.gc_percent {
+            if let Err(x) = e.set_gc_percent(g) {
+                r.error(-libc::EINVAL, &x.to_string());
+                return;
+            }
+        }
+        let p = policy.expect("active");
+        if p != e.policy() {
+            if let Err(x) = e.set_policy(p) {
+                r.error(-libc::EIO, &format!("cannot set the cache policy: {x}"));
+                return;
+            }
+            noticelog!("{}: cache mode {}, sequential cutoff {} KiB ({})", o.name,
+                p.mode.name(), p.seq_cutoff_kib, p.seq_policy.name());
+            if p.mode != CacheMode::WriteBack && e.dirty_bytes() > 0 {
+                // Leaving write-back: write every dirty byte back while I/O goes on
+                // (progress in get_stats' `flush` object).
+                writeback::start_drain(n, None);
+            }
         }
     }
-    let found = module::with(|reg| {
-        reg.iter_mut()
-            .find(|e| e.params.name == o.name)
-            .map(|e| e.params.gc_percent = Some(o.gc_percent))
-            .is_some()
+    module::with(|reg| {
+        if let Some(e) = reg.iter_mut().find(|e| e.params.name == o.name) {
+            if o.gc_percent.is_some() {
+                e.params.gc_percent = o.gc_percent;
+            }
+            e.params.policy.merge(&o.policy);
+        }
     });
-    if found {
-        r.reply(&Value::Bool(true));
-    } else {
-        r.error(-libc::ENODEV, &format!("no pcache bdev named '{}'", o.name));
-    }
+    r.reply(&Value::Bool(true));
 }
 
 extern "C" fn rpc_flush(req: *mut sys::spdk_jsonrpc_request, p: *const sys::spdk_json_val) {

@@ -87,6 +87,8 @@ pub(super) struct Background {
     gc_buf: Vec<u8>,
     wait: sys::spdk_bdev_io_wait_entry,
     base_flush: bool,
+    /// `direct_mark` when the FLUSH in flight was issued (for `direct_flushed`).
+    direct_mark: u64,
     backoff_ms: u64,
     retry_at: u64,
     on_stop: Option<Box<dyn FnOnce()>>,
@@ -128,6 +130,7 @@ impl Background {
             gc_buf: Vec::new(),
             wait: sys::spdk_bdev_io_wait_entry::default(),
             base_flush: false,
+            direct_mark: 0,
             backoff_ms: 0,
             retry_at: 0,
             on_stop: None,
@@ -616,6 +619,8 @@ fn wave_done(n: *mut Node) {
         return;
     }
     bg.phase = Phase::Flushing;
+    // Direct writes completed before this FLUSH are durable after it too.
+    bg.direct_mark = nd.shared.engine.direct_mark();
     let now = ffi::ticks();
     // SAFETY: FLUSH of the whole base on our channel; completion comes back here.
     let rc = unsafe {
@@ -646,6 +651,7 @@ extern "C" fn wb_flush_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c
     bg.pending -= 1;
     if ok {
         bg.record_io(started);
+        node(arg).shared.engine.direct_flushed(node(arg).bg.direct_mark);
     } else {
         bg.why = "the base bdev failed a FLUSH";
     }

@@ -1,0 +1,363 @@
+//! Requests the cache policy sends to the base bdev instead of the cache (engine
+//! `policy.rs`): writes outside write-back or past the sequential cutoff, write-zeroes
+//! and unmaps outside write-back, and the base FLUSH that makes them durable.
+//!
+//! * A direct write: `begin_direct` (placeholder and tombstone, invalidating cached
+//!   clean data), `spdk_bdev_writev_blocks` on the request's own iovecs, then
+//!   `end_direct` in the completion. A write-through or FUA write also waits for a base
+//!   FLUSH; a write-through is cached as clean only after it (the data is durable on the
+//!   base before pmem says it is clean).
+//! * WRITE_ZEROES and UNMAP become a base WRITE_ZEROES (an unmap must read back as
+//!   zeros, which a base unmap does not promise), then `end_direct_zeroes`.
+//! * A client FLUSH owes a base FLUSH when direct writes completed since the last one
+//!   (`direct_flush_needed`).
+//! * Base FLUSHes are grouped per channel: requests that need one queue on `Flusher`;
+//!   one FLUSH is in flight at a time and covers every request queued before it was
+//!   issued, so a stream of write-through requests costs one FLUSH per round trip,
+//!   not one each. `direct_flushed` gets the count taken when the FLUSH was issued.
+//!
+//! Invariants: a request here lives in its bdev_io (IoCtx) until `io::finish`; the
+//! waiting list is intrusive (IoCtx::next), so nothing allocates on these paths; a
+//! base without FLUSH support (no volatile cache) counts as flushed at once.
+
+use super::channel::{deferring, ChannelCtx};
+use super::ffi::{self, IoDesc};
+use super::io::{chan_of, fail_why, finish, io_ctx};
+use crate::engine::Route;
+use spdk_sys as sys;
+use std::ffi::c_void;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// What a direct request is (IoCtx::dkind).
+pub(super) const DK_WRITE: u8 = 1;
+pub(super) const DK_ZEROES: u8 = 2;
+pub(super) const DK_UNMAP: u8 = 3;
+pub(super) const DK_FLUSH: u8 = 4;
+
+/// Counters of the direct paths (`direct` in get_stats).
+#[derive(Default)]
+pub(super) struct DirectStats {
+    pub writes: AtomicU64,
+    pub writethrough: AtomicU64,
+    pub zeroes: AtomicU64,
+    pub base_flushes: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl DirectStats {
+    pub(super) fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "writes": self.writes.load(Relaxed),
+            "writethrough": self.writethrough.load(Relaxed),
+            "zeroes": self.zeroes.load(Relaxed),
+            "base_flushes": self.base_flushes.load(Relaxed),
+            "errors": self.errors.load(Relaxed),
+        })
+    }
+}
+
+/// A channel's group FLUSH of the base bdev.
+pub(super) struct Flusher {
+    /// Requests waiting for the next FLUSH (oldest first, linked through IoCtx::next).
+    head: *mut sys::spdk_bdev_io,
+    tail: *mut sys::spdk_bdev_io,
+    /// The requests the FLUSH in flight covers.
+    batch: *mut sys::spdk_bdev_io,
+    busy: bool,
+    /// `direct_mark` when the FLUSH in flight was issued.
+    mark: u64,
+    wait: sys::spdk_bdev_io_wait_entry,
+    /// The base bdev has a volatile cache to flush.
+    pub needed: bool,
+}
+
+impl Flusher {
+    pub(super) fn new(needed: bool) -> Flusher {
+        Flusher {
+            head: null_mut(),
+            tail: null_mut(),
+            batch: null_mut(),
+            busy: false,
+            mark: 0,
+            wait: sys::spdk_bdev_io_wait_entry::default(),
+            needed,
+        }
+    }
+}
+
+/// Starts WRITE, WRITE_ZEROES or UNMAP `bio` on the base bdev when the policy routes it
+/// there. False: it goes through the cache (`io::ordered`) instead.
+pub(super) fn try_start(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoDesc) -> bool {
+    let e = &c.shared.engine;
+    let bs = c.shared.block_size as u64;
+    let (off, len) = (d.offset_blocks * bs, d.num_blocks * bs);
+    let (kind, through) = match d.ty {
+        sys::SPDK_BDEV_IO_TYPE_WRITE => match e.route_write(&mut c.main, off, len) {
+            Route::Cache => return false,
+            Route::Direct { through } => (DK_WRITE, through),
+        },
+        sys::SPDK_BDEV_IO_TYPE_WRITE_ZEROES if e.zeroes_direct() => (DK_ZEROES, false),
+        sys::SPDK_BDEV_IO_TYPE_UNMAP if e.zeroes_direct() => (DK_UNMAP, false),
+        _ => return false,
+    };
+    match e.begin_direct(off, len, through) {
+        // Dirty data overlaps (or the log is full): through the cache after all.
+        Ok(None) => false,
+        Err(x) => {
+            fail_why(bio, super::io::engine_why(x));
+            c.shared.direct.errors.fetch_add(1, Relaxed);
+            // SAFETY: live, uncompleted request.
+            unsafe { finish(c, bio, ffi::STATUS_FAILED) };
+            true
+        }
+        Ok(Some(dd)) => {
+            let x = io_ctx(bio);
+            x.direct = Some(dd);
+            x.dkind = kind;
+            submit(c, bio);
+            true
+        }
+    }
+}
+
+/// Submits the base command of a started direct request.
+fn submit(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
+    // SAFETY: live request.
+    let d = unsafe { ffi::io_desc(bio) };
+    let desc = c.shared.base_desc.0;
+    let x = io_ctx(bio);
+    x.waiting = false;
+    // SAFETY: the request's iovecs stay valid until it completes, which is after the
+    // base command's completion (libc's and SPDK's iovec are the same C struct); the
+    // base channel belongs to this thread.
+    let rc = unsafe {
+        if x.dkind == DK_WRITE {
+            sys::spdk_bdev_writev_blocks(
+                desc,
+                c.base_ch,
+                d.iovs.cast(),
+                d.iovcnt as i32,
+                d.offset_blocks,
+                d.num_blocks,
+                Some(base_done),
+                bio.cast(),
+            )
+        } else {
+            sys::spdk_bdev_write_zeroes_blocks(
+                desc,
+                c.base_ch,
+                d.offset_blocks,
+                d.num_blocks,
+                Some(base_done),
+                bio.cast(),
+            )
+        }
+    };
+    if rc == -libc::ENOMEM {
+        x.waiting = true;
+        x.wait.bdev = c.shared.base_bdev;
+        x.wait.cb_fn = Some(submit_again);
+        x.wait.cb_arg = bio.cast();
+        // SAFETY: the wait entry lives in the request's driver_ctx until it fires.
+        unsafe { sys::spdk_bdev_queue_io_wait(c.shared.base_bdev, c.base_ch, &mut x.wait) };
+    } else if rc != 0 {
+        x.why = "could not submit a request to the base bdev";
+        written(c, bio, false);
+    }
+}
+
+extern "C" fn submit_again(arg: *mut c_void) {
+    let bio = arg as *mut sys::spdk_bdev_io;
+    submit(chan_of(bio), bio);
+}
+
+extern "C" fn base_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c_void) {
+    // SAFETY: the base bdev_io is ours to free once its completion callback runs.
+    unsafe { sys::spdk_bdev_free_io(child) };
+    let bio = arg as *mut sys::spdk_bdev_io;
+    if !ok {
+        io_ctx(bio).why = "the base bdev failed a write the cache policy sent it";
+    }
+    written(chan_of(bio), bio, ok);
+}
+
+/// The base command of `bio` completed: finish it, or wait for a base FLUSH first.
+fn written(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, ok: bool) {
+    // SAFETY: live request.
+    let d = unsafe { ffi::io_desc(bio) };
+    let x = io_ctx(bio);
+    let through = x.direct.is_some_and(|dd| dd.through);
+    if ok && x.dkind == DK_WRITE && (through || d.fua) {
+        if !through {
+            // Counted before the FLUSH is issued, so that FLUSH covers it.
+            end(c, bio, true);
+        }
+        queue_flush(c, bio);
+        return;
+    }
+    end(c, bio, ok);
+    let st = if ok {
+        ffi::STATUS_SUCCESS
+    } else {
+        ffi::STATUS_FAILED
+    };
+    // SAFETY: live, uncompleted request.
+    unsafe { finish(c, bio, st) };
+}
+
+/// Tells the engine the direct request is over (`ok`: the base has it, durably for a
+/// write-through) and counts it.
+fn end(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, ok: bool) {
+    // SAFETY: live request.
+    let d = unsafe { ffi::io_desc(bio) };
+    let x = io_ctx(bio);
+    let Some(dd) = x.direct.take() else {
+        return;
+    };
+    let kind = x.dkind;
+    let bs = c.shared.block_size as u64;
+    let (off, len) = (d.offset_blocks * bs, d.num_blocks * bs);
+    let st = &c.shared.direct;
+    if !ok {
+        st.errors.fetch_add(1, Relaxed);
+    }
+    let e = &c.shared.engine;
+    if kind != DK_WRITE {
+        e.end_direct_zeroes(off, len, dd, ok, kind == DK_UNMAP);
+        st.zeroes.fetch_add(ok as u64, Relaxed);
+        return;
+    }
+    st.writes.fetch_add(ok as u64, Relaxed);
+    st.writethrough.fetch_add((ok && dd.through) as u64, Relaxed);
+    let n = len as usize;
+    // SAFETY: the request's iovecs are valid for its lifetime.
+    let iovs = unsafe { ffi::iovs(&d) };
+    if !(ok && dd.through) {
+        // Only a write-through reads the data (to cache it).
+        e.end_direct(&mut c.main, off, &[], dd, ok);
+    } else if iovs.len() == 1 && iovs[0].iov_len >= n {
+        // SAFETY: a single iovec of at least `n` bytes, not written while the request
+        // is ours.
+        let data = unsafe { std::slice::from_raw_parts(iovs[0].iov_base as *const u8, n) };
+        e.end_direct(&mut c.main, off, data, dd, ok);
+    } else {
+        // SAFETY: the iovecs are readable for their lengths; `gather` is ours.
+        let got = unsafe { ffi::copy_from_iovs(iovs, &mut c.gather[..n]) };
+        e.end_direct(&mut c.main, off, &c.gather[..got], dd, ok && got == n);
+    }
+}
+
+/// A client FLUSH that found the cache durable: does it owe a base FLUSH for direct
+/// writes? Then it waits for one (true).
+pub(super) fn flush_owed(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) -> bool {
+    if c.shared.engine.direct_flush_needed().is_none() {
+        return false;
+    }
+    io_ctx(bio).dkind = DK_FLUSH;
+    queue_flush(c, bio);
+    true
+}
+
+fn queue_flush(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
+    io_ctx(bio).next = null_mut();
+    let f = &mut c.flush;
+    if f.tail.is_null() {
+        f.head = bio;
+    } else {
+        io_ctx(f.tail).next = bio;
+    }
+    f.tail = bio;
+    if !f.busy {
+        issue_flush(c);
+    }
+}
+
+/// Issues one base FLUSH for every request waiting now.
+fn issue_flush(c: &mut ChannelCtx) {
+    let f = &mut c.flush;
+    debug_assert!(!f.busy && !f.head.is_null());
+    f.batch = f.head;
+    f.head = null_mut();
+    f.tail = null_mut();
+    f.busy = true;
+    f.mark = c.shared.engine.direct_mark();
+    if !f.needed {
+        flushed(c, true);
+        return;
+    }
+    submit_flush(c);
+}
+
+fn submit_flush(c: &mut ChannelCtx) {
+    let arg: *mut ChannelCtx = c;
+    // SAFETY: FLUSH of the whole base on this thread's channel; the channel context
+    // outlives it (requests are in flight, so the channel is not destroyed).
+    let rc = unsafe {
+        sys::spdk_bdev_flush_blocks(
+            c.shared.base_desc.0,
+            c.base_ch,
+            0,
+            sys::spdk_bdev_get_num_blocks(c.shared.base_bdev),
+            Some(flush_done),
+            arg.cast(),
+        )
+    };
+    if rc == -libc::ENOMEM {
+        let f = &mut c.flush;
+        f.wait.bdev = c.shared.base_bdev;
+        f.wait.cb_fn = Some(flush_again);
+        f.wait.cb_arg = arg.cast();
+        // SAFETY: the wait entry lives in the channel context until it fires.
+        unsafe { sys::spdk_bdev_queue_io_wait(c.shared.base_bdev, c.base_ch, &mut f.wait) };
+    } else if rc != 0 {
+        flushed(c, false);
+    }
+}
+
+extern "C" fn flush_again(arg: *mut c_void) {
+    // SAFETY: `arg` is this thread's live channel context; no other reference is alive.
+    submit_flush(unsafe { &mut *(arg as *mut ChannelCtx) });
+}
+
+extern "C" fn flush_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c_void) {
+    // SAFETY: the base bdev_io is ours to free once its completion callback runs.
+    unsafe { sys::spdk_bdev_free_io(child) };
+    // SAFETY: `arg` is this thread's live channel context (requests are in flight); the
+    // completions are delivered after this reference ended.
+    unsafe { deferring(arg, |c| flushed(c, ok)) };
+}
+
+/// The FLUSH in flight is done: finish its requests, then flush for the next ones.
+fn flushed(c: &mut ChannelCtx, ok: bool) {
+    let f = &mut c.flush;
+    let mut bio = std::mem::replace(&mut f.batch, null_mut());
+    f.busy = false;
+    let e = &c.shared.engine;
+    if ok {
+        if f.needed {
+            c.shared.direct.base_flushes.fetch_add(1, Relaxed);
+        }
+        e.direct_flushed(f.mark);
+    }
+    while !bio.is_null() {
+        let x = io_ctx(bio);
+        let next = x.next;
+        if !ok {
+            x.why = "the base bdev failed a FLUSH";
+        }
+        // A write-through: the data is durable on the base now; cache it as clean.
+        end(c, bio, ok);
+        let st = if ok {
+            ffi::STATUS_SUCCESS
+        } else {
+            ffi::STATUS_FAILED
+        };
+        // SAFETY: live, uncompleted request, on this thread.
+        unsafe { finish(c, bio, st) };
+        bio = next;
+    }
+    if !c.flush.head.is_null() {
+        issue_flush(c);
+    }
+}
