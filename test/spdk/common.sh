@@ -177,6 +177,10 @@ wait_up() {
         if raw "$1" framework_wait_init '' 5 > /dev/null 2>&1; then
             return 0
         fi
+        # The app started last has exited (a bad config): no point waiting a minute.
+        if [ -n "${APP_PID:-}" ] && ! kill -0 "$APP_PID" 2> /dev/null; then
+            return 1
+        fi
         sleep 0.5
     done
     return 1

@@ -17,6 +17,7 @@
 #   bad_rpc_*       malformed / invalid RPCs: each one fails, changes nothing, target alive
 #   writeback_content  data written through a small cache, drained: the base file equals it
 #   hot_remove      the base bdev deleted under I/O: pcache unregisters, process survives
+#   policy_*        cache modes and the sequential cutoff (test/spdk/policy.sh)
 # Prints PASS/FAIL per case and "N passed, M failed"; exits non-zero on any failure.
 # Without SPDK, and without a source to build one, it prints "SKIP: ..." and exits 0.
 #
@@ -208,7 +209,7 @@ $R bdev_pcache_delete Other > /dev/null 2>&1
 head -c 8M /dev/urandom > "$SHM-foreign"
 mkdir -p "$WORK/adir"
 snapshot() {
-    echo "$(raw "$SOCK" bdev_get_bdevs '' 10 2> /dev/null | python3 -c 'import json,sys; print(sorted(b["name"] for b in json.load(sys.stdin)))') $(raw "$SOCK" bdev_pcache_get_stats '' 10 2> /dev/null | python3 -c 'import json,sys; print(sorted((c["name"], c["state"], c.get("gc_percent")) for c in json.load(sys.stdin)))') $(ls "$SHM"-* 2> /dev/null | tr '\n' ' ')"
+    echo "$(raw "$SOCK" bdev_get_bdevs '' 10 2> /dev/null | python3 -c 'import json,sys; print(sorted(b["name"] for b in json.load(sys.stdin)))') $(raw "$SOCK" bdev_pcache_get_stats '' 10 2> /dev/null | python3 -c 'import json,sys; print(sorted((c["name"], c["state"], c.get("gc_percent"), c.get("cache_mode"), c.get("seq_cutoff_kib"), c.get("seq_cutoff_policy")) for c in json.load(sys.stdin)))') $(ls "$SHM"-* 2> /dev/null | tr '\n' ' ')"
 }
 V='"persistence": "volatile"'
 bad() { # NAME METHOD PARAMS_TEXT (X in PARAMS_TEXT becomes a name unique to the case)
@@ -232,7 +233,13 @@ bad no_params bdev_pcache_create ''
 bad params_not_object bdev_pcache_create '["X", "Bad1"]'
 bad name_wrong_type bdev_pcache_create "{\"name\": 7, $P}"
 bad empty_name bdev_pcache_create "{\"name\": \"\", $P}"
-bad unknown_param bdev_pcache_create "{\"name\": \"X\", $P, \"cache_mode\": \"wb\"}"
+bad unknown_param bdev_pcache_create "{\"name\": \"X\", $P, \"cache_size\": 64}"
+bad cache_mode_bad_value bdev_pcache_create "{\"name\": \"X\", $P, \"cache_mode\": \"wb\"}"
+bad cache_mode_wrong_type bdev_pcache_create "{\"name\": \"X\", $P, \"cache_mode\": 1}"
+bad seq_cutoff_negative bdev_pcache_create "{\"name\": \"X\", $P, \"seq_cutoff_kib\": -1}"
+bad seq_cutoff_too_large bdev_pcache_create "{\"name\": \"X\", $P, \"seq_cutoff_kib\": 4194305}"
+bad seq_cutoff_string bdev_pcache_create "{\"name\": \"X\", $P, \"seq_cutoff_kib\": \"1M\"}"
+bad seq_policy_bad_value bdev_pcache_create "{\"name\": \"X\", $P, \"seq_cutoff_policy\": \"sometimes\"}"
 bad duplicate_key bdev_pcache_create "{\"name\": \"X\", \"name\": \"Y\", $P}"
 bad gc_percent_91 bdev_pcache_create "{\"name\": \"X\", $P, \"gc_percent\": 91}"
 bad gc_percent_negative bdev_pcache_create "{\"name\": \"X\", $P, \"gc_percent\": -5}"
@@ -273,7 +280,12 @@ fi
 bad delete_unknown bdev_pcache_delete '{"name": "NoSuch"}'
 bad delete_flush_wrong_type bdev_pcache_delete '{"name": "BadP", "flush": "no"}'
 bad get_stats_unknown bdev_pcache_get_stats '{"name": "NoSuch"}'
-bad set_options_missing_gc bdev_pcache_set_options '{"name": "BadP"}'
+bad set_options_nothing bdev_pcache_set_options '{"name": "BadP"}'
+bad set_options_cache_mode bdev_pcache_set_options '{"name": "BadP", "cache_mode": "fast"}'
+bad set_options_seq_policy bdev_pcache_set_options '{"name": "BadP", "seq_cutoff_policy": 3}'
+bad set_options_seq_cutoff bdev_pcache_set_options '{"name": "BadP", "seq_cutoff_kib": 4194305}'
+bad set_options_good_and_bad bdev_pcache_set_options '{"name": "BadP", "gc_percent": 50, "cache_mode": "passthrough", "seq_cutoff_policy": "sometimes"}'
+bad set_options_unknown_option bdev_pcache_set_options '{"name": "BadP", "cache_mode": "passthrough", "mode": "x"}'
 bad set_options_gc_95 bdev_pcache_set_options '{"name": "BadP", "gc_percent": 95}'
 bad set_options_unknown bdev_pcache_set_options '{"name": "NoSuch", "gc_percent": 50}'
 bad flush_unknown bdev_pcache_flush '{"name": "NoSuch"}'
@@ -421,6 +433,9 @@ stop "$SOCK" "$TGT_PID"
 
 # ---------------------------------------------------------------- observability
 . "$HERE/observe.sh"
+
+# ---------------------------------------------------------------- cache modes, cutoff
+. "$HERE/policy.sh"
 
 echo "elapsed $(($(date +%s) - T0)) s (SPDK_TEST_SECONDS=$SECS)"
 echo "$PASS passed, $FAILED failed"
