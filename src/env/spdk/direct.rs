@@ -229,7 +229,8 @@ fn end(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, ok: bool) {
         return;
     }
     st.writes.fetch_add(ok as u64, Relaxed);
-    st.writethrough.fetch_add((ok && dd.through) as u64, Relaxed);
+    st.writethrough
+        .fetch_add((ok && dd.through) as u64, Relaxed);
     let n = len as usize;
     // SAFETY: the request's iovecs are valid for its lifetime.
     let iovs = unsafe { ffi::iovs(&d) };

@@ -21,9 +21,9 @@
 //! read's engine channel is returned to the pool before the request completes.
 
 use super::channel::{ctx_of, ChannelCtx};
+use super::direct;
 use super::ffi::{self, DmaBuf, IoDesc};
 use crate::engine::latency::Class;
-use super::direct;
 use crate::engine::{Channel, Direct, IoError};
 use spdk_sys as sys;
 use std::ffi::c_void;

@@ -397,8 +397,13 @@ extern "C" fn rpc_set_options(req: *mut sys::spdk_jsonrpc_request, p: *const sys
                 r.error(-libc::EIO, &format!("cannot set the cache policy: {x}"));
                 return;
             }
-            noticelog!("{}: cache mode {}, sequential cutoff {} KiB ({})", o.name,
-                p.mode.name(), p.seq_cutoff_kib, p.seq_policy.name());
+            noticelog!(
+                "{}: cache mode {}, sequential cutoff {} KiB ({})",
+                o.name,
+                p.mode.name(),
+                p.seq_cutoff_kib,
+                p.seq_policy.name()
+            );
             if p.mode != CacheMode::WriteBack && e.dirty_bytes() > 0 {
                 // Leaving write-back: write every dirty byte back while I/O goes on
                 // (progress in get_stats' `flush` object).

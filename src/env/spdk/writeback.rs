@@ -651,7 +651,8 @@ extern "C" fn wb_flush_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c
     bg.pending -= 1;
     if ok {
         bg.record_io(started);
-        node(arg).shared.engine.direct_flushed(node(arg).bg.direct_mark);
+        let mark = bg.direct_mark;
+        node(arg).shared.engine.direct_flushed(mark);
     } else {
         bg.why = "the base bdev failed a FLUSH";
     }
