@@ -4,6 +4,7 @@
 
 pub mod backing;
 pub mod control;
+mod direct;
 pub mod metrics;
 pub mod pmem;
 pub mod poll;

@@ -28,6 +28,7 @@
 //! (`IoError::Busy` from `admit`): they wait here, in the same FIFO gate, for a window.
 
 use super::backing::{BackingFile, Op, Queue};
+use super::direct::DirectBatch;
 use super::pmem::{Persistence, PosixPmem};
 use super::poll::Waker;
 use crate::engine::latency::{Class, LatencySet};
@@ -651,10 +652,14 @@ pub struct VolumeConn {
     uncommitted: bool,
     /// This reactor's latency histograms (only this reactor records into them).
     lat: Arc<LatencySet>,
+    /// Direct writes held until the next commit (direct.rs).
+    held: DirectBatch,
 }
 
 impl Drop for VolumeConn {
     fn drop(&mut self) {
+        // Best effort: never leave placeholders behind (nobody waits for a reply).
+        let _ = self.run_held();
         self.vol.engine.latency().retire(&self.lat);
         self.vol.engine.release_channel(&mut self.ch);
     }
@@ -687,6 +692,7 @@ impl BlockTarget for Target {
             bg: None,
             uncommitted: false,
             lat: self.0.engine.latency().register(),
+            held: DirectBatch::default(),
         })
     }
     fn background(&self, conn: &mut VolumeConn, wake: &Arc<Waker>) -> Option<Duration> {
@@ -739,18 +745,49 @@ impl VolumeConn {
 }
 
 impl VolumeConn {
+    /// Writes the held direct writes to the backing device and ends them.
+    fn run_held(&mut self) -> io::Result<()> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        self.held.run(&self.vol.engine, &mut self.ch, &mut self.q)
+    }
+
+    /// Runs the held direct writes first when one overlaps `[off, off + len)`.
+    fn settle(&mut self, off: u64, len: u64) -> io::Result<()> {
+        if !self.held.is_empty() && self.held.overlaps(off, len) {
+            return self.run_held();
+        }
+        Ok(())
+    }
+
     /// A write the policy sends to the backing device (policy.rs): None when it goes
-    /// through the cache after all. A write-through is flushed before it is cached.
+    /// through the cache after all. Held until the commit (direct.rs), so a pass's
+    /// writes reach the disk together; a FUA write goes at once. A write-through is
+    /// flushed before it is cached.
     fn write_direct(&mut self, off: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
+        let len = data.len() as u64;
+        // Older overlapping writes first: held writes never overlap each other.
+        if !self.held.is_empty()
+            && (fua || self.held.overlaps(off, len) || self.held.full_for(data.len()))
+        {
+            if let Err(x) = self.run_held() {
+                return Some(Err(x));
+            }
+        }
         let e = &self.vol.engine;
-        let Route::Direct { through } = e.route_write(&mut self.ch, off, data.len() as u64) else {
+        let Route::Direct { through } = e.route_write(&mut self.ch, off, len) else {
             return None;
         };
-        let d = match e.begin_direct(off, data.len() as u64, through) {
+        let d = match e.begin_direct(off, len, through) {
             Ok(Some(d)) => d,
             Ok(None) => return None,
             Err(x) => return Some(Err(to_io(x))),
         };
+        if !fua {
+            self.held.push(off, data, d);
+            return Some(Ok(()));
+        }
         let r = self.q.write(off, data).and_then(|()| {
             if fua || through {
                 self.q.flush()
@@ -804,6 +841,7 @@ impl VolumeConn {
 impl BlockConn for VolumeConn {
     fn read(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         let t0 = Instant::now();
+        self.settle(off, buf.len() as u64)?;
         let missed = self
             .vol
             .engine
@@ -856,22 +894,26 @@ impl BlockConn for VolumeConn {
     }
 
     fn wants_commit(&self) -> bool {
-        self.uncommitted && self.vol.engine.pmem().pending()
+        !self.held.is_empty() || (self.uncommitted && self.vol.engine.pmem().pending())
     }
 
     fn commit(&mut self) -> io::Result<()> {
+        let held = self.run_held();
         if !std::mem::take(&mut self.uncommitted) {
-            return Ok(());
+            return held;
         }
-        self.vol
+        let r = self
+            .vol
             .engine
             .pmem()
             .commit()
-            .map_err(|e| io::Error::other(e.to_string()))
+            .map_err(|e| io::Error::other(e.to_string()));
+        held.and(r)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         let t0 = Instant::now();
+        self.run_held()?;
         let vol = &self.vol;
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
         let r = vol
@@ -884,6 +926,7 @@ impl BlockConn for VolumeConn {
     }
 
     fn trim(&mut self, off: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.settle(off, len)?;
         self.uncommitted = true;
         if let Some(r) = self.zeroes_direct(off, len, true, fua) {
             return r;
@@ -894,6 +937,7 @@ impl BlockConn for VolumeConn {
     }
 
     fn write_zeroes(&mut self, off: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
+        self.settle(off, len)?;
         self.uncommitted = true;
         // Kept allocated (ZERO_RANGE), as a write-zeroes asks, even when it may trim.
         if let Some(r) = self.zeroes_direct(off, len, false, fua) {
@@ -1038,6 +1082,57 @@ mod tests {
                 );
             }
         }
+        drop(c);
+        drop(t);
+        drop(vol);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Direct writes are held until the commit and then written together; a read or
+    /// a zeroing of their range, a FLUSH, a FUA write or an overlapping write runs them
+    /// first, so the handle always reads what it wrote and the newest write wins.
+    #[test]
+    fn direct_writes_are_held_until_the_commit() {
+        let dir = std::env::temp_dir().join(format!("pcache-vol-held-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let backing = dir.join("backing");
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let mut o = VolumeOptions::new(dir.join("cache"), backing.clone());
+        o.pmem_size = Some(64 << 20);
+        o.seg_size = 1 << 20;
+        o.cache_mode = Some(CacheMode::WriteAround);
+        let vol = Volume::format(&o).unwrap();
+        let t = Target(Arc::clone(&vol));
+        let mut c = t.connect().unwrap();
+        let on_disk = |off: usize| std::fs::read(&backing).unwrap()[off];
+        for i in 0..8u64 {
+            c.write(i * 65536, &[i as u8 + 1; 65536], false).unwrap();
+        }
+        assert!(c.wants_commit(), "held writes want the commit");
+        assert_eq!(on_disk(7 * 65536), 0, "not written before the commit");
+        c.commit().unwrap();
+        assert!(!c.wants_commit());
+        assert_eq!(on_disk(7 * 65536), 8);
+        // Overlapping writes: the newer one wins on the disk and in reads.
+        c.write(0, &[0x11; 8192], false).unwrap();
+        c.write(4096, &[0x22; 4096], false).unwrap();
+        let mut b = vec![0u8; 8192];
+        c.read(0, &mut b).unwrap();
+        assert_eq!((b[0], b[4096]), (0x11, 0x22), "reads see held writes");
+        c.write(65536, &[0x33; 4096], false).unwrap();
+        c.flush().unwrap();
+        assert_eq!(on_disk(65536), 0x33, "FLUSH wrote the held writes");
+        assert_eq!((on_disk(0), on_disk(4096)), (0x11, 0x22));
+        c.write(131072, &[0x44; 4096], false).unwrap();
+        c.write_zeroes(131072, 4096, false, false).unwrap();
+        c.read(131072, &mut b[..4096]).unwrap();
+        assert_eq!(b[..4096], [0u8; 4096][..], "zeroes after the held write");
+        assert_eq!(vol.engine.dirty_bytes(), 0);
+        let st = vol.engine.stats();
+        assert!(st.bypassed_requests >= 12, "{}", st.bypassed_requests);
         drop(c);
         drop(t);
         drop(vol);
