@@ -45,6 +45,9 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Longest a read miss goes uncached after direct writes: the background work flushes
+/// the backing device for them at this period when it has nothing else to do.
+const DIRECT_FLUSH_MS: u64 = 5;
 /// Period of the engine's tick (ages and closes kset buffers).
 const TICK: Duration = Duration::from_millis(100);
 /// Longest sleep of the background runner when it found nothing to do; a kick ends it early.
@@ -126,6 +129,8 @@ pub struct Volume {
     /// Write everything back (set by `flush` requests), not only what GC needs.
     drain: AtomicBool,
     wb_backoff_ms: AtomicU64,
+    /// When the backing device was last flushed for direct writes alone (unix ms).
+    direct_flush_at: AtomicU64,
     /// After a writeback failure, no retry before this (unless draining). A deadline rather
     /// than a sleep: the background runner is a reactor that also serves clients.
     wb_retry_at: Mutex<Option<Instant>>,
@@ -196,6 +201,7 @@ impl Volume {
             progress_cv: Condvar::new(),
             drain: AtomicBool::new(false),
             wb_backoff_ms: AtomicU64::new(0),
+            direct_flush_at: AtomicU64::new(0),
             wb_retry_at: Mutex::new(None),
             bg_thread: AtomicBool::new(false),
             bg_waker: OnceLock::new(),
@@ -435,6 +441,19 @@ impl Volume {
         if e.gc_wanted() && e.gc(buf).ksets > 0 {
             worked = true;
         }
+        // Direct writes not covered by a backing FLUSH keep read misses from filling
+        // (policy.rs `fills_allowed`): flush for them at most every DIRECT_FLUSH_MS.
+        if !worked {
+            if let Some(n) = e.direct_flush_needed() {
+                let now = crate::env::unix_ms();
+                if now.saturating_sub(self.direct_flush_at.load(Relaxed)) >= DIRECT_FLUSH_MS {
+                    self.direct_flush_at.store(now, Relaxed);
+                    if q.flush().is_ok() {
+                        e.direct_flushed(n);
+                    }
+                }
+            }
+        }
         if worked {
             self.progressed();
         }
@@ -487,7 +506,10 @@ impl Volume {
             self.wb_lat.record(Class::Writeback, ns_since(t0));
         }
         let t0 = Instant::now();
+        // Direct writes completed before this FLUSH are durable after it too.
+        let mark = self.engine.direct_mark();
         q.flush()?;
+        self.engine.direct_flushed(mark);
         self.wb_lat.record(Class::Writeback, ns_since(t0));
         Ok(())
     }

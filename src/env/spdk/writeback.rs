@@ -46,6 +46,10 @@ const START_SLOTS: usize = WB_INFLIGHT as usize + 1;
 const WB_PERIOD_US: u64 = 1000;
 /// The engine tick period (kset buffers older than two ticks get closed).
 const TICK_PERIOD_US: u64 = 100_000;
+/// Longest a read miss goes uncached after direct writes (policy.rs `fills_allowed`):
+/// while direct writes are not covered by a base FLUSH, misses fill nothing, so an idle
+/// writeback flushes the base for them at this period.
+const DIRECT_FLUSH_PERIOD_US: u64 = 5_000;
 const BACKOFF_MIN_MS: u64 = 10;
 const BACKOFF_MAX_MS: u64 = 5000;
 
@@ -89,6 +93,8 @@ pub(super) struct Background {
     base_flush: bool,
     /// `direct_mark` when the FLUSH in flight was issued (for `direct_flushed`).
     direct_mark: u64,
+    /// When the last FLUSH for direct writes alone was issued (ticks).
+    direct_flush_at: u64,
     backoff_ms: u64,
     retry_at: u64,
     on_stop: Option<Box<dyn FnOnce()>>,
@@ -131,6 +137,7 @@ impl Background {
             wait: sys::spdk_bdev_io_wait_entry::default(),
             base_flush: false,
             direct_mark: 0,
+            direct_flush_at: 0,
             backoff_ms: 0,
             retry_at: 0,
             on_stop: None,
@@ -345,6 +352,9 @@ extern "C" fn wb_poll(arg: *mut c_void) -> i32 {
     if nd.bg.phase == Phase::Idle && (nd.bg.retry_at == 0 || ffi::ticks() >= nd.bg.retry_at) {
         worked |= start_batch(n);
     }
+    if nd.bg.phase == Phase::Idle && e.direct_flush_needed().is_some() {
+        worked |= flush_for_direct(n);
+    }
     worked |= gc(n);
     check_drain(n);
     if worked {
@@ -352,6 +362,62 @@ extern "C" fn wb_poll(arg: *mut c_void) -> i32 {
     } else {
         ffi::IDLE
     }
+}
+
+/// Direct writes (cache modes, cutoff) not yet covered by a base FLUSH keep read misses
+/// from filling: flush the base for them, at most every DIRECT_FLUSH_PERIOD_US, while
+/// writeback is idle (its own FLUSHes cover them too). A base without a volatile cache
+/// has them durable already.
+fn flush_for_direct(n: *mut Node) -> bool {
+    let nd = node(n.cast());
+    let e = &nd.shared.engine;
+    let bg = &mut nd.bg;
+    if !bg.base_flush {
+        e.direct_flushed(e.direct_mark());
+        return false;
+    }
+    let now = ffi::ticks();
+    let period = ffi::ticks_hz() / 1_000_000 * DIRECT_FLUSH_PERIOD_US;
+    if now.wrapping_sub(bg.direct_flush_at) < period {
+        return false;
+    }
+    bg.direct_flush_at = now;
+    bg.direct_mark = e.direct_mark();
+    bg.phase = Phase::Flushing;
+    // SAFETY: FLUSH of the whole base on our channel; completion comes back here.
+    let rc = unsafe {
+        sys::spdk_bdev_flush_blocks(
+            nd.base_desc,
+            bg.base_ch,
+            0,
+            sys::spdk_bdev_get_num_blocks(nd.base_bdev),
+            Some(direct_flush_done),
+            n.cast(),
+        )
+    };
+    if rc == 0 {
+        bg.push_start(now);
+        bg.pending += 1;
+    } else {
+        bg.phase = Phase::Idle;
+    }
+    rc == 0
+}
+
+extern "C" fn direct_flush_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c_void) {
+    // SAFETY: the base bdev_io is ours to free in its completion callback.
+    unsafe { sys::spdk_bdev_free_io(child) };
+    let n = arg as *mut Node;
+    let bg = &mut node(arg).bg;
+    let started = bg.pop_start();
+    bg.pending -= 1;
+    bg.phase = Phase::Idle;
+    let mark = bg.direct_mark;
+    if ok {
+        bg.record_io(started);
+        node(arg).shared.engine.direct_flushed(mark);
+    }
+    stopped(n);
 }
 
 fn gc(n: *mut Node) -> bool {
