@@ -474,15 +474,41 @@ impl<P: Pmem> Engine<P> {
     /// `buf` holds the backing device's data and the ranges this read placed
     /// placeholders on are cached as clean data, unless a write replaced them since.
     pub fn fill(&self, ch: &mut Channel, off: u64, buf: &[u8], ok: bool) {
+        // Moved out and back (no allocation): `ch` is also the allocation head.
+        let plan = std::mem::take(&mut ch.plan);
+        let no_fill = ch.no_fill;
+        self.fill_plan(&plan, no_fill, ch, off, buf, ok);
+        ch.plan = plan;
+        ch.plan.clear();
+    }
+
+    /// As `fill`, but the cached data is allocated from `head`'s open segment, so many
+    /// reads in flight on one thread (each holding its plan in its own channel) share
+    /// one allocation head instead of each keeping a segment open. `head` must be used
+    /// by this thread only, like any channel.
+    pub fn fill_with(&self, ch: &mut Channel, head: &mut Channel, off: u64, buf: &[u8], ok: bool) {
+        self.fill_plan(&ch.plan, ch.no_fill, head, off, buf, ok);
+        ch.plan.clear();
+    }
+
+    fn fill_plan(
+        &self,
+        plan: &[Piece],
+        no_fill: bool,
+        head: &mut Channel,
+        off: u64,
+        buf: &[u8],
+        ok: bool,
+    ) {
         // Cutoff or passthrough: the placeholders only kept concurrent reads from
         // filling stale data; nothing is cached.
-        let ok = ok && !ch.no_fill && self.fills_allowed();
-        for i in 0..ch.plan.len() {
+        let ok = ok && !no_fill && self.fills_allowed();
+        for p in plan {
             let Piece::Miss {
                 at,
                 len,
                 token: Some(t),
-            } = ch.plan[i]
+            } = *p
             else {
                 continue;
             };
@@ -490,7 +516,11 @@ impl<P: Pmem> Engine<P> {
             while done < len {
                 let o = off + (at + done) as u64;
                 let rest = (len - done) as u64;
-                let a = if ok { self.alloc(ch, rest).ok() } else { None };
+                let a = if ok {
+                    self.alloc(head, rest).ok()
+                } else {
+                    None
+                };
                 let Some(a) = a else {
                     self.drop_placeholders(o, rest, t);
                     break;
@@ -504,7 +534,6 @@ impl<P: Pmem> Engine<P> {
                 done += a.len as usize;
             }
         }
-        ch.plan.clear();
     }
 
     pub(super) fn drop_placeholders(&self, o: u64, len: u64, t: u32) {

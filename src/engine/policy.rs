@@ -413,6 +413,21 @@ impl<P: Pmem> Engine<P> {
         } else {
             self.end_pieces(off, len, d.token);
         }
+        self.count_direct(len, d, ok);
+    }
+
+    /// `end_direct` for a direct write that caches nothing (not a write-through, or
+    /// it failed): only its length matters, so a runtime need not gather its data.
+    pub fn end_direct_uncached(&self, off: u64, len: u64, d: Direct, ok: bool) {
+        debug_assert!(
+            !(ok && d.through),
+            "a completed write-through caches its data"
+        );
+        self.end_pieces(off, len, d.token);
+        self.count_direct(len, d, ok);
+    }
+
+    fn count_direct(&self, len: u64, d: Direct, ok: bool) {
         if ok {
             let c = &self.counters;
             c.writes.inc();

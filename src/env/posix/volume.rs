@@ -505,6 +505,10 @@ impl Volume {
             }
             self.wb_lat.record(Class::Writeback, ns_since(t0));
         }
+        if wb.items.is_empty() {
+            // Only clean keys and tombstones: nothing written, nothing to make durable.
+            return Ok(());
+        }
         let t0 = Instant::now();
         // Direct writes completed before this FLUSH are durable after it too.
         let mark = self.engine.direct_mark();

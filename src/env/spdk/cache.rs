@@ -46,8 +46,6 @@ pub(super) struct Shared {
     pub base_desc: Desc,
     pub base_bdev: *mut sys::spdk_bdev,
     pub block_size: u32,
-    /// Per channel: read channels allowed to cache what they fetched.
-    pub max_fillers: usize,
     /// The base bdev is gone: queued and new I/O fail.
     pub removed: AtomicBool,
     /// The app-thread node; only dereferenced on the app thread.
@@ -293,15 +291,12 @@ pub(super) fn attach(p: &CreateParams, pmem: PosixPmem) -> Result<*mut Node, Att
             return Err(e);
         }
     };
-    let segs = engine.geometry().n_segs as usize;
     let shared = Arc::new(Shared {
         engine,
         name: p.name.clone(),
         base_desc: Desc(desc),
         base_bdev: base,
         block_size: blocklen,
-        // Idle fillers keep a segment open each: bounded by a fraction of the cache.
-        max_fillers: (segs / 32).clamp(1, 16),
         removed: AtomicBool::new(false),
         node: AtomicPtr::new(std::ptr::null_mut()),
         direct: Default::default(),

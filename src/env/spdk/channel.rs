@@ -2,11 +2,9 @@
 //! channel, bounce buffers and the FIFO of requests waiting for cache space.
 //!
 //! The engine keeps a read's plan in the engine `Channel` from `read` until `fill`, so a
-//! read waiting for the base bdev needs a channel of its own. Writes use `main`; reads
-//! borrow one from `fillers` (at most `Shared::max_fillers` per thread, because each
-//! keeps an allocation head, i.e. an open segment) or, beyond that, from `plain`, whose
-//! reads are served but not cached (`fill(.., false)` only withdraws placeholders and
-//! never allocates). Under cache pressure idle fillers give their segments back.
+//! read waiting for the base bdev needs a channel of its own, borrowed from `reading`.
+//! Writes use `main`, and so does every read's fill (`Engine::fill_with`): one open
+//! segment per thread however many reads are in flight, and every miss may be cached.
 //!
 //! Reads with a buffer are queued at submit (after a prefetch of their index line) and
 //! served by `read_poll`, in batches, once per reactor iteration: the index lines of a
@@ -44,10 +42,8 @@ pub(super) struct ChannelCtx {
     pub base_ch: *mut sys::spdk_io_channel,
     /// Writes, flushes and zeroes.
     pub main: Channel,
-    pub fillers: Vec<Channel>,
-    /// Fillers in existence (idle ones are in `fillers`).
-    pub n_fillers: usize,
-    pub plain: Vec<Channel>,
+    /// Idle channels for reads (each holds one read's plan while its misses are out).
+    pub reading: Vec<Channel>,
     /// Gathers a multi-iovec write into one slice for `Engine::write`.
     pub gather: Vec<u8>,
     /// DMA-able bounces for multi-iovec reads (the base reads into them).
@@ -79,24 +75,13 @@ impl ChannelCtx {
         ((ticks as u128 * self.ns_per_tick as u128) >> 32) as u64
     }
 
-    /// An engine channel for a read, and whether it may cache what it fetches.
-    pub(super) fn take_read_channel(&mut self) -> (Channel, bool) {
-        if let Some(c) = self.fillers.pop() {
-            return (c, true);
-        }
-        if self.n_fillers < self.shared.max_fillers {
-            self.n_fillers += 1;
-            return (Channel::default(), true);
-        }
-        (self.plain.pop().unwrap_or_default(), false)
+    /// An engine channel for a read (it never allocates: fills use `main`).
+    pub(super) fn take_read_channel(&mut self) -> Channel {
+        self.reading.pop().unwrap_or_default()
     }
 
-    pub(super) fn give_read_channel(&mut self, c: Channel, filler: bool) {
-        if filler {
-            self.fillers.push(c);
-        } else {
-            self.plain.push(c);
-        }
+    pub(super) fn give_read_channel(&mut self, c: Channel) {
+        self.reading.push(c);
     }
 
     /// A DMA bounce of at least `len` bytes (len <= MAX_IO), or None if SPDK's memory is
@@ -108,15 +93,6 @@ impl ChannelCtx {
 
     pub(super) fn give_bounce(&mut self, b: DmaBuf) {
         self.bounces.push(b);
-    }
-
-    /// Under cache pressure idle fillers return their open segments, so GC can reclaim
-    /// them.
-    fn release_idle_heads(&mut self) {
-        let e = &self.shared.engine;
-        for c in &mut self.fillers {
-            e.release_channel(c);
-        }
     }
 }
 
@@ -155,9 +131,7 @@ pub(super) extern "C" fn create_cb(io_device: *mut c_void, buf: *mut c_void) -> 
         ctx.write(ChannelCtx {
             base_ch,
             main: Channel::default(),
-            fillers: Vec::new(),
-            n_fillers: 0,
-            plain: Vec::new(),
+            reading: Vec::new(),
             gather: vec![0; MAX_IO as usize],
             bounces: Vec::new(),
             retry: VecDeque::new(),
@@ -207,9 +181,6 @@ pub(super) extern "C" fn destroy_cb(_io_device: *mut c_void, buf: *mut c_void) {
     let e = &c.shared.engine;
     e.latency().retire(&c.lat);
     e.release_channel(&mut c.main);
-    for ch in c.fillers.iter_mut() {
-        e.release_channel(ch);
-    }
     // SAFETY: obtained in create_cb on this thread; put once.
     unsafe { sys::spdk_put_io_channel(c.base_ch) };
     for (bio, st) in std::mem::take(&mut c.deferred) {
@@ -279,9 +250,6 @@ extern "C" fn retry_poll(arg: *mut c_void) -> i32 {
     // SAFETY: as above, and no reference to the context is alive.
     let progressed = unsafe {
         deferring(arg, |c| {
-            if c.shared.engine.cache_full() {
-                c.release_idle_heads();
-            }
             let mut progressed = false;
             while let Some(&bio) = c.retry.front() {
                 // SAFETY: queued requests are live and uncompleted; the head is retried

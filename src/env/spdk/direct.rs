@@ -236,7 +236,7 @@ fn end(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, ok: bool) {
     let iovs = unsafe { ffi::iovs(&d) };
     if !(ok && dd.through) {
         // Only a write-through reads the data (to cache it).
-        e.end_direct(&mut c.main, off, &[], dd, ok);
+        e.end_direct_uncached(off, len, dd, ok);
     } else if iovs.len() == 1 && iovs[0].iov_len >= n {
         // SAFETY: a single iovec of at least `n` bytes, not written while the request
         // is ours.

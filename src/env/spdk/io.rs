@@ -33,7 +33,6 @@ use std::sync::atomic::Ordering::Relaxed;
 pub(super) struct IoCtx {
     /// The engine channel holding this read's plan, while misses are outstanding.
     rch: Option<Channel>,
-    filler: bool,
     /// DMA bounce of a multi-iovec read.
     bounce: Option<DmaBuf>,
     /// Base reads outstanding.
@@ -61,7 +60,6 @@ impl IoCtx {
     fn new() -> IoCtx {
         IoCtx {
             rch: None,
-            filler: false,
             bounce: None,
             pending: 0,
             next_miss: 0,
@@ -376,14 +374,14 @@ fn read_with_buf(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoDesc) {
             }
         }
     }
-    let (mut rch, filler) = c.take_read_channel();
+    let mut rch = c.take_read_channel();
     let r = c
         .shared
         .engine
         .read(&mut rch, off, read_buf(d, &mut bounce, len));
     match r {
         Ok(0) => {
-            c.give_read_channel(rch, filler);
+            c.give_read_channel(rch);
             io_ctx(bio).class = Some(Class::ReadHit);
             complete_read(c, bio, d, bounce, true);
         }
@@ -392,13 +390,12 @@ fn read_with_buf(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoDesc) {
             let x = io_ctx(bio);
             x.class = Some(Class::ReadMiss);
             x.rch = Some(rch);
-            x.filler = filler;
             x.bounce = bounce;
             x.n_misses = n_misses;
             submit_misses(c, bio);
         }
         Err(e) => {
-            c.give_read_channel(rch, filler);
+            c.give_read_channel(rch);
             fail_why(bio, engine_why(e));
             complete_read(c, bio, d, bounce, false);
         }
@@ -521,13 +518,12 @@ fn finish_read(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
     let x = io_ctx(bio);
     let ok = !x.failed;
     let mut bounce = x.bounce.take();
-    let filler = x.filler;
     if let Some(mut rch) = x.rch.take() {
         let buf = read_buf(&d, &mut bounce, len);
         c.shared
             .engine
-            .fill(&mut rch, d.offset_blocks * bs, buf, ok && filler);
-        c.give_read_channel(rch, filler);
+            .fill_with(&mut rch, &mut c.main, d.offset_blocks * bs, buf, ok);
+        c.give_read_channel(rch);
     }
     complete_read(c, bio, &d, bounce, ok);
 }

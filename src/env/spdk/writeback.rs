@@ -680,7 +680,9 @@ fn wave_done(n: *mut Node) {
         submit_wave(n);
         return;
     }
-    if !bg.base_flush {
+    // A window that wrote nothing (its ksets hold only clean keys and tombstones of
+    // direct writes) has nothing to make durable: dirty_tail may pass it without a FLUSH.
+    if !bg.base_flush || bg.batch.items.is_empty() {
         batch_done(n, true);
         return;
     }
