@@ -498,7 +498,14 @@ fn zeroes_bypass_the_cache_outside_writeback() {
     assert_eq!(&got[..4096], &[3; 4096][..]);
     assert_eq!(&got[4096..12288], &[0; 8192][..]);
     assert_eq!(&got[12288..], &[3; 4096][..]);
-    // Not yet flushed: that miss was not cached.
+    // Not yet flushed: a miss elsewhere is cached, one over the zeroed range is not.
+    read(&e, &mut ch, &backing, 1 << 20, 4096).unwrap();
+    e.read(&mut ch, 1 << 20, &mut buf[..4096]).unwrap();
+    assert_eq!(
+        ch.misses().count(),
+        0,
+        "a range no direct write touched fills"
+    );
     e.read(&mut ch, 4096, &mut buf[..4096]).unwrap();
     assert_eq!(ch.misses().count(), 1);
     buf[..4096].fill(0);
@@ -519,5 +526,37 @@ fn zeroes_bypass_the_cache_outside_writeback() {
     let d = e.begin_direct(0, 4096, false).unwrap().unwrap();
     e.end_direct_zeroes(0, 4096, d, false, true);
     assert_eq!(e.stats().discards, 0);
+    e.check_invariants(&[&ch]).unwrap();
+}
+
+/// Only the latest unflushed direct writes are known by range: past that many, no miss
+/// fills anywhere until a FLUSH covers them all.
+#[test]
+fn too_many_unflushed_direct_writes_stop_every_fill() {
+    let (_pmem, e) = new_engine(12, false);
+    let backing = vec![0u8; SIZE as usize];
+    let mut ch = Channel::default();
+    let p = e
+        .policy()
+        .with(Some(pcache::engine::CacheMode::WriteAround), None, None);
+    e.set_policy(p).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for i in 0..100u64 {
+        let d = e.begin_direct(i * 4096, 4096, false).unwrap().unwrap();
+        e.end_direct_uncached(i * 4096, 4096, d, true);
+    }
+    let far = 4 << 20;
+    read(&e, &mut ch, &backing, far, 4096).unwrap();
+    e.read(&mut ch, far, &mut buf).unwrap();
+    assert_eq!(
+        ch.misses().count(),
+        1,
+        "forgotten unflushed ranges: no fill"
+    );
+    e.fill(&mut ch, far, &buf, false);
+    e.direct_flushed(e.direct_mark());
+    read(&e, &mut ch, &backing, far, 4096).unwrap();
+    e.read(&mut ch, far, &mut buf).unwrap();
+    assert_eq!(ch.misses().count(), 0, "fills again after the FLUSH");
     e.check_invariants(&[&ch]).unwrap();
 }

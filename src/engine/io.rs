@@ -502,7 +502,7 @@ impl<P: Pmem> Engine<P> {
     ) {
         // Cutoff or passthrough: the placeholders only kept concurrent reads from
         // filling stale data; nothing is cached.
-        let ok = ok && !no_fill && self.fills_allowed();
+        let ok = ok && !no_fill && self.fills_allowed(off, buf.len() as u64);
         for p in plan {
             let Piece::Miss {
                 at,

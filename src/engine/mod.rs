@@ -217,6 +217,8 @@ pub struct Engine<P: Pmem> {
     /// Direct writes completed, and how many of them a backing FLUSH covered.
     direct_done: AtomicU64,
     direct_flushed: AtomicU64,
+    /// Ranges of the latest direct writes, for `fills_allowed`.
+    unflushed: Mutex<policy::Unflushed>,
 }
 
 impl<P: Pmem> Engine<P> {

@@ -391,6 +391,7 @@ impl<P: Pmem> Engine<P> {
             seq_code: AtomicU64::new(0),
             direct_done: AtomicU64::new(0),
             direct_flushed: AtomicU64::new(0),
+            unflushed: Default::default(),
         };
         e.load_policy_codes(info.policy);
         if info.policy.mode == super::CacheMode::PassThrough {

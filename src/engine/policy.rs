@@ -19,7 +19,7 @@ use super::format::{KeyRec, KEY_CLEAN, KEY_INVALID, KEY_ZERO, SUBTREE_SIZE};
 use super::index::{Extent, F_DIRTY, F_EMPTY};
 use super::io::Channel;
 use super::{Engine, IoError, OpenError, Pmem};
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 /// How the cache treats writes and read misses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,6 +94,25 @@ impl SeqPolicy {
     }
     pub fn from_code(c: u8) -> Option<Self> {
         Self::ALL.get(c as usize).copied()
+    }
+}
+
+/// How many unflushed direct writes are remembered by range (`fills_allowed`).
+const UNFLUSHED_RANGES: usize = 64;
+
+/// The ranges of the latest direct writes: (start, end, completion number).
+pub(super) struct Unflushed {
+    ring: [(u64, u64, u64); UNFLUSHED_RANGES],
+    /// Direct writes up to this number left the ring before a FLUSH covered them.
+    lost: u64,
+}
+
+impl Default for Unflushed {
+    fn default() -> Self {
+        Unflushed {
+            ring: [(0, 0, 0); UNFLUSHED_RANGES],
+            lost: 0,
+        }
     }
 }
 
@@ -411,9 +430,11 @@ impl<P: Pmem> Engine<P> {
                 done += a.len;
             }
         } else {
+            self.count_direct(off, len, d, ok);
             self.end_pieces(off, len, d.token);
+            return;
         }
-        self.count_direct(len, d, ok);
+        self.count_direct(off, len, d, ok);
     }
 
     /// `end_direct` for a direct write that caches nothing (not a write-through, or
@@ -423,11 +444,12 @@ impl<P: Pmem> Engine<P> {
             !(ok && d.through),
             "a completed write-through caches its data"
         );
+        // Noted before the placeholder goes: no read can fill the range in between.
+        self.count_direct(off, len, d, ok);
         self.end_pieces(off, len, d.token);
-        self.count_direct(len, d, ok);
     }
 
-    fn count_direct(&self, len: u64, d: Direct, ok: bool) {
+    fn count_direct(&self, off: u64, len: u64, d: Direct, ok: bool) {
         if ok {
             let c = &self.counters;
             c.writes.inc();
@@ -440,9 +462,23 @@ impl<P: Pmem> Engine<P> {
             // and until then no miss fills (see `fills_allowed`). A write-through was
             // flushed by the caller already.
             if !d.through {
-                self.direct_done.fetch_add(1, AcqRel);
+                self.note_direct(off, len);
             }
         }
+    }
+
+    /// Counts a completed direct write not yet covered by a backing FLUSH and remembers
+    /// its range (`fills_allowed`). The only place `direct_done` grows.
+    fn note_direct(&self, off: u64, len: u64) {
+        let mut u = self.unflushed.lock().unwrap();
+        let seq = self.direct_done.load(Acquire) + 1;
+        let slot = &mut u.ring[seq as usize % UNFLUSHED_RANGES];
+        let forgotten = slot.2;
+        *slot = (off, off + len, seq);
+        if forgotten > self.direct_flushed.load(Acquire) {
+            u.lost = u.lost.max(forgotten);
+        }
+        self.direct_done.store(seq, Release);
     }
 
     /// Whether a write-zeroes or discard goes to the backing device (`begin_direct`
@@ -458,7 +494,6 @@ impl<P: Pmem> Engine<P> {
     /// placeholder, so later reads miss and read the zeroes from the backing device,
     /// and counts it. `ok`: the backing device did it.
     pub fn end_direct_zeroes(&self, off: u64, len: u64, d: Direct, ok: bool, discard: bool) {
-        self.end_pieces(off, len, d.token);
         if ok {
             let c = &self.counters;
             if discard {
@@ -468,9 +503,10 @@ impl<P: Pmem> Engine<P> {
             }
             c.bypassed.inc();
             c.bypassed_bytes.add(len);
-            // As for a direct write: until a FLUSH covers it, no miss fills.
-            self.direct_done.fetch_add(1, AcqRel);
+            // As for a direct write: until a FLUSH covers it, no miss of it fills.
+            self.note_direct(off, len);
         }
+        self.end_pieces(off, len, d.token);
     }
 
     /// For a FLUSH: Some(n) when direct writes completed since the backing device was
@@ -490,12 +526,26 @@ impl<P: Pmem> Engine<P> {
         self.direct_done.load(Acquire)
     }
 
-    /// Whether a read miss may be cached now. Not while a direct write is not yet
-    /// flushed: the miss may have read it from the backing device's volatile cache,
-    /// and a clean key over data the backing device can still lose would, after a
-    /// power loss, show data the backing device no longer has.
-    pub(super) fn fills_allowed(&self) -> bool {
-        self.direct_flushed.load(Acquire) >= self.direct_done.load(Acquire)
+    /// Whether a read miss of `[off, off + len)` may be cached now. Not while a direct
+    /// write over it is not yet flushed: the miss may have read it from the backing
+    /// device's volatile cache, and a clean key over data the backing device can still
+    /// lose would, after a power loss, show data the backing device no longer has. The
+    /// last UNFLUSHED_RANGES direct writes are known by range, so a stream bypassing the
+    /// cache does not keep the rest of the device from filling; when more went unflushed,
+    /// no miss fills until a FLUSH covers them.
+    pub(super) fn fills_allowed(&self, off: u64, len: u64) -> bool {
+        let flushed = self.direct_flushed.load(Acquire);
+        if flushed >= self.direct_done.load(Acquire) {
+            return true;
+        }
+        let u = self.unflushed.lock().unwrap();
+        if u.lost > flushed {
+            return false;
+        }
+        let end = off + len;
+        !u.ring
+            .iter()
+            .any(|&(s, e, seq)| seq > flushed && s < end && off < e)
     }
 
     /// After a writeback batch is durable: its extents are no longer dirty (unless a
