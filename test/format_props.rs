@@ -28,9 +28,10 @@ use pcache::engine::format::{
     self, check_kset, crc, decode_gen, encode_gen, get_u32, pick_replica, put_u16, put_u32,
     put_u64, seal_kset, CacheInfo, Geometry, KeyRec, KsetCheck, KsetHdr, LogPos, MediaError,
     Superblock, BACKING_ID_MAX, DIRTY_TAIL_OFF, FORMAT_VERSION, GEN_OFF, GEN_SIZE, INFO_DATA_CRC,
-    INFO_INIT_DONE, INFO_OFF, INFO_SIZE, KEY_CLEAN, KEY_DISCARD, KEY_SIZE, KEY_TAIL_OFF, KEY_ZERO,
-    KIND_DIRTY_TAIL, KIND_KEY_TAIL, KSET_HDR, KSET_KEYS_MAX, KSET_LAST, KSET_MAGIC, KSET_SIZE_MAX,
-    SB_OFF, SB_SIZE, SEGMENTS_OFF, SEG_HDR, SEQ_LIMIT, SUBTREE_SIZE, TAIL_SIZE,
+    INFO_INIT_DONE, INFO_OFF, INFO_SIZE, KEY_CLEAN, KEY_DISCARD, KEY_INVALID, KEY_SIZE,
+    KEY_TAIL_OFF, KEY_ZERO, KIND_DIRTY_TAIL, KIND_KEY_TAIL, KSET_HDR, KSET_KEYS_MAX, KSET_LAST,
+    KSET_MAGIC, KSET_SIZE_MAX, SB_OFF, SB_SIZE, SEGMENTS_OFF, SEG_HDR, SEQ_LIMIT, SUBTREE_SIZE,
+    TAIL_SIZE,
 };
 use pcache::engine::policy::SEQ_CUTOFF_MAX_KIB;
 use pcache::engine::{
@@ -479,8 +480,9 @@ fn arb_key_break() -> impl Strategy<Value = KeyBreak> {
         any::<u32>().prop_map(KeyBreak::SegTooBig),
         any::<u32>().prop_map(KeyBreak::SegOffTooBig),
         (0u32..32)
+            // KEY_INVALID is known: valid on a tombstone (with KEY_CLEAN | KEY_ZERO).
             .prop_filter("unknown bit", |b| (1 << b)
-                & (KEY_CLEAN | KEY_ZERO | KEY_DISCARD)
+                & (KEY_CLEAN | KEY_ZERO | KEY_DISCARD | KEY_INVALID)
                 == 0)
             .prop_map(KeyBreak::UnknownFlag),
     ]
