@@ -979,22 +979,29 @@ impl BlockConn for VolumeConn {
 mod tests {
     use super::*;
 
-    /// Group commit on a `file` medium through the NBD handle: writes postpone their data
-    /// sync to `commit`, one sync covers them all, and FUA, FLUSH and kset closes (the
-    /// engine's `drain`) never leave postponed data behind a key.
-    #[test]
-    fn file_medium_group_commit_through_the_target() {
-        let dir = std::env::temp_dir().join(format!("pcache-vol-gc-{}", std::process::id()));
+    /// A 64 MiB file medium over a 64 MiB backing file in a fresh directory, formatted
+    /// (in `mode`, if given): (directory, backing path, volume).
+    fn test_volume(tag: &str, mode: Option<CacheMode>) -> (PathBuf, PathBuf, Arc<Volume>) {
+        let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let backing = dir.join("backing");
         std::fs::File::create(&backing)
             .unwrap()
             .set_len(64 << 20)
             .unwrap();
-        let mut o = VolumeOptions::new(dir.join("cache"), backing);
+        let mut o = VolumeOptions::new(dir.join("cache"), backing.clone());
         o.pmem_size = Some(64 << 20);
         o.seg_size = 1 << 20;
-        let vol = Volume::format(&o).unwrap();
+        o.cache_mode = mode;
+        (dir, backing, Volume::format(&o).unwrap())
+    }
+
+    /// Group commit on a `file` medium through the NBD handle: writes postpone their data
+    /// sync to `commit`, one sync covers them all, and FUA, FLUSH and kset closes (the
+    /// engine's `drain`) never leave postponed data behind a key.
+    #[test]
+    fn file_medium_group_commit_through_the_target() {
+        let (dir, _, vol) = test_volume("pcache-vol-gc", None);
         let pm = vol.engine.pmem();
         assert_eq!(pm.mode(), Persistence::File);
         let t = Target(Arc::clone(&vol));
@@ -1048,18 +1055,7 @@ mod tests {
     /// bypassed. Data cached clean (written in write-through) is invalidated.
     #[test]
     fn zeroes_and_trims_bypass_the_cache_outside_writeback() {
-        let dir = std::env::temp_dir().join(format!("pcache-vol-zero-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let backing = dir.join("backing");
-        std::fs::File::create(&backing)
-            .unwrap()
-            .set_len(64 << 20)
-            .unwrap();
-        let mut o = VolumeOptions::new(dir.join("cache"), backing.clone());
-        o.pmem_size = Some(64 << 20);
-        o.seg_size = 1 << 20;
-        o.cache_mode = Some(CacheMode::WriteThrough);
-        let vol = Volume::format(&o).unwrap();
+        let (dir, backing, vol) = test_volume("pcache-vol-zero", Some(CacheMode::WriteThrough));
         let t = Target(Arc::clone(&vol));
         let mut c = t.connect().unwrap();
         let mb = 1u64 << 20;
@@ -1119,18 +1115,7 @@ mod tests {
     /// first, so the handle always reads what it wrote and the newest write wins.
     #[test]
     fn direct_writes_are_held_until_the_commit() {
-        let dir = std::env::temp_dir().join(format!("pcache-vol-held-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let backing = dir.join("backing");
-        std::fs::File::create(&backing)
-            .unwrap()
-            .set_len(64 << 20)
-            .unwrap();
-        let mut o = VolumeOptions::new(dir.join("cache"), backing.clone());
-        o.pmem_size = Some(64 << 20);
-        o.seg_size = 1 << 20;
-        o.cache_mode = Some(CacheMode::WriteAround);
-        let vol = Volume::format(&o).unwrap();
+        let (dir, backing, vol) = test_volume("pcache-vol-held", Some(CacheMode::WriteAround));
         let t = Target(Arc::clone(&vol));
         let mut c = t.connect().unwrap();
         let on_disk = |off: usize| std::fs::read(&backing).unwrap()[off];

@@ -196,13 +196,19 @@ fn written(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, ok: bool) {
         queue_flush(c, bio);
         return;
     }
+    end_and_finish(c, bio, ok);
+}
+
+/// Ends the direct request `bio` in the engine and completes it. `bio` must be live and
+/// not yet completed, on this thread.
+fn end_and_finish(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, ok: bool) {
     end(c, bio, ok);
     let st = if ok {
         ffi::STATUS_SUCCESS
     } else {
         ffi::STATUS_FAILED
     };
-    // SAFETY: live, uncompleted request.
+    // SAFETY: live, uncompleted request on this thread (the callers' contract).
     unsafe { finish(c, bio, st) };
 }
 
@@ -348,14 +354,7 @@ fn flushed(c: &mut ChannelCtx, ok: bool) {
             x.why = "the base bdev failed a FLUSH";
         }
         // A write-through: the data is durable on the base now; cache it as clean.
-        end(c, bio, ok);
-        let st = if ok {
-            ffi::STATUS_SUCCESS
-        } else {
-            ffi::STATUS_FAILED
-        };
-        // SAFETY: live, uncompleted request, on this thread.
-        unsafe { finish(c, bio, st) };
+        end_and_finish(c, bio, ok);
         bio = next;
     }
     if !c.flush.head.is_null() {

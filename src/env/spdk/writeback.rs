@@ -382,24 +382,9 @@ fn flush_for_direct(n: *mut Node) -> bool {
         return false;
     }
     bg.direct_flush_at = now;
-    bg.direct_mark = e.direct_mark();
-    bg.phase = Phase::Flushing;
-    // SAFETY: FLUSH of the whole base on our channel; completion comes back here.
-    let rc = unsafe {
-        sys::spdk_bdev_flush_blocks(
-            nd.base_desc,
-            bg.base_ch,
-            0,
-            sys::spdk_bdev_get_num_blocks(nd.base_bdev),
-            Some(direct_flush_done),
-            n.cast(),
-        )
-    };
-    if rc == 0 {
-        bg.push_start(now);
-        bg.pending += 1;
-    } else {
-        bg.phase = Phase::Idle;
+    let rc = submit_base_flush(n, direct_flush_done);
+    if rc != 0 {
+        node(n.cast()).bg.phase = Phase::Idle;
     }
     rc == 0
 }
@@ -686,28 +671,41 @@ fn wave_done(n: *mut Node) {
         batch_done(n, true);
         return;
     }
+    if submit_base_flush(n, wb_flush_done) != 0 {
+        node(n.cast()).bg.why = "could not submit a FLUSH to the base bdev";
+        batch_done(n, false);
+    }
+}
+
+/// Flushes the whole base on the writeback channel (phase Flushing, counted in
+/// `pending`), completing in `done` with the node; takes `direct_mark` first: direct
+/// writes completed before this FLUSH are durable after it too. Returns the submit
+/// status.
+fn submit_base_flush(
+    n: *mut Node,
+    done: extern "C" fn(*mut sys::spdk_bdev_io, bool, *mut c_void),
+) -> i32 {
+    let nd = node(n.cast());
+    let bg = &mut nd.bg;
     bg.phase = Phase::Flushing;
-    // Direct writes completed before this FLUSH are durable after it too.
     bg.direct_mark = nd.shared.engine.direct_mark();
     let now = ffi::ticks();
-    // SAFETY: FLUSH of the whole base on our channel; completion comes back here.
+    // SAFETY: FLUSH of the whole base on our channel; completion comes back to `done`.
     let rc = unsafe {
         sys::spdk_bdev_flush_blocks(
             nd.base_desc,
             bg.base_ch,
             0,
             sys::spdk_bdev_get_num_blocks(nd.base_bdev),
-            Some(wb_flush_done),
+            Some(done),
             n.cast(),
         )
     };
     if rc == 0 {
         bg.push_start(now);
         bg.pending += 1;
-    } else {
-        bg.why = "could not submit a FLUSH to the base bdev";
-        batch_done(n, false);
     }
+    rc
 }
 
 extern "C" fn wb_flush_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c_void) {
