@@ -46,6 +46,8 @@ const START_SLOTS: usize = WB_INFLIGHT as usize + 1;
 const WB_PERIOD_US: u64 = 1000;
 /// The engine tick period (kset buffers older than two ticks get closed).
 const TICK_PERIOD_US: u64 = 100_000;
+/// Most windows without data acknowledged in one `start_batch` (poller budget).
+const EMPTY_WINDOWS: usize = 64;
 /// Longest a read miss goes uncached after direct writes (policy.rs `fills_allowed`):
 /// while direct writes are not covered by a base FLUSH, misses fill nothing, so an idle
 /// writeback flushes the base for them at this period.
@@ -435,13 +437,34 @@ fn coalesce(items: &[WbItem], i: usize, max: u64, same_src: bool) -> u64 {
 }
 
 /// Takes the next dirty kset, if any and if writeback is due, and starts writing it.
+///
+/// A window that writes nothing (its ksets hold only clean keys and the tombstones of
+/// direct writes) has nothing to make durable: it is acknowledged at once, without a
+/// base FLUSH, and the next one taken, up to EMPTY_WINDOWS per call. In a loop, not
+/// through batch_done: with no I/O to complete, that would recurse once per window.
 fn start_batch(n: *mut Node) -> bool {
-    let nd = node(n.cast());
-    if !nd.bg.drain.active && !nd.shared.engine.writeback_wanted() {
-        return false;
+    for _ in 0..EMPTY_WINDOWS {
+        let nd = node(n.cast());
+        if !nd.bg.drain.active && !nd.shared.engine.writeback_wanted() {
+            return false;
+        }
+        let bg = &mut nd.bg;
+        let next = nd.shared.engine.writeback_next(&mut bg.batch);
+        if next == WbNext::Ready && bg.batch.items.is_empty() {
+            nd.shared.engine.writeback_done(&bg.batch, true);
+            bg.batches += 1;
+            continue;
+        }
+        return start_window(n, next);
     }
+    true // more may be due: the next poll goes on
+}
+
+/// Starts writing the window `writeback_next` just returned (`next`).
+fn start_window(n: *mut Node, next: WbNext) -> bool {
+    let nd = node(n.cast());
     let bg = &mut nd.bg;
-    match nd.shared.engine.writeback_next(&mut bg.batch) {
+    match next {
         WbNext::Ready => {
             bg.phase = Phase::Writing;
             bg.item = 0;
@@ -665,9 +688,7 @@ fn wave_done(n: *mut Node) {
         submit_wave(n);
         return;
     }
-    // A window that wrote nothing (its ksets hold only clean keys and tombstones of
-    // direct writes) has nothing to make durable: dirty_tail may pass it without a FLUSH.
-    if !bg.base_flush || bg.batch.items.is_empty() {
+    if !bg.base_flush {
         batch_done(n, true);
         return;
     }
