@@ -560,3 +560,66 @@ fn too_many_unflushed_direct_writes_stop_every_fill() {
     assert_eq!(ch.misses().count(), 0, "fills again after the FLUSH");
     e.check_invariants(&[&ch]).unwrap();
 }
+
+#[test]
+fn paced_writes_overdraw_only_below_halfway_to_full() {
+    // 40 segments, GC watermark 70%: pacing from 28 used, overdraw up to 34 (85%).
+    let (_pmem, e) = new_engine(40, false);
+    let mut backing = vec![0u8; SIZE as usize];
+    let mut ch = Channel::default();
+    let block = vec![5u8; 4096];
+    let used = |e: &Engine<Arc<SimPmem>>| e.stats().segments_used as u64;
+    let (mut off, mut paced) = (0u64, false);
+    // Fill until pacing refuses a write (the runtime asks gc_wanted every poll).
+    while !paced {
+        e.gc_wanted();
+        match e.write(&mut ch, off, &block, false) {
+            Ok(()) => off = (off + 4096) % SIZE,
+            Err(IoError::Busy) => paced = true,
+            Err(x) => panic!("{x}"),
+        }
+        assert!(off != 0, "pacing never began");
+    }
+    assert!(used(&e) * 100 >= 40 * 70, "paced below the watermark");
+    assert_eq!(e.stats().paced_writes, 1);
+    // Overdrawing lets one write in at a time while the cache has headroom.
+    let mut overdrawn = 0;
+    while e.overdraw() {
+        e.gc_wanted();
+        e.write(&mut ch, off, &block, false).unwrap();
+        off = (off + 4096) % SIZE;
+        overdrawn += 1;
+        assert!(overdrawn < 100_000, "overdraw never stopped");
+    }
+    assert!(overdrawn > 0);
+    assert_eq!(e.stats().overdrawn_writes, overdrawn);
+    assert!(used(&e) * 200 >= 40 * 170, "overdraw stopped early");
+    assert!(used(&e) < 40, "overdraw filled the cache");
+    assert_eq!(
+        e.write(&mut ch, off, &block, false),
+        Err(IoError::Busy),
+        "past halfway a write waits for writeback"
+    );
+    // Writeback earns credit again.
+    e.flush().unwrap();
+    drain(&e, &mut backing, false);
+    e.gc(&mut Vec::new());
+    e.gc_wanted();
+    e.write(&mut ch, off, &block, false).unwrap();
+    e.check_invariants(&[&ch]).unwrap();
+}
+
+#[test]
+fn segment_size_follows_the_medium_when_not_given() {
+    use pcache::engine::format::auto_seg_size;
+    assert_eq!(auto_seg_size(256 << 20), 2 << 20);
+    assert_eq!(auto_seg_size(1 << 30), 8 << 20);
+    assert_eq!(auto_seg_size(2 << 30), 16 << 20);
+    assert_eq!(auto_seg_size(1 << 40), 16 << 20);
+    assert_eq!(auto_seg_size(16 << 20), 1 << 20);
+    assert_eq!(auto_seg_size(0), 1 << 20);
+    // FormatOptions::new leaves it to the format: an 8 MiB medium gets 1 MiB segments.
+    let pmem = Arc::new(SimPmem::new(8 << 20));
+    let e = Engine::format(pmem, &FormatOptions::new(id(), 1), &cfg()).unwrap();
+    assert_eq!(e.geometry().seg_size, 1 << 20);
+}

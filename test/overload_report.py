@@ -110,7 +110,7 @@ def main():
     def stat(wl, t, f):
         return med([f(r) for _, r in runs.get((wl, t), [])])
 
-    print(f"\noverload tier: medians over rounds; latency in us; intervals are {INTERVAL} s means")
+    print(f"\noverload tier: medians over rounds (ranges in parentheses); latency in us; intervals are {INTERVAL} s means")
     for wl in workloads:
         print(f"\n{wl}")
         print(f"  {'target':<10}{'IOPS':>10}{'p50':>10}{'p99':>10}{'p99.9':>10}{'max':>10}  min 5s after fill / mean")
@@ -124,16 +124,20 @@ def main():
                   + f"{stat(wl, t, lambda r: min(intervals(r[1][skip:]) or [0]) / r[0] if r[0] else 0):.2f}")
             for rnd, r in rs:
                 iv = " ".join(f"{x / 1000:.0f}K" for x in intervals(r[1]))
-                print(f"      round {rnd} 5 s intervals: {iv}")
+                print(f"      round {rnd}: {r[0] / 1000:.1f}K IOPS, p99.9 {r[2].get(99.9, float('nan')):.0f}, max {r[3]:.0f}; 5 s intervals: {iv}")
 
     def ratio(wl, a, b, f=lambda r: r[0]):
-        """Median over rounds of the per-round ratio."""
+        """The per-round ratios."""
         ra, rb = dict(runs.get((wl, a), [])), dict(runs.get((wl, b), []))
-        vals = [f(ra[k]) / f(rb[k]) for k in ra if k in rb and f(rb[k])]
-        return med(vals)
+        return [f(ra[k]) / f(rb[k]) for k in ra if k in rb and f(rb[k])]
 
-    def show(name, v, target):
-        print(f"  {name:<46}{v:8.2f}  [{target}]")
+    def each(wl, t, f):
+        return [f(r) for _, r in runs.get((wl, t), [])]
+
+    def show(name, vals, target):
+        """Median over rounds, with the range when there are several."""
+        rng = f"  ({min(vals):.2f}-{max(vals):.2f})" if len(vals) > 1 else ""
+        print(f"  {name:<46}{med(vals):8.2f}  [{target}]{rng}")
 
     print("\npcache against the baselines of the same run (issue targets in brackets):")
     rw = next((w for w in workloads if w.startswith("randwrite")), None)
@@ -142,9 +146,9 @@ def main():
         if other != base:
             show(f"{rw}: IOPS vs {other}", ratio(rw, "pcache", other), "context")
         show(f"{rw}: p99.9 vs {base}'s", ratio(rw, "pcache", base, lambda r: r[2].get(99.9, float("nan"))), "<= 2.0")
-        show(f"{rw}: max latency (ms)", stat(rw, "pcache", lambda r: r[3]) / 1000, "<= 20")
+        show(f"{rw}: max latency (ms)", each(rw, "pcache", lambda r: r[3] / 1000), "<= 20")
         show(f"{rw}: lowest 5 s interval after fill / mean",
-             stat(rw, "pcache", lambda r: min(intervals(r[1][skip:]) or [0]) / r[0] if r[0] else 0), ">= 0.5")
+             each(rw, "pcache", lambda r: min(intervals(r[1][skip:]) or [0]) / r[0] if r[0] else 0), ">= 0.5")
     for wl in workloads:
         if "zipf" in wl and other != base:
             show(f"{wl}: IOPS vs {other}", ratio(wl, "pcache", other), ">= 1.9 (SPDK vs ocf_wb)")

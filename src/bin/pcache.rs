@@ -73,9 +73,10 @@ struct CacheOpts {
     /// GC starts when this percentage of segments is in use (0..90, default 70).
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=90))]
     gc_percent: Option<u32>,
-    /// Segment size (default 16M; smaller suits small media).
-    #[arg(long, value_parser = parse_size, default_value = "16M")]
-    segment_size: u64,
+    /// Segment size when formatting (default: 1M-16M, the largest making at least 128
+    /// segments: 2M for a 256M medium, 16M from 2G up).
+    #[arg(long, value_parser = parse_size)]
+    segment_size: Option<u64>,
     #[command(flatten)]
     policy: PolicyArgs,
     /// Overwrite a medium holding other data, or attach to a different backing device.
@@ -88,7 +89,7 @@ impl CacheOpts {
         o.pmem_size = self.pmem_size;
         o.data_crc = self.data_crc;
         o.gc_percent = self.gc_percent;
-        o.seg_size = seg_size(self.segment_size)?;
+        o.seg_size = self.segment_size.map(seg_size).transpose()?.unwrap_or(0);
         o.force = self.force;
         o.cache_mode = self.policy.cache_mode;
         o.seq_cutoff_kib = self.policy.seq_cutoff;
@@ -357,11 +358,8 @@ fn serve(a: ServeArgs) -> Result<()> {
     a.opts.apply(&mut o)?;
     o.persistence = a.persistence;
     if default_small {
-        // The default files are small: a 256 MiB medium in 4 MiB segments.
+        // The default files are small: a 256 MiB medium (in 2 MiB segments).
         o.pmem_size = o.pmem_size.or(Some(256 << 20));
-        if a.opts.segment_size == 16 << 20 {
-            o.seg_size = 4 << 20;
-        }
     }
     let n_cores = a.cores.unwrap_or_else(cores).max(1);
     o.n_ksets = n_cores;

@@ -50,7 +50,8 @@ use thiserror::Error;
 /// Parameters fixed when a medium is formatted.
 #[derive(Debug, Clone)]
 pub struct FormatOptions {
-    /// Segment size in bytes (16 MiB by default; small values let simulations run GC).
+    /// Segment size in bytes; 0 (the default) picks one for the medium's size
+    /// (`format::auto_seg_size`). Small values let simulations run GC.
     pub seg_size: u32,
     /// Keys per kset (128 by default).
     pub kset_keys: u32,
@@ -66,7 +67,7 @@ pub struct FormatOptions {
 impl FormatOptions {
     pub fn new(backing: BackingIdentity, format_id: u64) -> Self {
         FormatOptions {
-            seg_size: 16 << 20,
+            seg_size: 0,
             kset_keys: 128,
             data_crc: false,
             gc_percent: 70,

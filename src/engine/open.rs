@@ -97,7 +97,12 @@ impl<P: Pmem> Engine<P> {
     /// Formats `pmem` as a new cache, destroying whatever it held. Callers check
     /// `probe` first and refuse to overwrite anything but a blank medium unless forced.
     pub fn format(pmem: P, opts: &FormatOptions, cfg: &Config) -> Result<Self, OpenError> {
-        format::check_seg_size(opts.seg_size).map_err(OpenError::Invalid)?;
+        let size = pmem.size();
+        let seg_size = match opts.seg_size {
+            0 => format::auto_seg_size(size),
+            s => s,
+        };
+        format::check_seg_size(seg_size).map_err(OpenError::Invalid)?;
         if opts.kset_keys == 0 || opts.kset_keys > format::KSET_KEYS_MAX {
             return Err(OpenError::Invalid(format!(
                 "kset_keys {} not in 1..128",
@@ -120,18 +125,16 @@ impl<P: Pmem> Engine<P> {
                 opts.backing.size
             )));
         }
-        let size = pmem.size();
-        let n_segs = size.saturating_sub(SEGMENTS_OFF) / opts.seg_size as u64;
+        let n_segs = size.saturating_sub(SEGMENTS_OFF) / seg_size as u64;
         let min = (cfg.log_reserve + 3) as u64;
         if n_segs < min || n_segs > u32::MAX as u64 / 2 {
             return Err(OpenError::Invalid(format!(
-                "medium of {size} bytes holds {n_segs} segments of {}; need at least {min}",
-                opts.seg_size
+                "medium of {size} bytes holds {n_segs} segments of {seg_size}; need at least {min}"
             )));
         }
         let sb = Superblock {
             pmem_size: size,
-            seg_size: opts.seg_size,
+            seg_size,
             n_segs: n_segs as u32,
             kset_keys: opts.kset_keys,
             format_id: opts.format_id,

@@ -50,6 +50,8 @@ pub struct Counters {
     /// Write attempts refused by admission pacing (above the GC watermark, waiting for
     /// writeback to earn credit); each is retried.
     pub paced: Counter,
+    /// Paced writes let in without credit after waiting too long (`Engine::overdraw`).
+    pub overdrawn: Counter,
     /// Requests (and their bytes) that bypassed the cache: direct writes that cached
     /// nothing, reads whose misses were not cached (policy.rs).
     pub bypassed: Counter,
@@ -99,6 +101,9 @@ pub struct Stats {
     pub waiting_requests: u64,
     /// Write attempts held back by admission pacing above the GC watermark (retried).
     pub paced_writes: u64,
+    /// Paced writes let in without credit after waiting too long, while the cache had
+    /// headroom (`Engine::overdraw`).
+    pub overdrawn_writes: u64,
     pub writeback_ksets: u64,
     pub writeback_bytes: u64,
     /// Dirty bytes writeback left out because a newer write of the same epoch, already
@@ -190,6 +195,7 @@ impl<P: Pmem> Engine<P> {
             cache_full_events: self.segs.full_events.load(Relaxed),
             waiting_requests: self.waiting.load(Relaxed),
             paced_writes: c.paced.get(),
+            overdrawn_writes: c.overdrawn.get(),
             writeback_ksets: c.wb_ksets.get(),
             writeback_bytes: c.wb_bytes.get(),
             writeback_skipped_bytes: c.wb_skipped_bytes.get(),

@@ -434,6 +434,28 @@ impl<P: Pmem> Engine<P> {
         Err(super::IoError::Busy)
     }
 
+    /// Lets a paced write that has waited too long (the runtime decides: a few ms) in
+    /// without credit, while the cache is less than halfway from the GC watermark to
+    /// full: a pause in writeback (a slow base request at the end of a window, a FLUSH)
+    /// then costs headroom, not a stall of every writer. Adds enough credit for the
+    /// write's retry to take (positive credit admits one write of any size); true when it
+    /// did. Past halfway, writes wait for writeback again, so the headroom is never spent
+    /// entirely.
+    pub fn overdraw(&self) -> bool {
+        if !self.pace.load(Relaxed) {
+            return true; // no longer paced: the retry gets in anyway
+        }
+        let (used, n) = (self.segs.used() as u64, self.geo.n_segs as u64);
+        let gc = self.gc_percent() as u64;
+        if used * 200 >= n * (gc + 100) {
+            return false;
+        }
+        if self.credit.fetch_max(1, Relaxed) < 1 {
+            self.counters.overdrawn.inc();
+        }
+        true
+    }
+
     /// Adds admission credit, capped at one segment so a pause in writes cannot bank
     /// a long burst.
     fn earn(&self, bytes: u64) {

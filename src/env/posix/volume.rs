@@ -55,6 +55,9 @@ const BACKGROUND_IDLE: Duration = Duration::from_millis(100);
 /// Ksets per writeback window (one backing FLUSH each): reactor 0 blocks while a window
 /// is written, so its clients wait that long.
 const EMBEDDED_WINDOW: u32 = 2;
+/// Longest a paced write waits for admission credit before it may overdraw it
+/// (`Engine::overdraw`): a pause of writeback then costs cache headroom, not latency.
+const PACE_WAIT_MAX: Duration = Duration::from_millis(2);
 /// Pause of a background-running request that waits and found no background work either.
 const INLINE_WAIT: Duration = Duration::from_millis(1);
 
@@ -68,6 +71,7 @@ pub struct VolumeOptions {
     pub persistence: Option<Persistence>,
     pub data_crc: bool,
     pub gc_percent: Option<u32>,
+    /// Segment size when formatting; 0 picks one for the medium's size.
     pub seg_size: u32,
     /// Overwrite foreign data / attach to a different backing device.
     pub force: bool,
@@ -87,7 +91,7 @@ impl VolumeOptions {
             persistence: None,
             data_crc: false,
             gc_percent: None,
-            seg_size: 16 << 20,
+            seg_size: 0,
             force: false,
             n_ksets: 8,
             cache_mode: None,
@@ -562,6 +566,7 @@ impl Volume {
         mut op: impl FnMut() -> Result<(), IoError>,
         mut bg: Option<(&mut Queue, &mut Background)>,
     ) -> io::Result<()> {
+        let since = Instant::now();
         {
             let g = self.gate.lock().unwrap();
             if g.next == g.serving {
@@ -590,25 +595,42 @@ impl Volume {
             }
         }
         drop(g);
+        let mut overdrew = false;
         let r = loop {
             if self.stop.load(Acquire) {
                 break Err(io::Error::other("shutting down"));
             }
             let seen = self.progress_seen();
             match op() {
+                // Waited long for pacing credit: in on the cache's headroom, if there is
+                // some (once per wait: it does not help a request waiting for space).
+                Err(IoError::Busy)
+                    if !overdrew && since.elapsed() >= PACE_WAIT_MAX && self.engine.overdraw() =>
+                {
+                    overdrew = true;
+                }
                 Err(IoError::Busy) => match bg.as_mut() {
                     Some((q, st)) => {
+                        overdrew = false;
                         if !self.background_step(q, st) {
                             self.wait_progress(seen, INLINE_WAIT);
                         }
                     }
                     None => {
+                        overdrew = false;
                         // Wake the runner, then wait for its next progress (the kick
-                        // itself counts as progress: waiting from `seen` would spin).
+                        // itself counts as progress: waiting from `seen` would spin),
+                        // or until the request is due to overdraw.
                         if self.progress_seen() == seen {
                             self.kick();
                             let kicked = self.progress_seen();
-                            self.wait_progress(kicked, Duration::from_millis(50));
+                            let due = PACE_WAIT_MAX.saturating_sub(since.elapsed());
+                            let wait = if due.is_zero() {
+                                Duration::from_millis(50)
+                            } else {
+                                due
+                            };
+                            self.wait_progress(kicked, wait);
                         }
                     }
                 },

@@ -220,6 +220,10 @@ fn queue(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
     c.shared.engine.waiting_inc();
 }
 
+/// Longest a paced write waits for admission credit before it may overdraw it
+/// (`Engine::overdraw`): a pause of writeback then costs cache headroom, not latency.
+const PACE_WAIT_MAX_US: u64 = 2000;
+
 /// Retries the queued request `bio` (the head of the FIFO). True when it completed.
 ///
 /// # Safety
@@ -235,6 +239,14 @@ pub(super) unsafe fn retry_ordered(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_
     let d = unsafe { ffi::io_desc(bio) };
     if direct::try_start(c, bio, &d) {
         return true; // left the queue for the base bdev
+    }
+    if d.ty == sys::SPDK_BDEV_IO_TYPE_WRITE
+        && ffi::ticks().wrapping_sub(io_ctx(bio).start)
+            > ffi::ticks_hz() / 1_000_000 * PACE_WAIT_MAX_US
+    {
+        // Waited long for pacing credit: let it in on the cache's headroom if there is
+        // some (a no-op when it waits for space, not credit).
+        c.shared.engine.overdraw();
     }
     match ordered(c, &d) {
         Err(IoError::Busy) => false,
