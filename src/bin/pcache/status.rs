@@ -132,9 +132,11 @@ pub fn print(v: &Value) -> Result<()> {
         g(v, "gc_ksets")
     );
     println!(
-        "cache full:   {} times   waiting requests: {}",
+        "cache full:   {} times   waiting requests: {}   paced writes: {} ({} overdrawn)",
         g(v, "cache_full_events"),
-        g(v, "waiting_requests")
+        g(v, "waiting_requests"),
+        g(v, "paced_writes"),
+        g(v, "overdrawn_writes")
     );
     println!(
         "errors:       io {}   crc clean {}   crc dirty {}",
