@@ -285,8 +285,6 @@ impl Superblock {
     }
 }
 
-/// Validates a segment size: a multiple of 4 KiB, room for the largest kset plus its
-/// LAST link and terminator, at most 1 GiB.
 /// Smallest and largest segment size `auto_seg_size` picks.
 pub const SEG_SIZE_AUTO_MIN: u32 = 1 << 20;
 pub const SEG_SIZE_AUTO_MAX: u32 = 16 << 20;
@@ -295,10 +293,11 @@ pub const SEGS_AUTO: u64 = 128;
 
 /// The segment size for a medium of `pmem_size` bytes when none is given: the largest
 /// power of two from 1 to 16 MiB that divides it into at least 128 (16 MiB from 2 GiB
-/// up, as dm-pcache; 2 MiB for 256 MiB, whose header leaves 127 segments). Space is reclaimed a whole segment at a time, so
-/// with a few large segments the GC watermark is coarse and a cache that fills waits
-/// for a whole segment's writeback (the overload benchmark: 16 MiB segments on a 256 MiB
-/// medium held writers up to 50-70 ms; 2 MiB ones, under 10 ms).
+/// up, as dm-pcache; 2 MiB for 256 MiB, whose header leaves 127 segments). Space is
+/// reclaimed a whole segment at a time, so with a few large segments the GC watermark is
+/// coarse and a cache that fills waits for a whole segment's writeback (the overload
+/// benchmark: 16 MiB segments on a 256 MiB medium held writers up to 50-70 ms; 2 MiB
+/// ones, under 15 ms).
 pub fn auto_seg_size(pmem_size: u64) -> u32 {
     let mut s = SEG_SIZE_AUTO_MAX;
     while s > SEG_SIZE_AUTO_MIN && pmem_size / (s as u64) < SEGS_AUTO {
@@ -307,6 +306,8 @@ pub fn auto_seg_size(pmem_size: u64) -> u32 {
     s
 }
 
+/// Validates a segment size: a multiple of 4 KiB, room for the largest kset plus its
+/// LAST link and terminator, at most 1 GiB.
 pub fn check_seg_size(seg_size: u32) -> Result<(), String> {
     let s = seg_size as u64;
     if s % 4096 != 0 || !(SEG_HDR + 4096..=(1 << 30)).contains(&s) {

@@ -566,7 +566,6 @@ impl Volume {
         mut op: impl FnMut() -> Result<(), IoError>,
         mut bg: Option<(&mut Queue, &mut Background)>,
     ) -> io::Result<()> {
-        let since = Instant::now();
         {
             let g = self.gate.lock().unwrap();
             if g.next == g.serving {
@@ -577,6 +576,8 @@ impl Volume {
                 }
             }
         }
+        // Only a request that waits reads the clock.
+        let since = Instant::now();
         let mut g = self.gate.lock().unwrap();
         let ticket = g.next;
         g.next += 1;
@@ -609,31 +610,32 @@ impl Volume {
                 {
                     overdrew = true;
                 }
-                Err(IoError::Busy) => match bg.as_mut() {
-                    Some((q, st)) => {
-                        overdrew = false;
-                        if !self.background_step(q, st) {
-                            self.wait_progress(seen, INLINE_WAIT);
+                Err(IoError::Busy) => {
+                    overdrew = false;
+                    match bg.as_mut() {
+                        Some((q, st)) => {
+                            if !self.background_step(q, st) {
+                                self.wait_progress(seen, INLINE_WAIT);
+                            }
+                        }
+                        None => {
+                            // Wake the runner, then wait for its next progress (the kick
+                            // itself counts as progress: waiting from `seen` would spin),
+                            // or until the request is due to overdraw.
+                            if self.progress_seen() == seen {
+                                self.kick();
+                                let kicked = self.progress_seen();
+                                let due = PACE_WAIT_MAX.saturating_sub(since.elapsed());
+                                let wait = if due.is_zero() {
+                                    Duration::from_millis(50)
+                                } else {
+                                    due
+                                };
+                                self.wait_progress(kicked, wait);
+                            }
                         }
                     }
-                    None => {
-                        overdrew = false;
-                        // Wake the runner, then wait for its next progress (the kick
-                        // itself counts as progress: waiting from `seen` would spin),
-                        // or until the request is due to overdraw.
-                        if self.progress_seen() == seen {
-                            self.kick();
-                            let kicked = self.progress_seen();
-                            let due = PACE_WAIT_MAX.saturating_sub(since.elapsed());
-                            let wait = if due.is_zero() {
-                                Duration::from_millis(50)
-                            } else {
-                                due
-                            };
-                            self.wait_progress(kicked, wait);
-                        }
-                    }
-                },
+                }
                 r => break r.map_err(to_io),
             }
         };
