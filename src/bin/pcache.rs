@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use pcache::engine::policy::SEQ_CUTOFF_MAX_KIB;
 use pcache::engine::{CacheMode, Config, Engine, SeqPolicy};
-use pcache::env::posix::pmem::{Persistence, PosixPmem};
+use pcache::env::medium::{Persistence, PosixPmem};
 use pcache::env::posix::signals;
 use pcache::env::posix::volume::{Target, Volume, VolumeOptions};
 use pcache::env::posix::{control, metrics};
@@ -237,7 +237,7 @@ struct SetArgs {
 
 fn parse_persistence(s: &str) -> Result<Persistence, String> {
     s.parse()
-        .map_err(|e: pcache::env::posix::pmem::ParsePersistenceError| e.to_string())
+        .map_err(|e: pcache::env::medium::ParsePersistenceError| e.to_string())
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

@@ -10,8 +10,8 @@
 //! for a live one. Decoders never trust a field: every id, offset, length and count is
 //! checked against the geometry before it is used.
 
-use super::policy::SEQ_CUTOFF_MAX_KIB;
-pub use super::policy::{CacheMode, Policy, SeqPolicy};
+use super::modes::SEQ_CUTOFF_MAX_KIB;
+pub use super::modes::{CacheMode, Policy, SeqPolicy};
 use thiserror::Error;
 
 /// Version of the on-media format written by this build.

@@ -25,7 +25,7 @@ pub struct Channel {
     scratch: Vec<u8>,
     /// Sequential streams seen (for the cutoff), and whether the last read's misses
     /// are to be cached.
-    pub(super) streams: super::policy::Streams,
+    pub(super) streams: super::streams::Streams,
     no_fill: bool,
 }
 

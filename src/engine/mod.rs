@@ -19,10 +19,12 @@ pub mod index;
 mod io;
 pub mod latency;
 pub mod log;
+pub mod modes;
 mod open;
 pub mod pmem;
 pub mod policy;
 pub mod segs;
+mod streams;
 mod stats;
 mod writeback;
 

@@ -169,7 +169,7 @@ impl BackingFile {
         if !is_block {
             // Two caches over one file would corrupt each other: hold an exclusive lock
             // (block devices get the same protection from O_EXCL).
-            if let Err(e) = super::flock_exclusive(fd) {
+            if let Err(e) = crate::env::flock_exclusive(fd) {
                 if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                     return Err(invalid("is in use by another pcache instance (flock held)"));
                 }

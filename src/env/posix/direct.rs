@@ -18,7 +18,7 @@
 //! once warm nothing allocates.
 
 use super::backing::{Op, Queue};
-use super::pmem::PosixPmem;
+use crate::env::medium::PosixPmem;
 use crate::engine::{Channel, Direct, Engine};
 use std::io;
 

@@ -28,8 +28,9 @@
 //! (`IoError::Busy` from `admit`): they wait here, in the same FIFO gate, for a window.
 
 use super::backing::{BackingFile, Op, Queue};
+use super::block::{BlockConn, BlockTarget};
 use super::direct::DirectBatch;
-use super::pmem::{Persistence, PosixPmem};
+use crate::env::medium::{Persistence, PosixPmem};
 use super::poll::Waker;
 use crate::engine::latency::{Class, LatencySet};
 use crate::engine::{
@@ -37,7 +38,6 @@ use crate::engine::{
     Probe, Stats, WbBatch, WbKind, WbNext,
 };
 use crate::engine::{CacheMode, Route, SeqPolicy};
-use crate::frontend::nbd::{BlockConn, BlockTarget};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
@@ -105,7 +105,7 @@ impl VolumeOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     #[error(transparent)]
-    Pmem(#[from] super::pmem::PmemError),
+    Pmem(#[from] crate::env::medium::PmemError),
     #[error(transparent)]
     Backing(#[from] super::backing::BackingError),
     #[error("{}: {1}", .0.display())]

@@ -16,7 +16,7 @@ use super::ffi::{self, cstring, errlog, noticelog};
 use super::params::{CreateParams, GC_PERCENT_DEFAULT};
 use super::{channel, module, vbdev, writeback::Background};
 use crate::engine::{probe, BackingIdentity, Config, Engine, FormatOptions, OpenError, Probe};
-use crate::env::posix::pmem::{Persistence, PosixPmem};
+use crate::env::medium::{Persistence, PosixPmem};
 use spdk_sys as sys;
 use std::ffi::{c_void, CString};
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering::*};

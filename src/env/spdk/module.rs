@@ -16,7 +16,7 @@ use super::ffi::{errlog, noticelog};
 use super::io::IoCtx;
 use super::params::CreateParams;
 use super::{ffi, json};
-use crate::env::posix::pmem::PosixPmem;
+use crate::env::medium::PosixPmem;
 use spdk_sys as sys;
 use std::sync::atomic::{AtomicPtr, Ordering::*};
 use std::sync::Mutex;

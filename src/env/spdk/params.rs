@@ -7,7 +7,7 @@
 
 use crate::engine::policy::SEQ_CUTOFF_MAX_KIB;
 use crate::engine::{CacheMode, Policy, SeqPolicy};
-use crate::env::posix::pmem::Persistence;
+use crate::env::medium::Persistence;
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
 

@@ -15,7 +15,7 @@ use super::module::{self, Entry, NodePtr, State};
 use super::params::{self, CreateParams};
 use super::writeback;
 use crate::engine::{probe, CacheMode, Pmem, Probe};
-use crate::env::posix::pmem::{Persistence, PosixPmem};
+use crate::env::medium::{Persistence, PosixPmem};
 use serde_json::{json, Value};
 use spdk_sys as sys;
 use std::ffi::c_void;

@@ -1,6 +1,6 @@
 //! NBD export of a block device: the embedded runtime's front end.
 //!
-//! A [`BlockTarget`] is the device (a cached volume, or an in-memory disk in tests) and a
+//! A [`BlockTarget`] (defined in `env::posix::block`) is the device (a cached volume, or an in-memory disk in tests) and a
 //! [`BlockConn`] a handle to it that one thread uses at a time. [`NbdServer`] accepts clients
 //! on TCP and Unix sockets ([`Listener`]) and speaks the fixed-newstyle NBD protocol with
 //! simple replies: `proto` holds the wire format, `server` the listeners, the accept loop and
@@ -36,83 +36,7 @@ mod server;
 #[cfg(test)]
 mod tests;
 
-use crate::env::posix::poll::Waker;
+/// The device an NBD server exports; defined below both this front end and the volume
+/// that implements it, so the runtime never imports the front end.
+pub use crate::env::posix::block::{BlockConn, BlockTarget};
 pub use server::{Listener, NbdServer};
-
-/// A handle to the exported device. With [`BlockTarget::share_conns`] one handle serves all
-/// the clients of a reactor thread, one request at a time; otherwise each client has its own.
-pub trait BlockConn: Send {
-    /// Fills `buf` with the device content at `off`.
-    fn read(&mut self, off: u64, buf: &mut [u8]) -> std::io::Result<()>;
-    /// Writes `data` at `off`; with `fua` it is durable when this returns. Without,
-    /// durability may wait for the next [`BlockConn::commit`] (group commit).
-    fn write(&mut self, off: u64, data: &[u8], fua: bool) -> std::io::Result<()>;
-    /// Makes every request this handle executed so far as durable as its reply promises
-    /// (group commit: one sync for a whole reactor pass). The reactor calls it before it
-    /// sends any reply of those requests; an error means they must not be answered (the
-    /// clients using this handle are disconnected instead). Default: nothing to do.
-    fn commit(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-    /// Whether [`BlockConn::commit`] has real work to do (a sync pending): the reactor then
-    /// first reads and executes what else its clients already sent, so one sync covers as
-    /// many writes as possible. Default: false.
-    fn wants_commit(&self) -> bool {
-        false
-    }
-    /// Makes every write completed before this call durable.
-    fn flush(&mut self) -> std::io::Result<()>;
-    /// Discards a range; its content becomes unspecified (the cache may read zeroes or the
-    /// old data).
-    fn trim(&mut self, off: u64, len: u64, fua: bool) -> std::io::Result<()>;
-    /// Zeroes a range; with `may_trim` the device may deallocate it instead of writing zeroes,
-    /// as long as later reads return zeroes.
-    fn write_zeroes(
-        &mut self,
-        off: u64,
-        len: u64,
-        may_trim: bool,
-        fua: bool,
-    ) -> std::io::Result<()>;
-}
-
-/// The exported device, shared by every connection.
-pub trait BlockTarget: Send + Sync + 'static {
-    type Conn: BlockConn;
-    /// Export size in bytes.
-    fn size(&self) -> u64;
-    /// Minimum/preferred I/O block size (e.g. 512 or 4096); requests not aligned to it are
-    /// rejected with EINVAL. Must be a power of two no larger than 32 MiB.
-    fn block_size(&self) -> u32;
-    /// Opens a new handle: one per reactor when [`BlockTarget::share_conns`], else one per
-    /// client (at NBD_OPT_GO / NBD_OPT_EXPORT_NAME; a failure is reported to that client).
-    fn connect(&self) -> std::io::Result<Self::Conn>;
-    /// Whether one handle may serve many clients, their requests interleaved one at a time
-    /// on one thread (true when a handle holds per-thread resources, like an engine channel
-    /// and an I/O ring, rather than per-client state). Then the server opens one handle per
-    /// reactor when it starts, and fails to start if it cannot. Default: one per client.
-    fn share_conns(&self) -> bool {
-        false
-    }
-    /// Periodic work that reactor 0 runs between polls with its shared handle (only called
-    /// when [`BlockTarget::share_conns`]): for example a cache's writeback and GC. Returns
-    /// how long the reactor may wait before calling again at the latest (`Duration::ZERO`
-    /// when there is more to do at once); `None`, the default, means there is no such work
-    /// here (the target does it elsewhere) and the hook is not called again. `wake` wakes
-    /// that reactor: the target may keep it to ask for an early call, for example when a
-    /// request on another reactor waits for background progress. Whatever the hook blocks
-    /// on delays that reactor's clients. At shutdown reactor 0 keeps calling it until every
-    /// other reactor has ended, since their requests may be waiting for it.
-    fn background(
-        &self,
-        _conn: &mut Self::Conn,
-        _wake: &std::sync::Arc<Waker>,
-    ) -> Option<std::time::Duration> {
-        None
-    }
-    /// Whether a FLUSH or FUA on one connection covers writes completed on every connection
-    /// (NBD's CAN_MULTI_CONN), so clients may spread I/O over several connections.
-    fn can_multi_conn(&self) -> bool {
-        true
-    }
-}

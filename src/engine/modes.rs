@@ -1,0 +1,161 @@
+//! The cache's settings as stored on the medium: the cache mode, the sequential cutoff
+//! and its policy, with their names (CLI, RPC, JSON) and on-media codes.
+//!
+//! Plain values with no dependency on the rest of the engine, so the on-media format
+//! (`format`) can encode them without depending on the request routing (`policy`).
+//! Invariant: a code, once written to media, keeps its meaning (`from_code` of an
+//! unknown code is None, and the decoder refuses it).
+
+/// How the cache treats writes and read misses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Writes complete in pmem and are written back later (the default).
+    #[default]
+    WriteBack,
+    /// Writes go to the backing device and pmem; they complete when both have them.
+    WriteThrough,
+    /// Writes go to the backing device and invalidate cached copies; misses fill.
+    WriteAround,
+    /// Everything goes to the backing device; nothing new is cached.
+    PassThrough,
+}
+
+impl CacheMode {
+    pub const ALL: [CacheMode; 4] = [
+        CacheMode::WriteBack,
+        CacheMode::WriteThrough,
+        CacheMode::WriteAround,
+        CacheMode::PassThrough,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::WriteBack => "writeback",
+            CacheMode::WriteThrough => "writethrough",
+            CacheMode::WriteAround => "writearound",
+            CacheMode::PassThrough => "passthrough",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            format!("unknown cache mode {s:?}: use writeback, writethrough, writearound or passthrough")
+        })
+    }
+    /// On-media code (cache_info byte 24); 0 is what a medium from before modes holds.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+    pub fn from_code(c: u8) -> Option<Self> {
+        Self::ALL.get(c as usize).copied()
+    }
+}
+
+/// When the sequential cutoff applies (OCF's `seq_cutoff_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeqPolicy {
+    /// Only when the cache is full (OCF's default).
+    #[default]
+    Full,
+    Always,
+    Never,
+}
+
+impl SeqPolicy {
+    pub const ALL: [SeqPolicy; 3] = [SeqPolicy::Full, SeqPolicy::Always, SeqPolicy::Never];
+    pub fn name(self) -> &'static str {
+        match self {
+            SeqPolicy::Full => "full",
+            SeqPolicy::Always => "always",
+            SeqPolicy::Never => "never",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown seq_cutoff_policy {s:?}: use always, full or never"))
+    }
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+    pub fn from_code(c: u8) -> Option<Self> {
+        Self::ALL.get(c as usize).copied()
+    }
+}
+
+/// Largest sequential cutoff threshold (4 GiB, in KiB).
+pub const SEQ_CUTOFF_MAX_KIB: u32 = 4 << 20;
+/// Default threshold for new caches: 1 MiB, as OCF.
+pub const SEQ_CUTOFF_DEFAULT_KIB: u32 = 1024;
+
+/// The persisted policy. An old medium (zeros in these fields) reads as write-back with
+/// the cutoff off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policy {
+    pub mode: CacheMode,
+    /// Threshold in KiB; 0 turns the cutoff off.
+    pub seq_cutoff_kib: u32,
+    pub seq_policy: SeqPolicy,
+}
+
+impl Policy {
+    /// What a new cache gets: write-back, cutoff 1 MiB when the cache is full.
+    pub fn new_default() -> Self {
+        Policy {
+            mode: CacheMode::WriteBack,
+            seq_cutoff_kib: SEQ_CUTOFF_DEFAULT_KIB,
+            seq_policy: SeqPolicy::Full,
+        }
+    }
+    /// This policy with the given fields replaced.
+    pub fn with(
+        self,
+        mode: Option<CacheMode>,
+        seq_cutoff_kib: Option<u32>,
+        seq_policy: Option<SeqPolicy>,
+    ) -> Policy {
+        Policy {
+            mode: mode.unwrap_or(self.mode),
+            seq_cutoff_kib: seq_cutoff_kib.unwrap_or(self.seq_cutoff_kib),
+            seq_policy: seq_policy.unwrap_or(self.seq_policy),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.seq_cutoff_kib > SEQ_CUTOFF_MAX_KIB {
+            return Err(format!(
+                "seq_cutoff {} KiB is above the maximum {SEQ_CUTOFF_MAX_KIB} KiB",
+                self.seq_cutoff_kib
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_back_and_bad_ones_explain() {
+        for m in CacheMode::ALL {
+            assert_eq!(CacheMode::parse(m.name()), Ok(m));
+            assert_eq!(CacheMode::from_code(m.code()), Some(m));
+        }
+        for p in SeqPolicy::ALL {
+            assert_eq!(SeqPolicy::parse(p.name()), Ok(p));
+            assert_eq!(SeqPolicy::from_code(p.code()), Some(p));
+        }
+        assert!(CacheMode::parse("wb").unwrap_err().contains("writethrough"));
+        assert!(SeqPolicy::parse("sometimes")
+            .unwrap_err()
+            .contains("always"));
+        assert_eq!(CacheMode::from_code(4), None);
+        let p = Policy::default();
+        assert_eq!((p.mode, p.seq_cutoff_kib), (CacheMode::WriteBack, 0));
+        let big = Policy {
+            seq_cutoff_kib: SEQ_CUTOFF_MAX_KIB + 1,
+            ..p
+        };
+        assert!(big.validate().is_err());
+    }
+}
