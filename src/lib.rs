@@ -8,3 +8,4 @@
 pub mod engine;
 pub mod env;
 pub mod frontend;
+pub mod runtime;

@@ -8,7 +8,7 @@
 
 use pcache::engine::{BackingIdentity, Channel, Config, Engine, FormatOptions, Pmem};
 use pcache::env::counting_alloc::{live_bytes, CountingAlloc};
-use pcache::env::posix::pmem::{Persistence, PosixPmem};
+use pcache::env::medium::{Persistence, PosixPmem};
 use std::time::Instant;
 
 /// Counts live heap bytes, to measure the index's DRAM cost per extent.

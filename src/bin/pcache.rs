@@ -9,13 +9,13 @@ mod status;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use pcache::engine::policy::SEQ_CUTOFF_MAX_KIB;
 use pcache::engine::{CacheMode, Config, Engine, SeqPolicy};
 use pcache::env::medium::{Persistence, PosixPmem};
 use pcache::env::posix::signals;
-use pcache::env::posix::volume::{Target, Volume, VolumeOptions};
+use pcache::env::posix::volume::{panic_text, Target, Volume, VolumeOptions};
 use pcache::env::posix::{control, metrics};
 use pcache::frontend::nbd::{Listener, NbdServer};
+use pcache::runtime::options;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,11 +67,13 @@ struct CacheOpts {
     /// Size of the medium file to create if it does not exist (e.g. 512M, 4G).
     #[arg(long, value_parser = parse_size)]
     pmem_size: Option<u64>,
-    /// Keep a CRC32C of every cached extent and verify it on reads and writeback.
-    #[arg(long)]
-    data_crc: bool,
+    /// Keep a CRC32C of every cached extent and verify it on reads and writeback
+    /// (`--data-crc` or `--data-crc=true`; `=false` to insist on none). When attaching,
+    /// a given value must match how the cache was formatted.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    data_crc: Option<bool>,
     /// GC starts when this percentage of segments is in use (0..90, default 70).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=90))]
+    #[arg(long, value_parser = parse_gc_percent)]
     gc_percent: Option<u32>,
     /// Segment size when formatting (default: 1M-16M, the largest making at least 128
     /// segments: 2M for a 256M medium, 16M from 2G up).
@@ -127,20 +129,16 @@ fn parse_seq_policy(s: &str) -> Result<SeqPolicy, String> {
     SeqPolicy::parse(s)
 }
 
-/// A size in bytes (suffixes as for sizes), as whole KiB up to the maximum.
+/// A sequential cutoff (runtime::options: one rule for every interface).
 fn parse_cutoff(s: &str) -> Result<u32, String> {
-    if s == "0" {
-        return Ok(0); // off
-    }
-    let b = parse_size(s)?;
-    if b % 1024 != 0 {
-        return Err(format!("{s}: the cutoff must be a multiple of 1 KiB"));
-    }
-    let kib = b / 1024;
-    if kib > SEQ_CUTOFF_MAX_KIB as u64 {
-        return Err(format!("{s}: the cutoff must be at most 4G"));
-    }
-    Ok(kib as u32)
+    options::parse_cutoff(s)
+}
+
+fn parse_gc_percent(s: &str) -> Result<u32, String> {
+    let g: u64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number"))?;
+    options::check_gc_percent(g)
 }
 
 #[derive(Args, Clone)]
@@ -226,7 +224,7 @@ struct SetArgs {
     #[command(flatten)]
     medium: MediumArgs,
     /// GC starts when this percentage of segments is in use (0..90).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=90))]
+    #[arg(long, value_parser = parse_gc_percent)]
     gc_percent: Option<u32>,
     #[command(flatten)]
     policy: PolicyArgs,
@@ -241,35 +239,7 @@ fn parse_persistence(s: &str) -> Result<Persistence, String> {
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        None => (t, 1u64),
-        Some((i, _)) => {
-            let m = match t[i..]
-                .to_ascii_uppercase()
-                .trim_end_matches("IB")
-                .trim_end_matches('B')
-            {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                u => {
-                    return Err(format!(
-                        "unknown size unit '{u}' in '{s}' (use K, M, G or T)"
-                    ))
-                }
-            };
-            (&t[..i], m)
-        }
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (e.g. 512M)"))?;
-    n.checked_mul(mult)
-        .filter(|&v| v > 0)
-        .ok_or_else(|| format!("size '{s}' is out of range"))
+    options::parse_size(s)
 }
 
 fn seg_size(v: u64) -> Result<u32> {
@@ -429,28 +399,27 @@ fn serve(a: ServeArgs) -> Result<()> {
         Some(addr) => {
             let l = metrics::bind(addr)?;
             println!("  curl http://{}/metrics   (Prometheus)", l.local_addr()?);
-            let (vol, stop) = (Arc::clone(&vol), Arc::clone(&stop));
-            Some(std::thread::spawn(move || {
-                if let Err(e) = metrics::serve(l, vol, stop) {
-                    eprintln!("pcache: metrics listener: {e}");
-                }
-            }))
+            let (v, stop) = (Arc::clone(&vol), Arc::clone(&stop));
+            Some(supervised(&vol, "metrics listener", move || {
+                metrics::serve(l, v, stop)
+            })?)
         }
         None => None,
     };
-
     let ctl_thread = {
-        let (vol, stop, ctl) = (Arc::clone(&vol), Arc::clone(&stop), ctl.clone());
-        std::thread::spawn(move || {
-            if let Err(e) = control::serve(&ctl, vol, stop) {
-                eprintln!("pcache: control socket {}: {e}", ctl.display());
-            }
-        })
+        let (v, stop, ctl) = (Arc::clone(&vol), Arc::clone(&stop), ctl.clone());
+        supervised(&vol, "control socket", move || {
+            control::serve(&ctl, v, stop)
+        })?
     };
+    // Ends the server on a signal, or when a thread the volume depends on died.
     let watcher = {
-        let stop = Arc::clone(&stop);
+        let (v, stop) = (Arc::clone(&vol), Arc::clone(&stop));
         std::thread::spawn(move || {
             while !signals::stop_requested() && !stop.load(Ordering::Acquire) {
+                if v.failure().is_some() {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
             stop.store(true, Ordering::Release);
@@ -465,13 +434,24 @@ fn serve(a: ServeArgs) -> Result<()> {
         Arc::clone(&stop),
     );
     stop.store(true, Ordering::Release);
-    let _ = watcher.join();
-    let _ = ctl_thread.join();
-    if let Some(t) = metrics_thread {
-        let _ = t.join();
+    let mut threads = vec![("signal watcher", watcher), ("control socket", ctl_thread)];
+    threads.extend(metrics_thread.map(|t| ("metrics listener", t)));
+    for (name, t) in threads {
+        if let Err(p) = t.join() {
+            vol.fail(format!("{name} thread panicked: {}", panic_text(&*p)));
+        }
     }
     let shut = vol.shutdown();
-    let _ = bg_thread.join();
+    if let Err(p) = bg_thread.join() {
+        vol.fail(format!("background thread panicked: {}", panic_text(&*p)));
+    }
+    if let Some(why) = vol.failure() {
+        bail!(
+            "stopped because {why}; {} dirty bytes stay cached and are written back \
+             when the cache is served again",
+            vol.engine.dirty_bytes()
+        );
+    }
     r.context("NBD server")?;
     shut.context("shutdown")?;
     println!(
@@ -479,6 +459,30 @@ fn serve(a: ServeArgs) -> Result<()> {
         vol.engine.dirty_bytes()
     );
     Ok(())
+}
+
+/// Runs `f` on a named thread of `serve`; if it fails or panics, the volume fails
+/// (`Volume::fail`), which stops `serve` with that message and a non-zero exit rather
+/// than running on without it.
+fn supervised(
+    vol: &Arc<Volume>,
+    name: &'static str,
+    f: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>> {
+    let v = Arc::clone(vol);
+    std::thread::Builder::new()
+        .name(format!(
+            "pcache-{}",
+            name.split(' ').next().unwrap_or("aux")
+        ))
+        .spawn(
+            move || match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => v.fail(format!("the {name} failed: {e}")),
+                Err(p) => v.fail(format!("the {name} thread panicked: {}", panic_text(&*p))),
+            },
+        )
+        .with_context(|| format!("cannot start the {name} thread"))
 }
 
 fn ctl_path(pmem: &Path) -> PathBuf {

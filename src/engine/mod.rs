@@ -24,8 +24,8 @@ mod open;
 pub mod pmem;
 pub mod policy;
 pub mod segs;
-mod streams;
 mod stats;
+mod streams;
 mod writeback;
 
 pub use check::LogSummary;

@@ -6,16 +6,17 @@
 //! persists the GC watermark, the cache mode and the sequential cutoff; `{"cmd":"flush"}` starts writing back every
 //! dirty byte and returns at once (progress shows as `dirty_bytes` in status). Every
 //! reply is `{"ok":true,...}` or `{"ok":false,"error":"..."}`. A client that sends
-//! garbage gets an error reply; a line longer than 64 KiB closes its connection.
+//! garbage gets an error reply; a line longer than 64 KiB closes its connection. At
+//! most [`MAX_CLIENTS`] clients are served at once (a thread each); more get an error
+//! reply and are closed.
 
 use super::volume::Volume;
-use crate::engine::policy::SEQ_CUTOFF_MAX_KIB;
-use crate::engine::{CacheMode, Policy, SeqPolicy};
+use crate::runtime::options::{self, Settings, SETTING_KEYS};
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,75 +37,32 @@ pub fn handle(vol: &Volume, line: &str) -> Value {
     }
 }
 
-/// `set`: any of gc_percent, cache_mode, seq_cutoff_kib, seq_cutoff_policy. Every
-/// value is checked before anything changes.
+/// `set`: any of gc_percent, cache_mode, seq_cutoff_kib, seq_cutoff_policy, validated
+/// and applied by `runtime::options` (every value is checked before anything changes).
 fn set(vol: &Volume, req: &Value) -> Value {
-    match parse_set(vol, req) {
-        Ok((gc, p)) => {
-            let e = &vol.engine;
-            if let Err(x) = gc.map_or(Ok(()), |g| e.set_gc_percent(g)) {
-                return json!({"ok": false, "error": x.to_string()});
-            }
-            if let Err(x) = e.set_policy(p) {
-                return json!({"ok": false, "error": x.to_string()});
-            }
+    let mut known = vec!["cmd"];
+    known.extend(SETTING_KEYS);
+    let parsed = options::object(Some(req), &known, false)
+        .map(|m| m.expect("required"))
+        .and_then(Settings::from_json);
+    let r = match parsed {
+        Ok(s) if s.is_empty() => {
+            Err("set needs gc_percent, cache_mode, seq_cutoff_kib or seq_cutoff_policy".into())
+        }
+        Ok(s) => s.apply(&vol.engine),
+        Err(m) => Err(m),
+    };
+    match r {
+        Ok(p) => {
             // A switch away from write-back drains: let the background see it now.
             vol.start_drain_if_needed();
+            let e = &vol.engine;
             json!({"ok": true, "gc_percent": e.gc_percent(), "cache_mode": p.mode.name(),
                    "seq_cutoff_kib": p.seq_cutoff_kib, "seq_cutoff_policy": p.seq_policy.name(),
                    "dirty_bytes": e.dirty_bytes()})
         }
-        Err(m) => json!({"ok": false, "error": m}),
+        Err(m) => json!({"ok": false, "error": format!("set: {m}")}),
     }
-}
-
-fn parse_set(vol: &Volume, req: &Value) -> Result<(Option<u32>, Policy), String> {
-    const KEYS: [&str; 5] = [
-        "cmd",
-        "gc_percent",
-        "cache_mode",
-        "seq_cutoff_kib",
-        "seq_cutoff_policy",
-    ];
-    if let Some(m) = req.as_object() {
-        if let Some(k) = m.keys().find(|k| !KEYS.contains(&k.as_str())) {
-            return Err(format!("set: unknown parameter {k:?}"));
-        }
-        if m.len() == 1 {
-            return Err(
-                "set needs gc_percent, cache_mode, seq_cutoff_kib or seq_cutoff_policy".into(),
-            );
-        }
-    }
-    let gc = match req.get("gc_percent") {
-        None => None,
-        Some(v) => match v.as_u64() {
-            Some(p) if p <= 90 => Some(p as u32),
-            _ => return Err("gc_percent must be an integer in 0..90".into()),
-        },
-    };
-    let text = |k: &str| -> Result<Option<&str>, String> {
-        match req.get(k) {
-            None => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or(format!("{k} must be a string")),
-        }
-    };
-    let mode = text("cache_mode")?.map(CacheMode::parse).transpose()?;
-    let sp = text("seq_cutoff_policy")?
-        .map(SeqPolicy::parse)
-        .transpose()?;
-    let kib = match req.get("seq_cutoff_kib") {
-        None => None,
-        Some(v) => match v.as_u64() {
-            Some(k) if k <= SEQ_CUTOFF_MAX_KIB as u64 => Some(k as u32),
-            _ => {
-                return Err(format!(
-                    "seq_cutoff_kib must be an integer in 0..{SEQ_CUTOFF_MAX_KIB} (0 = off)"
-                ))
-            }
-        },
-    };
-    Ok((gc, vol.engine.policy().with(mode, kib, sp)))
 }
 
 /// The status reply: engine statistics plus the medium and backing device.
@@ -119,18 +77,41 @@ pub fn status_json(vol: &Volume) -> Value {
     v
 }
 
+/// Most control clients served at once: each has a thread (a client may keep its
+/// connection for its 30 s read timeout), so more are refused with an error reply.
+pub const MAX_CLIENTS: usize = 16;
+
 /// Serves the control socket until `stop`; removes the socket file on return.
 pub fn serve(path: &Path, vol: Arc<Volume>, stop: Arc<AtomicBool>) -> io::Result<()> {
     let _ = std::fs::remove_file(path);
     let l = UnixListener::bind(path)?;
     l.set_nonblocking(true)?;
+    let active = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::Acquire) {
         match l.accept() {
-            Ok((s, _)) => {
-                let vol = Arc::clone(&vol);
-                std::thread::spawn(move || {
-                    let _ = client(s, &vol);
-                });
+            Ok((mut s, _)) => {
+                if active.load(Ordering::Acquire) >= MAX_CLIENTS {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                    let busy = json!({"ok": false, "error": format!(
+                        "too many control clients at once ({MAX_CLIENTS}); try again")});
+                    let _ = writeln!(s, "{busy}");
+                    continue;
+                }
+                active.fetch_add(1, Ordering::AcqRel);
+                let (vol, done) = (Arc::clone(&vol), Arc::clone(&active));
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("pcache-ctl".into())
+                        .spawn(move || {
+                            let _ = client(s, &vol);
+                            done.fetch_sub(1, Ordering::AcqRel);
+                        });
+                if let Err(e) = spawned {
+                    // The thread never ran: its count is ours to take back.
+                    active.fetch_sub(1, Ordering::AcqRel);
+                    eprintln!("pcache: control client refused: {e}");
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(50))

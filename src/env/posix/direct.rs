@@ -4,10 +4,11 @@
 //! in one io_uring submission, so the queue depth of a reactor pass reaches the disk
 //! instead of one write at a time.
 //!
-//! Each held write has its `begin_direct` placeholder in the index (reads of its range
-//! miss and fill nothing meanwhile); `run` writes them all, flushes the backing device
-//! when a write-through is among them (its data must be durable before pmem calls it
-//! clean), and ends each with `end_direct`. The NBD reactor commits before it sends any
+//! Each held write was started with `runtime::direct::start_write` and has its
+//! placeholder in the index (reads of its range miss and fill nothing meanwhile); `run`
+//! writes them all, ends the ones that owe no FLUSH, flushes the backing device when a
+//! write-through is among them (its data must be durable before pmem calls it clean),
+//! and then ends those, as the direct-write protocol says. The NBD reactor commits before it sends any
 //! reply, so no write is answered before it is on the backing device; a failed batch
 //! fails the commit, and the reactor disconnects those clients with the replies unsent.
 //!
@@ -18,8 +19,9 @@
 //! once warm nothing allocates.
 
 use super::backing::{Op, Queue};
+use crate::engine::{Channel, Engine};
 use crate::env::medium::PosixPmem;
-use crate::engine::{Channel, Direct, Engine};
+use crate::runtime::direct::DirectOp;
 use std::io;
 
 /// Most writes held at once: one ring submission per batch.
@@ -28,11 +30,9 @@ const MAX_ITEMS: usize = 64;
 const MAX_BYTES: usize = 16 << 20;
 
 struct Item {
-    off: u64,
     /// Where its data is in `data`.
     at: usize,
-    len: usize,
-    d: Direct,
+    op: DirectOp,
 }
 
 #[derive(Default)]
@@ -50,7 +50,7 @@ impl DirectBatch {
     pub(super) fn overlaps(&self, off: u64, len: u64) -> bool {
         self.items
             .iter()
-            .any(|i| i.off < off + len && off < i.off + i.len as u64)
+            .any(|i| i.op.off < off + len && off < i.op.off + i.op.len)
     }
 
     /// Whether a write of `len` bytes no longer fits (run the batch first).
@@ -58,16 +58,12 @@ impl DirectBatch {
         self.items.len() == MAX_ITEMS || self.data.len() + len > MAX_BYTES
     }
 
-    /// Holds a direct write (begun with `begin_direct`) until `run`.
-    pub(super) fn push(&mut self, off: u64, data: &[u8], d: Direct) {
+    /// Holds a started direct write (not FUA) until `run`.
+    pub(super) fn push(&mut self, data: &[u8], op: DirectOp) {
+        debug_assert!(!op.fua && op.len == data.len() as u64);
         let at = self.data.len();
         self.data.extend_from_slice(data);
-        self.items.push(Item {
-            off,
-            at,
-            len: data.len(),
-            d,
-        });
+        self.items.push(Item { at, op });
     }
 
     /// Writes every held write to the backing device, flushes it if a write-through is
@@ -88,8 +84,8 @@ impl DirectBatch {
             let mut ops: [Op<'_>; BATCH] = std::array::from_fn(|_| Op::Write { off: 0, buf: &[] });
             for (op, i) in ops.iter_mut().zip(chunk) {
                 *op = Op::Write {
-                    off: i.off,
-                    buf: &self.data[i.at..i.at + i.len],
+                    off: i.op.off,
+                    buf: &self.data[i.at..i.at + i.op.len as usize],
                 };
             }
             if let Err(x) = q.run(&mut ops[..chunk.len()]) {
@@ -97,13 +93,24 @@ impl DirectBatch {
                 break;
             }
         }
-        if r.is_ok() && self.items.iter().any(|i| i.d.through) {
+        // Those that owe no FLUSH end now (a later FLUSH then covers them); the
+        // write-throughs after the FLUSH they need.
+        let written = r.is_ok();
+        for i in self
+            .items
+            .iter()
+            .filter(|i| !written || i.op.ends_before_flush())
+        {
+            i.op.end(e, ch, &[], written);
+        }
+        if written && self.items.iter().any(|i| i.op.needs_flush()) {
             r = q.flush();
+            for i in self.items.iter().filter(|i| !i.op.ends_before_flush()) {
+                let data = &self.data[i.at..i.at + i.op.len as usize];
+                i.op.end(e, ch, data, r.is_ok());
+            }
         }
-        let ok = r.is_ok();
-        for i in self.items.drain(..) {
-            e.end_direct(ch, i.off, &self.data[i.at..i.at + i.len], i.d, ok);
-        }
+        self.items.clear();
         self.data.clear();
         r
     }

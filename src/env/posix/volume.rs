@@ -30,34 +30,34 @@
 use super::backing::{BackingFile, Op, Queue};
 use super::block::{BlockConn, BlockTarget};
 use super::direct::DirectBatch;
-use crate::env::medium::{Persistence, PosixPmem};
 use super::poll::Waker;
 use crate::engine::latency::{Class, LatencySet};
 use crate::engine::{
-    probe, BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, OpenError, Pmem,
-    Probe, Stats, WbBatch, WbKind, WbNext,
+    BackingIdentity, CacheMode, Channel, Config, Engine, IoError, OpenError, Pmem, SeqPolicy,
+    Stats, WbBatch, WbKind, WbNext,
 };
-use crate::engine::{CacheMode, Route, SeqPolicy};
+use crate::env::medium::{Persistence, PosixPmem};
+use crate::runtime::attach::{self, Dialect, Intent, Refusal};
+use crate::runtime::direct::{self as dproto, DirectOp};
+use crate::runtime::options::{PolicyParams, Settings};
+use crate::runtime::sched::{self, Backoff, Every};
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Longest a read miss goes uncached after direct writes: the background work flushes
-/// the backing device for them at this period when it has nothing else to do.
-const DIRECT_FLUSH_MS: u64 = 5;
-/// Period of the engine's tick (ages and closes kset buffers).
-const TICK: Duration = Duration::from_millis(100);
 /// Longest sleep of the background runner when it found nothing to do; a kick ends it early.
 const BACKGROUND_IDLE: Duration = Duration::from_millis(100);
 /// Ksets per writeback window (one backing FLUSH each): reactor 0 blocks while a window
 /// is written, so its clients wait that long.
 const EMBEDDED_WINDOW: u32 = 2;
-/// Longest a paced write waits for admission credit before it may overdraw it
-/// (`Engine::overdraw`): a pause of writeback then costs cache headroom, not latency.
-const PACE_WAIT_MAX: Duration = Duration::from_millis(2);
+/// Bytes of dirty data read from the medium per wave of writeback writes: bounds the
+/// bounce buffer whatever the window holds.
+const WB_WAVE: usize = 8 << 20;
+/// Largest single backing write of writeback (coalesced extents).
+const WB_MAX_IO: u64 = 1 << 20;
 /// Pause of a background-running request that waits and found no background work either.
 const INLINE_WAIT: Duration = Duration::from_millis(1);
 
@@ -69,7 +69,8 @@ pub struct VolumeOptions {
     /// Size of the medium file to create when it does not exist.
     pub pmem_size: Option<u64>,
     pub persistence: Option<Persistence>,
-    pub data_crc: bool,
+    /// None: as formatted (off for a new format); given, it must match the medium.
+    pub data_crc: Option<bool>,
     pub gc_percent: Option<u32>,
     /// Segment size when formatting; 0 picks one for the medium's size.
     pub seg_size: u32,
@@ -89,7 +90,7 @@ impl VolumeOptions {
             backing,
             pmem_size: None,
             persistence: None,
-            data_crc: false,
+            data_crc: None,
             gc_percent: None,
             seg_size: 0,
             force: false,
@@ -132,25 +133,29 @@ pub struct Volume {
     progress_cv: Condvar,
     /// Write everything back (set by `flush` requests), not only what GC needs.
     drain: AtomicBool,
-    wb_backoff_ms: AtomicU64,
-    /// When the backing device was last flushed for direct writes alone (unix ms).
-    direct_flush_at: AtomicU64,
-    /// After a writeback failure, no retry before this (unless draining). A deadline rather
-    /// than a sleep: the background runner is a reactor that also serves clients.
-    wb_retry_at: Mutex<Option<Instant>>,
+    /// Writeback's backoff after failures (runtime::sched): a deadline rather than a
+    /// sleep, since the background runner may be a reactor that also serves clients.
+    backoff: Mutex<Backoff>,
+    /// When the backing device was last flushed for direct writes alone.
+    direct_flush: Mutex<Every>,
+    /// The origin of `now_us`, the monotonic clock the runtime rules are given.
+    t0: Instant,
     /// Set by [`Volume::start_background`]: the thread does the background work, reactors not.
     bg_thread: AtomicBool,
     /// Wakes the reactor that does the background work (set on its first step).
     bg_waker: OnceLock<Arc<Waker>>,
     /// Latency of writeback's backing I/O: one runner writes back at a time.
     wb_lat: Arc<LatencySet>,
+    /// Why a thread the volume depends on died (`fail`): the volume stops, and every
+    /// waiting request returns an error instead of waiting forever.
+    fatal: Mutex<Option<String>>,
 }
 
 /// What the background runner keeps between steps.
 pub struct Background {
     wb: WbBatch,
     buf: Vec<u8>,
-    last_tick: Instant,
+    tick: Every,
 }
 
 impl Default for Background {
@@ -159,7 +164,7 @@ impl Default for Background {
             // Small windows: reactor 0 serves no client while one is written.
             wb: WbBatch::with_window(EMBEDDED_WINDOW),
             buf: Vec::new(),
-            last_tick: Instant::now(),
+            tick: Every::default(),
         }
     }
 }
@@ -177,15 +182,12 @@ fn identity(b: &BackingFile) -> BackingIdentity {
     }
 }
 
+/// A per-format id: the clock and the process id, mixed (`runtime::attach::format_id`).
 fn random_id() -> u64 {
-    // Distinguishes formats of the same medium; not security relevant.
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let mut x = t.as_nanos() as u64 ^ ((std::process::id() as u64) << 32);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51afd7ed558ccd);
-    x ^ (x >> 33)
+    attach::format_id(t.as_nanos() as u64 ^ ((std::process::id() as u64) << 32))
 }
 
 impl Volume {
@@ -204,11 +206,12 @@ impl Volume {
             progress: Mutex::new(0),
             progress_cv: Condvar::new(),
             drain: AtomicBool::new(false),
-            wb_backoff_ms: AtomicU64::new(0),
-            direct_flush_at: AtomicU64::new(0),
-            wb_retry_at: Mutex::new(None),
+            backoff: Mutex::default(),
+            direct_flush: Mutex::default(),
+            t0: Instant::now(),
             bg_thread: AtomicBool::new(false),
             bg_waker: OnceLock::new(),
+            fatal: Mutex::new(None),
             wb_lat: engine.latency().register(),
             engine,
         })
@@ -225,7 +228,7 @@ impl Volume {
     /// Formats the medium. Refuses a medium that holds anything unless `force`.
     pub fn format(o: &VolumeOptions) -> Result<Arc<Volume>, VolumeError> {
         let existed = o.pmem.exists();
-        let r = Self::format_inner(o);
+        let r = Self::open_with(o, Intent::Format { force: o.force });
         if r.is_err() && !existed {
             // Don't leave a half-made medium behind: a retry with other options must
             // start from scratch, not silently reuse it.
@@ -234,86 +237,38 @@ impl Volume {
         r
     }
 
-    fn format_inner(o: &VolumeOptions) -> Result<Arc<Volume>, VolumeError> {
-        let (pmem, backing) = Self::open_parts(o)?;
-        match probe(&pmem) {
-            Probe::Blank => {}
-            Probe::Pcache(sb) if !o.force => {
-                return Err(VolumeError::Other(format!(
-                    "{}: already holds a pcache cache of '{}' ({} bytes), which may hold dirty \
-                     data: to keep it, attach it with `pcache serve`, or write it back first \
-                     with `pcache flush --pmem {}{} --backing <that device>`; --force formats \
-                     anyway and discards every cached and dirty byte",
-                    o.pmem.display(),
-                    sb.backing.id,
-                    sb.backing.size,
-                    o.pmem.display(),
-                    if o.persistence == Some(Persistence::Volatile) {
-                        " --persistence volatile"
-                    } else {
-                        ""
-                    }
-                )))
-            }
-            Probe::Foreign(_) if !o.force => {
-                return Err(VolumeError::Engine(o.pmem.clone(), OpenError::Foreign));
-            }
-            _ => {}
-        }
-        Self::format_parts(o, pmem, backing)
-    }
-
-    fn format_parts(
-        o: &VolumeOptions,
-        pmem: PosixPmem,
-        backing: Arc<BackingFile>,
-    ) -> Result<Arc<Volume>, VolumeError> {
-        let mut fo = FormatOptions::new(identity(&backing), random_id());
-        fo.seg_size = o.seg_size;
-        fo.data_crc = o.data_crc;
-        fo.gc_percent = o.gc_percent.unwrap_or(70);
-        fo.policy = fo.policy.with(o.cache_mode, o.seq_cutoff_kib, o.seq_policy);
-        let e = Engine::format(pmem, &fo, &Self::config(o))
-            .map_err(|e| VolumeError::Engine(o.pmem.clone(), e))?;
-        Ok(Self::build(e, backing))
-    }
-
     /// Attaches to a formatted medium (replaying its log); a blank medium is formatted
     /// when `format_blank`.
     pub fn attach(o: &VolumeOptions, format_blank: bool) -> Result<Arc<Volume>, VolumeError> {
+        Self::open_with(
+            o,
+            Intent::Attach {
+                format_blank,
+                force_backing: o.force,
+            },
+        )
+    }
+
+    /// Opens the medium and the backing device and applies the attach/format rules
+    /// (`runtime::attach`), refusing in the CLI's words.
+    fn open_with(o: &VolumeOptions, intent: Intent) -> Result<Arc<Volume>, VolumeError> {
         let (pmem, backing) = Self::open_parts(o)?;
-        let probed = probe(&pmem);
-        if format_blank && probed == Probe::Blank {
-            return Self::format_parts(o, pmem, backing);
-        }
-        let found = identity(&backing);
-        let e = Engine::open(pmem, &found, o.force, &Self::config(o)).map_err(|e| match e {
-            OpenError::WrongBacking(m) => {
-                let expected = match probed {
-                    Probe::Pcache(sb) => sb.backing,
-                    _ => BackingIdentity::default(),
-                };
-                VolumeError::Other(wrong_backing_advice(o, &m, &expected, &found))
-            }
-            e => VolumeError::Engine(o.pmem.clone(), e),
-        })?;
-        if o.data_crc && !e.data_crc() {
-            return Err(VolumeError::Other(format!(
-                "{}: --data-crc given but the cache was formatted without data CRCs",
-                o.pmem.display()
-            )));
-        }
-        if let Some(p) = o.gc_percent {
-            e.set_gc_percent(p)
-                .map_err(|e| VolumeError::Other(e.to_string()))?;
-        }
-        let p = e
-            .policy()
-            .with(o.cache_mode, o.seq_cutoff_kib, o.seq_policy);
-        if p != e.policy() {
-            e.set_policy(p)
-                .map_err(|e| VolumeError::Other(e.to_string()))?;
-        }
+        let req = attach::Request {
+            intent,
+            data_crc: o.data_crc,
+            seg_size: o.seg_size,
+            settings: Settings {
+                gc_percent: o.gc_percent,
+                policy: PolicyParams {
+                    cache_mode: o.cache_mode,
+                    seq_cutoff_kib: o.seq_cutoff_kib,
+                    seq_policy: o.seq_policy,
+                },
+            },
+            format_id: random_id(),
+            config: Self::config(o),
+        };
+        let e = attach::open(pmem, &identity(&backing), &req).map_err(|r| refusal(o, r))?;
         Ok(Self::build(e, backing))
     }
 
@@ -370,13 +325,37 @@ impl Volume {
 
     /// Starts a background thread (tick every 100 ms, writeback, GC) for embedders without
     /// NBD reactors; from then on reactors leave that work to it. Ends on `shutdown`.
+    /// A panic there stops the volume ([`Volume::fail`]) rather than leaving writers
+    /// waiting for space that nobody frees.
     pub fn start_background(self: &Arc<Self>) -> io::Result<JoinHandle<()>> {
         let v = Arc::clone(self);
         let mut q = self.backing.queue()?;
         self.bg_thread.store(true, Release);
         std::thread::Builder::new()
             .name("pcache-bg".into())
-            .spawn(move || v.background(&mut q))
+            .spawn(move || {
+                let r =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| v.background(&mut q)));
+                if let Err(p) = r {
+                    v.fail(format!("background thread panicked: {}", panic_text(&*p)));
+                }
+            })
+    }
+
+    /// Stops the volume because something it depends on died: records why (the first
+    /// reason wins), stops the background work and wakes every waiter, which then
+    /// returns an error. `serve` sees it ([`Volume::failure`]) and exits non-zero.
+    pub fn fail(&self, why: String) {
+        eprintln!("pcache: {why}");
+        self.fatal.lock().unwrap().get_or_insert(why);
+        self.stop.store(true, Release);
+        self.kick();
+        self.gate_cv.notify_all();
+    }
+
+    /// Why the volume failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.fatal.lock().unwrap().clone()
     }
 
     fn background(&self, q: &mut Queue) {
@@ -392,45 +371,46 @@ impl Volume {
     /// The engine's tick when due, then one round of background work. Returns true if it
     /// did something.
     pub fn background_step(&self, q: &mut Queue, st: &mut Background) -> bool {
-        if st.last_tick.elapsed() >= TICK {
+        if st.tick.due(self.now_us(), sched::TICK_PERIOD_US) {
             self.engine.tick();
-            st.last_tick = Instant::now();
         }
         self.background_once(q, &mut st.wb, &mut st.buf)
     }
 
-    /// One round of background work. Returns true if it did something.
+    /// Microseconds since the volume opened: the clock the runtime rules are given.
+    fn now_us(&self) -> u64 {
+        self.t0.elapsed().as_micros() as u64
+    }
+
+    /// One round of background work (the rules are `runtime::sched`'s). Returns true if
+    /// it did something.
     pub fn background_once(&self, q: &mut Queue, wb: &mut WbBatch, buf: &mut Vec<u8>) -> bool {
         let e = &self.engine;
-        if e.cache_full() {
-            // Writers are waiting: buffered keys must reach the log to be written back.
-            let _ = e.flush();
-        }
-        let backoff = self.wb_backoff_ms.load(Relaxed);
-        let backing_off = self
-            .wb_retry_at
-            .lock()
-            .unwrap()
-            .is_some_and(|t| Instant::now() < t);
+        sched::before_round(e);
         let mut worked = false;
         let drain = self.drain.load(Relaxed);
-        if drain || (!backing_off && e.writeback_wanted()) {
+        let due = {
+            let b = self.backoff.lock().unwrap();
+            sched::writeback_due(e, drain, &b, || self.now_us())
+        };
+        if due {
             match e.writeback_next(wb) {
                 WbNext::Ready => {
                     worked = true;
                     match self.write_batch(q, wb, buf) {
                         Ok(()) => {
                             e.writeback_done(wb, true);
-                            self.wb_backoff_ms.store(0, Relaxed);
-                            *self.wb_retry_at.lock().unwrap() = None;
+                            if self.backoff.lock().unwrap().succeeded() {
+                                eprintln!("pcache: writeback recovered");
+                            }
                         }
                         Err(err) => {
-                            e.writeback_failed(wb, &err.to_string());
-                            let b = (backoff * 2).clamp(10, 5000);
+                            let b = self.backoff.lock().unwrap().failed(self.now_us());
+                            e.writeback_failed(
+                                wb,
+                                &format!("{err}; retrying in {b} ms, the data stays dirty"),
+                            );
                             eprintln!("pcache: writeback failed ({err}); retrying in {b} ms");
-                            self.wb_backoff_ms.store(b, Relaxed);
-                            *self.wb_retry_at.lock().unwrap() =
-                                Some(Instant::now() + Duration::from_millis(b));
                         }
                     }
                 }
@@ -445,16 +425,12 @@ impl Volume {
         if e.gc_wanted() && e.gc(buf).ksets > 0 {
             worked = true;
         }
-        // Direct writes not covered by a backing FLUSH keep read misses from filling
-        // (policy.rs `fills_allowed`): flush for them at most every DIRECT_FLUSH_MS.
         if !worked {
-            if let Some(n) = e.direct_flush_needed() {
-                let now = crate::env::unix_ms();
-                if now.saturating_sub(self.direct_flush_at.load(Relaxed)) >= DIRECT_FLUSH_MS {
-                    self.direct_flush_at.store(now, Relaxed);
-                    if q.flush().is_ok() {
-                        e.direct_flushed(n);
-                    }
+            let due =
+                sched::direct_flush_due(e, &mut self.direct_flush.lock().unwrap(), self.now_us());
+            if let Some(mark) = due {
+                if q.flush().is_ok() {
+                    e.direct_flushed(mark);
                 }
             }
         }
@@ -464,54 +440,77 @@ impl Volume {
         worked
     }
 
+    /// Writes a window's items to the backing device, then one FLUSH for all. Data
+    /// extents that continue each other on the backing device go as one write
+    /// (`runtime::sched::coalesce`, as in SPDK), copied from the medium into `buf` in
+    /// waves of at most WB_WAVE bytes (up to WAVE_OPS writes submitted together), so the
+    /// buffer stays bounded whatever the window holds; zero and discard extents become
+    /// write-zeroes (discards when the whole run is discards).
     fn write_batch(&self, q: &mut Queue, wb: &WbBatch, buf: &mut Vec<u8>) -> io::Result<()> {
-        let total: usize = wb
-            .items
-            .iter()
-            .filter(|i| matches!(i.kind, WbKind::Data { .. }))
-            .map(|i| i.len as usize)
-            .sum();
-        buf.resize(total, 0);
-        let mut at = 0;
-        for it in &wb.items {
-            if let WbKind::Data { pmem_off } = it.kind {
-                self.engine
-                    .pmem()
-                    .read(pmem_off, &mut buf[at..at + it.len as usize]);
-                at += it.len as usize;
-            }
-        }
-        let mut ops: Vec<Op<'_>> = Vec::with_capacity(wb.items.len());
-        let mut rest: &[u8] = buf;
-        for it in &wb.items {
-            if let WbKind::Data { .. } = it.kind {
-                let (a, b) = rest.split_at(it.len as usize);
-                ops.push(Op::Write {
-                    off: it.off,
-                    buf: a,
-                });
-                rest = b;
-            }
-        }
-        // The writes go out together: each one's latency is the time until all are back.
-        let t0 = Instant::now();
-        q.run(&mut ops)?;
-        let ns = ns_since(t0);
-        for _ in 0..ops.len() {
-            self.wb_lat.record(Class::Writeback, ns);
-        }
-        for it in &wb.items {
-            let t0 = Instant::now();
-            match it.kind {
-                WbKind::Zero => q.write_zeroes(it.off, it.len as u64)?,
-                WbKind::Discard => q.discard(it.off, it.len as u64)?,
-                WbKind::Data { .. } => continue,
-            }
-            self.wb_lat.record(Class::Writeback, ns_since(t0));
-        }
-        if wb.items.is_empty() {
+        const WAVE_OPS: usize = 16;
+        let items = &wb.items;
+        if items.is_empty() {
             // Only clean keys and tombstones: nothing written, nothing to make durable.
             return Ok(());
+        }
+        let mut i = 0;
+        while i < items.len() {
+            let len = sched::coalesce(items, i, WB_MAX_IO, false);
+            if !matches!(items[i].kind, WbKind::Data { .. }) {
+                let n = sched::items_in(items, i, len);
+                let t0 = Instant::now();
+                if items[i..i + n]
+                    .iter()
+                    .all(|it| matches!(it.kind, WbKind::Discard))
+                {
+                    q.discard(items[i].off, len)?;
+                } else {
+                    q.write_zeroes(items[i].off, len)?;
+                }
+                self.wb_lat.record(Class::Writeback, ns_since(t0));
+                i += n;
+                continue;
+            }
+            // One wave: consecutive data requests, gathered into `buf`.
+            let mut reqs = [(0u64, 0usize, 0usize); WAVE_OPS];
+            let (mut n, mut used) = (0, 0usize);
+            while i < items.len() && n < WAVE_OPS && matches!(items[i].kind, WbKind::Data { .. }) {
+                let len = sched::coalesce(items, i, WB_MAX_IO, false) as usize;
+                if n > 0 && used + len > WB_WAVE {
+                    break;
+                }
+                if buf.len() < used + len {
+                    buf.resize((used + len).max(WB_WAVE.min(1 << 20)), 0);
+                }
+                let k = sched::items_in(items, i, len as u64);
+                let mut at = used;
+                for it in &items[i..i + k] {
+                    if let WbKind::Data { pmem_off } = it.kind {
+                        let l = it.len as usize;
+                        self.engine.pmem().read(pmem_off, &mut buf[at..at + l]);
+                        at += l;
+                    }
+                }
+                reqs[n] = (items[i].off, used, len);
+                n += 1;
+                used += len;
+                i += k;
+            }
+            let mut ops: [Op<'_>; WAVE_OPS] =
+                std::array::from_fn(|_| Op::Write { off: 0, buf: &[] });
+            for (op, &(off, at, len)) in ops.iter_mut().zip(&reqs[..n]) {
+                *op = Op::Write {
+                    off,
+                    buf: &buf[at..at + len],
+                };
+            }
+            // The writes go out together: each one's latency is the time until all are back.
+            let t0 = Instant::now();
+            q.run(&mut ops[..n])?;
+            let ns = ns_since(t0);
+            for _ in 0..n {
+                self.wb_lat.record(Class::Writeback, ns);
+            }
         }
         let t0 = Instant::now();
         // Direct writes completed before this FLUSH are durable after it too.
@@ -606,7 +605,11 @@ impl Volume {
                 // Waited long for pacing credit: in on the cache's headroom, if there is
                 // some (once per wait: it does not help a request waiting for space).
                 Err(IoError::Busy)
-                    if !overdrew && since.elapsed() >= PACE_WAIT_MAX && self.engine.overdraw() =>
+                    if !overdrew
+                        && sched::may_overdraw(
+                            &self.engine,
+                            since.elapsed().as_micros() as u64,
+                        ) =>
                 {
                     overdrew = true;
                 }
@@ -625,7 +628,8 @@ impl Volume {
                             if self.progress_seen() == seen {
                                 self.kick();
                                 let kicked = self.progress_seen();
-                                let due = PACE_WAIT_MAX.saturating_sub(since.elapsed());
+                                let due = Duration::from_micros(sched::PACE_WAIT_MAX_US)
+                                    .saturating_sub(since.elapsed());
                                 let wait = if due.is_zero() {
                                     Duration::from_millis(50)
                                 } else {
@@ -647,38 +651,21 @@ impl Volume {
     }
 }
 
-/// The refusal to attach a cache to another backing device: what the cache expects, then
-/// the ways out that keep its dirty data, and formatting only as the data-losing last one.
-fn wrong_backing_advice(
-    o: &VolumeOptions,
-    why: &str,
-    expected: &BackingIdentity,
-    found: &BackingIdentity,
-) -> String {
-    let pmem = o.pmem.display();
-    let volatile = if o.persistence == Some(Persistence::Volatile) {
-        " --persistence volatile"
-    } else {
-        ""
-    };
-    let same_shape = expected.size == found.size && expected.block_size == found.block_size;
-    let force = if same_shape {
-        format!(
-            " If {} is that very device under another name, --force attaches it anyway \
-             (on any other device, writeback would overwrite its data).",
-            o.backing.display()
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "{pmem}: this cache belongs to another backing device: {why}. Its dirty data stays \
-         in the cache. To keep it, give --backing the device the cache was formatted for \
-         ('{}'), or write the dirty data back to that device offline: \
-         `pcache flush --pmem {pmem}{volatile} --backing <that device>`.{force} Only as the \
-         last resort, `pcache format --force` discards every cached and dirty byte.",
-        expected.id
-    )
+/// The message of a panic payload (a `&str` or `String`, as `panic!` makes them).
+pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// A refusal of the attach/format rules, in the CLI's words.
+fn refusal(o: &VolumeOptions, r: Refusal) -> VolumeError {
+    VolumeError::Other(r.message(Dialect::Cli {
+        pmem: &o.pmem.display().to_string(),
+        backing: &o.backing.display().to_string(),
+        volatile: o.persistence == Some(Persistence::Volatile),
+    }))
 }
 
 fn to_io(e: IoError) -> io::Error {
@@ -811,10 +798,9 @@ impl VolumeConn {
         Ok(())
     }
 
-    /// A write the policy sends to the backing device (policy.rs): None when it goes
-    /// through the cache after all. Held until the commit (direct.rs), so a pass's
-    /// writes reach the disk together; a FUA write goes at once. A write-through is
-    /// flushed before it is cached.
+    /// A write the policy sends to the backing device (`runtime::direct`): None when it
+    /// goes through the cache after all. Held until the commit (direct.rs), so a pass's
+    /// writes reach the disk together; a FUA write goes at once.
     fn write_direct(&mut self, off: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
         let len = data.len() as u64;
         // Older overlapping writes first: held writes never overlap each other.
@@ -825,33 +811,22 @@ impl VolumeConn {
                 return Some(Err(x));
             }
         }
-        let e = &self.vol.engine;
-        let Route::Direct { through } = e.route_write(&mut self.ch, off, len) else {
-            return None;
-        };
-        let d = match e.begin_direct(off, len, through) {
-            Ok(Some(d)) => d,
+        let op = match dproto::start_write(&self.vol.engine, &mut self.ch, off, len, fua) {
+            Ok(Some(op)) => op,
             Ok(None) => return None,
             Err(x) => return Some(Err(to_io(x))),
         };
         if !fua {
-            self.held.push(off, data, d);
+            self.held.push(data, op);
             return Some(Ok(()));
         }
-        let r = self.q.write(off, data).and_then(|()| {
-            if fua || through {
-                self.q.flush()
-            } else {
-                Ok(())
-            }
-        });
-        e.end_direct(&mut self.ch, off, data, d, r.is_ok());
-        Some(r)
+        let r = self.q.write(off, data);
+        Some(self.finish_direct(op, data, r))
     }
 
-    /// A write-zeroes or trim outside write-back (`Engine::zeroes_direct`): done on the
-    /// backing device, the cached copy invalidated. None: write-back, or dirty data
-    /// overlaps; it goes through the cache as a zero extent.
+    /// A write-zeroes or trim outside write-back (`runtime::direct::start_zeroes`): done
+    /// on the backing device, the cached copy invalidated. None: write-back, or dirty
+    /// data overlaps; it goes through the cache as a zero extent.
     fn zeroes_direct(
         &mut self,
         off: u64,
@@ -859,12 +834,8 @@ impl VolumeConn {
         discard: bool,
         fua: bool,
     ) -> Option<io::Result<()>> {
-        let e = &self.vol.engine;
-        if !e.zeroes_direct() {
-            return None;
-        }
-        let d = match e.begin_direct(off, len, false) {
-            Ok(Some(d)) => d,
+        let op = match dproto::start_zeroes(&self.vol.engine, off, len, discard, fua) {
+            Ok(Some(op)) => op,
             Ok(None) => return None,
             Err(x) => return Some(Err(to_io(x))),
         };
@@ -872,17 +843,33 @@ impl VolumeConn {
             self.q.discard(off, len)
         } else {
             self.q.write_zeroes(off, len)
+        };
+        Some(self.finish_direct(op, &[], r))
+    }
+
+    /// The rest of the direct-write protocol after the backing command returned `r`:
+    /// the backing FLUSH it owes (FUA, write-through) and its end in the engine, before
+    /// that FLUSH unless it is a write-through.
+    fn finish_direct(&mut self, op: DirectOp, data: &[u8], r: io::Result<()>) -> io::Result<()> {
+        let e = &self.vol.engine;
+        if r.is_err() || !op.needs_flush() {
+            op.end(e, &mut self.ch, data, r.is_ok());
+            return r;
         }
-        .and_then(|()| if fua { self.q.flush() } else { Ok(()) });
-        e.end_direct_zeroes(off, len, d, r.is_ok(), discard);
-        Some(r)
+        if op.ends_before_flush() {
+            op.end(e, &mut self.ch, data, true);
+            return self.flush_direct();
+        }
+        let r = self.q.flush();
+        op.end(e, &mut self.ch, data, r.is_ok());
+        r
     }
 
     /// After a FLUSH: the writes that went around the cache must be durable too.
     fn flush_direct(&mut self) -> io::Result<()> {
-        if let Some(n) = self.vol.engine.direct_flush_needed() {
+        if let Some(mark) = dproto::flush_owed(&self.vol.engine) {
             self.q.flush()?;
-            self.vol.engine.direct_flushed(n);
+            self.vol.engine.direct_flushed(mark);
         }
         Ok(())
     }

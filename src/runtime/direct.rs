@@ -1,0 +1,129 @@
+//! The direct-write protocol, shared by both runtimes: requests the cache policy sends
+//! to the backing device instead of through the cache (write-through, write-around,
+//! passthrough, the sequential cutoff, and write-zeroes/discard outside write-back).
+//!
+//! A runtime asks [`start_write`] or [`start_zeroes`]; `None` means the request goes
+//! through the cache after all (write-back, or dirty data overlaps). Otherwise it sends
+//! the backing command, then, when [`DirectOp::needs_flush`], a backing FLUSH, and ends
+//! the request in the engine with [`DirectOp::end`]: before that FLUSH when
+//! [`DirectOp::ends_before_flush`] (so the FLUSH counts it as covered), after it for a
+//! write-through, whose data pmem may call clean only once the backing device has it
+//! durably. A client FLUSH that found the cache durable still owes a backing FLUSH for
+//! the direct writes not yet covered ([`flush_owed`]).
+//!
+//! Invariant: every started request is ended exactly once, failed or not (a failed one
+//! only withdraws its placeholder), or its range stays uncacheable.
+
+use crate::engine::{Channel, Direct, Engine, IoError, Pmem, Route};
+
+/// The backing command of a direct request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectKind {
+    Write,
+    /// Write-zeroes, kept allocated on the backing device.
+    Zeroes,
+    /// Discard (trim/unmap); reads back as zeroes through the cache's tombstone rules.
+    Discard,
+}
+
+/// A started direct request (its placeholder is in the index until `end`).
+#[derive(Debug, Clone, Copy)]
+pub struct DirectOp {
+    pub off: u64,
+    pub len: u64,
+    pub kind: DirectKind,
+    pub fua: bool,
+    d: Direct,
+}
+
+/// Routes a write of `len` bytes at `off`: `Some` when it goes to the backing device.
+pub fn start_write<P: Pmem>(
+    e: &Engine<P>,
+    ch: &mut Channel,
+    off: u64,
+    len: u64,
+    fua: bool,
+) -> Result<Option<DirectOp>, IoError> {
+    let Route::Direct { through } = e.route_write(ch, off, len) else {
+        return Ok(None);
+    };
+    Ok(e.begin_direct(off, len, through)?.map(|d| DirectOp {
+        off,
+        len,
+        kind: DirectKind::Write,
+        fua,
+        d,
+    }))
+}
+
+/// Routes a write-zeroes (`discard` false) or discard: `Some` outside write-back, when
+/// no dirty data overlaps.
+pub fn start_zeroes<P: Pmem>(
+    e: &Engine<P>,
+    off: u64,
+    len: u64,
+    discard: bool,
+    fua: bool,
+) -> Result<Option<DirectOp>, IoError> {
+    if !e.zeroes_direct() {
+        return Ok(None);
+    }
+    let kind = if discard {
+        DirectKind::Discard
+    } else {
+        DirectKind::Zeroes
+    };
+    Ok(e.begin_direct(off, len, false)?.map(|d| DirectOp {
+        off,
+        len,
+        kind,
+        fua,
+        d,
+    }))
+}
+
+/// A client FLUSH: `Some(mark)` when it owes a backing FLUSH for direct writes (flush
+/// the backing device, then `Engine::direct_flushed(mark)`).
+pub fn flush_owed<P: Pmem>(e: &Engine<P>) -> Option<u64> {
+    e.direct_flush_needed()
+}
+
+impl DirectOp {
+    /// A write-through: cached as clean once the backing device has it durably.
+    pub fn through(&self) -> bool {
+        self.d.through
+    }
+    /// Whether a backing FLUSH must follow the backing command before the request
+    /// completes: FUA asks for it, and a write-through needs it before pmem calls the
+    /// data clean.
+    pub fn needs_flush(&self) -> bool {
+        self.fua || (self.kind == DirectKind::Write && self.d.through)
+    }
+    /// Whether the request is ended in the engine before that FLUSH is issued (so the
+    /// FLUSH covers it and no later one is owed for it); a write-through ends after.
+    pub fn ends_before_flush(&self) -> bool {
+        !self.through()
+    }
+    /// Whether [`DirectOp::end`] reads the data (only a successful write-through caches
+    /// it); otherwise any slice, even empty, will do.
+    pub fn wants_data(&self, ok: bool) -> bool {
+        ok && self.kind == DirectKind::Write && self.d.through
+    }
+    /// Ends the request in the engine: `ok` when the backing device has it (durably,
+    /// for a write-through). `data` is the written data when [`DirectOp::wants_data`].
+    pub fn end<P: Pmem>(self, e: &Engine<P>, ch: &mut Channel, data: &[u8], ok: bool) {
+        match self.kind {
+            DirectKind::Write if self.wants_data(ok) => {
+                e.end_direct(ch, self.off, data, self.d, ok)
+            }
+            DirectKind::Write => e.end_direct_uncached(self.off, self.len, self.d, ok),
+            DirectKind::Zeroes | DirectKind::Discard => e.end_direct_zeroes(
+                self.off,
+                self.len,
+                self.d,
+                ok,
+                self.kind == DirectKind::Discard,
+            ),
+        }
+    }
+}
