@@ -13,10 +13,12 @@
 //! `attach` undoes the earlier steps in reverse order, removing a medium file it created.
 
 use super::ffi::{self, cstring, errlog, noticelog};
-use super::params::{CreateParams, GC_PERCENT_DEFAULT};
+use super::params::CreateParams;
 use super::{channel, module, vbdev, writeback::Background};
-use crate::engine::{probe, BackingIdentity, Config, Engine, FormatOptions, OpenError, Probe};
+use crate::engine::{BackingIdentity, Config, Engine};
 use crate::env::medium::{Persistence, PosixPmem};
+use crate::runtime::attach::{self, Dialect, Intent};
+use crate::runtime::options::Settings;
 use spdk_sys as sys;
 use std::ffi::{c_void, CString};
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering::*};
@@ -101,108 +103,57 @@ fn identity(base: *mut sys::spdk_bdev) -> BackingIdentity {
     }
 }
 
+/// A per-format id: the clock and the TSC, mixed (`runtime::attach::format_id`).
 fn random_id() -> u64 {
-    // Distinguishes formats of the same medium; not security relevant.
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let mut x = t.as_nanos() as u64 ^ ffi::ticks().rotate_left(32);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^ (x >> 33)
-}
-
-/// The refusal to attach a cache to another base bdev: the identity the cache expects,
-/// then the ways out that keep its dirty data (recreate the base with that UUID or name,
-/// or write the data back offline), and `"format": true` only as the data-losing last one.
-fn wrong_base_advice(
-    p: &CreateParams,
-    path: &str,
-    why: &str,
-    expected: &BackingIdentity,
-) -> String {
-    let volatile = if p.persistence == Persistence::Volatile {
-        " --persistence volatile"
-    } else {
-        ""
-    };
-    format!(
-        "{path} is the cache of another base bdev ({why}); its dirty data is kept. To attach \
-         it, give base_bdev_name the bdev it was formatted for, {} bytes in {}-byte blocks with \
-         UUID (or name) '{}': a base bdev created anew gets a new UUID unless given that one \
-         (e.g. bdev_uring_create / bdev_aio_create -u {}). Or write the dirty data back \
-         offline, with the target stopped: `pcache flush --pmem {path}{volatile} --backing \
-         <the file or device under that bdev> --force` (--force: an SPDK UUID never matches \
-         a path). Only as the last resort, \"format\": true discards every cached and dirty \
-         byte.",
-        expected.size, expected.block_size, expected.id, expected.id
-    )
+    attach::format_id(t.as_nanos() as u64 ^ ffi::ticks().rotate_left(32))
 }
 
 /// Formats or attaches the engine on `pmem` for the base described by `id`, following
-/// the `format` rule of `bdev_pcache_create`.
+/// the attach/format rules (`runtime::attach`) with `bdev_pcache_create`'s `format`:
+/// true formats whatever is there, false attaches (formatting a blank medium).
 fn open_engine(
     p: &CreateParams,
     pmem: PosixPmem,
     id: BackingIdentity,
 ) -> Result<Engine<PosixPmem>, AttachError> {
-    let cfg = Config {
-        n_ksets: N_KSETS,
-        wall_clock_ms: crate::env::unix_ms,
-        ..Config::default()
+    let req = attach::Request {
+        intent: if p.format {
+            Intent::Format { force: true }
+        } else {
+            Intent::Attach {
+                format_blank: true,
+                force_backing: false,
+            }
+        },
+        data_crc: p.data_crc,
+        seg_size: 0,
+        settings: Settings {
+            gc_percent: p.gc_percent,
+            policy: p.policy,
+        },
+        format_id: random_id(),
+        config: Config {
+            n_ksets: N_KSETS,
+            wall_clock_ms: crate::env::unix_ms,
+            ..Config::default()
+        },
     };
-    let path = p.pmem_path.display().to_string();
-    let einval = -libc::EINVAL;
-    let what = probe(&pmem);
-    let do_format = p.format || what == Probe::Blank;
-    if do_format {
-        let mut fo = FormatOptions::new(id, random_id());
-        fo.data_crc = p.data_crc.unwrap_or(false);
-        fo.gc_percent = p.gc_percent.unwrap_or(GC_PERCENT_DEFAULT);
-        fo.policy = p.policy.apply(fo.policy);
-        fo.policy.validate().map_err(|m| (einval, m))?;
-        return Engine::format(pmem, &fo, &cfg)
-            .map_err(|e| (einval, format!("cannot format {path}: {e}")));
-    }
-    if let Probe::Foreign(why) = what {
-        return Err((
-            einval,
-            format!(
-                "{path} holds data that is not a pcache cache{}; refusing to touch it \
-                 (pass \"format\": true to overwrite it)",
-                why.map(|w| format!(" ({w})")).unwrap_or_default()
-            ),
-        ));
-    }
-    let expected = match &what {
-        Probe::Pcache(sb) => sb.backing.clone(),
-        _ => BackingIdentity::default(),
-    };
-    let e = Engine::open(pmem, &id, false, &cfg).map_err(|e| match e {
-        OpenError::WrongBacking(m) => (-libc::EXDEV, wrong_base_advice(p, &path, &m, &expected)),
-        e => (einval, format!("cannot attach {path}: {e}")),
-    })?;
-    if let Some(c) = p.data_crc {
-        if c != e.data_crc() {
-            return Err((
-                einval,
-                format!(
-                    "{path} was formatted with data_crc={}, not {c} (format anew to change it)",
-                    e.data_crc()
-                ),
-            ));
-        }
-    }
-    if let Some(g) = p.gc_percent {
-        e.set_gc_percent(g).map_err(|e| (einval, e.to_string()))?;
-    }
-    let policy = p.policy.apply(e.policy());
-    if policy != e.policy() {
-        policy.validate().map_err(|m| (einval, m))?;
-        e.set_policy(policy)
-            .map_err(|x| (einval, format!("cannot set the cache policy: {x}")))?;
-    }
-    Ok(e)
+    attach::open(pmem, &id, &req).map_err(|r| {
+        let code = if r.is_wrong_backing() {
+            -libc::EXDEV
+        } else {
+            -libc::EINVAL
+        };
+        let path = p.pmem_path.display().to_string();
+        let msg = r.message(Dialect::Rpc {
+            pmem: &path,
+            volatile: p.persistence == Persistence::Volatile,
+        });
+        (code, msg)
+    })
 }
 
 /// Creates the pcache bdev of `p` on its (existing) base bdev. App thread only.

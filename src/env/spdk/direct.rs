@@ -23,16 +23,14 @@
 use super::channel::{deferring, ChannelCtx};
 use super::ffi::{self, IoDesc};
 use super::io::{chan_of, fail_why, finish, io_ctx};
-use crate::engine::Route;
+use crate::runtime::direct::{self as dproto, DirectKind};
 use spdk_sys as sys;
 use std::ffi::c_void;
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// What a direct request is (IoCtx::dkind).
-pub(super) const DK_WRITE: u8 = 1;
-pub(super) const DK_ZEROES: u8 = 2;
-pub(super) const DK_UNMAP: u8 = 3;
+/// `IoCtx::dkind` of a client FLUSH waiting for a base FLUSH owed to direct writes; a
+/// direct request itself has its `DirectOp` in `IoCtx::direct`.
 pub(super) const DK_FLUSH: u8 = 4;
 
 /// Counters of the direct paths (`direct` in get_stats).
@@ -92,17 +90,14 @@ pub(super) fn try_start(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoD
     let e = &c.shared.engine;
     let bs = c.shared.block_size as u64;
     let (off, len) = (d.offset_blocks * bs, d.num_blocks * bs);
-    let (kind, through) = match d.ty {
-        sys::SPDK_BDEV_IO_TYPE_WRITE => match e.route_write(&mut c.main, off, len) {
-            Route::Cache => return false,
-            Route::Direct { through } => (DK_WRITE, through),
-        },
-        sys::SPDK_BDEV_IO_TYPE_WRITE_ZEROES if e.zeroes_direct() => (DK_ZEROES, false),
-        sys::SPDK_BDEV_IO_TYPE_UNMAP if e.zeroes_direct() => (DK_UNMAP, false),
+    let started = match d.ty {
+        sys::SPDK_BDEV_IO_TYPE_WRITE => dproto::start_write(e, &mut c.main, off, len, d.fua),
+        sys::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => dproto::start_zeroes(e, off, len, false, d.fua),
+        sys::SPDK_BDEV_IO_TYPE_UNMAP => dproto::start_zeroes(e, off, len, true, d.fua),
         _ => return false,
     };
-    match e.begin_direct(off, len, through) {
-        // Dirty data overlaps (or the log is full): through the cache after all.
+    match started {
+        // Write-back, or dirty data overlaps (or the log is full): through the cache.
         Ok(None) => false,
         Err(x) => {
             fail_why(bio, super::io::engine_why(x));
@@ -111,10 +106,8 @@ pub(super) fn try_start(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoD
             unsafe { finish(c, bio, ffi::STATUS_FAILED) };
             true
         }
-        Ok(Some(dd)) => {
-            let x = io_ctx(bio);
-            x.direct = Some(dd);
-            x.dkind = kind;
+        Ok(Some(op)) => {
+            io_ctx(bio).direct = Some(op);
             submit(c, bio);
             true
         }
@@ -132,7 +125,7 @@ fn submit(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
     // base command's completion (libc's and SPDK's iovec are the same C struct); the
     // base channel belongs to this thread.
     let rc = unsafe {
-        if x.dkind == DK_WRITE {
+        if x.direct.is_some_and(|op| op.kind == DirectKind::Write) {
             sys::spdk_bdev_writev_blocks(
                 desc,
                 c.base_ch,
@@ -184,12 +177,9 @@ extern "C" fn base_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c_voi
 
 /// The base command of `bio` completed: finish it, or wait for a base FLUSH first.
 fn written(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, ok: bool) {
-    // SAFETY: live request.
-    let d = unsafe { ffi::io_desc(bio) };
     let x = io_ctx(bio);
-    let through = x.direct.is_some_and(|dd| dd.through);
-    if ok && x.dkind == DK_WRITE && (through || d.fua) {
-        if !through {
+    if let Some(op) = x.direct.filter(|op| ok && op.needs_flush()) {
+        if op.ends_before_flush() {
             // Counted before the FLUSH is issued, so that FLUSH covers it.
             end(c, bio, true);
         }
@@ -215,43 +205,41 @@ fn end_and_finish(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, ok: bool) {
 /// Tells the engine the direct request is over (`ok`: the base has it, durably for a
 /// write-through) and counts it.
 fn end(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, ok: bool) {
-    // SAFETY: live request.
-    let d = unsafe { ffi::io_desc(bio) };
-    let x = io_ctx(bio);
-    let Some(dd) = x.direct.take() else {
+    let Some(op) = io_ctx(bio).direct.take() else {
         return;
     };
-    let kind = x.dkind;
-    let bs = c.shared.block_size as u64;
-    let (off, len) = (d.offset_blocks * bs, d.num_blocks * bs);
     let st = &c.shared.direct;
     if !ok {
         st.errors.fetch_add(1, Relaxed);
     }
     let e = &c.shared.engine;
-    if kind != DK_WRITE {
-        e.end_direct_zeroes(off, len, dd, ok, kind == DK_UNMAP);
+    if op.kind != DirectKind::Write {
+        op.end(e, &mut c.main, &[], ok);
         st.zeroes.fetch_add(ok as u64, Relaxed);
         return;
     }
     st.writes.fetch_add(ok as u64, Relaxed);
     st.writethrough
-        .fetch_add((ok && dd.through) as u64, Relaxed);
-    let n = len as usize;
-    // SAFETY: the request's iovecs are valid for its lifetime.
+        .fetch_add((ok && op.through()) as u64, Relaxed);
+    if !op.wants_data(ok) {
+        op.end(e, &mut c.main, &[], ok);
+        return;
+    }
+    // Only a write-through reads the data (to cache it).
+    // SAFETY: live request; its iovecs are valid for its lifetime.
+    let d = unsafe { ffi::io_desc(bio) };
+    // SAFETY: as above.
     let iovs = unsafe { ffi::iovs(&d) };
-    if !(ok && dd.through) {
-        // Only a write-through reads the data (to cache it).
-        e.end_direct_uncached(off, len, dd, ok);
-    } else if iovs.len() == 1 && iovs[0].iov_len >= n {
+    let n = op.len as usize;
+    if iovs.len() == 1 && iovs[0].iov_len >= n {
         // SAFETY: a single iovec of at least `n` bytes, not written while the request
         // is ours.
         let data = unsafe { std::slice::from_raw_parts(iovs[0].iov_base as *const u8, n) };
-        e.end_direct(&mut c.main, off, data, dd, ok);
+        op.end(e, &mut c.main, data, ok);
     } else {
         // SAFETY: the iovecs are readable for their lengths; `gather` is ours.
         let got = unsafe { ffi::copy_from_iovs(iovs, &mut c.gather[..n]) };
-        e.end_direct(&mut c.main, off, &c.gather[..got], dd, ok && got == n);
+        op.end(e, &mut c.main, &c.gather[..got], ok && got == n);
     }
 }
 

@@ -24,7 +24,8 @@ use super::channel::{ctx_of, ChannelCtx};
 use super::direct;
 use super::ffi::{self, DmaBuf, IoDesc};
 use crate::engine::latency::Class;
-use crate::engine::{Channel, Direct, IoError};
+use crate::engine::{Channel, IoError};
+use crate::runtime::sched;
 use spdk_sys as sys;
 use std::ffi::c_void;
 use std::sync::atomic::Ordering::Relaxed;
@@ -51,7 +52,7 @@ pub(super) struct IoCtx {
     pub(super) why: &'static str,
     /// A request the cache policy sent to the base bdev (direct.rs): its placeholder,
     /// what it is, and the next request waiting for the same base FLUSH.
-    pub(super) direct: Option<Direct>,
+    pub(super) direct: Option<crate::runtime::direct::DirectOp>,
     pub(super) dkind: u8,
     pub(super) next: *mut sys::spdk_bdev_io,
 }
@@ -220,10 +221,6 @@ fn queue(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
     c.shared.engine.waiting_inc();
 }
 
-/// Longest a paced write waits for admission credit before it may overdraw it
-/// (`Engine::overdraw`): a pause of writeback then costs cache headroom, not latency.
-const PACE_WAIT_MAX_US: u64 = 2000;
-
 /// Retries the queued request `bio` (the head of the FIFO). True when it completed.
 ///
 /// # Safety
@@ -240,13 +237,13 @@ pub(super) unsafe fn retry_ordered(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_
     if direct::try_start(c, bio, &d) {
         return true; // left the queue for the base bdev
     }
-    if d.ty == sys::SPDK_BDEV_IO_TYPE_WRITE
-        && ffi::ticks().wrapping_sub(io_ctx(bio).start)
-            > ffi::ticks_hz() / 1_000_000 * PACE_WAIT_MAX_US
-    {
+    if d.ty == sys::SPDK_BDEV_IO_TYPE_WRITE {
         // Waited long for pacing credit: let it in on the cache's headroom if there is
-        // some (a no-op when it waits for space, not credit).
-        c.shared.engine.overdraw();
+        // some (a no-op when it waits for space, not credit). Ticks are read only for
+        // the head of a queue that already waits.
+        let waited =
+            ffi::ticks().wrapping_sub(io_ctx(bio).start) / (ffi::ticks_hz() / 1_000_000).max(1);
+        sched::may_overdraw(&c.shared.engine, waited);
     }
     match ordered(c, &d) {
         Err(IoError::Busy) => false,

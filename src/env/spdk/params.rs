@@ -1,20 +1,18 @@
 //! The parameters of the JSON-RPC methods, validated from a `serde_json::Value`: every
-//! missing, mistyped, unknown or out-of-range parameter gives a message naming it. Pure
-//! Rust, no SPDK calls, so the checks are unit-tested without a running target.
+//! missing, mistyped, unknown or out-of-range parameter gives a message naming it. The
+//! settings shared with the CLI and the control socket (gc_percent, cache mode, cutoff)
+//! are checked by `runtime::options`. Pure Rust, no SPDK calls, so the checks are
+//! unit-tested without a running target.
 //!
 //! Invariant: a value returned by these parsers is fully valid; the RPC handlers act on
 //! it without further checks and change nothing when parsing failed.
 
-use crate::engine::policy::SEQ_CUTOFF_MAX_KIB;
-use crate::engine::{CacheMode, Policy, SeqPolicy};
 use crate::env::medium::Persistence;
-use serde_json::{json, Map, Value};
+pub(super) use crate::runtime::options::PolicyParams;
+use crate::runtime::options::{boolean, gc_percent, object, string, uint};
+use serde_json::{json, Value};
 use std::path::PathBuf;
 
-/// Highest accepted `gc_percent` (the engine's limit).
-pub(super) const GC_PERCENT_MAX: u64 = 90;
-/// Default `gc_percent`.
-pub(super) const GC_PERCENT_DEFAULT: u32 = 70;
 /// Largest `pmem_size_mb` accepted (16 TiB): beyond it is certainly a typo.
 const PMEM_SIZE_MB_MAX: u64 = 16 << 20;
 
@@ -34,41 +32,6 @@ pub(super) struct CreateParams {
     /// None each: as stored on the medium (a new format: write-back, cutoff 1 MiB
     /// when full).
     pub policy: PolicyParams,
-}
-
-/// `cache_mode`, `seq_cutoff_kib`, `seq_cutoff_policy`: each optional.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(super) struct PolicyParams {
-    pub cache_mode: Option<CacheMode>,
-    pub seq_cutoff_kib: Option<u32>,
-    pub seq_policy: Option<SeqPolicy>,
-}
-
-impl PolicyParams {
-    pub(super) fn is_empty(&self) -> bool {
-        *self == PolicyParams::default()
-    }
-    /// `p` with these fields replaced.
-    pub(super) fn apply(&self, p: Policy) -> Policy {
-        p.with(self.cache_mode, self.seq_cutoff_kib, self.seq_policy)
-    }
-    /// Remembers the fields of `o` that are set (for `save_config`).
-    pub(super) fn merge(&mut self, o: &PolicyParams) {
-        self.cache_mode = o.cache_mode.or(self.cache_mode);
-        self.seq_cutoff_kib = o.seq_cutoff_kib.or(self.seq_cutoff_kib);
-        self.seq_policy = o.seq_policy.or(self.seq_policy);
-    }
-    fn to_json(self, p: &mut Value) {
-        if let Some(m) = self.cache_mode {
-            p["cache_mode"] = m.name().into();
-        }
-        if let Some(k) = self.seq_cutoff_kib {
-            p["seq_cutoff_kib"] = k.into();
-        }
-        if let Some(s) = self.seq_policy {
-            p["seq_cutoff_policy"] = s.name().into();
-        }
-    }
 }
 
 impl CreateParams {
@@ -109,82 +72,6 @@ pub(super) struct SetOptionsParams {
     pub name: String,
     pub gc_percent: Option<u32>,
     pub policy: PolicyParams,
-}
-
-/// The object of named parameters, refusing keys outside `known`.
-fn object<'a>(
-    v: Option<&'a Value>,
-    known: &[&str],
-    none_ok: bool,
-) -> Result<Option<&'a Map<String, Value>>, String> {
-    let m = match v {
-        None | Some(Value::Null) if none_ok => return Ok(None),
-        None | Some(Value::Null) => return Err("missing parameters (expected an object)".into()),
-        Some(Value::Object(m)) => m,
-        Some(_) => return Err("parameters must be a JSON object".into()),
-    };
-    if let Some(k) = m.keys().find(|k| !known.contains(&k.as_str())) {
-        return Err(format!(
-            "unknown parameter '{k}' (expected one of: {})",
-            known.join(", ")
-        ));
-    }
-    Ok(Some(m))
-}
-
-fn string(m: &Map<String, Value>, key: &str, required: bool) -> Result<Option<String>, String> {
-    match m.get(key) {
-        None if required => Err(format!("missing required parameter '{key}'")),
-        None => Ok(None),
-        Some(Value::String(s)) if s.is_empty() => Err(format!("'{key}' must not be empty")),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(format!("'{key}' must be a string")),
-    }
-}
-
-fn boolean(m: &Map<String, Value>, key: &str) -> Result<Option<bool>, String> {
-    match m.get(key) {
-        None => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(format!("'{key}' must be a boolean (true or false)")),
-    }
-}
-
-fn uint(
-    m: &Map<String, Value>,
-    key: &str,
-    min: u64,
-    max: u64,
-    required: bool,
-) -> Result<Option<u64>, String> {
-    match m.get(key) {
-        None if required => Err(format!("missing required parameter '{key}'")),
-        None => Ok(None),
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(x) if (min..=max).contains(&x) => Ok(Some(x)),
-            _ => Err(format!("'{key}' is {n}: out of range {min}..{max}")),
-        },
-        Some(_) => Err(format!("'{key}' must be an integer")),
-    }
-}
-
-/// The policy parameters present in `m`, each checked.
-fn policy(m: &Map<String, Value>) -> Result<PolicyParams, String> {
-    let cache_mode = match string(m, "cache_mode", false)? {
-        None => None,
-        Some(s) => Some(CacheMode::parse(&s).map_err(|e| format!("'cache_mode': {e}"))?),
-    };
-    let seq_policy = match string(m, "seq_cutoff_policy", false)? {
-        None => None,
-        Some(s) => Some(SeqPolicy::parse(&s).map_err(|e| format!("'seq_cutoff_policy': {e}"))?),
-    };
-    let seq_cutoff_kib =
-        uint(m, "seq_cutoff_kib", 0, SEQ_CUTOFF_MAX_KIB as u64, false)?.map(|k| k as u32);
-    Ok(PolicyParams {
-        cache_mode,
-        seq_cutoff_kib,
-        seq_policy,
-    })
 }
 
 /// A bdev name SPDK can carry: non-empty, printable, no whitespace.
@@ -251,9 +138,9 @@ pub(super) fn create(v: Option<&Value>) -> Result<CreateParams, String> {
         pmem_size_mb,
         persistence,
         data_crc: boolean(m, "data_crc")?,
-        gc_percent: uint(m, "gc_percent", 0, GC_PERCENT_MAX, false)?.map(|x| x as u32),
+        gc_percent: gc_percent(m)?,
         format: boolean(m, "format")?.unwrap_or(false),
-        policy: policy(m)?,
+        policy: PolicyParams::from_json(m)?,
     })
 }
 
@@ -286,8 +173,8 @@ pub(super) fn set_options(v: Option<&Value>) -> Result<SetOptionsParams, String>
     let m = object(v, KNOWN, false)?.expect("required");
     let o = SetOptionsParams {
         name: string(m, "name", true)?.expect("required"),
-        gc_percent: uint(m, "gc_percent", 0, GC_PERCENT_MAX, false)?.map(|g| g as u32),
-        policy: policy(m)?,
+        gc_percent: gc_percent(m)?,
+        policy: PolicyParams::from_json(m)?,
     };
     if o.gc_percent.is_none() && o.policy.is_empty() {
         return Err(format!(
@@ -307,6 +194,8 @@ pub(super) fn flush(v: Option<&Value>) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::modes::SEQ_CUTOFF_MAX_KIB;
+    use crate::engine::{CacheMode, SeqPolicy};
 
     fn c(v: Value) -> Result<CreateParams, String> {
         create(Some(&v))

@@ -28,7 +28,8 @@ use super::cache::{AttachError, Node, MAX_IO};
 use super::ffi::{self, errlog, noticelog, DmaBuf, Poller};
 use super::wbmap::WbMap;
 use crate::engine::latency::{Class, LatencySet};
-use crate::engine::{Pmem, WbBatch, WbItem, WbKind, WbNext};
+use crate::engine::{Pmem, WbBatch, WbKind, WbNext};
+use crate::runtime::sched::{self, Backoff, Every, TICK_PERIOD_US};
 use spdk_sys as sys;
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -44,16 +45,8 @@ const WB_INFLIGHT: u32 = 96;
 const START_SLOTS: usize = WB_INFLIGHT as usize + 1;
 /// Period of the writeback poller when idle (work in progress chains itself).
 const WB_PERIOD_US: u64 = 1000;
-/// The engine tick period (kset buffers older than two ticks get closed).
-const TICK_PERIOD_US: u64 = 100_000;
 /// Most windows without data acknowledged in one `start_batch` (poller budget).
 const EMPTY_WINDOWS: usize = 64;
-/// Longest a read miss goes uncached after direct writes (policy.rs `fills_allowed`):
-/// while direct writes are not covered by a base FLUSH, misses fill nothing, so an idle
-/// writeback flushes the base for them at this period.
-const DIRECT_FLUSH_PERIOD_US: u64 = 5_000;
-const BACKOFF_MIN_MS: u64 = 10;
-const BACKOFF_MAX_MS: u64 = 5000;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Phase {
@@ -96,9 +89,9 @@ pub(super) struct Background {
     /// `direct_mark` when the FLUSH in flight was issued (for `direct_flushed`).
     direct_mark: u64,
     /// When the last FLUSH for direct writes alone was issued (ticks).
-    direct_flush_at: u64,
-    backoff_ms: u64,
-    retry_at: u64,
+    direct_flush: Every,
+    /// Writeback's backoff after failures (runtime::sched).
+    backoff: Backoff,
     on_stop: Option<Box<dyn FnOnce()>>,
     stopping: bool,
     pub drain: Drain,
@@ -139,9 +132,8 @@ impl Background {
             wait: sys::spdk_bdev_io_wait_entry::default(),
             base_flush: false,
             direct_mark: 0,
-            direct_flush_at: 0,
-            backoff_ms: 0,
-            retry_at: 0,
+            direct_flush: Every::default(),
+            backoff: Backoff::default(),
             on_stop: None,
             stopping: false,
             drain: Drain::default(),
@@ -182,7 +174,7 @@ impl Background {
     /// "idle", "writing", "flushing" or "backoff".
     pub(super) fn state(&self) -> &'static str {
         match self.phase {
-            Phase::Idle if self.backoff_ms > 0 => "backoff",
+            Phase::Idle if self.backoff.ms() > 0 => "backoff",
             Phase::Idle => "idle",
             Phase::Writing => "writing",
             Phase::Flushing => "flushing",
@@ -190,7 +182,7 @@ impl Background {
     }
 
     pub(super) fn backoff_ms(&self) -> u64 {
-        self.backoff_ms
+        self.backoff.ms()
     }
 
     /// Stops the pollers and gives back the base channel (teardown; idempotent).
@@ -210,6 +202,11 @@ impl Background {
     pub(super) fn direct(&self) -> bool {
         self.map.is_some()
     }
+}
+
+/// Microseconds of the SPDK tick counter: the clock the runtime rules are given.
+fn now_us() -> u64 {
+    ffi::ticks() / (ffi::ticks_hz() / 1_000_000).max(1)
 }
 
 fn node<'a>(p: *mut c_void) -> &'a mut Node {
@@ -299,8 +296,8 @@ pub(super) fn start_drain(n: *mut Node, waiter: Option<DrainWaiter>) {
         bg.drain.active = true;
         bg.drain.total_bytes = e.dirty_bytes();
     }
-    // A drain is what the user waits for: no backoff delay before the next attempt.
-    bg.retry_at = 0;
+    // A drain is what the user waits for: it writes back even while backing off
+    // (`sched::writeback_due`).
     if let Some(w) = waiter {
         bg.drain.waiters.push(w);
     }
@@ -345,13 +342,12 @@ extern "C" fn wb_poll(arg: *mut c_void) -> i32 {
         return ffi::IDLE;
     }
     let e = &nd.shared.engine;
-    if e.cache_full() {
-        // Writers are waiting: buffered keys must reach the log to be written back.
-        let _ = e.flush();
-    }
+    sched::before_round(e);
     let mut worked = false;
-    // retry_at is 0 unless writeback is backing off: no clock read in the common case.
-    if nd.bg.phase == Phase::Idle && (nd.bg.retry_at == 0 || ffi::ticks() >= nd.bg.retry_at) {
+    // The clock is read only while backing off.
+    if nd.bg.phase == Phase::Idle
+        && sched::writeback_due(e, nd.bg.drain.active, &nd.bg.backoff, now_us)
+    {
         worked |= start_batch(n);
     }
     if nd.bg.phase == Phase::Idle && e.direct_flush_needed().is_some() {
@@ -367,7 +363,7 @@ extern "C" fn wb_poll(arg: *mut c_void) -> i32 {
 }
 
 /// Direct writes (cache modes, cutoff) not yet covered by a base FLUSH keep read misses
-/// from filling: flush the base for them, at most every DIRECT_FLUSH_PERIOD_US, while
+/// from filling: flush the base for them, at most every `sched::DIRECT_FLUSH_PERIOD_US`, while
 /// writeback is idle (its own FLUSHes cover them too). A base without a volatile cache
 /// has them durable already.
 fn flush_for_direct(n: *mut Node) -> bool {
@@ -378,12 +374,9 @@ fn flush_for_direct(n: *mut Node) -> bool {
         e.direct_flushed(e.direct_mark());
         return false;
     }
-    let now = ffi::ticks();
-    let period = ffi::ticks_hz() / 1_000_000 * DIRECT_FLUSH_PERIOD_US;
-    if now.wrapping_sub(bg.direct_flush_at) < period {
+    if sched::direct_flush_due(e, &mut bg.direct_flush, now_us()).is_none() {
         return false;
     }
-    bg.direct_flush_at = now;
     let rc = submit_base_flush(n, direct_flush_done);
     if rc != 0 {
         node(n.cast()).bg.phase = Phase::Idle;
@@ -411,29 +404,6 @@ fn gc(n: *mut Node) -> bool {
     let nd = node(n.cast());
     let e = &nd.shared.engine;
     e.gc_wanted() && e.gc(&mut nd.bg.gc_buf).ksets > 0
-}
-
-/// The length of one request made of the whole item `items[i]` and the whole items after
-/// it that continue it on the base (and in the medium too when `same_src`), at most
-/// `max` bytes in all. `items[i]` itself must fit in `max`.
-fn coalesce(items: &[WbItem], i: usize, max: u64, same_src: bool) -> u64 {
-    let first = items[i];
-    let mut len = first.len as u64;
-    for next in &items[i + 1..] {
-        let joins = next.off == first.off + len
-            && match (first.kind, next.kind) {
-                (WbKind::Data { pmem_off: a }, WbKind::Data { pmem_off: b }) => {
-                    !same_src || b == a + len
-                }
-                (WbKind::Zero | WbKind::Discard, WbKind::Zero | WbKind::Discard) => true,
-                _ => false,
-            };
-        if !joins || len + next.len as u64 > max {
-            break;
-        }
-        len += next.len as u64;
-    }
-    len
 }
 
 /// Takes the next dirty kset, if any and if writeback is due, and starts writing it.
@@ -505,7 +475,7 @@ fn submit_wave(n: *mut Node) {
             WbKind::Data { pmem_off } if bg.map.is_some() => {
                 // A whole item starts the request: the ones continuing it ride along.
                 let len = if bg.item_off == 0 && rest <= MAX_IO as u64 {
-                    coalesce(&bg.batch.items, bg.item, MAX_IO as u64, true)
+                    sched::coalesce(&bg.batch.items, bg.item, MAX_IO as u64, true)
                 } else {
                     rest.min(MAX_IO as u64)
                 };
@@ -541,7 +511,7 @@ fn submit_wave(n: *mut Node) {
                 let room = (buf.len() - bg.bounce_used) as u64;
                 let max = room.min(MAX_IO as u64);
                 let len = if bg.item_off == 0 && rest <= max {
-                    coalesce(&bg.batch.items, bg.item, max, false)
+                    sched::coalesce(&bg.batch.items, bg.item, max, false)
                 } else {
                     rest.min(max)
                 };
@@ -588,7 +558,7 @@ fn submit_wave(n: *mut Node) {
                 // Zero extents are never split: the range is the item and any zero items
                 // continuing it.
                 let len = if bg.item_off == 0 {
-                    coalesce(&bg.batch.items, bg.item, u64::MAX, false)
+                    sched::coalesce(&bg.batch.items, bg.item, u64::MAX, false)
                 } else {
                     rest
                 };
@@ -754,7 +724,7 @@ fn batch_done(n: *mut Node, ok: bool) {
     if ok {
         e.writeback_done(&bg.batch, true);
     } else {
-        let backoff = (bg.backoff_ms * 2).clamp(BACKOFF_MIN_MS, BACKOFF_MAX_MS);
+        let backoff = bg.backoff.failed(now_us());
         let why = if bg.why.is_empty() {
             "the base bdev failed a request"
         } else {
@@ -771,19 +741,15 @@ fn batch_done(n: *mut Node, ok: bool) {
     bg.phase = Phase::Idle;
     if ok {
         bg.batches += 1;
-        if bg.backoff_ms > 0 {
+        if bg.backoff.succeeded() {
             noticelog!("{}: writeback recovered", nd.shared.name);
         }
-        bg.backoff_ms = 0;
-        bg.retry_at = 0;
     } else {
-        bg.backoff_ms = (bg.backoff_ms * 2).clamp(BACKOFF_MIN_MS, BACKOFF_MAX_MS);
-        bg.retry_at = ffi::ticks() + bg.backoff_ms * ffi::ticks_hz() / 1000;
         errlog!(
             "{}: writeback to base bdev {} failed; retrying in {} ms (the data stays dirty in pmem)",
             nd.shared.name,
             nd.base_name,
-            bg.backoff_ms
+            bg.backoff.ms()
         );
     }
     if stopped(n) {
