@@ -1,0 +1,231 @@
+//! The background runner of a volume: the engine tick, writeback windows written to
+//! the backing device in bounded waves, GC, and the idle FLUSH for direct writes, by
+//! the rules of `runtime::sched`; on its own thread (`start_background`) or, without
+//! one, on NBD reactor 0. A panic there fails the volume instead of hanging writers.
+
+use super::*;
+
+impl Volume {
+    /// Starts a background thread (tick every 100 ms, writeback, GC) for embedders without
+    /// NBD reactors; from then on reactors leave that work to it. Ends on `shutdown`.
+    /// A panic there stops the volume ([`Volume::fail`]) rather than leaving writers
+    /// waiting for space that nobody frees.
+    pub fn start_background(self: &Arc<Self>) -> io::Result<JoinHandle<()>> {
+        let v = Arc::clone(self);
+        let mut q = self.backing.queue()?;
+        self.bg_thread.store(true, Release);
+        std::thread::Builder::new()
+            .name("pcache-bg".into())
+            .spawn(move || {
+                let r =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| v.background(&mut q)));
+                if let Err(p) = r {
+                    v.fail(format!("background thread panicked: {}", panic_text(&*p)));
+                }
+            })
+    }
+
+    /// Stops the volume because something it depends on died: records why (the first
+    /// reason wins), stops the background work and wakes every waiter, which then
+    /// returns an error. `serve` sees it ([`Volume::failure`]) and exits non-zero.
+    pub fn fail(&self, why: String) {
+        eprintln!("pcache: {why}");
+        self.fatal.lock().unwrap().get_or_insert(why);
+        self.stop.store(true, Release);
+        self.kick();
+        self.gate_cv.notify_all();
+    }
+
+    /// Why the volume failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.fatal.lock().unwrap().clone()
+    }
+
+    fn background(&self, q: &mut Queue) {
+        let mut st = Background::default();
+        while !self.stop.load(Acquire) {
+            let seen = self.progress_seen();
+            if !self.background_step(q, &mut st) && !self.stop.load(Acquire) {
+                self.wait_progress(seen, BACKGROUND_IDLE);
+            }
+        }
+    }
+
+    /// The engine's tick when due, then one round of background work. Returns true if it
+    /// did something.
+    pub fn background_step(&self, q: &mut Queue, st: &mut Background) -> bool {
+        if st.tick.due(self.now_us(), sched::TICK_PERIOD_US) {
+            self.engine.tick();
+        }
+        self.background_once(q, &mut st.wb, &mut st.buf)
+    }
+
+    /// Microseconds since the volume opened: the clock the runtime rules are given.
+    fn now_us(&self) -> u64 {
+        self.t0.elapsed().as_micros() as u64
+    }
+
+    /// One round of background work (the rules are `runtime::sched`'s). Returns true if
+    /// it did something.
+    pub fn background_once(&self, q: &mut Queue, wb: &mut WbBatch, buf: &mut Vec<u8>) -> bool {
+        let e = &self.engine;
+        sched::before_round(e);
+        let mut worked = false;
+        let drain = self.drain.load(Relaxed);
+        let due = {
+            let b = self.backoff.lock().unwrap();
+            sched::writeback_due(e, drain, &b, || self.now_us())
+        };
+        if due {
+            match e.writeback_next(wb) {
+                WbNext::Ready => {
+                    worked = true;
+                    match self.write_batch(q, wb, buf) {
+                        Ok(()) => {
+                            e.writeback_done(wb, true);
+                            if self.backoff.lock().unwrap().succeeded() {
+                                eprintln!("pcache: writeback recovered");
+                            }
+                        }
+                        Err(err) => {
+                            let b = self.backoff.lock().unwrap().failed(self.now_us());
+                            e.writeback_failed(
+                                wb,
+                                &format!("{err}; retrying in {b} ms, the data stays dirty"),
+                            );
+                            eprintln!("pcache: writeback failed ({err}); retrying in {b} ms");
+                        }
+                    }
+                }
+                WbNext::Idle => {
+                    if self.drain.load(Relaxed) && e.dirty_bytes() == 0 {
+                        self.drain.store(false, Relaxed);
+                    }
+                }
+                WbNext::Stopped(_) => {}
+            }
+        }
+        if e.gc_wanted() && e.gc(buf).ksets > 0 {
+            worked = true;
+        }
+        if !worked {
+            let due =
+                sched::direct_flush_due(e, &mut self.direct_flush.lock().unwrap(), self.now_us());
+            if let Some(mark) = due {
+                if q.flush().is_ok() {
+                    e.direct_flushed(mark);
+                }
+            }
+        }
+        if worked {
+            self.progressed();
+        }
+        worked
+    }
+
+    /// Writes a window's items to the backing device, then one FLUSH for all. Data
+    /// extents that continue each other on the backing device go as one write
+    /// (`runtime::sched::coalesce`, as in SPDK), copied from the medium into `buf` in
+    /// waves of at most WB_WAVE bytes (up to WAVE_OPS writes submitted together), so the
+    /// buffer stays bounded whatever the window holds; zero and discard extents become
+    /// write-zeroes (discards when the whole run is discards).
+    fn write_batch(&self, q: &mut Queue, wb: &WbBatch, buf: &mut Vec<u8>) -> io::Result<()> {
+        const WAVE_OPS: usize = 16;
+        let items = &wb.items;
+        if items.is_empty() {
+            // Only clean keys and tombstones: nothing written, nothing to make durable.
+            return Ok(());
+        }
+        let mut i = 0;
+        while i < items.len() {
+            let len = sched::coalesce(items, i, WB_MAX_IO, false);
+            if !matches!(items[i].kind, WbKind::Data { .. }) {
+                let n = sched::items_in(items, i, len);
+                let t0 = Instant::now();
+                if items[i..i + n]
+                    .iter()
+                    .all(|it| matches!(it.kind, WbKind::Discard))
+                {
+                    q.discard(items[i].off, len)?;
+                } else {
+                    q.write_zeroes(items[i].off, len)?;
+                }
+                self.wb_lat.record(Class::Writeback, ns_since(t0));
+                i += n;
+                continue;
+            }
+            // One wave: consecutive data requests, gathered into `buf`.
+            let mut reqs = [(0u64, 0usize, 0usize); WAVE_OPS];
+            let (mut n, mut used) = (0, 0usize);
+            while i < items.len() && n < WAVE_OPS && matches!(items[i].kind, WbKind::Data { .. }) {
+                let len = sched::coalesce(items, i, WB_MAX_IO, false) as usize;
+                if n > 0 && used + len > WB_WAVE {
+                    break;
+                }
+                if buf.len() < used + len {
+                    buf.resize((used + len).max(WB_WAVE.min(1 << 20)), 0);
+                }
+                let k = sched::items_in(items, i, len as u64);
+                let mut at = used;
+                for it in &items[i..i + k] {
+                    if let WbKind::Data { pmem_off } = it.kind {
+                        let l = it.len as usize;
+                        self.engine.pmem().read(pmem_off, &mut buf[at..at + l]);
+                        at += l;
+                    }
+                }
+                reqs[n] = (items[i].off, used, len);
+                n += 1;
+                used += len;
+                i += k;
+            }
+            let mut ops: [Op<'_>; WAVE_OPS] =
+                std::array::from_fn(|_| Op::Write { off: 0, buf: &[] });
+            for (op, &(off, at, len)) in ops.iter_mut().zip(&reqs[..n]) {
+                *op = Op::Write {
+                    off,
+                    buf: &buf[at..at + len],
+                };
+            }
+            // The writes go out together: each one's latency is the time until all are back.
+            let t0 = Instant::now();
+            q.run(&mut ops[..n])?;
+            let ns = ns_since(t0);
+            for _ in 0..n {
+                self.wb_lat.record(Class::Writeback, ns);
+            }
+        }
+        let t0 = Instant::now();
+        // Direct writes completed before this FLUSH are durable after it too.
+        let mark = self.engine.direct_mark();
+        q.flush()?;
+        self.engine.direct_flushed(mark);
+        self.wb_lat.record(Class::Writeback, ns_since(t0));
+        Ok(())
+    }
+
+    /// Writes back every dirty byte from the calling thread (offline `pcache flush`).
+    /// `progress(done, total)` is called after each kset.
+    pub fn writeback_all(&self, mut progress: impl FnMut(u64, u64)) -> io::Result<()> {
+        self.engine
+            .flush()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let total = self.engine.dirty_bytes();
+        let mut q = self.backing.queue()?;
+        let (mut wb, mut buf) = (WbBatch::default(), Vec::new());
+        loop {
+            match self.engine.writeback_next(&mut wb) {
+                WbNext::Idle => break,
+                WbNext::Stopped(m) => {
+                    return Err(io::Error::other(format!("writeback stopped: {m}")))
+                }
+                WbNext::Ready => {
+                    self.write_batch(&mut q, &wb, &mut buf)?;
+                    self.engine.writeback_done(&wb, true);
+                    progress(total - self.engine.dirty_bytes().min(total), total);
+                }
+            }
+        }
+        Ok(())
+    }
+}

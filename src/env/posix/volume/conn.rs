@@ -1,0 +1,411 @@
+//! The reactors' handles to a volume: one `VolumeConn` per NBD reactor (an engine
+//! channel and an io_uring queue), the `BlockTarget` the NBD server exports, the FIFO
+//! deferral gate for requests that find the cache full or paced, and the direct writes
+//! of the cache policy (`runtime::direct`), held until the reactor's group commit.
+
+use super::*;
+
+impl Volume {
+    /// Runs `op` through the deferral gate: while it returns Busy, wait for background
+    /// progress; while others wait, queue behind them. With `bg` (the caller is the reactor
+    /// that runs the background work) it makes that progress itself while it waits.
+    fn gated(
+        &self,
+        mut op: impl FnMut() -> Result<(), IoError>,
+        mut bg: Option<(&mut Queue, &mut Background)>,
+    ) -> io::Result<()> {
+        {
+            let g = self.gate.lock().unwrap();
+            if g.next == g.serving {
+                drop(g);
+                match op() {
+                    Err(IoError::Busy) => {}
+                    r => return r.map_err(to_io),
+                }
+            }
+        }
+        // Only a request that waits reads the clock.
+        let since = Instant::now();
+        let mut g = self.gate.lock().unwrap();
+        let ticket = g.next;
+        g.next += 1;
+        self.engine.waiting_inc();
+        while g.serving != ticket {
+            match bg.as_mut() {
+                Some((q, st)) => {
+                    drop(g);
+                    let worked = self.background_step(q, st);
+                    g = self.gate.lock().unwrap();
+                    if !worked && g.serving != ticket {
+                        g = self.gate_cv.wait_timeout(g, INLINE_WAIT).unwrap().0;
+                    }
+                }
+                None => g = self.gate_cv.wait(g).unwrap(),
+            }
+        }
+        drop(g);
+        let mut overdrew = false;
+        let r = loop {
+            if self.stop.load(Acquire) {
+                break Err(io::Error::other("shutting down"));
+            }
+            let seen = self.progress_seen();
+            match op() {
+                // Waited long for pacing credit: in on the cache's headroom, if there is
+                // some (once per wait: it does not help a request waiting for space).
+                Err(IoError::Busy)
+                    if !overdrew
+                        && sched::may_overdraw(
+                            &self.engine,
+                            since.elapsed().as_micros() as u64,
+                        ) =>
+                {
+                    overdrew = true;
+                }
+                Err(IoError::Busy) => {
+                    overdrew = false;
+                    match bg.as_mut() {
+                        Some((q, st)) => {
+                            if !self.background_step(q, st) {
+                                self.wait_progress(seen, INLINE_WAIT);
+                            }
+                        }
+                        None => {
+                            // Wake the runner, then wait for its next progress (the kick
+                            // itself counts as progress: waiting from `seen` would spin),
+                            // or until the request is due to overdraw.
+                            if self.progress_seen() == seen {
+                                self.kick();
+                                let kicked = self.progress_seen();
+                                let due = Duration::from_micros(sched::PACE_WAIT_MAX_US)
+                                    .saturating_sub(since.elapsed());
+                                let wait = if due.is_zero() {
+                                    Duration::from_millis(50)
+                                } else {
+                                    due
+                                };
+                                self.wait_progress(kicked, wait);
+                            }
+                        }
+                    }
+                }
+                r => break r.map_err(to_io),
+            }
+        };
+        self.engine.waiting_dec();
+        let mut g = self.gate.lock().unwrap();
+        g.serving += 1;
+        self.gate_cv.notify_all();
+        r
+    }
+}
+
+/// A reactor's handle (shared by its clients): an engine channel, an io_uring queue, and
+/// on the reactor that runs it, the background work's state.
+pub struct VolumeConn {
+    vol: Arc<Volume>,
+    ch: Channel,
+    q: Queue,
+    bg: Option<Box<Background>>,
+    /// A write-type request ran since the last commit. Read misses also postpone their
+    /// fill's data sync, but no reply waits for it (a kset close drains it before the
+    /// key), so reads alone never cost a sync.
+    uncommitted: bool,
+    /// This reactor's latency histograms (only this reactor records into them).
+    lat: Arc<LatencySet>,
+    /// Direct writes held until the next commit (direct.rs).
+    held: DirectBatch,
+}
+
+impl Drop for VolumeConn {
+    fn drop(&mut self) {
+        // Best effort: never leave placeholders behind (nobody waits for a reply).
+        let _ = self.run_held();
+        self.vol.engine.latency().retire(&self.lat);
+        self.vol.engine.release_channel(&mut self.ch);
+    }
+}
+
+/// The NBD target: a shared volume.
+pub struct Target(pub Arc<Volume>);
+
+impl BlockTarget for Target {
+    type Conn = VolumeConn;
+    fn size(&self) -> u64 {
+        self.0.engine.size()
+    }
+    fn block_size(&self) -> u32 {
+        self.0.engine.block_size()
+    }
+    /// A handle holds an engine channel and an io_uring queue, per-thread resources with no
+    /// per-client state: one per NBD reactor serves all of that reactor's clients.
+    fn share_conns(&self) -> bool {
+        true
+    }
+    /// Also turns on group commit of a `file` medium: the reactors answer a write only
+    /// after [`BlockConn::commit`], one `fdatasync` per reactor pass.
+    fn connect(&self) -> io::Result<VolumeConn> {
+        self.0.engine.pmem().set_group_commit(true);
+        Ok(VolumeConn {
+            vol: Arc::clone(&self.0),
+            ch: Channel::default(),
+            q: self.0.backing.queue()?,
+            bg: None,
+            uncommitted: false,
+            lat: self.0.engine.latency().register(),
+            held: DirectBatch::default(),
+        })
+    }
+    fn background(&self, conn: &mut VolumeConn, wake: &Arc<Waker>) -> Option<Duration> {
+        let v = &self.0;
+        if v.bg_thread.load(Acquire) {
+            return None;
+        }
+        let _ = v.bg_waker.set(Arc::clone(wake));
+        let st = conn.bg.get_or_insert_with(Box::default);
+        Some(if v.background_step(&mut conn.q, st) {
+            Duration::ZERO
+        } else {
+            BACKGROUND_IDLE
+        })
+    }
+}
+
+impl VolumeConn {
+    /// Reads several miss ranges of one request (in order, disjoint), up to `BATCH` at
+    /// a time in one ring submission, from a stack array: nothing allocates.
+    fn read_misses(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        const BATCH: usize = 8;
+        let mut ops: [Op<'_>; BATCH] = std::array::from_fn(|_| Op::Read {
+            off: 0,
+            buf: &mut [],
+        });
+        let mut n = 0;
+        let mut rest: &mut [u8] = buf;
+        let mut base = 0usize;
+        for m in self.ch.misses() {
+            let (_, tail) = rest.split_at_mut(m.at - base);
+            let (mid, tail) = tail.split_at_mut(m.len);
+            ops[n] = Op::Read {
+                off: off + m.at as u64,
+                buf: mid,
+            };
+            n += 1;
+            if n == BATCH {
+                self.q.run(&mut ops[..n])?;
+                n = 0;
+            }
+            rest = tail;
+            base = m.at + m.len;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.q.run(&mut ops[..n])
+    }
+}
+
+impl VolumeConn {
+    /// Writes the held direct writes to the backing device and ends them.
+    fn run_held(&mut self) -> io::Result<()> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        self.held.run(&self.vol.engine, &mut self.ch, &mut self.q)
+    }
+
+    /// Runs the held direct writes first when one overlaps `[off, off + len)`.
+    fn settle(&mut self, off: u64, len: u64) -> io::Result<()> {
+        if !self.held.is_empty() && self.held.overlaps(off, len) {
+            return self.run_held();
+        }
+        Ok(())
+    }
+
+    /// A write the policy sends to the backing device (`runtime::direct`): None when it
+    /// goes through the cache after all. Held until the commit (direct.rs), so a pass's
+    /// writes reach the disk together; a FUA write goes at once.
+    fn write_direct(&mut self, off: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
+        let len = data.len() as u64;
+        // Older overlapping writes first: held writes never overlap each other.
+        if !self.held.is_empty()
+            && (fua || self.held.overlaps(off, len) || self.held.full_for(data.len()))
+        {
+            if let Err(x) = self.run_held() {
+                return Some(Err(x));
+            }
+        }
+        let op = match dproto::start_write(&self.vol.engine, &mut self.ch, off, len, fua) {
+            Ok(Some(op)) => op,
+            Ok(None) => return None,
+            Err(x) => return Some(Err(to_io(x))),
+        };
+        if !fua {
+            self.held.push(data, op);
+            return Some(Ok(()));
+        }
+        let r = self.q.write(off, data);
+        Some(self.finish_direct(op, data, r))
+    }
+
+    /// A write-zeroes or trim outside write-back (`runtime::direct::start_zeroes`): done
+    /// on the backing device, the cached copy invalidated. None: write-back, or dirty
+    /// data overlaps; it goes through the cache as a zero extent.
+    fn zeroes_direct(
+        &mut self,
+        off: u64,
+        len: u64,
+        discard: bool,
+        fua: bool,
+    ) -> Option<io::Result<()>> {
+        let op = match dproto::start_zeroes(&self.vol.engine, off, len, discard, fua) {
+            Ok(Some(op)) => op,
+            Ok(None) => return None,
+            Err(x) => return Some(Err(to_io(x))),
+        };
+        let r = if discard {
+            self.q.discard(off, len)
+        } else {
+            self.q.write_zeroes(off, len)
+        };
+        Some(self.finish_direct(op, &[], r))
+    }
+
+    /// The rest of the direct-write protocol after the backing command returned `r`:
+    /// the backing FLUSH it owes (FUA, write-through) and its end in the engine, before
+    /// that FLUSH unless it is a write-through.
+    fn finish_direct(&mut self, op: DirectOp, data: &[u8], r: io::Result<()>) -> io::Result<()> {
+        let e = &self.vol.engine;
+        if r.is_err() || !op.needs_flush() {
+            op.end(e, &mut self.ch, data, r.is_ok());
+            return r;
+        }
+        if op.ends_before_flush() {
+            op.end(e, &mut self.ch, data, true);
+            return self.flush_direct();
+        }
+        let r = self.q.flush();
+        op.end(e, &mut self.ch, data, r.is_ok());
+        r
+    }
+
+    /// After a FLUSH: the writes that went around the cache must be durable too.
+    fn flush_direct(&mut self) -> io::Result<()> {
+        if let Some(mark) = dproto::flush_owed(&self.vol.engine) {
+            self.q.flush()?;
+            self.vol.engine.direct_flushed(mark);
+        }
+        Ok(())
+    }
+}
+
+impl BlockConn for VolumeConn {
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        let t0 = Instant::now();
+        self.settle(off, buf.len() as u64)?;
+        let missed = self
+            .vol
+            .engine
+            .read(&mut self.ch, off, buf)
+            .map_err(to_io)?;
+        if missed == 0 {
+            self.lat.record(Class::ReadHit, ns_since(t0));
+            return Ok(());
+        }
+        // The common case is one miss: read it directly, allocating nothing.
+        let mut misses = self.ch.misses();
+        let first = misses.next().expect("missed > 0 means a miss");
+        let r = if misses.next().is_none() {
+            drop(misses);
+            self.q.read(
+                off + first.at as u64,
+                &mut buf[first.at..first.at + first.len],
+            )
+        } else {
+            drop(misses);
+            self.read_misses(off, buf)
+        };
+        self.vol.engine.fill(&mut self.ch, off, buf, r.is_ok());
+        match &r {
+            Ok(()) => self.lat.record(Class::ReadMiss, ns_since(t0)),
+            Err(e) => self.vol.engine.io_error(format!(
+                "read of {} bytes at offset {off} from the backing device failed: {e}",
+                buf.len()
+            )),
+        }
+        r
+    }
+
+    fn write(&mut self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.uncommitted = true;
+        let t0 = Instant::now();
+        if let Some(r) = self.write_direct(off, data, fua) {
+            if r.is_ok() {
+                self.lat.record(Class::Write, ns_since(t0));
+            }
+            return r;
+        }
+        let (vol, ch) = (&self.vol, &mut self.ch);
+        let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
+        let r = vol.gated(|| vol.engine.write(ch, off, data, fua), bg);
+        if r.is_ok() {
+            self.lat.record(Class::Write, ns_since(t0));
+        }
+        r
+    }
+
+    fn wants_commit(&self) -> bool {
+        !self.held.is_empty() || (self.uncommitted && self.vol.engine.pmem().pending())
+    }
+
+    fn commit(&mut self) -> io::Result<()> {
+        let held = self.run_held();
+        if !std::mem::take(&mut self.uncommitted) {
+            return held;
+        }
+        let r = self
+            .vol
+            .engine
+            .pmem()
+            .commit()
+            .map_err(|e| io::Error::other(e.to_string()));
+        held.and(r)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let t0 = Instant::now();
+        self.run_held()?;
+        let vol = &self.vol;
+        let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
+        let r = vol
+            .gated(|| vol.engine.flush(), bg)
+            .and_then(|()| self.flush_direct());
+        if r.is_ok() {
+            self.lat.record(Class::Flush, ns_since(t0));
+        }
+        r
+    }
+
+    fn trim(&mut self, off: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.settle(off, len)?;
+        self.uncommitted = true;
+        if let Some(r) = self.zeroes_direct(off, len, true, fua) {
+            return r;
+        }
+        let vol = &self.vol;
+        let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
+        vol.gated(|| vol.engine.write_zeroes(off, len, true, fua), bg)
+    }
+
+    fn write_zeroes(&mut self, off: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
+        self.settle(off, len)?;
+        self.uncommitted = true;
+        // Kept allocated (ZERO_RANGE), as a write-zeroes asks, even when it may trim.
+        if let Some(r) = self.zeroes_direct(off, len, false, fua) {
+            return r;
+        }
+        let vol = &self.vol;
+        let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
+        vol.gated(|| vol.engine.write_zeroes(off, len, may_trim, fua), bg)
+    }
+}

@@ -1,0 +1,175 @@
+//! Volume tests against real files: group commit through the target, write-zeroes and
+//! trims outside write-back, direct writes held until the commit.
+
+use super::*;
+
+/// A 64 MiB file medium over a 64 MiB backing file in a fresh directory, formatted
+/// (in `mode`, if given): (directory, backing path, volume).
+fn test_volume(tag: &str, mode: Option<CacheMode>) -> (PathBuf, PathBuf, Arc<Volume>) {
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let backing = dir.join("backing");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut o = VolumeOptions::new(dir.join("cache"), backing.clone());
+    o.pmem_size = Some(64 << 20);
+    o.seg_size = 1 << 20;
+    o.cache_mode = mode;
+    (dir, backing, Volume::format(&o).unwrap())
+}
+
+/// Group commit on a `file` medium through the NBD handle: writes postpone their data
+/// sync to `commit`, one sync covers them all, and FUA, FLUSH and kset closes (the
+/// engine's `drain`) never leave postponed data behind a key.
+#[test]
+fn file_medium_group_commit_through_the_target() {
+    let (dir, _, vol) = test_volume("pcache-vol-gc", None);
+    let pm = vol.engine.pmem();
+    assert_eq!(pm.mode(), Persistence::File);
+    let t = Target(Arc::clone(&vol));
+    let mut c = t.connect().unwrap();
+    assert!(pm.group_commit());
+
+    let syncs = pm.syncs();
+    for i in 0..32u64 {
+        c.write(i * 4096, &[i as u8; 4096], false).unwrap();
+    }
+    assert!(pm.pending(), "data syncs postponed to the commit");
+    assert_eq!(pm.syncs(), syncs, "no sync per write");
+    c.commit().unwrap();
+    assert!(!pm.pending());
+    assert_eq!(pm.syncs(), syncs + 1, "32 writes, one sync");
+
+    // FLUSH drains before it closes the ksets.
+    c.write(0, &[9; 4096], false).unwrap();
+    assert!(pm.pending());
+    c.flush().unwrap();
+    assert!(!pm.pending());
+    // FUA closes the write's kset, which drains first: durable on return.
+    c.write(8192, &[7; 4096], true).unwrap();
+    assert!(!pm.pending());
+    // A kset closed by ticks (two of them) drains too.
+    c.write(4096, &[5; 4096], false).unwrap();
+    assert!(pm.pending());
+    vol.engine.tick();
+    vol.engine.tick();
+    assert!(!pm.pending());
+    let mut b = vec![0; 4096];
+    c.read(4096, &mut b).unwrap();
+    assert_eq!(b, vec![5; 4096]);
+    // A read miss fills the cache without asking its reply to wait for a sync.
+    c.commit().unwrap();
+    let before = pm.syncs();
+    c.read(32 << 20, &mut b).unwrap();
+    c.commit().unwrap();
+    assert_eq!(pm.syncs(), before, "reads alone never sync");
+    assert!(pm.pending(), "the fill's data waits for the next drain");
+    c.flush().unwrap();
+    assert!(!pm.pending());
+    drop(c);
+    drop(t);
+    drop(vol);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Outside write-back, write-zeroes and trims go to the backing file: they read
+/// back as zeros, the file has the zeros, nothing is left dirty, and they count as
+/// bypassed. Data cached clean (written in write-through) is invalidated.
+#[test]
+fn zeroes_and_trims_bypass_the_cache_outside_writeback() {
+    let (dir, backing, vol) = test_volume("pcache-vol-zero", Some(CacheMode::WriteThrough));
+    let t = Target(Arc::clone(&vol));
+    let mut c = t.connect().unwrap();
+    let mb = 1u64 << 20;
+    for (i, mode) in [
+        CacheMode::WriteThrough,
+        CacheMode::WriteAround,
+        CacheMode::PassThrough,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = vol.engine.policy().with(Some(mode), None, None);
+        vol.engine.set_policy(p).unwrap();
+        let base = i as u64 * 4 * mb;
+        c.write(base, &vec![0xab; 4 * mb as usize], false).unwrap();
+        let hits = vol.engine.stats().hits;
+        let mut b = vec![0u8; 4096];
+        c.read(base, &mut b).unwrap();
+        let before = vol.engine.stats();
+        c.write_zeroes(base + mb, mb, true, false).unwrap();
+        c.trim(base + 2 * mb, mb, true).unwrap();
+        let st = vol.engine.stats();
+        assert_eq!(
+            st.bypassed_requests,
+            before.bypassed_requests + 2,
+            "{mode:?}"
+        );
+        assert_eq!(st.write_zeroes, before.write_zeroes + 1);
+        assert_eq!(st.discards, before.discards + 1);
+        assert_eq!(vol.engine.dirty_bytes(), 0, "{mode:?} left dirty data");
+        c.flush().unwrap();
+        let mut got = vec![0u8; 4 * mb as usize];
+        c.read(base, &mut got).unwrap();
+        let file = std::fs::read(&backing).unwrap();
+        let file = &file[base as usize..(base + 4 * mb) as usize];
+        for (what, data) in [("read", &got[..]), ("backing file", file)] {
+            let m = mb as usize;
+            assert!(data[..m].iter().all(|&x| x == 0xab), "{mode:?} {what}");
+            assert!(data[m..3 * m].iter().all(|&x| x == 0), "{mode:?} {what}");
+            assert!(data[3 * m..].iter().all(|&x| x == 0xab), "{mode:?} {what}");
+        }
+        if mode == CacheMode::WriteThrough {
+            assert!(
+                hits < vol.engine.stats().hits,
+                "write-through cached the data"
+            );
+        }
+    }
+    drop(c);
+    drop(t);
+    drop(vol);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Direct writes are held until the commit and then written together; a read or
+/// a zeroing of their range, a FLUSH, a FUA write or an overlapping write runs them
+/// first, so the handle always reads what it wrote and the newest write wins.
+#[test]
+fn direct_writes_are_held_until_the_commit() {
+    let (dir, backing, vol) = test_volume("pcache-vol-held", Some(CacheMode::WriteAround));
+    let t = Target(Arc::clone(&vol));
+    let mut c = t.connect().unwrap();
+    let on_disk = |off: usize| std::fs::read(&backing).unwrap()[off];
+    for i in 0..8u64 {
+        c.write(i * 65536, &[i as u8 + 1; 65536], false).unwrap();
+    }
+    assert!(c.wants_commit(), "held writes want the commit");
+    assert_eq!(on_disk(7 * 65536), 0, "not written before the commit");
+    c.commit().unwrap();
+    assert!(!c.wants_commit());
+    assert_eq!(on_disk(7 * 65536), 8);
+    // Overlapping writes: the newer one wins on the disk and in reads.
+    c.write(0, &[0x11; 8192], false).unwrap();
+    c.write(4096, &[0x22; 4096], false).unwrap();
+    let mut b = vec![0u8; 8192];
+    c.read(0, &mut b).unwrap();
+    assert_eq!((b[0], b[4096]), (0x11, 0x22), "reads see held writes");
+    c.write(65536, &[0x33; 4096], false).unwrap();
+    c.flush().unwrap();
+    assert_eq!(on_disk(65536), 0x33, "FLUSH wrote the held writes");
+    assert_eq!((on_disk(0), on_disk(4096)), (0x11, 0x22));
+    c.write(131072, &[0x44; 4096], false).unwrap();
+    c.write_zeroes(131072, 4096, false, false).unwrap();
+    c.read(131072, &mut b[..4096]).unwrap();
+    assert_eq!(b[..4096], [0u8; 4096][..], "zeroes after the held write");
+    assert_eq!(vol.engine.dirty_bytes(), 0);
+    let st = vol.engine.stats();
+    assert!(st.bypassed_requests >= 12, "{}", st.bypassed_requests);
+    drop(c);
+    drop(t);
+    drop(vol);
+    let _ = std::fs::remove_dir_all(&dir);
+}
