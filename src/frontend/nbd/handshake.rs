@@ -11,6 +11,7 @@ use std::thread::{self, JoinHandle};
 
 use super::super::proto::{self, InfoRequest, OptionHeader};
 use super::super::reactor::Handoff;
+use super::super::sockets::violation;
 use super::super::BlockTarget;
 use super::*;
 
@@ -99,11 +100,6 @@ pub(super) fn handshake<T: BlockTarget>(
 
 pub(super) fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
-}
-
-/// A client broke the protocol in a way that leaves nothing to answer: close it.
-pub(in crate::frontend::nbd) fn violation(msg: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
 /// How a handshake ended.

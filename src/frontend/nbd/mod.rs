@@ -33,6 +33,7 @@
 pub mod proto;
 mod reactor;
 mod server;
+mod sockets;
 #[cfg(test)]
 mod tests;
 

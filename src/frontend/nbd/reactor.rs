@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::proto::{self, Command, Limits, Request, REQUEST_LEN};
-use super::server::{is_disconnect, violation, Peer, Slot};
+use super::sockets::{is_disconnect, violation, Peer, Slot};
 use super::{BlockConn, BlockTarget};
 use crate::env::posix::poll::{Interest, PollSet, Waker};
 
