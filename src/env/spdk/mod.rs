@@ -1,12 +1,15 @@
 //! The SPDK bdev module (feature `spdk`): pcache as a virtual bdev inside a stock
 //! `spdk_tgt` or `bdevperf`, loaded with `LD_PRELOAD` from the cdylib this crate builds.
 //!
-//! Layout: `module` (registration, registry, examine, config), `cache` (attach and
-//! teardown of one cache), `vbdev` (the bdev function table), `channel` (per-thread
-//! context), `io` (request paths), `writeback` (tick, writeback and GC pollers), `wbmap`
-//! (direct pmem access for writeback), `rpc` and `params` (JSON-RPC methods), `json`
-//! (SPDK JSON <-> serde_json) and `ffi` (small wrappers). All of the crate's
-//! SPDK-facing `unsafe` code lives here.
+//! Layout, in layers (each file imports only files of lower layers; tidy checks that no
+//! import cycle forms): `ffi` (small wrappers), `json` (SPDK JSON <-> serde_json),
+//! `params` (JSON-RPC parameters), `wbmap` (direct pmem access for writeback); `ctx` (the
+//! state they share: a cache's `Shared` and `Node`, a channel's and a request's context,
+//! completion); the I/O paths `direct` and `io`, the per-thread `channel`, the background
+//! `writeback` (tick, writeback and GC pollers); `registry` (configured caches, the
+//! module struct, statistics); on top `cache` (attach, the bdev function table,
+//! teardown), `module` (registration, examine, config) and `rpc` (JSON-RPC methods). All
+//! of the crate's SPDK-facing `unsafe` code lives here.
 //!
 //! Invariants: registration happens in a load-time constructor, before `main` (the C
 //! object spdk-sys/c/load.c, linked into the cdylib only), so the
@@ -18,14 +21,15 @@
 
 mod cache;
 mod channel;
+mod ctx;
 mod direct;
 mod ffi;
 mod io;
 mod json;
 mod module;
 mod params;
+mod registry;
 mod rpc;
-mod vbdev;
 mod wbmap;
 mod writeback;
 
