@@ -118,6 +118,7 @@ pub(super) fn remove_created(params: &CreateParams) {
 }
 
 extern "C" fn module_init() -> i32 {
+    super::log_loaded();
     0
 }
 
