@@ -37,10 +37,10 @@ pub const SPDK_VERSION: &str = spdk_sys::SPDK_SYS_VERSION;
 /// Runs when the shared object is loaded (LD_PRELOAD: before the host's `main`), called
 /// by the constructor in spdk-module/c/load.c, which only the module's cdylib links: a
 /// `.init_array` entry here would be kept in every executable linking this crate and drag
-/// SPDK in. Prepares one line with pcache's version and both SPDKs (logged at module init),
-/// registers the module and its RPC methods, unless the app runs another SPDK than the module was built
-/// against: then it registers nothing and logs why (a later "Method 'bdev_pcache_create'
-/// was not found" has that line as its explanation).
+/// SPDK in. Prepares one line with pcache's version and both SPDKs (logged at module
+/// init) and registers the module and its RPC methods, unless the app runs another SPDK
+/// than the module was built against: then it registers nothing and logs why (a later
+/// "Method 'bdev_pcache_create' was not found" has that line as its explanation).
 #[no_mangle]
 pub extern "C" fn spdk_sys_module_load() {
     let built = format!("SPDK v{SPDK_VERSION} ({})", spdk_sys::SPDK_SYS_LIB_DIR);
@@ -91,7 +91,8 @@ fn host_spdk() -> Result<String, String> {
             path.len(),
         )
     };
-    // SAFETY: NUL-terminated by spdk_sys_host_version (also on failure), alive here.
+    // SAFETY: every buffer passed is NUL-terminated by the C side (also on failure) and
+    // alive here.
     let text = |b: &[std::ffi::c_char]| {
         unsafe { std::ffi::CStr::from_ptr(b.as_ptr()) }
             .to_string_lossy()
