@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (`.ci/run` calls exactly this script).
 # Installs the real clients the tests use (Debian packages) when they are missing,
-# then: format check, clippy with -D warnings, every cargo test, the SPDK module's tier
+# then: format check, clippy with -D warnings, every cargo test, a check that a build
+# without SPDK writes no shared object (no module look-alike), the SPDK module's tier
 # (test/spdk/run.sh), and a time-boxed fuzz smoke run. The SPDK tier runs against
 # SPDK_DIR or the SPDK that scripts/build-spdk.sh builds from the pinned source
 # (../shared/spdk) and keeps in its cache; it skips, saying how to get an SPDK, only when
@@ -41,6 +42,25 @@ if grep -q "test result: FAILED\|error: test failed\|error\[" /tmp/pcache-test.l
   tail -60 /tmp/pcache-test.log
   exit 1
 fi
+echo "== a build without SPDK writes no shared object (the module is libspdk_bdev_pcache.so of -p spdk_bdev_pcache only)"
+# Every artifact the default build (the root crate: lib, binary, and its dependencies)
+# reports, in whatever target directory: none may be a .so, above all none named like
+# the module.
+so_files=$(env -u SPDK_DIR cargo build --release --message-format=json 2> /tmp/pcache-nospdk-build.log |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    # Proc-macro dependencies are compiler plugins in deps/, not products.
+    if m.get("reason") == "compiler-artifact" and "proc-macro" not in m["target"]["kind"]:
+        for f in m["filenames"]:
+            if ".so" in f.rsplit("/", 1)[-1]:
+                print(f)' || echo "build failed")
+if [ -n "$so_files" ]; then
+  echo "== FAILED: cargo build --release without SPDK produced: $so_files"
+  tail -20 /tmp/pcache-nospdk-build.log
+  exit 1
+fi
+echo "   ok: cargo build --release (no SPDK) produced no lib*.so"
 echo "== SPDK module (SPDK_DIR, else the SPDK scripts/build-spdk.sh builds from ../shared/spdk and caches)"
 # The tier exits non-zero on any failed case (or a failed build): that fails the run.
 spdk_rc=0

@@ -39,6 +39,7 @@ pub(super) fn register() {
 }
 
 extern "C" fn module_init() -> i32 {
+    super::log_loaded();
     0
 }
 
