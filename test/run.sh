@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it (`.ci/run` calls exactly this script).
 # Installs the real clients the tests use (Debian packages) when they are missing,
 # then: format check, clippy with -D warnings, every cargo test, a check that a build
-# without SPDK writes no shared object (no module look-alike), the SPDK module's tier
+# without SPDK writes no shared object (no module look-alike), clippy and the unit tests
+# of the SPDK side with --features spdk, the SPDK module's tier
 # (test/spdk/run.sh), and a time-boxed fuzz smoke run. The SPDK tier runs against
 # SPDK_DIR or the SPDK that scripts/build-spdk.sh builds from the pinned source
 # (../shared/spdk) and keeps in its cache; it skips, saying how to get an SPDK, only when
@@ -61,6 +62,36 @@ if [ -n "$so_files" ]; then
   exit 1
 fi
 echo "   ok: cargo build --release (no SPDK) produced no lib*.so"
+echo "== SPDK side: clippy -D warnings and unit tests with --features spdk"
+# The SPDK code is linted and unit-tested whenever there is an SPDK: SPDK_DIR, else the
+# one scripts/build-spdk.sh keeps in its cache (building it from the pinned source the
+# first time; the SPDK tier below then reuses it). Exit 3: no SPDK and no source.
+spdk_dir=${SPDK_DIR:-}
+if [ -z "$spdk_dir" ]; then
+  build_rc=0
+  spdk_dir=$(bash scripts/build-spdk.sh) || build_rc=$?
+  if [ "$build_rc" = 3 ]; then
+    spdk_dir=
+  elif [ "$build_rc" != 0 ]; then
+    echo "== FAILED: building SPDK (scripts/build-spdk.sh, exit $build_rc)"
+    exit 1
+  fi
+fi
+if [ -n "$spdk_dir" ]; then
+  SPDK_DIR=$spdk_dir cargo clippy --features spdk --all-targets -- -D warnings
+  SPDK_DIR=$spdk_dir cargo clippy -p spdk_bdev_pcache --all-targets -- -D warnings
+  SPDK_DIR=$spdk_dir cargo test --features spdk --lib 2>&1 | tee /tmp/pcache-spdk-unit.log | grep -E "^test result" || true
+  if ! grep -q "^test result: ok" /tmp/pcache-spdk-unit.log || grep -q "test result: FAILED\|error\[\|error: " /tmp/pcache-spdk-unit.log; then
+    echo "== SPDK unit tests FAILED; log tail:"
+    tail -40 /tmp/pcache-spdk-unit.log
+    exit 1
+  fi
+  spdk_unit=$(grep -oE "^test result: ok\. [0-9]+ passed" /tmp/pcache-spdk-unit.log | awk '{ n += $4 } END { print n + 0 }')
+  echo "   ok: clippy (lib, tests, module crate) and $spdk_unit unit tests with --features spdk"
+  export SPDK_DIR=$spdk_dir
+else
+  echo "SKIP: SPDK side lint and unit tests (no SPDK_DIR, no SPDK source in ../shared/spdk)"
+fi
 echo "== SPDK module (SPDK_DIR, else the SPDK scripts/build-spdk.sh builds from ../shared/spdk and caches)"
 # The tier exits non-zero on any failed case (or a failed build): that fails the run.
 spdk_rc=0
