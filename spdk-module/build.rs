@@ -1,13 +1,12 @@
 //! Build script of the SPDK module crate (`spdk_bdev_pcache`): links SPDK into the
 //! shared object, with the module's load-time constructor, and into nothing else.
 //!
-//! From what spdk-sys found (`DEP_SPDK_LIB_DIR`, `DEP_SPDK_LIBS`, `DEP_SPDK_SEARCH`,
-//! `DEP_SPDK_SYSLIBS`) it passes the constructor's object (c/load.c, compiled here), `-l`
-//! for exactly the SPDK libraries the module calls, an rpath to SPDK's library
-//! directories, so the module loads SPDK's shared libraries without `LD_LIBRARY_PATH`,
-//! and SPDK's system libraries with `--no-as-needed`: SPDK's .so files use them without
-//! declaring them, and rustc's default `--as-needed` would drop them, since the module
-//! never calls them directly.
+//! It passes the constructor's object (c/load.c, compiled here), then spdk-sys's link
+//! arguments (`DEP_SPDK_LINK_ARGS`): `-l` for exactly the SPDK libraries the module
+//! calls, an rpath to SPDK's library directories, so the module loads SPDK's shared
+//! libraries without `LD_LIBRARY_PATH`, and SPDK's system libraries with
+//! `--no-as-needed`: SPDK's .so files use them without declaring them, and rustc's
+//! default `--as-needed` would drop them, since the module never calls them directly.
 //!
 //! Invariants: the flags go to the cdylib only (`rustc-link-arg-cdylib`); the constructor
 //! is a loose object named on the link line, so it is always linked (a member of an
@@ -20,13 +19,10 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=c/load.c");
-    for v in ["LIB_DIR", "LIBS", "SEARCH", "SYSLIBS"] {
-        println!("cargo:rerun-if-env-changed=DEP_SPDK_{v}");
-    }
-    let var = |v: &str| std::env::var(format!("DEP_SPDK_{v}")).unwrap_or_default();
-    let lib_dir = var("LIB_DIR");
-    if lib_dir.is_empty() {
-        panic!("spdk_bdev_pcache: spdk-sys exported no SPDK library directory (DEP_SPDK_LIB_DIR)");
+    println!("cargo:rerun-if-env-changed=DEP_SPDK_LINK_ARGS");
+    let link = std::env::var("DEP_SPDK_LINK_ARGS").unwrap_or_default();
+    if link.is_empty() {
+        panic!("spdk_bdev_pcache: spdk-sys exported no SPDK link arguments (DEP_SPDK_LINK_ARGS)");
     }
 
     // The constructor: one object, named first on the link line.
@@ -38,23 +34,7 @@ fn main() {
     let obj: &PathBuf = objs.first().expect("cc compiled c/load.c to no object");
     let mut args = vec![obj.display().to_string()];
 
-    for dir in std::iter::once(lib_dir.as_str()).chain(var("SEARCH").split_whitespace()) {
-        if !dir.is_empty() {
-            args.push(format!("-L{dir}"));
-            args.push(format!("-Wl,-rpath,{dir}"));
-        }
-    }
-    args.extend(var("LIBS").split_whitespace().map(|l| format!("-l{l}")));
-    let sys: Vec<String> = var("SYSLIBS")
-        .split_whitespace()
-        .map(|l| format!("-l{l}"))
-        .collect();
-    if !sys.is_empty() {
-        args.push(format!(
-            "-Wl,--push-state,--no-as-needed,{},--pop-state",
-            sys.join(",")
-        ));
-    }
+    args.extend(link.split_whitespace().map(str::to_string));
     for a in &args {
         println!("cargo:rustc-link-arg-cdylib={a}");
     }

@@ -272,7 +272,7 @@ fn compile_shim(spdk: &Spdk) {
 }
 
 fn emit_link(spdk: &Spdk) {
-    // Read by spdk-module/build.rs as DEP_SPDK_*; see its doc comment.
+    // Read by spdk-module/build.rs and the root build.rs as DEP_SPDK_*.
     println!("cargo:lib_dir={}", spdk.lib_dir.display());
     println!("cargo:libs={}", SPDK_LIBS.join(" "));
     let search: Vec<String> = spdk
@@ -282,6 +282,27 @@ fn emit_link(spdk: &Spdk) {
         .collect();
     println!("cargo:search={}", search.join(" "));
     println!("cargo:syslibs={}", spdk.syslibs.join(" "));
+    // The linker arguments that link SPDK into a shared object or executable, in one
+    // list (DEP_SPDK_LINK_ARGS, space-separated), so the crates that link SPDK (the
+    // module's cdylib, the root crate's test executables) pass the same ones: -L and an
+    // rpath for each library directory (SPDK's .so files then load without
+    // LD_LIBRARY_PATH), -l for exactly the libraries the module calls, and SPDK's
+    // system libraries with --no-as-needed (SPDK's .so files use them without declaring
+    // them, and rustc's default --as-needed would drop them).
+    let mut args = Vec::new();
+    for dir in std::iter::once(spdk.lib_dir.display().to_string()).chain(search) {
+        args.push(format!("-L{dir}"));
+        args.push(format!("-Wl,-rpath,{dir}"));
+    }
+    args.extend(SPDK_LIBS.iter().map(|l| format!("-l{l}")));
+    if !spdk.syslibs.is_empty() {
+        let sys: Vec<String> = spdk.syslibs.iter().map(|l| format!("-l{l}")).collect();
+        args.push(format!(
+            "-Wl,--push-state,--no-as-needed,{},--pop-state",
+            sys.join(",")
+        ));
+    }
+    println!("cargo:link_args={}", args.join(" "));
     if let Some(inc) = spdk.include.first() {
         println!("cargo:include={}", inc.display());
     }
