@@ -29,7 +29,7 @@ use pcache::engine::format::{
     check_kset, crc, decode_gen, get_u32, pick_replica, put_u32, put_u64, CacheInfo, KeyRec,
     KsetCheck, KsetHdr, LogPos, MediaError, Superblock, DIRTY_TAIL_OFF, GEN_OFF, GEN_SIZE,
     INFO_OFF, INFO_SIZE, KEY_SIZE, KEY_TAIL_OFF, KEY_ZERO, KIND_DIRTY_TAIL, KIND_KEY_TAIL,
-    KSET_HDR, KSET_LAST, SB_OFF, SB_SIZE, TAIL_SIZE,
+    KSET_HDR, KSET_LAST, KSET_MAGIC, SB_OFF, SB_SIZE, SEGMENTS_OFF, SEG_HDR, TAIL_SIZE,
 };
 use pcache::engine::{Channel, Engine, FormatOptions, WbBatch, WbNext};
 use pcache::env::sim::pmem::SimPmem;
@@ -161,7 +161,7 @@ fn log_end(img: &[u8]) -> LogPos {
 /// Re-seals the kset at medium offset `at` over the size its header claims (bounded
 /// by its segment), as a writer that made a valid kset of the damaged fields would.
 fn reseal_kset(img: &mut [u8], at: usize) {
-    let in_seg = ((at as u64 - pcache::engine::format::SEGMENTS_OFF) % SEG as u64) - 4096;
+    let in_seg = (at as u64 - SEGMENTS_OFF) % SEG as u64 - SEG_HDR;
     let size = if get_u32(img, at + 16) & KSET_LAST != 0 {
         KSET_HDR
     } else {
@@ -516,7 +516,7 @@ fn kset_overruns_segment() {
             }
             .encode(&mut img[at + KSET_HDR + i * KEY_SIZE..]);
         }
-        put_u32(&mut img, at + 4, pcache::engine::format::KSET_MAGIC);
+        put_u32(&mut img, at + 4, KSET_MAGIC);
         put_u64(&mut img, at + 8, 1);
         put_u32(&mut img, at + 16, 0);
         put_u32(&mut img, at + 20, count);
