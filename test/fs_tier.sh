@@ -6,14 +6,17 @@
 # larger sparse backing file) -> nbdfuse (the NBD export as a file) -> losetup (a block
 # device) -> ext4 / xfs. Per file system: mkfs once, then FS_CYCLES cycles of
 #   mount; run test/fs_workload.py (creates, appends, renames, unlinks, each fsync'd
-#   and logged with its SHA-256 to a manifest outside the file system, plus unsynced
-#   bulk writes that fill the cache); kill -9 pcache at a moment that rotates between
-#   random, "while writeback runs" and "while the cache is full" (polled from the
-#   control socket); restart serve on the same medium; restart nbdfuse (it exits when
-#   its server goes away); losetup; mount (journal replay); every fsync'd file present
+#   and logged with its SHA-256 to a manifest outside the file system, plus bulk
+#   writes that fill the cache); kill -9 pcache at a moment that rotates between
+#   random, "while writeback runs" and "while the cache is full" (a writer waiting
+#   for space or paced above the GC watermark), polled from the control socket;
+#   restart serve on the same medium; restart nbdfuse (it exits when its server
+#   goes away); losetup; mount (journal replay); every fsync'd file present
 #   with its checksum, every fsync'd unlink/rename away absent; umount; fsck.ext4 -fn /
 #   xfs_repair -n clean.
-# Prints `fs cycles: N, fsck clean: N, fsynced files verified: N` and exits non-zero
+# Prints `fs cycles: N, fsck clean: N, fsynced files verified: N` (checks summed over
+# the cycles: a file fsync'd in an early cycle is checked again after every later
+# kill) and exits non-zero
 # on any mismatch, unclean fsck or failed step. Prints a `SKIP: fs tier: <reason>`
 # line instead when the container cannot run it (not root, no FUSE, no loop devices,
 # missing tools). Cleans up mounts, loop devices, FUSE mounts and processes on any
@@ -231,7 +234,7 @@ wait_kill_moment() {
       while [ $SECONDS -lt $deadline ]; do
         f=$(ctl_status cache_full_events) p=$(ctl_status paced_writes) q=$(ctl_status waiting_requests)
         if [ "$f" -gt "$full0" ] || [ "$p" -gt "$paced0" ] || [ "$q" -gt 0 ]; then
-          echo "with the cache full (cache_full_events $full0 -> $f, paced_writes $paced0 -> $p, waiting $q)"
+          echo "with writers held for space (cache_full_events $full0 -> $f, paced_writes $paced0 -> $p, waiting $q)"
           return
         fi
         sleep 0.05
@@ -308,6 +311,6 @@ for fs in "${fs_ok[@]}"; do
   SERVE_PID=""
   [ $boxed = 1 ] && break
 done
-echo "fs tier: kill moments: random ${moments[random]:-0}, during writeback ${moments[writeback]:-0}, cache full ${moments[full]:-0}, condition not seen (killed at the deadline) ${moments[missed]:-0}; $((SECONDS - start)) s"
+echo "fs tier: kill moments: random ${moments[random]:-0}, during writeback ${moments[writeback]:-0}, cache full or pacing writers ${moments[full]:-0}, condition not seen (killed at the deadline) ${moments[missed]:-0}; $((SECONDS - start)) s"
 echo "fs cycles: $cycles, fsck clean: $clean, fsynced files verified: $verified"
 [ "$cycles" -gt 0 ] && [ "$clean" = "$cycles" ] && [ "$verified" -gt 0 ]

@@ -73,7 +73,12 @@ def run(mnt, manifest, tag, seed):
     for d in dirs:
         os.makedirs(os.path.join(mnt, d), exist_ok=True)
     fsync_dir(mnt)
-    junk = []
+    # Bulk files of earlier runs too, oldest first, so their total stays bounded
+    # across cycles (the file system is only a few hundred MiB).
+    junk = sorted(
+        (os.path.join(mnt, f) for f in os.listdir(mnt) if f.startswith("junk-")),
+        key=os.path.getmtime,
+    )
     n = 0
     while True:
         n += 1
@@ -109,7 +114,8 @@ def run(mnt, manifest, tag, seed):
             fsync_dir(os.path.dirname(os.path.join(mnt, old)))
             log(f"D rename {old} {new} {h}")
             alive[alive.index(old)] = new
-        elif r < 0.80:
+        elif r < 0.80 or len(alive) > 400:
+            # Unlinks, and whenever many files live (bounded space across cycles).
             name = alive.pop(rnd.randrange(len(alive)))
             log(f"P unlink {name}")
             os.unlink(os.path.join(mnt, name))
@@ -126,7 +132,7 @@ def run(mnt, manifest, tag, seed):
                 # content is still never checked): the cache fills faster.
                 os.fdatasync(f.fileno())
             junk.append(path)
-            if len(junk) > 24:
+            while len(junk) > 24:
                 os.unlink(junk.pop(0))
 
 
