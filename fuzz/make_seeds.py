@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Writes the named seeds of the replay fuzz target into fuzz/seeds/replay/ (kept in
-git, unlike the growing fuzz/corpus/).
+"""Writes the named seeds of the replay and decode fuzz targets into
+fuzz/seeds/<target>/ (kept in git, unlike the growing fuzz/corpus/).
 
-One seed per corruption class of issue 21 (the ones upstream dm-pcache fixed after
+Replay: one seed per corruption class of issue 21 (the ones upstream dm-pcache fixed after
 Linux 6.18), in the input format fuzz_targets/replay.rs documents: byte 0 picks the
 base medium (bits 0-1), re-seals every CRC (bit 2, so the damage reaches the field
 checks and replay) and exercises writes/writeback/GC after the read (bit 4); then
@@ -13,7 +13,8 @@ Field offsets follow src/engine/format.rs. test/corruption.rs checks the same
 classes against exact expectations; these seeds start the fuzzer at them, and
 test/fuzz_smoke.sh and scripts/fuzz_soak.sh pass fuzz/seeds/<target>/ to libFuzzer
 beside the working corpus, so every run starts with every seed.
-Rerun after changing the input format: python3 fuzz/make_seeds.py
+Decode: the same classes as single objects (see the decode part below).
+Rerun after changing an input format: python3 fuzz/make_seeds.py
 """
 import os
 import struct
@@ -77,9 +78,49 @@ seeds["replica_torn_dirty_tail"] = (2 | EXERCISE, chunk(2, 128, u32(0xDEADBEEF))
 seeds["replica_torn_cache_info"] = (1 | EXERCISE, chunk(1, 2, b"\x77\x77"))
 seeds["replica_torn_generation"] = (2 | EXERCISE, chunk(3, (1 << 7) | 0, u32(0)) + chunk(3, (2 << 7) | 64, u32(0)))
 
-out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds", "replay")
-os.makedirs(out, exist_ok=True)
-for name, (mode, body) in sorted(seeds.items()):
-    with open(os.path.join(out, name), "wb") as f:
-        f.write(bytes([mode]) + body)
-print(f"{len(seeds)} seeds in {out}")
+
+def write(target, files):
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds", target)
+    os.makedirs(out, exist_ok=True)
+    for name, data in sorted(files.items()):
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(data)
+    print(f"{len(files)} seeds in {out}")
+
+
+write("replay", {name: bytes([mode]) + body for name, (mode, body) in seeds.items()})
+
+# The decode target: 48 bytes of parameters (n_segs, data bytes per segment, keys per
+# kset, backing size, format id, expected kset sequence, medium size; the tiny
+# geometry here), then one object that every decoder sees raw and re-sealed
+# (fuzz_targets/decode.rs). The same classes at the codec level.
+params = u32(NSEG) + u64(DATA) + u32(8) + u64(BACKING) + u64(0xF022) + u64(5) + u64(1 << 20)
+
+
+def obj(fields, size=64):
+    b = bytearray(size)
+    for off, v in fields:
+        b[off:off + len(v)] = v
+    return bytes(b)
+
+
+def key(off, length, flags=0, seg=0, seg_off=0):
+    return u64(off) + u32(length) + u32(flags) + u32(seg) + u32(seg_off) + u64(0) + u32(0) + u32(0)
+
+
+decode = {
+    "gc_percent_91": obj([(16, u32(91))]),
+    "gc_percent_max": obj([(16, u32(0xFFFFFFFF))]),
+    "tail_seg_beyond": obj([(16, u32(NSEG)), (24, u64(5))]),
+    "tail_offset_overrun": obj([(16, u32(1)), (20, u32(DATA - 32 + 8)), (24, u64(5))]),
+    "key_off_device_end": key(BACKING, 512),
+    "key_off_overflow": key(2**64 - 100, 512),
+    "key_len_zero": key(0, 0),
+    "key_seg_beyond": key(0, 512, seg=NSEG),
+    "key_seg_off_past_segment": key(0, 512, seg=1, seg_off=DATA - 256),
+    "kset_last_link_beyond": obj([(16, u32(1)), (20, u32(NSEG))], 32),
+    "kset_count_over_max": obj([(20, u32(9))], 32 + 9 * 40),
+    "kset_count_past_buffer": obj([(20, u32(8))], 32 + 3 * 40),
+    "superblock_n_segs_beyond": obj([(24, u64(1 << 20)), (32, u32(24 << 10)), (36, u32(1000)), (40, u32(8))], 256),
+}
+write("decode", {name: params + body for name, body in decode.items()})
