@@ -3,7 +3,8 @@
 # Installs the real clients the tests use (Debian packages) when they are missing,
 # then: format check, clippy with -D warnings, every cargo test, a check that a build
 # without SPDK writes no shared object (no module look-alike), clippy and the unit tests
-# of the SPDK side with --features spdk, the SPDK module's tier
+# of the SPDK side with --features spdk, the file-system tier (test/fs_tier.sh: ext4
+# and xfs on pcache, kill -9, fsck), the SPDK module's tier
 # (test/spdk/run.sh), and a time-boxed fuzz smoke run. The SPDK tier runs against
 # SPDK_DIR or the SPDK that scripts/build-spdk.sh builds from the pinned source
 # (../shared/spdk) and keeps in its cache; it skips, saying how to get an SPDK, only when
@@ -22,6 +23,10 @@ command -v fio >/dev/null || need+=(fio)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v qemu-io >/dev/null || need+=(qemu-utils)
+# The file-system tier (test/fs_tier.sh): nbdfuse is in libnbd-bin (above).
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "== installing ${need[*]}"
@@ -37,7 +42,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo test"
-cargo test -- --nocapture 2>&1 | tee /tmp/pcache-test.log | grep -E "^(test |running|test result|crash points|seeds run|kill cycles|SKIP)|violations" || true
+cargo test -- --nocapture 2>&1 | tee /tmp/pcache-test.log | grep -E "^(test |running|test result|crash points|total crash points|seeds run|kill cycles|SKIP)|violations|replica rule" || true
 if grep -q "test result: FAILED\|error: test failed\|error\[" /tmp/pcache-test.log || ! grep -q "test result: ok" /tmp/pcache-test.log; then
   echo "== cargo test FAILED; log tail:"
   tail -60 /tmp/pcache-test.log
@@ -92,6 +97,21 @@ if [ -n "$spdk_dir" ]; then
 else
   echo "SKIP: SPDK side lint and unit tests (no SPDK_DIR, no SPDK source in ../shared/spdk)"
 fi
+crash_total=$(grep -oE "total crash points: [0-9]+, violations: [0-9]+" /tmp/pcache-test.log | tail -1 || true)
+echo "== file-system tier (ext4 and xfs on pcache serve via nbdfuse + loop, kill -9, replay, fsck)"
+# Time-boxed for CI (FS_CYCLES per file system, FS_TIME_BOX seconds); the same script
+# with FS_CYCLES=100 FS_TIME_BOX=0 is the soak. It prints a SKIP line (and passes)
+# only when the container cannot do FUSE, loop devices or mounts.
+# The release binary, as the no-SPDK build above made it (so nothing is rebuilt).
+env -u SPDK_DIR cargo build --release --bin pcache
+fs_rc=0
+FS_CYCLES="${FS_CYCLES:-3}" FS_TIME_BOX="${FS_TIME_BOX:-170}" bash test/fs_tier.sh 2>&1 | tee /tmp/pcache-fs-test.log || fs_rc=$?
+fs_counts=$(grep -E "^fs cycles: " /tmp/pcache-fs-test.log | tail -1 || true)
+if [ "$fs_rc" != 0 ]; then
+  echo "== file-system tier FAILED (${fs_counts:-no cycle completed})"
+  exit 1
+fi
+[ -n "$fs_counts" ] || fs_counts="skipped: $(grep -m1 "^SKIP" /tmp/pcache-fs-test.log || echo "no result")"
 echo "== SPDK module (SPDK_DIR, else the SPDK scripts/build-spdk.sh builds from ../shared/spdk and caches)"
 # The tier exits non-zero on any failed case (or a failed build): that fails the run.
 spdk_rc=0
@@ -113,4 +133,4 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash test/fuzz_smoke.sh
 cargo_passed=$(grep -oE "^test result: ok\. [0-9]+ passed" /tmp/pcache-test.log | awk '{ n += $4 } END { print n + 0 }')
-echo "== all tests passed (cargo test: $cargo_passed passed; SPDK module: $spdk_counts)"
+echo "== all tests passed (cargo test: $cargo_passed passed; ${crash_total:-total crash points: not reported}; $fs_counts; SPDK module: $spdk_counts)"
