@@ -115,7 +115,7 @@ fi
 echo "== SPDK module (SPDK_DIR, else the SPDK scripts/build-spdk.sh builds from ../shared/spdk and caches)"
 # The tier exits non-zero on any failed case (or a failed build): that fails the run.
 spdk_rc=0
-SPDK_TEST_SECONDS="${SPDK_TEST_SECONDS:-10}" bash test/spdk/run.sh 2>&1 | tee /tmp/pcache-spdk-test.log || spdk_rc=$?
+SPDK_TEST_SECONDS="${SPDK_TEST_SECONDS:-5}" bash test/spdk/run.sh 2>&1 | tee /tmp/pcache-spdk-test.log || spdk_rc=$?
 spdk_counts=$(grep -E "^[0-9]+ passed, [0-9]+ failed$" /tmp/pcache-spdk-test.log | tail -1 || true)
 if [ "$spdk_rc" != 0 ]; then
   echo "== SPDK module FAILED (${spdk_counts:-before any test ran})"
