@@ -348,7 +348,10 @@ fn errors_are_counted_with_text_and_time() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(num(&v, "dirty_bytes"), 0, "{v}");
-    assert_eq!(v["last_writeback_error"]["unix_ms"], json!(t), "{v}");
+    // Kept after the recovery. (A retry already due when the file went away may have
+    // failed once more, so it is this error or a later one, never none.)
+    let kept = v["last_writeback_error"]["unix_ms"].as_u64().unwrap_or(0);
+    assert!(kept >= t && kept <= now_ms(), "{v}");
     assert!(
         v["latency"]["writeback"]["count"].as_u64().unwrap() > 0,
         "{v}"
