@@ -5,6 +5,12 @@
 //! (measured with a counting allocator) and replay speed (GB of kset log per second).
 //! Targets (issue 2): read hits >= 0.7x copy, writes >= 0.5x copy, <= 64 B per extent,
 //! replay >= 1 GB/s. Ratios are reported, never asserted: this is not a timed test.
+//!
+//! Counting mode (`cargo bench --bench engine --features lockcount -- --count`): runs each
+//! request class (write, FUA write, read hit, read miss + fill) on its own and prints,
+//! per request, the shared lock acquisitions, the channel's own lock acquisitions and
+//! the read-modify-writes on atomics other channels also write (issue 19's targets: a
+//! hit <= 1, a write <= 1 plus 1/128 amortised). Only the engine is counted.
 
 use pcache::engine::{BackingIdentity, Channel, Config, Engine, FormatOptions, Pmem};
 use pcache::env::counting_alloc::{live_bytes, CountingAlloc};
@@ -28,7 +34,79 @@ fn rate(n: usize, t: Instant) -> f64 {
     n as f64 / t.elapsed().as_secs_f64()
 }
 
+/// The counting mode: per request class, what each request shares with other channels.
+fn count_mode() {
+    use pcache::engine::sync::{counts, COUNTING};
+    if !COUNTING {
+        eprintln!("--count needs the counting build: cargo bench --bench engine --features lockcount -- --count");
+        std::process::exit(2);
+    }
+    let path = format!("/dev/shm/pcache-bench-count-{}", std::process::id());
+    let pmem_size: u64 = 256 << 20;
+    let pmem = PosixPmem::open(path.as_ref(), Some(pmem_size), Some(Persistence::Volatile))
+        .expect("medium");
+    let backing = BackingIdentity {
+        size: 10 << 30,
+        block_size: 512,
+        id: "bench".into(),
+    };
+    let e =
+        Engine::format(pmem, &FormatOptions::new(backing, 7), &Config::default()).expect("format");
+    let mut ch = Channel::default();
+    let data = vec![0x5au8; BS];
+    let mut buf = vec![0u8; BS];
+    let n = 20_000u64;
+    let span = 1u64 << 30 >> 12; // a 1 GiB range of 4 KiB blocks: 256 index shards
+    let mut x = 0x9E3779B97F4A7C15u64;
+    let offs: Vec<u64> = (0..n).map(|_| (rng(&mut x) % span) * BS as u64).collect();
+    // Warm up the channel (its first allocation, its first key) outside the counts.
+    e.write(&mut ch, span * BS as u64, &data, false)
+        .expect("write");
+    let row = |name: &str, f: &mut dyn FnMut(u64)| {
+        let before = counts();
+        for &o in &offs {
+            f(o);
+        }
+        let c = counts().since(&before);
+        let per = |v: u64| v as f64 / n as f64;
+        println!(
+            "  {name:<16} {:>8.3} {:>8.3} {:>8.3}",
+            per(c.shared_locks),
+            per(c.own_locks),
+            per(c.shared_rmw)
+        );
+    };
+    println!("engine lock counts per request, 4 KiB, one channel, {n} requests each");
+    println!("  class            shared    own      shared");
+    println!("                   locks     locks    RMWs");
+    row("write", &mut |o| {
+        e.write(&mut ch, o, &data, false).expect("write")
+    });
+    row("FUA write", &mut |o| {
+        e.write(&mut ch, o, &data, true).expect("write")
+    });
+    row("read hit", &mut |o| {
+        assert_eq!(e.read(&mut ch, o, &mut buf).expect("read"), 0, "a hit")
+    });
+    let miss_base = 2 * span * BS as u64;
+    row("read miss+fill", &mut |o| {
+        let o = miss_base + o;
+        if e.read(&mut ch, o, &mut buf).expect("read") > 0 {
+            buf.copy_from_slice(&data);
+            e.fill(&mut ch, o, &buf, true);
+        }
+    });
+    e.flush().expect("flush");
+    e.release_channel(&mut ch);
+    drop(e);
+    let _ = std::fs::remove_file(&path);
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "--count") {
+        count_mode();
+        return;
+    }
     let path = std::env::temp_dir().join(format!("pcache-bench-{}", std::process::id()));
     let shm = std::path::PathBuf::from(format!("/dev/shm/pcache-bench-{}", std::process::id()));
     let pmem_path = if std::path::Path::new("/dev/shm").is_dir() {

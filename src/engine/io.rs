@@ -12,6 +12,7 @@
 use super::format::{self, KeyRec, KEY_CLEAN, KEY_DISCARD, KEY_ZERO, SUBTREE_SIZE};
 use super::index::{Extent, F_CRC, F_DIRTY, F_EMPTY, F_ZERO};
 use super::log::{self, KsetBuf, LogFull, Superseded};
+use super::sync::lock;
 use super::{Engine, IoError, Pmem};
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::MutexGuard;
@@ -138,9 +139,9 @@ impl<P: Pmem> Engine<P> {
 
     /// Locks the kset of `off` and makes sure it has room for one more key.
     pub(super) fn kset_with_room(&self, off: u64) -> Result<MutexGuard<'_, KsetBuf>, LogFull> {
-        let mut kb = self.ksets[self.kset_of(off)].lock().unwrap();
+        let mut kb = lock(&self.ksets[self.kset_of(off)]);
         if kb.count >= self.geo.kset_keys {
-            let mut head = self.head.lock().unwrap();
+            let mut head = lock(&self.head);
             log::close(&self.pmem, &self.geo, &self.segs, &mut head, &mut kb)?;
         }
         Ok(kb)
@@ -150,7 +151,7 @@ impl<P: Pmem> Engine<P> {
     pub(super) fn append(&self, kb: &mut KsetBuf, k: &KeyRec, force: bool) -> Result<(), IoError> {
         kb.push(k, k.flags & KEY_CLEAN == 0);
         if force || kb.count >= self.geo.kset_keys {
-            let mut head = self.head.lock().unwrap();
+            let mut head = lock(&self.head);
             if log::close(&self.pmem, &self.geo, &self.segs, &mut head, kb).is_err() && force {
                 return Err(IoError::Busy);
             }
@@ -163,6 +164,7 @@ impl<P: Pmem> Engine<P> {
     /// copying data, so the lookup after the copy does not wait for memory. Costs one
     /// uncontended lock; never blocks.
     pub fn probe_addr(&self, off: u64) -> Option<*const u8> {
+        super::sync::count::shared_lock();
         let sh = self.shards.get(self.shard_of(off))?.try_lock().ok()?;
         sh.probe_addr((off % SUBTREE_SIZE) as u32)
     }
@@ -409,6 +411,7 @@ impl<P: Pmem> Engine<P> {
                 token: Some(t),
             } = p
             {
+                super::sync::count::rmw();
                 *t = self.next_token.fetch_add(1, Relaxed);
                 let ph = Extent::without_data(*len as u32, F_EMPTY, *t);
                 shard.insert(s + (*pat - at) as u32, ph);
@@ -553,7 +556,7 @@ impl<P: Pmem> Engine<P> {
         shard.resolve_placeholders(s, s + a.len as u32, t, |fs, frag| {
             let kb = kb.as_mut()?;
             if kb.count >= self.geo.kset_keys {
-                let mut head = self.head.lock().unwrap();
+                let mut head = lock(&self.head);
                 log::close(&self.pmem, &self.geo, &self.segs, &mut head, kb).ok()?;
             }
             let d = fs - s;

@@ -26,6 +26,7 @@ pub mod policy;
 pub mod segs;
 mod stats;
 mod streams;
+pub mod sync;
 mod writeback;
 
 pub use check::LogSummary;
@@ -47,6 +48,7 @@ use segs::Segs;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
+use sync::lock;
 use thiserror::Error;
 
 /// Parameters fixed when a medium is formatted.
@@ -246,7 +248,7 @@ impl<P: Pmem> Engine<P> {
         self.geo.backing_size
     }
     pub fn gc_percent(&self) -> u32 {
-        self.info.lock().unwrap().info.gc_percent
+        lock(&self.info).info.gc_percent
     }
 
     /// Changes the GC watermark (0..=90) and persists it.
@@ -256,7 +258,7 @@ impl<P: Pmem> Engine<P> {
                 "gc_percent {pct} is out of range 0..90"
             )));
         }
-        let mut st = self.info.lock().unwrap();
+        let mut st = lock(&self.info);
         st.info.gc_percent = pct;
         let (slot, seq) = st.r.advance();
         self.pmem.persist(INFO_OFF[slot], &st.info.encode(seq));
@@ -277,12 +279,12 @@ impl<P: Pmem> Engine<P> {
 
     /// Locks shard `si`, first inserting its replayed extents if it still owes them.
     fn shard(&self, si: usize) -> MutexGuard<'_, Shard> {
-        let mut g = self.shards[si].lock().unwrap();
+        let mut g = lock(&self.shards[si]);
         if g.replayed() {
-            let r = self.replayed.lock().unwrap().clone();
+            let r = lock(&self.replayed).clone();
             g.settle(r.as_deref(), si);
             if self.unsettled.fetch_sub(1, Relaxed) == 1 {
-                *self.replayed.lock().unwrap() = None;
+                *lock(&self.replayed) = None;
             }
         }
         g
@@ -294,7 +296,7 @@ impl<P: Pmem> Engine<P> {
         if self.unsettled.load(Relaxed) == 0 {
             return;
         }
-        let Some(r) = self.replayed.lock().unwrap().clone() else {
+        let Some(r) = lock(&self.replayed).clone() else {
             return;
         };
         for _ in 0..n {
@@ -321,8 +323,8 @@ impl<P: Pmem> Engine<P> {
         self.pmem.drain();
         let mut res = Ok(());
         for k in self.ksets.iter() {
-            let mut kb = k.lock().unwrap();
-            let mut head = self.head.lock().unwrap();
+            let mut kb = lock(k);
+            let mut head = lock(&self.head);
             if log::close(&self.pmem, &self.geo, &self.segs, &mut head, &mut kb).is_err() {
                 res = Err(IoError::Busy);
             }
@@ -339,12 +341,12 @@ impl<P: Pmem> Engine<P> {
         let before = self.writes_at_tick.swap(writes, Relaxed);
         self.idle.store(writes == before, Relaxed);
         for k in self.ksets.iter() {
-            let mut kb = k.lock().unwrap();
+            let mut kb = lock(k);
             if kb.count == 0 {
                 continue;
             }
             if kb.aged {
-                let mut head = self.head.lock().unwrap();
+                let mut head = lock(&self.head);
                 let _ = log::close(&self.pmem, &self.geo, &self.segs, &mut head, &mut kb);
             } else {
                 kb.aged = true;
@@ -355,6 +357,7 @@ impl<P: Pmem> Engine<P> {
     /// Starts a new write epoch (FLUSH and FUA are barriers): writeback never skips
     /// data across one. Called before the barrier closes any kset.
     fn new_epoch(&self) {
+        sync::count::rmw();
         self.epoch.fetch_add(1, AcqRel);
     }
 
@@ -401,13 +404,13 @@ impl<P: Pmem> Engine<P> {
     /// Remembers the last I/O error (the caller counted it).
     fn note_io_error(&self, message: String) {
         let ev = self.event(message);
-        self.errors.lock().unwrap().last_io = Some(ev);
+        lock(&self.errors).last_io = Some(ev);
     }
 
     /// Remembers the last writeback error (the caller counted it).
     fn note_writeback_error(&self, message: String) {
         let ev = self.event(message);
-        self.errors.lock().unwrap().last_writeback = Some(ev);
+        lock(&self.errors).last_writeback = Some(ev);
     }
 
     /// Releases a channel's allocation head (the channel goes away).

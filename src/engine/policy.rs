@@ -20,6 +20,7 @@ use super::index::{Extent, F_DIRTY, F_EMPTY};
 use super::io::Channel;
 pub use super::modes::{CacheMode, Policy, SeqPolicy, SEQ_CUTOFF_DEFAULT_KIB, SEQ_CUTOFF_MAX_KIB};
 pub use super::streams::STREAMS;
+use super::sync::lock;
 use super::{Engine, IoError, OpenError, Pmem};
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
@@ -61,7 +62,7 @@ pub struct Direct {
 
 impl<P: Pmem> Engine<P> {
     pub fn policy(&self) -> Policy {
-        self.info.lock().unwrap().info.policy
+        lock(&self.info).info.policy
     }
 
     /// Changes mode and cutoff, persisted. Switching to passthrough invalidates the
@@ -70,7 +71,7 @@ impl<P: Pmem> Engine<P> {
     pub fn set_policy(&self, p: Policy) -> Result<(), OpenError> {
         p.validate().map_err(OpenError::Invalid)?;
         {
-            let mut st = self.info.lock().unwrap();
+            let mut st = lock(&self.info);
             st.info.policy = p;
             let (slot, seq) = st.r.advance();
             self.pmem
@@ -169,6 +170,7 @@ impl<P: Pmem> Engine<P> {
         through: bool,
     ) -> Result<Option<Direct>, IoError> {
         self.check_range(off, len)?;
+        super::sync::count::rmw();
         let token = self.next_token.fetch_add(1, Relaxed);
         let mut pos = 0u64;
         while pos < len {
@@ -295,7 +297,7 @@ impl<P: Pmem> Engine<P> {
     /// Counts a completed direct write not yet covered by a backing FLUSH and remembers
     /// its range (`fills_allowed`). The only place `direct_done` grows.
     fn note_direct(&self, off: u64, len: u64) {
-        let mut u = self.unflushed.lock().unwrap();
+        let mut u = lock(&self.unflushed);
         let seq = self.direct_done.load(Acquire) + 1;
         let slot = &mut u.ring[seq as usize % UNFLUSHED_RANGES];
         let forgotten = slot.2;
@@ -363,7 +365,7 @@ impl<P: Pmem> Engine<P> {
         if flushed >= self.direct_done.load(Acquire) {
             return true;
         }
-        let u = self.unflushed.lock().unwrap();
+        let u = lock(&self.unflushed);
         if u.lost > flushed {
             return false;
         }

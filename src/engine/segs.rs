@@ -18,6 +18,7 @@
 
 use super::format::{decode_gen, encode_gen, pick_replica, Geometry, GEN_OFF, GEN_SIZE};
 use super::pmem::Pmem;
+use super::sync::lock;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use std::sync::Mutex;
@@ -90,17 +91,17 @@ impl Segs {
 
     /// Segments in use (data or log).
     pub fn used(&self) -> u32 {
-        let a = self.alloc.lock().unwrap();
+        let a = lock(&self.alloc);
         self.n() - a.free.len() as u32
     }
 
     pub fn use_of(&self, seg: u32) -> Use {
-        self.alloc.lock().unwrap().uses[seg as usize]
+        lock(&self.alloc).uses[seg as usize]
     }
 
     /// Takes a free segment for data; it comes with one reference (the taker's head).
     pub fn take_data(&self) -> Option<u32> {
-        let mut a = self.alloc.lock().unwrap();
+        let mut a = lock(&self.alloc);
         if a.free.len() as u32 <= self.reserve {
             self.became_full();
             return None;
@@ -116,7 +117,7 @@ impl Segs {
 
     /// Takes a free segment for the log (may use the reserve).
     pub fn take_log(&self) -> Option<u32> {
-        let mut a = self.alloc.lock().unwrap();
+        let mut a = lock(&self.alloc);
         let Some(s) = a.free.pop_front() else {
             self.became_full();
             return None;
@@ -136,7 +137,7 @@ impl Segs {
 
     /// Returns a log segment that key_tail has left.
     pub fn free_log(&self, seg: u32) {
-        let mut a = self.alloc.lock().unwrap();
+        let mut a = lock(&self.alloc);
         debug_assert_eq!(a.uses[seg as usize], Use::Log);
         a.uses[seg as usize] = Use::Free;
         a.free.push_back(seg);
@@ -144,12 +145,14 @@ impl Segs {
     }
 
     pub fn get(&self, seg: u32) {
+        super::sync::count::rmw();
         let prev = self.refs[seg as usize].fetch_add(1, AcqRel);
         debug_assert!(prev > 0, "reference taken on unreferenced segment {seg}");
     }
 
     /// Drops a reference; reclaims the segment when it was the last one.
     pub fn put<P: Pmem>(&self, pmem: &P, geo: &Geometry, seg: u32) -> bool {
+        super::sync::count::rmw();
         let prev = self.refs[seg as usize].fetch_sub(1, AcqRel);
         assert!(prev > 0, "segment {seg} reference count underflow");
         if prev != 1 {
@@ -161,7 +164,7 @@ impl Segs {
         let rec = encode_gen(seg, gen, gen);
         pmem.persist(geo.seg_base(seg) + GEN_OFF[(gen % 2) as usize], &rec);
         self.gens[seg as usize].store(gen, SeqCst);
-        let mut a = self.alloc.lock().unwrap();
+        let mut a = lock(&self.alloc);
         a.uses[seg as usize] = Use::Free;
         a.free.push_back(seg);
         self.full.store(false, Relaxed);

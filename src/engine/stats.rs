@@ -5,6 +5,7 @@
 //! errors are rare), so a non-zero error count always comes with its explanation.
 
 use super::latency::LatencySnapshot;
+use super::sync::lock;
 use super::{Engine, Pmem};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -14,9 +15,11 @@ pub struct Counter(AtomicU64);
 
 impl Counter {
     pub fn inc(&self) {
+        super::sync::count::rmw();
         self.0.fetch_add(1, Relaxed);
     }
     pub fn add(&self, n: u64) {
+        super::sync::count::rmw();
         self.0.fetch_add(n, Relaxed);
     }
     pub fn get(&self) -> u64 {
@@ -138,24 +141,20 @@ fn pos(p: super::LogPos) -> String {
 impl<P: Pmem> Engine<P> {
     /// Dirty bytes: in closed ksets past dirty_tail plus those still buffered.
     pub fn dirty_bytes(&self) -> u64 {
-        let buffered: u64 = self
-            .ksets
-            .iter()
-            .map(|k| k.lock().unwrap().dirty_bytes)
-            .sum();
-        self.head.lock().unwrap().closed_dirty + buffered
+        let buffered: u64 = self.ksets.iter().map(|k| lock(k).dirty_bytes).sum();
+        lock(&self.head).closed_dirty + buffered
     }
 
     pub fn stats(&self) -> Stats {
         let c = &self.counters;
         let (kt, dt) = {
-            let t = self.tails.lock().unwrap();
+            let t = lock(&self.tails);
             (t.key, t.dirty)
         };
-        let kh = self.head.lock().unwrap().pos;
+        let kh = lock(&self.head).pos;
         // Cloned out at once: the index and log locks below are never taken under it.
         let (wb_stopped, gc_stopped, last_io, last_wb) = {
-            let e = self.errors.lock().unwrap();
+            let e = lock(&self.errors);
             let e = &*e;
             (
                 e.writeback.clone(),
