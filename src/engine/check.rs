@@ -90,8 +90,8 @@ impl<P: Pmem> Engine<P> {
         };
         let summary = self.walk_log(|k, _| count(k))?;
         let mut buffered_dirty = 0;
-        for kb in self.ksets.iter() {
-            let kb = lock(kb);
+        for (_, slot) in self.slots.used() {
+            let kb = lock(&slot.kset);
             for k in kb.keys(&self.geo) {
                 count(&k);
             }

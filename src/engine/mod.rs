@@ -1,13 +1,16 @@
 //! The cache engine: dm-pcache's write-back cache as a deterministic sans-I/O library.
 //!
 //! One `Engine` serves one cache medium and is shared by every thread that does I/O;
-//! each such thread owns a `Channel` (its allocation head and scratch space). The engine
+//! each such thread owns a `Channel`: its allocation head, scratch space, and a slot
+//! (`slots`) holding its kset buffer and request counters. The engine
 //! never performs backing-device I/O itself: a read returns the ranges it could not
 //! serve from pmem (the caller reads them from the backing device, then calls `fill`),
 //! and writeback hands out batches that the caller writes, flushes and acknowledges.
-//! Time enters only through `tick`. Shared state is the sharded index, the kset
-//! buffers, the log head, the tails and the segment table, each behind its own short
-//! lock; the lock order is shard -> kset -> log head -> segment allocator, shard ->
+//! Time enters only through `tick`. Shared state is the sharded index, the log head,
+//! the tails and the segment table, each behind its own short lock; a channel's kset is
+//! behind a lock of its own that only tick, flush and a writer ordering a key after it
+//! (`kset_for`) take besides the owner. The lock order is shard -> kset -> log head ->
+//! segment allocator (a writer holds at most one kset lock at a time), shard ->
 //! replayed extents, and tails -> log head. No lock is held across a data copy.
 //! Replay leaves each shard's extents in a log-ordered chain; the shard inserts them
 //! the first time it is locked (`Engine::shard`) or when `tick` gets to it.
@@ -24,6 +27,7 @@ mod open;
 pub mod pmem;
 pub mod policy;
 pub mod segs;
+mod slots;
 mod stats;
 mod streams;
 pub mod sync;
@@ -43,9 +47,10 @@ use format::{
     KIND_KEY_TAIL,
 };
 use index::{Replayed, Shard, ShardLock};
-use log::{KsetBuf, LogHead};
+use log::{KsetBuf, LogFull, LogHead};
 use segs::Segs;
-use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+use slots::{Slot, Slots, COMMON};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use sync::lock;
@@ -85,7 +90,8 @@ impl FormatOptions {
 /// Run-time parameters (not persisted).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Number of kset buffers; regions are routed to them by address.
+    /// Kept so configurations still parse (validated, 1..=4096); kset buffers are now
+    /// one per channel (`slots`), as dm-pcache keeps them per CPU.
     pub n_ksets: u32,
     /// Segments kept back from data allocation for the log.
     pub log_reserve: u32,
@@ -173,6 +179,28 @@ struct Errors {
     last_writeback: Option<ErrorEvent>,
 }
 
+/// `Engine::pend`: nothing appended for the region since open.
+const PEND_NONE: u64 = u64::MAX;
+/// `Engine::pend` holds the slot id above this bit and the kset batch's low bits below.
+const PEND_SHIFT: u32 = 48;
+const PEND_BATCH: u64 = (1 << PEND_SHIFT) - 1;
+
+/// A slot's kset, locked.
+pub(super) struct KsetGuard<'a> {
+    pub slot: &'a Slot,
+    pub kb: MutexGuard<'a, KsetBuf>,
+}
+
+impl KsetGuard<'_> {
+    /// Buffers a key (room guaranteed by `kset_for`).
+    pub fn push(&mut self, k: &format::KeyRec, dirty: bool) {
+        self.kb.push(k, dirty);
+        if dirty {
+            self.slot.dirty.store(self.kb.dirty_bytes, Relaxed);
+        }
+    }
+}
+
 /// Replayed shards `tick` settles per call: small, because tick runs on a reactor.
 const SETTLE_PER_TICK: usize = 4;
 
@@ -189,7 +217,11 @@ pub struct Engine<P: Pmem> {
     /// Shards still owing their replayed chain, and how far `tick` got settling them.
     unsettled: AtomicUsize,
     settle_cursor: AtomicUsize,
-    ksets: Box<[Mutex<KsetBuf>]>,
+    /// Every channel's kset buffer and counters.
+    slots: Arc<Slots>,
+    /// Per shard, under its lock: the slot and kset batch holding the region's latest
+    /// key (`PEND_NONE` if none was appended since open); see `kset_for`.
+    pend: Box<[AtomicU64]>,
     head: Mutex<LogHead>,
     /// The write epoch: every FLUSH and FUA write starts a new one, before it closes
     /// ksets. Writeback may skip dirty data only when a newer key from the same epoch,
@@ -310,8 +342,58 @@ impl<P: Pmem> Engine<P> {
         (off >> format::SUBTREE_SHIFT) as usize
     }
 
-    fn kset_of(&self, off: u64) -> usize {
-        self.shard_of(off) % self.ksets.len()
+    /// With shard `si` locked: makes sure every key already appended for the region is
+    /// in the log or in slot `id`'s open kset, then locks that kset with room for one more
+    /// key and records it as holding the region's latest key. So the region's keys reach
+    /// the log in index order (see `slots`).
+    pub(super) fn kset_for(&self, si: usize, id: u16) -> Result<KsetGuard<'_>, LogFull> {
+        let p = self.pend[si].load(Relaxed);
+        if p != PEND_NONE && (p >> PEND_SHIFT) as u16 != id {
+            let batch = p & PEND_BATCH;
+            let o = self.slots.get((p >> PEND_SHIFT) as u16);
+            // Another channel's kset took the region's latest key: if that kset is still
+            // open, it goes to the log before ours can.
+            if o.closed.load(Acquire) & PEND_BATCH == batch {
+                let mut g = KsetGuard {
+                    slot: o,
+                    kb: lock(&o.kset),
+                };
+                if o.closed.load(Relaxed) & PEND_BATCH == batch {
+                    self.close_kset(&mut g)?;
+                }
+            }
+        }
+        let slot = self.slots.get(id);
+        let kb = if id == COMMON {
+            lock(&slot.kset)
+        } else {
+            sync::lock_own(&slot.kset)
+        };
+        let mut g = KsetGuard { slot, kb };
+        if g.kb.count >= self.geo.kset_keys {
+            self.close_kset(&mut g)?;
+        }
+        let mine = (id as u64) << PEND_SHIFT | (slot.closed.load(Relaxed) & PEND_BATCH);
+        if p != mine {
+            self.pend[si].store(mine, Relaxed);
+        }
+        Ok(g)
+    }
+
+    /// Writes a slot's kset to the log (taking the log head once for the whole kset).
+    pub(super) fn close_kset(&self, g: &mut KsetGuard<'_>) -> Result<(), LogFull> {
+        if g.kb.count == 0 {
+            return Ok(());
+        }
+        let mut head = lock(&self.head);
+        log::close(&self.pmem, &self.geo, &self.segs, &mut head, &mut g.kb)?;
+        drop(head);
+        // Under the kset lock (one writer); after the kset is in the log, so a writer
+        // that sees the new batch orders its own close after this one.
+        let c = g.slot.closed.load(Relaxed);
+        g.slot.closed.store(c + 1, Release);
+        g.slot.dirty.store(0, Relaxed);
+        Ok(())
     }
 
     /// Closes every kset: after this returns Ok, every write completed before the call
@@ -322,10 +404,12 @@ impl<P: Pmem> Engine<P> {
         // Even with every kset empty, data flushed with `flush_data` becomes durable here.
         self.pmem.drain();
         let mut res = Ok(());
-        for k in self.ksets.iter() {
-            let mut kb = lock(k);
-            let mut head = lock(&self.head);
-            if log::close(&self.pmem, &self.geo, &self.segs, &mut head, &mut kb).is_err() {
+        for (_, slot) in self.slots.used() {
+            let mut g = KsetGuard {
+                slot,
+                kb: lock(&slot.kset),
+            };
+            if self.close_kset(&mut g).is_err() {
                 res = Err(IoError::Busy);
             }
         }
@@ -337,19 +421,21 @@ impl<P: Pmem> Engine<P> {
     pub fn tick(&self) {
         self.settle_some(SETTLE_PER_TICK);
         let c = &self.counters;
-        let writes = c.writes.get() + c.zeroes.get() + c.discards.get();
+        let writes = self.slot_sum(|s| &s.writes) + c.zeroes.get() + c.discards.get();
         let before = self.writes_at_tick.swap(writes, Relaxed);
         self.idle.store(writes == before, Relaxed);
-        for k in self.ksets.iter() {
-            let mut kb = lock(k);
-            if kb.count == 0 {
-                continue;
+        for (_, slot) in self.slots.used() {
+            let mut g = KsetGuard {
+                slot,
+                kb: lock(&slot.kset),
+            };
+            if g.kb.count > 0 && g.kb.aged {
+                let _ = self.close_kset(&mut g);
+            } else if g.kb.count > 0 {
+                g.kb.aged = true;
             }
-            if kb.aged {
-                let mut head = lock(&self.head);
-                let _ = log::close(&self.pmem, &self.geo, &self.segs, &mut head, &mut kb);
-            } else {
-                kb.aged = true;
+            if g.kb.count == 0 {
+                slot.free_if_orphan();
             }
         }
     }
@@ -413,11 +499,44 @@ impl<P: Pmem> Engine<P> {
         lock(&self.errors).last_writeback = Some(ev);
     }
 
-    /// Releases a channel's allocation head (the channel goes away).
+    /// Releases a channel's allocation head and closes its kset (the channel goes
+    /// away). A channel dropped without this keeps its head's segment referenced; its
+    /// kset is closed by the next flush or by tick, which then frees its slot.
     pub fn release_channel(&self, ch: &mut Channel) {
         if let Some(h) = ch.head.take() {
             self.segs.put(&self.pmem, &self.geo, h.seg);
         }
+        if let Some(s) = ch.slot.take().filter(|s| s.of(&self.slots)) {
+            let slot = self.slots.get(s.id);
+            let mut g = KsetGuard {
+                slot,
+                kb: lock(&slot.kset),
+            };
+            // On a full log the keys stay buffered: tick and flush close them later.
+            let _ = self.close_kset(&mut g);
+            drop(s);
+            if g.kb.count == 0 {
+                slot.free_if_orphan();
+            }
+        }
+    }
+
+    /// The slot of channel `ch`, taken on its first use.
+    pub(super) fn slot_id(&self, ch: &mut Channel) -> u16 {
+        match &ch.slot {
+            Some(s) if s.of(&self.slots) => s.id,
+            _ => {
+                let s = slots::SlotHandle::take(&self.slots);
+                let id = s.id;
+                ch.slot = Some(s);
+                id
+            }
+        }
+    }
+
+    /// A per-channel counter summed over every slot.
+    pub(super) fn slot_sum(&self, f: impl Fn(&slots::ChanCounters) -> &AtomicU64) -> u64 {
+        self.slots.used().map(|(_, s)| f(&s.c).load(Relaxed)).sum()
     }
 
     /// A clean shutdown: close all ksets. Dirty data stays cached.

@@ -202,7 +202,8 @@ impl<P: Pmem> Engine<P> {
                 flags: KEY_INVALID | KEY_CLEAN | KEY_ZERO,
                 ..Default::default()
             };
-            let logged = match self.kset_with_room(o) {
+            // No channel here: the common slot's kset (closed at once, below).
+            let logged = match self.kset_for(self.shard_of(o), super::slots::COMMON) {
                 Ok(mut kb) => {
                     sh.insert(s, Extent::without_data(n as u32, F_EMPTY, token));
                     self.append(&mut kb, &tomb, true).is_ok()
@@ -253,7 +254,8 @@ impl<P: Pmem> Engine<P> {
                 self.pmem.write(at, src);
                 self.pmem.flush(at, a.len);
                 self.pmem.fence();
-                self.fill_chunk(o, &a, src, d.token);
+                let id = self.slot_id(ch);
+                self.fill_chunk(id, o, &a, src, d.token);
                 done += a.len;
             }
         } else {
@@ -278,12 +280,13 @@ impl<P: Pmem> Engine<P> {
 
     fn count_direct(&self, off: u64, len: u64, d: Direct, ok: bool) {
         if ok {
-            let c = &self.counters;
-            c.writes.inc();
-            c.bytes_written.add(len);
+            // No channel here: the common slot's counters.
+            let c = self.slots.get(super::slots::COMMON);
+            c.add(|c| &c.writes, 1);
+            c.add(|c| &c.bytes_written, len);
             if !d.through {
-                c.bypassed.inc();
-                c.bypassed_bytes.add(len);
+                c.add(|c| &c.bypassed, 1);
+                c.add(|c| &c.bypassed_bytes, len);
             }
             // Counted after the backing write: a FLUSH that sees it flushes the backing,
             // and until then no miss fills (see `fills_allowed`). A write-through was
@@ -328,8 +331,9 @@ impl<P: Pmem> Engine<P> {
             } else {
                 c.zeroes.inc();
             }
-            c.bypassed.inc();
-            c.bypassed_bytes.add(len);
+            let common = self.slots.get(super::slots::COMMON);
+            common.add(|c| &c.bypassed, 1);
+            common.add(|c| &c.bypassed_bytes, len);
             // As for a direct write: until a FLUSH covers it, no miss of it fills.
             self.note_direct(off, len);
         }

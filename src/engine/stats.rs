@@ -27,17 +27,10 @@ impl Counter {
     }
 }
 
+/// Counters of the rarer events, shared by every channel (the per-request ones live in
+/// each channel's slot, `slots::ChanCounters`).
 #[derive(Default)]
 pub struct Counters {
-    pub reads: Counter,
-    pub writes: Counter,
-    pub hits: Counter,
-    pub misses: Counter,
-    pub partial_hits: Counter,
-    pub bytes_read: Counter,
-    pub bytes_written: Counter,
-    pub bytes_hit: Counter,
-    pub fills: Counter,
     pub flushes: Counter,
     pub zeroes: Counter,
     pub discards: Counter,
@@ -50,15 +43,8 @@ pub struct Counters {
     pub crc_errors_clean: Counter,
     pub crc_errors_dirty: Counter,
     pub io_errors: Counter,
-    /// Write attempts refused by admission pacing (above the GC watermark, waiting for
-    /// writeback to earn credit); each is retried.
-    pub paced: Counter,
     /// Paced writes let in without credit after waiting too long (`Engine::overdraw`).
     pub overdrawn: Counter,
-    /// Requests (and their bytes) that bypassed the cache: direct writes that cached
-    /// nothing, reads whose misses were not cached (policy.rs).
-    pub bypassed: Counter,
-    pub bypassed_bytes: Counter,
     /// Direct writes or mode switches that dropped cached clean data.
     pub invalidations: Counter,
 }
@@ -140,9 +126,15 @@ fn pos(p: super::LogPos) -> String {
 
 impl<P: Pmem> Engine<P> {
     /// Dirty bytes: in closed ksets past dirty_tail plus those still buffered.
+    /// Cheap enough to poll: one log head lock, no kset or shard lock.
     pub fn dirty_bytes(&self) -> u64 {
-        let buffered: u64 = self.ksets.iter().map(|k| lock(k).dirty_bytes).sum();
+        let buffered: u64 = self.slots.used().map(|(_, s)| s.dirty.load(Relaxed)).sum();
         lock(&self.head).closed_dirty + buffered
+    }
+
+    /// Why writeback stopped, if it did (what a drain polls, instead of `stats`).
+    pub fn writeback_stopped(&self) -> Option<String> {
+        lock(&self.errors).writeback.clone()
     }
 
     pub fn stats(&self) -> Stats {
@@ -179,21 +171,21 @@ impl<P: Pmem> Engine<P> {
             key_head: pos(kh),
             dirty_tail: pos(dt),
             key_tail: pos(kt),
-            reads: c.reads.get(),
-            writes: c.writes.get(),
-            hits: c.hits.get(),
-            misses: c.misses.get(),
-            partial_hits: c.partial_hits.get(),
-            bytes_read: c.bytes_read.get(),
-            bytes_written: c.bytes_written.get(),
-            bytes_hit: c.bytes_hit.get(),
-            fills: c.fills.get(),
+            reads: self.slot_sum(|s| &s.reads),
+            writes: self.slot_sum(|s| &s.writes),
+            hits: self.slot_sum(|s| &s.hits),
+            misses: self.slot_sum(|s| &s.misses),
+            partial_hits: self.slot_sum(|s| &s.partial_hits),
+            bytes_read: self.slot_sum(|s| &s.bytes_read),
+            bytes_written: self.slot_sum(|s| &s.bytes_written),
+            bytes_hit: self.slot_sum(|s| &s.bytes_hit),
+            fills: self.slot_sum(|s| &s.fills),
             flushes: c.flushes.get(),
             write_zeroes: c.zeroes.get(),
             discards: c.discards.get(),
             cache_full_events: self.segs.full_events.load(Relaxed),
             waiting_requests: self.waiting.load(Relaxed),
-            paced_writes: c.paced.get(),
+            paced_writes: self.slot_sum(|s| &s.paced),
             overdrawn_writes: c.overdrawn.get(),
             writeback_ksets: c.wb_ksets.get(),
             writeback_bytes: c.wb_bytes.get(),
@@ -211,8 +203,8 @@ impl<P: Pmem> Engine<P> {
             latency: self.latency.snapshot(),
             seq_cutoff_kib: self.policy().seq_cutoff_kib,
             seq_cutoff_policy: self.policy().seq_policy.name(),
-            bypassed_requests: c.bypassed.get(),
-            bypassed_bytes: c.bypassed_bytes.get(),
+            bypassed_requests: self.slot_sum(|s| &s.bypassed),
+            bypassed_bytes: self.slot_sum(|s| &s.bypassed_bytes),
             invalidations: c.invalidations.get(),
         }
     }
