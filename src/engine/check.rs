@@ -99,7 +99,7 @@ impl<P: Pmem> Engine<P> {
         }
         for c in chans {
             if let Some(h) = c.head {
-                refs[h.seg as usize] += 1;
+                refs[h.seg as usize] += 1 + h.spare;
             }
         }
         #[allow(clippy::needless_range_loop)] // s is also the segment id

@@ -36,6 +36,10 @@ pub struct Channel {
 pub(super) struct Head {
     pub seg: u32,
     pub off: u64,
+    /// Segment references the head holds beyond its own, taken in one go when it
+    /// entered the segment (`alloc`): each allocation hands one to its key, so a write
+    /// does no atomic add on the segment's shared count.
+    pub spare: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -106,19 +110,22 @@ impl<P: Pmem> Engine<P> {
                 Some(h) => h,
                 None => {
                     let seg = self.segs.take_data().ok_or(IoError::Busy)?;
-                    let h = Head { seg, off: 0 };
+                    // Every allocation takes at least one block: this many references
+                    // cover all the keys the segment can get from this head.
+                    let spare = (data / a) as u32;
+                    self.segs.get_n(seg, spare);
+                    let h = Head { seg, off: 0, spare };
                     ch.head = Some(h);
                     h
                 }
             };
             let avail = (data - h.off) / a * a;
-            if avail == 0 {
+            if avail == 0 || h.spare == 0 {
                 ch.head = None;
-                self.segs.put(&self.pmem, &self.geo, h.seg);
+                self.segs.put_n(&self.pmem, &self.geo, h.seg, 1 + h.spare);
                 continue;
             }
             let gen = self.segs.gens[h.seg as usize].load(Relaxed);
-            self.segs.get(h.seg);
             let len = want.min(avail);
             let r = Alloc {
                 seg: h.seg,
@@ -126,14 +133,16 @@ impl<P: Pmem> Engine<P> {
                 len,
                 gen,
             };
+            // One spare reference goes to the key.
             if len < avail {
                 ch.head = Some(Head {
                     seg: h.seg,
                     off: h.off + len,
+                    spare: h.spare - 1,
                 });
             } else {
                 ch.head = None;
-                self.segs.put(&self.pmem, &self.geo, h.seg);
+                self.segs.put_n(&self.pmem, &self.geo, h.seg, h.spare);
             }
             return Ok(r);
         }

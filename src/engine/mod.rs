@@ -504,7 +504,7 @@ impl<P: Pmem> Engine<P> {
     /// kset is closed by the next flush or by tick, which then frees its slot.
     pub fn release_channel(&self, ch: &mut Channel) {
         if let Some(h) = ch.head.take() {
-            self.segs.put(&self.pmem, &self.geo, h.seg);
+            self.segs.put_n(&self.pmem, &self.geo, h.seg, 1 + h.spare);
         }
         if let Some(s) = ch.slot.take().filter(|s| s.of(&self.slots)) {
             let slot = self.slots.get(s.id);

@@ -1,7 +1,9 @@
 //! Segment bookkeeping: free list, reference counts and generations.
 //!
-//! A data segment's reference count is 1 for each channel whose allocation head sits in
-//! it, plus 1 for each key pointing into it that lives in the log region
+//! A data segment's reference count is, for each channel whose allocation head sits in
+//! it, 1 plus the head's spare references (taken at once when the head entered the
+//! segment and handed to its keys one by one, so a write does no atomic add here), plus
+//! 1 for each key pointing into it that lives in the log region
 //! `[key_tail, key_head)` or waits in a kset buffer. When it drops to zero the segment is
 //! reclaimed: its generation is bumped and persisted *before* the segment returns to the
 //! free list, so any index extent still pointing at it reads as stale from then on. Log
@@ -150,12 +152,27 @@ impl Segs {
         debug_assert!(prev > 0, "reference taken on unreferenced segment {seg}");
     }
 
+    /// Takes `n` more references at once (an allocation head's spares).
+    pub fn get_n(&self, seg: u32, n: u32) {
+        super::sync::count::rmw();
+        let prev = self.refs[seg as usize].fetch_add(n, AcqRel);
+        debug_assert!(prev > 0, "references taken on unreferenced segment {seg}");
+    }
+
     /// Drops a reference; reclaims the segment when it was the last one.
     pub fn put<P: Pmem>(&self, pmem: &P, geo: &Geometry, seg: u32) -> bool {
+        self.put_n(pmem, geo, seg, 1)
+    }
+
+    /// Drops `n` references; reclaims the segment when they were the last ones.
+    pub fn put_n<P: Pmem>(&self, pmem: &P, geo: &Geometry, seg: u32, n: u32) -> bool {
+        if n == 0 {
+            return false;
+        }
         super::sync::count::rmw();
-        let prev = self.refs[seg as usize].fetch_sub(1, AcqRel);
-        assert!(prev > 0, "segment {seg} reference count underflow");
-        if prev != 1 {
+        let prev = self.refs[seg as usize].fetch_sub(n, AcqRel);
+        assert!(prev >= n, "segment {seg} reference count underflow");
+        if prev != n {
             return false;
         }
         let gen = self.gens[seg as usize].load(Acquire) + 1;
