@@ -11,7 +11,7 @@ use super::open::read_kset;
 use super::segs::Use;
 use super::sync::lock;
 use super::{Channel, Engine, Pmem};
-use std::sync::atomic::Ordering::Acquire;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 
 /// What the log holds between two positions.
 #[derive(Debug, Default, Clone)]
@@ -141,6 +141,13 @@ impl<P: Pmem> Engine<P> {
                         x.seg
                     ));
                 }
+            }
+            let n = sh.len();
+            drop(sh);
+            // What `stats` reports without locking the shard.
+            let published = self.aux[i].len.load(Relaxed) as usize;
+            if published != n {
+                return Err(format!("shard {i}: {n} extents, {published} published"));
             }
         }
         Ok(summary)

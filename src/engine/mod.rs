@@ -185,6 +185,55 @@ const PEND_NONE: u64 = u64::MAX;
 const PEND_SHIFT: u32 = 48;
 const PEND_BATCH: u64 = (1 << PEND_SHIFT) - 1;
 
+/// What the engine keeps per shard outside the shard's lock line.
+pub(super) struct ShardAux {
+    /// Written under the shard lock: the slot and kset batch holding the region's
+    /// latest key (`PEND_NONE` if none was appended since open); see `kset_for`.
+    pend: AtomicU64,
+    /// The shard's extent count as of its last unlock, so `stats` need not lock every
+    /// shard (stored only when it changed).
+    len: AtomicU32,
+}
+
+impl ShardAux {
+    pub(super) fn new() -> ShardAux {
+        ShardAux {
+            pend: AtomicU64::new(PEND_NONE),
+            len: AtomicU32::new(0),
+        }
+    }
+}
+
+/// A locked shard; on unlock its extent count is published to `ShardAux::len` if it
+/// changed (a hit never changes it, so it stores nothing).
+pub(super) struct ShardGuard<'a> {
+    g: MutexGuard<'a, Shard>,
+    len0: usize,
+    aux: &'a ShardAux,
+}
+
+impl std::ops::Deref for ShardGuard<'_> {
+    type Target = Shard;
+    fn deref(&self) -> &Shard {
+        &self.g
+    }
+}
+
+impl std::ops::DerefMut for ShardGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Shard {
+        &mut self.g
+    }
+}
+
+impl Drop for ShardGuard<'_> {
+    fn drop(&mut self) {
+        let n = self.g.len();
+        if n != self.len0 {
+            self.aux.len.store(n as u32, Relaxed);
+        }
+    }
+}
+
 /// A slot's kset, locked.
 pub(super) struct KsetGuard<'a> {
     pub slot: &'a Slot,
@@ -219,9 +268,8 @@ pub struct Engine<P: Pmem> {
     settle_cursor: AtomicUsize,
     /// Every channel's kset buffer and counters.
     slots: Arc<Slots>,
-    /// Per shard, under its lock: the slot and kset batch holding the region's latest
-    /// key (`PEND_NONE` if none was appended since open); see `kset_for`.
-    pend: Box<[AtomicU64]>,
+    /// Per shard, beside the index: who holds its latest key, and its extent count.
+    aux: Box<[ShardAux]>,
     head: Mutex<LogHead>,
     /// The write epoch: every FLUSH and FUA write starts a new one, before it closes
     /// ksets. Writeback may skip dirty data only when a newer key from the same epoch,
@@ -310,8 +358,9 @@ impl<P: Pmem> Engine<P> {
     }
 
     /// Locks shard `si`, first inserting its replayed extents if it still owes them.
-    fn shard(&self, si: usize) -> MutexGuard<'_, Shard> {
+    fn shard(&self, si: usize) -> ShardGuard<'_> {
         let mut g = lock(&self.shards[si]);
+        let len0 = g.len();
         if g.replayed() {
             let r = lock(&self.replayed).clone();
             g.settle(r.as_deref(), si);
@@ -319,7 +368,25 @@ impl<P: Pmem> Engine<P> {
                 *lock(&self.replayed) = None;
             }
         }
-        g
+        ShardGuard {
+            g,
+            len0,
+            aux: &self.aux[si],
+        }
+    }
+
+    /// Settles every replayed shard still owing its chain (`stats`, which reports exact
+    /// extent counts; after the first call, or once tick got through, it costs nothing).
+    fn settle_all(&self) {
+        if self.unsettled.load(Relaxed) == 0 {
+            return;
+        }
+        let Some(r) = lock(&self.replayed).clone() else {
+            return;
+        };
+        for &si in &r.order {
+            drop(self.shard(si as usize));
+        }
     }
 
     /// Settles up to `n` more replayed shards (from `tick`), so the replayed extents'
@@ -347,7 +414,7 @@ impl<P: Pmem> Engine<P> {
     /// key and records it as holding the region's latest key. So the region's keys reach
     /// the log in index order (see `slots`).
     pub(super) fn kset_for(&self, si: usize, id: u16) -> Result<KsetGuard<'_>, LogFull> {
-        let p = self.pend[si].load(Relaxed);
+        let p = self.aux[si].pend.load(Relaxed);
         if p != PEND_NONE && (p >> PEND_SHIFT) as u16 != id {
             let batch = p & PEND_BATCH;
             let o = self.slots.get((p >> PEND_SHIFT) as u16);
@@ -375,7 +442,7 @@ impl<P: Pmem> Engine<P> {
         }
         let mine = (id as u64) << PEND_SHIFT | (slot.closed.load(Relaxed) & PEND_BATCH);
         if p != mine {
-            self.pend[si].store(mine, Relaxed);
+            self.aux[si].pend.store(mine, Relaxed);
         }
         Ok(g)
     }

@@ -351,9 +351,7 @@ impl<P: Pmem> Engine<P> {
             settle_cursor: AtomicUsize::new(0),
             replayed: Mutex::new(Some(Arc::new(replayed))),
             slots: Arc::default(),
-            pend: (0..n_shards)
-                .map(|_| AtomicU64::new(super::PEND_NONE))
-                .collect(),
+            aux: (0..n_shards).map(|_| super::ShardAux::new()).collect(),
             head: Mutex::new(LogHead {
                 pos,
                 closed_dirty,

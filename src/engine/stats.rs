@@ -164,10 +164,12 @@ impl<P: Pmem> Engine<P> {
             segments_used: self.segs.used(),
             backing_size: self.geo.backing_size,
             dirty_bytes: self.dirty_bytes(),
-            // Settles every replayed shard, as an access would.
-            cached_extents: (0..self.shards.len())
-                .map(|i| self.shard(i).len() as u64)
-                .sum(),
+            // Settles every replayed shard (once), as an access would; then only reads
+            // the counts the shards published, locking none.
+            cached_extents: {
+                self.settle_all();
+                self.aux.iter().map(|a| a.len.load(Relaxed) as u64).sum()
+            },
             key_head: pos(kh),
             dirty_tail: pos(dt),
             key_tail: pos(kt),
