@@ -171,6 +171,12 @@ fn threads_mode(threads: usize) {
     );
     println!("  write      {:>12.0} ops/s", w);
     println!("  read hit   {:>12.0} ops/s", h);
+    let st = e.stats();
+    println!(
+        "  ksets closed early to keep a region's keys in log order: {} ({:.4} per write)",
+        st.kset_ordering_closes,
+        st.kset_ordering_closes as f64 / st.writes.max(1) as f64
+    );
     drop(e);
     let _ = std::fs::remove_file(&path);
 }

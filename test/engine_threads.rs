@@ -327,10 +327,11 @@ fn sixteen_channels(seed: u64) {
     e.check_invariants(&[]).expect("invariants");
     let st = e.stats();
     println!(
-        "sixteen channels, seed {seed}: {} writes, {} reads ({} of another thread's data in the shared region), writeback {} ksets, gc {} ksets",
+        "sixteen channels, seed {seed}: {} writes, {} reads ({} of another thread's data in the shared region), {} ksets closed early for log order, writeback {} ksets, gc {} ksets",
         st.writes,
         st.reads,
         shared_hits.load(Ordering::Relaxed),
+        st.kset_ordering_closes,
         st.writeback_ksets,
         st.gc_ksets
     );
@@ -340,6 +341,10 @@ fn sixteen_channels(seed: u64) {
         "per-channel counters merge"
     );
     assert!(st.gc_ksets > 0, "GC must have run");
+    assert!(
+        st.kset_ordering_closes > 0,
+        "channels must have met in a region's open kset"
+    );
     assert!(
         shared_hits.load(Ordering::Relaxed) > 0,
         "channels must have read each other's writes"

@@ -425,8 +425,9 @@ impl<P: Pmem> Engine<P> {
                     slot: o,
                     kb: lock(&o.kset),
                 };
-                if o.closed.load(Relaxed) & PEND_BATCH == batch {
+                if o.closed.load(Relaxed) & PEND_BATCH == batch && g.kb.count > 0 {
                     self.close_kset(&mut g)?;
+                    self.counters.ordering_closes.inc();
                 }
             }
         }

@@ -47,6 +47,9 @@ pub struct Counters {
     pub overdrawn: Counter,
     /// Direct writes or mode switches that dropped cached clean data.
     pub invalidations: Counter,
+    /// Ksets closed early because another channel appended to a region whose latest
+    /// key they held (`Engine::kset_for`).
+    pub ordering_closes: Counter,
 }
 
 /// An error that was counted: what happened, and when (milliseconds since the Unix
@@ -118,6 +121,9 @@ pub struct Stats {
     pub bypassed_requests: u64,
     pub bypassed_bytes: u64,
     pub invalidations: u64,
+    /// Ksets closed before they were full or aged because another channel wrote to a
+    /// region whose latest key they held (keys of a region reach the log in order).
+    pub kset_ordering_closes: u64,
 }
 
 fn pos(p: super::LogPos) -> String {
@@ -208,6 +214,7 @@ impl<P: Pmem> Engine<P> {
             bypassed_requests: self.slot_sum(|s| &s.bypassed),
             bypassed_bytes: self.slot_sum(|s| &s.bypassed_bytes),
             invalidations: c.invalidations.get(),
+            kset_ordering_closes: c.ordering_closes.get(),
         }
     }
 }
