@@ -232,7 +232,7 @@ impl<P: Pmem> Engine<P> {
     fn insert_key(&self, id: u16, k: &KeyRec, mut x: Extent, force: bool) -> Result<(), IoError> {
         let si = self.shard_of(k.off);
         let mut shard = self.shard(si);
-        let mut kb = match self.kset_for(si, id) {
+        let mut kb = match self.kset_for(k.off, k.len as u64, id) {
             Ok(kb) => kb,
             Err(LogFull) => {
                 drop(shard);
@@ -564,7 +564,7 @@ impl<P: Pmem> Engine<P> {
         let si = self.shard_of(o);
         let mut shard = self.shard(si);
         let s = (o % SUBTREE_SIZE) as u32;
-        let mut kb = self.kset_for(si, id).ok();
+        let mut kb = self.kset_for(o, a.len, id).ok();
         let whole_crc = if self.data_crc { format::crc(src) } else { 0 };
         let mut referenced = false;
         shard.resolve_placeholders(s, s + a.len as u32, t, |fs, frag| {

@@ -179,17 +179,20 @@ struct Errors {
     last_writeback: Option<ErrorEvent>,
 }
 
-/// `Engine::pend`: nothing appended for the region since open.
+/// `Engine::pend`: nothing appended for the grain since open.
 const PEND_NONE: u64 = u64::MAX;
+/// `Engine::pend` tracks 1 MiB grains: 32 bytes per 4 MiB region (8 MiB per TiB of
+/// backing device), and a quarter of the cross-channel closes per-region tracking needs
+/// for random writes.
+const PEND_GRAIN_SHIFT: u32 = 20;
+/// `pend` words per region.
+const PEND_PER_SHARD: usize = (format::SUBTREE_SIZE >> PEND_GRAIN_SHIFT) as usize;
 /// `Engine::pend` holds the slot id above this bit and the kset batch's low bits below.
 const PEND_SHIFT: u32 = 48;
 const PEND_BATCH: u64 = (1 << PEND_SHIFT) - 1;
 
 /// What the engine keeps per shard outside the shard's lock line.
 pub(super) struct ShardAux {
-    /// Written under the shard lock: the slot and kset batch holding the region's
-    /// latest key (`PEND_NONE` if none was appended since open); see `kset_for`.
-    pend: AtomicU64,
     /// The shard's extent count as of its last unlock, so `stats` need not lock every
     /// shard (stored only when it changed).
     len: AtomicU32,
@@ -198,7 +201,6 @@ pub(super) struct ShardAux {
 impl ShardAux {
     pub(super) fn new() -> ShardAux {
         ShardAux {
-            pend: AtomicU64::new(PEND_NONE),
             len: AtomicU32::new(0),
         }
     }
@@ -268,8 +270,12 @@ pub struct Engine<P: Pmem> {
     settle_cursor: AtomicUsize,
     /// Every channel's kset buffer and counters.
     slots: Arc<Slots>,
-    /// Per shard, beside the index: who holds its latest key, and its extent count.
+    /// Per shard, beside the index: its extent count.
     aux: Box<[ShardAux]>,
+    /// Per `PEND_GRAIN` of backing address, written under its shard's lock: the slot and
+    /// kset batch holding the latest key touching it (`PEND_NONE` if none was appended
+    /// since open); see `kset_for`.
+    pend: Box<[AtomicU64]>,
     head: Mutex<LogHead>,
     /// The write epoch: every FLUSH and FUA write starts a new one, before it closes
     /// ksets. Writeback may skip dirty data only when a newer key from the same epoch,
@@ -409,26 +415,20 @@ impl<P: Pmem> Engine<P> {
         (off >> format::SUBTREE_SHIFT) as usize
     }
 
-    /// With shard `si` locked: makes sure every key already appended for the region is
-    /// in the log or in slot `id`'s open kset, then locks that kset with room for one more
-    /// key and records it as holding the region's latest key. So the region's keys reach
-    /// the log in index order (see `slots`).
-    pub(super) fn kset_for(&self, si: usize, id: u16) -> Result<KsetGuard<'_>, LogFull> {
-        let p = self.aux[si].pend.load(Relaxed);
-        if p != PEND_NONE && (p >> PEND_SHIFT) as u16 != id {
-            let batch = p & PEND_BATCH;
-            let o = self.slots.get((p >> PEND_SHIFT) as u16);
-            // Another channel's kset took the region's latest key: if that kset is still
-            // open, it goes to the log before ours can.
-            if o.closed.load(Acquire) & PEND_BATCH == batch {
-                let mut g = KsetGuard {
-                    slot: o,
-                    kb: lock(&o.kset),
-                };
-                if o.closed.load(Relaxed) & PEND_BATCH == batch && g.kb.count > 0 {
-                    self.close_kset(&mut g)?;
-                    self.counters.ordering_closes.inc();
-                }
+    /// With the shard of `[off, off + len)` locked: makes sure every key already
+    /// appended for the range's grains is in the log or in slot `id`'s open kset, then
+    /// locks that kset with room for one more key and records it as holding the grains'
+    /// latest key. So overlapping keys reach the log in index order (see `slots`).
+    ///
+    /// Tracked per 1 MiB grain (`PEND_GRAIN_SHIFT`) rather than per region: overlapping
+    /// keys share a grain, which is all the order needs, and channels writing different
+    /// parts of a region close each other's ksets less often.
+    pub(super) fn kset_for(&self, off: u64, len: u64, id: u16) -> Result<KsetGuard<'_>, LogFull> {
+        let pend = self.pend_of(off, len);
+        for p in pend {
+            let p = p.load(Relaxed);
+            if p != PEND_NONE && (p >> PEND_SHIFT) as u16 != id {
+                self.order_after(p)?;
             }
         }
         let slot = self.slots.get(id);
@@ -442,10 +442,38 @@ impl<P: Pmem> Engine<P> {
             self.close_kset(&mut g)?;
         }
         let mine = (id as u64) << PEND_SHIFT | (slot.closed.load(Relaxed) & PEND_BATCH);
-        if p != mine {
-            self.aux[si].pend.store(mine, Relaxed);
+        for p in pend {
+            if p.load(Relaxed) != mine {
+                p.store(mine, Relaxed);
+            }
         }
         Ok(g)
+    }
+
+    /// The `pend` words of `[off, off + len)` (inside one region).
+    fn pend_of(&self, off: u64, len: u64) -> &[AtomicU64] {
+        let first = (off >> PEND_GRAIN_SHIFT) as usize;
+        let last = ((off + len.max(1) - 1) >> PEND_GRAIN_SHIFT) as usize;
+        &self.pend[first..=last]
+    }
+
+    /// Another channel's kset (`p`, a `pend` word) took the latest key of a grain: if
+    /// that kset is still open, it goes to the log before ours can.
+    fn order_after(&self, p: u64) -> Result<(), LogFull> {
+        let batch = p & PEND_BATCH;
+        let o = self.slots.get((p >> PEND_SHIFT) as u16);
+        if o.closed.load(Acquire) & PEND_BATCH != batch {
+            return Ok(());
+        }
+        let mut g = KsetGuard {
+            slot: o,
+            kb: lock(&o.kset),
+        };
+        if o.closed.load(Relaxed) & PEND_BATCH == batch && g.kb.count > 0 {
+            self.close_kset(&mut g)?;
+            self.counters.ordering_closes.inc();
+        }
+        Ok(())
     }
 
     /// Writes a slot's kset to the log (taking the log head once for the whole kset).

@@ -352,6 +352,9 @@ impl<P: Pmem> Engine<P> {
             replayed: Mutex::new(Some(Arc::new(replayed))),
             slots: Arc::default(),
             aux: (0..n_shards).map(|_| super::ShardAux::new()).collect(),
+            pend: (0..n_shards * super::PEND_PER_SHARD)
+                .map(|_| AtomicU64::new(super::PEND_NONE))
+                .collect(),
             head: Mutex::new(LogHead {
                 pos,
                 closed_dirty,

@@ -203,7 +203,7 @@ impl<P: Pmem> Engine<P> {
                 ..Default::default()
             };
             // No channel here: the common slot's kset (closed at once, below).
-            let logged = match self.kset_for(self.shard_of(o), super::slots::COMMON) {
+            let logged = match self.kset_for(o, n, super::slots::COMMON) {
                 Ok(mut kb) => {
                     sh.insert(s, Extent::without_data(n as u32, F_EMPTY, token));
                     self.append(&mut kb, &tomb, true).is_ok()

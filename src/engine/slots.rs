@@ -13,11 +13,11 @@
 //!
 //! Log order across slots: keys of one region may sit in different channels' ksets, but
 //! replay rebuilds the index in log order, so overlapping keys must reach the log in the
-//! order they entered the index. Each region remembers (under its shard lock) which slot's
-//! kset, and which batch of it, took its latest key (`Engine::pend`); a channel about to
-//! append a key to a region whose latest key waits in another channel's still-open kset
-//! closes that kset first (`Engine::kset_for`). Only writers of the same region in the
-//! same kset window ever meet there.
+//! order they entered the index. Each 1 MiB grain of backing address remembers (under
+//! its region's shard lock) which slot's kset, and which batch of it, took its latest key
+//! (`Engine::pend`); a channel about to append a key to a grain whose latest key waits in
+//! another channel's still-open kset closes that kset first (`Engine::kset_for`). Only
+//! writers of the same grain in the same kset window ever meet there.
 
 use super::log::KsetBuf;
 use super::sync::count;
