@@ -366,7 +366,8 @@ impl<P: Pmem> Engine<P> {
     /// Locks shard `si`, first inserting its replayed extents if it still owes them.
     fn shard(&self, si: usize) -> ShardGuard<'_> {
         let mut g = lock(&self.shards[si]);
-        let len0 = g.len();
+        // A replayed shard's count is unknown until it settles: nothing was published.
+        let len0 = if g.replayed() { 0 } else { g.len() };
         if g.replayed() {
             let r = lock(&self.replayed).clone();
             g.settle(r.as_deref(), si);
