@@ -1,6 +1,6 @@
 //! Build script of spdk-sys: locates an SPDK, generates the bindings with bindgen,
 //! compiles the C shim for SPDK's `static inline` helpers, and tells the root crate which
-//! SPDK libraries to link into the module.
+//! SPDK libraries to link into the module (spdk-module/, crate `spdk_bdev_pcache`).
 //!
 //! Where SPDK comes from, first match wins:
 //! 1. `SPDK_DIR`: an install prefix (`include/spdk`, `lib/`) or a source tree built with
@@ -19,11 +19,10 @@
 //! a module preloaded into `spdk_tgt` would be a second bdev layer and RPC table, and
 //! the module would register into the wrong one). This crate emits no link flags for
 //! SPDK itself: it exports them (`DEP_SPDK_LIB_DIR`, `DEP_SPDK_LIBS`, `DEP_SPDK_SEARCH`,
-//! `DEP_SPDK_SYSLIBS`) and the root crate's build script passes them to the cdylib only,
-//! so the `pcache` binary never depends on SPDK. For the same reason the module's
-//! load-time constructor is a C object (`c/load.c`, exported as `DEP_SPDK_LOAD_OBJ`)
-//! that only the cdylib links: a constructor in the rlib would be kept in every
-//! executable.
+//! `DEP_SPDK_SYSLIBS`) and the module crate's build script (spdk-module/build.rs) passes
+//! them to its cdylib only, so the `pcache` binary never depends on SPDK. For the same
+//! reason the module's load-time constructor is a C object of that crate
+//! (spdk-module/c/load.c), not part of this one.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -42,7 +41,7 @@ struct Spdk {
 }
 
 /// The SPDK libraries whose functions the module (src/env/spdk, c/shim.c) calls, in link
-/// order. Checked with `nm -D --undefined-only libpcache.so` against each library's
+/// order. Checked with `nm -D --undefined-only libspdk_bdev_pcache.so` against each library's
 /// exports (SPDK 26.09-pre: 58 symbols, all from these): the bdev layer and module API,
 /// threads and pollers, JSON and JSON-RPC, the RPC method table, logging, utilities
 /// (crc, uuid, string) and the env (spdk_zmalloc, spdk_get_ticks).
@@ -79,7 +78,7 @@ fn main() {
     println!("cargo:rerun-if-changed=c/wrapper.h");
     println!("cargo:rerun-if-changed=c/shim.h");
     println!("cargo:rerun-if-changed=c/shim.c");
-    println!("cargo:rerun-if-changed=c/load.c");
+    println!("cargo:rerun-if-changed=c/host.c");
 
     let spdk = match locate() {
         Ok(s) => s,
@@ -259,25 +258,21 @@ fn generate_bindings(spdk: &Spdk, out: &Path) {
 
 fn compile_shim(spdk: &Spdk) {
     let mut cc = cc::Build::new();
-    cc.file("c/shim.c").include("c").warnings(true).pic(true);
+    cc.file("c/shim.c")
+        .file("c/host.c")
+        .include("c")
+        .warnings(true)
+        .pic(true);
     // SPDK's own headers have unused parameters in inline helpers.
     cc.flag_if_supported("-Wno-unused-parameter");
     for inc in &spdk.include {
         cc.include(inc);
     }
     cc.compile("spdk_sys_shim");
-    // The constructor stays a loose object: only the cdylib's link line names it.
-    let load = cc::Build::new()
-        .file("c/load.c")
-        .warnings(true)
-        .pic(true)
-        .compile_intermediates();
-    let obj = load.first().expect("cc compiled c/load.c to no object");
-    println!("cargo:load_obj={}", obj.display());
 }
 
 fn emit_link(spdk: &Spdk) {
-    // Read by the root crate's build script as DEP_SPDK_*; see its doc comment.
+    // Read by spdk-module/build.rs and the root build.rs as DEP_SPDK_*.
     println!("cargo:lib_dir={}", spdk.lib_dir.display());
     println!("cargo:libs={}", SPDK_LIBS.join(" "));
     let search: Vec<String> = spdk
@@ -287,6 +282,27 @@ fn emit_link(spdk: &Spdk) {
         .collect();
     println!("cargo:search={}", search.join(" "));
     println!("cargo:syslibs={}", spdk.syslibs.join(" "));
+    // The linker arguments that link SPDK into a shared object or executable, in one
+    // list (DEP_SPDK_LINK_ARGS, space-separated), so the crates that link SPDK (the
+    // module's cdylib, the root crate's test executables) pass the same ones: -L and an
+    // rpath for each library directory (SPDK's .so files then load without
+    // LD_LIBRARY_PATH), -l for exactly the libraries the module calls, and SPDK's
+    // system libraries with --no-as-needed (SPDK's .so files use them without declaring
+    // them, and rustc's default --as-needed would drop them).
+    let mut args = Vec::new();
+    for dir in std::iter::once(spdk.lib_dir.display().to_string()).chain(search) {
+        args.push(format!("-L{dir}"));
+        args.push(format!("-Wl,-rpath,{dir}"));
+    }
+    args.extend(SPDK_LIBS.iter().map(|l| format!("-l{l}")));
+    if !spdk.syslibs.is_empty() {
+        let sys: Vec<String> = spdk.syslibs.iter().map(|l| format!("-l{l}")).collect();
+        args.push(format!(
+            "-Wl,--push-state,--no-as-needed,{},--pop-state",
+            sys.join(",")
+        ));
+    }
+    println!("cargo:link_args={}", args.join(" "));
     if let Some(inc) = spdk.include.first() {
         println!("cargo:include={}", inc.display());
     }
@@ -322,4 +338,8 @@ fn emit_version(spdk: &Spdk) {
         format!(".{pa}")
     };
     println!("cargo:rustc-env=SPDK_SYS_VERSION={ma}.{mi}{pa}{suffix}");
+    println!(
+        "cargo:rustc-env=SPDK_SYS_LIB_DIR={}",
+        spdk.lib_dir.display()
+    );
 }

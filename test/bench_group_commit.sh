@@ -17,7 +17,8 @@ SECS="${1:-10}"
 ROUNDS="${2:-3}"
 command -v fio >/dev/null || { echo "SKIP: fio not installed"; exit 0; }
 cargo build --release --quiet
-BIN=target/release/pcache
+# Where Cargo put it: CARGO_TARGET_DIR when set (relative to the root, like Cargo).
+BIN=${CARGO_TARGET_DIR:-target}/release/pcache
 W=$(mktemp -d /var/tmp/pcache-gc-bench.XXXXXX)
 SHM=/dev/shm/pcache-gc-bench-$$
 PID=

@@ -13,6 +13,12 @@
 # Usage: bash test/bench_nbd.sh [seconds-per-job (default 8)]
 #        bash test/bench_nbd.sh overload     (the overload tier, test/bench_nbd_overload.sh)
 set -euo pipefail
+# A relative OVERLOAD_DIR names a directory relative to where the script was started.
+if [ -n "${OVERLOAD_DIR:-}" ]; then
+  mkdir -p "$OVERLOAD_DIR"
+  OVERLOAD_DIR=$(cd "$OVERLOAD_DIR" && pwd)
+  export OVERLOAD_DIR
+fi
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = overload ]; then
   exec bash test/bench_nbd_overload.sh
@@ -23,7 +29,8 @@ for c in fio nbdkit qemu-storage-daemon; do
   command -v "$c" >/dev/null || { echo "SKIP: $c not installed"; exit 0; }
 done
 cargo build --release --quiet
-BIN=target/release/pcache
+# Where Cargo put it: CARGO_TARGET_DIR when set (relative to the root, like Cargo).
+BIN=${CARGO_TARGET_DIR:-target}/release/pcache
 W=$(mktemp -d /var/tmp/pcache-bench.XXXXXX)
 SHM=/dev/shm/pcache-bench-$$
 PIDS=()

@@ -19,6 +19,12 @@
 # OVERLOAD_DIR (results, default target/bench/overload/nbd-<time>), OVERLOAD_CORES
 # (pcache serve --cores, default all).
 set -euo pipefail
+# Results: OVERLOAD_DIR, any directory (created; relative to where the script was
+# started), else target/bench/overload/nbd-<time> in the clone.
+if [ -n "${OVERLOAD_DIR:-}" ]; then
+  mkdir -p "$OVERLOAD_DIR"
+  OVERLOAD_DIR=$(cd "$OVERLOAD_DIR" && pwd)
+fi
 cd "$(dirname "$0")/.."
 SECS=${OVERLOAD_SECS:-60}
 ZSECS=${OVERLOAD_ZIPF_SECS:-30}
@@ -39,13 +45,16 @@ for c in fio qemu-storage-daemon gnuplot; do
   fi
 done
 cargo build --release --quiet
-BIN=target/release/pcache
+# Where Cargo put it: CARGO_TARGET_DIR when set (relative to the root, like Cargo).
+BIN=${CARGO_TARGET_DIR:-target}/release/pcache
 OUT=${OVERLOAD_DIR:-target/bench/overload/nbd-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 # The base lives on the real disk (target/ is in the worktree), written once so reads
-# and overwrites hit allocated blocks; it is kept for the next run.
+# and overwrites hit allocated blocks; it is kept for the next run. Its directory is
+# made here: it is not the results directory unless OVERLOAD_DIR is left at its default.
 BASE=$(pwd)/target/bench/overload/base-${BASE_MB}m.img
+mkdir -p "$(dirname "$BASE")"
 if [ "$(stat -c %s "$BASE" 2> /dev/null || echo 0)" != $((BASE_MB << 20)) ]; then
   echo "writing the ${BASE_MB} MiB base file $BASE once"
   rm -f "$BASE"

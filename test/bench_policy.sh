@@ -17,7 +17,8 @@ for c in fio qemu-storage-daemon; do
   command -v "$c" >/dev/null || { echo "SKIP: $c not installed"; exit 0; }
 done
 cargo build --release --quiet
-BIN=target/release/pcache
+# Where Cargo put it: CARGO_TARGET_DIR when set (relative to the root, like Cargo).
+BIN=${CARGO_TARGET_DIR:-target}/release/pcache
 W=$(mktemp -d /var/tmp/pcache-bench-policy.XXXXXX)
 SHM=/dev/shm/pcache-bench-policy-$$
 PIDS=()

@@ -2021,3 +2021,28 @@ fn policy_bad_values_change_nothing() {
         o.show()
     );
 }
+
+/// A thread `serve` depends on that fails (here the control socket, which cannot bind a
+/// path longer than a Unix socket address holds) stops `serve` with a message naming it
+/// and a non-zero exit, rather than leaving it running without it or hanging.
+#[test]
+fn serve_stops_when_a_thread_it_needs_fails() {
+    let c = Cache::new("thread-fail", 64 << 20);
+    let long = c.dir.join(&"c".repeat(120));
+    let mut a: Vec<OsString> = c.serve_args(None, &[]);
+    let at = a.iter().position(|x| x == "--control").unwrap();
+    a[at + 1] = long.into();
+    let o = run(
+        Command::new(env!("CARGO_BIN_EXE_pcache")).args(&a),
+        &c.dir.0,
+        60,
+    );
+    assert_no_panic(&o, "serve with a failing control socket");
+    assert!(
+        !o.ok()
+            && o.stderr.contains("control socket failed")
+            && o.stderr.contains("stopped because"),
+        "serve with an unbindable control socket:\n{}",
+        o.show()
+    );
+}

@@ -30,7 +30,14 @@ status=0
 for t in "${targets[@]}"; do
     echo "fuzz smoke: running $t for ${seconds}s"
     log="$(mktemp)"
-    if cargo fuzz run "$t" -- -max_total_time="$seconds" >"$log" 2>&1; then
+    # The named seeds (fuzz/seeds/<target>, fuzz/make_seeds.py) ride along with the
+    # working corpus, so every run replays the corruption classes first.
+    dirs=()
+    if [ -d "seeds/$t" ]; then
+        mkdir -p "corpus/$t"
+        dirs=("corpus/$t" "seeds/$t")
+    fi
+    if cargo fuzz run "$t" "${dirs[@]}" -- -max_total_time="$seconds" >"$log" 2>&1; then
         echo "fuzz smoke: $t: $(grep -E '^Done [0-9]+ runs' "$log" || echo 'done')"
     else
         status=1

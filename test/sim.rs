@@ -4,6 +4,15 @@
 //! torn, then replayed and checked against the durability oracle. Every failure names
 //! the seed (and crash point) that replays it: `PCACHE_SEED=S PCACHE_CRASH=N cargo test
 //! --test sim replay_one`.
+//!
+//! `crash_points` enumerates four families of configurations (every workload; every
+//! cache mode and mode switch; reclaim on a minimal cache; other kset, channel and
+//! segment geometries), about 100,000 crash points per run, spread over the cores
+//! (`PCACHE_THREADS`), and prints a line per family and `total crash points: N,
+//! violations: V`. `PCACHE_FAMILY=policy,...` runs some families only; the
+//! `PCACHE_*_SEEDS` variables scale them (a soak). A violation prints the
+//! `PCACHE_JOB=family:index:point` that replays it with `job_replay_one` (with the
+//! same `PCACHE_*_SEEDS`, if any were set).
 
 use pcache::engine::{CacheMode, Policy, SeqPolicy};
 use pcache::env::sim::pmem::CrashMode;
@@ -53,39 +62,6 @@ fn crash_at(seed: u64, w: Workload, point: u64, mode: CrashMode) -> Result<(), S
     // Keep going on the recovered state and crash again: recovery of a recovery.
     world.run()?;
     world.crash_and_check(CrashMode::Random)
-}
-
-#[test]
-fn crash_points() {
-    let per = env_u64("PCACHE_CRASH_SEEDS").unwrap_or(8);
-    let (mut points, mut violations) = (0u64, vec![]);
-    for w in Workload::ALL {
-        for s in 0..per {
-            let seed = 1000 + s * 7 + w as u64;
-            let total = {
-                let mut world = World::new(WorldCfg::new(seed, w)).unwrap();
-                let start = world.fences();
-                world.run().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-                world.fences() - start
-            };
-            for p in 1..=total {
-                let mode =
-                    [CrashMode::Random, CrashMode::DropAll, CrashMode::KeepAll][(p % 3) as usize];
-                points += 1;
-                if let Err(e) = crash_at(seed, w, p, mode) {
-                    violations.push(format!("seed {seed} {w:?} crash point {p} ({mode:?}): {e}"));
-                }
-            }
-        }
-    }
-    println!(
-        "crash points explored: {points}, violations: {}",
-        violations.len()
-    );
-    for v in violations.iter().take(10) {
-        println!("  {v}");
-    }
-    assert!(violations.is_empty());
 }
 
 #[test]
@@ -244,54 +220,6 @@ fn policy_random_seeds() {
     assert!(bypassed > 0, "no request ever bypassed the cache");
 }
 
-/// Crash-point enumeration in every mode and across a mode switch.
-#[test]
-fn policy_crash_points() {
-    let per = env_u64("PCACHE_CRASH_SEEDS").unwrap_or(1);
-    let (mut points, mut violations) = (0u64, vec![]);
-    for w in POLICY_WORKLOADS {
-        for s in 0..per {
-            let seed = 2000 + s * 7 + w as u64;
-            for (name, cfg) in policy_cfgs(seed, w) {
-                let total = {
-                    let mut world = World::new(cfg.clone()).unwrap();
-                    let start = world.fences();
-                    world
-                        .run()
-                        .unwrap_or_else(|e| panic!("seed {seed} {name}: {e}"));
-                    world.fences() - start
-                };
-                for p in 1..=total {
-                    let mode = [CrashMode::Random, CrashMode::DropAll, CrashMode::KeepAll]
-                        [(p % 3) as usize];
-                    points += 1;
-                    let r = (|| {
-                        let mut world = World::new(cfg.clone())?;
-                        world.pmem.set_fence_limit(Some(world.fences() + p));
-                        world.run()?;
-                        world.crash_and_check(mode)?;
-                        world.run()?;
-                        world.crash_and_check(CrashMode::Random)
-                    })();
-                    if let Err(e) = r {
-                        violations.push(format!(
-                            "seed {seed} {w:?} {name} crash point {p} ({mode:?}): {e}"
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    println!(
-        "policy crash points explored: {points}, violations: {}",
-        violations.len()
-    );
-    for v in violations.iter().take(10) {
-        println!("  {v}");
-    }
-    assert!(violations.is_empty());
-}
-
 /// Replays one policy configuration: `PCACHE_POLICY=seed,workload,config,crash_point`
 /// (workload and config index into `POLICY_WORKLOADS` and `policy_cfgs`).
 #[test]
@@ -311,4 +239,266 @@ fn policy_replay_one() {
     println!("second run");
     world.run().unwrap();
     world.crash_and_check(CrashMode::Random).unwrap();
+}
+
+// ---------------------------------------------------------------------------------
+// Crash-point enumeration, in families, over a pool of threads.
+// ---------------------------------------------------------------------------------
+
+/// One configuration whose every persistence point is crashed at in turn.
+struct Job {
+    family: &'static str,
+    label: String,
+    cfg: WorldCfg,
+}
+
+/// The crash-point families, in a fixed order (a job is named by family and index, so
+/// `PCACHE_JOB` replays it). Seeds per family come from the environment so a soak can
+/// run more of the same; the defaults make about 100,000 crash points, what CI runs.
+///
+/// - `workload`: every workload on the default geometry (the original enumeration).
+/// - `policy`: every workload in every cache mode, and across mode switches.
+/// - `reclaim`: the cache-filling workloads on a cache of 8-9 segments (two of them
+///   kept for the log, up to three held by the channels' heads), so segments are
+///   written back and reclaimed over and over and a crash lands inside writeback
+///   windows and GC. (6 segments with three channels and 27 KiB writes stayed full
+///   for 200 retries: the heads pin the space a write needs.)
+/// - `geometry`: every workload with 1, 3 and 16 keys per kset, 1 and 5 channels and
+///   16-32 KiB segments: ksets close at other places relative to segment ends.
+///
+/// Every world draws its writeback window (1 to 8 ksets) and GC watermark (0-60 %)
+/// from its seed, so the seeds of every family cover the writeback windows.
+fn crash_jobs() -> Vec<Job> {
+    let seeds = |name: &str, default: u64| env_u64(name).unwrap_or(default);
+    let mut jobs = vec![];
+    for w in Workload::ALL {
+        for s in 0..seeds("PCACHE_CRASH_SEEDS", 12) {
+            let seed = 1000 + s * 7 + w as u64;
+            jobs.push(Job {
+                family: "workload",
+                label: format!("seed {seed} {w:?}"),
+                cfg: WorldCfg::new(seed, w),
+            });
+        }
+    }
+    for w in Workload::ALL {
+        for s in 0..seeds("PCACHE_POLICY_SEEDS", 6) {
+            let seed = 2000 + s * 7 + w as u64;
+            for (name, cfg) in policy_cfgs(seed, w) {
+                jobs.push(Job {
+                    family: "policy",
+                    label: format!("seed {seed} {w:?} {name}"),
+                    cfg,
+                });
+            }
+        }
+    }
+    for w in [Workload::CacheFull, Workload::Mixed, Workload::Overwrite] {
+        for s in 0..seeds("PCACHE_RECLAIM_SEEDS", 12) {
+            let seed = 3000 + s * 7 + w as u64;
+            let mut cfg = WorldCfg::new(seed, w);
+            cfg.n_segs = 8 + s % 2;
+            cfg.region_blocks = cfg.region_blocks.max(1024);
+            jobs.push(Job {
+                family: "reclaim",
+                label: format!("seed {seed} {w:?} {} segments", cfg.n_segs),
+                cfg,
+            });
+        }
+    }
+    for w in Workload::ALL {
+        for s in 0..seeds("PCACHE_GEOMETRY_SEEDS", 5) {
+            for (v, (keys, chans, seg_kib)) in [(1, 1, 24), (3, 5, 16), (16, 2, 32)]
+                .into_iter()
+                .enumerate()
+            {
+                let seed = 4000 + s * 31 + v as u64 * 7 + w as u64;
+                let mut cfg = WorldCfg::new(seed, w);
+                cfg.kset_keys = keys;
+                cfg.channels = chans;
+                cfg.seg_size = seg_kib << 10;
+                jobs.push(Job {
+                    family: "geometry",
+                    label: format!(
+                        "seed {seed} {w:?} {keys} keys/kset, {chans} channels, {seg_kib} KiB segments"
+                    ),
+                    cfg,
+                });
+            }
+        }
+    }
+    if let Ok(only) = std::env::var("PCACHE_FAMILY") {
+        jobs.retain(|j| only.split(',').any(|f| f == j.family));
+    }
+    jobs
+}
+
+const CRASH_MODES: [CrashMode; 3] = [CrashMode::Random, CrashMode::DropAll, CrashMode::KeepAll];
+
+/// Runs `cfg` with a power loss after its `point`-th persistence point (unfenced lines
+/// treated as `mode` says), checks the recovery, then keeps going on the recovered
+/// state and crashes again at the end: recovery of a recovery.
+fn crash_cfg_at(cfg: &WorldCfg, point: u64, mode: CrashMode) -> Result<(), String> {
+    let mut world = World::new(cfg.clone())?;
+    world.pmem.set_fence_limit(Some(world.fences() + point));
+    world.run()?;
+    world.crash_and_check(mode)?;
+    world.run()?;
+    world.crash_and_check(CrashMode::Random)
+}
+
+/// What an uncrashed run of a job did: its persistence points, and how much writeback
+/// and reclaim happened in it (so a family that is meant to reclaim can prove it did).
+#[derive(Default, Clone, Copy)]
+struct DryRun {
+    fences: u64,
+    wb_ksets: u64,
+    reclaimed: u64,
+}
+
+fn dry_run(cfg: &WorldCfg) -> Result<DryRun, String> {
+    let mut world = World::new(cfg.clone())?;
+    let start = world.fences();
+    world.run()?;
+    let st = world.engine.stats();
+    Ok(DryRun {
+        fences: world.fences() - start,
+        wb_ksets: st.writeback_ksets,
+        reclaimed: st.segments_reclaimed,
+    })
+}
+
+/// Runs `f(i)` for every `i < n` on `threads` threads, handing out indices in order.
+fn par_for(n: usize, threads: usize, f: impl Fn(usize) + Sync) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        for _ in 0..threads.max(1) {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                f(i);
+            });
+        }
+    });
+}
+
+fn crash_threads() -> usize {
+    env_u64("PCACHE_THREADS")
+        .map(|n| n as usize)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+}
+
+/// Every family's crash points, spread over `PCACHE_THREADS` threads (default: the
+/// cores). Prints one line per family and a total; fails on any violation, and if the
+/// reclaim family never reclaimed a segment (it would then not test what it claims).
+#[test]
+fn crash_points() {
+    let t0 = std::time::Instant::now();
+    let jobs = crash_jobs();
+    let threads = crash_threads();
+    let dry: Vec<std::sync::Mutex<Result<DryRun, String>>> = jobs
+        .iter()
+        .map(|_| std::sync::Mutex::new(Ok(DryRun::default())))
+        .collect();
+    par_for(jobs.len(), threads, |i| {
+        *dry[i].lock().unwrap() = dry_run(&jobs[i].cfg);
+    });
+    let dry: Vec<DryRun> = dry
+        .into_iter()
+        .zip(&jobs)
+        .map(|(d, j)| {
+            d.into_inner()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{} {} (uncrashed): {e}", j.family, j.label))
+        })
+        .collect();
+    // Work items are (job, point) in chunks of 8 points, so long and short jobs share
+    // the threads evenly.
+    const CHUNK: u64 = 8;
+    let mut items = vec![];
+    for (j, d) in dry.iter().enumerate() {
+        let mut p = 1;
+        while p <= d.fences {
+            items.push((j, p, (p + CHUNK - 1).min(d.fences)));
+            p += CHUNK;
+        }
+    }
+    let violations = std::sync::Mutex::new(vec![]);
+    par_for(items.len(), threads, |i| {
+        let (j, from, to) = items[i];
+        for p in from..=to {
+            let mode = CRASH_MODES[(p % 3) as usize];
+            if let Err(e) = crash_cfg_at(&jobs[j].cfg, p, mode) {
+                violations.lock().unwrap().push((
+                    j,
+                    format!(
+                        "{} {} crash point {p} ({mode:?}): {e}\n    replay: PCACHE_JOB={}:{}:{p} cargo test --test sim job_replay_one -- --nocapture",
+                        jobs[j].family,
+                        jobs[j].label,
+                        jobs[j].family,
+                        jobs.iter().take(j).filter(|x| x.family == jobs[j].family).count()
+                    ),
+                ));
+            }
+        }
+    });
+    let violations = violations.into_inner().unwrap();
+    let mut total = 0;
+    let mut reclaim_ok = true;
+    for family in ["workload", "policy", "reclaim", "geometry"] {
+        let idx: Vec<usize> = (0..jobs.len())
+            .filter(|&j| jobs[j].family == family)
+            .collect();
+        if idx.is_empty() {
+            continue;
+        }
+        let points: u64 = idx.iter().map(|&j| dry[j].fences).sum();
+        let wb: u64 = idx.iter().map(|&j| dry[j].wb_ksets).sum();
+        let reclaimed: u64 = idx.iter().map(|&j| dry[j].reclaimed).sum();
+        let v = violations.iter().filter(|(j, _)| idx.contains(j)).count();
+        total += points;
+        let prefix = if family == "workload" {
+            String::new()
+        } else {
+            format!("{family} ")
+        };
+        println!(
+            "{prefix}crash points explored: {points}, violations: {v} ({} configurations; uncrashed runs wrote back {wb} ksets, reclaimed {reclaimed} segments)",
+            idx.len()
+        );
+        if family == "reclaim" && reclaimed == 0 {
+            reclaim_ok = false;
+        }
+    }
+    println!(
+        "total crash points: {total}, violations: {} ({:.0} s on {threads} threads)",
+        violations.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    for (_, v) in violations.iter().take(10) {
+        println!("  {v}");
+    }
+    assert!(violations.is_empty(), "{} violations", violations.len());
+    assert!(reclaim_ok, "the reclaim family never reclaimed a segment");
+}
+
+/// Replays one crash point of `crash_points`: `PCACHE_JOB=family:index:point`, as a
+/// violation prints it (index counts the jobs of that family, in `crash_jobs` order).
+#[test]
+fn job_replay_one() {
+    let Ok(v) = std::env::var("PCACHE_JOB") else {
+        return;
+    };
+    let f: Vec<&str> = v.split(':').collect();
+    let (family, idx, point): (&str, usize, u64) =
+        (f[0], f[1].parse().unwrap(), f[2].parse().unwrap());
+    let job = crash_jobs()
+        .into_iter()
+        .filter(|j| j.family == family)
+        .nth(idx)
+        .expect("no such job");
+    println!("{} {}", job.family, job.label);
+    crash_cfg_at(&job.cfg, point, CRASH_MODES[(point % 3) as usize]).unwrap();
 }

@@ -19,3 +19,6 @@ include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 
 /// The SPDK version the bindings were generated from, e.g. "26.09-pre".
 pub const SPDK_SYS_VERSION: &str = env!("SPDK_SYS_VERSION");
+
+/// The SPDK library directory the module was built (and links) against.
+pub const SPDK_SYS_LIB_DIR: &str = env!("SPDK_SYS_LIB_DIR");

@@ -42,8 +42,10 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 : > "$OUT/runs.tsv"
 # The base lives on the real disk (target/ is in the worktree), written once so reads
-# and overwrites hit allocated blocks; it is kept for the next run.
+# and overwrites hit allocated blocks; it is kept for the next run. Its directory is
+# made here: it is not the results directory unless OVERLOAD_DIR is left at its default.
 BASE=$ROOT/target/bench/overload/base-${BASE_MB}m.img
+mkdir -p "$(dirname "$BASE")"
 if [ "$(stat -c %s "$BASE" 2> /dev/null || echo 0)" != $((BASE_MB << 20)) ]; then
     echo "writing the ${BASE_MB} MiB base file $BASE once" >&2
     rm -f "$BASE"

@@ -147,6 +147,7 @@ done
 # A base of MODE_MB (its own file on disk, inside the cache), so that reads can hit;
 # writes outside write-back go to the disk.
 MBASE=$ROOT/target/bench/policy/modes-${MODE_MB}m.img
+mkdir -p "$(dirname "$MBASE")"
 if [ "$(stat -c %s "$MBASE" 2> /dev/null || echo 0)" != $((MODE_MB << 20)) ]; then
     dd if=/dev/zero of="$MBASE" bs=4M count=$((MODE_MB / 4)) oflag=direct status=none
 fi

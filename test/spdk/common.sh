@@ -1,11 +1,13 @@
 # Shared by test/spdk/run.sh and test/spdk/bench.sh (sourced, not run): locates SPDK
 # (SPDK_DIR: install prefix or built tree; else the cache of scripts/build-spdk.sh,
-# building it from the pinned source when needed; else pkg-config), builds the module with
-# `cargo build --release --features spdk --lib` (the module only: no test runs the pcache
-# binary), copies libpcache.so to $WORK/libspdk_bdev_pcache.so (the name the issue and
-# README use), and defines helpers to start, wait for and stop SPDK apps with the module
-# preloaded. Without SPDK or a source to build one it prints "SKIP: ..." and exits 0.
-# Cleans up every process it started and every medium file in /dev/shm on exit.
+# building it from the pinned source when needed; else pkg-config), builds and installs
+# the module the way README says: scripts/install-spdk-module.sh (which runs
+# `cargo build --release -p spdk_bdev_pcache`) into a scratch prefix $WORK/prefix, so
+# the apps preload $WORK/prefix/lib/libspdk_bdev_pcache.so and rpc.py finds the plugin
+# only where the script installed it. Defines helpers to start, wait for and stop SPDK
+# apps with the module preloaded. Without SPDK or a source to build one it prints
+# "SKIP: ..." and exits 0. Cleans up every process it started and every medium file in
+# /dev/shm on exit.
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE="$ROOT/test/spdk"
@@ -68,7 +70,6 @@ export LD_LIBRARY_PATH=$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 if [ -n "${SPDK_DIR:-}" ] && [ -d "$SPDK_DIR/isa-l/.libs" ]; then
     LD_LIBRARY_PATH=$SPDK_DIR/isa-l/.libs:$LD_LIBRARY_PATH
 fi
-export PYTHONPATH=$SPDK_PYTHONPATH:$ROOT/configs/rpc${PYTHONPATH:+:$PYTHONPATH}
 
 # ---------------------------------------------------------------- build
 WORK=$(mktemp -d /tmp/pcache-spdk.XXXXXX)
@@ -137,15 +138,21 @@ hugepages_release() {
     fi
 }
 
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-echo "building the module (cargo build --release --features spdk --lib)..."
-if ! (cd "$ROOT" && cargo build --release --features spdk --lib) > "$WORK/build.log" 2>&1; then
+echo "building and installing the module (scripts/install-spdk-module.sh $WORK/prefix)..."
+if ! "$ROOT/scripts/install-spdk-module.sh" "$WORK/prefix" > "$WORK/build.log" 2>&1; then
     tail -30 "$WORK/build.log"
-    echo "FAIL: build"
+    echo "FAIL: build or install (scripts/install-spdk-module.sh)"
     exit 1
 fi
-MOD=$WORK/libspdk_bdev_pcache.so
-cp "$TARGET_DIR/release/libpcache.so" "$MOD"
+MOD=$WORK/prefix/lib/libspdk_bdev_pcache.so
+PLUGIN_DIR=$(sed -n 's|^installed \(.*\)/pcache_rpc\.py$|\1|p' "$WORK/build.log" | head -1)
+if [ ! -f "$MOD" ] || [ ! -f "$PLUGIN_DIR/pcache_rpc.py" ]; then
+    cat "$WORK/build.log"
+    echo "FAIL: the install script did not install $MOD and pcache_rpc.py"
+    exit 1
+fi
+# SPDK's Python package, then the plugin where the install put it (not configs/rpc).
+export PYTHONPATH=$SPDK_PYTHONPATH:$PLUGIN_DIR${PYTHONPATH:+:$PYTHONPATH}
 
 # ---------------------------------------------------------------- helpers
 raw() { python3 "$HERE/rpc_raw.py" "$@"; }

@@ -8,6 +8,10 @@
 #                   (verified from a third process), and the vhost-blk export (verified
 #                   from a virtio-user initiator when hugepages can be reserved)
 #   reset           bdevperf -w reset: verify with RESETs in between
+#   load            the module installed by scripts/install-spdk-module.sh logs its load
+#                   line (pcache and SPDK versions); the installed rpc.py plugin works
+#   version_guard   an app with another SPDK version, or a second libspdk_bdev: the
+#                   module registers nothing (no RPCs) and logs why
 #   deferred        create before the base exists: "waiting", then attached when it appears
 #   export_nvmf     pcache exported over NVMe-oF/TCP, bdevperf verify from a second process
 #                   (4 KiB, and 64 KiB requests split into 8 KiB iovecs)
@@ -128,6 +132,74 @@ if ! wait_up "$SOCK"; then
     exit 1
 fi
 R="rpc -s $SOCK"
+
+# ---------------------------------------------------------------- module load and version guard
+# The module as installed (scripts/install-spdk-module.sh into $WORK/prefix): its load
+# line names pcache's version and both SPDKs, and the installed plugin drives it.
+line=$(grep -m1 'SPDK module (bdev_pcache): built against SPDK v' "$WORK/tgt.log")
+if [ -n "$line" ] && [ "$MOD" = "$WORK/prefix/lib/libspdk_bdev_pcache.so" ] &&
+    $R bdev_pcache_get_stats > /dev/null 2>&1; then
+    pass "load: installed module preloaded, plugin from $PLUGIN_DIR; log: ${line#*\*NOTICE\*: }"
+else
+    fail "load: no load line or no bdev_pcache_get_stats (line: '$line')"
+fi
+# guard NAME WHAT UP: an app whose SPDK is not the module's: the module must register
+# nothing and say why, naming both (WHAT: a phrase of that line). UP=1: the app must
+# come up, without the bdev_pcache RPC methods; UP=0: it may fail on its own (a second
+# libspdk_bdev registers SPDK's bdev RPCs twice, which spdk_tgt refuses).
+guard() {
+    local name=$1 what=$2 must=$3 gsock=$WORK/$1.sock gpid err= up=0
+    start "$name" 1 0x2 "$gsock" "$SPDK_TGT"
+    gpid=$APP_PID
+    if wait_up "$gsock"; then
+        up=1
+        err=$(raw "$gsock" bdev_pcache_get_stats '' 5 2>&1 > /dev/null)
+    fi
+    if grep -q "NOT registered.*$what" "$WORK/$name.log" &&
+        ! grep -q 'SPDK module (bdev_pcache): built against' "$WORK/$name.log" &&
+        { [ $up = 1 ] && echo "$err" | grep -q 'not found' || [ "$must" = 0 ]; }; then
+        pass "version_guard $name: $([ $up = 1 ] && echo "app up, no bdev_pcache RPCs" || echo "app failed on its own"); log: $(grep -o 'NOT registered.*' "$WORK/$name.log" | cut -c1-230)"
+    else
+        fail "version_guard $name: app up=$up, rpc error '$err'"
+        grep pcache "$WORK/$name.log" | head -3
+    fi
+    stop "$gsock" "$gpid"
+}
+# Another SPDK version: the app's libspdk_rpc with its version string changed (same
+# length), first on LD_LIBRARY_PATH.
+mkdir -p "$WORK/other-spdk"
+rpclib=$(readelf -d "$MOD" | sed -n 's/.*NEEDED.*\[\(libspdk_rpc\.so[^]]*\)\].*/\1/p')
+if python3 - "$LIBDIR/$rpclib" "$WORK/other-spdk/$rpclib" << 'PYEOF'
+import re, sys
+data = open(sys.argv[1], "rb").read()
+m = re.search(rb"SPDK v(\d)", data)
+if not m:
+    sys.exit(1)
+other = b"1" if m.group(1) != b"1" else b"2"
+open(sys.argv[2], "wb").write(data[: m.start(1)] + other + data[m.end(1) :])
+PYEOF
+then
+    LD_LIBRARY_PATH=$WORK/other-spdk:$LD_LIBRARY_PATH guard other_version "the app runs SPDK v" 1
+else
+    fail "version_guard other_version: no SPDK version string in $LIBDIR/$rpclib"
+fi
+# Two copies of libspdk_bdev: the module linked against its own (another soname), as a
+# module built against another SPDK would be.
+if command -v patchelf > /dev/null; then
+    bdevlib=$(readelf -d "$MOD" | sed -n 's/.*NEEDED.*\[\(libspdk_bdev\.so[^]]*\)\].*/\1/p')
+    mkdir -p "$WORK/two"
+    cp "$LIBDIR/$bdevlib" "$WORK/two/libspdk_bdev.so.999.0"
+    cp "$MOD" "$WORK/two/libspdk_bdev_pcache.so"
+    if patchelf --set-soname libspdk_bdev.so.999.0 "$WORK/two/libspdk_bdev.so.999.0" &&
+        patchelf --replace-needed "$bdevlib" libspdk_bdev.so.999.0 "$WORK/two/libspdk_bdev_pcache.so"; then
+        MOD=$WORK/two/libspdk_bdev_pcache.so LD_LIBRARY_PATH=$WORK/two:$LD_LIBRARY_PATH \
+            guard two_copies "2 copies of libspdk_bdev are loaded" 0
+    else
+        fail "version_guard two_copies: patchelf failed"
+    fi
+else
+    echo "SKIP: version_guard two_copies: no patchelf"
+fi
 
 # ---------------------------------------------------------------- deferred creation
 $R bdev_pcache_create -n Late0 -b LateBase -p "$SHM-late" -s 128 --persistence volatile \

@@ -1,4 +1,5 @@
-//! One pcache bdev: attaching it to its base bdev and medium, and tearing it down.
+//! One pcache bdev: attaching it to its base bdev and medium, its bdev function table and
+//! base event callback, and tearing it down. (`Shared` and `Node` are in `ctx`.)
 //!
 //! `Shared` is what every SPDK thread may see: the engine and a few immutable facts,
 //! reference counted (each io_channel holds a reference), and registered as the
@@ -12,96 +13,24 @@
 //! the app thread, the claim is taken before the medium is touched, and every failure of
 //! `attach` undoes the earlier steps in reverse order, removing a medium file it created.
 
-use super::ffi::{self, cstring, errlog, noticelog};
+use super::ctx::{identity, AttachError, Background, Desc, Node, Shared, CTX_SIZE, MAX_IO};
+use super::ffi::{self, cstring, errlog, noticelog, warnlog};
 use super::params::CreateParams;
-use super::{channel, module, vbdev, writeback::Background};
+use super::writeback;
+use super::{channel, io, json, registry};
 use crate::engine::{BackingIdentity, Config, Engine};
 use crate::env::medium::{Persistence, PosixPmem};
 use crate::runtime::attach::{self, Dialect, Intent};
 use crate::runtime::options::Settings;
 use spdk_sys as sys;
-use std::ffi::{c_void, CString};
+use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering::*};
 use std::sync::Arc;
 
-/// Largest READ/WRITE handed to the module (the bdev layer splits bigger ones), which
-/// bounds every bounce buffer.
-pub(super) const MAX_IO: u32 = 1 << 20;
 /// Largest UNMAP / WRITE_ZEROES: one engine region, so one key each.
 const MAX_ZERO: u32 = 4 << 20;
 /// Kset buffers (as in the embedded runtime).
 const N_KSETS: u32 = 8;
-
-/// A base descriptor, usable from any thread for getting channels.
-#[derive(Clone, Copy)]
-pub(super) struct Desc(pub *mut sys::spdk_bdev_desc);
-// SAFETY: SPDK descriptors may be used from any thread to get I/O channels and submit
-// I/O on them; only open/close are tied to the opening (app) thread, which we respect.
-unsafe impl Send for Desc {}
-// SAFETY: as for Send: the shared uses (get channel, submit) are thread-safe in SPDK.
-unsafe impl Sync for Desc {}
-
-/// The part of a cache every thread may use.
-pub(super) struct Shared {
-    pub engine: Engine<PosixPmem>,
-    pub name: String,
-    pub base_desc: Desc,
-    pub base_bdev: *mut sys::spdk_bdev,
-    pub block_size: u32,
-    /// The base bdev is gone: queued and new I/O fail.
-    pub removed: AtomicBool,
-    /// The app-thread node; only dereferenced on the app thread.
-    pub node: AtomicPtr<Node>,
-    /// Counters of the requests the cache policy sent to the base bdev.
-    pub direct: super::direct::DirectStats,
-}
-
-// SAFETY: `base_bdev` is only passed back to SPDK calls that are thread-safe
-// (spdk_bdev_queue_io_wait from the submitting thread); everything else is Sync.
-unsafe impl Send for Shared {}
-// SAFETY: see Send; the engine is Sync and the rest are atomics or immutable.
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    pub(super) fn as_io_device(self: &Arc<Self>) -> *mut c_void {
-        Arc::as_ptr(self) as *mut c_void
-    }
-}
-
-/// The app-thread side of a cache.
-pub(super) struct Node {
-    pub bdev: sys::spdk_bdev,
-    pub name_c: CString,
-    pub shared: Arc<Shared>,
-    pub base_desc: *mut sys::spdk_bdev_desc,
-    pub base_bdev: *mut sys::spdk_bdev,
-    pub base_name: String,
-    pub bg: Background,
-}
-
-/// An error for the RPC client: an errno-style code and a message.
-pub(super) type AttachError = (i32, String);
-
-fn identity(base: *mut sys::spdk_bdev) -> BackingIdentity {
-    // SAFETY: `base` is an open bdev (we hold a descriptor); these getters only read it.
-    unsafe {
-        let bs = sys::spdk_bdev_get_block_size(base);
-        let n = sys::spdk_bdev_get_num_blocks(base);
-        let uuid = sys::spdk_bdev_get_uuid(base);
-        let id = if !uuid.is_null() && !sys::spdk_uuid_is_null(uuid) {
-            let mut buf = [0 as std::ffi::c_char; 40];
-            sys::spdk_uuid_fmt_lower(buf.as_mut_ptr(), buf.len(), uuid);
-            ffi::from_c(buf.as_ptr())
-        } else {
-            ffi::from_c(sys::spdk_bdev_get_name(base))
-        };
-        BackingIdentity {
-            size: n * bs as u64,
-            block_size: bs,
-            id,
-        }
-    }
-}
 
 /// A per-format id: the clock and the TSC, mixed (`runtime::attach::format_id`).
 fn random_id() -> u64 {
@@ -165,7 +94,7 @@ pub(super) fn attach(p: &CreateParams, pmem: PosixPmem) -> Result<*mut Node, Att
         sys::spdk_bdev_open_ext(
             base_c.as_ptr(),
             true,
-            Some(vbdev::base_event_cb),
+            Some(base_event_cb),
             std::ptr::null_mut(),
             &mut desc,
         )
@@ -197,7 +126,7 @@ pub(super) fn attach(p: &CreateParams, pmem: PosixPmem) -> Result<*mut Node, Att
         unsafe { sys::spdk_bdev_close(desc) }
     };
     // SAFETY: `base` is open through `desc`; our module struct is registered and static.
-    let rc = unsafe { sys::spdk_bdev_module_claim_bdev(base, desc, module::ptr()) };
+    let rc = unsafe { sys::spdk_bdev_module_claim_bdev(base, desc, registry::ptr()) };
     if rc != 0 {
         close(desc);
         return Err((
@@ -279,8 +208,8 @@ pub(super) fn attach(p: &CreateParams, pmem: PosixPmem) -> Result<*mut Node, Att
     b.max_unmap_segments = 1;
     b.max_write_zeroes = MAX_ZERO / blocklen;
     b.ctxt = shared.as_io_device();
-    b.fn_table = &vbdev::FN_TABLE;
-    b.module = module::ptr();
+    b.fn_table = &FN_TABLE;
+    b.module = registry::ptr();
     let mut ns = base_uuid;
     // SAFETY: writes a UUID derived from the base's UUID and our name (stable across
     // restarts, so NVMe-oF hosts see the same namespace) into the bdev struct.
@@ -299,11 +228,11 @@ pub(super) fn attach(p: &CreateParams, pmem: PosixPmem) -> Result<*mut Node, Att
             shared.as_io_device(),
             Some(channel::create_cb),
             Some(channel::destroy_cb),
-            channel::CTX_SIZE,
+            CTX_SIZE,
             n.name_c.as_ptr(),
         );
     }
-    if let Err(e) = super::writeback::start(node) {
+    if let Err(e) = writeback::start(node) {
         teardown(node, false);
         return Err(e);
     }
@@ -375,4 +304,139 @@ extern "C" fn device_gone_unregistered(io_device: *mut c_void) {
     let node = node_of(io_device);
     // SAFETY: the bdev was never registered, so nothing else refers to the node.
     unsafe { drop(Box::from_raw(node)) };
+}
+
+// The bdev function table. `ctx` (the bdev's `ctxt`) is the cache's `Shared`, valid until the io_device
+// unregister callback. `destruct`, `dump_info_json`, `write_config_json` and the base
+// event callback run on the app thread and may reach the `Node`; `submit_request`,
+// `io_type_supported` and `get_io_channel` may run on any thread and only use `Shared`
+// and the channel.
+//
+// Hot removal of the base: the cache is marked removed (queued and new I/O fail, the
+// writeback stops) and the pcache bdev is unregistered, so its users see it go away;
+// the dirty data stays in the medium, which `bdev_pcache_create` attaches again later.
+
+pub(super) static FN_TABLE: sys::spdk_bdev_fn_table = sys::spdk_bdev_fn_table {
+    destruct: Some(destruct),
+    submit_request: Some(io::submit_request),
+    io_type_supported: Some(io_type_supported),
+    get_io_channel: Some(get_io_channel),
+    dump_info_json: Some(dump_info_json),
+    write_config_json: Some(write_config_json),
+    get_spin_time: None,
+    get_module_ctx: None,
+    get_memory_domains: None,
+    reset_device_stat: None,
+    dump_device_stat_json: None,
+    accel_sequence_supported: None,
+    get_memory_domain_types: None,
+};
+
+fn shared<'a>(ctx: *mut c_void) -> &'a Shared {
+    // SAFETY: `ctx` is the bdev's ctxt, the Shared of a cache whose node (holding an Arc)
+    // lives until the io_device unregister callback, after the bdev layer's last call.
+    unsafe { &*(ctx as *const Shared) }
+}
+
+extern "C" fn destruct(ctx: *mut c_void) -> i32 {
+    let s = shared(ctx);
+    let node = s.node.load(Acquire);
+    if let Some(e) = registry::forget(node) {
+        if s.removed.load(Relaxed) {
+            warnlog!(
+                "{}: base bdev {} was removed; dirty data stays in {} until the cache is \
+                 created again",
+                e.params.name,
+                e.params.base_bdev_name,
+                e.params.pmem_path.display()
+            );
+        }
+    }
+    writeback::stop(node, Box::new(move || teardown(node, true)));
+    // Completed by spdk_bdev_destruct_done from the io_device unregister callback.
+    1
+}
+
+/// Every type the engine implements; fixed at registration (SPDK samples it once).
+extern "C" fn io_type_supported(_ctx: *mut c_void, ty: sys::spdk_bdev_io_type) -> bool {
+    matches!(
+        ty,
+        sys::SPDK_BDEV_IO_TYPE_READ
+            | sys::SPDK_BDEV_IO_TYPE_WRITE
+            | sys::SPDK_BDEV_IO_TYPE_FLUSH
+            | sys::SPDK_BDEV_IO_TYPE_UNMAP
+            | sys::SPDK_BDEV_IO_TYPE_WRITE_ZEROES
+            | sys::SPDK_BDEV_IO_TYPE_RESET
+    )
+}
+
+extern "C" fn get_io_channel(ctx: *mut c_void) -> *mut sys::spdk_io_channel {
+    // SAFETY: `ctx` is our registered io_device (see `shared`).
+    unsafe { sys::spdk_get_io_channel(ctx) }
+}
+
+extern "C" fn dump_info_json(ctx: *mut c_void, w: *mut sys::spdk_json_write_ctx) -> i32 {
+    let name = shared(ctx).name.clone();
+    if let Some(v) = registry::stats_of(&name) {
+        // SAFETY: SPDK passes a live writer positioned inside driver_specific.
+        unsafe { json::write_named(w, "pcache", &v) };
+    }
+    0
+}
+
+extern "C" fn write_config_json(bdev: *mut sys::spdk_bdev, w: *mut sys::spdk_json_write_ctx) {
+    // SAFETY: `bdev` is our registered bdev; its ctxt is our Shared.
+    let name = shared(unsafe { (*bdev).ctxt }).name.clone();
+    let cfg = registry::with(|r| {
+        r.iter()
+            .find(|e| e.params.name == name)
+            .map(|e| e.params.to_config())
+    });
+    if let Some(mut v) = cfg {
+        if let Some(n) = registry::active(&name) {
+            // SAFETY: app thread (save_config); the node is alive while it is registered.
+            let g = unsafe { &*n }.shared.engine.gc_percent();
+            v["params"]["gc_percent"] = g.into();
+        }
+        // SAFETY: SPDK passes a live writer positioned in the bdev config array.
+        unsafe { json::write(w, &v) };
+    }
+}
+
+/// Events of a base bdev we opened (app thread).
+pub(super) extern "C" fn base_event_cb(
+    ty: sys::spdk_bdev_event_type,
+    bdev: *mut sys::spdk_bdev,
+    _ctx: *mut c_void,
+) {
+    let node = registry::with(|r| {
+        r.iter().find_map(|e| match e.state {
+            // SAFETY: app thread; active nodes are alive while in the registry.
+            registry::State::Active(n) if unsafe { (*n.0).base_bdev } == bdev => Some(n.0),
+            _ => None,
+        })
+    });
+    let Some(node) = node else { return };
+    // SAFETY: app thread; the node is alive (found in the registry above).
+    let n = unsafe { &mut *node };
+    match ty {
+        sys::SPDK_BDEV_EVENT_REMOVE => {
+            errlog!(
+                "{}: base bdev {} is being removed: unregistering the cache",
+                n.shared.name,
+                n.base_name
+            );
+            n.shared.removed.store(true, Release);
+            // SAFETY: our registered bdev; app thread. Completion is not awaited.
+            unsafe { sys::spdk_bdev_unregister(&mut n.bdev, None, std::ptr::null_mut()) };
+        }
+        sys::SPDK_BDEV_EVENT_RESIZE => {
+            warnlog!(
+                "{}: base bdev {} was resized; the cache keeps the size it was created with",
+                n.shared.name,
+                n.base_name
+            );
+        }
+        _ => {}
+    }
 }

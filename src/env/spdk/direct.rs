@@ -20,69 +20,13 @@
 //! waiting list is intrusive (IoCtx::next), so nothing allocates on these paths; a
 //! base without FLUSH support (no volatile cache) counts as flushed at once.
 
-use super::channel::{deferring, ChannelCtx};
+use super::ctx::{chan_of, deferring, engine_why, fail_why, finish, io_ctx, ChannelCtx, DK_FLUSH};
 use super::ffi::{self, IoDesc};
-use super::io::{chan_of, fail_why, finish, io_ctx};
 use crate::runtime::direct::{self as dproto, DirectKind};
 use spdk_sys as sys;
 use std::ffi::c_void;
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-
-/// `IoCtx::dkind` of a client FLUSH waiting for a base FLUSH owed to direct writes; a
-/// direct request itself has its `DirectOp` in `IoCtx::direct`.
-pub(super) const DK_FLUSH: u8 = 4;
-
-/// Counters of the direct paths (`direct` in get_stats).
-#[derive(Default)]
-pub(super) struct DirectStats {
-    pub writes: AtomicU64,
-    pub writethrough: AtomicU64,
-    pub zeroes: AtomicU64,
-    pub base_flushes: AtomicU64,
-    pub errors: AtomicU64,
-}
-
-impl DirectStats {
-    pub(super) fn json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "writes": self.writes.load(Relaxed),
-            "writethrough": self.writethrough.load(Relaxed),
-            "zeroes": self.zeroes.load(Relaxed),
-            "base_flushes": self.base_flushes.load(Relaxed),
-            "errors": self.errors.load(Relaxed),
-        })
-    }
-}
-
-/// A channel's group FLUSH of the base bdev.
-pub(super) struct Flusher {
-    /// Requests waiting for the next FLUSH (oldest first, linked through IoCtx::next).
-    head: *mut sys::spdk_bdev_io,
-    tail: *mut sys::spdk_bdev_io,
-    /// The requests the FLUSH in flight covers.
-    batch: *mut sys::spdk_bdev_io,
-    busy: bool,
-    /// `direct_mark` when the FLUSH in flight was issued.
-    mark: u64,
-    wait: sys::spdk_bdev_io_wait_entry,
-    /// The base bdev has a volatile cache to flush.
-    pub needed: bool,
-}
-
-impl Flusher {
-    pub(super) fn new(needed: bool) -> Flusher {
-        Flusher {
-            head: null_mut(),
-            tail: null_mut(),
-            batch: null_mut(),
-            busy: false,
-            mark: 0,
-            wait: sys::spdk_bdev_io_wait_entry::default(),
-            needed,
-        }
-    }
-}
+use std::sync::atomic::Ordering::Relaxed;
 
 /// Starts WRITE, WRITE_ZEROES or UNMAP `bio` on the base bdev when the policy routes it
 /// there. False: it goes through the cache (`io::ordered`) instead.
@@ -100,7 +44,7 @@ pub(super) fn try_start(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoD
         // Write-back, or dirty data overlaps (or the log is full): through the cache.
         Ok(None) => false,
         Err(x) => {
-            fail_why(bio, super::io::engine_why(x));
+            fail_why(bio, engine_why(x));
             c.shared.direct.errors.fetch_add(1, Relaxed);
             // SAFETY: live, uncompleted request.
             unsafe { finish(c, bio, ffi::STATUS_FAILED) };

@@ -20,133 +20,15 @@
 //! `finish`, which drops it and completes the bdev_io exactly once, on its thread; a
 //! read's engine channel is returned to the pool before the request completes.
 
-use super::channel::{ctx_of, ChannelCtx};
+use super::ctx::{chan_of, ctx_of, engine_why, fail_why, finish, io_ctx, ChannelCtx, IoCtx};
 use super::direct;
 use super::ffi::{self, DmaBuf, IoDesc};
 use crate::engine::latency::Class;
-use crate::engine::{Channel, IoError};
+use crate::engine::IoError;
 use crate::runtime::sched;
 use spdk_sys as sys;
 use std::ffi::c_void;
 use std::sync::atomic::Ordering::Relaxed;
-
-/// Per-request state, in the bdev_io's driver_ctx.
-pub(super) struct IoCtx {
-    /// The engine channel holding this read's plan, while misses are outstanding.
-    rch: Option<Channel>,
-    /// DMA bounce of a multi-iovec read.
-    bounce: Option<DmaBuf>,
-    /// Base reads outstanding.
-    pending: u32,
-    /// Index of the next miss to submit.
-    next_miss: usize,
-    n_misses: usize,
-    failed: bool,
-    /// Waiting for the base bdev to have request objects again.
-    pub(super) waiting: bool,
-    pub(super) wait: sys::spdk_bdev_io_wait_entry,
-    /// When submitted (SPDK ticks), and what its latency counts as once it succeeds.
-    start: u64,
-    class: Option<Class>,
-    /// Why it failed, for the last I/O error (set where the failure is found).
-    pub(super) why: &'static str,
-    /// A request the cache policy sent to the base bdev (direct.rs): its placeholder,
-    /// what it is, and the next request waiting for the same base FLUSH.
-    pub(super) direct: Option<crate::runtime::direct::DirectOp>,
-    pub(super) dkind: u8,
-    pub(super) next: *mut sys::spdk_bdev_io,
-}
-
-impl IoCtx {
-    fn new() -> IoCtx {
-        IoCtx {
-            rch: None,
-            bounce: None,
-            pending: 0,
-            next_miss: 0,
-            n_misses: 0,
-            failed: false,
-            waiting: false,
-            wait: sys::spdk_bdev_io_wait_entry::default(),
-            start: ffi::ticks(),
-            class: None,
-            why: "the request failed",
-            direct: None,
-            dkind: 0,
-            next: std::ptr::null_mut(),
-        }
-    }
-}
-
-/// Records why `bio` is about to fail.
-pub(super) fn fail_why(bio: *mut sys::spdk_bdev_io, why: &'static str) {
-    io_ctx(bio).why = why;
-}
-
-/// What an engine error means, for the last I/O error.
-pub(super) fn engine_why(e: IoError) -> &'static str {
-    match e {
-        IoError::Busy => "the cache is full",
-        IoError::OutOfRange => "beyond the end of the device, or larger than a request may be",
-        IoError::Unaligned => "not aligned to the block size",
-        IoError::Corrupt => "cached dirty data is corrupt (fails its CRC)",
-    }
-}
-
-pub(super) fn io_ctx<'a>(bio: *mut sys::spdk_bdev_io) -> &'a mut IoCtx {
-    // SAFETY: driver_ctx is cache-line aligned, get_ctx_size reserved size_of::<IoCtx>()
-    // bytes, and submit_request initialised it; it is used only on the I/O's thread and
-    // every caller holds at most one reference at a time.
-    unsafe { &mut *((*bio).driver_ctx.as_mut_ptr() as *mut IoCtx) }
-}
-
-pub(super) fn chan_of<'a>(bio: *mut sys::spdk_bdev_io) -> &'a mut ChannelCtx {
-    // SAFETY: the bdev_io was submitted on one of our channels, on this thread, and the
-    // channel lives until all its requests completed.
-    unsafe { ctx_of(sys::spdk_bdev_io_get_io_channel(bio)) }
-}
-
-/// Completes `bio`: drops its IoCtx, then reports `status` to the bdev layer.
-///
-/// # Safety
-/// `bio` must be live and not yet completed, with an initialised IoCtx, on its thread.
-pub(super) unsafe fn finish(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, status: i32) {
-    let x = io_ctx(bio);
-    if status == ffi::STATUS_SUCCESS {
-        if let Some(class) = x.class {
-            c.lat
-                .record(class, c.ticks_to_ns(ffi::ticks().wrapping_sub(x.start)));
-        }
-    } else if status == ffi::STATUS_FAILED {
-        // NOMEM is not an error: the bdev layer resubmits.
-        let why = x.why;
-        // SAFETY: live request (caller contract).
-        let d = unsafe { ffi::io_desc(bio) };
-        let what = match d.ty {
-            sys::SPDK_BDEV_IO_TYPE_READ => "read",
-            sys::SPDK_BDEV_IO_TYPE_WRITE => "write",
-            sys::SPDK_BDEV_IO_TYPE_FLUSH => "flush",
-            sys::SPDK_BDEV_IO_TYPE_UNMAP => "unmap",
-            sys::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => "write_zeroes",
-            _ => "request",
-        };
-        c.shared.engine.io_error(format!(
-            "{what} of {} blocks at block {} failed: {why}",
-            d.num_blocks, d.offset_blocks
-        ));
-    }
-    c.inflight -= 1;
-    // SAFETY: the IoCtx was initialised at submit and is dropped exactly once, here,
-    // right before the bdev_io goes back to the bdev layer.
-    unsafe { std::ptr::drop_in_place((*bio).driver_ctx.as_mut_ptr() as *mut IoCtx) };
-    if c.in_poll {
-        // A poller holds the channel: it completes the request once it let go.
-        c.deferred.push((bio, status));
-    } else {
-        // SAFETY: live, uncompleted request on its thread (caller contract).
-        unsafe { ffi::complete(bio, status) };
-    }
-}
 
 fn status(r: Result<(), IoError>) -> i32 {
     match r {

@@ -1,4 +1,4 @@
-//! Module registration and the registry of configured caches.
+//! Module registration and the module's callbacks (the registry itself is `registry`).
 //!
 //! The `spdk_bdev_module` struct is allocated once, from the load-time constructor, and
 //! never moves or goes away (SPDK links it into its module list). `examine_config` turns
@@ -11,22 +11,13 @@
 //! across a call into SPDK (which may call back into the module, e.g. examine of the
 //! bdev just registered), so entries are taken out, worked on and put back.
 
-use super::cache::{self, Node};
+use super::cache;
+use super::ctx::IoCtx;
 use super::ffi::{errlog, noticelog};
-use super::io::IoCtx;
-use super::params::CreateParams;
+use super::registry::{ptr, remove_created, with, Entry, NodePtr, State, MODULE};
 use super::{ffi, json};
-use crate::env::medium::PosixPmem;
 use spdk_sys as sys;
-use std::sync::atomic::{AtomicPtr, Ordering::*};
-use std::sync::Mutex;
-
-static MODULE: AtomicPtr<sys::spdk_bdev_module> = AtomicPtr::new(std::ptr::null_mut());
-
-/// Our module struct (registered at load time).
-pub(super) fn ptr() -> *mut sys::spdk_bdev_module {
-    MODULE.load(Acquire)
-}
+use std::sync::atomic::Ordering::*;
 
 /// Adds the module to SPDK's list; called once from the load-time constructor, before
 /// `main`, so before the bdev layer initialises its modules.
@@ -47,77 +38,8 @@ pub(super) fn register() {
     unsafe { sys::spdk_bdev_module_list_add(p) };
 }
 
-/// Where a configured cache is.
-pub(super) enum State {
-    /// The base bdev does not exist yet; the medium is already open and locked.
-    Waiting {
-        pmem: PosixPmem,
-        /// We created the medium file (removed again if the cache is deleted).
-        created: bool,
-    },
-    /// Attaching failed when the base appeared; delete removes the entry.
-    Failed(String),
-    /// A registered bdev.
-    Active(NodePtr),
-}
-
-/// A node pointer that may sit in the registry.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) struct NodePtr(pub *mut Node);
-// SAFETY: only dereferenced on the app thread; Send just lets the app-thread-only
-// registry live in a static Mutex.
-unsafe impl Send for NodePtr {}
-
-pub(super) struct Entry {
-    pub params: CreateParams,
-    pub state: State,
-}
-
-static REGISTRY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
-
-/// Runs `f` on the registry. `f` must not call into SPDK.
-pub(super) fn with<R>(f: impl FnOnce(&mut Vec<Entry>) -> R) -> R {
-    let mut g = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-    f(&mut g)
-}
-
-/// Removes and returns the entry named `name`.
-pub(super) fn take(name: &str) -> Option<Entry> {
-    with(|r| {
-        let i = r.iter().position(|e| e.params.name == name)?;
-        Some(r.remove(i))
-    })
-}
-
-/// The node of an active cache.
-pub(super) fn active(name: &str) -> Option<*mut Node> {
-    with(|r| {
-        r.iter().find_map(|e| match e.state {
-            State::Active(n) if e.params.name == name => Some(n.0),
-            _ => None,
-        })
-    })
-}
-
-/// Forgets the entry of `node` (its bdev is going away).
-pub(super) fn forget(node: *mut Node) -> Option<Entry> {
-    with(|r| {
-        let i = r
-            .iter()
-            .position(|e| matches!(e.state, State::Active(n) if n.0 == node))?;
-        Some(r.remove(i))
-    })
-}
-
-/// Removes a medium file the module created (on failure or delete of a cache that never
-/// came up), so a refused or abandoned create leaves nothing behind.
-pub(super) fn remove_created(params: &CreateParams) {
-    if let Err(e) = std::fs::remove_file(&params.pmem_path) {
-        errlog!("cannot remove {}: {e}", params.pmem_path.display());
-    }
-}
-
 extern "C" fn module_init() -> i32 {
+    super::log_loaded();
     0
 }
 

@@ -8,18 +8,18 @@
 //! the request is removed again). Errors carry a negative errno as the JSON-RPC code
 //! (SPDK's convention) or -32602 for malformed parameters.
 
-use super::cache::{self, AttachError, Node};
+use super::cache;
+use super::ctx::AttachError;
 use super::ffi::{cstring, noticelog};
 use super::json::{self, Request, INVALID_PARAMS};
-use super::module::{self, Entry, NodePtr, State};
 use super::params::{self, CreateParams};
+use super::registry::{self, Entry, NodePtr, State};
 use super::writeback;
-use crate::engine::{probe, CacheMode, Pmem, Probe};
+use crate::engine::{probe, CacheMode, Probe};
 use crate::env::medium::{Persistence, PosixPmem};
-use serde_json::{json, Value};
+use serde_json::Value;
 use spdk_sys as sys;
 use std::ffi::c_void;
-use std::sync::atomic::Ordering::Relaxed;
 
 type Handler = extern "C" fn(*mut sys::spdk_jsonrpc_request, *const sys::spdk_json_val);
 
@@ -84,7 +84,7 @@ extern "C" fn rpc_create(req: *mut sys::spdk_jsonrpc_request, p: *const sys::spd
 }
 
 fn create(p: CreateParams) -> Result<String, AttachError> {
-    let clash = module::with(|r| {
+    let clash = registry::with(|r| {
         r.iter().find_map(|e| {
             if e.params.name == p.name {
                 Some((
@@ -168,7 +168,7 @@ fn create(p: CreateParams) -> Result<String, AttachError> {
     if bdev_exists(&p.base_bdev_name) {
         match cache::attach(&p, pmem) {
             Ok(node) => {
-                module::with(|r| {
+                registry::with(|r| {
                     r.push(Entry {
                         params: p,
                         state: State::Active(NodePtr(node)),
@@ -178,7 +178,7 @@ fn create(p: CreateParams) -> Result<String, AttachError> {
             }
             Err(e) => {
                 if created {
-                    module::remove_created(&p);
+                    registry::remove_created(&p);
                 }
                 Err(e)
             }
@@ -188,7 +188,7 @@ fn create(p: CreateParams) -> Result<String, AttachError> {
             "{name}: base bdev {} does not exist yet; the cache is created when it appears",
             p.base_bdev_name
         );
-        module::with(|r| {
+        registry::with(|r| {
             r.push(Entry {
                 params: p,
                 state: State::Waiting { pmem, created },
@@ -203,13 +203,13 @@ extern "C" fn rpc_delete(req: *mut sys::spdk_jsonrpc_request, p: *const sys::spd
     let Some((r, d)) = (unsafe { decode(req, p, params::delete) }) else {
         return;
     };
-    let Some(node) = module::active(&d.name) else {
-        match module::take(&d.name) {
+    let Some(node) = registry::active(&d.name) else {
+        match registry::take(&d.name) {
             Some(e) => {
                 if let State::Waiting { pmem, created } = e.state {
                     drop(pmem);
                     if created {
-                        module::remove_created(&e.params);
+                        registry::remove_created(&e.params);
                     }
                 }
                 r.reply(&Value::Bool(true));
@@ -242,7 +242,7 @@ fn unregister(name: &str, r: Request) {
     let rc = unsafe {
         sys::spdk_bdev_unregister_by_name(
             c.as_ptr(),
-            module::ptr(),
+            registry::ptr(),
             Some(unregister_done),
             arg.cast(),
         )
@@ -273,81 +273,15 @@ extern "C" fn unregister_done(arg: *mut c_void, rc: i32) {
     }
 }
 
-/// Statistics of one configured cache.
-fn entry_stats(e: &Entry) -> Value {
-    let p = &e.params;
-    let mut v = json!({
-        "name": p.name,
-        "base_bdev_name": p.base_bdev_name,
-        "pmem_path": p.pmem_path.to_string_lossy(),
-        "persistence": p.persistence.to_string(),
-    });
-    match &e.state {
-        State::Waiting { pmem, .. } => {
-            v["state"] = "waiting".into();
-            v["pmem_size"] = pmem.size().into();
-        }
-        State::Failed(m) => {
-            v["state"] = "failed".into();
-            v["error"] = m.clone().into();
-        }
-        State::Active(n) => {
-            // SAFETY: app thread; active nodes are alive while in the registry.
-            let nd: &Node = unsafe { &*n.0 };
-            let s = &nd.shared;
-            let e = &s.engine;
-            let st = e.stats();
-            let last_wb = st.last_writeback_error.clone();
-            if let Ok(Value::Object(m)) = serde_json::to_value(st) {
-                for (k, x) in m {
-                    v[k] = x;
-                }
-            }
-            let pm = e.pmem();
-            v["state"] = "active".into();
-            // The RPC's parameter names, beside the engine's own `mode`.
-            v["cache_mode"] = v["mode"].clone();
-            v["direct"] = s.direct.json();
-            v["persistence"] = pm.mode().to_string().into();
-            v["pmem_size"] = pm.size().into();
-            v["flush_method"] = pm.flush_method().into();
-            v["block_size"] = s.block_size.into();
-            // Kept under its old name: the same gauge as waiting_requests.
-            v["queued_requests"] = v["waiting_requests"].clone();
-            v["base_removed"] = s.removed.load(Relaxed).into();
-            let bg = &nd.bg;
-            v["writeback"] = json!({
-                "state": bg.state(),
-                "direct_from_pmem": bg.direct(),
-                "backoff_ms": bg.backoff_ms(),
-                "batches": bg.batches,
-                "last_error": last_wb,
-            });
-            v["flush"] = json!({
-                "active": bg.drain.active,
-                "total_bytes": bg.drain.total_bytes,
-                "remaining_bytes": e.dirty_bytes(),
-                "completed": bg.drain.completed,
-            });
-        }
-    }
-    v
-}
-
-/// The statistics object of `name` (also `driver_specific.pcache` in bdev_get_bdevs).
-pub(super) fn stats_of(name: &str) -> Option<Value> {
-    module::with(|r| r.iter().find(|e| e.params.name == name).map(entry_stats))
-}
-
 extern "C" fn rpc_get_stats(req: *mut sys::spdk_jsonrpc_request, p: *const sys::spdk_json_val) {
     // SAFETY: handler arguments.
     let Some((r, name)) = (unsafe { decode(req, p, params::get_stats) }) else {
         return;
     };
-    let list: Vec<Value> = module::with(|reg| {
+    let list: Vec<Value> = registry::with(|reg| {
         reg.iter()
             .filter(|e| name.as_deref().is_none_or(|n| n == e.params.name))
-            .map(entry_stats)
+            .map(registry::entry_stats)
             .collect()
     });
     match name {
@@ -363,7 +297,7 @@ extern "C" fn rpc_set_options(req: *mut sys::spdk_jsonrpc_request, p: *const sys
     let Some((r, o)) = (unsafe { decode(req, p, params::set_options) }) else {
         return;
     };
-    let Some(stored) = module::with(|reg| {
+    let Some(stored) = registry::with(|reg| {
         reg.iter()
             .find(|e| e.params.name == o.name)
             .map(|e| e.params.policy)
@@ -371,7 +305,7 @@ extern "C" fn rpc_set_options(req: *mut sys::spdk_jsonrpc_request, p: *const sys
         r.error(-libc::ENODEV, &format!("no pcache bdev named '{}'", o.name));
         return;
     };
-    let node = module::active(&o.name);
+    let node = registry::active(&o.name);
     // Every check before the first change: an error leaves everything as it was.
     // SAFETY: app thread; the node is alive while registered.
     let engine = node.map(|n| &unsafe { &*n }.shared.engine);
@@ -411,7 +345,7 @@ extern "C" fn rpc_set_options(req: *mut sys::spdk_jsonrpc_request, p: *const sys
             }
         }
     }
-    module::with(|reg| {
+    registry::with(|reg| {
         if let Some(e) = reg.iter_mut().find(|e| e.params.name == o.name) {
             if o.gc_percent.is_some() {
                 e.params.gc_percent = o.gc_percent;
@@ -427,12 +361,12 @@ extern "C" fn rpc_flush(req: *mut sys::spdk_jsonrpc_request, p: *const sys::spdk
     let Some((r, name)) = (unsafe { decode(req, p, params::flush) }) else {
         return;
     };
-    match module::active(&name) {
+    match registry::active(&name) {
         Some(n) => {
             writeback::start_drain(n, None);
             r.reply(&Value::Bool(true));
         }
-        None if stats_of(&name).is_some() => r.error(
+        None if registry::stats_of(&name).is_some() => r.error(
             -libc::EAGAIN,
             &format!("'{name}' is not active (waiting for its base bdev or failed)"),
         ),

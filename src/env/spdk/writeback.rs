@@ -24,185 +24,20 @@
 //! Invariants: everything here runs on the app thread; at most one window is in flight;
 //! stopping waits for the base I/O in flight before the continuation (teardown) runs.
 
-use super::cache::{AttachError, Node, MAX_IO};
+use super::ctx::{AttachError, DrainWaiter, Node, Phase, MAX_IO, WB_INFLIGHT};
 use super::ffi::{self, errlog, noticelog, DmaBuf, Poller};
 use super::wbmap::WbMap;
-use crate::engine::latency::{Class, LatencySet};
-use crate::engine::{Pmem, WbBatch, WbKind, WbNext};
-use crate::runtime::sched::{self, Backoff, Every, TICK_PERIOD_US};
+use crate::engine::{Pmem, WbKind, WbNext};
+use crate::runtime::sched::{self, TICK_PERIOD_US};
 use spdk_sys as sys;
 use std::ffi::c_void;
-use std::sync::Arc;
 
 /// Bytes of dirty data in flight per wave.
 const WB_BOUNCE: usize = 8 << 20;
-/// Most writeback requests in flight to the base. A window may hold a thousand; more
-/// requests than the base device's queue holds make a kernel-backed base (bdev_uring,
-/// bdev_aio) block the reactor in submission, and every foreground I/O with it. 96 stays
-/// under a common 128-entry device queue and leaves room for foreground misses at QD32.
-const WB_INFLIGHT: u32 = 96;
-/// Slots for the start times of the requests in flight: a window's writes, or its FLUSH.
-const START_SLOTS: usize = WB_INFLIGHT as usize + 1;
 /// Period of the writeback poller when idle (work in progress chains itself).
 const WB_PERIOD_US: u64 = 1000;
 /// Most windows without data acknowledged in one `start_batch` (poller budget).
 const EMPTY_WINDOWS: usize = 64;
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Phase {
-    Idle,
-    Writing,
-    Flushing,
-}
-
-/// Told when a drain ends: Ok, or why writeback stopped.
-pub(super) type DrainWaiter = Box<dyn FnOnce(Result<(), String>)>;
-
-/// Progress of a `bdev_pcache_flush` (or of a delete with flush).
-#[derive(Default)]
-pub(super) struct Drain {
-    pub active: bool,
-    pub total_bytes: u64,
-    pub completed: u64,
-    pub waiters: Vec<DrainWaiter>,
-}
-
-pub(super) struct Background {
-    base_ch: *mut sys::spdk_io_channel,
-    wb_poller: Poller,
-    tick_poller: Poller,
-    batch: WbBatch,
-    phase: Phase,
-    item: usize,
-    item_off: u64,
-    pending: u32,
-    failed: bool,
-    waiting: bool,
-    bounce: Option<DmaBuf>,
-    bounce_used: usize,
-    /// Direct access to the medium for writes to the base, when usable.
-    map: Option<WbMap>,
-    /// Scratch for `Engine::gc` (one kset), allocated in `start`.
-    gc_buf: Vec<u8>,
-    wait: sys::spdk_bdev_io_wait_entry,
-    base_flush: bool,
-    /// `direct_mark` when the FLUSH in flight was issued (for `direct_flushed`).
-    direct_mark: u64,
-    /// When the last FLUSH for direct writes alone was issued (ticks).
-    direct_flush: Every,
-    /// Writeback's backoff after failures (runtime::sched).
-    backoff: Backoff,
-    on_stop: Option<Box<dyn FnOnce()>>,
-    stopping: bool,
-    pub drain: Drain,
-    /// Why writeback stopped, as last logged (logged once per reason).
-    pub last_error: Option<String>,
-    pub batches: u64,
-    /// Latency of the base requests of writeback (this thread records).
-    lat: Option<Arc<LatencySet>>,
-    /// When the requests in flight were submitted (SPDK ticks), oldest at `io_head`, in
-    /// submission order: the window keeps topping up while requests complete, so one
-    /// start per wave would not do. A completion is charged to the oldest start, exact
-    /// while the base completes in order and an upper bound otherwise.
-    io_starts: [u64; START_SLOTS],
-    io_head: usize,
-    /// ns per SPDK tick (32.32 fixed point).
-    ns_per_tick: u64,
-    /// Why the batch in progress failed.
-    why: &'static str,
-}
-
-impl Background {
-    pub(super) fn new() -> Background {
-        Background {
-            base_ch: std::ptr::null_mut(),
-            wb_poller: Poller::none(),
-            tick_poller: Poller::none(),
-            batch: WbBatch::default(),
-            phase: Phase::Idle,
-            item: 0,
-            item_off: 0,
-            pending: 0,
-            failed: false,
-            waiting: false,
-            bounce: None,
-            bounce_used: 0,
-            map: None,
-            gc_buf: Vec::new(),
-            wait: sys::spdk_bdev_io_wait_entry::default(),
-            base_flush: false,
-            direct_mark: 0,
-            direct_flush: Every::default(),
-            backoff: Backoff::default(),
-            on_stop: None,
-            stopping: false,
-            drain: Drain::default(),
-            last_error: None,
-            batches: 0,
-            lat: None,
-            io_starts: [0; START_SLOTS],
-            io_head: 0,
-            ns_per_tick: 0,
-            why: "",
-        }
-    }
-
-    /// Notes the submission time of the request about to be counted in `pending`.
-    fn push_start(&mut self, now: u64) {
-        self.io_starts[(self.io_head + self.pending as usize) % START_SLOTS] = now;
-    }
-
-    /// The submission time of the oldest request in flight, which is retired; called
-    /// once per completion, before `pending` drops.
-    fn pop_start(&mut self) -> u64 {
-        let t = self.io_starts[self.io_head];
-        self.io_head = (self.io_head + 1) % START_SLOTS;
-        t
-    }
-
-    /// Records the latency of a base request submitted at `started`.
-    fn record_io(&self, started: u64) {
-        if let Some(l) = &self.lat {
-            let dt = ffi::ticks().wrapping_sub(started);
-            l.record(
-                Class::Writeback,
-                ((dt as u128 * self.ns_per_tick as u128) >> 32) as u64,
-            );
-        }
-    }
-
-    /// "idle", "writing", "flushing" or "backoff".
-    pub(super) fn state(&self) -> &'static str {
-        match self.phase {
-            Phase::Idle if self.backoff.ms() > 0 => "backoff",
-            Phase::Idle => "idle",
-            Phase::Writing => "writing",
-            Phase::Flushing => "flushing",
-        }
-    }
-
-    pub(super) fn backoff_ms(&self) -> u64 {
-        self.backoff.ms()
-    }
-
-    /// Stops the pollers and gives back the base channel (teardown; idempotent).
-    pub(super) fn stop_now(&mut self) {
-        self.wb_poller.stop();
-        self.tick_poller.stop();
-        if !self.base_ch.is_null() {
-            // SAFETY: obtained in `start` on this (app) thread; put once.
-            unsafe { sys::spdk_put_io_channel(self.base_ch) };
-            self.base_ch = std::ptr::null_mut();
-        }
-        self.bounce = None;
-        self.map = None;
-    }
-
-    /// Whether writeback reads straight from the medium (else through a bounce).
-    pub(super) fn direct(&self) -> bool {
-        self.map.is_some()
-    }
-}
 
 /// Microseconds of the SPDK tick counter: the clock the runtime rules are given.
 fn now_us() -> u64 {
