@@ -5,6 +5,17 @@
 //! (measured with a counting allocator) and replay speed (GB of kset log per second).
 //! Targets (issue 2): read hits >= 0.7x copy, writes >= 0.5x copy, <= 64 B per extent,
 //! replay >= 1 GB/s. Ratios are reported, never asserted: this is not a timed test.
+//!
+//! Counting mode (`cargo bench --bench engine --features lockcount -- --count`): runs each
+//! request class (write, FUA write, read hit, read miss + fill) on its own and prints,
+//! per request, the shared lock acquisitions, the channel's own lock acquisitions and
+//! the read-modify-writes on atomics other channels also write (issue 19's targets: a
+//! hit <= 1, a write <= 1 plus 1/128 amortised). Only the engine is counted.
+//!
+//! Threads mode (`cargo bench --bench engine -- --threads N`): N threads, one channel
+//! each, write then read back their own random 4 KiB blocks spread over the whole
+//! device (so they share index shards and, before issue 19, kset buffers); prints the
+//! aggregate ops/s. Indicative only on a machine with fewer free cores than N.
 
 use pcache::engine::{BackingIdentity, Channel, Config, Engine, FormatOptions, Pmem};
 use pcache::env::counting_alloc::{live_bytes, CountingAlloc};
@@ -28,7 +39,159 @@ fn rate(n: usize, t: Instant) -> f64 {
     n as f64 / t.elapsed().as_secs_f64()
 }
 
+/// The counting mode: per request class, what each request shares with other channels.
+fn count_mode() {
+    use pcache::engine::sync::{counts, COUNTING};
+    if !COUNTING {
+        eprintln!("--count needs the counting build: cargo bench --bench engine --features lockcount -- --count");
+        std::process::exit(2);
+    }
+    let path = format!("/dev/shm/pcache-bench-count-{}", std::process::id());
+    let pmem_size: u64 = 256 << 20;
+    let pmem = PosixPmem::open(path.as_ref(), Some(pmem_size), Some(Persistence::Volatile))
+        .expect("medium");
+    let backing = BackingIdentity {
+        size: 10 << 30,
+        block_size: 512,
+        id: "bench".into(),
+    };
+    let e =
+        Engine::format(pmem, &FormatOptions::new(backing, 7), &Config::default()).expect("format");
+    let mut ch = Channel::default();
+    let data = vec![0x5au8; BS];
+    let mut buf = vec![0u8; BS];
+    let n = 20_000u64;
+    let span = 1u64 << 30 >> 12; // a 1 GiB range of 4 KiB blocks: 256 index shards
+    let mut x = 0x9E3779B97F4A7C15u64;
+    let offs: Vec<u64> = (0..n).map(|_| (rng(&mut x) % span) * BS as u64).collect();
+    // Warm up the channel (its first allocation, its first key) outside the counts.
+    e.write(&mut ch, span * BS as u64, &data, false)
+        .expect("write");
+    let row = |name: &str, f: &mut dyn FnMut(u64)| {
+        let before = counts();
+        for &o in &offs {
+            f(o);
+        }
+        let c = counts().since(&before);
+        let per = |v: u64| v as f64 / n as f64;
+        println!(
+            "  {name:<16} {:>8.3} {:>8.3} {:>8.3}",
+            per(c.shared_locks),
+            per(c.own_locks),
+            per(c.shared_rmw)
+        );
+    };
+    println!("engine lock counts per request, 4 KiB, one channel, {n} requests each");
+    println!("  class            shared    own      shared");
+    println!("                   locks     locks    RMWs");
+    row("write", &mut |o| {
+        e.write(&mut ch, o, &data, false).expect("write")
+    });
+    row("FUA write", &mut |o| {
+        e.write(&mut ch, o, &data, true).expect("write")
+    });
+    row("read hit", &mut |o| {
+        assert_eq!(e.read(&mut ch, o, &mut buf).expect("read"), 0, "a hit")
+    });
+    let miss_base = 2 * span * BS as u64;
+    row("read miss+fill", &mut |o| {
+        let o = miss_base + o;
+        if e.read(&mut ch, o, &mut buf).expect("read") > 0 {
+            buf.copy_from_slice(&data);
+            e.fill(&mut ch, o, &buf, true);
+        }
+    });
+    e.flush().expect("flush");
+    e.release_channel(&mut ch);
+    drop(e);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// The threads mode: aggregate write and hit rates of `threads` channels on threads.
+fn threads_mode(threads: usize) {
+    let path = format!("/dev/shm/pcache-bench-threads-{}", std::process::id());
+    let pmem_size: u64 = 1 << 30;
+    let pmem = PosixPmem::open(path.as_ref(), Some(pmem_size), Some(Persistence::Volatile))
+        .expect("medium");
+    // Fault the mapping in first: the runs measure the engine, not page faults.
+    let chunk = vec![0u8; 1 << 20];
+    for o in (0..pmem_size).step_by(chunk.len()) {
+        pmem.write(o, &chunk);
+    }
+    let backing = BackingIdentity {
+        size: 10 << 30,
+        block_size: 512,
+        id: "bench".into(),
+    };
+    let e =
+        Engine::format(pmem, &FormatOptions::new(backing, 7), &Config::default()).expect("format");
+    let per = 100_000usize / threads;
+    let span = 10u64 << 30 >> 12;
+    let offs: Vec<Vec<u64>> = (0..threads)
+        .map(|t| {
+            let mut x = 0x9E3779B97F4A7C15u64 ^ (t as u64 + 1) << 32;
+            // Thread t's blocks are those = t mod threads: no two threads write one block.
+            (0..per)
+                .map(|_| {
+                    ((rng(&mut x) % (span / 2)) / threads as u64 * threads as u64 + t as u64)
+                        * BS as u64
+                })
+                .collect()
+        })
+        .collect();
+    let run = |write: bool| {
+        let barrier = std::sync::Barrier::new(threads);
+        let t0 = Instant::now();
+        std::thread::scope(|s| {
+            for offs in &offs {
+                let (e, barrier) = (&e, &barrier);
+                s.spawn(move || {
+                    let mut ch = Channel::default();
+                    let data = vec![0x5au8; BS];
+                    let mut buf = vec![0u8; BS];
+                    barrier.wait();
+                    for &o in offs {
+                        if write {
+                            e.write(&mut ch, o, &data, false).expect("write");
+                        } else {
+                            assert_eq!(e.read(&mut ch, o, &mut buf).expect("read"), 0, "a hit");
+                        }
+                    }
+                    e.release_channel(&mut ch);
+                });
+            }
+        });
+        (per * threads) as f64 / t0.elapsed().as_secs_f64()
+    };
+    let w = run(true);
+    let h = run(false);
+    println!(
+        "engine, {threads} threads (one channel each), 4 KiB ops, {} each",
+        per
+    );
+    println!("  write      {:>12.0} ops/s", w);
+    println!("  read hit   {:>12.0} ops/s", h);
+    let st = e.stats();
+    println!(
+        "  ksets closed early to keep a region's keys in log order: {} ({:.4} per write)",
+        st.kset_ordering_closes,
+        st.kset_ordering_closes as f64 / st.writes.max(1) as f64
+    );
+    drop(e);
+    let _ = std::fs::remove_file(&path);
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--count") {
+        count_mode();
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--threads") {
+        let n = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(2);
+        threads_mode(n);
+        return;
+    }
     let path = std::env::temp_dir().join(format!("pcache-bench-{}", std::process::id()));
     let shm = std::path::PathBuf::from(format!("/dev/shm/pcache-bench-{}", std::process::id()));
     let pmem_path = if std::path::Path::new("/dev/shm").is_dir() {

@@ -9,8 +9,9 @@
 use super::format::{KeyRec, KsetCheck, KEY_CLEAN, KEY_SIZE, KSET_HDR};
 use super::open::read_kset;
 use super::segs::Use;
+use super::sync::lock;
 use super::{Channel, Engine, Pmem};
-use std::sync::atomic::Ordering::Acquire;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 
 /// What the log holds between two positions.
 #[derive(Debug, Default, Clone)]
@@ -26,10 +27,10 @@ impl<P: Pmem> Engine<P> {
     /// a flag telling whether it is past dirty_tail.
     pub fn walk_log(&self, mut f: impl FnMut(&KeyRec, bool)) -> Result<LogSummary, String> {
         let (kt, dt) = {
-            let t = self.tails.lock().unwrap();
+            let t = lock(&self.tails);
             (t.key, t.dirty)
         };
-        let head = self.head.lock().unwrap().pos;
+        let head = lock(&self.head).pos;
         let mut s = LogSummary::default();
         let mut buf = vec![0u8; self.geo.kset_max_size()];
         let mut pos = kt;
@@ -89,8 +90,8 @@ impl<P: Pmem> Engine<P> {
         };
         let summary = self.walk_log(|k, _| count(k))?;
         let mut buffered_dirty = 0;
-        for kb in self.ksets.iter() {
-            let kb = kb.lock().unwrap();
+        for (_, slot) in self.slots.used() {
+            let kb = lock(&slot.kset);
             for k in kb.keys(&self.geo) {
                 count(&k);
             }
@@ -98,7 +99,7 @@ impl<P: Pmem> Engine<P> {
         }
         for c in chans {
             if let Some(h) = c.head {
-                refs[h.seg as usize] += 1;
+                refs[h.seg as usize] += 1 + h.spare;
             }
         }
         #[allow(clippy::needless_range_loop)] // s is also the segment id
@@ -119,7 +120,7 @@ impl<P: Pmem> Engine<P> {
                 return Err(format!("segment {s} is a log segment outside the log"));
             }
         }
-        let closed = self.head.lock().unwrap().closed_dirty;
+        let closed = lock(&self.head).closed_dirty;
         if closed != summary.dirty_bytes {
             return Err(format!(
                 "dirty bytes: engine counts {closed} closed (+{buffered_dirty} buffered), log holds {}",
@@ -140,6 +141,13 @@ impl<P: Pmem> Engine<P> {
                         x.seg
                     ));
                 }
+            }
+            let n = sh.len();
+            drop(sh);
+            // What `stats` reports without locking the shard.
+            let published = self.aux[i].len.load(Relaxed) as usize;
+            if published != n {
+                return Err(format!("shard {i}: {n} extents, {published} published"));
             }
         }
         Ok(summary)

@@ -2,25 +2,28 @@
 //!
 //! Write: allocate pmem space from the channel's head (taking a segment reference for
 //! the key), copy and persist the data with no lock held, then under the region's shard
-//! lock insert the extent and append its key to the region's kset. The kset is made to
-//! have room *before* the index changes, so a full log never leaves the index without
-//! the old extents (dm-pcache's hazard). Read: under the shard lock, plan hits, zero
+//! lock insert the extent and append its key to the channel's own kset (`kset_for`). The
+//! kset is made to have room *before* the index changes, so a full log never leaves the
+//! index without the old extents (dm-pcache's hazard). Request counters go to the
+//! channel's slot. Read: under the shard lock, plan hits, zero
 //! ranges and misses (placing placeholders over gaps so concurrent misses fetch a range
 //! once); copy hits after unlocking and re-check the segment generation afterwards, so a
 //! segment reclaimed during the copy turns the hit into a miss instead of garbage.
 
 use super::format::{self, KeyRec, KEY_CLEAN, KEY_DISCARD, KEY_ZERO, SUBTREE_SIZE};
 use super::index::{Extent, F_CRC, F_DIRTY, F_EMPTY, F_ZERO};
-use super::log::{self, KsetBuf, LogFull, Superseded};
-use super::{Engine, IoError, Pmem};
+use super::log::{LogFull, Superseded};
+use super::slots::{SlotHandle, COMMON};
+use super::{Engine, IoError, KsetGuard, Pmem};
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
-use std::sync::MutexGuard;
 
 /// A channel: per-thread state. Create with `Channel::default()`; give it back with
 /// `Engine::release_channel`.
 #[derive(Default)]
 pub struct Channel {
     pub(super) head: Option<Head>,
+    /// Its kset and counters (taken on first use; given back when dropped).
+    pub(super) slot: Option<SlotHandle>,
     plan: Vec<Piece>,
     scratch: Vec<u8>,
     /// Sequential streams seen (for the cutoff), and whether the last read's misses
@@ -33,6 +36,10 @@ pub struct Channel {
 pub(super) struct Head {
     pub seg: u32,
     pub off: u64,
+    /// Segment references the head holds beyond its own, taken in one go when it
+    /// entered the segment (`alloc`): each allocation hands one to its key, so a write
+    /// does no atomic add on the segment's shared count.
+    pub spare: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -103,19 +110,22 @@ impl<P: Pmem> Engine<P> {
                 Some(h) => h,
                 None => {
                     let seg = self.segs.take_data().ok_or(IoError::Busy)?;
-                    let h = Head { seg, off: 0 };
+                    // Every allocation takes at least one block: this many references
+                    // cover all the keys the segment can get from this head.
+                    let spare = (data / a) as u32;
+                    self.segs.get_n(seg, spare);
+                    let h = Head { seg, off: 0, spare };
                     ch.head = Some(h);
                     h
                 }
             };
             let avail = (data - h.off) / a * a;
-            if avail == 0 {
+            if avail == 0 || h.spare == 0 {
                 ch.head = None;
-                self.segs.put(&self.pmem, &self.geo, h.seg);
+                self.segs.put_n(&self.pmem, &self.geo, h.seg, 1 + h.spare);
                 continue;
             }
             let gen = self.segs.gens[h.seg as usize].load(Relaxed);
-            self.segs.get(h.seg);
             let len = want.min(avail);
             let r = Alloc {
                 seg: h.seg,
@@ -123,35 +133,34 @@ impl<P: Pmem> Engine<P> {
                 len,
                 gen,
             };
+            // One spare reference goes to the key.
             if len < avail {
                 ch.head = Some(Head {
                     seg: h.seg,
                     off: h.off + len,
+                    spare: h.spare - 1,
                 });
             } else {
                 ch.head = None;
-                self.segs.put(&self.pmem, &self.geo, h.seg);
+                self.segs.put_n(&self.pmem, &self.geo, h.seg, h.spare);
             }
             return Ok(r);
         }
     }
 
-    /// Locks the kset of `off` and makes sure it has room for one more key.
-    pub(super) fn kset_with_room(&self, off: u64) -> Result<MutexGuard<'_, KsetBuf>, LogFull> {
-        let mut kb = self.ksets[self.kset_of(off)].lock().unwrap();
-        if kb.count >= self.geo.kset_keys {
-            let mut head = self.head.lock().unwrap();
-            log::close(&self.pmem, &self.geo, &self.segs, &mut head, &mut kb)?;
-        }
-        Ok(kb)
-    }
-
     /// Appends a key (room guaranteed) and closes the kset if full or forced.
-    pub(super) fn append(&self, kb: &mut KsetBuf, k: &KeyRec, force: bool) -> Result<(), IoError> {
-        kb.push(k, k.flags & KEY_CLEAN == 0);
-        if force || kb.count >= self.geo.kset_keys {
-            let mut head = self.head.lock().unwrap();
-            if log::close(&self.pmem, &self.geo, &self.segs, &mut head, kb).is_err() && force {
+    pub(super) fn append(
+        &self,
+        g: &mut KsetGuard<'_>,
+        k: &KeyRec,
+        force: bool,
+    ) -> Result<(), IoError> {
+        g.push(k, k.flags & KEY_CLEAN == 0);
+        if force || g.kb.count >= self.geo.kset_keys {
+            let closed = self.close_kset(g);
+            // A full kset that cannot close yet stays buffered (the next key's
+            // `kset_for` retries); a forced close must succeed.
+            if closed.is_err() && force {
                 return Err(IoError::Busy);
             }
         }
@@ -163,6 +172,7 @@ impl<P: Pmem> Engine<P> {
     /// copying data, so the lookup after the copy does not wait for memory. Costs one
     /// uncontended lock; never blocks.
     pub fn probe_addr(&self, off: u64) -> Option<*const u8> {
+        super::sync::count::shared_lock();
         let sh = self.shards.get(self.shard_of(off))?.try_lock().ok()?;
         sh.probe_addr((off % SUBTREE_SIZE) as u32)
     }
@@ -173,8 +183,10 @@ impl<P: Pmem> Engine<P> {
     /// is full: retry the whole request later (rewriting is idempotent).
     pub fn write(&self, ch: &mut Channel, off: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
         self.check_range(off, data.len() as u64)?;
+        let id = self.slot_id(ch);
+        let slot = self.slots.get(id);
         self.admit(data.len() as u64)
-            .inspect_err(|_| self.counters.paced.inc())?;
+            .inspect_err(|_| slot.add(|c| &c.paced, 1))?;
         if fua {
             self.new_epoch();
         }
@@ -207,20 +219,20 @@ impl<P: Pmem> Engine<P> {
             let x = Extent::of_key(&k, flags);
             // FUA closes the kset of *every* piece: pieces of one request in different
             // regions go through different ksets.
-            self.insert_key(&k, x, fua)?;
+            self.insert_key(id, &k, x, fua)?;
             pos += a.len as usize;
         }
-        self.counters.writes.inc();
-        self.counters.bytes_written.add(data.len() as u64);
+        slot.add(|c| &c.writes, 1);
+        slot.add(|c| &c.bytes_written, data.len() as u64);
         Ok(())
     }
 
     /// Inserts an extent and appends its key, atomically with respect to the region.
     /// On `Busy` before the insert the key's segment reference is dropped.
-    fn insert_key(&self, k: &KeyRec, mut x: Extent, force: bool) -> Result<(), IoError> {
+    fn insert_key(&self, id: u16, k: &KeyRec, mut x: Extent, force: bool) -> Result<(), IoError> {
         let si = self.shard_of(k.off);
         let mut shard = self.shard(si);
-        let mut kb = match self.kset_with_room(k.off) {
+        let mut kb = match self.kset_for(k.off, k.len as u64, id) {
             Ok(kb) => kb,
             Err(LogFull) => {
                 drop(shard);
@@ -234,13 +246,13 @@ impl<P: Pmem> Engine<P> {
         // so a key that missed its close carries the new epoch.
         let epoch = self.epoch.load(Acquire);
         x.set_epoch(epoch);
-        kb.note_epoch(epoch);
+        kb.kb.note_epoch(epoch);
         let bits = x.epoch_bits();
         shard.insert_reporting((k.off % SUBTREE_SIZE) as u32, x, |_, y| {
             // Old dirty data of this epoch: writeback may skip it once this key is in
             // the log (no barrier lies between the two writes).
             if y.is(F_DIRTY) && y.has_data() && y.epoch_bits() == bits {
-                kb.note_superseded(Superseded {
+                kb.kb.note_superseded(Superseded {
                     seg: y.seg,
                     seg_off: y.seg_off,
                     len: y.len,
@@ -281,7 +293,8 @@ impl<P: Pmem> Engine<P> {
                 ..Default::default()
             };
             let x = Extent::without_data(n as u32, F_ZERO | F_DIRTY, 0);
-            self.insert_key(&k, x, fua)?;
+            // No channel here: the common slot's kset.
+            self.insert_key(COMMON, &k, x, fua)?;
             pos += n;
         }
         Ok(())
@@ -293,7 +306,8 @@ impl<P: Pmem> Engine<P> {
     /// using the channel for anything else.
     pub fn read(&self, ch: &mut Channel, off: u64, buf: &mut [u8]) -> Result<usize, IoError> {
         self.check_range(off, buf.len() as u64)?;
-        self.counters.reads.inc();
+        let slot = self.slots.get(self.slot_id(ch));
+        slot.add(|c| &c.reads, 1);
         ch.no_fill = !self.read_fills(ch, off, buf.len() as u64);
         ch.plan.clear();
         let mut pos = 0usize;
@@ -340,17 +354,16 @@ impl<P: Pmem> Engine<P> {
                 }
             }
         }
-        let c = &self.counters;
-        c.bytes_read.add(buf.len() as u64);
-        c.bytes_hit.add(hit as u64);
+        slot.add(|c| &c.bytes_read, buf.len() as u64);
+        slot.add(|c| &c.bytes_hit, hit as u64);
         if ch.no_fill && missed > 0 {
-            c.bypassed.inc();
-            c.bypassed_bytes.add(missed as u64);
+            slot.add(|c| &c.bypassed, 1);
+            slot.add(|c| &c.bypassed_bytes, missed as u64);
         }
         match (hit > 0, missed > 0) {
-            (_, false) => c.hits.inc(),
-            (false, true) => c.misses.inc(),
-            (true, true) => c.partial_hits.inc(),
+            (_, false) => slot.add(|c| &c.hits, 1),
+            (false, true) => slot.add(|c| &c.misses, 1),
+            (true, true) => slot.add(|c| &c.partial_hits, 1),
         }
         Ok(missed)
     }
@@ -409,6 +422,7 @@ impl<P: Pmem> Engine<P> {
                 token: Some(t),
             } = p
             {
+                super::sync::count::rmw();
                 *t = self.next_token.fetch_add(1, Relaxed);
                 let ph = Extent::without_data(*len as u32, F_EMPTY, *t);
                 shard.insert(s + (*pat - at) as u32, ph);
@@ -530,7 +544,8 @@ impl<P: Pmem> Engine<P> {
                 self.pmem.write(dst, src);
                 self.pmem.flush_data(dst, a.len);
                 self.pmem.fence();
-                self.fill_chunk(o, &a, src, t);
+                let id = self.slot_id(head);
+                self.fill_chunk(id, o, &a, src, t);
                 done += a.len as usize;
             }
         }
@@ -544,17 +559,18 @@ impl<P: Pmem> Engine<P> {
 
     /// Turns the surviving placeholder fragments over `[o, o + a.len)` into clean
     /// extents pointing at the freshly written copy in `a`.
-    pub(super) fn fill_chunk(&self, o: u64, a: &Alloc, src: &[u8], t: u32) {
-        let mut shard = self.shard(self.shard_of(o));
+    /// The keys go to slot `id`'s kset (the channel that allocated `a`).
+    pub(super) fn fill_chunk(&self, id: u16, o: u64, a: &Alloc, src: &[u8], t: u32) {
+        let si = self.shard_of(o);
+        let mut shard = self.shard(si);
         let s = (o % SUBTREE_SIZE) as u32;
-        let mut kb = self.kset_with_room(o).ok();
+        let mut kb = self.kset_for(o, a.len, id).ok();
         let whole_crc = if self.data_crc { format::crc(src) } else { 0 };
         let mut referenced = false;
         shard.resolve_placeholders(s, s + a.len as u32, t, |fs, frag| {
             let kb = kb.as_mut()?;
-            if kb.count >= self.geo.kset_keys {
-                let mut head = self.head.lock().unwrap();
-                log::close(&self.pmem, &self.geo, &self.segs, &mut head, kb).ok()?;
+            if kb.kb.count >= self.geo.kset_keys {
+                self.close_kset(kb).ok()?;
             }
             let d = fs - s;
             let crc = if !self.data_crc {
@@ -578,7 +594,7 @@ impl<P: Pmem> Engine<P> {
             }
             referenced = true;
             kb.push(&k, false);
-            self.counters.fills.inc();
+            kb.slot.add(|c| &c.fills, 1);
             Some(Extent::of_key(&k, if self.data_crc { F_CRC } else { 0 }))
         });
         drop(kb);

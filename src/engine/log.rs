@@ -1,13 +1,15 @@
-//! The kset log: per-region kset buffers in DRAM and the append point in pmem.
+//! The kset log: kset buffers in DRAM (one per channel slot, see `slots`) and the append
+//! point in pmem.
 //!
-//! Keys of one 4 MiB region always go through the same kset buffer (routing by region),
-//! and a key is appended while its region's shard lock is held, so the log order of the
-//! keys of any region equals their index insertion order; replay therefore rebuilds the
-//! same index. A close writes a 32-byte zero terminator after the kset, then the kset,
-//! then fences; it always leaves room for a LAST kset, which links a full log segment
-//! to the next one. Every kset carries the next 64-bit log sequence number, so the end
-//! of the log is the first position whose kset is missing, torn, or from an older lap.
-//! A close first drains postponed data flushes (`Pmem::drain`): data before its key.
+//! A key is appended while its region's shard lock is held, and a channel appending to
+//! a region whose previous key still waits in another channel's open kset closes that
+//! kset first (`Engine::kset_for`), so the log order of the keys of any region equals
+//! their index insertion order; replay therefore rebuilds the same index. A close writes
+//! a 32-byte zero terminator after the kset, then the kset, then fences; it always
+//! leaves room for a LAST kset, which links a full log segment to the next one. Every
+//! kset carries the next 64-bit log sequence number, so the end of the log is the first
+//! position whose kset is missing, torn, or from an older lap. A close first drains
+//! postponed data flushes (`Pmem::drain`): data before its key.
 
 use super::format::{
     seal_kset, Geometry, KeyRec, KsetHdr, LogPos, KEY_SIZE, KSET_HDR, KSET_LAST, KSET_SIZE_MAX,
@@ -17,7 +19,8 @@ use super::segs::Segs;
 
 /// A kset being filled in DRAM.
 pub struct KsetBuf {
-    pub buf: Box<[u8; KSET_SIZE_MAX]>,
+    /// Empty until the first key: a slot that only ever reads holds no buffer.
+    pub buf: Vec<u8>,
     pub count: u32,
     /// Bytes of dirty data referenced by the buffered keys.
     pub dirty_bytes: u64,
@@ -43,13 +46,14 @@ pub struct Superseded {
 impl Default for KsetBuf {
     fn default() -> Self {
         KsetBuf {
-            buf: Box::new([0; KSET_SIZE_MAX]),
+            buf: Vec::new(),
             count: 0,
             dirty_bytes: 0,
             aged: false,
             epochs: NO_EPOCHS,
-            // Typically one per key (a 4 KiB overwrite replaces one 4 KiB extent).
-            superseded: Vec::with_capacity(256),
+            // Grows to about one per key (a 4 KiB overwrite replaces one 4 KiB extent)
+            // and is reused from then on.
+            superseded: Vec::new(),
         }
     }
 }
@@ -68,6 +72,9 @@ impl KsetBuf {
     }
 
     pub fn push(&mut self, k: &KeyRec, dirty: bool) {
+        if self.buf.is_empty() {
+            self.buf.resize(KSET_SIZE_MAX, 0);
+        }
         let o = KSET_HDR + KEY_SIZE * self.count as usize;
         k.encode(&mut self.buf[o..o + KEY_SIZE]);
         self.count += 1;

@@ -1,13 +1,16 @@
 //! The cache engine: dm-pcache's write-back cache as a deterministic sans-I/O library.
 //!
 //! One `Engine` serves one cache medium and is shared by every thread that does I/O;
-//! each such thread owns a `Channel` (its allocation head and scratch space). The engine
+//! each such thread owns a `Channel`: its allocation head, scratch space, and a slot
+//! (`slots`) holding its kset buffer and request counters. The engine
 //! never performs backing-device I/O itself: a read returns the ranges it could not
 //! serve from pmem (the caller reads them from the backing device, then calls `fill`),
 //! and writeback hands out batches that the caller writes, flushes and acknowledges.
-//! Time enters only through `tick`. Shared state is the sharded index, the kset
-//! buffers, the log head, the tails and the segment table, each behind its own short
-//! lock; the lock order is shard -> kset -> log head -> segment allocator, shard ->
+//! Time enters only through `tick`. Shared state is the sharded index, the log head,
+//! the tails and the segment table, each behind its own short lock; a channel's kset is
+//! behind a lock of its own that only tick, flush and a writer ordering a key after it
+//! (`kset_for`) take besides the owner. The lock order is shard -> kset -> log head ->
+//! segment allocator (a writer holds at most one kset lock at a time), shard ->
 //! replayed extents, and tails -> log head. No lock is held across a data copy.
 //! Replay leaves each shard's extents in a log-ordered chain; the shard inserts them
 //! the first time it is locked (`Engine::shard`) or when `tick` gets to it.
@@ -24,8 +27,10 @@ mod open;
 pub mod pmem;
 pub mod policy;
 pub mod segs;
+mod slots;
 mod stats;
 mod streams;
+pub mod sync;
 mod writeback;
 
 pub use check::LogSummary;
@@ -42,11 +47,13 @@ use format::{
     KIND_KEY_TAIL,
 };
 use index::{Replayed, Shard, ShardLock};
-use log::{KsetBuf, LogHead};
+use log::{KsetBuf, LogFull, LogHead};
 use segs::Segs;
-use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+use slots::{Slot, Slots, COMMON};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
+use sync::lock;
 use thiserror::Error;
 
 /// Parameters fixed when a medium is formatted.
@@ -83,7 +90,8 @@ impl FormatOptions {
 /// Run-time parameters (not persisted).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Number of kset buffers; regions are routed to them by address.
+    /// Kept so configurations still parse (validated, 1..=4096); kset buffers are now
+    /// one per channel (`slots`), as dm-pcache keeps them per CPU.
     pub n_ksets: u32,
     /// Segments kept back from data allocation for the log.
     pub log_reserve: u32,
@@ -171,6 +179,79 @@ struct Errors {
     last_writeback: Option<ErrorEvent>,
 }
 
+/// `Engine::pend`: nothing appended for the grain since open.
+const PEND_NONE: u64 = u64::MAX;
+/// `Engine::pend` tracks 1 MiB grains: 32 bytes per 4 MiB region (8 MiB per TiB of
+/// backing device), and a quarter of the cross-channel closes per-region tracking needs
+/// for random writes.
+const PEND_GRAIN_SHIFT: u32 = 20;
+/// `pend` words per region.
+const PEND_PER_SHARD: usize = (format::SUBTREE_SIZE >> PEND_GRAIN_SHIFT) as usize;
+/// `Engine::pend` holds the slot id above this bit and the kset batch's low bits below.
+const PEND_SHIFT: u32 = 48;
+const PEND_BATCH: u64 = (1 << PEND_SHIFT) - 1;
+
+/// What the engine keeps per shard outside the shard's lock line.
+pub(super) struct ShardAux {
+    /// The shard's extent count as of its last unlock, so `stats` need not lock every
+    /// shard (stored only when it changed).
+    len: AtomicU32,
+}
+
+impl ShardAux {
+    pub(super) fn new() -> ShardAux {
+        ShardAux {
+            len: AtomicU32::new(0),
+        }
+    }
+}
+
+/// A locked shard; on unlock its extent count is published to `ShardAux::len` if it
+/// changed (a hit never changes it, so it stores nothing).
+pub(super) struct ShardGuard<'a> {
+    g: MutexGuard<'a, Shard>,
+    len0: usize,
+    aux: &'a ShardAux,
+}
+
+impl std::ops::Deref for ShardGuard<'_> {
+    type Target = Shard;
+    fn deref(&self) -> &Shard {
+        &self.g
+    }
+}
+
+impl std::ops::DerefMut for ShardGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Shard {
+        &mut self.g
+    }
+}
+
+impl Drop for ShardGuard<'_> {
+    fn drop(&mut self) {
+        let n = self.g.len();
+        if n != self.len0 {
+            self.aux.len.store(n as u32, Relaxed);
+        }
+    }
+}
+
+/// A slot's kset, locked.
+pub(super) struct KsetGuard<'a> {
+    pub slot: &'a Slot,
+    pub kb: MutexGuard<'a, KsetBuf>,
+}
+
+impl KsetGuard<'_> {
+    /// Buffers a key (room guaranteed by `kset_for`).
+    pub fn push(&mut self, k: &format::KeyRec, dirty: bool) {
+        self.kb.push(k, dirty);
+        if dirty {
+            self.slot.dirty.store(self.kb.dirty_bytes, Relaxed);
+        }
+    }
+}
+
 /// Replayed shards `tick` settles per call: small, because tick runs on a reactor.
 const SETTLE_PER_TICK: usize = 4;
 
@@ -187,7 +268,14 @@ pub struct Engine<P: Pmem> {
     /// Shards still owing their replayed chain, and how far `tick` got settling them.
     unsettled: AtomicUsize,
     settle_cursor: AtomicUsize,
-    ksets: Box<[Mutex<KsetBuf>]>,
+    /// Every channel's kset buffer and counters.
+    slots: Arc<Slots>,
+    /// Per shard, beside the index: its extent count.
+    aux: Box<[ShardAux]>,
+    /// Per `PEND_GRAIN` of backing address, written under its shard's lock: the slot and
+    /// kset batch holding the latest key touching it (`PEND_NONE` if none was appended
+    /// since open); see `kset_for`.
+    pend: Box<[AtomicU64]>,
     head: Mutex<LogHead>,
     /// The write epoch: every FLUSH and FUA write starts a new one, before it closes
     /// ksets. Writeback may skip dirty data only when a newer key from the same epoch,
@@ -246,7 +334,7 @@ impl<P: Pmem> Engine<P> {
         self.geo.backing_size
     }
     pub fn gc_percent(&self) -> u32 {
-        self.info.lock().unwrap().info.gc_percent
+        lock(&self.info).info.gc_percent
     }
 
     /// Changes the GC watermark (0..=90) and persists it.
@@ -256,7 +344,7 @@ impl<P: Pmem> Engine<P> {
                 "gc_percent {pct} is out of range 0..90"
             )));
         }
-        let mut st = self.info.lock().unwrap();
+        let mut st = lock(&self.info);
         st.info.gc_percent = pct;
         let (slot, seq) = st.r.advance();
         self.pmem.persist(INFO_OFF[slot], &st.info.encode(seq));
@@ -276,16 +364,36 @@ impl<P: Pmem> Engine<P> {
     }
 
     /// Locks shard `si`, first inserting its replayed extents if it still owes them.
-    fn shard(&self, si: usize) -> MutexGuard<'_, Shard> {
-        let mut g = self.shards[si].lock().unwrap();
+    fn shard(&self, si: usize) -> ShardGuard<'_> {
+        let mut g = lock(&self.shards[si]);
+        // A replayed shard's count is unknown until it settles: nothing was published.
+        let len0 = if g.replayed() { 0 } else { g.len() };
         if g.replayed() {
-            let r = self.replayed.lock().unwrap().clone();
+            let r = lock(&self.replayed).clone();
             g.settle(r.as_deref(), si);
             if self.unsettled.fetch_sub(1, Relaxed) == 1 {
-                *self.replayed.lock().unwrap() = None;
+                *lock(&self.replayed) = None;
             }
         }
-        g
+        ShardGuard {
+            g,
+            len0,
+            aux: &self.aux[si],
+        }
+    }
+
+    /// Settles every replayed shard still owing its chain (`stats`, which reports exact
+    /// extent counts; after the first call, or once tick got through, it costs nothing).
+    fn settle_all(&self) {
+        if self.unsettled.load(Relaxed) == 0 {
+            return;
+        }
+        let Some(r) = lock(&self.replayed).clone() else {
+            return;
+        };
+        for &si in &r.order {
+            drop(self.shard(si as usize));
+        }
     }
 
     /// Settles up to `n` more replayed shards (from `tick`), so the replayed extents'
@@ -294,7 +402,7 @@ impl<P: Pmem> Engine<P> {
         if self.unsettled.load(Relaxed) == 0 {
             return;
         }
-        let Some(r) = self.replayed.lock().unwrap().clone() else {
+        let Some(r) = lock(&self.replayed).clone() else {
             return;
         };
         for _ in 0..n {
@@ -308,8 +416,81 @@ impl<P: Pmem> Engine<P> {
         (off >> format::SUBTREE_SHIFT) as usize
     }
 
-    fn kset_of(&self, off: u64) -> usize {
-        self.shard_of(off) % self.ksets.len()
+    /// With the shard of `[off, off + len)` locked: makes sure every key already
+    /// appended for the range's grains is in the log or in slot `id`'s open kset, then
+    /// locks that kset with room for one more key and records it as holding the grains'
+    /// latest key. So overlapping keys reach the log in index order (see `slots`).
+    ///
+    /// Tracked per 1 MiB grain (`PEND_GRAIN_SHIFT`) rather than per region: overlapping
+    /// keys share a grain, which is all the order needs, and channels writing different
+    /// parts of a region close each other's ksets less often.
+    pub(super) fn kset_for(&self, off: u64, len: u64, id: u16) -> Result<KsetGuard<'_>, LogFull> {
+        let pend = self.pend_of(off, len);
+        for p in pend {
+            let p = p.load(Relaxed);
+            if p != PEND_NONE && (p >> PEND_SHIFT) as u16 != id {
+                self.order_after(p)?;
+            }
+        }
+        let slot = self.slots.get(id);
+        let kb = if id == COMMON {
+            lock(&slot.kset)
+        } else {
+            sync::lock_own(&slot.kset)
+        };
+        let mut g = KsetGuard { slot, kb };
+        if g.kb.count >= self.geo.kset_keys {
+            self.close_kset(&mut g)?;
+        }
+        let mine = (id as u64) << PEND_SHIFT | (slot.closed.load(Relaxed) & PEND_BATCH);
+        for p in pend {
+            if p.load(Relaxed) != mine {
+                p.store(mine, Relaxed);
+            }
+        }
+        Ok(g)
+    }
+
+    /// The `pend` words of `[off, off + len)` (inside one region).
+    fn pend_of(&self, off: u64, len: u64) -> &[AtomicU64] {
+        let first = (off >> PEND_GRAIN_SHIFT) as usize;
+        let last = ((off + len.max(1) - 1) >> PEND_GRAIN_SHIFT) as usize;
+        &self.pend[first..=last]
+    }
+
+    /// Another channel's kset (`p`, a `pend` word) took the latest key of a grain: if
+    /// that kset is still open, it goes to the log before ours can.
+    fn order_after(&self, p: u64) -> Result<(), LogFull> {
+        let batch = p & PEND_BATCH;
+        let o = self.slots.get((p >> PEND_SHIFT) as u16);
+        if o.closed.load(Acquire) & PEND_BATCH != batch {
+            return Ok(());
+        }
+        let mut g = KsetGuard {
+            slot: o,
+            kb: lock(&o.kset),
+        };
+        if o.closed.load(Relaxed) & PEND_BATCH == batch && g.kb.count > 0 {
+            self.close_kset(&mut g)?;
+            self.counters.ordering_closes.inc();
+        }
+        Ok(())
+    }
+
+    /// Writes a slot's kset to the log (taking the log head once for the whole kset).
+    pub(super) fn close_kset(&self, g: &mut KsetGuard<'_>) -> Result<(), LogFull> {
+        if g.kb.count == 0 {
+            return Ok(());
+        }
+        let mut head = lock(&self.head);
+        log::close(&self.pmem, &self.geo, &self.segs, &mut head, &mut g.kb)?;
+        drop(head);
+        // Under the kset lock (one writer); after the kset is in the log, so a writer
+        // that sees the new batch orders its own close after this one.
+        let c = g.slot.closed.load(Relaxed);
+        g.slot.closed.store(c + 1, Release);
+        g.slot.dirty.store(0, Relaxed);
+        Ok(())
     }
 
     /// Closes every kset: after this returns Ok, every write completed before the call
@@ -320,10 +501,12 @@ impl<P: Pmem> Engine<P> {
         // Even with every kset empty, data flushed with `flush_data` becomes durable here.
         self.pmem.drain();
         let mut res = Ok(());
-        for k in self.ksets.iter() {
-            let mut kb = k.lock().unwrap();
-            let mut head = self.head.lock().unwrap();
-            if log::close(&self.pmem, &self.geo, &self.segs, &mut head, &mut kb).is_err() {
+        for (_, slot) in self.slots.used() {
+            let mut g = KsetGuard {
+                slot,
+                kb: lock(&slot.kset),
+            };
+            if self.close_kset(&mut g).is_err() {
                 res = Err(IoError::Busy);
             }
         }
@@ -335,19 +518,21 @@ impl<P: Pmem> Engine<P> {
     pub fn tick(&self) {
         self.settle_some(SETTLE_PER_TICK);
         let c = &self.counters;
-        let writes = c.writes.get() + c.zeroes.get() + c.discards.get();
+        let writes = self.slot_sum(|s| &s.writes) + c.zeroes.get() + c.discards.get();
         let before = self.writes_at_tick.swap(writes, Relaxed);
         self.idle.store(writes == before, Relaxed);
-        for k in self.ksets.iter() {
-            let mut kb = k.lock().unwrap();
-            if kb.count == 0 {
-                continue;
+        for (_, slot) in self.slots.used() {
+            let mut g = KsetGuard {
+                slot,
+                kb: lock(&slot.kset),
+            };
+            if g.kb.count > 0 && g.kb.aged {
+                let _ = self.close_kset(&mut g);
+            } else if g.kb.count > 0 {
+                g.kb.aged = true;
             }
-            if kb.aged {
-                let mut head = self.head.lock().unwrap();
-                let _ = log::close(&self.pmem, &self.geo, &self.segs, &mut head, &mut kb);
-            } else {
-                kb.aged = true;
+            if g.kb.count == 0 {
+                slot.free_if_orphan();
             }
         }
     }
@@ -355,6 +540,7 @@ impl<P: Pmem> Engine<P> {
     /// Starts a new write epoch (FLUSH and FUA are barriers): writeback never skips
     /// data across one. Called before the barrier closes any kset.
     fn new_epoch(&self) {
+        sync::count::rmw();
         self.epoch.fetch_add(1, AcqRel);
     }
 
@@ -401,20 +587,53 @@ impl<P: Pmem> Engine<P> {
     /// Remembers the last I/O error (the caller counted it).
     fn note_io_error(&self, message: String) {
         let ev = self.event(message);
-        self.errors.lock().unwrap().last_io = Some(ev);
+        lock(&self.errors).last_io = Some(ev);
     }
 
     /// Remembers the last writeback error (the caller counted it).
     fn note_writeback_error(&self, message: String) {
         let ev = self.event(message);
-        self.errors.lock().unwrap().last_writeback = Some(ev);
+        lock(&self.errors).last_writeback = Some(ev);
     }
 
-    /// Releases a channel's allocation head (the channel goes away).
+    /// Releases a channel's allocation head and closes its kset (the channel goes
+    /// away). A channel dropped without this keeps its head's segment referenced; its
+    /// kset is closed by the next flush or by tick, which then frees its slot.
     pub fn release_channel(&self, ch: &mut Channel) {
         if let Some(h) = ch.head.take() {
-            self.segs.put(&self.pmem, &self.geo, h.seg);
+            self.segs.put_n(&self.pmem, &self.geo, h.seg, 1 + h.spare);
         }
+        if let Some(s) = ch.slot.take().filter(|s| s.of(&self.slots)) {
+            let slot = self.slots.get(s.id);
+            let mut g = KsetGuard {
+                slot,
+                kb: lock(&slot.kset),
+            };
+            // On a full log the keys stay buffered: tick and flush close them later.
+            let _ = self.close_kset(&mut g);
+            drop(s);
+            if g.kb.count == 0 {
+                slot.free_if_orphan();
+            }
+        }
+    }
+
+    /// The slot of channel `ch`, taken on its first use.
+    pub(super) fn slot_id(&self, ch: &mut Channel) -> u16 {
+        match &ch.slot {
+            Some(s) if s.of(&self.slots) => s.id,
+            _ => {
+                let s = slots::SlotHandle::take(&self.slots);
+                let id = s.id;
+                ch.slot = Some(s);
+                id
+            }
+        }
+    }
+
+    /// A per-channel counter summed over every slot.
+    pub(super) fn slot_sum(&self, f: impl Fn(&slots::ChanCounters) -> &AtomicU64) -> u64 {
+        self.slots.used().map(|(_, s)| f(&s.c).load(Relaxed)).sum()
     }
 
     /// A clean shutdown: close all ksets. Dirty data stays cached.

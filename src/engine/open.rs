@@ -14,7 +14,7 @@ use super::format::{
     SEGMENTS_OFF, SLOT, SUBTREE_SIZE, TAIL_SIZE,
 };
 use super::index::{Extent, Replayed, Shard, ShardLock, F_CRC, F_DIRTY, F_ZERO};
-use super::log::{KsetBuf, LogHead};
+use super::log::LogHead;
 use super::segs::{self, Segs, Use};
 use super::{Config, Engine, Errors, FormatOptions, InfoState, OpenError, Pmem, Replica, Tails};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize};
@@ -331,7 +331,6 @@ impl<P: Pmem> Engine<P> {
                 uses[s] = Use::Data;
             }
         }
-        let n_ksets = cfg.n_ksets as usize;
         let segs = Segs::new(uses, gens, refs, cfg.log_reserve, geo.seg_data_size);
         let e = Engine {
             pmem,
@@ -351,8 +350,10 @@ impl<P: Pmem> Engine<P> {
             unsettled: AtomicUsize::new(replayed.order.len()),
             settle_cursor: AtomicUsize::new(0),
             replayed: Mutex::new(Some(Arc::new(replayed))),
-            ksets: (0..n_ksets)
-                .map(|_| Mutex::new(KsetBuf::default()))
+            slots: Arc::default(),
+            aux: (0..n_shards).map(|_| super::ShardAux::new()).collect(),
+            pend: (0..n_shards * super::PEND_PER_SHARD)
+                .map(|_| AtomicU64::new(super::PEND_NONE))
                 .collect(),
             head: Mutex::new(LogHead {
                 pos,

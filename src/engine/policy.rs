@@ -20,6 +20,7 @@ use super::index::{Extent, F_DIRTY, F_EMPTY};
 use super::io::Channel;
 pub use super::modes::{CacheMode, Policy, SeqPolicy, SEQ_CUTOFF_DEFAULT_KIB, SEQ_CUTOFF_MAX_KIB};
 pub use super::streams::STREAMS;
+use super::sync::lock;
 use super::{Engine, IoError, OpenError, Pmem};
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
@@ -61,7 +62,7 @@ pub struct Direct {
 
 impl<P: Pmem> Engine<P> {
     pub fn policy(&self) -> Policy {
-        self.info.lock().unwrap().info.policy
+        lock(&self.info).info.policy
     }
 
     /// Changes mode and cutoff, persisted. Switching to passthrough invalidates the
@@ -70,7 +71,7 @@ impl<P: Pmem> Engine<P> {
     pub fn set_policy(&self, p: Policy) -> Result<(), OpenError> {
         p.validate().map_err(OpenError::Invalid)?;
         {
-            let mut st = self.info.lock().unwrap();
+            let mut st = lock(&self.info);
             st.info.policy = p;
             let (slot, seq) = st.r.advance();
             self.pmem
@@ -169,6 +170,7 @@ impl<P: Pmem> Engine<P> {
         through: bool,
     ) -> Result<Option<Direct>, IoError> {
         self.check_range(off, len)?;
+        super::sync::count::rmw();
         let token = self.next_token.fetch_add(1, Relaxed);
         let mut pos = 0u64;
         while pos < len {
@@ -200,7 +202,8 @@ impl<P: Pmem> Engine<P> {
                 flags: KEY_INVALID | KEY_CLEAN | KEY_ZERO,
                 ..Default::default()
             };
-            let logged = match self.kset_with_room(o) {
+            // No channel here: the common slot's kset (closed at once, below).
+            let logged = match self.kset_for(o, n, super::slots::COMMON) {
                 Ok(mut kb) => {
                     sh.insert(s, Extent::without_data(n as u32, F_EMPTY, token));
                     self.append(&mut kb, &tomb, true).is_ok()
@@ -251,7 +254,8 @@ impl<P: Pmem> Engine<P> {
                 self.pmem.write(at, src);
                 self.pmem.flush(at, a.len);
                 self.pmem.fence();
-                self.fill_chunk(o, &a, src, d.token);
+                let id = self.slot_id(ch);
+                self.fill_chunk(id, o, &a, src, d.token);
                 done += a.len;
             }
         } else {
@@ -276,12 +280,13 @@ impl<P: Pmem> Engine<P> {
 
     fn count_direct(&self, off: u64, len: u64, d: Direct, ok: bool) {
         if ok {
-            let c = &self.counters;
-            c.writes.inc();
-            c.bytes_written.add(len);
+            // No channel here: the common slot's counters.
+            let c = self.slots.get(super::slots::COMMON);
+            c.add(|c| &c.writes, 1);
+            c.add(|c| &c.bytes_written, len);
             if !d.through {
-                c.bypassed.inc();
-                c.bypassed_bytes.add(len);
+                c.add(|c| &c.bypassed, 1);
+                c.add(|c| &c.bypassed_bytes, len);
             }
             // Counted after the backing write: a FLUSH that sees it flushes the backing,
             // and until then no miss fills (see `fills_allowed`). A write-through was
@@ -295,7 +300,7 @@ impl<P: Pmem> Engine<P> {
     /// Counts a completed direct write not yet covered by a backing FLUSH and remembers
     /// its range (`fills_allowed`). The only place `direct_done` grows.
     fn note_direct(&self, off: u64, len: u64) {
-        let mut u = self.unflushed.lock().unwrap();
+        let mut u = lock(&self.unflushed);
         let seq = self.direct_done.load(Acquire) + 1;
         let slot = &mut u.ring[seq as usize % UNFLUSHED_RANGES];
         let forgotten = slot.2;
@@ -326,8 +331,9 @@ impl<P: Pmem> Engine<P> {
             } else {
                 c.zeroes.inc();
             }
-            c.bypassed.inc();
-            c.bypassed_bytes.add(len);
+            let common = self.slots.get(super::slots::COMMON);
+            common.add(|c| &c.bypassed, 1);
+            common.add(|c| &c.bypassed_bytes, len);
             // As for a direct write: until a FLUSH covers it, no miss of it fills.
             self.note_direct(off, len);
         }
@@ -363,7 +369,7 @@ impl<P: Pmem> Engine<P> {
         if flushed >= self.direct_done.load(Acquire) {
             return true;
         }
-        let u = self.unflushed.lock().unwrap();
+        let u = lock(&self.unflushed);
         if u.lost > flushed {
             return false;
         }

@@ -1,7 +1,9 @@
 //! Segment bookkeeping: free list, reference counts and generations.
 //!
-//! A data segment's reference count is 1 for each channel whose allocation head sits in
-//! it, plus 1 for each key pointing into it that lives in the log region
+//! A data segment's reference count is, for each channel whose allocation head sits in
+//! it, 1 plus the head's spare references (taken at once when the head entered the
+//! segment and handed to its keys one by one, so a write does no atomic add here), plus
+//! 1 for each key pointing into it that lives in the log region
 //! `[key_tail, key_head)` or waits in a kset buffer. When it drops to zero the segment is
 //! reclaimed: its generation is bumped and persisted *before* the segment returns to the
 //! free list, so any index extent still pointing at it reads as stale from then on. Log
@@ -18,6 +20,7 @@
 
 use super::format::{decode_gen, encode_gen, pick_replica, Geometry, GEN_OFF, GEN_SIZE};
 use super::pmem::Pmem;
+use super::sync::lock;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use std::sync::Mutex;
@@ -90,17 +93,17 @@ impl Segs {
 
     /// Segments in use (data or log).
     pub fn used(&self) -> u32 {
-        let a = self.alloc.lock().unwrap();
+        let a = lock(&self.alloc);
         self.n() - a.free.len() as u32
     }
 
     pub fn use_of(&self, seg: u32) -> Use {
-        self.alloc.lock().unwrap().uses[seg as usize]
+        lock(&self.alloc).uses[seg as usize]
     }
 
     /// Takes a free segment for data; it comes with one reference (the taker's head).
     pub fn take_data(&self) -> Option<u32> {
-        let mut a = self.alloc.lock().unwrap();
+        let mut a = lock(&self.alloc);
         if a.free.len() as u32 <= self.reserve {
             self.became_full();
             return None;
@@ -116,7 +119,7 @@ impl Segs {
 
     /// Takes a free segment for the log (may use the reserve).
     pub fn take_log(&self) -> Option<u32> {
-        let mut a = self.alloc.lock().unwrap();
+        let mut a = lock(&self.alloc);
         let Some(s) = a.free.pop_front() else {
             self.became_full();
             return None;
@@ -136,7 +139,7 @@ impl Segs {
 
     /// Returns a log segment that key_tail has left.
     pub fn free_log(&self, seg: u32) {
-        let mut a = self.alloc.lock().unwrap();
+        let mut a = lock(&self.alloc);
         debug_assert_eq!(a.uses[seg as usize], Use::Log);
         a.uses[seg as usize] = Use::Free;
         a.free.push_back(seg);
@@ -144,15 +147,32 @@ impl Segs {
     }
 
     pub fn get(&self, seg: u32) {
+        super::sync::count::rmw();
         let prev = self.refs[seg as usize].fetch_add(1, AcqRel);
         debug_assert!(prev > 0, "reference taken on unreferenced segment {seg}");
     }
 
+    /// Takes `n` more references at once (an allocation head's spares).
+    pub fn get_n(&self, seg: u32, n: u32) {
+        super::sync::count::rmw();
+        let prev = self.refs[seg as usize].fetch_add(n, AcqRel);
+        debug_assert!(prev > 0, "references taken on unreferenced segment {seg}");
+    }
+
     /// Drops a reference; reclaims the segment when it was the last one.
     pub fn put<P: Pmem>(&self, pmem: &P, geo: &Geometry, seg: u32) -> bool {
-        let prev = self.refs[seg as usize].fetch_sub(1, AcqRel);
-        assert!(prev > 0, "segment {seg} reference count underflow");
-        if prev != 1 {
+        self.put_n(pmem, geo, seg, 1)
+    }
+
+    /// Drops `n` references; reclaims the segment when they were the last ones.
+    pub fn put_n<P: Pmem>(&self, pmem: &P, geo: &Geometry, seg: u32, n: u32) -> bool {
+        if n == 0 {
+            return false;
+        }
+        super::sync::count::rmw();
+        let prev = self.refs[seg as usize].fetch_sub(n, AcqRel);
+        assert!(prev >= n, "segment {seg} reference count underflow");
+        if prev != n {
             return false;
         }
         let gen = self.gens[seg as usize].load(Acquire) + 1;
@@ -161,7 +181,7 @@ impl Segs {
         let rec = encode_gen(seg, gen, gen);
         pmem.persist(geo.seg_base(seg) + GEN_OFF[(gen % 2) as usize], &rec);
         self.gens[seg as usize].store(gen, SeqCst);
-        let mut a = self.alloc.lock().unwrap();
+        let mut a = lock(&self.alloc);
         a.uses[seg as usize] = Use::Free;
         a.free.push_back(seg);
         self.full.store(false, Relaxed);

@@ -5,6 +5,7 @@
 //! errors are rare), so a non-zero error count always comes with its explanation.
 
 use super::latency::LatencySnapshot;
+use super::sync::lock;
 use super::{Engine, Pmem};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -14,9 +15,11 @@ pub struct Counter(AtomicU64);
 
 impl Counter {
     pub fn inc(&self) {
+        super::sync::count::rmw();
         self.0.fetch_add(1, Relaxed);
     }
     pub fn add(&self, n: u64) {
+        super::sync::count::rmw();
         self.0.fetch_add(n, Relaxed);
     }
     pub fn get(&self) -> u64 {
@@ -24,17 +27,10 @@ impl Counter {
     }
 }
 
+/// Counters of the rarer events, shared by every channel (the per-request ones live in
+/// each channel's slot, `slots::ChanCounters`).
 #[derive(Default)]
 pub struct Counters {
-    pub reads: Counter,
-    pub writes: Counter,
-    pub hits: Counter,
-    pub misses: Counter,
-    pub partial_hits: Counter,
-    pub bytes_read: Counter,
-    pub bytes_written: Counter,
-    pub bytes_hit: Counter,
-    pub fills: Counter,
     pub flushes: Counter,
     pub zeroes: Counter,
     pub discards: Counter,
@@ -47,17 +43,13 @@ pub struct Counters {
     pub crc_errors_clean: Counter,
     pub crc_errors_dirty: Counter,
     pub io_errors: Counter,
-    /// Write attempts refused by admission pacing (above the GC watermark, waiting for
-    /// writeback to earn credit); each is retried.
-    pub paced: Counter,
     /// Paced writes let in without credit after waiting too long (`Engine::overdraw`).
     pub overdrawn: Counter,
-    /// Requests (and their bytes) that bypassed the cache: direct writes that cached
-    /// nothing, reads whose misses were not cached (policy.rs).
-    pub bypassed: Counter,
-    pub bypassed_bytes: Counter,
     /// Direct writes or mode switches that dropped cached clean data.
     pub invalidations: Counter,
+    /// Ksets closed early because another channel appended to a region whose latest
+    /// key they held (`Engine::kset_for`).
+    pub ordering_closes: Counter,
 }
 
 /// An error that was counted: what happened, and when (milliseconds since the Unix
@@ -129,6 +121,9 @@ pub struct Stats {
     pub bypassed_requests: u64,
     pub bypassed_bytes: u64,
     pub invalidations: u64,
+    /// Ksets closed before they were full or aged because another channel wrote to a
+    /// region whose latest key they held (keys of a region reach the log in order).
+    pub kset_ordering_closes: u64,
 }
 
 fn pos(p: super::LogPos) -> String {
@@ -137,25 +132,27 @@ fn pos(p: super::LogPos) -> String {
 
 impl<P: Pmem> Engine<P> {
     /// Dirty bytes: in closed ksets past dirty_tail plus those still buffered.
+    /// Cheap enough to poll: one log head lock, no kset or shard lock.
     pub fn dirty_bytes(&self) -> u64 {
-        let buffered: u64 = self
-            .ksets
-            .iter()
-            .map(|k| k.lock().unwrap().dirty_bytes)
-            .sum();
-        self.head.lock().unwrap().closed_dirty + buffered
+        let buffered: u64 = self.slots.used().map(|(_, s)| s.dirty.load(Relaxed)).sum();
+        lock(&self.head).closed_dirty + buffered
+    }
+
+    /// Why writeback stopped, if it did (what a drain polls, instead of `stats`).
+    pub fn writeback_stopped(&self) -> Option<String> {
+        lock(&self.errors).writeback.clone()
     }
 
     pub fn stats(&self) -> Stats {
         let c = &self.counters;
         let (kt, dt) = {
-            let t = self.tails.lock().unwrap();
+            let t = lock(&self.tails);
             (t.key, t.dirty)
         };
-        let kh = self.head.lock().unwrap().pos;
+        let kh = lock(&self.head).pos;
         // Cloned out at once: the index and log locks below are never taken under it.
         let (wb_stopped, gc_stopped, last_io, last_wb) = {
-            let e = self.errors.lock().unwrap();
+            let e = lock(&self.errors);
             let e = &*e;
             (
                 e.writeback.clone(),
@@ -173,28 +170,30 @@ impl<P: Pmem> Engine<P> {
             segments_used: self.segs.used(),
             backing_size: self.geo.backing_size,
             dirty_bytes: self.dirty_bytes(),
-            // Settles every replayed shard, as an access would.
-            cached_extents: (0..self.shards.len())
-                .map(|i| self.shard(i).len() as u64)
-                .sum(),
+            // Settles every replayed shard (once), as an access would; then only reads
+            // the counts the shards published, locking none.
+            cached_extents: {
+                self.settle_all();
+                self.aux.iter().map(|a| a.len.load(Relaxed) as u64).sum()
+            },
             key_head: pos(kh),
             dirty_tail: pos(dt),
             key_tail: pos(kt),
-            reads: c.reads.get(),
-            writes: c.writes.get(),
-            hits: c.hits.get(),
-            misses: c.misses.get(),
-            partial_hits: c.partial_hits.get(),
-            bytes_read: c.bytes_read.get(),
-            bytes_written: c.bytes_written.get(),
-            bytes_hit: c.bytes_hit.get(),
-            fills: c.fills.get(),
+            reads: self.slot_sum(|s| &s.reads),
+            writes: self.slot_sum(|s| &s.writes),
+            hits: self.slot_sum(|s| &s.hits),
+            misses: self.slot_sum(|s| &s.misses),
+            partial_hits: self.slot_sum(|s| &s.partial_hits),
+            bytes_read: self.slot_sum(|s| &s.bytes_read),
+            bytes_written: self.slot_sum(|s| &s.bytes_written),
+            bytes_hit: self.slot_sum(|s| &s.bytes_hit),
+            fills: self.slot_sum(|s| &s.fills),
             flushes: c.flushes.get(),
             write_zeroes: c.zeroes.get(),
             discards: c.discards.get(),
             cache_full_events: self.segs.full_events.load(Relaxed),
             waiting_requests: self.waiting.load(Relaxed),
-            paced_writes: c.paced.get(),
+            paced_writes: self.slot_sum(|s| &s.paced),
             overdrawn_writes: c.overdrawn.get(),
             writeback_ksets: c.wb_ksets.get(),
             writeback_bytes: c.wb_bytes.get(),
@@ -212,9 +211,10 @@ impl<P: Pmem> Engine<P> {
             latency: self.latency.snapshot(),
             seq_cutoff_kib: self.policy().seq_cutoff_kib,
             seq_cutoff_policy: self.policy().seq_policy.name(),
-            bypassed_requests: c.bypassed.get(),
-            bypassed_bytes: c.bypassed_bytes.get(),
+            bypassed_requests: self.slot_sum(|s| &s.bypassed),
+            bypassed_bytes: self.slot_sum(|s| &s.bypassed_bytes),
             invalidations: c.invalidations.get(),
+            kset_ordering_closes: c.ordering_closes.get(),
         }
     }
 }

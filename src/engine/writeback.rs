@@ -19,6 +19,7 @@ use super::format::{
 use super::index;
 use super::open::read_kset;
 use super::segs::{Segs, MARK_BLOCK};
+use super::sync::lock;
 use super::{Engine, Pmem};
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
 
@@ -201,7 +202,7 @@ fn item(geo: &Geometry, k: &KeyRec, s: u64, e: u64) -> WbItem {
 impl<P: Pmem> Engine<P> {
     fn stop_writeback(&self, msg: String) -> WbNext {
         self.note_writeback_error(format!("writeback stopped: {msg}"));
-        self.errors.lock().unwrap().writeback = Some(msg.clone());
+        lock(&self.errors).writeback = Some(msg.clone());
         WbNext::Stopped(msg)
     }
 
@@ -212,7 +213,7 @@ impl<P: Pmem> Engine<P> {
     /// resolves overlaps (newest wins) and sorts the window by address, and one backing
     /// FLUSH then covers all of it before dirty_tail moves past it.
     pub fn writeback_next(&self, b: &mut WbBatch) -> WbNext {
-        if let Some(m) = &self.errors.lock().unwrap().writeback {
+        if let Some(m) = &lock(&self.errors).writeback {
             return WbNext::Stopped(m.clone());
         }
         b.buf.resize(self.geo.kset_max_size(), 0);
@@ -220,12 +221,12 @@ impl<P: Pmem> Engine<P> {
         b.dirty_bytes = 0;
         b.retire_bytes = 0;
         b.credited = 0;
-        let mut t = self.tails.lock().unwrap();
+        let mut t = lock(&self.tails);
         let mut pos = t.dirty;
         let mut n = 0usize;
         let mut epoch = None;
         loop {
-            if pos == self.head.lock().unwrap().pos {
+            if pos == lock(&self.head).pos {
                 break;
             }
             let hdr = match read_kset(&self.pmem, &self.geo, pos, &mut b.buf) {
@@ -306,7 +307,7 @@ impl<P: Pmem> Engine<P> {
     /// The write epoch shared by every dirty key of the kset at `seq`, if known (it is
     /// not for ksets replayed at open, nor for ksets that straddle a barrier).
     fn kset_epoch(&self, seq: u64) -> Option<u64> {
-        let mut head = self.head.lock().unwrap();
+        let mut head = lock(&self.head);
         while head.epochs.front().is_some_and(|&(s, _)| s < seq) {
             head.epochs.pop_front();
         }
@@ -348,14 +349,14 @@ impl<P: Pmem> Engine<P> {
             self.writeback_failed(b, "the backing device failed a write or flush");
             return;
         }
-        let mut t = self.tails.lock().unwrap();
+        let mut t = lock(&self.tails);
         if t.dirty != b.pos {
             return;
         }
         t.dirty = b.next;
         self.persist_dirty_tail(&mut t);
         drop(t);
-        self.head.lock().unwrap().closed_dirty -= b.dirty_bytes;
+        lock(&self.head).closed_dirty -= b.dirty_bytes;
         self.earn(b.retire_bytes - b.credited.min(b.retire_bytes));
         self.counters.wb_ksets.add(b.ksets as u64);
         self.counters.wb_bytes.add(b.bytes());
@@ -382,11 +383,11 @@ impl<P: Pmem> Engine<P> {
     /// write arrived for a whole tick.
     pub fn writeback_wanted(&self) -> bool {
         let (closed, head) = {
-            let h = self.head.lock().unwrap();
+            let h = lock(&self.head);
             (h.closed_dirty, h.pos)
         };
         let (key, dirty) = {
-            let t = self.tails.lock().unwrap();
+            let t = lock(&self.tails);
             (t.key, t.dirty)
         };
         if dirty == head {
@@ -410,7 +411,7 @@ impl<P: Pmem> Engine<P> {
     pub fn gc_wanted(&self) -> bool {
         let used = self.segs.used() as u64;
         let over = used * 100 >= self.geo.n_segs as u64 * self.gc_percent() as u64;
-        let pace = over && self.head.lock().unwrap().closed_dirty > 0;
+        let pace = over && lock(&self.head).closed_dirty > 0;
         if self.pace.load(Relaxed) != pace {
             self.pace.store(pace, Relaxed);
         }
@@ -427,6 +428,7 @@ impl<P: Pmem> Engine<P> {
         if !self.pace.load(Relaxed) {
             return Ok(());
         }
+        super::sync::count::rmw();
         if self.credit.fetch_sub(len as i64, Relaxed) > 0 {
             return Ok(());
         }
@@ -481,7 +483,7 @@ impl<P: Pmem> Engine<P> {
     /// allocation-free once warm. Its contents are overwritten; its length never shrinks.
     pub fn gc(&self, scratch: &mut Vec<u8>) -> GcResult {
         let mut r = GcResult::default();
-        if self.errors.lock().unwrap().gc.is_some() {
+        if lock(&self.errors).gc.is_some() {
             return r;
         }
         let need = self.geo.kset_max_size();
@@ -490,7 +492,7 @@ impl<P: Pmem> Engine<P> {
         }
         let buf = &mut scratch[..need];
         while self.gc_wanted() {
-            let mut t = self.tails.lock().unwrap();
+            let mut t = lock(&self.tails);
             let pos = t.key;
             if pos == t.dirty {
                 break;
@@ -502,7 +504,7 @@ impl<P: Pmem> Engine<P> {
                         Err(e) => e.to_string(),
                         _ => "unreadable".into(),
                     };
-                    self.errors.lock().unwrap().gc = Some(format!(
+                    lock(&self.errors).gc = Some(format!(
                         "kset {} at {}:{} (key_tail): {why}",
                         pos.seq, pos.seg, pos.off
                     ));
