@@ -146,7 +146,7 @@ fn check_drain(n: *mut Node) {
         return;
     }
     let e = &nd.shared.engine;
-    let result = if let Some(m) = e.stats().writeback_stopped {
+    let result = if let Some(m) = e.writeback_stopped() {
         Some(Err(format!("writeback stopped: {m}")))
     } else if bg.phase == Phase::Idle && e.dirty_bytes() == 0 {
         Some(Ok(()))
