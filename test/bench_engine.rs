@@ -209,7 +209,6 @@ fn main() {
     };
     let fo = FormatOptions::new(backing.clone(), 7);
     let cfg = Config {
-        n_ksets: 2,
         ..Config::default()
     };
     let n = 120_000usize; // 470 MiB of 4 KiB extents: below the GC watermark

@@ -24,7 +24,6 @@ fn id() -> BackingIdentity {
 
 fn cfg() -> Config {
     Config {
-        n_ksets: 2,
         log_reserve: 2,
         ..Config::default()
     }

@@ -92,7 +92,6 @@ fn four_channels_and_background_work() {
     fo.data_crc = true;
     fo.gc_percent = 30;
     let cfg = Config {
-        n_ksets: 2,
         log_reserve: 2,
         ..Config::default()
     };

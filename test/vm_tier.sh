@@ -39,18 +39,9 @@ skip() {
   echo "SKIP: vm tier: $*"
   exit 0
 }
-[ "$(id -u)" = 0 ] || skip "needs root"
-for t in qemu-system-x86_64 cpio python3 modprobe; do
-  command -v "$t" >/dev/null || skip "$t missing (apt-get install qemu-system-x86 cpio kmod)"
-done
-BUSYBOX=/bin/busybox
-# ldd fails on a static executable, which is what an initramfs without libc needs.
-{ [ -x "$BUSYBOX" ] && ! ldd "$BUSYBOX" >/dev/null 2>&1; } || skip "no static busybox (apt-get install busybox-static)"
-KERNEL=$(ls /boot/vmlinuz-* 2>/dev/null | sort -V | tail -1)
-[ -n "$KERNEL" ] || skip "no guest kernel in /boot (apt-get install linux-image-cloud-amd64)"
-KVER=${KERNEL#/boot/vmlinuz-}
-mods=$(modprobe -a --show-depends -S "$KVER" virtio_pci virtio_blk 2>/dev/null | awk '$1 == "insmod" { print $2 }')
-[ -n "$mods" ] || skip "no virtio_pci/virtio_blk modules for $KVER"
+# shellcheck source=test/vm_guest.sh
+. test/vm_guest.sh
+vm_guest_prereqs virtio_pci virtio_blk
 if [ ! -x "$BIN" ]; then
   cargo build --release --bin pcache >/dev/null || { echo "vm tier: build failed"; exit 1; }
 fi
@@ -75,15 +66,12 @@ fail() {
 }
 
 # --- the guest: busybox, the virtio modules, and an init that writes and verifies --
-mkdir -p "$W/root/bin" "$W/root/mod" "$W/root/proc" "$W/root/sys" "$W/root/dev"
-cp "$BUSYBOX" "$W/root/bin/busybox"
-order=""
-for m in $mods; do cp "$m" "$W/root/mod/"; order="$order /mod/$(basename "$m")"; done
+vm_guest_root "$W/root"
 cat >"$W/root/init" <<EOF
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
-for m in $order; do insmod \$m; done
+for m in $VM_MOD_ORDER; do insmod \$m; done
 n=\$(sed -n 's/.*vm_records=\([0-9]*\).*/\1/p' /proc/cmdline)
 seed=\$(sed -n 's/.*vm_seed=\([0-9]*\).*/\1/p' /proc/cmdline)
 for _ in \$(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done
@@ -110,8 +98,7 @@ echo "GUEST-VERIFY ok \$ok bad \$bad"
 echo GUEST-DONE
 poweroff -f
 EOF
-chmod +x "$W/root/init"
-(cd "$W/root" && find . | cpio -o -H newc 2>/dev/null | gzip -1 >"$W/initrd.gz") || fail "initramfs"
+vm_guest_initrd "$W/root" "$W/initrd.gz" || fail "initramfs"
 
 # --- pcache and the VM ---------------------------------------------------------------
 truncate -s 256M "$W/backing"

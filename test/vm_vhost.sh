@@ -50,17 +50,9 @@ skip() {
   echo "SKIP: vm vhost tier: $*"
   exit 0
 }
-[ "$(id -u)" = 0 ] || skip "needs root"
-for t in qemu-system-x86_64 cpio python3 modprobe; do
-  command -v "$t" > /dev/null || skip "$t missing (apt-get install qemu-system-x86 cpio kmod)"
-done
-BUSYBOX=/bin/busybox
-{ [ -x "$BUSYBOX" ] && ! ldd "$BUSYBOX" > /dev/null 2>&1; } || skip "no static busybox (apt-get install busybox-static)"
-KERNEL=$(ls /boot/vmlinuz-* 2> /dev/null | sort -V | tail -1)
-[ -n "$KERNEL" ] || skip "no guest kernel in /boot (apt-get install linux-image-cloud-amd64)"
-KVER=${KERNEL#/boot/vmlinuz-}
-mods=$(modprobe -a --show-depends -S "$KVER" virtio_pci virtio_blk virtio_net nvme_tcp 2> /dev/null | awk '$1 == "insmod" { print $2 }')
-[ -n "$mods" ] || skip "no virtio_pci/virtio_blk/virtio_net/nvme_tcp modules for $KVER"
+# shellcheck source=test/vm_guest.sh
+. test/vm_guest.sh
+vm_guest_prereqs virtio_pci virtio_blk virtio_net nvme_tcp
 if [ -z "${SPDK_DIR:-}" ]; then
   SPDK_DIR=$(bash scripts/build-spdk.sh)
   case $? in
@@ -104,15 +96,12 @@ scripts/install-spdk-module.sh "$W/prefix" > "$W/install.log" 2>&1 || fail "inst
 MOD=$W/prefix/lib/libspdk_bdev_pcache.so
 
 # --- the guest -------------------------------------------------------------------------
-mkdir -p "$W/root/bin" "$W/root/mod" "$W/root/proc" "$W/root/sys" "$W/root/dev"
-cp "$BUSYBOX" "$W/root/bin/busybox"
-order=""
-for m in $mods; do cp "$m" "$W/root/mod/"; order="$order /mod/$(basename "$m")"; done
+vm_guest_root "$W/root"
 cat > "$W/root/init" << EOF
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
-for m in $order; do insmod \$m; done
+for m in $VM_MOD_ORDER; do insmod \$m; done
 arg() { sed -n "s/.*\$1=\([0-9a-z]*\).*/\1/p" /proc/cmdline; }
 n=\$(arg vm_records) mode=\$(arg vm_mode) dev=\$(arg vm_dev) port=\$(arg vm_port)
 if [ "\$dev" = nvme ]; then
@@ -160,8 +149,7 @@ fi
 echo GUEST-DONE
 poweroff -f
 EOF
-chmod +x "$W/root/init"
-(cd "$W/root" && find . | cpio -o -H newc 2> /dev/null | gzip -1 > "$W/initrd.gz") || fail "initramfs"
+vm_guest_initrd "$W/root" "$W/initrd.gz" || fail "initramfs"
 
 # --- the target: aio base (fixed UUID) -> pcache -> vhost-user-blk -----------------------
 truncate -s 512M "$W/base.img"

@@ -276,7 +276,6 @@ fn volume_options(a: &CacheArgs) -> Result<VolumeOptions> {
     let mut o = VolumeOptions::new(a.medium.pmem.clone(), a.backing.clone());
     a.opts.apply(&mut o)?;
     o.persistence = a.medium.persistence;
-    o.n_ksets = cores();
     Ok(o)
 }
 
@@ -332,7 +331,6 @@ fn serve(a: ServeArgs) -> Result<()> {
         o.pmem_size = o.pmem_size.or(Some(256 << 20));
     }
     let n_cores = a.cores.unwrap_or_else(cores).max(1);
-    o.n_ksets = n_cores;
     let vol = Volume::attach(&o, true)?;
     signals::install();
     let stop = Arc::new(AtomicBool::new(false));
@@ -526,11 +524,7 @@ fn open_read_only(m: &MediumArgs) -> Result<Engine<PosixPmem>> {
 }
 
 fn replay(m: &MediumArgs, p: PosixPmem) -> Result<Engine<PosixPmem>> {
-    let cfg = Config {
-        n_ksets: 1,
-        ..Config::default()
-    };
-    Engine::open_offline(p, &cfg).map_err(|e| anyhow!("{}: {e}", m.pmem.display()))
+    Engine::open_offline(p, &Config::default()).map_err(|e| anyhow!("{}: {e}", m.pmem.display()))
 }
 
 fn status(a: StatusArgs) -> Result<()> {

@@ -90,9 +90,6 @@ impl FormatOptions {
 /// Run-time parameters (not persisted).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Kept so configurations still parse (validated, 1..=4096); kset buffers are now
-    /// one per channel (`slots`), as dm-pcache keeps them per CPU.
-    pub n_ksets: u32,
     /// Segments kept back from data allocation for the log.
     pub log_reserve: u32,
     /// The wall clock, in milliseconds since the Unix epoch, read only to date an error
@@ -103,7 +100,6 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            n_ksets: 4,
             log_reserve: 2,
             wall_clock_ms: || 0,
         }

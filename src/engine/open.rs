@@ -198,12 +198,6 @@ impl<P: Pmem> Engine<P> {
         force: bool,
         cfg: &Config,
     ) -> Result<Self, OpenError> {
-        if cfg.n_ksets == 0 || cfg.n_ksets > 4096 {
-            return Err(OpenError::Invalid(format!(
-                "n_ksets {} not in 1..4096",
-                cfg.n_ksets
-            )));
-        }
         let sb = match probe(&pmem) {
             Probe::Blank => return Err(OpenError::Blank),
             Probe::Foreign(None) => return Err(OpenError::Foreign),

@@ -97,12 +97,12 @@ impl Settings {
         })
     }
     /// Applies them to a live engine, persisted; the resulting policy is checked before
-    /// anything is set, so a refused request changes nothing. Returns the new policy.
+    /// anything is set (and the engine refuses a bad gc_percent before storing it), so a
+    /// refused request changes nothing. Returns the new policy.
     pub fn apply<P: Pmem>(&self, e: &Engine<P>) -> Result<Policy, String> {
         let p = self.policy.apply(e.policy());
         p.validate()?;
         if let Some(g) = self.gc_percent {
-            check_gc_percent(g as u64)?;
             e.set_gc_percent(g).map_err(|x| x.to_string())?;
         }
         if p != e.policy() {

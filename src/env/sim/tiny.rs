@@ -27,7 +27,6 @@ pub fn identity(id: &str) -> BackingIdentity {
 
 pub fn config() -> Config {
     Config {
-        n_ksets: 2,
         log_reserve: 2,
         ..Config::default()
     }

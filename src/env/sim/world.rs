@@ -225,7 +225,6 @@ impl World {
 
     fn config(_cfg: &WorldCfg) -> Config {
         Config {
-            n_ksets: 2,
             log_reserve: 2,
             ..Config::default()
         }

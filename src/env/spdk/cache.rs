@@ -29,8 +29,6 @@ use std::sync::Arc;
 
 /// Largest UNMAP / WRITE_ZEROES: one engine region, so one key each.
 const MAX_ZERO: u32 = 4 << 20;
-/// Kset buffers (as in the embedded runtime).
-const N_KSETS: u32 = 8;
 
 /// A per-format id: the clock and the TSC, mixed (`runtime::attach::format_id`).
 fn random_id() -> u64 {
@@ -65,7 +63,6 @@ fn open_engine(
         },
         format_id: random_id(),
         config: Config {
-            n_ksets: N_KSETS,
             wall_clock_ms: crate::env::unix_ms,
             ..Config::default()
         },

@@ -122,10 +122,10 @@ pub(super) unsafe fn retry_ordered(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_
     if d.ty == sys::SPDK_BDEV_IO_TYPE_WRITE {
         // Waited long for pacing credit: let it in on the cache's headroom if there is
         // some (a no-op when it waits for space, not credit). Ticks are read only for
-        // the head of a queue that already waits.
-        let waited =
-            ffi::ticks().wrapping_sub(io_ctx(bio).start) / (ffi::ticks_hz() / 1_000_000).max(1);
-        sched::may_overdraw(&c.shared.engine, waited);
+        // the head of a queue that already waits, and converted with the channel's
+        // factor (a multiply, as the latency path does).
+        let waited_ns = c.ticks_to_ns(ffi::ticks().wrapping_sub(io_ctx(bio).start));
+        sched::may_overdraw(&c.shared.engine, waited_ns / 1000);
     }
     match ordered(c, &d) {
         Err(IoError::Busy) => false,

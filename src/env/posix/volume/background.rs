@@ -163,7 +163,8 @@ impl Volume {
                     break;
                 }
                 if buf.len() < used + len {
-                    buf.resize((used + len).max(WB_WAVE.min(1 << 20)), 0);
+                    // Grows to the largest wave once, then stays (nothing allocates).
+                    buf.resize(used + len, 0);
                 }
                 let k = sched::items_in(items, i, len as u64);
                 let mut at = used;

@@ -80,7 +80,6 @@ pub struct VolumeOptions {
     pub seg_size: u32,
     /// Overwrite foreign data / attach to a different backing device.
     pub force: bool,
-    pub n_ksets: u32,
     /// Cache mode and sequential cutoff: given ones are set at format or attach.
     pub cache_mode: Option<CacheMode>,
     pub seq_cutoff_kib: Option<u32>,
@@ -98,7 +97,6 @@ impl VolumeOptions {
             gc_percent: None,
             seg_size: 0,
             force: false,
-            n_ksets: 8,
             cache_mode: None,
             seq_cutoff_kib: None,
             seq_policy: None,
@@ -221,9 +219,9 @@ impl Volume {
         })
     }
 
-    fn config(o: &VolumeOptions) -> Config {
+    /// The engine's run-time parameters: its errors are dated by the wall clock.
+    fn config() -> Config {
         Config {
-            n_ksets: o.n_ksets,
             wall_clock_ms: crate::env::unix_ms,
             ..Config::default()
         }
@@ -270,7 +268,7 @@ impl Volume {
                 },
             },
             format_id: random_id(),
-            config: Self::config(o),
+            config: Self::config(),
         };
         let e = attach::open(pmem, &identity(&backing), &req).map_err(|r| refusal(o, r))?;
         Ok(Self::build(e, backing))
