@@ -18,9 +18,9 @@
 //! Invariants: SPDK is never built here and never linked statically (a static copy inside
 //! a module preloaded into `spdk_tgt` would be a second bdev layer and RPC table, and
 //! the module would register into the wrong one). This crate emits no link flags for
-//! SPDK itself: it exports them (`DEP_SPDK_LIB_DIR`, `DEP_SPDK_LIBS`, `DEP_SPDK_SEARCH`,
-//! `DEP_SPDK_SYSLIBS`) and the module crate's build script (spdk-module/build.rs) passes
-//! them to its cdylib only, so the `pcache` binary never depends on SPDK. For the same
+//! SPDK itself: it exports them (`DEP_SPDK_LINK_ARGS`) and the module crate's build
+//! script (spdk-module/build.rs) passes them to its cdylib only (the root crate's to its
+//! test executables only), so the `pcache` binary never depends on SPDK. For the same
 //! reason the module's load-time constructor is a C object of that crate
 //! (spdk-module/c/load.c), not part of this one.
 
@@ -271,28 +271,18 @@ fn compile_shim(spdk: &Spdk) {
     cc.compile("spdk_sys_shim");
 }
 
+/// Exports, as `DEP_SPDK_LINK_ARGS` (space-separated), the linker arguments that link
+/// SPDK into a shared object or executable, so the crates that link SPDK (the module's
+/// cdylib, the root crate's test executables) pass the same ones: -L and an rpath for each
+/// library directory (SPDK's .so files then load without LD_LIBRARY_PATH), -l for exactly
+/// the libraries the module calls, and SPDK's system libraries with --no-as-needed
+/// (SPDK's .so files use them without declaring them, and rustc's default --as-needed
+/// would drop them).
 fn emit_link(spdk: &Spdk) {
-    // Read by spdk-module/build.rs and the root build.rs as DEP_SPDK_*.
-    println!("cargo:lib_dir={}", spdk.lib_dir.display());
-    println!("cargo:libs={}", SPDK_LIBS.join(" "));
-    let search: Vec<String> = spdk
-        .search
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
-    println!("cargo:search={}", search.join(" "));
-    println!("cargo:syslibs={}", spdk.syslibs.join(" "));
-    // The linker arguments that link SPDK into a shared object or executable, in one
-    // list (DEP_SPDK_LINK_ARGS, space-separated), so the crates that link SPDK (the
-    // module's cdylib, the root crate's test executables) pass the same ones: -L and an
-    // rpath for each library directory (SPDK's .so files then load without
-    // LD_LIBRARY_PATH), -l for exactly the libraries the module calls, and SPDK's
-    // system libraries with --no-as-needed (SPDK's .so files use them without declaring
-    // them, and rustc's default --as-needed would drop them).
     let mut args = Vec::new();
-    for dir in std::iter::once(spdk.lib_dir.display().to_string()).chain(search) {
-        args.push(format!("-L{dir}"));
-        args.push(format!("-Wl,-rpath,{dir}"));
+    for dir in std::iter::once(&spdk.lib_dir).chain(&spdk.search) {
+        args.push(format!("-L{}", dir.display()));
+        args.push(format!("-Wl,-rpath,{}", dir.display()));
     }
     args.extend(SPDK_LIBS.iter().map(|l| format!("-l{l}")));
     if !spdk.syslibs.is_empty() {
@@ -303,9 +293,6 @@ fn emit_link(spdk: &Spdk) {
         ));
     }
     println!("cargo:link_args={}", args.join(" "));
-    if let Some(inc) = spdk.include.first() {
-        println!("cargo:include={}", inc.display());
-    }
 }
 
 /// Exposes the SPDK version the bindings were generated from as `SPDK_SYS_VERSION`.
