@@ -718,10 +718,10 @@ fn gc_percent_out_of_range_on_media() {
     ])
     .expect("cache_info");
     assert_eq!(cur.2.gc_percent, 70);
-    // A newer, CRC-valid replica with gc_percent 91: the decoder refuses that replica
+    // A newer, CRC-valid replica with gc_percent 96: the decoder refuses that replica
     // and replay takes the older valid one (gc_percent drives the GC watermark and
     // pacing arithmetic; dm-pcache used it unchecked).
-    for bad in [91u32, 100, u32::MAX] {
+    for bad in [96u32, 100, u32::MAX] {
         let mut img = m.img.clone();
         let other = 1 - cur.0;
         let b = CacheInfo {
@@ -751,7 +751,7 @@ fn gc_percent_out_of_range_on_media() {
     }
     // Both replicas out of range: nothing valid to replay.
     let mut img = m.img.clone();
-    for (i, bad) in [91u32, u32::MAX].into_iter().enumerate() {
+    for (i, bad) in [96u32, u32::MAX].into_iter().enumerate() {
         let b = CacheInfo {
             gc_percent: bad,
             ..cur.2
@@ -767,7 +767,7 @@ fn gc_percent_out_of_range_on_media() {
     );
     // And nothing writes one: the setter refuses it.
     let e = open(m.img.clone()).unwrap();
-    assert!(e.set_gc_percent(91).is_err());
+    assert!(e.set_gc_percent(96).is_err());
     assert_eq!(e.gc_percent(), 70);
 }
 

@@ -1527,7 +1527,7 @@ fn cli_errors_status_and_flush() {
 
     // Bad flags.
     for (flag, val, want) in [
-        ("--gc-percent", "95", "0..=90"),
+        ("--gc-percent", "96", "0..=95"),
         ("--pmem-size", "12Q", "unknown size unit"),
         ("--pmem-size", "0", "out of range"),
         ("--segment-size", "lots", "lots"),
@@ -1966,7 +1966,7 @@ fn policy_bad_values_change_nothing() {
         ),
         // A bad value next to a good one: the good one is not applied either.
         (
-            json!({"cmd": "set", "cache_mode": "passthrough", "gc_percent": 95}),
+            json!({"cmd": "set", "cache_mode": "passthrough", "gc_percent": 96}),
             "gc_percent",
         ),
         (

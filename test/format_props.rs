@@ -270,7 +270,7 @@ proptest! {
     #![proptest_config(pt(256))]
 
     #[test]
-    fn cache_info_round_trips(gc in 0u32..=90, flags in any::<u32>(), seq in 0..SEQ_LIMIT,
+    fn cache_info_round_trips(gc in 0u32..=95, flags in any::<u32>(), seq in 0..SEQ_LIMIT,
                               mode in 0u8..4, sp in 0u8..3, kib in 0u32..=SEQ_CUTOFF_MAX_KIB) {
         let policy = Policy {
             mode: CacheMode::from_code(mode).unwrap(),
@@ -293,7 +293,7 @@ proptest! {
     /// write-back with the cutoff off; unknown mode or policy codes and oversized
     /// thresholds are corruption, never a panic.
     #[test]
-    fn cache_info_policy_fields(gc in 0u32..=90, seq in 0..SEQ_LIMIT, mode in 4u8..=255,
+    fn cache_info_policy_fields(gc in 0u32..=95, seq in 0..SEQ_LIMIT, mode in 4u8..=255,
                                 sp in 3u8..=255, kib in (SEQ_CUTOFF_MAX_KIB + 1)..=u32::MAX) {
         let old = CacheInfo { gc_percent: gc, flags: 0, ..Default::default() }.encode(seq);
         prop_assert!(old[24..32].iter().all(|&b| b == 0));
@@ -411,9 +411,11 @@ prop_compose! {
         n_segs in 1u32..=64,
         seg_data_size in prop_oneof![8192u64..=65536, 8192u64..=(1 << 30)],
         kset_keys in 1u32..=KSET_KEYS_MAX,
-        backing_size in prop_oneof![512u64..=(1 << 20), 512u64..=(64 << 20), 512u64..=(1 << 40)],
+        backing_blocks in prop_oneof![1u64..=2048, 1u64..=(128 << 10), 1u64..=(1 << 31)],
         format_id in any::<u64>(),
     ) -> Geometry {
+        // Backing sizes are whole blocks, and every block size is a multiple of 512.
+        let backing_size = backing_blocks * 512;
         Geometry {
             n_segs,
             seg_size: seg_data_size + SEG_HDR,
@@ -438,8 +440,9 @@ prop_compose! {
         if discard { flags |= KEY_DISCARD; }
         let mut max_len = SUBTREE_SIZE.min(geo.backing_size);
         if !zero { max_len = max_len.min(geo.seg_data_size); }
-        let len = r_len % max_len + 1;
-        let mut off = r_off % (geo.backing_size - len + 1);
+        // Keys are whole 512-byte units (every block size is a multiple of 512).
+        let len = (r_len % (max_len / 512) + 1) * 512;
+        let mut off = r_off % ((geo.backing_size - len) / 512 + 1) * 512;
         let end = off + len;
         if off / SUBTREE_SIZE != (end - 1) / SUBTREE_SIZE {
             off = (end - 1) / SUBTREE_SIZE * SUBTREE_SIZE - len;
@@ -468,6 +471,7 @@ enum KeyBreak {
     SegTooBig(u32),
     SegOffTooBig(u32),
     UnknownFlag(u32),
+    Unaligned(u32),
 }
 
 fn arb_key_break() -> impl Strategy<Value = KeyBreak> {
@@ -485,6 +489,7 @@ fn arb_key_break() -> impl Strategy<Value = KeyBreak> {
                 & (KEY_CLEAN | KEY_ZERO | KEY_DISCARD | KEY_INVALID)
                 == 0)
             .prop_map(KeyBreak::UnknownFlag),
+        (1u32..512).prop_map(KeyBreak::Unaligned),
     ]
 }
 
@@ -539,6 +544,14 @@ proptest! {
                 k.seg_off = (min_bad + d as u64 % (u32::MAX as u64 - min_bad + 1)) as u32;
             }
             KeyBreak::UnknownFlag(bit) => k.flags |= 1 << bit,
+            KeyBreak::Unaligned(d) => {
+                if d % 2 == 0 && k.len > 512 {
+                    k.len -= d;
+                } else {
+                    k.off += d as u64;
+                    prop_assume!(k.off + (k.len as u64) <= geo.backing_size);
+                }
+            }
         }
         let mut b = [0u8; KEY_SIZE];
         k.encode(&mut b);
@@ -862,7 +875,7 @@ fn written_image(rng: &mut Rng) -> (Vec<u8>, u64) {
     fo.seg_size = SEG;
     fo.kset_keys = KEYS;
     fo.data_crc = rng.chance(1, 2);
-    fo.gc_percent = rng.below(91) as u32;
+    fo.gc_percent = rng.below(96) as u32;
     let e = Engine::format(SimPmem::new(PMEM), &fo, &config()).expect("format");
     let mut ch = Channel::default();
     for _ in 0..rng.range(1, 24) {
@@ -1285,7 +1298,7 @@ fn crafted_image(rng: &mut Rng) -> (Vec<u8>, String) {
     put(&mut img, SB_OFF[1], &sb.encode(1));
     let data_crc = rng.chance(1, 2);
     let info = CacheInfo {
-        gc_percent: rng.below(91) as u32,
+        gc_percent: rng.below(96) as u32,
         flags: INFO_INIT_DONE | if data_crc { INFO_DATA_CRC } else { 0 },
         ..Default::default()
     };

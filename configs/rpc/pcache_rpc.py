@@ -67,7 +67,7 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.add_argument('--data-crc', dest='data_crc', action='store_true', default=None,
                    help='checksum cached data (only when formatting)')
     p.add_argument('--gc-percent', dest='gc_percent', type=int,
-                   help='segment usage at which GC starts, 0..90 (default 70)')
+                   help='segment usage at which GC starts, 0..95 (default 95)')
     p.add_argument('--format', action='store_true', default=None,
                    help='format the medium anew, discarding what it holds')
     _policy_args(p)
@@ -87,7 +87,7 @@ def spdk_rpc_plugin_initialize(subparsers):
     p = subparsers.add_parser('bdev_pcache_set_options', help='Change options of a pcache bdev')
     p.add_argument('name', help='pcache bdev name')
     p.add_argument('--gc-percent', dest='gc_percent', type=int,
-                   help='segment usage at which GC starts, 0..90')
+                   help='segment usage at which GC starts, 0..95')
     _policy_args(p)
     p.set_defaults(func=bdev_pcache_set_options)
 

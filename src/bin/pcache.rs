@@ -72,7 +72,7 @@ struct CacheOpts {
     /// a given value must match how the cache was formatted.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     data_crc: Option<bool>,
-    /// GC starts when this percentage of segments is in use (0..90, default 70).
+    /// GC starts when this percentage of segments is in use (0..95, default 95).
     #[arg(long, value_parser = parse_gc_percent)]
     gc_percent: Option<u32>,
     /// Segment size when formatting (default: 1M-16M, the largest making at least 128
@@ -223,7 +223,7 @@ struct FlushArgs {
 struct SetArgs {
     #[command(flatten)]
     medium: MediumArgs,
-    /// GC starts when this percentage of segments is in use (0..90).
+    /// GC starts when this percentage of segments is in use (0..95).
     #[arg(long, value_parser = parse_gc_percent)]
     gc_percent: Option<u32>,
     #[command(flatten)]

@@ -97,11 +97,13 @@ impl<P: Pmem> Engine<P> {
             }
             buffered_dirty += kb.dirty_bytes;
         }
-        for c in chans {
+        let gc = lock(&self.gc_state);
+        for c in chans.iter().copied().chain([gc.channel()]) {
             if let Some(h) = c.head {
                 refs[h.seg as usize] += 1 + h.spare;
             }
         }
+        drop(gc);
         #[allow(clippy::needless_range_loop)] // s is also the segment id
         for s in 0..n {
             let have = self.segs.refs[s].load(Acquire);
@@ -143,11 +145,28 @@ impl<P: Pmem> Engine<P> {
                 }
             }
             let n = sh.len();
+            let data: u64 = sh
+                .iter()
+                .filter(|(_, x)| x.has_data())
+                .map(|(_, x)| x.len as u64)
+                .sum();
+            if data != sh.data_bytes() {
+                return Err(format!(
+                    "shard {i}: extents map {data} bytes, the shard counts {}",
+                    sh.data_bytes()
+                ));
+            }
             drop(sh);
             // What `stats` reports without locking the shard.
             let published = self.aux[i].len.load(Relaxed) as usize;
             if published != n {
                 return Err(format!("shard {i}: {n} extents, {published} published"));
+            }
+            let published = self.aux[i].data.load(Relaxed);
+            if published != data {
+                return Err(format!(
+                    "shard {i}: {data} data bytes, {published} published"
+                ));
             }
         }
         Ok(summary)

@@ -27,6 +27,9 @@ pub const F_EMPTY: u8 = 2;
 pub const F_ZERO: u8 = 4;
 /// `crc` is meaningful.
 pub const F_CRC: u8 = 8;
+/// Read since it was written (or last relocated): GC keeps such clean data by moving it
+/// to the log head instead of dropping it (a second chance, as SIEVE/CLOCK give).
+pub const F_REF: u8 = 16;
 
 const FRONT_BITS: u32 = 22;
 const FRONT_MASK: u32 = (1 << FRONT_BITS) - 1;
@@ -216,9 +219,15 @@ pub struct Shard {
     /// `ends[b]`: index in `v` one past bucket `b`'s last entry (the last bucket ends
     /// at `v.len()`). At most 8192 entries fit a shard (512 B each), so u16 suffices.
     ends: [u16; N_BUCKETS - 1],
-    /// Replayed extents of this shard wait in `Replayed` (see there).
-    replayed: bool,
+    /// Bytes of pmem data the shard's extents map, in 512 B units (at most 8192: the
+    /// shard covers 4 MiB), and in the top bit whether its replayed extents still wait
+    /// in `Replayed` (see there). One u16 so lock and header keep to one cache line.
+    meta: u16,
 }
+
+const META_REPLAYED: u16 = 1 << 15;
+/// The unit of `Shard::meta`'s byte count: every extent is a multiple of it.
+const META_UNIT: u32 = 512;
 
 /// A shard behind its lock, aligned so lock and shard header share one cache line.
 #[repr(align(64))]
@@ -289,17 +298,22 @@ impl Replayed {
 impl Shard {
     /// Marks the shard as owing the insert of its replayed chain.
     pub fn set_replayed(&mut self) {
-        self.replayed = true;
+        self.meta |= META_REPLAYED;
     }
 
     /// True until `settle` ran.
     pub fn replayed(&self) -> bool {
-        self.replayed
+        self.meta & META_REPLAYED != 0
+    }
+
+    /// Bytes of pmem data the extents map (stale ones included until a walk drops them).
+    pub fn data_bytes(&self) -> u64 {
+        (self.meta & !META_REPLAYED) as u64 * META_UNIT as u64
     }
 
     /// Inserts shard `si`'s replayed chain from `r`, in log order.
     pub fn settle(&mut self, r: Option<&Replayed>, si: usize) {
-        self.replayed = false;
+        self.meta &= !META_REPLAYED;
         let Some(r) = r else { return };
         let mut i = r.heads[si];
         while i != NONE {
@@ -327,6 +341,17 @@ impl Shard {
 
     /// Replaces `v[i..j]` (inside bucket `b`) with `new` (at most three entries).
     fn replace(&mut self, b: usize, i: usize, j: usize, new: &[Entry]) {
+        let units = |es: &[Entry]| -> u32 {
+            es.iter()
+                .filter(|x| x.1.has_data())
+                .map(|x| x.1.len / META_UNIT)
+                .sum()
+        };
+        let (gone, came) = (units(&self.v[i..j]), units(new));
+        if gone != came {
+            // Never negative: `gone` only counts extents that `came` counted before.
+            self.meta = (self.meta + came as u16) - gone as u16;
+        }
         let old = j - i;
         let common = old.min(new.len());
         self.v[i..i + common].copy_from_slice(&new[..common]);
@@ -397,7 +422,7 @@ impl Shard {
     /// `lower_bound`), for a caller that wants that line fetched early; None when the
     /// run is empty or the shard still owes its replayed chain.
     pub fn probe_addr(&self, s: u32) -> Option<*const u8> {
-        if self.replayed {
+        if self.replayed() {
             return None;
         }
         let b = (s >> BUCKET_SHIFT) as usize;
@@ -409,20 +434,20 @@ impl Shard {
     }
 
     pub fn len(&self) -> usize {
-        debug_assert!(!self.replayed);
+        debug_assert!(!self.replayed());
         self.v.len()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
     pub fn iter(&self) -> impl Iterator<Item = (u32, &Extent)> {
-        debug_assert!(!self.replayed);
+        debug_assert!(!self.replayed());
         self.v.iter().map(|x| (x.0, &x.1))
     }
 
     /// Removes whatever overlaps `[s, e)`, keeping the parts of old extents outside it.
     pub fn punch(&mut self, s: u32, e: u32) {
-        debug_assert!(!self.replayed);
+        debug_assert!(!self.replayed());
         pieces(s, e, |b, ps, pe| {
             self.punch_insert(b, ps, pe, None, &mut |_, _| {})
         });
@@ -437,7 +462,7 @@ impl Shard {
     /// replaces (clipped to the new extent's range, in address order).
     pub fn insert_reporting(&mut self, s: u32, x: Extent, mut gone: impl FnMut(u32, Extent)) {
         debug_assert!(x.len > 0);
-        debug_assert!(!self.replayed);
+        debug_assert!(!self.replayed());
         pieces(s, s + x.len, |b, ps, pe| {
             let (_, piece) = clip(s, x, ps, pe);
             self.punch_insert(b, ps, pe, Some(piece), &mut gone);
@@ -452,9 +477,22 @@ impl Shard {
         s: u32,
         e: u32,
         stale: impl Fn(&Extent) -> bool,
+        f: impl FnMut(u32, Extent),
+    ) {
+        self.walk_marking(s, e, stale, 0, f)
+    }
+
+    /// `walk`, also setting flags `mark` on each data extent it visits (a read hit sets
+    /// `F_REF`); the line is written only when a flag was not set yet.
+    pub fn walk_marking(
+        &mut self,
+        s: u32,
+        e: u32,
+        stale: impl Fn(&Extent) -> bool,
+        mark: u8,
         mut f: impl FnMut(u32, Extent),
     ) {
-        debug_assert!(!self.replayed);
+        debug_assert!(!self.replayed());
         pieces(s, e, |b, ps, pe| {
             let (lo, mut hi) = self.run(b);
             let mut i = lo + first_overlap(&self.v[lo..hi], b, ps);
@@ -464,6 +502,9 @@ impl Shard {
                     self.replace(b, i, i + 1, &[]);
                     hi -= 1;
                     continue;
+                }
+                if mark != 0 && k.has_data() && !k.is(mark) {
+                    self.v[i].1.back_flags |= mark as u32;
                 }
                 let (cs, c) = clip(ks, k, ps, pe);
                 f(cs, c);
@@ -482,7 +523,7 @@ impl Shard {
         remove: bool,
         pred: impl Fn(u32, &Extent) -> bool,
     ) {
-        debug_assert!(!self.replayed);
+        debug_assert!(!self.replayed());
         pieces(s, e, |b, ps, pe| {
             let (lo, mut hi) = self.run(b);
             let mut i = lo + first_overlap(&self.v[lo..hi], b, ps);
@@ -511,7 +552,7 @@ impl Shard {
         token: u32,
         mut f: impl FnMut(u32, &Extent) -> Option<Extent>,
     ) {
-        debug_assert!(!self.replayed);
+        debug_assert!(!self.replayed());
         pieces(s, e, |b, ps, pe| {
             let (lo, hi) = self.run(b);
             let mut i = lo + first_overlap(&self.v[lo..hi], b, ps);
@@ -548,9 +589,70 @@ impl Shard {
         });
     }
 
+    /// Visits the parts inside `[s, e)` of the data extents that still map the bytes a
+    /// key wrote there: segment `seg` in generation `gen`, at `seg_off_s + (start - s)`
+    /// (a data location is written once per generation, so this names exactly that
+    /// key's surviving pieces). `f(start, part)` returns the part's replacement (same
+    /// length), or None to remove it; the rest of a clipped extent stays as it was. GC
+    /// uses it to drop or move the keys it retires.
+    #[allow(clippy::too_many_arguments)]
+    pub fn retire_matching(
+        &mut self,
+        s: u32,
+        e: u32,
+        seg: u32,
+        gen: u32,
+        seg_off_s: u32,
+        mut f: impl FnMut(u32, &Extent) -> Option<Extent>,
+    ) {
+        debug_assert!(!self.replayed());
+        // The key's data offset minus its backing offset, as i64 (pieces may start
+        // before `s` when clipped).
+        let shift = seg_off_s as i64 - s as i64;
+        pieces(s, e, |b, ps, pe| {
+            let (lo, _) = self.run(b);
+            let mut i = lo + first_overlap(&self.v[lo..self.run(b).1], b, ps);
+            while i < self.run(b).1 && self.v[i].0 < pe {
+                let Entry(ks, k) = self.v[i];
+                let mine = k.has_data()
+                    && k.seg == seg
+                    && k.gen == gen
+                    && k.seg_off as i64 - ks as i64 == shift;
+                if !mine {
+                    i += 1;
+                    continue;
+                }
+                let ke = ks + k.len;
+                let (cs, c) = clip(ks, k, ps, pe);
+                let ce = cs + c.len;
+                let mut new = [Entry(0, EMPTY); 3];
+                let mut n = 0;
+                if cs > ks {
+                    let mut front = k;
+                    front.cut_back(ke - cs);
+                    new[n] = Entry(ks, front);
+                    n += 1;
+                }
+                if let Some(x) = f(cs, &c) {
+                    debug_assert_eq!(x.len, c.len);
+                    new[n] = Entry(cs, x);
+                    n += 1;
+                }
+                if ke > ce {
+                    let mut back = k;
+                    back.cut_front(ce - ks);
+                    new[n] = Entry(ce, back);
+                    n += 1;
+                }
+                self.replace(b, i, i + 1, &new[..n]);
+                i += n;
+            }
+        });
+    }
+
     /// Checks the invariants: sorted, non-empty, non-overlapping, inside their bucket.
     pub fn check(&self) -> Result<(), String> {
-        debug_assert!(!self.replayed);
+        debug_assert!(!self.replayed());
         for b in 0..N_BUCKETS {
             let (lo, hi) = self.run(b);
             if lo > hi || hi > self.v.len() {
@@ -636,6 +738,8 @@ mod tests {
         let mut sh = Shard::default();
         let mut m: Vec<Option<Cell>> = vec![None; n as usize];
         let mut orig = vec![];
+        // Inserted keys: (start, len, seg_off), for `retire_matching`.
+        let mut keys: Vec<(u32, u32, u32)> = vec![];
         let mut x = 12345u64 ^ base as u64 ^ unit as u64;
         let mut rnd = |k: u32| {
             x = x
@@ -647,11 +751,37 @@ mod tests {
             let s = rnd(n);
             let len = 1 + rnd((n - s).min(max_len));
             let (bs, blen) = (base + s * unit, len * unit);
-            match rnd(4) {
-                0 | 1 => {
+            match rnd(5) {
+                4 if !keys.is_empty() => {
+                    // GC retires part of a key: its surviving pieces there go (or, for
+                    // odd steps, stay: a replacement by an identical extent).
+                    let (ks, kl, ko) = keys[rnd(keys.len() as u32) as usize];
+                    let a = rnd(kl / unit);
+                    let b = a + 1 + rnd(kl / unit - a);
+                    let keep = step % 2 == 1;
+                    sh.retire_matching(
+                        ks + a * unit,
+                        ks + b * unit,
+                        1,
+                        0,
+                        ko + a * unit,
+                        |_, x| keep.then_some(*x),
+                    );
+                    if !keep {
+                        for c in m.iter_mut() {
+                            if let Some(Cell::Data(v)) = *c {
+                                if v >= ko + a * unit && v < ko + b * unit {
+                                    *c = None;
+                                }
+                            }
+                        }
+                    }
+                }
+                0 | 1 | 4 => {
                     let mut e = ext(blen, step * 1_000_000);
                     e.crc = orig.len() as u32;
                     orig.push((e.seg_off, blen));
+                    keys.push((bs, blen, e.seg_off));
                     sh.insert(bs, e);
                     for j in 0..len {
                         m[(s + j) as usize] = Some(Cell::Data(step * 1_000_000 + j * unit));
@@ -699,6 +829,14 @@ mod tests {
                 }
             }
             sh.check().unwrap();
+            if unit % 512 == 0 {
+                let data: u64 = sh
+                    .iter()
+                    .filter(|(_, k)| k.has_data())
+                    .map(|(_, k)| k.len as u64)
+                    .sum();
+                assert_eq!(sh.data_bytes(), data, "step {step}");
+            }
             let mut got: Vec<Option<Cell>> = vec![None; n as usize];
             let mut walked = vec![];
             sh.walk(

@@ -18,6 +18,7 @@
 
 mod check;
 pub mod format;
+mod gc;
 pub mod index;
 mod io;
 pub mod latency;
@@ -79,7 +80,7 @@ impl FormatOptions {
             seg_size: 0,
             kset_keys: 128,
             data_crc: false,
-            gc_percent: 70,
+            gc_percent: 95,
             policy: Policy::new_default(),
             format_id,
             backing,
@@ -192,21 +193,25 @@ pub(super) struct ShardAux {
     /// The shard's extent count as of its last unlock, so `stats` need not lock every
     /// shard (stored only when it changed).
     len: AtomicU32,
+    /// Likewise, the bytes of pmem data its extents map (`cached_bytes`).
+    data: AtomicU64,
 }
 
 impl ShardAux {
     pub(super) fn new() -> ShardAux {
         ShardAux {
             len: AtomicU32::new(0),
+            data: AtomicU64::new(0),
         }
     }
 }
 
-/// A locked shard; on unlock its extent count is published to `ShardAux::len` if it
-/// changed (a hit never changes it, so it stores nothing).
+/// A locked shard; on unlock its extent count and data bytes are published to
+/// `ShardAux` if they changed (a hit changes neither, so it stores nothing).
 pub(super) struct ShardGuard<'a> {
     g: MutexGuard<'a, Shard>,
     len0: usize,
+    data0: u64,
     aux: &'a ShardAux,
 }
 
@@ -228,6 +233,10 @@ impl Drop for ShardGuard<'_> {
         let n = self.g.len();
         if n != self.len0 {
             self.aux.len.store(n as u32, Relaxed);
+        }
+        let d = self.g.data_bytes();
+        if d != self.data0 {
+            self.aux.data.store(d, Relaxed);
         }
     }
 }
@@ -306,6 +315,8 @@ pub struct Engine<P: Pmem> {
     direct_flushed: AtomicU64,
     /// Ranges of the latest direct writes, for `fills_allowed`.
     unflushed: Mutex<policy::Unflushed>,
+    /// GC's channel and buffers (only GC takes it).
+    gc_state: Mutex<gc::GcState>,
 }
 
 impl<P: Pmem> Engine<P> {
@@ -333,11 +344,12 @@ impl<P: Pmem> Engine<P> {
         lock(&self.info).info.gc_percent
     }
 
-    /// Changes the GC watermark (0..=90) and persists it.
+    /// Changes the GC watermark (0..=`GC_PERCENT_MAX`) and persists it.
     pub fn set_gc_percent(&self, pct: u32) -> Result<(), OpenError> {
-        if pct > 90 {
+        if pct > format::GC_PERCENT_MAX {
             return Err(OpenError::Invalid(format!(
-                "gc_percent {pct} is out of range 0..90"
+                "gc_percent {pct} is out of range 0..={}",
+                format::GC_PERCENT_MAX
             )));
         }
         let mut st = lock(&self.info);
@@ -363,7 +375,11 @@ impl<P: Pmem> Engine<P> {
     fn shard(&self, si: usize) -> ShardGuard<'_> {
         let mut g = lock(&self.shards[si]);
         // A replayed shard's count is unknown until it settles: nothing was published.
-        let len0 = if g.replayed() { 0 } else { g.len() };
+        let (len0, data0) = if g.replayed() {
+            (0, 0)
+        } else {
+            (g.len(), g.data_bytes())
+        };
         if g.replayed() {
             let r = lock(&self.replayed).clone();
             g.settle(r.as_deref(), si);
@@ -374,6 +390,7 @@ impl<P: Pmem> Engine<P> {
         ShardGuard {
             g,
             len0,
+            data0,
             aux: &self.aux[si],
         }
     }

@@ -109,10 +109,11 @@ impl<P: Pmem> Engine<P> {
                 opts.kset_keys
             )));
         }
-        if opts.gc_percent > 90 {
+        if opts.gc_percent > format::GC_PERCENT_MAX {
             return Err(OpenError::Invalid(format!(
-                "gc_percent {} not in 0..90",
-                opts.gc_percent
+                "gc_percent {} not in 0..={}",
+                opts.gc_percent,
+                format::GC_PERCENT_MAX
             )));
         }
         let bs = opts.backing.block_size;
@@ -380,6 +381,7 @@ impl<P: Pmem> Engine<P> {
             }),
             segs,
             counters: Default::default(),
+            gc_state: Default::default(),
             next_token: AtomicU32::new(1),
             errors: Mutex::new(Errors::default()),
             wall_clock_ms: cfg.wall_clock_ms,

@@ -97,6 +97,11 @@ impl Segs {
         self.n() - a.free.len() as u32
     }
 
+    /// Free segments.
+    pub fn free(&self) -> u32 {
+        lock(&self.alloc).free.len() as u32
+    }
+
     pub fn use_of(&self, seg: u32) -> Use {
         lock(&self.alloc).uses[seg as usize]
     }

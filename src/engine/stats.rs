@@ -50,6 +50,8 @@ pub struct Counters {
     /// Ksets closed early because another channel appended to a region whose latest
     /// key they held (`Engine::kset_for`).
     pub ordering_closes: Counter,
+    /// Bytes of read-hot clean data GC moved to the log head instead of dropping.
+    pub relocated_bytes: Counter,
 }
 
 /// An error that was counted: what happened, and when (milliseconds since the Unix
@@ -72,6 +74,10 @@ pub struct Stats {
     pub backing_size: u64,
     pub dirty_bytes: u64,
     pub cached_extents: u64,
+    /// Bytes of cached data the index maps (dirty and clean), and the data area they
+    /// share with the log and the free reserve: how much of the medium holds data.
+    pub cached_bytes: u64,
+    pub capacity_bytes: u64,
     pub key_head: String,
     pub dirty_tail: String,
     pub key_tail: String,
@@ -103,6 +109,8 @@ pub struct Stats {
     pub writeback_skipped_bytes: u64,
     pub writeback_errors: u64,
     pub gc_ksets: u64,
+    /// Bytes of clean data that was read since written which GC kept by moving it.
+    pub relocated_bytes: u64,
     pub segments_reclaimed: u64,
     pub crc_errors_clean: u64,
     pub crc_errors_dirty: u64,
@@ -176,6 +184,8 @@ impl<P: Pmem> Engine<P> {
                 self.settle_all();
                 self.aux.iter().map(|a| a.len.load(Relaxed) as u64).sum()
             },
+            cached_bytes: self.aux.iter().map(|a| a.data.load(Relaxed)).sum(),
+            capacity_bytes: self.geo.n_segs as u64 * self.geo.seg_data_size,
             key_head: pos(kh),
             dirty_tail: pos(dt),
             key_tail: pos(kt),
@@ -200,6 +210,7 @@ impl<P: Pmem> Engine<P> {
             writeback_skipped_bytes: c.wb_skipped_bytes.get(),
             writeback_errors: c.wb_errors.get(),
             gc_ksets: c.gc_ksets.get(),
+            relocated_bytes: c.relocated_bytes.get(),
             segments_reclaimed: c.segs_reclaimed.get(),
             crc_errors_clean: c.crc_errors_clean.get(),
             crc_errors_dirty: c.crc_errors_dirty.get(),

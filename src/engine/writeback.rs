@@ -23,6 +23,9 @@ use super::sync::lock;
 use super::{Engine, Pmem};
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
 
+/// Free segments beyond the log reserve below which GC runs whatever the watermark.
+const GC_FREE_FLOOR: u32 = 2;
+
 /// Most ksets one writeback window takes (one backing FLUSH for all of them).
 pub const WINDOW_KSETS: usize = 8;
 
@@ -407,15 +410,31 @@ impl<P: Pmem> Engine<P> {
     }
 
     /// True when GC should run: usage at or above gc_percent, or a request found the
-    /// cache full. Also turns admission pacing on or off (runtimes ask every poll).
+    /// cache full. Also turns admission pacing on or off (runtimes ask every poll):
+    /// pacing is for when only writeback can make room, i.e. usage is over the
+    /// watermark and GC has reached dirty_tail (everything it could reclaim is dirty);
+    /// while clean data lies ahead of GC, reclaiming it is faster than any pace.
     pub fn gc_wanted(&self) -> bool {
         let used = self.segs.used() as u64;
-        let over = used * 100 >= self.geo.n_segs as u64 * self.gc_percent() as u64;
-        let pace = over && lock(&self.head).closed_dirty > 0;
+        let over = used >= self.watermark_segs();
+        let dirty = over && lock(&self.head).closed_dirty > 0;
+        let pace = dirty && {
+            let t = lock(&self.tails);
+            t.key == t.dirty
+        };
         if self.pace.load(Relaxed) != pace {
             self.pace.store(pace, Relaxed);
         }
         self.cache_full() || over
+    }
+
+    /// Segments in use at which GC starts: `gc_percent` of them (rounded up), or fewer
+    /// when that would leave less than `GC_FREE_FLOOR` beyond the log reserve (a small
+    /// medium, where the watermark's share is only a few segments).
+    pub(super) fn watermark_segs(&self) -> u64 {
+        let n = self.geo.n_segs as u64;
+        let floor = n.saturating_sub((self.segs.reserve + GC_FREE_FLOOR) as u64);
+        (n * self.gc_percent() as u64).div_ceil(100).min(floor)
     }
 
     /// Admission pacing: above the GC watermark a write is admitted only against the
@@ -447,9 +466,9 @@ impl<P: Pmem> Engine<P> {
         if !self.pace.load(Relaxed) {
             return true; // no longer paced: the retry gets in anyway
         }
-        let (used, n) = (self.segs.used() as u64, self.geo.n_segs as u64);
-        let gc = self.gc_percent() as u64;
-        if used * 200 >= n * (gc + 100) {
+        let used = self.segs.used() as u64;
+        let usable = (self.geo.n_segs - self.segs.reserve) as u64;
+        if used * 2 >= self.watermark_segs() + usable {
             return false;
         }
         if self.credit.fetch_max(1, Relaxed) < 1 {
@@ -474,76 +493,6 @@ impl<P: Pmem> Engine<P> {
         let n = bytes.min(b.retire_bytes.saturating_sub(b.credited));
         b.credited += n;
         self.earn(n);
-    }
-
-    /// Reclaims written-back ksets from key_tail while GC is wanted.
-    ///
-    /// `scratch` is the caller's reusable buffer for reading ksets: it only ever grows
-    /// (to one kset's maximum size), so a caller that keeps it across calls makes GC
-    /// allocation-free once warm. Its contents are overwritten; its length never shrinks.
-    pub fn gc(&self, scratch: &mut Vec<u8>) -> GcResult {
-        let mut r = GcResult::default();
-        if lock(&self.errors).gc.is_some() {
-            return r;
-        }
-        let need = self.geo.kset_max_size();
-        if scratch.len() < need {
-            scratch.resize(need, 0);
-        }
-        let buf = &mut scratch[..need];
-        while self.gc_wanted() {
-            let mut t = lock(&self.tails);
-            let pos = t.key;
-            if pos == t.dirty {
-                break;
-            }
-            let hdr = match read_kset(&self.pmem, &self.geo, pos, buf) {
-                Ok(KsetCheck::Valid(h)) => h,
-                other => {
-                    let why = match other {
-                        Err(e) => e.to_string(),
-                        _ => "unreadable".into(),
-                    };
-                    lock(&self.errors).gc = Some(format!(
-                        "kset {} at {}:{} (key_tail): {why}",
-                        pos.seq, pos.seg, pos.off
-                    ));
-                    break;
-                }
-            };
-            r.ksets += 1;
-            self.counters.gc_ksets.inc();
-            if hdr.is_last() {
-                t.key = pos.after(&hdr);
-                self.persist_key_tail(&mut t);
-                drop(t);
-                self.segs.free_log(pos.seg);
-                r.segments_freed += 1;
-                continue;
-            }
-            t.key = pos.after(&hdr);
-            self.persist_key_tail(&mut t);
-            drop(t);
-            for i in 0..hdr.count as usize {
-                let o = KSET_HDR + i * KEY_SIZE;
-                // The kset was valid when written back; a decode failure now means the
-                // medium changed under us. Its references are then leaked, not misused.
-                let Ok(k) = KeyRec::decode(&buf[o..o + KEY_SIZE], &self.geo) else {
-                    continue;
-                };
-                if !k.has_data()
-                    || self.segs.gens[k.seg as usize].load(std::sync::atomic::Ordering::Acquire)
-                        != k.gen
-                {
-                    continue;
-                }
-                if self.segs.put(&self.pmem, &self.geo, k.seg) {
-                    r.segments_freed += 1;
-                    self.counters.segs_reclaimed.inc();
-                }
-            }
-        }
-        r
     }
 }
 

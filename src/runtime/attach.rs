@@ -362,7 +362,7 @@ mod tests {
         assert!(r.message(CLI).contains("--data-crc=true"));
         // A bad setting refuses and changes nothing.
         let mut q = req(attach);
-        q.settings.gc_percent = Some(95);
+        q.settings.gc_percent = Some(96);
         assert!(matches!(
             open(Arc::clone(&p), &id("a"), &q).map(|_| ()),
             Err(Refusal::Invalid(_))

@@ -12,9 +12,9 @@ use crate::engine::{CacheMode, Engine, Pmem, Policy, SeqPolicy};
 use serde_json::{Map, Value};
 
 /// Highest accepted `gc_percent` (the engine's limit).
-pub const GC_PERCENT_MAX: u32 = 90;
+pub const GC_PERCENT_MAX: u32 = crate::engine::format::GC_PERCENT_MAX;
 /// `gc_percent` of a new cache.
-pub const GC_PERCENT_DEFAULT: u32 = 70;
+pub const GC_PERCENT_DEFAULT: u32 = 95;
 /// The setting names, as JSON keys and (with dashes) CLI flags.
 pub const SETTING_KEYS: [&str; 4] = [
     "gc_percent",
@@ -113,7 +113,7 @@ impl Settings {
     }
 }
 
-/// `gc_percent` in `m`, if present: an integer in 0..=90.
+/// `gc_percent` in `m`, if present: an integer in 0..=GC_PERCENT_MAX.
 pub fn gc_percent(m: &Map<String, Value>) -> Result<Option<u32>, String> {
     Ok(uint(m, "gc_percent", 0, GC_PERCENT_MAX as u64, false)?.map(|g| g as u32))
 }
@@ -254,7 +254,7 @@ mod tests {
         assert_eq!(s.gc_percent, Some(50));
         assert_eq!(s.policy.cache_mode, Some(CacheMode::WriteAround));
         for (bad, name) in [
-            (json!({"gc_percent": 91}), "gc_percent"),
+            (json!({"gc_percent": 96}), "gc_percent"),
             (json!({"gc_percent": -1}), "gc_percent"),
             (json!({"gc_percent": "50"}), "gc_percent"),
             (json!({"cache_mode": "wb"}), "cache_mode"),
@@ -272,7 +272,7 @@ mod tests {
             .unwrap_err()
             .contains("unknown parameter 'x'"));
         assert_eq!(object(None, &[], true), Ok(None));
-        assert!(check_gc_percent(91).is_err());
+        assert!(check_gc_percent(96).is_err());
     }
 
     #[test]

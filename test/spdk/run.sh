@@ -313,7 +313,7 @@ bad seq_cutoff_too_large bdev_pcache_create "{\"name\": \"X\", $P, \"seq_cutoff_
 bad seq_cutoff_string bdev_pcache_create "{\"name\": \"X\", $P, \"seq_cutoff_kib\": \"1M\"}"
 bad seq_policy_bad_value bdev_pcache_create "{\"name\": \"X\", $P, \"seq_cutoff_policy\": \"sometimes\"}"
 bad duplicate_key bdev_pcache_create "{\"name\": \"X\", \"name\": \"Y\", $P}"
-bad gc_percent_91 bdev_pcache_create "{\"name\": \"X\", $P, \"gc_percent\": 91}"
+bad gc_percent_96 bdev_pcache_create "{\"name\": \"X\", $P, \"gc_percent\": 96}"
 bad gc_percent_negative bdev_pcache_create "{\"name\": \"X\", $P, \"gc_percent\": -5}"
 bad gc_percent_float bdev_pcache_create "{\"name\": \"X\", $P, \"gc_percent\": 50.5}"
 bad gc_percent_string bdev_pcache_create "{\"name\": \"X\", $P, \"gc_percent\": \"50\"}"
@@ -358,7 +358,7 @@ bad set_options_seq_policy bdev_pcache_set_options '{"name": "BadP", "seq_cutoff
 bad set_options_seq_cutoff bdev_pcache_set_options '{"name": "BadP", "seq_cutoff_kib": 4194305}'
 bad set_options_good_and_bad bdev_pcache_set_options '{"name": "BadP", "gc_percent": 50, "cache_mode": "passthrough", "seq_cutoff_policy": "sometimes"}'
 bad set_options_unknown_option bdev_pcache_set_options '{"name": "BadP", "cache_mode": "passthrough", "mode": "x"}'
-bad set_options_gc_95 bdev_pcache_set_options '{"name": "BadP", "gc_percent": 95}'
+bad set_options_gc_96 bdev_pcache_set_options '{"name": "BadP", "gc_percent": 96}'
 bad set_options_unknown bdev_pcache_set_options '{"name": "NoSuch", "gc_percent": 50}'
 bad flush_unknown bdev_pcache_flush '{"name": "NoSuch"}'
 bad flush_missing_name bdev_pcache_flush '{}'

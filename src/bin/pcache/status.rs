@@ -109,6 +109,11 @@ pub fn print(v: &Value) -> Result<()> {
         g(v, "cached_extents")
     );
     println!(
+        "cached bytes: {} of {} in the data area",
+        g(v, "cached_bytes"),
+        g(v, "capacity_bytes")
+    );
+    println!(
         "key_head:     {}   dirty_tail: {}   key_tail: {}",
         g(v, "key_head"),
         g(v, "dirty_tail"),

@@ -145,7 +145,7 @@ pub fn render(s: &Stats) -> String {
         s.crc_errors_dirty,
     );
 
-    let gauges: [(&str, u64, &str); 8] = [
+    let gauges: [(&str, u64, &str); 10] = [
         (
             "dirty_bytes",
             s.dirty_bytes,
@@ -155,6 +155,16 @@ pub fn render(s: &Stats) -> String {
             "cached_extents",
             s.cached_extents,
             "Extents in the cache index",
+        ),
+        (
+            "cached_bytes",
+            s.cached_bytes,
+            "Bytes of cached data the index maps",
+        ),
+        (
+            "capacity_bytes",
+            s.capacity_bytes,
+            "Bytes of the medium's data area",
         ),
         ("segments_used", s.segments_used as u64, "Segments in use"),
         (

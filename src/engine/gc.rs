@@ -1,0 +1,242 @@
+//! Garbage collection: reclaims written-back ksets from key_tail, and gives clean data
+//! that was read since it was written a second chance by moving it to the log head.
+//!
+//! GC walks from key_tail, never past dirty_tail, so every key it retires has its data
+//! on the backing device behind a FLUSH. For each kset it persists the advanced key_tail
+//! *first* and only then touches the keys' segment references, so a crash in between can
+//! never resurrect keys into reused space.
+//!
+//! Retiring a key also settles its surviving pieces in the index at once (a piece is
+//! an extent still naming the key's own data location: segment, generation and offset):
+//! a cold piece is removed, so the index never maps data that is about to be reclaimed
+//! and `cached_bytes` stays exact; a piece marked `F_REF` (read since written) is copied
+//! to GC's own allocation head and re-keyed as clean data in a newer kset, as a fill
+//! would be, with the copy made outside the shard lock and the index switched over only
+//! if the piece is still there (a write meanwhile wins). Relocation is a FIFO with
+//! reinsertion (SIEVE/CLOCK-like): the copy starts unmarked, so it survives the next
+//! round only if read again. To guarantee progress, GC moves at most half the bytes it
+//! retires, and only while free segments remain above the log reserve's margin.
+
+use super::format::{self, KeyRec, KsetCheck, KEY_CLEAN, KEY_SIZE, KSET_HDR, SUBTREE_SIZE};
+use super::index::{Extent, F_CRC, F_DIRTY, F_REF};
+use super::io::Channel;
+use super::open::read_kset;
+use super::sync::lock;
+use super::writeback::GcResult;
+use super::{CacheMode, Engine, Pmem};
+use std::sync::atomic::Ordering::Acquire;
+
+/// Free segments beyond the log reserve that relocation leaves for writers.
+const RELOCATE_MARGIN: u32 = 1;
+
+/// GC's own state, kept across calls so GC allocates nothing once warm.
+#[derive(Default)]
+pub(super) struct GcState {
+    /// GC's channel: the allocation head and kset slot relocated data goes to.
+    ch: Channel,
+    /// Pieces of the key being retired that are to be moved: (backing offset, extent).
+    hot: Vec<(u64, Extent)>,
+    /// A piece's data on its way to its new place.
+    copy: Vec<u8>,
+}
+
+impl GcState {
+    /// GC's channel (its allocation head holds segment references).
+    pub(super) fn channel(&self) -> &Channel {
+        &self.ch
+    }
+}
+
+impl<P: Pmem> Engine<P> {
+    /// Reclaims written-back ksets from key_tail while GC is wanted.
+    ///
+    /// `scratch` is the caller's reusable buffer for reading ksets: it only ever grows
+    /// (to one kset's maximum size), so a caller that keeps it across calls makes GC
+    /// allocation-free once warm. Its contents are overwritten; its length never shrinks.
+    pub fn gc(&self, scratch: &mut Vec<u8>) -> GcResult {
+        let mut r = GcResult::default();
+        if lock(&self.errors).gc.is_some() {
+            return r;
+        }
+        let need = self.geo.kset_max_size();
+        if scratch.len() < need {
+            scratch.resize(need, 0);
+        }
+        let buf = &mut scratch[..need];
+        let mut st = lock(&self.gc_state);
+        let st = &mut *st;
+        // Bytes GC may still move in this call: half of what it retired.
+        let mut budget = 0u64;
+        while self.gc_wanted() {
+            let mut t = lock(&self.tails);
+            let pos = t.key;
+            if pos == t.dirty {
+                break;
+            }
+            let hdr = match read_kset(&self.pmem, &self.geo, pos, buf) {
+                Ok(KsetCheck::Valid(h)) => h,
+                other => {
+                    let why = match other {
+                        Err(e) => e.to_string(),
+                        _ => "unreadable".into(),
+                    };
+                    lock(&self.errors).gc = Some(format!(
+                        "kset {} at {}:{} (key_tail): {why}",
+                        pos.seq, pos.seg, pos.off
+                    ));
+                    break;
+                }
+            };
+            r.ksets += 1;
+            self.counters.gc_ksets.inc();
+            if hdr.is_last() {
+                t.key = pos.after(&hdr);
+                self.persist_key_tail(&mut t);
+                drop(t);
+                self.segs.free_log(pos.seg);
+                r.segments_freed += 1;
+                continue;
+            }
+            t.key = pos.after(&hdr);
+            self.persist_key_tail(&mut t);
+            drop(t);
+            // Half of what the kset retires may move (counted up front, so the kset's
+            // first keys can move too).
+            for i in 0..hdr.count as usize {
+                let o = KSET_HDR + i * KEY_SIZE;
+                if let Ok(k) = KeyRec::decode(&buf[o..o + KEY_SIZE], &self.geo) {
+                    budget += if k.has_data() { k.len as u64 / 2 } else { 0 };
+                }
+            }
+            for i in 0..hdr.count as usize {
+                let o = KSET_HDR + i * KEY_SIZE;
+                // The kset was valid when written back; a decode failure now means the
+                // medium changed under us. Its references are then leaked, not misused.
+                let Ok(k) = KeyRec::decode(&buf[o..o + KEY_SIZE], &self.geo) else {
+                    continue;
+                };
+                if !k.has_data() || self.segs.gens[k.seg as usize].load(Acquire) != k.gen {
+                    continue;
+                }
+                self.retire_key(st, &k, &mut budget);
+                if self.segs.put(&self.pmem, &self.geo, k.seg) {
+                    r.segments_freed += 1;
+                    self.counters.segs_reclaimed.inc();
+                }
+            }
+        }
+        r
+    }
+
+    /// Settles the index pieces of key `k` (retired, its segment reference still held):
+    /// cold ones are removed, referenced clean ones within `budget` are moved.
+    fn retire_key(&self, st: &mut GcState, k: &KeyRec, budget: &mut u64) {
+        let relocate = self.mode() != CacheMode::PassThrough
+            && self.segs.free() > self.segs.reserve + RELOCATE_MARGIN;
+        let end = k.off + k.len as u64;
+        let mut o = k.off;
+        while o < end {
+            let n = (end - o).min(SUBTREE_SIZE - o % SUBTREE_SIZE);
+            let s = (o % SUBTREE_SIZE) as u32;
+            let base = o - s as u64;
+            let seg_off_s = k.seg_off + (o - k.off) as u32;
+            st.hot.clear();
+            {
+                let mut sh = self.shard(self.shard_of(o));
+                sh.retire_matching(s, s + n as u32, k.seg, k.gen as u32, seg_off_s, |ks, x| {
+                    let hot = relocate
+                        && x.is(F_REF)
+                        && !x.is(F_DIRTY)
+                        && *budget >= x.len as u64
+                        // A trimmed piece's CRC covers bytes it no longer has: not
+                        // verifiable here, so it is not moved.
+                        && !(x.is(F_CRC) && (x.crc_front() != 0 || x.crc_back() != 0));
+                    if !hot {
+                        return None;
+                    }
+                    *budget -= x.len as u64;
+                    st.hot.push((base + ks as u64, *x));
+                    Some(*x)
+                });
+            }
+            for i in 0..st.hot.len() {
+                let (at, x) = st.hot[i];
+                self.relocate(st, k, at, &x);
+            }
+            o += n;
+        }
+    }
+
+    /// Moves piece `x` at backing offset `at` (of key `k`) to GC's head, if it is still
+    /// mapped when the copy is done; otherwise drops it.
+    fn relocate(&self, st: &mut GcState, k: &KeyRec, at: u64, x: &Extent) {
+        let len = x.len as usize;
+        st.copy.resize(len, 0);
+        self.pmem.read(
+            self.geo.data_off(x.seg, x.seg_off as u64),
+            &mut st.copy[..len],
+        );
+        let intact = !self.data_crc || !x.is(F_CRC) || format::crc(&st.copy[..len]) == x.crc;
+        let s0 = (at % SUBTREE_SIZE) as u32;
+        let mut done = 0usize;
+        while done < len {
+            let a = match intact {
+                true => self.alloc(&mut st.ch, (len - done) as u64).ok(),
+                false => None,
+            };
+            let Some(a) = a else {
+                // No room (or bad data): the rest of the piece is dropped instead.
+                let mut sh = self.shard(self.shard_of(at));
+                let s = s0 + done as u32;
+                let so = x.seg_off + done as u32;
+                sh.retire_matching(s, s0 + len as u32, k.seg, k.gen as u32, so, |_, _| None);
+                return;
+            };
+            let src = &st.copy[done..done + a.len as usize];
+            let dst = self.geo.data_off(a.seg, a.off);
+            self.pmem.write(dst, src);
+            self.pmem.flush_data(dst, a.len);
+            self.pmem.fence();
+            let id = self.slot_id(&mut st.ch);
+            let o = at + done as u64;
+            let s = s0 + done as u32;
+            let mut referenced = false;
+            {
+                let mut sh = self.shard(self.shard_of(o));
+                let mut kb = self.kset_for(o, a.len, id).ok();
+                let so = x.seg_off + done as u32;
+                let e = s + a.len as u32;
+                // As `fill_chunk`: what is left of the piece (a write may have cut it
+                // meanwhile) is keyed fragment by fragment, each taking a reference.
+                sh.retire_matching(s, e, k.seg, k.gen as u32, so, |fs, frag| {
+                    let kb = kb.as_mut()?;
+                    if kb.kb.count >= self.geo.kset_keys {
+                        self.close_kset(kb).ok()?;
+                    }
+                    let d = (fs - s) as usize;
+                    let bytes = &src[d..d + frag.len as usize];
+                    let nk = KeyRec {
+                        off: at - s0 as u64 + fs as u64,
+                        len: frag.len,
+                        flags: KEY_CLEAN,
+                        seg: a.seg,
+                        seg_off: a.off as u32 + d as u32,
+                        gen: a.gen,
+                        data_crc: if self.data_crc { format::crc(bytes) } else { 0 },
+                    };
+                    if referenced {
+                        self.segs.get(a.seg);
+                    }
+                    referenced = true;
+                    kb.push(&nk, false);
+                    self.counters.relocated_bytes.add(frag.len as u64);
+                    Some(Extent::of_key(&nk, if self.data_crc { F_CRC } else { 0 }))
+                });
+            }
+            if !referenced {
+                self.segs.put(&self.pmem, &self.geo, a.seg);
+            }
+            done += a.len as usize;
+        }
+    }
+}
