@@ -1,4 +1,4 @@
-//! Writeback and garbage collection, driven by the environment.
+//! Writeback and admission pacing, driven by the environment (GC is in `gc`).
 //!
 //! Writeback walks the log from dirty_tail one window at a time: `writeback_next` hands
 //! out the dirty extents of up to `WINDOW_KSETS` consecutive ksets of one write epoch
@@ -7,10 +7,8 @@
 //! `writeback_done`, which only then persists the advanced dirty_tail. So the backing
 //! device alone always holds the result of a prefix of the log plus, for the window in
 //! flight, any subset of its writes: as no FLUSH or FUA lies inside a window, that is
-//! what a disk with a volatile write cache may show between two FLUSHes. GC walks from
-//! key_tail, never past dirty_tail: it persists the advanced key_tail *first* and then
-//! drops the segment references of the kset's keys, so a crash in between can never
-//! resurrect keys into reused space. Above the GC watermark, writes are admitted against
+//! what a disk with a volatile write cache may show between two FLUSHes. Above the GC
+//! watermark, once GC has nothing clean left to reclaim, writes are admitted against
 //! credit that writeback earns (`admit`), so they slow down evenly instead of stalling.
 
 use super::format::{
