@@ -133,6 +133,8 @@ name, mb, r, off, pc, qsd, st = sys.argv[1:]
 s = json.load(open(st))
 pc = json.loads(pc)
 pc["byte_hit"] = s["bytes_hit"] / s["bytes_read"] if s.get("bytes_read") else 0.0
+# How much of the medium held cached data at the end (older builds lack the fields).
+pc["cached"] = s["cached_bytes"] / s["capacity_bytes"] if s.get("capacity_bytes") else 0.0
 print(json.dumps({"trace": name, "cache_mb": int(mb), "round": int(r), "offline": json.loads(off),
                   "pcache": pc, "qsd": json.loads(qsd)}))
 EOF

@@ -213,8 +213,8 @@ def report(path):
     runs = [json.loads(l) for l in open(path) if l.strip()]
     keys = sorted({(r["trace"], r["cache_mb"]) for r in runs})
     print("| trace | cache | rounds | pcache / qsd speed (median, range) | read p99 us pcache / qsd |"
-          " pcache read byte-hit | FIFO | LRU | OPT |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          " pcache read byte-hit | FIFO | LRU | OPT | medium holding data |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for tr, mb in keys:
         rs = [r for r in runs if (r["trace"], r["cache_mb"]) == (tr, mb)]
         ratios = sorted(r["qsd"]["secs"] / r["pcache"]["secs"] for r in rs)
@@ -222,9 +222,10 @@ def report(path):
         hits = sorted(r["pcache"]["byte_hit"] for r in rs)
         p99 = lambda side: sorted(r[side]["read_p99_us"] for r in rs)[len(rs) // 2]
         o = rs[0]["offline"]
+        cached = sorted(r["pcache"].get("cached", 0.0) for r in rs)[len(rs) // 2]
         print(f"| {tr} | {mb} MiB | {len(rs)} | **{med:.2f}x** ({ratios[0]:.2f}-{ratios[-1]:.2f}) |"
               f" {p99('pcache'):.0f} / {p99('qsd'):.0f} | {hits[len(hits) // 2]:.3f} |"
-              f" {o['fifo']:.3f} | {o['lru']:.3f} | {o['opt']:.3f} |")
+              f" {o['fifo']:.3f} | {o['lru']:.3f} | {o['opt']:.3f} | {cached:.0%} |")
     print()
     print("| trace | cache | target | read p50 / p99 / p99.9 us | write p50 / p99 / p99.9 us |")
     print("|---|---|---|---|---|")
