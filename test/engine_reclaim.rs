@@ -40,8 +40,20 @@ fn backing() -> Vec<u8> {
     v
 }
 
-/// Reads block `b`, serving misses from `disk`; true when it was a hit.
+/// Reads block `b`, serving misses from `disk`, and checks it against `disk` (no
+/// writes) ; true when it was a hit.
 fn read_block(e: &Engine<Arc<SimPmem>>, ch: &mut Channel, disk: &[u8], b: u64) -> bool {
+    read_checked(e, ch, disk, disk, b)
+}
+
+/// As `read_block`, checked against `want` (what the device should read as).
+fn read_checked(
+    e: &Engine<Arc<SimPmem>>,
+    ch: &mut Channel,
+    disk: &[u8],
+    want: &[u8],
+    b: u64,
+) -> bool {
     let off = b * BLOCK as u64;
     let mut buf = vec![0u8; BLOCK];
     e.read(ch, off, &mut buf).unwrap();
@@ -52,7 +64,7 @@ fn read_block(e: &Engine<Arc<SimPmem>>, ch: &mut Channel, disk: &[u8], b: u64) -
         buf[m.at..m.at + m.len].copy_from_slice(&disk[o..o + m.len]);
     }
     e.fill(ch, off, &buf, true);
-    assert_eq!(buf, disk[off as usize..off as usize + BLOCK], "block {b}");
+    assert_eq!(buf, want[off as usize..off as usize + BLOCK], "block {b}");
     hit
 }
 
@@ -152,5 +164,48 @@ fn moved_data_goes_once_it_is_no_longer_read() {
     assert!(
         !read_block(&e, &mut ch, &disk, 0),
         "read once after its move: dropped"
+    );
+}
+
+/// A hot set under random reads and writes (70/30) beside nothing else: once warm,
+/// reads keep hitting although overwrites keep the log turning over.
+#[test]
+fn a_hot_set_under_random_overwrites_keeps_hitting() {
+    let e = engine(128);
+    let mut disk = backing();
+    let mut ch = Channel::default();
+    let mut scratch = Vec::new();
+    let capacity = e.stats().capacity_bytes;
+    let hot = capacity / 4 / BLOCK as u64;
+    let mut want = disk.clone();
+    let mut x = 7u64;
+    let (mut reads, mut hits) = (0u64, 0u64);
+    let n = 40 * hot;
+    for i in 0..n {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let b = (x >> 33) % hot;
+        if (x >> 20) % 10 < 7 {
+            let h = read_checked(&e, &mut ch, &disk, &want, b);
+            if i > n / 4 {
+                reads += 1;
+                hits += h as u64;
+            }
+        } else {
+            let v = vec![(i % 250) as u8 + 1; BLOCK];
+            e.write(&mut ch, b * BLOCK as u64, &v, false).unwrap();
+            want[(b * BLOCK as u64) as usize..][..BLOCK].copy_from_slice(&v);
+        }
+        if i % 16 == 0 {
+            background(&e, &mut disk, &mut scratch);
+        }
+    }
+    e.check_invariants(&[&ch]).unwrap();
+    let st = e.stats();
+    assert!(
+        hits * 1000 >= reads * 995,
+        "{hits} hits of {reads} reads; relocated {} bytes",
+        st.relocated_bytes
     );
 }
