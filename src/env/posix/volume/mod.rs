@@ -31,7 +31,7 @@
 //! Above the GC watermark writes are paced by the engine against writeback's progress
 //! (`IoError::Busy` from `admit`): they wait here, in the same FIFO gate, for a window.
 
-use super::backing::{BackingFile, Op, Queue};
+use super::backing::{BackingFile, Op, Queue, ReadRing, READ_SLOTS};
 use super::block::{BlockConn, BlockTarget};
 use super::direct::DirectBatch;
 use super::poll::Waker;
@@ -47,7 +47,7 @@ use crate::runtime::options::{PolicyParams, Settings};
 use crate::runtime::sched::{self, Backoff, Every};
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -62,6 +62,9 @@ const EMBEDDED_WINDOW: u32 = 2;
 const WB_WAVE: usize = 8 << 20;
 /// Largest single backing write of writeback (coalesced extents).
 const WB_MAX_IO: u64 = 1 << 20;
+/// Writeback's writes in flight at once while read misses wait for the backing device
+/// (`Volume::fg_reads`): foreground reads go first.
+const WB_BUSY_OPS: usize = 2;
 /// Pause of a background-running request that waits and found no background work either.
 const INLINE_WAIT: Duration = Duration::from_millis(1);
 
@@ -151,6 +154,9 @@ pub struct Volume {
     /// Why a thread the volume depends on died (`fail`): the volume stops, and every
     /// waiting request returns an error instead of waiting forever.
     fatal: Mutex<Option<String>>,
+    /// Read misses whose base reads are in flight (all reactors): while there are any,
+    /// writeback keeps few writes in flight, so they do not wait behind its waves.
+    fg_reads: AtomicUsize,
 }
 
 /// What the background runner keeps between steps.
@@ -214,6 +220,7 @@ impl Volume {
             bg_thread: AtomicBool::new(false),
             bg_waker: OnceLock::new(),
             fatal: Mutex::new(None),
+            fg_reads: AtomicUsize::new(0),
             wb_lat: engine.latency().register(),
             engine,
         })
