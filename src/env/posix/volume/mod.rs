@@ -87,6 +87,7 @@ pub struct VolumeOptions {
     pub cache_mode: Option<CacheMode>,
     pub seq_cutoff_kib: Option<u32>,
     pub seq_policy: Option<SeqPolicy>,
+    pub write_bypass_kib: Option<u32>,
 }
 
 impl VolumeOptions {
@@ -103,6 +104,7 @@ impl VolumeOptions {
             cache_mode: None,
             seq_cutoff_kib: None,
             seq_policy: None,
+            write_bypass_kib: None,
         }
     }
 }
@@ -272,6 +274,7 @@ impl Volume {
                     cache_mode: o.cache_mode,
                     seq_cutoff_kib: o.seq_cutoff_kib,
                     seq_policy: o.seq_policy,
+                    write_bypass_kib: o.write_bypass_kib,
                 },
             },
             format_id: random_id(),
