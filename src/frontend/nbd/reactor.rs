@@ -6,7 +6,12 @@
 //! buffered, round robin one request per client per round (so clients interleave at request
 //! granularity and none starves another), send the replies, then poll the sockets and a
 //! [`Waker`] and read what arrived. Requests run to completion one at a time on the
-//! reactor's thread, so a reply to FLUSH covers every write answered before it.
+//! reactor's thread, so a reply to FLUSH covers every write answered before it. Only a
+//! READ on a shared handle may stay in flight ([`BlockConn::start_read`]): the reactor
+//! goes on, polls the handle's completion descriptor too, queues the reply when
+//! [`BlockConn::reap`] reports it (replies may leave out of order; NBD matches them by
+//! cookie), and once a pass's replies are sent runs [`BlockConn::after_replies`]. A client
+//! is not finished while reads of it are in flight.
 //!
 //! Group commit: before any reply leaves (at the end of the pass, or early when a client's
 //! output passes [`FLUSH_AT`]), the handles that executed requests are committed

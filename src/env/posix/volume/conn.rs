@@ -143,8 +143,13 @@ impl Drop for VolumeConn {
     fn drop(&mut self) {
         // Best effort: never leave placeholders behind (nobody waits for a reply).
         let _ = self.run_held();
-        // Reads in flight: wait for them (the kernel writes their buffers), then fill.
-        let mut done = Vec::new();
+        // Reads in flight, or back and not yet reported: wait for them (the kernel
+        // writes their buffers), then fill, so no placeholder is left behind.
+        let mut done: Vec<(usize, bool)> = self
+            .completed
+            .drain(..)
+            .map(|(i, e)| (i, e.is_none()))
+            .collect();
         self.reads.wait_all(|i, r| done.push((i, r.is_ok())));
         for (i, ok) in done {
             if let Some(x) = self.inflight[i].as_mut() {

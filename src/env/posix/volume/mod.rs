@@ -4,7 +4,11 @@
 //!
 //! Each NBD reactor thread gets one `VolumeConn` (its own engine channel and its own
 //! io_uring queue) and serves all its clients with it, one request at a time, so the
-//! request path takes no lock of ours beyond the engine's short ones. Requests that find
+//! request path takes no lock of ours beyond the engine's short ones. Read misses are the
+//! exception: their base reads go to the handle's read ring and complete later
+//! (`BlockConn::start_read`, `reap`), each holding an engine channel of its own, and are
+//! cached after their reply (`after_replies`); meanwhile writeback keeps few writes in
+//! flight (`fg_reads`). Requests that find
 //! the cache full are deferred through a FIFO gate: the oldest waits first, and while
 //! anybody waits, new writes queue behind it, so a retry never reorders writes. Writeback
 //! errors back off exponentially (up to 5 s) and are counted; they never lose data, which
