@@ -1929,6 +1929,7 @@ fn policy_bad_values_change_nothing() {
         (vec!["--seq-cutoff", "1x"], "seq-cutoff"),
         (vec!["--seq-cutoff", "1000"], "multiple of 1 KiB"),
         (vec!["--seq-cutoff", "8G"], "at most 4G"),
+        (vec!["--write-bypass", "1x"], "write-bypass"),
         (
             vec!["--seq-cutoff-policy", "sometimes"],
             "unknown seq_cutoff_policy",
@@ -1964,6 +1965,10 @@ fn policy_bad_values_change_nothing() {
             json!({"cmd": "set", "seq_cutoff_policy": "ALWAYS"}),
             "unknown seq_cutoff_policy",
         ),
+        (
+            json!({"cmd": "set", "write_bypass_kib": 5000000}),
+            "write_bypass_kib",
+        ),
         // A bad value next to a good one: the good one is not applied either.
         (
             json!({"cmd": "set", "cache_mode": "passthrough", "gc_percent": 96}),
@@ -1981,13 +1986,31 @@ fn policy_bad_values_change_nothing() {
         assert!(e.contains(want), "{req}: want {want:?} in {r}");
     }
     let after = c.status();
-    for k in ["mode", "seq_cutoff_kib", "seq_cutoff_policy", "gc_percent"] {
+    for k in [
+        "mode",
+        "seq_cutoff_kib",
+        "seq_cutoff_policy",
+        "gc_percent",
+        "write_bypass_kib",
+    ] {
         assert_eq!(before[k], after[k], "{k} changed by bad input");
     }
+    assert_eq!(before["write_bypass_kib"], json!(1024), "the default");
     // A good change online, then offline (server stopped), both persisted.
-    let o = c.run(&["set", "--pmem", &p, "--control", &ctl, "--seq-cutoff", "2M"]);
+    let o = c.run(&[
+        "set",
+        "--pmem",
+        &p,
+        "--control",
+        &ctl,
+        "--seq-cutoff",
+        "2M",
+        "--write-bypass",
+        "256K",
+    ]);
     assert!(o.ok(), "{}", o.show());
     assert_eq!(c.status()["seq_cutoff_kib"], json!(2048));
+    assert_eq!(c.status()["write_bypass_kib"], json!(256));
     drop(srv);
     let o = c.run(&[
         "set",
@@ -2005,6 +2028,7 @@ fn policy_bad_values_change_nothing() {
     assert_eq!(st["mode"], json!("passthrough"), "{st}");
     assert_eq!(st["seq_cutoff_policy"], json!("never"), "{st}");
     assert_eq!(st["seq_cutoff_kib"], json!(2048), "{st}");
+    assert_eq!(st["write_bypass_kib"], json!(256), "{st}");
     // Bad values on format/serve are refused before anything starts.
     let o = c.run(&[
         "format",

@@ -271,11 +271,13 @@ proptest! {
 
     #[test]
     fn cache_info_round_trips(gc in 0u32..=95, flags in any::<u32>(), seq in 0..SEQ_LIMIT,
-                              mode in 0u8..4, sp in 0u8..3, kib in 0u32..=SEQ_CUTOFF_MAX_KIB) {
+                              mode in 0u8..4, sp in 0u8..3, kib in 0u32..=SEQ_CUTOFF_MAX_KIB,
+                              wb in 0u32..=SEQ_CUTOFF_MAX_KIB) {
         let policy = Policy {
             mode: CacheMode::from_code(mode).unwrap(),
             seq_policy: SeqPolicy::from_code(sp).unwrap(),
             seq_cutoff_kib: kib,
+            write_bypass_kib: wb,
         };
         let ci = CacheInfo { gc_percent: gc, flags, policy };
         let enc = ci.encode(seq);

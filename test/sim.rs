@@ -148,6 +148,8 @@ fn policy_cfgs(seed: u64, w: Workload) -> Vec<(String, WorldCfg)> {
             mode,
             seq_cutoff_kib: if mode == CacheMode::WriteBack { 4 } else { 0 },
             seq_policy: SeqPolicy::Always,
+            // Write-back: writes of 8 KiB or more bypass the cache while it reclaims.
+            write_bypass_kib: if mode == CacheMode::WriteBack { 8 } else { 0 },
         };
         c.seq_percent = 40;
         v.push((mode.name().to_string(), c));
@@ -163,6 +165,7 @@ fn policy_cfgs(seed: u64, w: Workload) -> Vec<(String, WorldCfg)> {
             mode: from,
             seq_cutoff_kib: 0,
             seq_policy: SeqPolicy::Never,
+            write_bypass_kib: 0,
         };
         c.switch = Some((c.ops / 2, to));
         c.seq_percent = 20;

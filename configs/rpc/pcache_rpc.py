@@ -17,7 +17,7 @@ def _params(args, names):
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
-_POLICY = ['cache_mode', 'seq_cutoff_kib', 'seq_cutoff_policy']
+_POLICY = ['cache_mode', 'seq_cutoff_kib', 'seq_cutoff_policy', 'write_bypass_kib']
 
 
 def _policy_args(p):
@@ -28,6 +28,9 @@ def _policy_args(p):
                    help='sequential cutoff threshold in KiB, 0 = off (default 1024)')
     p.add_argument('--seq-cutoff-policy', dest='seq_cutoff_policy',
                    help='always, full (default: only when the cache is full) or never')
+    p.add_argument('--write-bypass-kib', dest='write_bypass_kib', type=int,
+                   help='write-back writes of at least this many KiB go to the base bdev '
+                        'while the cache is reclaiming, 0 = off (default 1024)')
 
 
 def bdev_pcache_create(args):

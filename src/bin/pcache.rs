@@ -96,6 +96,7 @@ impl CacheOpts {
         o.cache_mode = self.policy.cache_mode;
         o.seq_cutoff_kib = self.policy.seq_cutoff;
         o.seq_policy = self.policy.seq_cutoff_policy;
+        o.write_bypass_kib = self.policy.write_bypass;
         Ok(())
     }
 }
@@ -113,11 +114,18 @@ struct PolicyArgs {
     /// When the cutoff applies: always, full (only when the cache is full; default) or never.
     #[arg(long, value_parser = parse_seq_policy)]
     seq_cutoff_policy: Option<SeqPolicy>,
+    /// In write-back, writes at least this large go to the backing device while the
+    /// cache is reclaiming (e.g. 1M; 0 = off; default 1M for a new cache).
+    #[arg(long, value_parser = parse_cutoff)]
+    write_bypass: Option<u32>,
 }
 
 impl PolicyArgs {
     fn any(&self) -> bool {
-        self.cache_mode.is_some() || self.seq_cutoff.is_some() || self.seq_cutoff_policy.is_some()
+        self.cache_mode.is_some()
+            || self.seq_cutoff.is_some()
+            || self.seq_cutoff_policy.is_some()
+            || self.write_bypass.is_some()
     }
 }
 
@@ -657,7 +665,7 @@ fn flush(a: FlushArgs) -> Result<()> {
 fn set(a: SetArgs) -> Result<()> {
     let pmem = a.medium.pmem.display().to_string();
     if a.gc_percent.is_none() && !a.policy.any() {
-        bail!("set: give --gc-percent, --cache-mode, --seq-cutoff or --seq-cutoff-policy");
+        bail!("set: give --gc-percent, --cache-mode, --seq-cutoff, --seq-cutoff-policy or --write-bypass");
     }
     let mut req = json!({"cmd": "set"});
     if let Some(g) = a.gc_percent {
@@ -672,10 +680,13 @@ fn set(a: SetArgs) -> Result<()> {
     if let Some(p) = a.policy.seq_cutoff_policy {
         req["seq_cutoff_policy"] = json!(p.name());
     }
+    if let Some(k) = a.policy.write_bypass {
+        req["write_bypass_kib"] = json!(k);
+    }
     if let Some(r) = online(&a.medium, &a.control, req)? {
         println!(
-            "{pmem}: gc_percent {}, cache_mode {}, seq_cutoff {} KiB, seq_cutoff_policy {} (online; dirty bytes {})",
-            r["gc_percent"], r["cache_mode"], r["seq_cutoff_kib"], r["seq_cutoff_policy"], r["dirty_bytes"]
+            "{pmem}: gc_percent {}, cache_mode {}, seq_cutoff {} KiB, seq_cutoff_policy {}, write_bypass {} KiB (online; dirty bytes {})",
+            r["gc_percent"], r["cache_mode"], r["seq_cutoff_kib"], r["seq_cutoff_policy"], r["write_bypass_kib"], r["dirty_bytes"]
         );
         return Ok(());
     }
@@ -686,14 +697,16 @@ fn set(a: SetArgs) -> Result<()> {
     let p = a.policy;
     let pol = e
         .policy()
-        .with(p.cache_mode, p.seq_cutoff, p.seq_cutoff_policy);
+        .with(p.cache_mode, p.seq_cutoff, p.seq_cutoff_policy)
+        .with_write_bypass(p.write_bypass);
     e.set_policy(pol).map_err(|x| anyhow!("{pmem}: {x}"))?;
     println!(
-        "{pmem}: gc_percent {}, cache_mode {}, seq_cutoff {} KiB, seq_cutoff_policy {}",
+        "{pmem}: gc_percent {}, cache_mode {}, seq_cutoff {} KiB, seq_cutoff_policy {}, write_bypass {} KiB",
         e.gc_percent(),
         pol.mode.name(),
         pol.seq_cutoff_kib,
-        pol.seq_policy.name()
+        pol.seq_policy.name(),
+        pol.write_bypass_kib
     );
     if pol.mode != CacheMode::WriteBack && e.dirty_bytes() > 0 {
         println!(

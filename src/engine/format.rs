@@ -326,8 +326,8 @@ pub fn check_seg_size(seg_size: u32) -> Result<(), String> {
 pub struct CacheInfo {
     pub gc_percent: u32,
     pub flags: u32,
-    /// Cache mode and sequential cutoff (bytes 24..32, zero on media written before
-    /// they existed, which reads as write-back with the cutoff off).
+    /// Cache mode, sequential cutoff and write bypass (bytes 24..36, zero on media
+    /// written before they existed, which reads as write-back with both off).
     pub policy: Policy,
 }
 
@@ -339,6 +339,7 @@ impl CacheInfo {
         b[24] = self.policy.mode.code();
         b[25] = self.policy.seq_policy.code();
         put_u32(&mut b, 28, self.policy.seq_cutoff_kib);
+        put_u32(&mut b, 32, self.policy.write_bypass_kib);
         seal(&mut b, KIND_INFO, seq);
         b
     }
@@ -365,6 +366,10 @@ impl CacheInfo {
         if seq_cutoff_kib > SEQ_CUTOFF_MAX_KIB {
             return Err(field("seq_cutoff_kib", seq_cutoff_kib as u64));
         }
+        let write_bypass_kib = get_u32(b, 32);
+        if write_bypass_kib > super::modes::WRITE_BYPASS_MAX_KIB {
+            return Err(field("write_bypass_kib", write_bypass_kib as u64));
+        }
         Ok((
             seq,
             CacheInfo {
@@ -374,6 +379,7 @@ impl CacheInfo {
                     mode,
                     seq_cutoff_kib,
                     seq_policy,
+                    write_bypass_kib,
                 },
             },
         ))

@@ -76,6 +76,13 @@ impl Channel {
             _ => None,
         })
     }
+
+    /// Exchanges the sequential-stream state with `other`: a runtime that gives each
+    /// read in flight a channel of its own lends it the stream state of the channel
+    /// its requests come through, so the cutoff sees their streams whole.
+    pub fn swap_streams(&mut self, other: &mut Channel) {
+        std::mem::swap(&mut self.streams, &mut other.streams);
+    }
 }
 
 pub(super) struct Alloc {

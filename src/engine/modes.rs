@@ -86,6 +86,11 @@ impl SeqPolicy {
 pub const SEQ_CUTOFF_MAX_KIB: u32 = 4 << 20;
 /// Default threshold for new caches: 1 MiB, as OCF.
 pub const SEQ_CUTOFF_DEFAULT_KIB: u32 = 1024;
+/// Largest write-bypass threshold (as the cutoff's, in KiB).
+pub const WRITE_BYPASS_MAX_KIB: u32 = SEQ_CUTOFF_MAX_KIB;
+/// Default write-bypass threshold for new caches: writes of 1 MiB or more go around a
+/// cache that is reclaiming.
+pub const WRITE_BYPASS_DEFAULT_KIB: u32 = 1024;
 
 /// The persisted policy. An old medium (zeros in these fields) reads as write-back with
 /// the cutoff off.
@@ -95,6 +100,11 @@ pub struct Policy {
     /// Threshold in KiB; 0 turns the cutoff off.
     pub seq_cutoff_kib: u32,
     pub seq_policy: SeqPolicy,
+    /// Write-bypass threshold in KiB (0 = off): in write-back, a write at least this
+    /// large goes to the backing device instead while the cache is reclaiming (at or
+    /// above its GC watermark), where caching it would only evict data for data that
+    /// is written back before it is read.
+    pub write_bypass_kib: u32,
 }
 
 impl Policy {
@@ -104,6 +114,7 @@ impl Policy {
             mode: CacheMode::WriteBack,
             seq_cutoff_kib: SEQ_CUTOFF_DEFAULT_KIB,
             seq_policy: SeqPolicy::Full,
+            write_bypass_kib: WRITE_BYPASS_DEFAULT_KIB,
         }
     }
     /// This policy with the given fields replaced.
@@ -117,6 +128,14 @@ impl Policy {
             mode: mode.unwrap_or(self.mode),
             seq_cutoff_kib: seq_cutoff_kib.unwrap_or(self.seq_cutoff_kib),
             seq_policy: seq_policy.unwrap_or(self.seq_policy),
+            write_bypass_kib: self.write_bypass_kib,
+        }
+    }
+    /// This policy with the write-bypass threshold replaced, if given.
+    pub fn with_write_bypass(self, kib: Option<u32>) -> Policy {
+        Policy {
+            write_bypass_kib: kib.unwrap_or(self.write_bypass_kib),
+            ..self
         }
     }
 
@@ -125,6 +144,12 @@ impl Policy {
             return Err(format!(
                 "seq_cutoff {} KiB is above the maximum {SEQ_CUTOFF_MAX_KIB} KiB",
                 self.seq_cutoff_kib
+            ));
+        }
+        if self.write_bypass_kib > WRITE_BYPASS_MAX_KIB {
+            return Err(format!(
+                "write_bypass {} KiB is above the maximum {WRITE_BYPASS_MAX_KIB} KiB",
+                self.write_bypass_kib
             ));
         }
         Ok(())
@@ -157,5 +182,15 @@ mod tests {
             ..p
         };
         assert!(big.validate().is_err());
+        let big = Policy {
+            write_bypass_kib: WRITE_BYPASS_MAX_KIB + 1,
+            ..p
+        };
+        assert!(big.validate().is_err());
+        assert_eq!(p.with_write_bypass(Some(64)).write_bypass_kib, 64);
+        assert_eq!(
+            Policy::new_default().write_bypass_kib,
+            WRITE_BYPASS_DEFAULT_KIB
+        );
     }
 }

@@ -77,7 +77,8 @@ impl<P: Pmem> Engine<P> {
             self.pmem
                 .persist(super::format::INFO_OFF[slot], &st.info.encode(seq));
         }
-        self.mode_code.store(p.mode.code() as u32, Relaxed);
+        // All the codes: the cutoff and the write bypass change online too.
+        self.load_policy_codes(p);
         if p.mode == CacheMode::PassThrough {
             self.invalidate_clean();
         }
@@ -129,13 +130,18 @@ impl<P: Pmem> Engine<P> {
             mode: self.mode(),
             seq_cutoff_kib: (v >> 8) as u32,
             seq_policy: SeqPolicy::from_code(v as u8).unwrap_or_default(),
+            write_bypass_kib: (v >> 40) as u32,
         }
     }
 
     pub(super) fn load_policy_codes(&self, p: Policy) {
         self.mode_code.store(p.mode.code() as u32, Relaxed);
+        // Bits 0..8 the cutoff's policy, 8..40 its threshold, 40.. the write bypass's
+        // (at most WRITE_BYPASS_MAX_KIB, 23 bits).
         self.seq_code.store(
-            ((p.seq_cutoff_kib as u64) << 8) | p.seq_policy.code() as u64,
+            ((p.write_bypass_kib as u64) << 40)
+                | ((p.seq_cutoff_kib as u64) << 8)
+                | p.seq_policy.code() as u64,
             Relaxed,
         );
     }
@@ -144,10 +150,21 @@ impl<P: Pmem> Engine<P> {
     pub fn route_write(&self, ch: &mut Channel, off: u64, len: u64) -> Route {
         let cut = self.cutoff(ch, off, len, true);
         match self.mode() {
+            CacheMode::WriteBack if !cut && self.bypasses(len) => Route::Direct { through: false },
             CacheMode::WriteBack if !cut => Route::Cache,
             CacheMode::WriteThrough if !cut => Route::Direct { through: true },
             _ => Route::Direct { through: false },
         }
+    }
+
+    /// Whether a write-back write of `len` bytes goes around the cache as a large write
+    /// (`Policy::write_bypass_kib`): only while the cache is reclaiming, so a cache with
+    /// room still absorbs bursts. Coherent as every direct write: `begin_direct` sends
+    /// it through the cache after all when dirty data overlaps it, and invalidates the
+    /// clean data it covers.
+    fn bypasses(&self, len: u64) -> bool {
+        let kib = self.policy_cached().write_bypass_kib as u64;
+        kib > 0 && len >= kib << 10 && self.gc_wanted()
     }
 
     /// Whether a read's misses should be cached (tracks the read's stream).

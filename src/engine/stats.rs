@@ -126,6 +126,8 @@ pub struct Stats {
     pub latency: LatencySnapshot,
     pub seq_cutoff_kib: u32,
     pub seq_cutoff_policy: &'static str,
+    /// Write-bypass threshold (`Policy::write_bypass_kib`; 0 = off).
+    pub write_bypass_kib: u32,
     pub bypassed_requests: u64,
     pub bypassed_bytes: u64,
     pub invalidations: u64,
@@ -222,6 +224,7 @@ impl<P: Pmem> Engine<P> {
             latency: self.latency.snapshot(),
             seq_cutoff_kib: self.policy().seq_cutoff_kib,
             seq_cutoff_policy: self.policy().seq_policy.name(),
+            write_bypass_kib: self.policy().write_bypass_kib,
             bypassed_requests: self.slot_sum(|s| &s.bypassed),
             bypassed_bytes: self.slot_sum(|s| &s.bypassed_bytes),
             invalidations: c.invalidations.get(),

@@ -7,7 +7,7 @@
 //! further checks, and a request with one bad value changes nothing ([`Settings::apply`]
 //! checks the whole result before it sets anything).
 
-use crate::engine::modes::SEQ_CUTOFF_MAX_KIB;
+use crate::engine::modes::{SEQ_CUTOFF_MAX_KIB, WRITE_BYPASS_MAX_KIB};
 use crate::engine::{CacheMode, Engine, Pmem, Policy, SeqPolicy};
 use serde_json::{Map, Value};
 
@@ -16,20 +16,23 @@ pub const GC_PERCENT_MAX: u32 = crate::engine::format::GC_PERCENT_MAX;
 /// `gc_percent` of a new cache.
 pub const GC_PERCENT_DEFAULT: u32 = 95;
 /// The setting names, as JSON keys and (with dashes) CLI flags.
-pub const SETTING_KEYS: [&str; 4] = [
+pub const SETTING_KEYS: [&str; 5] = [
     "gc_percent",
     "cache_mode",
     "seq_cutoff_kib",
     "seq_cutoff_policy",
+    "write_bypass_kib",
 ];
 
-/// `cache_mode`, `seq_cutoff_kib`, `seq_cutoff_policy`: each optional (None: as stored
-/// on the medium; a new format: write-back, cutoff 1 MiB when full).
+/// `cache_mode`, `seq_cutoff_kib`, `seq_cutoff_policy`, `write_bypass_kib`: each optional
+/// (None: as stored on the medium; a new format: write-back, cutoff 1 MiB when full,
+/// writes of 1 MiB or more bypass a reclaiming cache).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PolicyParams {
     pub cache_mode: Option<CacheMode>,
     pub seq_cutoff_kib: Option<u32>,
     pub seq_policy: Option<SeqPolicy>,
+    pub write_bypass_kib: Option<u32>,
 }
 
 impl PolicyParams {
@@ -39,12 +42,14 @@ impl PolicyParams {
     /// `p` with these fields replaced.
     pub fn apply(&self, p: Policy) -> Policy {
         p.with(self.cache_mode, self.seq_cutoff_kib, self.seq_policy)
+            .with_write_bypass(self.write_bypass_kib)
     }
     /// Remembers the fields of `o` that are set (for `save_config`).
     pub fn merge(&mut self, o: &PolicyParams) {
         self.cache_mode = o.cache_mode.or(self.cache_mode);
         self.seq_cutoff_kib = o.seq_cutoff_kib.or(self.seq_cutoff_kib);
         self.seq_policy = o.seq_policy.or(self.seq_policy);
+        self.write_bypass_kib = o.write_bypass_kib.or(self.write_bypass_kib);
     }
     /// Writes the fields that are set into the JSON object `p`.
     pub fn to_json(self, p: &mut Value) {
@@ -56,6 +61,9 @@ impl PolicyParams {
         }
         if let Some(s) = self.seq_policy {
             p["seq_cutoff_policy"] = s.name().into();
+        }
+        if let Some(k) = self.write_bypass_kib {
+            p["write_bypass_kib"] = k.into();
         }
     }
     /// The policy fields present in `m`, each checked.
@@ -70,10 +78,13 @@ impl PolicyParams {
         };
         let seq_cutoff_kib =
             uint(m, "seq_cutoff_kib", 0, SEQ_CUTOFF_MAX_KIB as u64, false)?.map(|k| k as u32);
+        let write_bypass_kib =
+            uint(m, "write_bypass_kib", 0, WRITE_BYPASS_MAX_KIB as u64, false)?.map(|k| k as u32);
         Ok(PolicyParams {
             cache_mode,
             seq_cutoff_kib,
             seq_policy,
+            write_bypass_kib,
         })
     }
 }
@@ -263,11 +274,19 @@ mod tests {
                 "seq_cutoff_kib",
             ),
             (json!({"seq_cutoff_policy": "ALWAYS"}), "seq_cutoff_policy"),
+            (
+                json!({"write_bypass_kib": (WRITE_BYPASS_MAX_KIB as u64) + 1}),
+                "write_bypass_kib",
+            ),
+            (json!({"write_bypass_kib": "1M"}), "write_bypass_kib"),
         ] {
             let e = Settings::from_json(&m(bad.clone())).unwrap_err();
             assert!(e.contains(name), "{bad}: {e}");
         }
         assert!(Settings::default().is_empty());
+        let s = Settings::from_json(&m(json!({"write_bypass_kib": 256}))).unwrap();
+        assert_eq!(s.policy.write_bypass_kib, Some(256));
+        assert_eq!(s.policy.apply(Policy::default()).write_bypass_kib, 256);
         assert!(object(Some(&json!({"x": 1})), &["y"], false)
             .unwrap_err()
             .contains("unknown parameter 'x'"));

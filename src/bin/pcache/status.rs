@@ -90,9 +90,10 @@ pub fn print(v: &Value) -> Result<()> {
         g(v, "gc_percent")
     );
     println!(
-        "seq cutoff:   {} KiB ({})   bypassed: {} requests, {} bytes   invalidations: {}",
+        "seq cutoff:   {} KiB ({})   write bypass: {} KiB   bypassed: {} requests, {} bytes   invalidations: {}",
         g(v, "seq_cutoff_kib"),
         g(v, "seq_cutoff_policy"),
+        g(v, "write_bypass_kib"),
         g(v, "bypassed_requests"),
         g(v, "bypassed_bytes"),
         g(v, "invalidations")

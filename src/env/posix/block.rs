@@ -13,6 +13,32 @@ use super::poll::Waker;
 pub trait BlockConn: Send {
     /// Fills `buf` with the device content at `off`.
     fn read(&mut self, off: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// Starts a read of `buf.len()` bytes at `off` that may complete later: Some(result)
+    /// when it completed at once (`buf` filled), None when it is in flight and
+    /// [`BlockConn::reap`] reports it later under `tag` (with its data; `buf` is then not
+    /// used again). Only called on a handle shared by a reactor
+    /// ([`BlockTarget::share_conns`]). Default: [`BlockConn::read`], at once.
+    fn start_read(&mut self, off: u64, buf: &mut [u8], tag: u64) -> Option<std::io::Result<()>> {
+        let _ = tag;
+        Some(self.read(off, buf))
+    }
+    /// Reports the reads started by [`BlockConn::start_read`] that completed since the last
+    /// call (without waiting): `done(tag, result)`, the data valid during the call.
+    fn reap(&mut self, done: &mut dyn FnMut(u64, std::io::Result<&[u8]>)) {
+        let _ = done;
+    }
+    /// Reads in flight (started, not yet reaped).
+    fn reads_in_flight(&self) -> usize {
+        0
+    }
+    /// A descriptor that polls readable when [`BlockConn::reap`] has something to report
+    /// (None: never, reads complete at once).
+    fn completions_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+    /// Deferred work the reactor runs once the replies of its pass are sent (for example
+    /// caching the data of read misses already answered). Default: nothing.
+    fn after_replies(&mut self) {}
     /// Writes `data` at `off`; with `fua` it is durable when this returns. Without,
     /// durability may wait for the next [`BlockConn::commit`] (group commit).
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> std::io::Result<()>;

@@ -177,6 +177,7 @@ pub(super) fn attach(p: &CreateParams, pmem: PosixPmem) -> Result<*mut Node, Att
         removed: AtomicBool::new(false),
         node: AtomicPtr::new(std::ptr::null_mut()),
         direct: Default::default(),
+        fg_reads: Default::default(),
     });
     let name_c = cstring(&p.name);
     let node = Box::into_raw(Box::new(Node {

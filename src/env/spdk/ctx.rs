@@ -28,6 +28,9 @@ use std::sync::Arc;
 /// bdev_aio) block the reactor in submission, and every foreground I/O with it. 96 stays
 /// under a common 128-entry device queue and leaves room for foreground misses at QD32.
 pub(super) const WB_INFLIGHT: u32 = 96;
+/// Writeback's writes in flight while read misses wait for the base bdev: foreground
+/// reads go first.
+pub(super) const WB_BUSY_INFLIGHT: u32 = 4;
 /// Slots for the start times of the requests in flight: a window's writes, or its FLUSH.
 pub(super) const START_SLOTS: usize = WB_INFLIGHT as usize + 1;
 
@@ -56,6 +59,9 @@ pub(super) struct Shared {
     pub node: AtomicPtr<Node>,
     /// Counters of the requests the cache policy sent to the base bdev.
     pub direct: DirectStats,
+    /// Reads whose misses are at the base bdev (all channels): while there are any,
+    /// writeback keeps at most `WB_BUSY_INFLIGHT` writes in flight.
+    pub fg_reads: std::sync::atomic::AtomicUsize,
 }
 
 // SAFETY: `base_bdev` is only passed back to SPDK calls that are thread-safe

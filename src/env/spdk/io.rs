@@ -278,6 +278,8 @@ fn read_with_buf(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoDesc) {
         }
         Ok(_) => {
             let n_misses = rch.misses().count();
+            // Counted until `finish_read`: writeback holds back while misses wait.
+            c.shared.fg_reads.fetch_add(1, Relaxed);
             let x = io_ctx(bio);
             x.class = Some(Class::ReadMiss);
             x.rch = Some(rch);
@@ -400,23 +402,49 @@ extern "C" fn miss_done(child: *mut sys::spdk_bdev_io, success: bool, arg: *mut 
     }
 }
 
-/// All misses are back: cache them (or withdraw the placeholders) and complete.
+/// All misses are back: cache them (or withdraw the placeholders) and complete. A read
+/// through a bounce (ours) completes first and fills after; one straight into the
+/// request's buffer fills before it gives the buffer back.
 fn finish_read(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
     // SAFETY: live request.
     let d = unsafe { ffi::io_desc(bio) };
     let bs = c.shared.block_size as u64;
     let len = (d.num_blocks * bs) as usize;
+    c.shared.fg_reads.fetch_sub(1, Relaxed);
     let x = io_ctx(bio);
     let ok = !x.failed;
-    let mut bounce = x.bounce.take();
-    if let Some(mut rch) = x.rch.take() {
-        let buf = read_buf(&d, &mut bounce, len);
-        c.shared
-            .engine
-            .fill_with(&mut rch, &mut c.main, d.offset_blocks * bs, buf, ok);
-        c.give_read_channel(rch);
+    match (x.bounce.take(), x.rch.take()) {
+        (Some(mut b), Some(mut rch)) => {
+            if ok {
+                // SAFETY: the iovecs are writable request memory, disjoint from the bounce.
+                unsafe { ffi::copy_to_iovs(ffi::iovs(&d), &b.as_mut_slice()[..len]) };
+            }
+            let st = if ok {
+                ffi::STATUS_SUCCESS
+            } else {
+                ffi::STATUS_FAILED
+            };
+            // SAFETY: live, uncompleted request; nothing below touches it.
+            unsafe { finish(c, bio, st) };
+            let off = d.offset_blocks * bs;
+            let data = &b.as_mut_slice()[..len];
+            c.shared
+                .engine
+                .fill_with(&mut rch, &mut c.main, off, data, ok);
+            c.give_read_channel(rch);
+            c.give_bounce(b);
+        }
+        (mut bounce, rch) => {
+            if let Some(mut rch) = rch {
+                let buf = read_buf(&d, &mut bounce, len);
+                c.shared
+                    .engine
+                    .fill_with(&mut rch, &mut c.main, d.offset_blocks * bs, buf, ok);
+                c.give_read_channel(rch);
+            }
+            complete_read(c, bio, &d, bounce, ok);
+        }
     }
-    complete_read(c, bio, &d, bounce, ok);
 }
 
 /// RESET: complete once nothing is in flight on any channel but the reset itself.

@@ -97,6 +97,7 @@ pub(super) fn create(v: Option<&Value>) -> Result<CreateParams, String> {
         "cache_mode",
         "seq_cutoff_kib",
         "seq_cutoff_policy",
+        "write_bypass_kib",
     ];
     let m = object(v, KNOWN, false)?.expect("required");
     let name = bdev_name("name", string(m, "name", true)?.expect("required"))?;
@@ -169,6 +170,7 @@ pub(super) fn set_options(v: Option<&Value>) -> Result<SetOptionsParams, String>
         "cache_mode",
         "seq_cutoff_kib",
         "seq_cutoff_policy",
+        "write_bypass_kib",
     ];
     let m = object(v, KNOWN, false)?.expect("required");
     let o = SetOptionsParams {

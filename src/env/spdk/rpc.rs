@@ -332,11 +332,12 @@ extern "C" fn rpc_set_options(req: *mut sys::spdk_jsonrpc_request, p: *const sys
                 return;
             }
             noticelog!(
-                "{}: cache mode {}, sequential cutoff {} KiB ({})",
+                "{}: cache mode {}, sequential cutoff {} KiB ({}), write bypass {} KiB",
                 o.name,
                 p.mode.name(),
                 p.seq_cutoff_kib,
-                p.seq_policy.name()
+                p.seq_policy.name(),
+                p.write_bypass_kib
             );
             if p.mode != CacheMode::WriteBack && e.dirty_bytes() > 0 {
                 // Leaving write-back: write every dirty byte back while I/O goes on

@@ -24,7 +24,7 @@
 //! Invariants: everything here runs on the app thread; at most one window is in flight;
 //! stopping waits for the base I/O in flight before the continuation (teardown) runs.
 
-use super::ctx::{AttachError, DrainWaiter, Node, Phase, MAX_IO, WB_INFLIGHT};
+use super::ctx::{AttachError, DrainWaiter, Node, Phase, MAX_IO, WB_BUSY_INFLIGHT, WB_INFLIGHT};
 use super::ffi::{self, errlog, noticelog, DmaBuf, Poller};
 use super::wbmap::WbMap;
 use crate::engine::{Pmem, WbKind, WbNext};
@@ -302,7 +302,13 @@ fn submit_wave(n: *mut Node) {
         bg.bounce_used = 0;
     }
     let now = ffi::ticks();
-    while bg.item < bg.batch.items.len() && bg.pending < WB_INFLIGHT {
+    // Read misses at the base go first: few writes in flight while there are any.
+    let cap = if shared.fg_reads.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        WB_BUSY_INFLIGHT
+    } else {
+        WB_INFLIGHT
+    };
+    while bg.item < bg.batch.items.len() && bg.pending < cap {
         let it = bg.batch.items[bg.item];
         let rest = it.len as u64 - bg.item_off;
         let at = it.off + bg.item_off;

@@ -6,7 +6,12 @@
 //! buffered, round robin one request per client per round (so clients interleave at request
 //! granularity and none starves another), send the replies, then poll the sockets and a
 //! [`Waker`] and read what arrived. Requests run to completion one at a time on the
-//! reactor's thread, so a reply to FLUSH covers every write answered before it.
+//! reactor's thread, so a reply to FLUSH covers every write answered before it. Only a
+//! READ on a shared handle may stay in flight ([`BlockConn::start_read`]): the reactor
+//! goes on, polls the handle's completion descriptor too, queues the reply when
+//! [`BlockConn::reap`] reports it (replies may leave out of order; NBD matches them by
+//! cookie), and once a pass's replies are sent runs [`BlockConn::after_replies`]. A client
+//! is not finished while reads of it are in flight.
 //!
 //! Group commit: before any reply leaves (at the end of the pass, or early when a client's
 //! output passes [`FLUSH_AT`]), the handles that executed requests are committed
@@ -119,6 +124,7 @@ impl<T: BlockTarget> Reactor<T> {
         let mut deadline: Option<Instant> = None;
         let mut background_due = (self.index == 0 && self.shared.is_some()).then(Instant::now);
         let mut poll_failed = false;
+        let mut reads = Reads::default();
         loop {
             if deadline.is_none() && self.halt.load(Ordering::Acquire) {
                 deadline = Some(Instant::now() + self.grace);
@@ -130,7 +136,7 @@ impl<T: BlockTarget> Reactor<T> {
             if background_due.is_some_and(|due| Instant::now() >= due) {
                 background_due = self.background();
             }
-            self.execute(&mut clients);
+            self.execute(&mut clients, &mut reads);
             let now = Instant::now();
             let mut i = 0;
             while i < clients.len() {
@@ -141,6 +147,10 @@ impl<T: BlockTarget> Reactor<T> {
                     i += 1;
                 }
             }
+            // Work the replies must not wait for (caching the data of answered misses).
+            if let Some(s) = self.shared.as_mut() {
+                s.after_replies();
+            }
             if deadline.is_some_and(|d| clients.is_empty() || now >= d) {
                 break;
             }
@@ -149,6 +159,15 @@ impl<T: BlockTarget> Reactor<T> {
             set.add(self.waker.as_fd(), Interest::READ);
             for c in &clients {
                 set.add(c.peer.as_fd(), c.interest(&self.limits));
+            }
+            // Reads in flight: their completions wake the reactor too (reaped in `execute`).
+            if let Some(fd) = self
+                .shared
+                .as_ref()
+                .filter(|s| s.reads_in_flight() > 0)
+                .and_then(|s| s.completions_fd())
+            {
+                set.add(fd, Interest::READ);
             }
             let mut wait = IDLE_WAIT;
             for t in [background_due, deadline].into_iter().flatten() {
@@ -232,11 +251,11 @@ impl<T: BlockTarget> Reactor<T> {
     /// first reads (without waiting) and executes what the clients sent meanwhile, up to
     /// [`GROUP_ROUNDS`] times: a client at queue depth 32 usually has the rest of its queue
     /// in the socket, and one sync then covers all of it.
-    fn execute(&mut self, clients: &mut [Client<T::Conn>]) {
-        let mut any = false;
+    fn execute(&mut self, clients: &mut [Client<T::Conn>], reads: &mut Reads) {
+        let mut any = self.reap(clients, reads);
         let mut rounds = 0;
         loop {
-            any |= self.execute_buffered(clients);
+            any |= self.execute_buffered(clients, reads);
             if !any || rounds == GROUP_ROUNDS || !self.wants_commit(clients) {
                 break;
             }
@@ -250,9 +269,36 @@ impl<T: BlockTarget> Reactor<T> {
                 break;
             }
         }
+        // Reads that completed while the others ran: their replies go out with this pass.
+        any |= self.reap(clients, reads);
         if any {
             self.commit(clients);
         }
+    }
+
+    /// Queues the replies of the reads that completed on the shared handle; returns
+    /// whether there were any.
+    fn reap(&mut self, clients: &mut [Client<T::Conn>], reads: &mut Reads) -> bool {
+        let Some(s) = self.shared.as_mut() else {
+            return false;
+        };
+        if s.reads_in_flight() == 0 {
+            return false;
+        }
+        let mut any = false;
+        s.reap(&mut |tag, r| {
+            any = true;
+            let Some(k) = reads.started.iter().position(|p| p.tag == tag) else {
+                return;
+            };
+            let p = reads.started.swap_remove(k);
+            // A client that went away meanwhile gets nothing.
+            if let Some(c) = clients.iter_mut().find(|c| c.id == p.client) {
+                c.reads -= 1;
+                c.read_done(p.cookie, r);
+            }
+        });
+        any
     }
 
     fn wants_commit(&self, clients: &[Client<T::Conn>]) -> bool {
@@ -264,12 +310,12 @@ impl<T: BlockTarget> Reactor<T> {
 
     /// Executes every complete request buffered, one per client per round; returns whether
     /// it executed any.
-    fn execute_buffered(&mut self, clients: &mut [Client<T::Conn>]) -> bool {
+    fn execute_buffered(&mut self, clients: &mut [Client<T::Conn>], reads: &mut Reads) -> bool {
         let mut any = false;
         loop {
             let mut progressed = false;
             for c in clients.iter_mut() {
-                if c.step(&mut self.shared, &self.limits) {
+                if c.step(&mut self.shared, &self.limits, reads) {
                     progressed = true;
                     if c.output.len() >= FLUSH_AT {
                         // Its replies may follow requests on the shared handle too.
@@ -308,6 +354,19 @@ impl<T: BlockTarget> Reactor<T> {
     }
 }
 
+/// Reads started on the shared handle and not yet answered (`BlockConn::start_read`).
+#[derive(Default)]
+struct Reads {
+    next_tag: u64,
+    started: Vec<Started>,
+}
+
+struct Started {
+    tag: u64,
+    client: u64,
+    cookie: u64,
+}
+
 fn clone_result(r: &io::Result<()>) -> io::Result<()> {
     match r {
         Ok(()) => Ok(()),
@@ -335,6 +394,8 @@ struct Client<C> {
     /// Last time the socket moved data; a client that no longer reads is closed when it
     /// takes no replies for the grace period.
     last_progress: Instant,
+    /// Its reads in flight on the shared handle (answered by `Reactor::reap`).
+    reads: usize,
     _slot: Slot,
 }
 
@@ -352,6 +413,7 @@ impl<C: BlockConn> Client<C> {
             dead: false,
             error: None,
             last_progress: Instant::now(),
+            reads: 0,
             _slot: h.slot,
         }
     }
@@ -469,7 +531,7 @@ impl<C: BlockConn> Client<C> {
         if self.reading {
             return false;
         }
-        let idle = self.output.is_empty() && !self.has_request(lim);
+        let idle = self.output.is_empty() && !self.has_request(lim) && self.reads == 0;
         idle || now.duration_since(self.last_progress) > grace
     }
 
@@ -481,9 +543,25 @@ impl<C: BlockConn> Client<C> {
         }
     }
 
+    /// Queues the reply of a read that completed later (`BlockConn::start_read`).
+    fn read_done(&mut self, cookie: u64, r: io::Result<&[u8]>) {
+        match r {
+            Ok(data) => {
+                let room = self.output.spare(REPLY_LEN + data.len());
+                room[..REPLY_LEN].copy_from_slice(&proto::simple_reply(0, cookie));
+                room[REPLY_LEN..REPLY_LEN + data.len()].copy_from_slice(data);
+                self.output.commit(REPLY_LEN + data.len());
+            }
+            Err(e) => self
+                .output
+                .put(&proto::simple_reply(proto::errno_of(&e), cookie)),
+        }
+    }
+
     /// Executes the next buffered request, if it is complete and the output backlog allows;
-    /// returns whether it did.
-    fn step(&mut self, shared: &mut Option<C>, lim: &Limits) -> bool {
+    /// returns whether it did. A read on the shared handle may be left in flight (`reads`),
+    /// its reply queued when it completes.
+    fn step(&mut self, shared: &mut Option<C>, lim: &Limits, reads: &mut Reads) -> bool {
         if !self.has_request(lim) || self.output.len() >= OUT_LIMIT {
             return false;
         }
@@ -515,6 +593,7 @@ impl<C: BlockConn> Client<C> {
                 return true;
             }
         };
+        let own = self.conn.is_some();
         let Some(conn) = self.conn.as_mut().or(shared.as_mut()) else {
             self.fail(io::Error::other("no device handle"));
             return true;
@@ -533,8 +612,25 @@ impl<C: BlockConn> Client<C> {
                 let (head, rest) = room.split_at_mut(REPLY_LEN);
                 let r = if len == 0 {
                     Ok(())
-                } else {
+                } else if own {
                     conn.read(off, &mut rest[..len])
+                } else {
+                    let tag = reads.next_tag;
+                    match conn.start_read(off, &mut rest[..len], tag) {
+                        Some(r) => r,
+                        None => {
+                            // In flight: the reply is queued when it completes.
+                            reads.next_tag += 1;
+                            reads.started.push(Started {
+                                tag,
+                                client: self.id,
+                                cookie: req.cookie,
+                            });
+                            self.reads += 1;
+                            self.input.consume(total);
+                            return true;
+                        }
+                    }
                 };
                 let (errno, sent) = match r {
                     Ok(()) => (0, REPLY_LEN + len),

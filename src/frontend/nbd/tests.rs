@@ -25,7 +25,17 @@ struct Counters {
     /// While true, `commit` waits (a slow sync); the test lowers it.
     hold: Mutex<bool>,
     hold_cv: std::sync::Condvar,
+    /// While true, reads from SLOW_FROM on stay in flight (`start_read`) until
+    /// `release`; the handle's waker is kept in `waker` so the test can wake the reactor.
+    slow: AtomicBool,
+    release: AtomicBool,
+    waker: Mutex<Option<Arc<Waker>>>,
+    /// Calls of `after_replies`.
+    after: AtomicUsize,
 }
+
+/// Where the slow reads start (`Counters::slow`).
+const SLOW_FROM: u64 = 1 << 20;
 
 /// An in-memory device whose handles are shared per reactor.
 #[derive(Clone)]
@@ -34,9 +44,37 @@ struct Shared {
     counters: Arc<Counters>,
 }
 
-struct SharedConn(Shared);
+struct SharedConn(Shared, Vec<(u64, u64, usize)>, Arc<Waker>);
 
 impl BlockConn for SharedConn {
+    fn start_read(&mut self, off: u64, buf: &mut [u8], tag: u64) -> Option<io::Result<()>> {
+        if self.0.counters.slow.load(Ordering::SeqCst) && off >= SLOW_FROM {
+            self.1.push((tag, off, buf.len()));
+            return None;
+        }
+        Some(self.read(off, buf))
+    }
+    fn reap(&mut self, done: &mut dyn FnMut(u64, io::Result<&[u8]>)) {
+        self.2.reset();
+        if !self.0.counters.release.load(Ordering::SeqCst) {
+            return;
+        }
+        let d = self.0.data.lock().unwrap();
+        for (tag, off, len) in self.1.drain(..) {
+            done(tag, Ok(&d[off as usize..off as usize + len]));
+        }
+    }
+    fn reads_in_flight(&self) -> usize {
+        self.1.len()
+    }
+    fn completions_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        Some(self.2.as_fd())
+    }
+    fn after_replies(&mut self) {
+        self.0.counters.after.fetch_add(1, Ordering::SeqCst);
+    }
+
     fn read(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         let d = self.0.data.lock().unwrap();
         buf.copy_from_slice(&d[off as usize..off as usize + buf.len()]);
@@ -83,7 +121,9 @@ impl BlockTarget for Shared {
     }
     fn connect(&self) -> io::Result<SharedConn> {
         self.counters.connects.fetch_add(1, Ordering::SeqCst);
-        Ok(SharedConn(self.clone()))
+        let w = Arc::new(Waker::new()?);
+        *self.counters.waker.lock().unwrap() = Some(Arc::clone(&w));
+        Ok(SharedConn(self.clone(), Vec::new(), w))
     }
     fn share_conns(&self) -> bool {
         true
@@ -346,4 +386,51 @@ fn writes_of_one_pass_share_one_commit_and_no_reply_precedes_it() {
     // Reads after it need no commit of their own.
     assert_eq!(c.read(100, 15 * 4096, 512), vec![15; 512]);
     assert_eq!(counters.commits.load(Ordering::SeqCst), 1);
+}
+
+/// A read left in flight by its handle (a read miss at the backing device) holds up
+/// nothing: later reads and writes of the same client are answered first, the reactor
+/// wakes on the handle's completion descriptor and sends the late reply with its data,
+/// and runs `after_replies` once replies are out.
+#[test]
+fn a_read_in_flight_does_not_hold_the_reactor() {
+    let srv = Running::start(2 << 20, 1);
+    let counters = Arc::clone(&srv.target.counters);
+    let mut c = Client::connect(&srv.sock, &[]);
+    c.write(1, SLOW_FROM, &[0x77; 4096]);
+    c.write(2, 0, &[0x11; 512]);
+    counters.slow.store(true, Ordering::SeqCst);
+    let mut burst = request(proto::CMD_READ, 10, SLOW_FROM, 4096).to_vec();
+    burst.extend_from_slice(&request(proto::CMD_READ, 11, 0, 512));
+    burst.extend_from_slice(&request(proto::CMD_WRITE, 12, 4096, 512));
+    burst.extend_from_slice(&[0x22; 512]);
+    c.0.write_all(&burst).unwrap();
+    assert_eq!(c.reply(), (0, 11), "the later read first");
+    assert_eq!(c.recv(512), vec![0x11; 512]);
+    assert_eq!(c.reply(), (0, 12), "and the write");
+    c.0.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(
+        c.0.read(&mut b).is_err(),
+        "no reply while the read is in flight"
+    );
+    let after = counters.after.load(Ordering::SeqCst);
+    assert!(after > 0, "after_replies ran");
+    counters.release.store(true, Ordering::SeqCst);
+    let w = counters.waker.lock().unwrap().clone().unwrap();
+    w.wake();
+    c.0.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    assert_eq!(c.reply(), (0, 10));
+    assert_eq!(c.recv(4096), vec![0x77; 4096]);
+    let t = Instant::now();
+    while counters.after.load(Ordering::SeqCst) == after {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "after_replies not run"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    counters.slow.store(false, Ordering::SeqCst);
+    assert_eq!(c.read(13, SLOW_FROM, 512), vec![0x77; 512]);
 }

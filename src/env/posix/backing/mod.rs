@@ -453,8 +453,10 @@ fn block_identity(rdev: u64) -> String {
 }
 
 mod queue;
-use queue::AlignedBuf;
+mod reads;
+use queue::{is_retryable, AlignedBuf};
 pub use queue::{Op, Queue};
+pub use reads::{ReadRing, READ_SLOTS};
 
 #[cfg(test)]
 mod tests;

@@ -373,7 +373,7 @@ impl std::fmt::Debug for Queue {
     }
 }
 
-fn is_retryable(e: &io::Error) -> bool {
+pub(super) fn is_retryable(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN))
 }
 

@@ -188,12 +188,23 @@ impl Volume {
                     buf: &buf[at..at + len],
                 };
             }
-            // The writes go out together: each one's latency is the time until all are back.
-            let t0 = Instant::now();
-            q.run(&mut ops[..n])?;
-            let ns = ns_since(t0);
-            for _ in 0..n {
-                self.wb_lat.record(Class::Writeback, ns);
+            // The writes go out together: each one's latency is the time until all are
+            // back. While read misses wait for the backing device, only a few at a time,
+            // so a miss never queues behind a whole wave.
+            let mut k = 0;
+            while k < n {
+                let m = if self.fg_reads.load(Relaxed) > 0 {
+                    WB_BUSY_OPS.min(n - k)
+                } else {
+                    n - k
+                };
+                let t0 = Instant::now();
+                q.run(&mut ops[k..k + m])?;
+                let ns = ns_since(t0);
+                for _ in 0..m {
+                    self.wb_lat.record(Class::Writeback, ns);
+                }
+                k += m;
             }
         }
         let t0 = Instant::now();

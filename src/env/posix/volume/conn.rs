@@ -115,12 +115,53 @@ pub struct VolumeConn {
     lat: Arc<LatencySet>,
     /// Direct writes held until the next commit (direct.rs).
     held: DirectBatch,
+    /// Base reads of read misses in flight (`start_read`), by ring slot.
+    reads: ReadRing,
+    inflight: Vec<Option<InRead>>,
+    /// Reads started and not yet reaped.
+    pending: usize,
+    /// Slots reaped and answered, whose data is cached by `after_replies`.
+    answered: Vec<usize>,
+    /// Scratch of `reap`: (slot, error) of the slots just completed.
+    completed: Vec<(usize, Option<io::Error>)>,
+    /// Engine channels of reads in flight (each holds its read's plan), reused.
+    spare_chs: Vec<Channel>,
+}
+
+/// A read miss whose base reads are in flight.
+struct InRead {
+    tag: u64,
+    /// The read's own channel (its plan and placeholders until `fill_with`).
+    rch: Channel,
+    off: u64,
+    len: usize,
+    t0: Instant,
+    ok: bool,
 }
 
 impl Drop for VolumeConn {
     fn drop(&mut self) {
         // Best effort: never leave placeholders behind (nobody waits for a reply).
         let _ = self.run_held();
+        // Reads in flight, or back and not yet reported: wait for them (the kernel
+        // writes their buffers), then fill, so no placeholder is left behind.
+        let mut done: Vec<(usize, bool)> = self
+            .completed
+            .drain(..)
+            .map(|(i, e)| (i, e.is_none()))
+            .collect();
+        self.reads.wait_all(|i, r| done.push((i, r.is_ok())));
+        for (i, ok) in done {
+            if let Some(x) = self.inflight[i].as_mut() {
+                x.ok = ok;
+                self.vol.fg_reads.fetch_sub(1, Relaxed);
+                self.answered.push(i);
+            }
+        }
+        self.after_replies();
+        for c in &mut self.spare_chs {
+            self.vol.engine.release_channel(c);
+        }
         self.vol.engine.latency().retire(&self.lat);
         self.vol.engine.release_channel(&mut self.ch);
     }
@@ -154,6 +195,12 @@ impl BlockTarget for Target {
             uncommitted: false,
             lat: self.0.engine.latency().register(),
             held: DirectBatch::default(),
+            reads: self.0.backing.read_ring()?,
+            inflight: (0..READ_SLOTS).map(|_| None).collect(),
+            pending: 0,
+            answered: Vec::with_capacity(READ_SLOTS),
+            completed: Vec::with_capacity(READ_SLOTS),
+            spare_chs: Vec::new(),
         })
     }
     fn background(&self, conn: &mut VolumeConn, wake: &Arc<Waker>) -> Option<Duration> {
@@ -171,37 +218,126 @@ impl BlockTarget for Target {
     }
 }
 
+/// Reads the misses of the last read on `ch` (of `[off, off + buf.len())`) from the
+/// backing device, waiting for them: one miss straight into `buf`, several in batches of
+/// up to `BATCH` per ring submission, from a stack array: nothing allocates.
+fn read_misses(q: &mut Queue, ch: &Channel, off: u64, buf: &mut [u8]) -> io::Result<()> {
+    const BATCH: usize = 8;
+    let mut misses = ch.misses();
+    let first = misses.next().expect("missed > 0 means a miss");
+    if misses.next().is_none() {
+        return q.read(
+            off + first.at as u64,
+            &mut buf[first.at..first.at + first.len],
+        );
+    }
+    let mut ops: [Op<'_>; BATCH] = std::array::from_fn(|_| Op::Read {
+        off: 0,
+        buf: &mut [],
+    });
+    let mut n = 0;
+    let mut rest: &mut [u8] = buf;
+    let mut base = 0usize;
+    for m in ch.misses() {
+        let (_, tail) = rest.split_at_mut(m.at - base);
+        let (mid, tail) = tail.split_at_mut(m.len);
+        ops[n] = Op::Read {
+            off: off + m.at as u64,
+            buf: mid,
+        };
+        n += 1;
+        if n == BATCH {
+            q.run(&mut ops[..n])?;
+            n = 0;
+        }
+        rest = tail;
+        base = m.at + m.len;
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    q.run(&mut ops[..n])
+}
+
 impl VolumeConn {
-    /// Reads several miss ranges of one request (in order, disjoint), up to `BATCH` at
-    /// a time in one ring submission, from a stack array: nothing allocates.
-    fn read_misses(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        const BATCH: usize = 8;
-        let mut ops: [Op<'_>; BATCH] = std::array::from_fn(|_| Op::Read {
-            off: 0,
-            buf: &mut [],
-        });
-        let mut n = 0;
-        let mut rest: &mut [u8] = buf;
-        let mut base = 0usize;
-        for m in self.ch.misses() {
-            let (_, tail) = rest.split_at_mut(m.at - base);
-            let (mid, tail) = tail.split_at_mut(m.len);
-            ops[n] = Op::Read {
-                off: off + m.at as u64,
-                buf: mid,
-            };
-            n += 1;
-            if n == BATCH {
-                self.q.run(&mut ops[..n])?;
-                n = 0;
+    /// Starts the base reads of the misses `rch` planned for `[off, off + buf.len())`
+    /// without waiting: a ring slot gets the read's hits (copied from `buf`, the gaps
+    /// between misses) and the misses are read into it. None: no slot free, or a miss
+    /// O_DIRECT cannot read into the slot as it lies; the caller reads synchronously.
+    fn begin_async(&mut self, rch: &Channel, off: u64, buf: &[u8]) -> io::Result<Option<usize>> {
+        if rch.misses().any(|m| !self.reads.aligned(m.at)) {
+            return Ok(None);
+        }
+        let Some((slot, b)) = self.reads.begin(buf.len())? else {
+            return Ok(None);
+        };
+        let mut pos = 0;
+        for m in rch.misses() {
+            b[pos..m.at].copy_from_slice(&buf[pos..m.at]);
+            pos = m.at + m.len;
+        }
+        b[pos..].copy_from_slice(&buf[pos..]);
+        for m in rch.misses() {
+            if let Err(e) = self.reads.add(slot, off + m.at as u64, m.at, m.len) {
+                self.reads.cancel(slot);
+                return Err(e);
             }
-            rest = tail;
-            base = m.at + m.len;
         }
-        if n == 0 {
-            return Ok(());
+        self.reads.submit(slot);
+        Ok(Some(slot))
+    }
+
+    /// A read in flight whose base reads are back (`err`: how they failed): counted,
+    /// answered through `reply` (given its data, or the error), and left for
+    /// `after_replies` to cache.
+    fn complete(
+        &mut self,
+        i: usize,
+        err: Option<io::Error>,
+        reply: impl FnOnce(io::Result<&[u8]>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let Some(x) = self.inflight[i].as_mut() else {
+            return Err(io::Error::other("no read in flight in this slot"));
+        };
+        self.pending -= 1;
+        self.vol.fg_reads.fetch_sub(1, Relaxed);
+        self.answered.push(i);
+        x.ok = err.is_none();
+        match err {
+            None => {
+                self.lat.record(Class::ReadMiss, ns_since(x.t0));
+                reply(Ok(&self.reads.data(i)[..x.len]))
+            }
+            Some(e) => {
+                self.vol.engine.io_error(format!(
+                    "read of {} bytes at offset {} from the backing device failed: {e}",
+                    x.len, x.off
+                ));
+                let r = io::Error::new(e.kind(), e.to_string());
+                reply(Err(e))?;
+                Err(r)
+            }
         }
-        self.q.run(&mut ops[..n])
+    }
+
+    /// The end of a read miss read synchronously: cache the data, count, report.
+    fn finish_sync(
+        &mut self,
+        rch: &mut Channel,
+        off: u64,
+        buf: &[u8],
+        r: &io::Result<()>,
+        t0: Instant,
+    ) {
+        let e = &self.vol.engine;
+        e.fill_with(rch, &mut self.ch, off, buf, r.is_ok());
+        match r {
+            Ok(()) => self.lat.record(Class::ReadMiss, ns_since(t0)),
+            Err(x) => e.io_error(format!(
+                "read of {} bytes at offset {off} from the backing device failed: {x}",
+                buf.len()
+            )),
+        }
     }
 }
 
@@ -312,19 +448,7 @@ impl BlockConn for VolumeConn {
             self.lat.record(Class::ReadHit, ns_since(t0));
             return Ok(());
         }
-        // The common case is one miss: read it directly, allocating nothing.
-        let mut misses = self.ch.misses();
-        let first = misses.next().expect("missed > 0 means a miss");
-        let r = if misses.next().is_none() {
-            drop(misses);
-            self.q.read(
-                off + first.at as u64,
-                &mut buf[first.at..first.at + first.len],
-            )
-        } else {
-            drop(misses);
-            self.read_misses(off, buf)
-        };
+        let r = read_misses(&mut self.q, &self.ch, off, buf);
         self.vol.engine.fill(&mut self.ch, off, buf, r.is_ok());
         match &r {
             Ok(()) => self.lat.record(Class::ReadMiss, ns_since(t0)),
@@ -334,6 +458,116 @@ impl BlockConn for VolumeConn {
             )),
         }
         r
+    }
+
+    /// A hit completes at once. A miss's base reads go to the read ring and the reactor
+    /// serves other requests meanwhile; the reply leaves as soon as they are back
+    /// (`reap`), and their data is cached only after that (`after_replies`): the read
+    /// keeps its own engine channel, whose placeholders keep the fill coherent with
+    /// whatever ran in between (a write over the range cancels it).
+    fn start_read(&mut self, off: u64, buf: &mut [u8], tag: u64) -> Option<io::Result<()>> {
+        let t0 = Instant::now();
+        if let Err(e) = self.settle(off, buf.len() as u64) {
+            return Some(Err(e));
+        }
+        let mut rch = self.spare_chs.pop().unwrap_or_default();
+        // The cutoff sees this reactor's streams whole, whichever channel reads.
+        rch.swap_streams(&mut self.ch);
+        let r = self.vol.engine.read(&mut rch, off, buf);
+        rch.swap_streams(&mut self.ch);
+        let missed = match r {
+            Ok(m) => m,
+            Err(e) => {
+                self.spare_chs.push(rch);
+                return Some(Err(to_io(e)));
+            }
+        };
+        if missed == 0 {
+            self.spare_chs.push(rch);
+            self.lat.record(Class::ReadHit, ns_since(t0));
+            return Some(Ok(()));
+        }
+        match self.begin_async(&rch, off, buf) {
+            Ok(Some(slot)) => {
+                self.vol.fg_reads.fetch_add(1, Relaxed);
+                self.pending += 1;
+                self.inflight[slot] = Some(InRead {
+                    tag,
+                    rch,
+                    off,
+                    len: buf.len(),
+                    t0,
+                    ok: false,
+                });
+                // Reads the kernel completed during the submission (a file's holes, the
+                // page cache) are answered at once, without a trip through poll(2);
+                // others completed meanwhile wait in `completed` for `reap`.
+                let completed = &mut self.completed;
+                self.reads.reap(|i, r| completed.push((i, r.err())));
+                let k = self.completed.iter().position(|c| c.0 == slot)?;
+                let (_, err) = self.completed.swap_remove(k);
+                Some(self.complete(slot, err, |data| {
+                    buf.copy_from_slice(data?);
+                    Ok(())
+                }))
+            }
+            Ok(None) => {
+                let r = read_misses(&mut self.q, &rch, off, buf);
+                self.finish_sync(&mut rch, off, buf, &r, t0);
+                self.spare_chs.push(rch);
+                Some(r)
+            }
+            Err(e) => {
+                self.vol
+                    .engine
+                    .fill_with(&mut rch, &mut self.ch, off, buf, false);
+                self.spare_chs.push(rch);
+                Some(Err(e))
+            }
+        }
+    }
+
+    fn reap(&mut self, done: &mut dyn FnMut(u64, io::Result<&[u8]>)) {
+        if self.pending == 0 {
+            return;
+        }
+        let completed = &mut self.completed;
+        self.reads.reap(|i, r| completed.push((i, r.err())));
+        let mut list = std::mem::take(&mut self.completed);
+        for (i, err) in list.drain(..) {
+            let Some(tag) = self.inflight[i].as_ref().map(|x| x.tag) else {
+                continue;
+            };
+            let _ = self.complete(i, err, |data| {
+                done(tag, data);
+                Ok(())
+            });
+        }
+        self.completed = list;
+    }
+
+    fn reads_in_flight(&self) -> usize {
+        self.pending
+    }
+
+    fn completions_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        Some(self.reads.as_fd())
+    }
+
+    /// Caches the data of the read misses answered (or withdraws their placeholders).
+    fn after_replies(&mut self) {
+        for i in self.answered.drain(..) {
+            let Some(mut x) = self.inflight[i].take() else {
+                continue;
+            };
+            let data = &self.reads.data(i)[..x.len];
+            self.vol
+                .engine
+                .fill_with(&mut x.rch, &mut self.ch, x.off, data, x.ok);
+            self.reads.release(i);
+            self.spare_chs.push(x.rch);
+        }
     }
 
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {

@@ -4,7 +4,11 @@
 //!
 //! Each NBD reactor thread gets one `VolumeConn` (its own engine channel and its own
 //! io_uring queue) and serves all its clients with it, one request at a time, so the
-//! request path takes no lock of ours beyond the engine's short ones. Requests that find
+//! request path takes no lock of ours beyond the engine's short ones. Read misses are the
+//! exception: their base reads go to the handle's read ring and complete later
+//! (`BlockConn::start_read`, `reap`), each holding an engine channel of its own, and are
+//! cached after their reply (`after_replies`); meanwhile writeback keeps few writes in
+//! flight (`fg_reads`). Requests that find
 //! the cache full are deferred through a FIFO gate: the oldest waits first, and while
 //! anybody waits, new writes queue behind it, so a retry never reorders writes. Writeback
 //! errors back off exponentially (up to 5 s) and are counted; they never lose data, which
@@ -31,7 +35,7 @@
 //! Above the GC watermark writes are paced by the engine against writeback's progress
 //! (`IoError::Busy` from `admit`): they wait here, in the same FIFO gate, for a window.
 
-use super::backing::{BackingFile, Op, Queue};
+use super::backing::{BackingFile, Op, Queue, ReadRing, READ_SLOTS};
 use super::block::{BlockConn, BlockTarget};
 use super::direct::DirectBatch;
 use super::poll::Waker;
@@ -47,7 +51,7 @@ use crate::runtime::options::{PolicyParams, Settings};
 use crate::runtime::sched::{self, Backoff, Every};
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -62,6 +66,9 @@ const EMBEDDED_WINDOW: u32 = 2;
 const WB_WAVE: usize = 8 << 20;
 /// Largest single backing write of writeback (coalesced extents).
 const WB_MAX_IO: u64 = 1 << 20;
+/// Writeback's writes in flight at once while read misses wait for the backing device
+/// (`Volume::fg_reads`): foreground reads go first.
+const WB_BUSY_OPS: usize = 2;
 /// Pause of a background-running request that waits and found no background work either.
 const INLINE_WAIT: Duration = Duration::from_millis(1);
 
@@ -84,6 +91,7 @@ pub struct VolumeOptions {
     pub cache_mode: Option<CacheMode>,
     pub seq_cutoff_kib: Option<u32>,
     pub seq_policy: Option<SeqPolicy>,
+    pub write_bypass_kib: Option<u32>,
 }
 
 impl VolumeOptions {
@@ -100,6 +108,7 @@ impl VolumeOptions {
             cache_mode: None,
             seq_cutoff_kib: None,
             seq_policy: None,
+            write_bypass_kib: None,
         }
     }
 }
@@ -151,6 +160,9 @@ pub struct Volume {
     /// Why a thread the volume depends on died (`fail`): the volume stops, and every
     /// waiting request returns an error instead of waiting forever.
     fatal: Mutex<Option<String>>,
+    /// Read misses whose base reads are in flight (all reactors): while there are any,
+    /// writeback keeps few writes in flight, so they do not wait behind its waves.
+    fg_reads: AtomicUsize,
 }
 
 /// What the background runner keeps between steps.
@@ -214,6 +226,7 @@ impl Volume {
             bg_thread: AtomicBool::new(false),
             bg_waker: OnceLock::new(),
             fatal: Mutex::new(None),
+            fg_reads: AtomicUsize::new(0),
             wb_lat: engine.latency().register(),
             engine,
         })
@@ -265,6 +278,7 @@ impl Volume {
                     cache_mode: o.cache_mode,
                     seq_cutoff_kib: o.seq_cutoff_kib,
                     seq_policy: o.seq_policy,
+                    write_bypass_kib: o.write_bypass_kib,
                 },
             },
             format_id: random_id(),
