@@ -531,9 +531,11 @@ impl<P: Pmem> Engine<P> {
                 let Ok(k) = KeyRec::decode(&buf[o..o + KEY_SIZE], &self.geo) else {
                     continue;
                 };
+                // A key the replay at open dropped holds no reference either.
                 if !k.has_data()
                     || self.segs.gens[k.seg as usize].load(std::sync::atomic::Ordering::Acquire)
                         != k.gen
+                    || !self.replay_kept(&k, pos.seq)
                 {
                     continue;
                 }
