@@ -9,6 +9,12 @@
 //! from an earlier lap of the log (or an earlier format of the medium) is never taken
 //! for a live one. Decoders never trust a field: every id, offset, length and count is
 //! checked against the geometry before it is used.
+//!
+//! Compatibility within version 1: fields added later read as their old meaning when
+//! zero (cache_info's policy bytes: write-back; the flush record's replicas: never
+//! written, which is right for media from before it, as they hold no KEY_UNSYNCED key).
+//! A build from before KEY_UNSYNCED refuses a medium holding one (an unknown key flag is
+//! corruption to it) rather than replaying it without the flush record's rule.
 
 use super::modes::SEQ_CUTOFF_MAX_KIB;
 pub use super::modes::{CacheMode, Policy, SeqPolicy};
