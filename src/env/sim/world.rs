@@ -807,7 +807,14 @@ impl World {
             // Every write id is unique and increasing per block, except zeros (id 0):
             // a zero block satisfies the cut if a zero write is at or after `need`.
             let hist = &self.blocks[b].hist;
+            // The operation in flight may have reached the disk durably (a FUA's FLUSH
+            // completed, then the power failed before it completed to the client).
+            let in_flight = self
+                .inflight_ids
+                .iter()
+                .any(|&(ib, id)| ib == b as u64 && id == have);
             let ok = have == need
+                || in_flight
                 || (need != 0 && have > need)
                 || (have == 0 && hist.iter().skip_while(|&&h| h != need).any(|&h| h == 0))
                 || (need == 0 && have != 0);
