@@ -26,10 +26,11 @@
 //! target (`fuzz/seeds/replay/`, written by `fuzz/make_seeds.py`).
 
 use pcache::engine::format::{
-    check_kset, crc, decode_gen, get_u32, pick_replica, put_u32, put_u64, CacheInfo, KeyRec,
-    KsetCheck, KsetHdr, LogPos, MediaError, Superblock, DIRTY_TAIL_OFF, GEN_OFF, GEN_SIZE,
-    INFO_OFF, INFO_SIZE, KEY_SIZE, KEY_TAIL_OFF, KEY_ZERO, KIND_DIRTY_TAIL, KIND_KEY_TAIL,
-    KSET_HDR, KSET_LAST, KSET_MAGIC, SB_OFF, SB_SIZE, SEGMENTS_OFF, SEG_HDR, TAIL_SIZE,
+    check_kset, crc, decode_gen, get_u32, pick_replica, put_u32, put_u64, CacheInfo, FlushRec,
+    KeyRec, KsetCheck, KsetHdr, LogPos, MediaError, Superblock, DIRTY_TAIL_OFF, FLUSH_REC_OFF,
+    FLUSH_REC_SIZE, GEN_OFF, GEN_SIZE, INFO_OFF, INFO_SIZE, KEY_SIZE, KEY_TAIL_OFF, KEY_ZERO,
+    KIND_DIRTY_TAIL, KIND_KEY_TAIL, KSET_HDR, KSET_LAST, KSET_MAGIC, SB_OFF, SB_SIZE, SEGMENTS_OFF,
+    SEG_HDR, TAIL_SIZE,
 };
 use pcache::engine::{Channel, Engine, FormatOptions, WbBatch, WbNext};
 use pcache::env::sim::pmem::SimPmem;
@@ -370,6 +371,95 @@ fn control_written_medium_replays_exactly() {
     let newest: Vec<Vec<u64>> = m.hist.iter().map(|h| vec![*h.last().unwrap()]).collect();
     check_reads(&e, &newest).expect("exact reads");
     safe("control", m.img, &m.hist);
+}
+
+/// The flush record (which ksets' unsynced keys a backing FLUSH covered): absent on
+/// media from before it (all-zero replicas, what `written` has: it holds no unsynced
+/// key), it replays exactly; one damaged replica falls back to the other; both damaged,
+/// or a resealed one with an impossible field, is refused by name. A medium whose
+/// record lost track of an unsynced key drops that key (its block reads from the
+/// backing device), never serves it.
+#[test]
+fn flush_record_damage() {
+    let m = written();
+    let at = |i: usize| FLUSH_REC_OFF[i] as usize;
+    assert!(
+        m.img[at(0)..at(1) + FLUSH_REC_SIZE].iter().all(|&b| b == 0),
+        "a write-back medium never writes the record"
+    );
+    safe(
+        "no flush record (media from before it)",
+        m.img.clone(),
+        &m.hist,
+    );
+    let rec = FlushRec {
+        through: 5,
+        drop_lo: 2,
+        drop_hi: 3,
+    };
+    let mut img = m.img.clone();
+    img[at(0)..at(0) + FLUSH_REC_SIZE].copy_from_slice(&rec.encode(1));
+    safe("a valid flush record", img.clone(), &m.hist);
+    let mut one = img.clone();
+    one[at(1) + 20] ^= 0x40;
+    safe("flush record: the unwritten replica damaged", one, &m.hist);
+    let mut one = img.clone();
+    one[at(0) + 20] ^= 0x40;
+    safe(
+        "flush record: the written replica damaged (the zero one stands)",
+        one,
+        &m.hist,
+    );
+    let mut both = img.clone();
+    both[at(0) + 20] ^= 0x40;
+    both[at(1) + 9] = 1;
+    refused(
+        "flush record: both replicas damaged",
+        both,
+        &m.hist,
+        "flush record",
+    );
+    for (field, off, v) in [
+        ("drop_lo", 24usize, 9u64),
+        ("through", 16, u64::MAX),
+        ("drop_hi", 32, 1 << 62),
+    ] {
+        let mut bad = img.clone();
+        for i in 0..2 {
+            bad[at(i)..at(i) + FLUSH_REC_SIZE].copy_from_slice(&rec.encode(1 + i as u64));
+            put_u64(&mut bad, at(i) + off, v);
+            reseal_obj(&mut bad, FLUSH_REC_OFF[i], FLUSH_REC_SIZE);
+        }
+        refused(
+            &format!("flush record: {field} out of range"),
+            bad,
+            &m.hist,
+            field,
+        );
+    }
+}
+
+/// A data key marked unsynced in a kset the flush record does not cover is dropped at
+/// replay: its block reads an older value (here the backing device's zeros), never the
+/// unsynced copy, and the medium stays consistent (a write and reopen after it work).
+#[test]
+fn unsynced_key_without_a_covering_flush_is_dropped() {
+    let m = written();
+    let (site, k) = data_key(&m.img);
+    let mut img = m.img.clone();
+    patch_key(&mut img, &site, k, |key| {
+        key.flags |= pcache::engine::format::KEY_CLEAN | pcache::engine::format::KEY_UNSYNCED
+    });
+    let e = open(img.clone()).expect("open");
+    assert_eq!(e.replay_unsynced_dropped(), 1);
+    drop(e);
+    safe("an unsynced key no FLUSH covers", img.clone(), &m.hist);
+    // Without KEY_CLEAN the flag is corruption.
+    let mut bad = m.img.clone();
+    patch_key(&mut bad, &site, k, |key| {
+        key.flags |= pcache::engine::format::KEY_UNSYNCED
+    });
+    refused("an unsynced dirty key", bad, &m.hist, "unsynced");
 }
 
 #[test]
@@ -811,6 +901,12 @@ fn replicated() -> Vec<Replicated> {
             TAIL_SIZE,
             Box::new(|b: &[u8]| LogPos::decode(b, KIND_DIRTY_TAIL, NSEG, DATA).map(|x| x.0)),
         ),
+        (
+            "flush record".into(),
+            FLUSH_REC_OFF,
+            FLUSH_REC_SIZE,
+            Box::new(|b: &[u8]| FlushRec::decode(b).map(|x| x.0)),
+        ),
     ];
     let geo = geometry(FORMAT_ID);
     for s in 0..NSEG {
@@ -884,6 +980,16 @@ fn replica_workload(limit: Option<u64>) -> (Vec<u8>, u64) {
         if i % 30 == 29 {
             let _ = e.set_gc_percent(((i / 30) % 4 * 20) as u32);
         }
+        if i % 40 == 5 {
+            // A write-through (unsynced key), its kset closed, then a backing FLUSH:
+            // the flush record moves.
+            let off = (300 + i % 7) * BS;
+            if let Ok(Some(d)) = e.begin_direct(off, BS, true) {
+                e.end_direct(&mut ch, off, &pattern(i + 1, 300), d, true);
+                let _ = e.flush();
+                e.direct_flushed(e.direct_mark());
+            }
+        }
     }
     e.release_channel(&mut ch);
     let _ = e.flush();
@@ -915,7 +1021,13 @@ fn dual_replica_update_never_overwrites_the_current_replica() {
     println!(
         "replica rule held over {total} persistence points; replica updates seen: {updates:?}"
     );
-    for kind in ["cache_info", "key_tail", "dirty_tail", "generation"] {
+    for kind in [
+        "cache_info",
+        "key_tail",
+        "dirty_tail",
+        "generation",
+        "flush record",
+    ] {
         assert!(
             updates.get(kind).copied().unwrap_or(0) > 0,
             "the workload never updated {kind}"

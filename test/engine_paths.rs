@@ -464,11 +464,12 @@ fn writeback_windows_stay_inside_an_epoch() {
 
 /// Outside write-back, write-zeroes and discards go to the backing device: the cached
 /// copy is invalidated (reads miss while the backing command runs and after it), the
-/// zeroes are counted as bypassed, nothing dirty is left, and a later read miss fills
-/// only once a FLUSH covers the backing command.
+/// zeroes are counted as bypassed, nothing dirty is left, and a read miss over it
+/// before a FLUSH covers the backing command is cached unsynced (a replay keeps it only
+/// once a backing FLUSH covered its kset).
 #[test]
 fn zeroes_bypass_the_cache_outside_writeback() {
-    let (_pmem, e) = new_engine(12, false);
+    let (pmem, e) = new_engine(12, false);
     let mut backing = vec![0u8; SIZE as usize];
     let mut ch = Channel::default();
     e.write(&mut ch, 0, &[3; 16384], false).unwrap();
@@ -498,30 +499,31 @@ fn zeroes_bypass_the_cache_outside_writeback() {
     assert_eq!(&got[..4096], &[3; 4096][..]);
     assert_eq!(&got[4096..12288], &[0; 8192][..]);
     assert_eq!(&got[12288..], &[3; 4096][..]);
-    // Not yet flushed: a miss elsewhere is cached, one over the zeroed range is not.
+    // Not yet flushed: misses are cached, but one over the zeroed range only as
+    // unsynced (a restart before a backing FLUSH covers it drops it), one elsewhere
+    // plainly.
     read(&e, &mut ch, &backing, 1 << 20, 4096).unwrap();
-    e.read(&mut ch, 1 << 20, &mut buf[..4096]).unwrap();
-    assert_eq!(
-        ch.misses().count(),
-        0,
-        "a range no direct write touched fills"
-    );
-    e.read(&mut ch, 4096, &mut buf[..4096]).unwrap();
-    assert_eq!(ch.misses().count(), 1);
-    buf[..4096].fill(0);
-    e.fill(&mut ch, 4096, &buf[..4096], true);
-    e.read(&mut ch, 4096, &mut buf[..4096]).unwrap();
-    assert_eq!(
-        ch.misses().count(),
-        1,
-        "the miss before the flush was not cached"
-    );
-    e.fill(&mut ch, 4096, &buf[..4096], false);
-    let n = e.direct_flush_needed().expect("a flush is owed");
-    e.direct_flushed(n);
     read(&e, &mut ch, &backing, 4096, 4096).unwrap();
-    e.read(&mut ch, 4096, &mut buf[..4096]).unwrap();
-    assert_eq!(ch.misses().count(), 0, "filled after the flush");
+    assert!(hits(&e, &mut ch, 1 << 20) && hits(&e, &mut ch, 4096));
+    e.flush().unwrap();
+    let e2 = reopen(&pmem);
+    let mut ch2 = Channel::default();
+    assert!(
+        hits(&e2, &mut ch2, 1 << 20),
+        "a range no direct write touched"
+    );
+    assert!(
+        !hits(&e2, &mut ch2, 4096),
+        "unsynced and not covered: dropped"
+    );
+    let m = e.direct_flush_needed().expect("a flush is owed");
+    e.direct_flushed(m);
+    assert_eq!(e.direct_flush_needed(), None);
+    let e2 = reopen(&pmem);
+    assert!(
+        hits(&e2, &mut ch2, 4096),
+        "covered by the backing FLUSH: kept"
+    );
     // A failed backing command changes nothing but drops the placeholder.
     let d = e.begin_direct(0, 4096, false).unwrap().unwrap();
     e.end_direct_zeroes(0, 4096, d, false, true);
@@ -529,35 +531,109 @@ fn zeroes_bypass_the_cache_outside_writeback() {
     e.check_invariants(&[&ch]).unwrap();
 }
 
-/// Only the latest unflushed direct writes are known by range: past that many, no miss
-/// fills anywhere until a FLUSH covers them all.
+/// Whether a read of the 4 KiB at `off` hits (nothing to read from the backing device).
+fn hits(e: &Engine<Arc<SimPmem>>, ch: &mut Channel, off: u64) -> bool {
+    let mut buf = vec![0u8; 4096];
+    let missed = e.read(ch, off, &mut buf).unwrap();
+    if missed > 0 {
+        e.fill(ch, off, &buf, false);
+    }
+    missed == 0
+}
+
+/// Only the latest unflushed direct writes are known by range: past that many, every
+/// miss is cached unsynced until a FLUSH covers them all.
 #[test]
-fn too_many_unflushed_direct_writes_stop_every_fill() {
-    let (_pmem, e) = new_engine(12, false);
+fn too_many_unflushed_direct_writes_make_every_fill_unsynced() {
+    let (pmem, e) = new_engine(12, false);
     let backing = vec![0u8; SIZE as usize];
     let mut ch = Channel::default();
     let p = e
         .policy()
         .with(Some(pcache::engine::CacheMode::WriteAround), None, None);
     e.set_policy(p).unwrap();
-    let mut buf = vec![0u8; 4096];
     for i in 0..100u64 {
         let d = e.begin_direct(i * 4096, 4096, false).unwrap().unwrap();
         e.end_direct_uncached(i * 4096, 4096, d, true);
     }
     let far = 4 << 20;
     read(&e, &mut ch, &backing, far, 4096).unwrap();
-    e.read(&mut ch, far, &mut buf).unwrap();
-    assert_eq!(
-        ch.misses().count(),
-        1,
-        "forgotten unflushed ranges: no fill"
+    assert!(hits(&e, &mut ch, far), "cached");
+    e.flush().unwrap();
+    assert!(
+        !hits(&reopen(&pmem), &mut Channel::default(), far),
+        "forgotten unflushed ranges: the fill is unsynced"
     );
-    e.fill(&mut ch, far, &buf, false);
     e.direct_flushed(e.direct_mark());
-    read(&e, &mut ch, &backing, far, 4096).unwrap();
-    e.read(&mut ch, far, &mut buf).unwrap();
-    assert_eq!(ch.misses().count(), 0, "fills again after the FLUSH");
+    let far2 = far + 8192;
+    read(&e, &mut ch, &backing, far2, 4096).unwrap();
+    e.flush().unwrap();
+    let e2 = reopen(&pmem);
+    let mut ch2 = Channel::default();
+    assert!(hits(&e2, &mut ch2, far), "covered by the FLUSH");
+    assert!(hits(&e2, &mut ch2, far2), "plain after the FLUSH");
+    e.check_invariants(&[&ch]).unwrap();
+}
+
+/// A write-through completes without a backing FLUSH: it is cached at once (reads hit),
+/// a FLUSH is owed for it, and a replay keeps its clean copy only once a backing FLUSH
+/// issued after its kset closed has completed. The drop survives a later FLUSH: the
+/// flush record keeps the dropped ksets, so a second restart does not bring them back.
+#[test]
+fn write_through_is_cached_unsynced_until_a_backing_flush_covers_it() {
+    let (pmem, e) = new_engine(12, false);
+    let mut ch = Channel::default();
+    let p = e
+        .policy()
+        .with(Some(pcache::engine::CacheMode::WriteThrough), None, None);
+    e.set_policy(p).unwrap();
+    let wt = |e: &Engine<Arc<SimPmem>>, ch: &mut Channel, off: u64, v: u8| {
+        let d = e.begin_direct(off, 4096, true).unwrap().unwrap();
+        e.end_direct(ch, off, &[v; 4096], d, true);
+    };
+    wt(&e, &mut ch, 0, 1);
+    assert!(hits(&e, &mut ch, 0), "cached without a backing FLUSH");
+    assert!(e.direct_flush_needed().is_some(), "a FLUSH is owed");
+    // A backing FLUSH issued while its kset is still open covers the write, not the key.
+    let early = e.direct_mark();
+    e.direct_flushed(early);
+    e.flush().unwrap();
+    assert!(
+        e.direct_flush_needed().is_some(),
+        "the closed kset's unsynced key still owes one"
+    );
+    assert!(!hits(&reopen(&pmem), &mut Channel::default(), 0));
+    let m = e.direct_flush_needed().unwrap();
+    e.direct_flushed(m);
+    assert_eq!(e.direct_flush_needed(), None);
+    assert!(hits(&reopen(&pmem), &mut Channel::default(), 0), "covered");
+    // A crash before a FLUSH: dropped at replay, and still dropped after the replayed
+    // cache flushes the backing device for newer ksets.
+    wt(&e, &mut ch, 8192, 2);
+    e.flush().unwrap();
+    let img = pmem.image();
+    let p2 = Arc::new(SimPmem::from_image(img));
+    let e2 = Engine::open(p2.clone(), &id(), false, &cfg()).unwrap();
+    assert_eq!(e2.replay_unsynced_dropped(), 1);
+    let mut ch2 = Channel::default();
+    assert!(hits(&e2, &mut ch2, 0) && !hits(&e2, &mut ch2, 8192));
+    wt(&e2, &mut ch2, 16384, 3);
+    e2.flush().unwrap();
+    let m = e2.direct_flush_needed().unwrap();
+    e2.direct_flushed(m);
+    let r = e2.flush_record();
+    assert!(r.drop_lo > 0 && r.drop_hi >= r.drop_lo && r.through > r.drop_hi);
+    let e3 = Engine::open(
+        Arc::new(SimPmem::from_image(p2.image())),
+        &id(),
+        false,
+        &cfg(),
+    )
+    .unwrap();
+    let mut ch3 = Channel::default();
+    assert!(hits(&e3, &mut ch3, 16384), "covered");
+    assert!(!hits(&e3, &mut ch3, 8192), "stays dropped");
+    e3.check_invariants(&[&ch3]).unwrap();
     e.check_invariants(&[&ch]).unwrap();
 }
 

@@ -26,12 +26,12 @@
 
 use pcache::engine::format::{
     self, check_kset, crc, decode_gen, encode_gen, get_u32, pick_replica, put_u16, put_u32,
-    put_u64, seal_kset, CacheInfo, Geometry, KeyRec, KsetCheck, KsetHdr, LogPos, MediaError,
-    Superblock, BACKING_ID_MAX, DIRTY_TAIL_OFF, FORMAT_VERSION, GEN_OFF, GEN_SIZE, INFO_DATA_CRC,
-    INFO_INIT_DONE, INFO_OFF, INFO_SIZE, KEY_CLEAN, KEY_DISCARD, KEY_INVALID, KEY_SIZE,
-    KEY_TAIL_OFF, KEY_ZERO, KIND_DIRTY_TAIL, KIND_KEY_TAIL, KSET_HDR, KSET_KEYS_MAX, KSET_LAST,
-    KSET_MAGIC, KSET_SIZE_MAX, SB_OFF, SB_SIZE, SEGMENTS_OFF, SEG_HDR, SEQ_LIMIT, SUBTREE_SIZE,
-    TAIL_SIZE,
+    put_u64, seal_kset, CacheInfo, FlushRec, Geometry, KeyRec, KsetCheck, KsetHdr, LogPos,
+    MediaError, Superblock, BACKING_ID_MAX, DIRTY_TAIL_OFF, FLUSH_REC_OFF, FLUSH_REC_SIZE,
+    FORMAT_VERSION, GEN_OFF, GEN_SIZE, INFO_DATA_CRC, INFO_INIT_DONE, INFO_OFF, INFO_SIZE,
+    KEY_CLEAN, KEY_DISCARD, KEY_INVALID, KEY_SIZE, KEY_TAIL_OFF, KEY_UNSYNCED, KEY_ZERO,
+    KIND_DIRTY_TAIL, KIND_KEY_TAIL, KSET_HDR, KSET_KEYS_MAX, KSET_LAST, KSET_MAGIC, KSET_SIZE_MAX,
+    SB_OFF, SB_SIZE, SEGMENTS_OFF, SEG_HDR, SEQ_LIMIT, SUBTREE_SIZE, TAIL_SIZE,
 };
 use pcache::engine::policy::SEQ_CUTOFF_MAX_KIB;
 use pcache::engine::{
@@ -315,6 +315,39 @@ proptest! {
         prop_assert!(CacheInfo::decode(&b).is_err());
     }
 
+    /// The flush record round-trips, rejects every flipped bit, and reads as "nothing
+    /// flushed yet" when all-zero (media from before it).
+    #[test]
+    fn flush_rec_round_trips(through in 0..SEQ_LIMIT, lo in 0..SEQ_LIMIT, span in 0u64..1000,
+                             seq in 0..SEQ_LIMIT, empty in any::<bool>()) {
+        let (drop_lo, drop_hi) = if empty { (0, 0) } else { (lo, (lo + span).min(SEQ_LIMIT - 1)) };
+        prop_assume!(empty || drop_hi > 0);
+        let r = FlushRec { through, drop_lo, drop_hi };
+        let enc = r.encode(seq);
+        prop_assert_eq!(FlushRec::decode(&enc), Ok((seq, r)));
+        all_flips_rejected(&enc, FlushRec::decode)?;
+        prop_assert_eq!(FlushRec::decode(&[0u8; FLUSH_REC_SIZE]), Ok((0, FlushRec::default())));
+        // covers: up to `through`, outside the drop range.
+        for s in [1, through, through.saturating_add(1), drop_lo, drop_hi] {
+            let want = s <= through && !(drop_lo <= s && s <= drop_hi);
+            prop_assert_eq!(r.covers(s), want);
+        }
+    }
+
+    /// Out-of-range fields are corruption: a sequence at the limit, an inverted drop
+    /// range, a drop range starting with no end.
+    #[test]
+    fn flush_rec_bad_fields_rejected(seq in 0..SEQ_LIMIT, v in SEQ_LIMIT..=u64::MAX,
+                                     lo in 1..SEQ_LIMIT, which in 0u8..4) {
+        let r = match which {
+            0 => FlushRec { through: v, ..Default::default() },
+            1 => FlushRec { drop_lo: 1, drop_hi: v, ..Default::default() },
+            2 => FlushRec { drop_lo: lo, drop_hi: 0, ..Default::default() },
+            _ => FlushRec { drop_lo: lo, drop_hi: lo - 1, ..Default::default() },
+        };
+        prop_assert!(FlushRec::decode(&r.encode(seq)).is_err());
+    }
+
     #[test]
     fn tail_round_trips(kind in arb_tail_kind(), (pos, n_segs, data) in arb_tail(),
                         seq in 0..SEQ_LIMIT) {
@@ -488,7 +521,7 @@ fn arb_key_break() -> impl Strategy<Value = KeyBreak> {
         (0u32..32)
             // KEY_INVALID is known: valid on a tombstone (with KEY_CLEAN | KEY_ZERO).
             .prop_filter("unknown bit", |b| (1 << b)
-                & (KEY_CLEAN | KEY_ZERO | KEY_DISCARD | KEY_INVALID)
+                & (KEY_CLEAN | KEY_ZERO | KEY_DISCARD | KEY_INVALID | KEY_UNSYNCED)
                 == 0)
             .prop_map(KeyBreak::UnknownFlag),
         (1u32..512).prop_map(KeyBreak::Unaligned),
@@ -505,6 +538,17 @@ proptest! {
         prop_assert_eq!(&b[36..40], &[0u8; 4], "padding is zeroed");
         prop_assert_eq!(KeyRec::decode(&b, &geo), Ok(k));
         prop_assert_eq!(k.has_data(), k.flags & KEY_ZERO == 0);
+    }
+
+    /// KEY_UNSYNCED is valid on clean data keys only.
+    #[test]
+    fn key_unsynced_only_on_clean_data((geo, k) in arb_geo_key()) {
+        let mut u = k;
+        u.flags = (k.flags & !KEY_INVALID) | KEY_UNSYNCED;
+        let mut b = [0u8; KEY_SIZE];
+        u.encode(&mut b);
+        let ok = u.flags & KEY_CLEAN != 0 && u.flags & KEY_ZERO == 0;
+        prop_assert_eq!(KeyRec::decode(&b, &geo).is_ok(), ok, "flags {:#x}", u.flags);
     }
 
     #[test]
@@ -955,6 +999,17 @@ fn reseal_image(img: &mut [u8], sites: &[u64]) {
     objs.extend(INFO_OFF.iter().map(|&o| (o, INFO_SIZE)));
     objs.extend(KEY_TAIL_OFF.iter().map(|&o| (o, TAIL_SIZE)));
     objs.extend(DIRTY_TAIL_OFF.iter().map(|&o| (o, TAIL_SIZE)));
+    // An all-zero flush record replica is "never written", not a damaged one.
+    objs.extend(
+        FLUSH_REC_OFF
+            .iter()
+            .filter(|&&o| {
+                img[o as usize..o as usize + FLUSH_REC_SIZE]
+                    .iter()
+                    .any(|&b| b != 0)
+            })
+            .map(|&o| (o, FLUSH_REC_SIZE)),
+    );
     for s in 0..NSEG {
         objs.extend(GEN_OFF.iter().map(|&o| (geo.seg_base(s) + o, GEN_SIZE)));
     }

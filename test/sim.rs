@@ -5,9 +5,10 @@
 //! the seed (and crash point) that replays it: `PCACHE_SEED=S PCACHE_CRASH=N cargo test
 //! --test sim replay_one`.
 //!
-//! `crash_points` enumerates four families of configurations (every workload; every
+//! `crash_points` enumerates five families of configurations (every workload; every
 //! cache mode and mode switch; reclaim on a minimal cache; other kset, channel and
-//! segment geometries), about 100,000 crash points per run, spread over the cores
+//! segment geometries; write-through with the disk losing unflushed writes), about
+//! 150,000 crash points per run, spread over the cores
 //! (`PCACHE_THREADS`), and prints a line per family and `total crash points: N,
 //! violations: V`. `PCACHE_FAMILY=policy,...` runs some families only; the
 //! `PCACHE_*_SEEDS` variables scale them (a soak). A violation prints the
@@ -174,6 +175,40 @@ fn policy_cfgs(seed: u64, w: Workload) -> Vec<(String, WorldCfg)> {
     v
 }
 
+/// The write-through family's workloads: overwrites read back soon (hits on unsynced
+/// keys), FUA and FLUSH between them, misses racing writes, and a cache that fills.
+const WRITETHROUGH_WORKLOADS: [Workload; 4] = [
+    Workload::Overwrite,
+    Workload::FuaFlush,
+    Workload::Mixed,
+    Workload::CacheFull,
+];
+
+/// Write-through configurations: the mode from the start (its reads continuing the
+/// last write half the time, so they hit the unsynced copies), with a switch to
+/// write-back and back in the middle of the workload. The disk's volatile write cache
+/// loses a random subset of the unflushed writes at every crash; the oracle then
+/// checks that no block reads a write from pmem that eviction would turn into an older
+/// one from the disk (`World::crash_and_check`).
+fn writethrough_cfgs(seed: u64, w: Workload) -> Vec<(String, WorldCfg)> {
+    let mut v = vec![];
+    let wt = Policy {
+        mode: CacheMode::WriteThrough,
+        seq_cutoff_kib: 0,
+        seq_policy: SeqPolicy::Never,
+    };
+    let mut c = WorldCfg::new(seed, w);
+    c.policy = wt;
+    c.seq_percent = 50;
+    v.push(("writethrough".to_string(), c));
+    let mut c = WorldCfg::new(seed, w);
+    c.policy = wt;
+    c.seq_percent = 30;
+    c.switch = Some((c.ops / 2, CacheMode::WriteBack));
+    v.push(("writethrough->writeback".to_string(), c));
+    v
+}
+
 /// ZeroDiscard: outside write-back, write-zeroes and discards go to the disk directly.
 const POLICY_WORKLOADS: [Workload; 4] = [
     Workload::Overwrite,
@@ -268,6 +303,11 @@ struct Job {
 ///   for 200 retries: the heads pin the space a write needs.)
 /// - `geometry`: every workload with 1, 3 and 16 keys per kset, 1 and 5 channels and
 ///   16-32 KiB segments: ksets close at other places relative to segment ends.
+/// - `writethrough`: write-through from the start and switched to write-back midway,
+///   reads following writes: write-throughs complete without a backing FLUSH, so
+///   crashes land with unsynced keys in the log and unflushed writes in the disk's
+///   volatile cache (lost or kept at random), and replay must drop what no completed
+///   FLUSH covered.
 ///
 /// Every world draws its writeback window (1 to 8 ksets) and GC watermark (0-60 %)
 /// from its seed, so the seeds of every family cover the writeback windows.
@@ -330,6 +370,18 @@ fn crash_jobs() -> Vec<Job> {
             }
         }
     }
+    for w in WRITETHROUGH_WORKLOADS {
+        for s in 0..seeds("PCACHE_WT_SEEDS", 5) {
+            let seed = 5000 + s * 11 + w as u64;
+            for (name, cfg) in writethrough_cfgs(seed, w) {
+                jobs.push(Job {
+                    family: "writethrough",
+                    label: format!("seed {seed} {w:?} {name}"),
+                    cfg,
+                });
+            }
+        }
+    }
     if let Ok(only) = std::env::var("PCACHE_FAMILY") {
         jobs.retain(|j| only.split(',').any(|f| f == j.family));
     }
@@ -347,16 +399,16 @@ const RECRASH_EVERY: u64 = 4;
 /// treated as `mode` says) and checks the recovery; at every RECRASH_EVERY-th point it
 /// then keeps going on the recovered state and crashes again at the end: recovery of a
 /// recovery.
-fn crash_cfg_at(cfg: &WorldCfg, point: u64, mode: CrashMode) -> Result<(), String> {
+fn crash_cfg_at(cfg: &WorldCfg, point: u64, mode: CrashMode) -> Result<u64, String> {
     let mut world = World::new(cfg.clone())?;
     world.pmem.set_fence_limit(Some(world.fences() + point));
     world.run()?;
     world.crash_and_check(mode)?;
-    if point % RECRASH_EVERY != 0 {
-        return Ok(());
+    if point % RECRASH_EVERY == 0 {
+        world.run()?;
+        world.crash_and_check(CrashMode::Random)?;
     }
-    world.run()?;
-    world.crash_and_check(CrashMode::Random)
+    Ok(world.unsynced_dropped)
 }
 
 /// What an uncrashed run of a job did: its persistence points, and how much writeback
@@ -441,11 +493,20 @@ fn crash_points() {
         }
     }
     let violations = std::sync::Mutex::new(vec![]);
+    // Per job: crash points whose replay dropped unsynced keys, and how many keys.
+    let dropped: Vec<[std::sync::atomic::AtomicU64; 2]> =
+        jobs.iter().map(|_| Default::default()).collect();
     par_for(items.len(), threads, |i| {
         let (j, from, to) = items[i];
         for p in from..=to {
             let mode = CRASH_MODES[(p % 3) as usize];
-            if let Err(e) = crash_cfg_at(&jobs[j].cfg, p, mode) {
+            let r = crash_cfg_at(&jobs[j].cfg, p, mode);
+            if let Ok(n) = r {
+                use std::sync::atomic::Ordering::Relaxed;
+                dropped[j][0].fetch_add((n > 0) as u64, Relaxed);
+                dropped[j][1].fetch_add(n, Relaxed);
+            }
+            if let Err(e) = r {
                 violations.lock().unwrap().push((
                     j,
                     format!(
@@ -462,7 +523,8 @@ fn crash_points() {
     let violations = violations.into_inner().unwrap();
     let mut total = 0;
     let mut reclaim_ok = true;
-    for family in ["workload", "policy", "reclaim", "geometry"] {
+    let mut wt_dropping = 0;
+    for family in ["workload", "policy", "reclaim", "geometry", "writethrough"] {
         let idx: Vec<usize> = (0..jobs.len())
             .filter(|&j| jobs[j].family == family)
             .collect();
@@ -487,6 +549,21 @@ fn crash_points() {
         if family == "reclaim" && (reclaimed == 0 || relocated == 0) {
             reclaim_ok = false;
         }
+        let load = |k: usize| -> u64 {
+            idx.iter()
+                .map(|&j| dropped[j][k].load(std::sync::atomic::Ordering::Relaxed))
+                .sum()
+        };
+        if family == "writethrough" {
+            wt_dropping = load(0);
+        }
+        if load(0) > 0 {
+            println!(
+                "  {family}: {} crash points replayed with unsynced keys dropped ({} keys): their ksets had no completed backing FLUSH",
+                load(0),
+                load(1)
+            );
+        }
     }
     println!(
         "total crash points: {total}, violations: {} ({:.0} s on {threads} threads)",
@@ -500,6 +577,11 @@ fn crash_points() {
     assert!(
         reclaim_ok,
         "the reclaim family never reclaimed a segment or never moved read-hot data"
+    );
+    let wt_ran = jobs.iter().any(|j| j.family == "writethrough");
+    assert!(
+        !wt_ran || wt_dropping > 0,
+        "the writethrough family never dropped an unsynced key at replay"
     );
 }
 
@@ -519,5 +601,6 @@ fn job_replay_one() {
         .nth(idx)
         .expect("no such job");
     println!("{} {}", job.family, job.label);
-    crash_cfg_at(&job.cfg, point, CRASH_MODES[(point % 3) as usize]).unwrap();
+    let n = crash_cfg_at(&job.cfg, point, CRASH_MODES[(point % 3) as usize]).unwrap();
+    println!("unsynced keys dropped at replay: {n}");
 }

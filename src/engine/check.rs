@@ -23,8 +23,9 @@ pub struct LogSummary {
 }
 
 impl<P: Pmem> Engine<P> {
-    /// Walks the closed log from key_tail to the head, calling `f` for every key with
-    /// a flag telling whether it is past dirty_tail.
+    /// Walks the closed log from key_tail to the head, calling `f` for every live key
+    /// (not the unsynced keys the replay at open dropped) with a flag telling whether it
+    /// is past dirty_tail.
     pub fn walk_log(&self, mut f: impl FnMut(&KeyRec, bool)) -> Result<LogSummary, String> {
         let (kt, dt) = {
             let t = lock(&self.tails);
@@ -61,6 +62,9 @@ impl<P: Pmem> Engine<P> {
                         .map_err(|e| e.to_string())?;
                     if dirty && k.flags & KEY_CLEAN == 0 {
                         s.dirty_bytes += k.len as u64;
+                    }
+                    if !self.replay_kept(&k, pos.seq) {
+                        continue; // dropped by the replay at open: not live
                     }
                     s.keys += 1;
                     f(&k, dirty);

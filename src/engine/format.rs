@@ -9,6 +9,12 @@
 //! from an earlier lap of the log (or an earlier format of the medium) is never taken
 //! for a live one. Decoders never trust a field: every id, offset, length and count is
 //! checked against the geometry before it is used.
+//!
+//! Compatibility within version 1: fields added later read as their old meaning when
+//! zero (cache_info's policy bytes: write-back; the flush record's replicas: never
+//! written, which is right for media from before it, as they hold no KEY_UNSYNCED key).
+//! A build from before KEY_UNSYNCED refuses a medium holding one (an unknown key flag is
+//! corruption to it) rather than replaying it without the flush record's rule.
 
 use super::modes::SEQ_CUTOFF_MAX_KIB;
 pub use super::modes::{CacheMode, Policy, SeqPolicy};
@@ -31,6 +37,8 @@ pub const INFO_OFF: [u64; 2] = [2 * SLOT, 3 * SLOT];
 pub const KEY_TAIL_OFF: [u64; 2] = [4 * SLOT, 4 * SLOT + 64];
 /// dirty_tail replicas.
 pub const DIRTY_TAIL_OFF: [u64; 2] = [4 * SLOT + 128, 4 * SLOT + 192];
+/// Flush record replicas ([`FlushRec`]; all-zero on media from before it existed).
+pub const FLUSH_REC_OFF: [u64; 2] = [4 * SLOT + 256, 4 * SLOT + 320];
 /// First segment; the area before it is reserved for metadata.
 pub const SEGMENTS_OFF: u64 = 16 * SLOT;
 /// Per-segment header (generation replicas) before the segment's data area.
@@ -42,6 +50,7 @@ pub const SB_SIZE: usize = 256;
 pub const INFO_SIZE: usize = 64;
 pub const TAIL_SIZE: usize = 32;
 pub const GEN_SIZE: usize = 32;
+pub const FLUSH_REC_SIZE: usize = 64;
 /// Kset header and key sizes.
 pub const KSET_HDR: usize = 32;
 pub const KEY_SIZE: usize = 40;
@@ -70,6 +79,7 @@ const KIND_INFO: u16 = 2;
 pub const KIND_KEY_TAIL: u16 = 3;
 pub const KIND_DIRTY_TAIL: u16 = 4;
 const KIND_GEN: u16 = 5;
+const KIND_FLUSH_REC: u16 = 6;
 
 /// cache_info flags.
 pub const INFO_DATA_CRC: u32 = 1;
@@ -86,7 +96,15 @@ pub const KEY_DISCARD: u32 = 1 << 3;
 /// around the cache). Always with KEY_CLEAN | KEY_ZERO: it has no data and nothing to
 /// write back; replay drops older extents of the range.
 pub const KEY_INVALID: u32 = 1 << 4;
-const KEY_FLAGS_KNOWN: u32 = KEY_CLEAN | KEY_ZERO | KEY_DISCARD | KEY_INVALID;
+/// Clean data whose backing copy may not be durable yet: a write-through (its backing
+/// write completes without a backing FLUSH), or a miss that may have read a direct
+/// write the backing device had not flushed. Always with KEY_CLEAN and data. Replay
+/// keeps such a key only when its kset is covered by a completed backing FLUSH (the
+/// [`FlushRec`]), so after a power loss no block reads newer data from pmem and later
+/// (after eviction) older data from the backing device. A build from before this flag
+/// refuses such a key (unknown flag) instead of replaying it unchecked.
+pub const KEY_UNSYNCED: u32 = 1 << 5;
+const KEY_FLAGS_KNOWN: u32 = KEY_CLEAN | KEY_ZERO | KEY_DISCARD | KEY_INVALID | KEY_UNSYNCED;
 
 /// Seed of every CRC (dm-pcache's seed, kept for familiarity).
 const CRC_SEED: u32 = 0x3B15A;
@@ -496,6 +514,73 @@ pub fn decode_gen(b: &[u8], seg: u32) -> Result<(u64, u64), MediaError> {
     Ok((seq, gen))
 }
 
+/// The flush record: which ksets' KEY_UNSYNCED keys a completed backing FLUSH covers.
+///
+/// `through`: every kset up to this sequence number was closed before a backing FLUSH
+/// was issued, and that FLUSH completed; so the backing writes (and reads) behind their
+/// unsynced keys are durable on the backing device. `drop_lo..=drop_hi` (empty when
+/// `drop_hi` is 0): ksets whose unsynced keys an earlier replay dropped because they
+/// were past `through` then; they stay dropped even once `through` passes them (their
+/// backing writes may have been lost with that crash). Replay keeps an unsynced key of
+/// kset `s` only if `s <= through` and `s` is outside the drop range.
+///
+/// Both replicas all-zero (media from before the record, or no FLUSH recorded yet)
+/// reads as `through` 0 with no drop range: every unsynced key is dropped, and media
+/// from before the record hold none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlushRec {
+    pub through: u64,
+    pub drop_lo: u64,
+    pub drop_hi: u64,
+}
+
+impl FlushRec {
+    /// Whether replay keeps the unsynced keys of kset `seq`.
+    pub fn covers(&self, seq: u64) -> bool {
+        seq <= self.through && !(self.drop_lo <= seq && seq <= self.drop_hi)
+    }
+
+    pub fn encode(&self, seq: u64) -> [u8; FLUSH_REC_SIZE] {
+        let mut b = [0u8; FLUSH_REC_SIZE];
+        put_u64(&mut b, 16, self.through);
+        put_u64(&mut b, 24, self.drop_lo);
+        put_u64(&mut b, 32, self.drop_hi);
+        seal(&mut b, KIND_FLUSH_REC, seq);
+        b
+    }
+
+    /// Decodes one replica. An all-zero replica is a valid record of sequence 0 (never
+    /// written); anything else must be sealed and in bounds.
+    pub fn decode(b: &[u8]) -> Result<(u64, Self), MediaError> {
+        const W: &str = "flush record";
+        let b = &b[..FLUSH_REC_SIZE];
+        if b.iter().all(|&x| x == 0) {
+            return Ok((0, FlushRec::default()));
+        }
+        let seq = unseal(b, KIND_FLUSH_REC, W)?;
+        let r = FlushRec {
+            through: get_u64(b, 16),
+            drop_lo: get_u64(b, 24),
+            drop_hi: get_u64(b, 32),
+        };
+        let field = |field, value| MediaError::Field {
+            what: W,
+            field,
+            value,
+        };
+        if r.through >= SEQ_LIMIT {
+            return Err(field("through", r.through));
+        }
+        if r.drop_hi >= SEQ_LIMIT {
+            return Err(field("drop_hi", r.drop_hi));
+        }
+        if r.drop_hi == 0 && r.drop_lo != 0 || r.drop_lo > r.drop_hi {
+            return Err(field("drop_lo", r.drop_lo));
+        }
+        Ok((seq, r))
+    }
+}
+
 /// One cached extent as stored in a kset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KeyRec {
@@ -572,6 +657,12 @@ impl KeyRec {
         if k.flags & KEY_INVALID != 0 && k.flags & tomb != tomb {
             return bad(
                 "flags (a tombstone is clean and has no data)",
+                k.flags as u64,
+            );
+        }
+        if k.flags & KEY_UNSYNCED != 0 && (k.flags & KEY_CLEAN == 0 || !k.has_data()) {
+            return bad(
+                "flags (an unsynced key is clean and has data)",
                 k.flags as u64,
             );
         }

@@ -17,7 +17,9 @@
 //! round only if read again. To guarantee progress, GC moves at most half the bytes it
 //! retires, and only while free segments remain above the log reserve's margin.
 
-use super::format::{self, KeyRec, KsetCheck, KEY_CLEAN, KEY_SIZE, KSET_HDR, SUBTREE_SIZE};
+use super::format::{
+    self, KeyRec, KsetCheck, KEY_CLEAN, KEY_SIZE, KEY_UNSYNCED, KSET_HDR, SUBTREE_SIZE,
+};
 use super::index::{Extent, F_CRC, F_DIRTY, F_REF};
 use super::io::Channel;
 use super::open::read_kset;
@@ -115,10 +117,18 @@ impl<P: Pmem> Engine<P> {
                 let Ok(k) = KeyRec::decode(&buf[o..o + KEY_SIZE], &self.geo) else {
                     continue;
                 };
-                if !k.has_data() || self.segs.gens[k.seg as usize].load(Acquire) != k.gen {
+                // A key the replay at open dropped holds no reference either.
+                if !k.has_data()
+                    || self.segs.gens[k.seg as usize].load(Acquire) != k.gen
+                    || !self.replay_kept(&k, pos.seq)
+                {
                     continue;
                 }
-                self.retire_key(st, &k, &mut budget);
+                // An unsynced copy no completed backing FLUSH covers yet is not moved
+                // (its move would be a synced key): it is dropped like cold data.
+                let synced = k.flags & KEY_UNSYNCED == 0
+                    || self.flushed_through.load(Acquire) >= pos.seq;
+                self.retire_key(st, &k, synced, &mut budget);
                 if self.segs.put(&self.pmem, &self.geo, k.seg) {
                     r.segments_freed += 1;
                     self.counters.segs_reclaimed.inc();
@@ -130,8 +140,9 @@ impl<P: Pmem> Engine<P> {
 
     /// Settles the index pieces of key `k` (retired, its segment reference still held):
     /// cold ones are removed, referenced clean ones within `budget` are moved.
-    fn retire_key(&self, st: &mut GcState, k: &KeyRec, budget: &mut u64) {
-        let relocate = self.mode() != CacheMode::PassThrough
+    fn retire_key(&self, st: &mut GcState, k: &KeyRec, synced: bool, budget: &mut u64) {
+        let relocate = synced
+            && self.mode() != CacheMode::PassThrough
             && self.segs.free() > self.segs.reserve + RELOCATE_MARGIN;
         let end = k.off + k.len as u64;
         let mut o = k.off;

@@ -525,7 +525,13 @@ impl<P: Pmem> Engine<P> {
     ) {
         // Cutoff or passthrough: the placeholders only kept concurrent reads from
         // filling stale data; nothing is cached.
-        let ok = ok && !no_fill && self.fills_allowed(off, buf.len() as u64);
+        let ok = ok && !no_fill;
+        // A miss that may have read an unflushed direct write is cached as unsynced.
+        let flag = if ok && !self.fills_allowed(off, buf.len() as u64) {
+            format::KEY_UNSYNCED
+        } else {
+            0
+        };
         for p in plan {
             let Piece::Miss {
                 at,
@@ -554,7 +560,7 @@ impl<P: Pmem> Engine<P> {
                 self.pmem.flush_data(dst, a.len);
                 self.pmem.fence();
                 let id = self.slot_id(head);
-                self.fill_chunk(id, o, &a, src, t);
+                self.fill_chunk(id, o, &a, src, t, flag);
                 done += a.len as usize;
             }
         }
@@ -568,8 +574,9 @@ impl<P: Pmem> Engine<P> {
 
     /// Turns the surviving placeholder fragments over `[o, o + a.len)` into clean
     /// extents pointing at the freshly written copy in `a`.
-    /// The keys go to slot `id`'s kset (the channel that allocated `a`).
-    pub(super) fn fill_chunk(&self, id: u16, o: u64, a: &Alloc, src: &[u8], t: u32) {
+    /// The keys go to slot `id`'s kset (the channel that allocated `a`), with `flag`
+    /// (0 or KEY_UNSYNCED) besides KEY_CLEAN.
+    pub(super) fn fill_chunk(&self, id: u16, o: u64, a: &Alloc, src: &[u8], t: u32, flag: u32) {
         let si = self.shard_of(o);
         let mut shard = self.shard(si);
         let s = (o % SUBTREE_SIZE) as u32;
@@ -592,7 +599,7 @@ impl<P: Pmem> Engine<P> {
             let k = KeyRec {
                 off: o - s as u64 + fs as u64,
                 len: frag.len,
-                flags: KEY_CLEAN,
+                flags: KEY_CLEAN | flag,
                 seg: a.seg,
                 seg_off: a.off as u32 + d,
                 gen: a.gen,

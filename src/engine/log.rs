@@ -26,6 +26,9 @@ pub struct KsetBuf {
     pub dirty_bytes: u64,
     /// Set by a tick while the buffer holds keys; a second tick closes it.
     pub aged: bool,
+    /// Whether a buffered key is KEY_UNSYNCED (its kset needs a backing FLUSH after
+    /// its close before replay keeps those keys: `Engine::direct_flush_needed`).
+    pub unsynced: bool,
     /// Lowest and highest write epoch of the buffered dirty keys.
     epochs: (u64, u64),
     /// Dirty data the buffered keys replaced within its own write epoch; marked
@@ -50,6 +53,7 @@ impl Default for KsetBuf {
             count: 0,
             dirty_bytes: 0,
             aged: false,
+            unsynced: false,
             epochs: NO_EPOCHS,
             // Grows to about one per key (a 4 KiB overwrite replaces one 4 KiB extent)
             // and is reused from then on.
@@ -78,6 +82,7 @@ impl KsetBuf {
         let o = KSET_HDR + KEY_SIZE * self.count as usize;
         k.encode(&mut self.buf[o..o + KEY_SIZE]);
         self.count += 1;
+        self.unsynced |= k.flags & super::format::KEY_UNSYNCED != 0;
         if dirty {
             self.dirty_bytes += k.len as u64;
         }
@@ -178,6 +183,7 @@ pub fn close<P: Pmem>(
     kb.count = 0;
     kb.dirty_bytes = 0;
     kb.aged = false;
+    kb.unsynced = false;
     kb.epochs = NO_EPOCHS;
     Ok(())
 }

@@ -39,7 +39,7 @@ pub use format::{BackingIdentity, LogPos};
 pub use io::{Channel, Miss};
 pub use open::{probe, Probe};
 pub use pmem::Pmem;
-pub use policy::{CacheMode, Direct, Policy, Route, SeqPolicy};
+pub use policy::{CacheMode, Direct, FlushMark, Policy, Route, SeqPolicy};
 pub use stats::{ErrorEvent, Stats};
 pub use writeback::{GcResult, WbBatch, WbItem, WbKind, WbNext, WINDOW_KSETS};
 
@@ -317,6 +317,24 @@ pub struct Engine<P: Pmem> {
     unflushed: Mutex<policy::Unflushed>,
     /// GC's channel and buffers (only GC takes it).
     gc_state: Mutex<gc::GcState>,
+    /// Sequence number of the last closed kset, and of the last one holding a
+    /// KEY_UNSYNCED key (`direct_mark`, `direct_flush_needed`).
+    closed_seq: AtomicU64,
+    unsynced_seq: AtomicU64,
+    /// The flush record as persisted (`through` mirrored in `flushed_through` for
+    /// lock-free reads), with the drop range the next update will persist.
+    flush_rec: Mutex<FlushRecState>,
+    flushed_through: AtomicU64,
+    /// Unsynced keys the replay at open dropped (no completed backing FLUSH covered them).
+    replay_unsynced_dropped: u64,
+    /// The flush record replay used, and the last kset it read (`replay_kept`).
+    replay_rec: format::FlushRec,
+    replay_last: u64,
+}
+
+struct FlushRecState {
+    rec: format::FlushRec,
+    r: Replica,
 }
 
 impl<P: Pmem> Engine<P> {
@@ -495,8 +513,15 @@ impl<P: Pmem> Engine<P> {
         if g.kb.count == 0 {
             return Ok(());
         }
+        let unsynced = g.kb.unsynced;
         let mut head = lock(&self.head);
         log::close(&self.pmem, &self.geo, &self.segs, &mut head, &mut g.kb)?;
+        // Under the head lock, so both only grow; `direct_mark` reads them without it.
+        let seq = head.pos.seq - 1;
+        if unsynced {
+            self.unsynced_seq.store(seq, Release);
+        }
+        self.closed_seq.store(seq, Release);
         drop(head);
         // Under the kset lock (one writer); after the kset is in the log, so a writer
         // that sees the new batch orders its own close after this one.

@@ -8,10 +8,11 @@
 //! implicitly: a blank or foreign one is reported to the caller, which decides.
 
 use super::format::{
-    self, check_kset, pick_replica, CacheInfo, Geometry, KeyRec, KsetCheck, LogPos, MediaError,
-    Superblock, DIRTY_TAIL_OFF, INFO_DATA_CRC, INFO_INIT_DONE, INFO_OFF, INFO_SIZE, KEY_CLEAN,
-    KEY_SIZE, KEY_TAIL_OFF, KIND_DIRTY_TAIL, KIND_KEY_TAIL, KSET_HDR, SB_OFF, SB_SIZE,
-    SEGMENTS_OFF, SLOT, SUBTREE_SIZE, TAIL_SIZE,
+    self, check_kset, pick_replica, CacheInfo, FlushRec, Geometry, KeyRec, KsetCheck, LogPos,
+    MediaError, Superblock, DIRTY_TAIL_OFF, FLUSH_REC_OFF, FLUSH_REC_SIZE, INFO_DATA_CRC,
+    INFO_INIT_DONE, INFO_OFF, INFO_SIZE, KEY_CLEAN, KEY_SIZE, KEY_TAIL_OFF, KEY_UNSYNCED,
+    KIND_DIRTY_TAIL, KIND_KEY_TAIL, KSET_HDR, SB_OFF, SB_SIZE, SEGMENTS_OFF, SLOT, SUBTREE_SIZE,
+    TAIL_SIZE,
 };
 use super::index::{Extent, Replayed, Shard, ShardLock, F_CRC, F_DIRTY, F_ZERO};
 use super::log::LogHead;
@@ -258,6 +259,12 @@ impl<P: Pmem> Engine<P> {
                 dirty_tail.seq, key_tail.seq
             )));
         }
+        let mut fb = [[0u8; FLUSH_REC_SIZE]; 2];
+        for (i, b) in fb.iter_mut().enumerate() {
+            pmem.read(FLUSH_REC_OFF[i], b);
+        }
+        let (fslot, fseq, frec) =
+            pick_replica([FlushRec::decode(&fb[0]), FlushRec::decode(&fb[1])]).map_err(corrupt)?;
         let gens = (0..geo.n_segs)
             .map(|s| segs::load_gen(&pmem, &geo, s))
             .collect::<Result<Vec<u64>, String>>()
@@ -275,6 +282,7 @@ impl<P: Pmem> Engine<P> {
         uses[pos.seg as usize] = Use::Log;
         let mut saw_dirty = pos == dirty_tail;
         let mut closed_dirty = 0u64;
+        let mut unsynced_dropped = 0u64;
         loop {
             let hdr = match read_kset(&pmem, &geo, pos, &mut buf).map_err(corrupt)? {
                 KsetCheck::End => break,
@@ -291,6 +299,7 @@ impl<P: Pmem> Engine<P> {
                 uses[next as usize] = Use::Log;
                 pos = pos.after(&hdr);
             } else {
+                let keep_unsynced = frec.covers(pos.seq);
                 for i in 0..hdr.count as usize {
                     let o = KSET_HDR + i * KEY_SIZE;
                     let k = KeyRec::decode(&buf[o..o + KEY_SIZE], &geo).map_err(|e| {
@@ -301,6 +310,13 @@ impl<P: Pmem> Engine<P> {
                     })?;
                     if saw_dirty && k.flags & KEY_CLEAN == 0 {
                         closed_dirty += k.len as u64;
+                    }
+                    if k.flags & KEY_UNSYNCED != 0 && !keep_unsynced {
+                        // Its backing copy may have been lost with the crash: the range
+                        // reads from the backing device (the tombstone before it, or the
+                        // older extent, stands).
+                        unsynced_dropped += 1;
+                        continue;
                     }
                     replay_key(&k, &gens, &mut refs, &mut replayed, data_crc, saw_dirty)?;
                 }
@@ -325,6 +341,23 @@ impl<P: Pmem> Engine<P> {
                 }
                 uses[s] = Use::Data;
             }
+        }
+        // The unsynced keys dropped here must stay dropped once later FLUSHes move
+        // `through` past their ksets: the next record update persists them as the drop
+        // range (joined with a range still in the log; a hull may drop more, never less).
+        let last = pos.seq - 1;
+        let mut rec = frec;
+        if rec.drop_hi < key_tail.seq {
+            (rec.drop_lo, rec.drop_hi) = (0, 0);
+        }
+        if unsynced_dropped > 0 && last > rec.through {
+            let lo = rec.through + 1;
+            rec.drop_lo = if rec.drop_hi == 0 {
+                lo
+            } else {
+                rec.drop_lo.min(lo)
+            };
+            rec.drop_hi = rec.drop_hi.max(last);
         }
         let segs = Segs::new(uses, gens, refs, cfg.log_reserve, geo.seg_data_size);
         let e = Engine {
@@ -392,6 +425,19 @@ impl<P: Pmem> Engine<P> {
             direct_done: AtomicU64::new(0),
             direct_flushed: AtomicU64::new(0),
             unflushed: Default::default(),
+            closed_seq: AtomicU64::new(last),
+            unsynced_seq: AtomicU64::new(0),
+            flushed_through: AtomicU64::new(frec.through),
+            replay_unsynced_dropped: unsynced_dropped,
+            replay_rec: frec,
+            replay_last: last,
+            flush_rec: Mutex::new(super::FlushRecState {
+                rec,
+                r: Replica {
+                    slot: fslot,
+                    seq: fseq,
+                },
+            }),
         };
         e.load_policy_codes(info.policy);
         if info.policy.mode == super::CacheMode::PassThrough {

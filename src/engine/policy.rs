@@ -5,17 +5,28 @@
 //! the caller writes it to the backing device between `begin_direct` and `end_direct`.
 //! `begin_direct` covers the range with a placeholder under the shard lock, so reads
 //! during the backing write go to the backing device and fill nothing, and the clean
-//! data it replaced is invalidated; `end_direct` then either caches the data as clean
-//! (write-through, only once the backing device has it durably) or drops the
-//! placeholder (write-around, passthrough, cutoff). Invariant: a direct write never
+//! data it replaced is invalidated (with a tombstone key, persistent before it
+//! returns); `end_direct` then either caches the data as clean (write-through) or drops
+//! the placeholder (write-around, passthrough, cutoff). Invariant: a direct write never
 //! starts over dirty data whose key is past dirty_tail, because writeback would later
 //! put that older data over the newer backing data; such a request is routed through
 //! the cache instead (`begin_direct` returns None). Writeback clears the dirty flag of
 //! the extents it wrote back (`mark_written_back`), so once the log is drained direct
-//! writes are possible everywhere. Writes that went to the backing device only are
-//! made durable by the caller's FLUSH (`direct_flush_needed`).
+//! writes are possible everywhere.
+//!
+//! A write-through is cached once its backing write completed, with no backing FLUSH:
+//! its key is KEY_UNSYNCED, and so is a miss fill that may have read a direct write not
+//! yet flushed (`fills_allowed`). Direct writes are made durable by the caller's
+//! backing FLUSH (`direct_flush_needed`, `direct_mark`, `direct_flushed`), which also
+//! persists the flush record: the newest kset closed before a completed backing FLUSH
+//! was issued. Replay keeps an unsynced key only in a kset the record covers, so after
+//! a power loss no block reads newer data from pmem and later, once evicted, older data
+//! from the backing device (the write it showed was lost from the backing device's
+//! volatile cache).
 
-use super::format::{KeyRec, KEY_CLEAN, KEY_INVALID, KEY_ZERO, SUBTREE_SIZE};
+use super::format::{
+    FlushRec, KeyRec, KEY_CLEAN, KEY_INVALID, KEY_UNSYNCED, KEY_ZERO, SUBTREE_SIZE,
+};
 use super::index::{Extent, F_DIRTY, F_EMPTY};
 use super::io::Channel;
 pub use super::modes::{CacheMode, Policy, SeqPolicy, SEQ_CUTOFF_DEFAULT_KIB, SEQ_CUTOFF_MAX_KIB};
@@ -51,6 +62,15 @@ pub enum Route {
     /// To the backing device: `begin_direct`, the backing write, `end_direct`.
     /// `through` caches the data as clean afterwards.
     Direct { through: bool },
+}
+
+/// What a backing FLUSH issued now covers (`Engine::direct_mark`): the direct writes
+/// completed so far and the ksets closed so far. Pass it to `Engine::direct_flushed`
+/// once that FLUSH completed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlushMark {
+    direct: u64,
+    kset: u64,
 }
 
 /// A direct write in progress (from `begin_direct`).
@@ -89,8 +109,9 @@ impl<P: Pmem> Engine<P> {
         CacheMode::from_code(self.mode_code.load(Relaxed) as u8).unwrap_or_default()
     }
 
-    /// Drops every clean extent from the index (their keys stay in the log until GC).
-    pub(super) fn invalidate_clean(&self) {
+    /// Drops every clean extent from the index, as if evicted (their keys stay in the
+    /// log until GC); later reads of those ranges go to the backing device.
+    pub fn invalidate_clean(&self) {
         let mut clean = Vec::new();
         for si in 0..self.shards.len() {
             let mut sh = self.shard(si);
@@ -251,36 +272,37 @@ impl<P: Pmem> Engine<P> {
         }
     }
 
-    /// Completes a direct write. `ok`: the backing device has `data` (durably, for a
-    /// write-through: the caller flushed it). A write-through then caches it as clean
-    /// where no newer write replaced the placeholder; everything else just drops the
+    /// Completes a direct write. `ok`: the backing device completed the write of `data`
+    /// (no backing FLUSH needed). A write-through then caches it as clean where no newer
+    /// write replaced the placeholder, with KEY_UNSYNCED keys (replay keeps them only
+    /// once a backing FLUSH covers their kset); everything else just drops the
     /// placeholder, so later reads miss and fetch the new data.
     pub fn end_direct(&self, ch: &mut Channel, off: u64, data: &[u8], d: Direct, ok: bool) {
         let len = data.len() as u64;
-        if ok && d.through {
-            let mut done = 0u64;
-            while done < len {
-                let o = off + done;
-                let rest = (len - done).min(SUBTREE_SIZE - o % SUBTREE_SIZE);
-                let Ok(a) = self.alloc(ch, rest) else {
-                    self.end_pieces(o, len - done, d.token);
-                    break;
-                };
-                let src = &data[done as usize..(done + a.len) as usize];
-                let at = self.geo.data_off(a.seg, a.off);
-                self.pmem.write(at, src);
-                self.pmem.flush(at, a.len);
-                self.pmem.fence();
-                let id = self.slot_id(ch);
-                self.fill_chunk(id, o, &a, src, d.token);
-                done += a.len;
-            }
-        } else {
-            self.count_direct(off, len, d, ok);
+        // Counted first: a FLUSH that sees it flushes the backing device, and a miss
+        // that reads the range before that caches it as unsynced (`fills_allowed`).
+        self.count_direct(off, len, d, ok);
+        if !(ok && d.through) {
             self.end_pieces(off, len, d.token);
             return;
         }
-        self.count_direct(off, len, d, ok);
+        let mut done = 0u64;
+        while done < len {
+            let o = off + done;
+            let rest = (len - done).min(SUBTREE_SIZE - o % SUBTREE_SIZE);
+            let Ok(a) = self.alloc(ch, rest) else {
+                self.end_pieces(o, len - done, d.token);
+                break;
+            };
+            let src = &data[done as usize..(done + a.len) as usize];
+            let at = self.geo.data_off(a.seg, a.off);
+            self.pmem.write(at, src);
+            self.pmem.flush(at, a.len);
+            self.pmem.fence();
+            let id = self.slot_id(ch);
+            self.fill_chunk(id, o, &a, src, d.token, KEY_UNSYNCED);
+            done += a.len;
+        }
     }
 
     /// `end_direct` for a direct write that caches nothing (not a write-through, or
@@ -306,11 +328,8 @@ impl<P: Pmem> Engine<P> {
                 c.add(|c| &c.bypassed_bytes, len);
             }
             // Counted after the backing write: a FLUSH that sees it flushes the backing,
-            // and until then no miss fills (see `fills_allowed`). A write-through was
-            // flushed by the caller already.
-            if !d.through {
-                self.note_direct(off, len);
-            }
+            // and until then a miss over it is cached as unsynced (`fills_allowed`).
+            self.note_direct(off, len);
         }
     }
 
@@ -357,30 +376,74 @@ impl<P: Pmem> Engine<P> {
         self.end_pieces(off, len, d.token);
     }
 
-    /// For a FLUSH: Some(n) when direct writes completed since the backing device was
-    /// last flushed for them. The caller flushes the backing device, then calls
-    /// `direct_flushed(n)`.
-    pub fn direct_flush_needed(&self) -> Option<u64> {
+    /// For a FLUSH: Some(mark) when a backing FLUSH is owed: direct writes completed
+    /// since the backing device was last flushed for them, or a closed kset holds
+    /// unsynced keys no completed backing FLUSH covers yet. The caller flushes the
+    /// backing device, then calls `direct_flushed(mark)`.
+    pub fn direct_flush_needed(&self) -> Option<FlushMark> {
         let n = self.direct_done.load(Acquire);
-        (self.direct_flushed.load(Acquire) < n).then_some(n)
-    }
-    pub fn direct_flushed(&self, n: u64) {
-        self.direct_flushed.fetch_max(n, AcqRel);
-    }
-
-    /// The count to pass to `direct_flushed` after a backing FLUSH issued now (for
-    /// runtimes that flush the backing device for other reasons, e.g. writeback).
-    pub fn direct_mark(&self) -> u64 {
-        self.direct_done.load(Acquire)
+        let owed = self.direct_flushed.load(Acquire) < n
+            || self.unsynced_seq.load(Acquire) > self.flushed_through.load(Acquire);
+        owed.then(|| self.direct_mark())
     }
 
-    /// Whether a read miss of `[off, off + len)` may be cached now. Not while a direct
-    /// write over it is not yet flushed: the miss may have read it from the backing
-    /// device's volatile cache, and a clean key over data the backing device can still
-    /// lose would, after a power loss, show data the backing device no longer has. The
-    /// last UNFLUSHED_RANGES direct writes are known by range, so a stream bypassing the
-    /// cache does not keep the rest of the device from filling; when more went unflushed,
-    /// no miss fills until a FLUSH covers them.
+    /// After a backing FLUSH issued with `m` completed: the direct writes it counts are
+    /// durable, and so are the backing writes behind the unsynced keys of every kset it
+    /// counts. Persists the flush record when that covers a kset with unsynced keys the
+    /// record did not (one small metadata update, at most once per backing FLUSH).
+    pub fn direct_flushed(&self, m: FlushMark) {
+        self.direct_flushed.fetch_max(m.direct, AcqRel);
+        let through = self.flushed_through.load(Acquire);
+        if m.kset <= through || self.unsynced_seq.load(Acquire) <= through {
+            return;
+        }
+        let mut st = lock(&self.flush_rec);
+        if m.kset <= st.rec.through {
+            return;
+        }
+        st.rec.through = m.kset;
+        let (slot, seq) = st.r.advance();
+        self.pmem
+            .persist(super::format::FLUSH_REC_OFF[slot], &st.rec.encode(seq));
+        self.flushed_through.store(m.kset, Release);
+    }
+
+    /// The mark to pass to `direct_flushed` after a backing FLUSH issued now (taken
+    /// before the FLUSH is issued; also for runtimes that flush the backing device for
+    /// other reasons, e.g. writeback). Ksets still open are not counted: their keys
+    /// wait for a later FLUSH.
+    pub fn direct_mark(&self) -> FlushMark {
+        FlushMark {
+            direct: self.direct_done.load(Acquire),
+            kset: self.closed_seq.load(Acquire),
+        }
+    }
+
+    /// Unsynced keys the replay at open dropped: their ksets were not covered by a
+    /// completed backing FLUSH (for tests and status).
+    pub fn replay_unsynced_dropped(&self) -> u64 {
+        self.replay_unsynced_dropped
+    }
+
+    /// Whether the replay at open kept key `k` of kset `seq` (it drops the unsynced
+    /// keys no completed backing FLUSH covered; keys closed since are all live).
+    pub(super) fn replay_kept(&self, k: &KeyRec, seq: u64) -> bool {
+        k.flags & KEY_UNSYNCED == 0 || seq > self.replay_last || self.replay_rec.covers(seq)
+    }
+
+    /// The flush record as this engine will next persist it (for tests and `check`).
+    pub fn flush_record(&self) -> FlushRec {
+        lock(&self.flush_rec).rec
+    }
+
+    /// Whether a read miss of `[off, off + len)` may be cached as plainly clean. Not
+    /// while a direct write over it is not yet flushed: the miss may have read it from
+    /// the backing device's volatile cache, and a clean key over data the backing device
+    /// can still lose would, after a power loss, show data the backing device no longer
+    /// has; such a fill is cached KEY_UNSYNCED instead. The last UNFLUSHED_RANGES direct
+    /// writes are known by range, so a stream bypassing the cache leaves the rest of the
+    /// device's fills plain; when more went unflushed, every fill is unsynced until a
+    /// FLUSH covers them.
     pub(super) fn fills_allowed(&self, off: u64, len: u64) -> bool {
         let flushed = self.direct_flushed.load(Acquire);
         if flushed >= self.direct_done.load(Acquire) {

@@ -4,17 +4,26 @@
 //!
 //! A runtime asks [`start_write`] or [`start_zeroes`]; `None` means the request goes
 //! through the cache after all (write-back, or dirty data overlaps). Otherwise it sends
-//! the backing command, then, when [`DirectOp::needs_flush`], a backing FLUSH, and ends
-//! the request in the engine with [`DirectOp::end`]: before that FLUSH when
-//! [`DirectOp::ends_before_flush`] (so the FLUSH counts it as covered), after it for a
-//! write-through, whose data pmem may call clean only once the backing device has it
-//! durably. A client FLUSH that found the cache durable still owes a backing FLUSH for
-//! the direct writes not yet covered ([`flush_owed`]).
+//! the backing command and, when it completes, ends the request in the engine with
+//! [`DirectOp::end`] (a write-through is cached there, as unsynced clean data). Only
+//! when [`DirectOp::needs_flush`] (FUA) does a backing FLUSH follow, issued after the
+//! end with the mark [`Engine::direct_mark`] gives then, and the request completes once
+//! that FLUSH did (then [`Engine::direct_flushed`]). So a write-through completes when
+//! the backing write and the pmem copy did, at the backing device's speed.
 //!
-//! Invariant: every started request is ended exactly once, failed or not (a failed one
-//! only withdraws its placeholder), or its range stays uncacheable.
+//! Durability: a client FLUSH owes a backing FLUSH when direct writes (write-through
+//! included) completed since the last one, or closed ksets hold unsynced keys no
+//! completed backing FLUSH covers ([`flush_owed`]); runtimes also flush an idle backing
+//! device for them (`sched::direct_flush_due`), and every backing FLUSH they issue for
+//! any reason (writeback) reports its mark. Replay drops the unsynced keys of ksets no
+//! completed backing FLUSH covered, so after a power loss no block reads a write-through
+//! from pmem that the backing device lost.
+//!
+//! Invariants: every started request is ended exactly once, failed or not (a failed one
+//! only withdraws its placeholder), or its range stays uncacheable; a backing FLUSH's
+//! mark is taken before it is issued and reported only after it completed.
 
-use crate::engine::{Channel, Direct, Engine, IoError, Pmem, Route};
+use crate::engine::{Channel, Direct, Engine, FlushMark, IoError, Pmem, Route};
 
 /// The backing command of a direct request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,35 +91,30 @@ pub fn start_zeroes<P: Pmem>(
     }))
 }
 
-/// A client FLUSH: `Some(mark)` when it owes a backing FLUSH for direct writes (flush
-/// the backing device, then `Engine::direct_flushed(mark)`).
-pub fn flush_owed<P: Pmem>(e: &Engine<P>) -> Option<u64> {
+/// A client FLUSH (after `Engine::flush`): `Some(mark)` when it owes a backing FLUSH
+/// for direct writes or unsynced keys (flush the backing device, then
+/// `Engine::direct_flushed(mark)`).
+pub fn flush_owed<P: Pmem>(e: &Engine<P>) -> Option<FlushMark> {
     e.direct_flush_needed()
 }
 
 impl DirectOp {
-    /// A write-through: cached as clean once the backing device has it durably.
+    /// A write-through: cached as (unsynced) clean data when it ends.
     pub fn through(&self) -> bool {
         self.d.through
     }
-    /// Whether a backing FLUSH must follow the backing command before the request
-    /// completes: FUA asks for it, and a write-through needs it before pmem calls the
-    /// data clean.
+    /// Whether a backing FLUSH must follow before the request completes: only FUA asks
+    /// for it. The request is ended in the engine first, so that FLUSH's mark covers it.
     pub fn needs_flush(&self) -> bool {
-        self.fua || (self.kind == DirectKind::Write && self.d.through)
-    }
-    /// Whether the request is ended in the engine before that FLUSH is issued (so the
-    /// FLUSH covers it and no later one is owed for it); a write-through ends after.
-    pub fn ends_before_flush(&self) -> bool {
-        !self.through()
+        self.fua
     }
     /// Whether [`DirectOp::end`] reads the data (only a successful write-through caches
     /// it); otherwise any slice, even empty, will do.
     pub fn wants_data(&self, ok: bool) -> bool {
         ok && self.kind == DirectKind::Write && self.d.through
     }
-    /// Ends the request in the engine: `ok` when the backing device has it (durably,
-    /// for a write-through). `data` is the written data when [`DirectOp::wants_data`].
+    /// Ends the request in the engine, as soon as its backing command completed: `ok`
+    /// when it succeeded. `data` is the written data when [`DirectOp::wants_data`].
     pub fn end<P: Pmem>(self, e: &Engine<P>, ch: &mut Channel, data: &[u8], ok: bool) {
         match self.kind {
             DirectKind::Write if self.wants_data(ok) => {

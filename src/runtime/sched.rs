@@ -7,13 +7,14 @@
 //! (`Instant` in the embedded runtime, SPDK ticks converted), and none reads one itself,
 //! so a runtime reads its clock only where a rule needs it.
 
-use crate::engine::{Engine, Pmem, WbItem, WbKind};
+use crate::engine::{Engine, FlushMark, Pmem, WbItem, WbKind};
 
 /// Period of the engine's tick (ages kset buffers: those older than two ticks close).
 pub const TICK_PERIOD_US: u64 = 100_000;
-/// Longest a read miss goes uncached after direct writes: while direct writes are not
-/// covered by a backing FLUSH, misses fill nothing (`Engine::direct_flush_needed`), so an
-/// idle cache flushes the backing device for them at this period.
+/// Period of the backing FLUSH for direct writes and unsynced keys
+/// (`Engine::direct_flush_needed`): until one covers them, misses over direct writes are
+/// cached as unsynced and write-throughs stay unsynced (dropped by a replay after a
+/// crash), so the runtimes flush the backing device for them at this period.
 pub const DIRECT_FLUSH_PERIOD_US: u64 = 5_000;
 /// Longest a paced write waits for admission credit before it may overdraw it
 /// (`Engine::overdraw`): a pause of writeback then costs cache headroom, not latency.
@@ -93,10 +94,16 @@ pub fn writeback_due<P: Pmem>(
     drain || (e.writeback_wanted() && backoff.allows(now_us))
 }
 
-/// The idle backing FLUSH for direct writes: `Some(mark)` when one is owed and the
-/// period has passed (the runtime flushes, then calls `Engine::direct_flushed(mark)`).
-/// Only when writeback did nothing this round: its own FLUSHes cover them too.
-pub fn direct_flush_due<P: Pmem>(e: &Engine<P>, timer: &mut Every, now_us: u64) -> Option<u64> {
+/// The periodic backing FLUSH for direct writes and unsynced keys: `Some(mark)` when
+/// one is owed and the period has passed (the runtime flushes, then calls
+/// `Engine::direct_flushed(mark)`). Writeback's own FLUSHes report their marks too, so
+/// while they run this is rarely owed; a write-through stream (whose writeback windows
+/// are empty and flush nothing) gets one FLUSH per period, not one per write.
+pub fn direct_flush_due<P: Pmem>(
+    e: &Engine<P>,
+    timer: &mut Every,
+    now_us: u64,
+) -> Option<FlushMark> {
     let mark = e.direct_flush_needed()?;
     timer.due(now_us, DIRECT_FLUSH_PERIOD_US).then_some(mark)
 }

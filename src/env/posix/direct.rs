@@ -6,9 +6,9 @@
 //!
 //! Each held write was started with `runtime::direct::start_write` and has its
 //! placeholder in the index (reads of its range miss and fill nothing meanwhile); `run`
-//! writes them all, ends the ones that owe no FLUSH, flushes the backing device when a
-//! write-through is among them (its data must be durable before pmem calls it clean),
-//! and then ends those, as the direct-write protocol says. The NBD reactor commits before it sends any
+//! writes them all and ends them in the engine (write-throughs are cached there), with
+//! no backing FLUSH: none of them is FUA, and the direct-write protocol leaves the
+//! FLUSH to the client's FLUSH and the periodic one. The NBD reactor commits before it sends any
 //! reply, so no write is answered before it is on the backing device; a failed batch
 //! fails the commit, and the reactor disconnects those clients with the replies unsent.
 //!
@@ -66,9 +66,9 @@ impl DirectBatch {
         self.items.push(Item { at, op });
     }
 
-    /// Writes every held write to the backing device, flushes it if a write-through is
-    /// among them, and ends them in the engine. The first error is returned; every
-    /// write is ended either way (a failed one only withdraws its placeholder).
+    /// Writes every held write to the backing device and ends them in the engine. The
+    /// first error is returned; every write is ended either way (a failed one only
+    /// withdraws its placeholder).
     pub(super) fn run(
         &mut self,
         e: &Engine<PosixPmem>,
@@ -93,22 +93,14 @@ impl DirectBatch {
                 break;
             }
         }
-        // Those that owe no FLUSH end now (a later FLUSH then covers them); the
-        // write-throughs after the FLUSH they need.
         let written = r.is_ok();
-        for i in self
-            .items
-            .iter()
-            .filter(|i| !written || i.op.ends_before_flush())
-        {
-            i.op.end(e, ch, &[], written);
-        }
-        if written && self.items.iter().any(|i| i.op.needs_flush()) {
-            r = q.flush();
-            for i in self.items.iter().filter(|i| !i.op.ends_before_flush()) {
-                let data = &self.data[i.at..i.at + i.op.len as usize];
-                i.op.end(e, ch, data, r.is_ok());
-            }
+        for i in &self.items {
+            let data = if i.op.wants_data(written) {
+                &self.data[i.at..i.at + i.op.len as usize]
+            } else {
+                &[]
+            };
+            i.op.end(e, ch, data, written);
         }
         self.items.clear();
         self.data.clear();

@@ -20,8 +20,8 @@ use super::disk::{DiskOp, SimDisk};
 use super::pmem::{CrashMode, SimPmem};
 use super::rng::Rng;
 use crate::engine::{
-    BackingIdentity, CacheMode, Channel, Config, Engine, FormatOptions, IoError, Pmem, Policy,
-    Route, WbBatch, WbKind, WbNext,
+    BackingIdentity, CacheMode, Channel, Config, Engine, FlushMark, FormatOptions, IoError, Pmem,
+    Policy, Route, WbBatch, WbKind, WbNext,
 };
 use std::sync::Arc;
 
@@ -110,6 +110,8 @@ struct Inflight {
     pending: usize,
     failed: bool,
     flush_sent: bool,
+    /// `direct_mark` when its FLUSH was submitted (reported when it completed).
+    mark: FlushMark,
 }
 
 pub struct World {
@@ -131,6 +133,9 @@ pub struct World {
     wb: WbBatch,
     wb_inflight: Option<Inflight>,
     pub crashes: u64,
+    /// Unsynced keys the replays so far dropped (their ksets were not covered by a
+    /// completed backing FLUSH).
+    pub unsynced_dropped: u64,
     /// Write ids that went to the backing device directly (policy.rs), which the
     /// backing-alone check does not order against the log.
     direct: Vec<bool>,
@@ -212,6 +217,7 @@ impl World {
             wb: WbBatch::with_window(window),
             wb_inflight: None,
             crashes: 0,
+            unsynced_dropped: 0,
             direct: vec![false],
             last_end: vec![0; cfg.channels],
             ops_done: 0,
@@ -364,19 +370,25 @@ impl World {
                     return Ok(()); // no power: nothing reaches the disk
                 }
                 self.direct[id as usize] = true;
-                // A write-through is durable on the disk before it is cached as clean.
-                let r = self.disk.write(o, &data).and_then(|_| {
-                    if fua || through {
-                        self.disk.flush()
-                    } else {
-                        Ok(())
-                    }
-                });
+                // The direct-write protocol (runtime::direct): the backing write, its end
+                // in the engine (a write-through is cached there, unsynced, with no
+                // FLUSH), then for FUA a backing FLUSH with the mark taken after the end.
+                let r = self.disk.write(o, &data);
                 self.engine
                     .end_direct(&mut self.chans[ch], o, &data, d, r.is_ok());
                 r.map_err(|e| format!("direct write {off}+{n}: {e:?}"))?;
                 if self.pmem.crashed() {
                     return Ok(());
+                }
+                if fua {
+                    let mark = self.engine.direct_mark();
+                    self.disk
+                        .flush()
+                        .map_err(|e| format!("FUA flush {off}+{n}: {e:?}"))?;
+                    self.engine.direct_flushed(mark);
+                    if self.pmem.crashed() {
+                        return Ok(());
+                    }
                 }
                 self.inflight_ids.clear();
                 self.complete(off, n, id, fua);
@@ -421,12 +433,21 @@ impl World {
                     self.disk.discard(o, len)
                 } else {
                     self.disk.write_zeroes(o, len)
-                }
-                .and_then(|_| if fua { self.disk.flush() } else { Ok(()) });
+                };
                 self.engine.end_direct_zeroes(o, len, d, r.is_ok(), discard);
                 r.map_err(|e| format!("direct zeroes {off}+{n}: {e:?}"))?;
                 if self.pmem.crashed() {
                     return Ok(());
+                }
+                if fua {
+                    let mark = self.engine.direct_mark();
+                    self.disk
+                        .flush()
+                        .map_err(|e| format!("FUA flush {off}+{n}: {e:?}"))?;
+                    self.engine.direct_flushed(mark);
+                    if self.pmem.crashed() {
+                        return Ok(());
+                    }
                 }
                 self.inflight_ids.clear();
                 self.complete(off, n, 0, fua);
@@ -565,7 +586,20 @@ impl World {
 
     fn background(&mut self) -> Result<(), String> {
         match self.rng.below(4) {
-            0 => self.engine.tick(),
+            0 => {
+                self.engine.tick();
+                // Time passed: the runtimes' periodic backing FLUSH for direct writes
+                // and unsynced keys (`runtime::sched::direct_flush_due`).
+                if let Some(mark) = self.engine.direct_flush_needed() {
+                    if !self.pmem.crashed() {
+                        self.trace(format_args!("periodic direct flush"));
+                        self.disk
+                            .flush()
+                            .map_err(|e| format!("periodic direct flush: {e:?}"))?;
+                        self.engine.direct_flushed(mark);
+                    }
+                }
+            }
             1 => {
                 self.engine.gc(&mut Vec::new());
             }
@@ -614,11 +648,14 @@ impl World {
                 pending: self.wb.items.len(),
                 failed: false,
                 flush_sent: false,
+                mark: FlushMark::default(),
             });
             return Ok(true);
         };
         if inf.pending == 0 && !inf.flush_sent {
             inf.flush_sent = true;
+            // As the runtimes do: the FLUSH covers the direct writes and ksets before it.
+            inf.mark = self.engine.direct_mark();
             self.disk.submit(u64::MAX, DiskOp::Flush);
             return Ok(true);
         }
@@ -629,8 +666,15 @@ impl World {
         inf.failed |= failed;
         if tag == u64::MAX {
             let ok = !inf.failed;
+            let mark = inf.mark;
             self.trace(format_args!("writeback done ok {ok}"));
             self.wb_inflight = None;
+            if c.is_ok() {
+                self.engine.direct_flushed(mark);
+                if self.pmem.crashed() {
+                    return Ok(false);
+                }
+            }
             self.engine.writeback_done(&self.wb, ok);
         } else {
             inf.pending -= 1;
@@ -702,6 +746,38 @@ impl World {
         self.engine
             .check_invariants(&refs)
             .map_err(|e| format!("invariant after recovery read: {e}"))?;
+        self.unsynced_dropped += self.engine.replay_unsynced_dropped();
+        self.check_clean_matches_backing(&buf)
+    }
+
+    /// After the recovery read `first`: clean cached data must be what the backing
+    /// device durably holds, so evicting it changes nothing a read returns. (A clean
+    /// key over a write the disk lost with the crash, say an unflushed write-through,
+    /// would show the newer write now and the older one after eviction.)
+    fn check_clean_matches_backing(&mut self, first: &[u8]) -> Result<(), String> {
+        self.engine.invalidate_clean();
+        let n = self.cfg.region_blocks;
+        let mut buf = vec![0u8; n as usize * BS];
+        self.engine
+            .read(&mut self.chans[0], self.base, &mut buf)
+            .map_err(|e| format!("read after eviction: {e}"))?;
+        let misses: Vec<_> = self.chans[0].misses().collect();
+        for m in misses {
+            self.disk
+                .read(self.base + m.at as u64, &mut buf[m.at..m.at + m.len])
+                .map_err(|e| format!("{e:?}"))?;
+        }
+        self.engine.fill(&mut self.chans[0], self.base, &buf, true);
+        for b in 0..n as usize {
+            let r = b * BS..(b + 1) * BS;
+            if buf[r.clone()] != first[r.clone()] {
+                return Err(format!(
+                    "after crash block {b} read write {} from the cache, then write {} from the backing device once the clean copy was evicted",
+                    decode(b as u64, &first[r.clone()])?,
+                    decode(b as u64, &buf[r])?
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -731,7 +807,14 @@ impl World {
             // Every write id is unique and increasing per block, except zeros (id 0):
             // a zero block satisfies the cut if a zero write is at or after `need`.
             let hist = &self.blocks[b].hist;
+            // The operation in flight may have reached the disk durably (a FUA's FLUSH
+            // completed, then the power failed before it completed to the client).
+            let in_flight = self
+                .inflight_ids
+                .iter()
+                .any(|&(ib, id)| ib == b as u64 && id == have);
             let ok = have == need
+                || in_flight
                 || (need != 0 && have > need)
                 || (have == 0 && hist.iter().skip_while(|&&h| h != need).any(|&h| h == 0))
                 || (need == 0 && have != 0);

@@ -13,7 +13,7 @@
 use super::ffi::{self, DmaBuf, Poller};
 use super::wbmap::WbMap;
 use crate::engine::latency::{Class, LatencySet};
-use crate::engine::{BackingIdentity, Channel, Engine, IoError, WbBatch};
+use crate::engine::{BackingIdentity, Channel, Engine, FlushMark, IoError, WbBatch};
 use crate::env::medium::PosixPmem;
 use crate::runtime::sched::{Backoff, Every};
 use spdk_sys as sys;
@@ -364,7 +364,7 @@ pub(super) struct Flusher {
     pub(super) batch: *mut sys::spdk_bdev_io,
     pub(super) busy: bool,
     /// `direct_mark` when the FLUSH in flight was issued.
-    pub(super) mark: u64,
+    pub(super) mark: FlushMark,
     pub(super) wait: sys::spdk_bdev_io_wait_entry,
     /// The base bdev has a volatile cache to flush.
     pub needed: bool,
@@ -377,7 +377,7 @@ impl Flusher {
             tail: null_mut(),
             batch: null_mut(),
             busy: false,
-            mark: 0,
+            mark: FlushMark::default(),
             wait: sys::spdk_bdev_io_wait_entry::default(),
             needed,
         }
@@ -423,7 +423,7 @@ pub(super) struct Background {
     pub(super) wait: sys::spdk_bdev_io_wait_entry,
     pub(super) base_flush: bool,
     /// `direct_mark` when the FLUSH in flight was issued (for `direct_flushed`).
-    pub(super) direct_mark: u64,
+    pub(super) direct_mark: FlushMark,
     /// When the last FLUSH for direct writes alone was issued (ticks).
     pub(super) direct_flush: Every,
     /// Writeback's backoff after failures (runtime::sched).
@@ -467,7 +467,7 @@ impl Background {
             gc_buf: Vec::new(),
             wait: sys::spdk_bdev_io_wait_entry::default(),
             base_flush: false,
-            direct_mark: 0,
+            direct_mark: FlushMark::default(),
             direct_flush: Every::default(),
             backoff: Backoff::default(),
             on_stop: None,

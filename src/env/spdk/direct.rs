@@ -4,17 +4,17 @@
 //!
 //! * A direct write: `begin_direct` (placeholder and tombstone, invalidating cached
 //!   clean data), `spdk_bdev_writev_blocks` on the request's own iovecs, then
-//!   `end_direct` in the completion. A write-through or FUA write also waits for a base
-//!   FLUSH; a write-through is cached as clean only after it (the data is durable on the
-//!   base before pmem says it is clean).
+//!   `end_direct` in the completion, which caches a write-through as unsynced clean
+//!   data (`runtime::direct`): no base FLUSH per write. Only a FUA write waits for a
+//!   base FLUSH, after its end.
 //! * WRITE_ZEROES and UNMAP become a base WRITE_ZEROES (an unmap must read back as
 //!   zeros, which a base unmap does not promise), then `end_direct_zeroes`.
-//! * A client FLUSH owes a base FLUSH when direct writes completed since the last one
-//!   (`direct_flush_needed`).
+//! * A client FLUSH owes a base FLUSH when direct writes completed since the last one,
+//!   or closed ksets hold unsynced keys no base FLUSH covers (`direct_flush_needed`).
 //! * Base FLUSHes are grouped per channel: requests that need one queue on `Flusher`;
 //!   one FLUSH is in flight at a time and covers every request queued before it was
-//!   issued, so a stream of write-through requests costs one FLUSH per round trip,
-//!   not one each. `direct_flushed` gets the count taken when the FLUSH was issued.
+//!   issued, so a stream of FUA requests costs one FLUSH per round trip, not one each.
+//!   `direct_flushed` gets the mark taken when the FLUSH was issued.
 //!
 //! Invariants: a request here lives in its bdev_io (IoCtx) until `io::finish`; the
 //! waiting list is intrusive (IoCtx::next), so nothing allocates on these paths; a
@@ -122,11 +122,9 @@ extern "C" fn base_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c_voi
 /// The base command of `bio` completed: finish it, or wait for a base FLUSH first.
 fn written(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, ok: bool) {
     let x = io_ctx(bio);
-    if let Some(op) = x.direct.filter(|op| ok && op.needs_flush()) {
-        if op.ends_before_flush() {
-            // Counted before the FLUSH is issued, so that FLUSH covers it.
-            end(c, bio, true);
-        }
+    if x.direct.is_some_and(|op| ok && op.needs_flush()) {
+        // Ended (a write-through cached) before the FLUSH is issued, so it covers it.
+        end(c, bio, true);
         queue_flush(c, bio);
         return;
     }
@@ -146,8 +144,8 @@ fn end_and_finish(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, ok: bool) {
     unsafe { finish(c, bio, st) };
 }
 
-/// Tells the engine the direct request is over (`ok`: the base has it, durably for a
-/// write-through) and counts it.
+/// Tells the engine the direct request is over (`ok`: the base completed it) and counts
+/// it.
 fn end(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, ok: bool) {
     let Some(op) = io_ctx(bio).direct.take() else {
         return;
@@ -285,7 +283,7 @@ fn flushed(c: &mut ChannelCtx, ok: bool) {
         if !ok {
             x.why = "the base bdev failed a FLUSH";
         }
-        // A write-through: the data is durable on the base now; cache it as clean.
+        // Ended before the FLUSH already (a client FLUSH has nothing to end).
         end_and_finish(c, bio, ok);
         bio = next;
     }

@@ -197,10 +197,11 @@ extern "C" fn wb_poll(arg: *mut c_void) -> i32 {
     }
 }
 
-/// Direct writes (cache modes, cutoff) not yet covered by a base FLUSH keep read misses
-/// from filling: flush the base for them, at most every `sched::DIRECT_FLUSH_PERIOD_US`, while
-/// writeback is idle (its own FLUSHes cover them too). A base without a volatile cache
-/// has them durable already.
+/// Direct writes (cache modes, cutoff) and unsynced keys (write-throughs) not yet
+/// covered by a base FLUSH: flush the base for them, at most every
+/// `sched::DIRECT_FLUSH_PERIOD_US`, while no writeback window is in flight (its own
+/// FLUSHes cover them too; a write-through stream's windows are empty and acknowledged
+/// at once). A base without a volatile cache has them durable already.
 fn flush_for_direct(n: *mut Node) -> bool {
     let nd = node(n.cast());
     let e = &nd.shared.engine;

@@ -108,13 +108,12 @@ impl Volume {
         if e.gc_wanted() && e.gc(buf).ksets > 0 {
             worked = true;
         }
-        if !worked {
-            let due =
-                sched::direct_flush_due(e, &mut self.direct_flush.lock().unwrap(), self.now_us());
-            if let Some(mark) = due {
-                if q.flush().is_ok() {
-                    e.direct_flushed(mark);
-                }
+        // Also while writeback works: a write-through stream's windows are empty and
+        // flush nothing, and its keys stay unsynced until a backing FLUSH covers them.
+        let due = sched::direct_flush_due(e, &mut self.direct_flush.lock().unwrap(), self.now_us());
+        if let Some(mark) = due {
+            if q.flush().is_ok() {
+                e.direct_flushed(mark);
             }
         }
         if worked {

@@ -407,22 +407,15 @@ impl VolumeConn {
         Some(self.finish_direct(op, &[], r))
     }
 
-    /// The rest of the direct-write protocol after the backing command returned `r`:
-    /// the backing FLUSH it owes (FUA, write-through) and its end in the engine, before
-    /// that FLUSH unless it is a write-through.
+    /// The rest of the direct-write protocol after the backing command returned `r`: its
+    /// end in the engine (a write-through is cached there), then the backing FLUSH a FUA
+    /// request owes.
     fn finish_direct(&mut self, op: DirectOp, data: &[u8], r: io::Result<()>) -> io::Result<()> {
-        let e = &self.vol.engine;
+        op.end(&self.vol.engine, &mut self.ch, data, r.is_ok());
         if r.is_err() || !op.needs_flush() {
-            op.end(e, &mut self.ch, data, r.is_ok());
             return r;
         }
-        if op.ends_before_flush() {
-            op.end(e, &mut self.ch, data, true);
-            return self.flush_direct();
-        }
-        let r = self.q.flush();
-        op.end(e, &mut self.ch, data, r.is_ok());
-        r
+        self.flush_direct()
     }
 
     /// After a FLUSH: the writes that went around the cache must be durable too.

@@ -339,7 +339,8 @@ impl Volume {
         *self.progress.lock().unwrap()
     }
 
-    /// Stops the background thread's loop, if any (join it afterwards), and closes the ksets.
+    /// Stops the background thread's loop, if any (join it afterwards), closes the ksets
+    /// and flushes the backing device (recording it: unsynced keys stay valid).
     pub fn shutdown(&self) -> io::Result<()> {
         self.stop.store(true, Release);
         self.kick();
@@ -347,7 +348,11 @@ impl Volume {
             .shutdown()
             .map_err(|e| io::Error::other(e.to_string()))?;
         let mut q = self.backing.queue()?;
-        q.flush()
+        // Covers every closed kset: write-throughs stay cached across the restart.
+        let mark = self.engine.direct_mark();
+        q.flush()?;
+        self.engine.direct_flushed(mark);
+        Ok(())
     }
 }
 
