@@ -192,12 +192,16 @@ pub(super) struct ShardAux {
     /// The shard's extent count as of its last unlock, so `stats` need not lock every
     /// shard (stored only when it changed).
     len: AtomicU32,
+    /// The address of the shard's entries as of its last unlock (0: none yet), for
+    /// `probe_addr`'s prefetch hint (stored only when it changed).
+    entries: AtomicUsize,
 }
 
 impl ShardAux {
     pub(super) fn new() -> ShardAux {
         ShardAux {
             len: AtomicU32::new(0),
+            entries: AtomicUsize::new(0),
         }
     }
 }
@@ -207,6 +211,7 @@ impl ShardAux {
 pub(super) struct ShardGuard<'a> {
     g: MutexGuard<'a, Shard>,
     len0: usize,
+    entries0: usize,
     aux: &'a ShardAux,
 }
 
@@ -228,6 +233,10 @@ impl Drop for ShardGuard<'_> {
         let n = self.g.len();
         if n != self.len0 {
             self.aux.len.store(n as u32, Relaxed);
+        }
+        let at = self.g.entries_addr();
+        if at != self.entries0 {
+            self.aux.entries.store(at, Relaxed);
         }
     }
 }
@@ -297,6 +306,9 @@ pub struct Engine<P: Pmem> {
     waiting: AtomicU64,
     /// Every channel's latency histograms (recorded by the environment, which has the clock).
     latency: latency::Registry,
+    /// The GC watermark, read by every background round without the info lock; `info`
+    /// holds the persisted copy (written under it).
+    gc_pct: AtomicU32,
     /// The policy's mode and cutoff (kib << 8 | policy code), read per request without
     /// the info lock; `info` holds the persisted copy.
     mode_code: AtomicU32,
@@ -330,7 +342,7 @@ impl<P: Pmem> Engine<P> {
         self.geo.backing_size
     }
     pub fn gc_percent(&self) -> u32 {
-        lock(&self.info).info.gc_percent
+        self.gc_pct.load(Relaxed)
     }
 
     /// Changes the GC watermark (0..=90) and persists it.
@@ -342,6 +354,7 @@ impl<P: Pmem> Engine<P> {
         }
         let mut st = lock(&self.info);
         st.info.gc_percent = pct;
+        self.gc_pct.store(pct, Relaxed);
         let (slot, seq) = st.r.advance();
         self.pmem.persist(INFO_OFF[slot], &st.info.encode(seq));
         Ok(())
@@ -372,6 +385,7 @@ impl<P: Pmem> Engine<P> {
             }
         }
         ShardGuard {
+            entries0: if len0 == 0 { 0 } else { g.entries_addr() },
             g,
             len0,
             aux: &self.aux[si],
