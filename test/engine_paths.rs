@@ -375,7 +375,7 @@ fn writeback_skips_superseded_data_only_within_an_epoch() {
 
 /// Writeback waits while little dirty data is closed and writes keep coming (so
 /// overwrites can supersede it), and runs once writes stop for a tick, once dirty data
-/// passes three quarters of the GC watermark, or when GC finds nothing clean.
+/// passes seven eighths of the GC watermark, or when GC finds nothing clean.
 #[test]
 fn writeback_waits_for_pressure_or_idleness() {
     let (_pmem, e) = new_engine(16, false);
@@ -391,15 +391,15 @@ fn writeback_waits_for_pressure_or_idleness() {
     drain(&e, &mut backing, false);
     assert!(!e.writeback_wanted(), "all written back");
 
-    // Busy again, with closed dirty data past 3/4 of gc_percent of the capacity.
+    // Busy again, with closed dirty data past 7/8 of gc_percent of the capacity.
     let cap = 16 * (SEG as u64 - 4096);
     let gc = e.gc_percent() as u64;
     let mut off = 0;
-    while off * 400 < cap * 3 * gc {
+    while off * 800 < cap * 7 * gc {
         e.write(&mut ch, off, &[2; 65536], false).unwrap();
         off += 65536;
         e.tick();
-        if off * 400 < cap * 3 * gc - 65536 * 400 {
+        if off * 800 < cap * 7 * gc - 65536 * 800 {
             e.flush().unwrap();
             assert!(!e.writeback_wanted(), "{off} dirty bytes while busy");
         }

@@ -433,6 +433,24 @@ impl Shard {
         Some(&self.v[lo + guess(hi - lo, b, s)] as *const Entry as *const u8)
     }
 
+    /// The address of the entries (0 while there are none or replay is unsettled),
+    /// published for lock-free prefetch hints (`Engine::probe_addr`).
+    pub fn entries_addr(&self) -> usize {
+        if self.replayed || self.v.is_empty() {
+            0
+        } else {
+            self.v.as_ptr() as usize
+        }
+    }
+
+    /// The byte offset in the entries of the one a lookup of `s` probes first in a
+    /// shard of `n` entries spread evenly (`lower_bound`'s guess when the shard is
+    /// written in whole blocks).
+    pub fn probe_offset(n: usize, s: u32) -> usize {
+        let i = ((s as u64 * n as u64) >> super::format::SUBTREE_SHIFT) as usize;
+        i.min(n.saturating_sub(1)) * std::mem::size_of::<Entry>()
+    }
+
     pub fn len(&self) -> usize {
         debug_assert!(!self.replayed());
         self.v.len()

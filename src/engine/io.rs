@@ -11,7 +11,7 @@
 //! segment reclaimed during the copy turns the hit into a miss instead of garbage.
 
 use super::format::{self, KeyRec, KEY_CLEAN, KEY_DISCARD, KEY_ZERO, SUBTREE_SIZE};
-use super::index::{Extent, F_CRC, F_DIRTY, F_EMPTY, F_REF, F_ZERO};
+use super::index::{Extent, Shard, F_CRC, F_DIRTY, F_EMPTY, F_REF, F_ZERO};
 use super::log::{LogFull, Superseded};
 use super::slots::{SlotHandle, COMMON};
 use super::{Engine, IoError, KsetGuard, Pmem};
@@ -174,14 +174,24 @@ impl<P: Pmem> Engine<P> {
         Ok(())
     }
 
-    /// The DRAM line a write or read of `off` will look up first in the index, or None
-    /// if the shard is busy or has nothing there. An environment may prefetch it before
-    /// copying data, so the lookup after the copy does not wait for memory. Costs one
-    /// uncontended lock; never blocks.
-    pub fn probe_addr(&self, off: u64) -> Option<*const u8> {
-        super::sync::count::shared_lock();
-        let sh = self.shards.get(self.shard_of(off))?.try_lock().ok()?;
-        sh.probe_addr((off % SUBTREE_SIZE) as u32)
+    /// The DRAM lines a write or read of `off` will touch first in the index: the
+    /// shard's lock and (if the shard has entries) the entry its lookup probes first,
+    /// as of the shard's last unlock. An environment may prefetch them before copying
+    /// data, so the lookup after the copy does not wait for memory. A hint only (the
+    /// entry may have moved since): no lock, no shared write; it never blocks.
+    pub fn probe_addr(&self, off: u64) -> (Option<*const u8>, Option<*const u8>) {
+        let si = self.shard_of(off);
+        let (Some(lock), Some(aux)) = (self.shards.get(si), self.aux.get(si)) else {
+            return (None, None);
+        };
+        let lock = Some(lock as *const _ as *const u8);
+        let at = aux.entries.load(Relaxed);
+        let n = aux.len.load(Relaxed) as usize;
+        if at == 0 || n == 0 {
+            return (lock, None);
+        }
+        let probe = at.wrapping_add(Shard::probe_offset(n, (off % SUBTREE_SIZE) as u32));
+        (lock, Some(probe as *const u8))
     }
 
     /// Writes `data` at backing offset `off`. Completes only once the data is

@@ -195,6 +195,9 @@ pub(super) struct ShardAux {
     len: AtomicU32,
     /// Likewise, the bytes of pmem data its extents map (`cached_bytes`).
     data: AtomicU64,
+    /// The address of the shard's entries as of its last unlock (0: none yet), for
+    /// `probe_addr`'s prefetch hint (stored only when it changed).
+    entries: AtomicUsize,
 }
 
 impl ShardAux {
@@ -202,6 +205,7 @@ impl ShardAux {
         ShardAux {
             len: AtomicU32::new(0),
             data: AtomicU64::new(0),
+            entries: AtomicUsize::new(0),
         }
     }
 }
@@ -212,6 +216,7 @@ pub(super) struct ShardGuard<'a> {
     g: MutexGuard<'a, Shard>,
     len0: usize,
     data0: u64,
+    entries0: usize,
     aux: &'a ShardAux,
 }
 
@@ -237,6 +242,10 @@ impl Drop for ShardGuard<'_> {
         let d = self.g.data_bytes();
         if d != self.data0 {
             self.aux.data.store(d, Relaxed);
+        }
+        let at = self.g.entries_addr();
+        if at != self.entries0 {
+            self.aux.entries.store(at, Relaxed);
         }
     }
 }
@@ -306,6 +315,9 @@ pub struct Engine<P: Pmem> {
     waiting: AtomicU64,
     /// Every channel's latency histograms (recorded by the environment, which has the clock).
     latency: latency::Registry,
+    /// The GC watermark, read by every background round without the info lock; `info`
+    /// holds the persisted copy (written under it).
+    gc_pct: AtomicU32,
     /// The policy's mode and cutoff (kib << 8 | policy code), read per request without
     /// the info lock; `info` holds the persisted copy.
     mode_code: AtomicU32,
@@ -359,7 +371,7 @@ impl<P: Pmem> Engine<P> {
         self.geo.backing_size
     }
     pub fn gc_percent(&self) -> u32 {
-        lock(&self.info).info.gc_percent
+        self.gc_pct.load(Relaxed)
     }
 
     /// Changes the GC watermark (0..=`GC_PERCENT_MAX`) and persists it.
@@ -372,6 +384,7 @@ impl<P: Pmem> Engine<P> {
         }
         let mut st = lock(&self.info);
         st.info.gc_percent = pct;
+        self.gc_pct.store(pct, Relaxed);
         let (slot, seq) = st.r.advance();
         self.pmem.persist(INFO_OFF[slot], &st.info.encode(seq));
         Ok(())
@@ -406,6 +419,7 @@ impl<P: Pmem> Engine<P> {
             }
         }
         ShardGuard {
+            entries0: if len0 == 0 { 0 } else { g.entries_addr() },
             g,
             len0,
             data0,

@@ -420,6 +420,7 @@ impl<P: Pmem> Engine<P> {
             wall_clock_ms: cfg.wall_clock_ms,
             waiting: AtomicU64::new(0),
             latency: Default::default(),
+            gc_pct: AtomicU32::new(info.gc_percent),
             mode_code: AtomicU32::new(info.policy.mode.code() as u32),
             seq_code: AtomicU64::new(0),
             direct_done: AtomicU64::new(0),

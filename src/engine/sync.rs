@@ -1,23 +1,38 @@
 //! Locking for the request paths, and (feature `lockcount`) counting what they share.
 //!
-//! `lock` takes a short engine lock without parking the caller first: it spins on
-//! `try_lock` for a bounded number of rounds and only then falls back to a blocking
-//! `lock`. Every engine lock is held for a bounded, short time (never across a data copy
-//! or any I/O), so on SPDK reactors, one pinned thread per core, the holder is running and
-//! the spin ends within its critical section; the kernel is entered only when the holder
-//! was descheduled (a shared machine, more threads than cores), where parking is what
-//! one wants anyway. The engine has no `unsafe`, so this is a spin in front of
-//! `std::sync::Mutex` rather than a hand-made spin lock.
+//! `lock` takes a short engine lock by spinning on `try_lock`. Every engine lock is held
+//! for a bounded, short time (never across a data copy or any I/O), so on SPDK
+//! reactors, one pinned thread per core, the holder is running and the spin ends within
+//! its critical section. What happens when the spin budget runs out is the
+//! environment's choice (`never_park`): by default the caller falls back to a blocking
+//! `lock`, which parks it in the kernel: right for threads that may outnumber the cores
+//! (the embedded runtime, tests), whose lock holder may be descheduled. An SPDK
+//! environment calls `never_park` once: then a reactor keeps spinning and never enters
+//! the kernel for an engine lock, as SPDK's own spin locks do. The engine has no
+//! `unsafe`, so this is a spin in front of `std::sync::Mutex` rather than a hand-made
+//! spin lock; nobody ever waits in `lock` then, so an unlock never makes a syscall
+//! either.
 //!
 //! With the cargo feature `lockcount` (for the engine bench's `--count` mode) every lock
 //! acquisition is counted as shared or channel-own, and every read-modify-write on an
 //! atomic that several channels write; `counts()` reads the totals. Without the feature
 //! the counting calls are empty inline functions: nothing on the I/O path changes.
 
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 /// `try_lock` rounds before a blocking `lock` (a few microseconds at most).
 const SPINS: u32 = 256;
+
+/// Set by `never_park`: engine locks spin until they get the lock.
+static NEVER_PARK: AtomicBool = AtomicBool::new(false);
+
+/// From now on, engine locks never park the calling thread: they spin until the lock
+/// is free. For environments whose every engine thread has a core of its own (SPDK
+/// reactors); process-wide, and cannot be undone.
+pub fn never_park() {
+    NEVER_PARK.store(true, Relaxed);
+}
 
 /// Takes a lock shared between channels (an index shard, the log head, ...).
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -34,14 +49,18 @@ pub(super) fn lock_own<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn spin_lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    for _ in 0..SPINS {
+    let mut spins = 0u32;
+    loop {
         match m.try_lock() {
             Ok(g) => return g,
             Err(TryLockError::WouldBlock) => std::hint::spin_loop(),
             Err(TryLockError::Poisoned(p)) => panic!("engine lock poisoned: {p}"),
         }
+        spins += 1;
+        if spins >= SPINS && !NEVER_PARK.load(Relaxed) {
+            return m.lock().expect("engine lock poisoned");
+        }
     }
-    m.lock().expect("engine lock poisoned")
 }
 
 /// Shared lock acquisitions, channel-own lock acquisitions and shared atomic

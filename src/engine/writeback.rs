@@ -379,7 +379,7 @@ impl<P: Pmem> Engine<P> {
     /// Whether writeback should run now (runtimes ask before `writeback_next`; a
     /// drain ignores it). Writing back lazily lets overwrites supersede older dirty
     /// data first, which writeback then skips (see `Segs::mark_superseded`): it runs when
-    /// closed dirty data passes three quarters of the GC watermark, when GC is wanted
+    /// closed dirty data passes seven eighths of the GC watermark, when GC is wanted
     /// but finds nothing clean to reclaim, when writes are paced (`admit`), or when no
     /// write arrived for a whole tick.
     pub fn writeback_wanted(&self) -> bool {
@@ -404,7 +404,10 @@ impl<P: Pmem> Engine<P> {
             return true; // draining after a switch away from write-back
         }
         let capacity = self.geo.n_segs as u64 * self.geo.seg_data_size;
-        closed == 0 || closed * 400 >= capacity * 3 * self.gc_percent() as u64 || self.idle()
+        // Seven eighths: the later writeback starts, the more of a hot working set's dirty
+        // data is superseded (and skipped) first; the last eighth below the watermark is
+        // headroom for writeback to get going before writes are paced.
+        closed == 0 || closed * 800 >= capacity * 7 * self.gc_percent() as u64 || self.idle()
     }
 
     /// True when GC should run: usage at or above gc_percent, or a request found the

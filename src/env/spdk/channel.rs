@@ -17,8 +17,11 @@
 //! flight. While a poller of ours holds the context (`in_poll`), completions are
 //! collected in `deferred` and delivered after it let go of it (`deferring`):
 //! a completion callback may submit a new request, which takes the context again.
+//! Requests that `submit_request` finishes at once (writes into the cache) are deferred
+//! the same way and delivered by the next `read_poll`, instead of by the thread message
+//! the bdev layer sends for a completion inside its submit call.
 
-use super::ctx::{deferring, finish, ChannelCtx, Flusher, Shared, MAX_IO};
+use super::ctx::{deferring, finish, take_deferred, ChannelCtx, Flusher, Shared, MAX_IO};
 use super::ffi::{self, Poller};
 use super::io;
 use crate::engine::Channel;
@@ -58,6 +61,7 @@ pub(super) extern "C" fn create_cb(io_device: *mut c_void, buf: *mut c_void) -> 
         ctx.write(ChannelCtx {
             base_ch,
             main: Channel::default(),
+            read: Channel::default(),
             reading: Vec::new(),
             gather: vec![0; MAX_IO as usize],
             bounces: Vec::new(),
@@ -108,11 +112,15 @@ pub(super) extern "C" fn destroy_cb(_io_device: *mut c_void, buf: *mut c_void) {
     let e = &c.shared.engine;
     e.latency().retire(&c.lat);
     e.release_channel(&mut c.main);
+    e.release_channel(&mut c.read);
+    for mut r in std::mem::take(&mut c.reading) {
+        e.release_channel(&mut r);
+    }
     // SAFETY: obtained in create_cb on this thread; put once.
     unsafe { sys::spdk_put_io_channel(c.base_ch) };
-    for (bio, st) in std::mem::take(&mut c.deferred) {
+    for d in take_deferred(&mut c) {
         // SAFETY: finished (IoCtx dropped) but not yet completed, on this thread.
-        unsafe { ffi::complete(bio, st) };
+        unsafe { ffi::complete(d.bio, d.status) };
     }
 }
 

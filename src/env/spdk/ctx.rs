@@ -118,6 +118,8 @@ pub(super) struct ChannelCtx {
     pub base_ch: *mut sys::spdk_io_channel,
     /// Writes, flushes and zeroes.
     pub main: Channel,
+    /// Where reads run; a read with misses takes it and leaves one from `reading`.
+    pub read: Channel,
     /// Idle channels for reads (each holds one read's plan while its misses are out).
     pub reading: Vec<Channel>,
     /// Gathers a multi-iovec write into one slice for `Engine::write`.
@@ -132,9 +134,12 @@ pub(super) struct ChannelCtx {
     pub reads: Vec<*mut sys::spdk_bdev_io>,
     pub(super) batch: Vec<*mut sys::spdk_bdev_io>,
     pub read_poller: Poller,
-    /// Set while a poller holds the context: `io::finish` then defers the completion.
+    /// Set while a poller or `submit_request` holds the context: `finish` then defers
+    /// the completion to `deferred`, which the read poller delivers. A completion
+    /// inside `submit_request` would otherwise cost the bdev layer a thread message
+    /// (its `in_submit_request` deferral) per request.
     pub in_poll: bool,
-    pub deferred: Vec<(*mut sys::spdk_bdev_io, i32)>,
+    pub deferred: Vec<Done>,
     /// Requests accepted and not completed yet.
     pub inflight: u64,
     /// This channel's latency histograms (only this thread records into them).
@@ -172,6 +177,43 @@ impl ChannelCtx {
     }
 }
 
+/// A finished request waiting for its completion to be delivered (`deliver`), with the
+/// latency class it is recorded as (None: not recorded).
+pub(super) struct Done {
+    pub bio: *mut sys::spdk_bdev_io,
+    pub status: i32,
+    pub class: Option<Class>,
+}
+
+impl Done {
+    /// Records its latency (from the bdev layer's submit time, which it read anyway)
+    /// as ending at `now`.
+    fn record(&self, c: &ChannelCtx, now: u64) {
+        if let Some(class) = self.class {
+            // SAFETY: a finished, not yet completed bdev_io; a getter.
+            let start = unsafe { sys::spdk_bdev_io_get_submit_tsc(self.bio) };
+            c.lat.record(class, c.ticks_to_ns(now.wrapping_sub(start)));
+        }
+    }
+}
+
+/// Records the latencies of finished requests about to complete: one clock read for all
+/// (they complete now, together).
+fn record_all(c: &ChannelCtx, done: &[Done]) {
+    if done.iter().any(|d| d.class.is_some()) {
+        let now = ffi::ticks();
+        for d in done {
+            d.record(c, now);
+        }
+    }
+}
+
+/// Records the latencies of `c.deferred` and takes them for delivery.
+pub(super) fn take_deferred(c: &mut ChannelCtx) -> Vec<Done> {
+    record_all(c, &c.deferred);
+    std::mem::take(&mut c.deferred)
+}
+
 /// The context of an io_channel of ours.
 ///
 /// # Safety
@@ -193,18 +235,22 @@ pub(super) unsafe fn deferring<R>(arg: *mut c_void, f: impl FnOnce(&mut ChannelC
     let (r, mut done) = {
         // SAFETY: forwarded contract; this reference ends before the callbacks run.
         let c = unsafe { &mut *(arg as *mut ChannelCtx) };
+        if c.in_poll {
+            // Nested in a holder of the context (submit_request): it delivers.
+            return f(c);
+        }
         c.in_poll = true;
         let r = f(c);
         c.in_poll = false;
-        (r, std::mem::take(&mut c.deferred))
+        (r, take_deferred(c))
     };
-    for (bio, st) in done.drain(..) {
+    for d in done.drain(..) {
         // SAFETY: finished (IoCtx dropped) but not yet completed, on this thread.
-        unsafe { ffi::complete(bio, st) };
+        unsafe { ffi::complete(d.bio, d.status) };
     }
-    // SAFETY: as above; the callbacks are done and no other reference is alive. They
-    // ran with in_poll false, so nothing should have been deferred meanwhile; keep
-    // whatever was anyway, in the larger allocation, for the next poll.
+    // SAFETY: as above; the callbacks are done and no other reference is alive. What
+    // the requests they submitted finished at once waits for the next poll (in the
+    // larger allocation).
     let c = unsafe { &mut *(arg as *mut ChannelCtx) };
     done.append(&mut c.deferred);
     c.deferred = done;
@@ -226,8 +272,8 @@ pub(super) struct IoCtx {
     /// Waiting for the base bdev to have request objects again.
     pub(super) waiting: bool,
     pub(super) wait: sys::spdk_bdev_io_wait_entry,
-    /// When submitted (SPDK ticks), and what its latency counts as once it succeeds.
-    pub(super) start: u64,
+    /// What its latency counts as once it succeeds (measured from the bdev layer's
+    /// submit time, `spdk_bdev_io_get_submit_tsc`).
     pub(super) class: Option<Class>,
     /// Why it failed, for the last I/O error (set where the failure is found).
     pub(super) why: &'static str,
@@ -249,7 +295,6 @@ impl IoCtx {
             failed: false,
             waiting: false,
             wait: sys::spdk_bdev_io_wait_entry::default(),
-            start: ffi::ticks(),
             class: None,
             why: "the request failed",
             direct: None,
@@ -293,12 +338,12 @@ pub(super) fn chan_of<'a>(bio: *mut sys::spdk_bdev_io) -> &'a mut ChannelCtx {
 /// `bio` must be live and not yet completed, with an initialised IoCtx, on its thread.
 pub(super) unsafe fn finish(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, status: i32) {
     let x = io_ctx(bio);
-    if status == ffi::STATUS_SUCCESS {
-        if let Some(class) = x.class {
-            c.lat
-                .record(class, c.ticks_to_ns(ffi::ticks().wrapping_sub(x.start)));
-        }
-    } else if status == ffi::STATUS_FAILED {
+    let class = if status == ffi::STATUS_SUCCESS {
+        x.class
+    } else {
+        None
+    };
+    if status == ffi::STATUS_FAILED {
         // NOMEM is not an error: the bdev layer resubmits.
         let why = x.why;
         // SAFETY: live request (caller contract).
@@ -320,10 +365,13 @@ pub(super) unsafe fn finish(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, sta
     // SAFETY: the IoCtx was initialised at submit and is dropped exactly once, here,
     // right before the bdev_io goes back to the bdev layer.
     unsafe { std::ptr::drop_in_place((*bio).driver_ctx.as_mut_ptr() as *mut IoCtx) };
+    let d = Done { bio, status, class };
     if c.in_poll {
-        // A poller holds the channel: it completes the request once it let go.
-        c.deferred.push((bio, status));
+        // A poller or submit_request holds the channel: the request completes once it
+        // let go (the read poller delivers what submit_request finished).
+        c.deferred.push(d);
     } else {
+        d.record(c, ffi::ticks());
         // SAFETY: live, uncompleted request on its thread (caller contract).
         unsafe { ffi::complete(bio, status) };
     }

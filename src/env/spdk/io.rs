@@ -46,6 +46,15 @@ pub(super) extern "C" fn submit_request(
     // SAFETY: driver_ctx has room for an IoCtx (get_ctx_size) and is uninitialised here.
     unsafe { ((*bio).driver_ctx.as_mut_ptr() as *mut IoCtx).write(IoCtx::new()) };
     c.inflight += 1;
+    // Whatever completes inside this call is delivered by the read poller (see
+    // `ChannelCtx::in_poll`). No poller holds the context here: SPDK calls us from
+    // its submit path, never from inside one of our pollers' work.
+    let was = std::mem::replace(&mut c.in_poll, true);
+    dispatch(c, bio);
+    c.in_poll = was;
+}
+
+fn dispatch(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
     // SAFETY: `bio` is live and ours until completed.
     let d = unsafe { ffi::io_desc(bio) };
     if c.shared.removed.load(Relaxed) {
@@ -124,7 +133,9 @@ pub(super) unsafe fn retry_ordered(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_
         // some (a no-op when it waits for space, not credit). Ticks are read only for
         // the head of a queue that already waits, and converted with the channel's
         // factor (a multiply, as the latency path does).
-        let waited_ns = c.ticks_to_ns(ffi::ticks().wrapping_sub(io_ctx(bio).start));
+        // SAFETY: live request; a getter.
+        let start = unsafe { sys::spdk_bdev_io_get_submit_tsc(bio) };
+        let waited_ns = c.ticks_to_ns(ffi::ticks().wrapping_sub(start));
         sched::may_overdraw(&c.shared.engine, waited_ns / 1000);
     }
     match ordered(c, &d) {
@@ -193,7 +204,8 @@ fn read(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoDesc) {
 
 /// Starts fetching the index line a request at backing offset `off` will look up.
 fn prefetch_index(c: &ChannelCtx, off: u64) {
-    if let Some(p) = c.shared.engine.probe_addr(off) {
+    let (lock, probe) = c.shared.engine.probe_addr(off);
+    for p in [lock, probe].into_iter().flatten() {
         crate::env::cpu::prefetch(p);
     }
 }
@@ -265,18 +277,20 @@ fn read_with_buf(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoDesc) {
             }
         }
     }
-    let mut rch = c.take_read_channel();
+    // Reads run on `c.read`; only one with misses takes it along (and leaves an idle
+    // one in its place), so a hit moves no channel.
     let r = c
         .shared
         .engine
-        .read(&mut rch, off, read_buf(d, &mut bounce, len));
+        .read(&mut c.read, off, read_buf(d, &mut bounce, len));
     match r {
         Ok(0) => {
-            c.give_read_channel(rch);
             io_ctx(bio).class = Some(Class::ReadHit);
             complete_read(c, bio, d, bounce, true);
         }
         Ok(_) => {
+            let idle = c.take_read_channel();
+            let rch = std::mem::replace(&mut c.read, idle);
             let n_misses = rch.misses().count();
             // Counted until `finish_read`: writeback holds back while misses wait.
             c.shared.fg_reads.fetch_add(1, Relaxed);
@@ -288,7 +302,6 @@ fn read_with_buf(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoDesc) {
             submit_misses(c, bio);
         }
         Err(e) => {
-            c.give_read_channel(rch);
             fail_why(bio, engine_why(e));
             complete_read(c, bio, d, bounce, false);
         }

@@ -40,6 +40,9 @@ pub(super) fn register() {
 
 extern "C" fn module_init() -> i32 {
     super::log_loaded();
+    // Every engine call here runs on an SPDK thread, one pinned reactor per core: an
+    // engine lock spins rather than park a reactor in the kernel.
+    crate::engine::sync::never_park();
     0
 }
 
