@@ -436,7 +436,7 @@ impl Shard {
     /// The address of the entries (0 while there are none or replay is unsettled),
     /// published for lock-free prefetch hints (`Engine::probe_addr`).
     pub fn entries_addr(&self) -> usize {
-        if self.replayed || self.v.is_empty() {
+        if self.replayed() || self.v.is_empty() {
             0
         } else {
             self.v.as_ptr() as usize
