@@ -379,6 +379,7 @@ fn writeback_skips_superseded_data_only_within_an_epoch() {
 #[test]
 fn writeback_waits_for_pressure_or_idleness() {
     let (_pmem, e) = new_engine(16, false);
+    e.set_gc_percent(70).unwrap(); // 7/8 of 95% would not fit beside the reserve
     let mut ch = Channel::default();
     assert!(!e.writeback_wanted(), "nothing closed");
     e.write(&mut ch, 0, &[1; 4096], false).unwrap();
