@@ -196,6 +196,7 @@ fn writethrough_cfgs(seed: u64, w: Workload) -> Vec<(String, WorldCfg)> {
         mode: CacheMode::WriteThrough,
         seq_cutoff_kib: 0,
         seq_policy: SeqPolicy::Never,
+        write_bypass_kib: 0,
     };
     let mut c = WorldCfg::new(seed, w);
     c.policy = wt;

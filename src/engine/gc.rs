@@ -126,8 +126,8 @@ impl<P: Pmem> Engine<P> {
                 }
                 // An unsynced copy no completed backing FLUSH covers yet is not moved
                 // (its move would be a synced key): it is dropped like cold data.
-                let synced = k.flags & KEY_UNSYNCED == 0
-                    || self.flushed_through.load(Acquire) >= pos.seq;
+                let synced =
+                    k.flags & KEY_UNSYNCED == 0 || self.flushed_through.load(Acquire) >= pos.seq;
                 self.retire_key(st, &k, synced, &mut budget);
                 if self.segs.put(&self.pmem, &self.geo, k.seg) {
                     r.segments_freed += 1;
