@@ -215,7 +215,7 @@ mod tests {
             json!({"name": 5, "base_bdev_name": "M0", "pmem_path": "/x"}),
             json!({"name": "", "base_bdev_name": "M0", "pmem_path": "/x"}),
             json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "rel"}),
-            json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "gc_percent": 91}),
+            json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "gc_percent": 96}),
             json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "gc_percent": -1}),
             json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "gc_percent": 1.5}),
             json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "persistence": "file"}),
