@@ -689,6 +689,87 @@ fn paced_writes_overdraw_only_below_halfway_to_full() {
 }
 
 #[test]
+fn pacing_starts_when_a_writer_opens_a_segment_not_at_the_next_poll() {
+    // No runtime poll at all: the writer's own segment opens switch pacing on, before
+    // the cache can run full.
+    let (_pmem, e) = new_engine(40, false);
+    e.set_gc_percent(70).unwrap();
+    let mut ch = Channel::default();
+    let block = vec![5u8; 4096];
+    let mut off = 0u64;
+    loop {
+        match e.write(&mut ch, off, &block, false) {
+            Ok(()) => off += 4096,
+            Err(IoError::Busy) => break,
+            Err(x) => panic!("{x}"),
+        }
+        assert!(off < SIZE, "pacing never began");
+    }
+    let s = e.stats();
+    assert_eq!((s.paced_writes, s.cache_full_events), (1, 0));
+    assert!(
+        s.segments_used as u64 * 100 >= 40 * 70,
+        "paced below the watermark"
+    );
+    e.check_invariants(&[&ch]).unwrap();
+}
+
+#[test]
+fn pacing_runs_writeback_only_from_the_dirty_floor() {
+    // Written back entirely, a cache at its watermark is clean: writers get in as GC
+    // reclaims, and pacing does not make writeback run until dirty data reaches the
+    // floor (half the watermark), so dirty data is kept for overwrites to supersede.
+    // Small ksets: closed dirty data from the first writes on.
+    let pmem = Arc::new(SimPmem::new(
+        pcache::engine::format::SEGMENTS_OFF + 40 * SEG as u64,
+    ));
+    let mut fo = FormatOptions::new(id(), 1);
+    fo.seg_size = SEG;
+    fo.kset_keys = 4;
+    let e = Engine::format(pmem, &fo, &cfg()).unwrap();
+    e.set_gc_percent(70).unwrap();
+    let mut backing = vec![0u8; SIZE as usize];
+    let mut ch = Channel::default();
+    let block = vec![6u8; 4096];
+    let mut off = 0u64;
+    while e.stats().segments_used < 27 {
+        e.write(&mut ch, off, &block, false).unwrap();
+        off = (off + 4096) % SIZE;
+    }
+    e.flush().unwrap();
+    drain(&e, &mut backing, false);
+    let floor = 28 * (SEG as u64 - 4096) / 2;
+    let (mut paced, mut over, mut wanted_below) = (0, 0, 0);
+    while e.stats().dirty_bytes < floor {
+        e.gc(&mut Vec::new());
+        match e.write(&mut ch, off, &block, false) {
+            Ok(()) => off = (off + 4096) % SIZE,
+            Err(IoError::Busy) => paced += 1,
+            Err(x) => panic!("{x}"),
+        }
+        e.tick(); // writes keep coming: not idle
+                  // Only over the watermark, where writers are paced, and with closed dirty data
+                  // (below, windows of ksets with no dirty data run whenever there are some).
+        let st = e.stats();
+        if st.segments_used >= 28 && (4 * 4096..floor).contains(&st.dirty_bytes) {
+            over += 1;
+            wanted_below += e.writeback_wanted() as u32;
+        }
+        assert!(paced < 10_000, "paced writers never got in");
+    }
+    assert_eq!(wanted_below, 0, "writeback ran below the floor");
+    assert!(over > 0, "never over the watermark");
+    // Past the floor, a paced writer makes writeback run.
+    e.flush().unwrap();
+    while e.write(&mut ch, off, &block, false).is_ok() {
+        off = (off + 4096) % SIZE;
+    }
+    assert!(e.writeback_wanted());
+    assert_eq!(e.stats().cache_full_events, 0);
+    e.check_invariants(&[&ch]).unwrap();
+}
+
+#[test]
 fn segment_size_follows_the_medium_when_not_given() {
     use pcache::engine::format::auto_seg_size;
     assert_eq!(auto_seg_size(256 << 20), 2 << 20);

@@ -117,6 +117,7 @@ impl<P: Pmem> Engine<P> {
                 Some(h) => h,
                 None => {
                     let seg = self.segs.take_data().ok_or(IoError::Busy)?;
+                    self.update_pace(self.segs.used() as u64);
                     // Every allocation takes at least one block: this many references
                     // cover all the keys the segment can get from this head.
                     let spare = (data / a) as u32;

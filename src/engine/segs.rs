@@ -39,8 +39,14 @@ pub struct Segs {
     alloc: Mutex<Alloc>,
     /// Set when an allocation failed; cleared by a reclaim.
     pub full: AtomicBool,
-    /// Times `full` went from clear to set: how often the cache became full.
+    /// Times the cache ran out of space after having had headroom: an episode starts
+    /// when an allocation fails and ends only once reclaim has given back
+    /// `headroom()` free segments, so a GC that frees clean segments one at a time
+    /// while writeback is stuck (a failing base) counts as one episode, not one per
+    /// freed segment.
     pub full_events: AtomicU64,
+    /// Inside a full episode (see `full_events`); changed under the allocator lock.
+    episode: AtomicBool,
     pub reserve: u32,
     /// Superseded marks, `blocks_per_seg` per segment (see the module comment).
     marks: Box<[AtomicU8]>,
@@ -83,6 +89,7 @@ impl Segs {
             alloc: Mutex::new(Alloc { free, uses }),
             full: AtomicBool::new(false),
             full_events: AtomicU64::new(0),
+            episode: AtomicBool::new(false),
             reserve,
         }
     }
@@ -137,8 +144,24 @@ impl Segs {
     /// retry of a waiting request (called under the allocator lock, so a reclaim's clear
     /// cannot interleave).
     fn became_full(&self) {
-        if !self.full.swap(true, Relaxed) {
+        self.full.store(true, Relaxed);
+        if !self.episode.swap(true, Relaxed) {
             self.full_events.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Free segments beyond the reserve that end a full episode: 1/32 of the cache, at
+    /// least 2 (below the GC free target, which keeps 5% free at gc_percent 95).
+    fn headroom(&self) -> u32 {
+        self.reserve + (self.n() / 32).max(2)
+    }
+
+    /// A segment went back on the free list (allocator lock held): requests may retry,
+    /// and the full episode ends once there is headroom again.
+    fn freed(&self, free: usize) {
+        self.full.store(false, Relaxed);
+        if free as u32 >= self.headroom() {
+            self.episode.store(false, Relaxed);
         }
     }
 
@@ -148,7 +171,7 @@ impl Segs {
         debug_assert_eq!(a.uses[seg as usize], Use::Log);
         a.uses[seg as usize] = Use::Free;
         a.free.push_back(seg);
-        self.full.store(false, Relaxed);
+        self.freed(a.free.len());
     }
 
     pub fn get(&self, seg: u32) {
@@ -189,7 +212,7 @@ impl Segs {
         let mut a = lock(&self.alloc);
         a.uses[seg as usize] = Use::Free;
         a.free.push_back(seg);
-        self.full.store(false, Relaxed);
+        self.freed(a.free.len());
         true
     }
 
@@ -290,5 +313,41 @@ mod tests {
         // Out-of-range blocks are simply not marked.
         segs.mark_superseded(s, geo.seg_data_size as u32, b, 1);
         assert!(!segs.superseded(s, geo.seg_data_size as u32, 1));
+    }
+
+    /// A full episode counts once, however many single segments reclaim hands back
+    /// while writers keep taking them, and ends only with headroom free again.
+    #[test]
+    fn full_events_count_episodes() {
+        let geo = tiny::geometry(1);
+        let pmem = SimPmem::new(geo.seg_base(geo.n_segs - 1) + geo.seg_size);
+        let n = geo.n_segs as usize;
+        let segs = Segs::new(
+            vec![Use::Free; n],
+            vec![0; n],
+            vec![0; n],
+            1,
+            geo.seg_data_size,
+        );
+        let mut taken = Vec::new();
+        while let Some(s) = segs.take_data() {
+            taken.push(s);
+        }
+        assert_eq!(segs.full_events.load(Relaxed), 1);
+        // One segment back, taken again, full again: the same episode.
+        for _ in 0..5 {
+            let s = taken.pop().unwrap();
+            assert!(segs.put(&pmem, &geo, s));
+            assert!(!segs.full.load(Relaxed), "a reclaim lets requests retry");
+            taken.push(segs.take_data().unwrap());
+            assert!(segs.take_data().is_none());
+        }
+        assert_eq!(segs.full_events.load(Relaxed), 1);
+        // Headroom back: the next failure is a new episode.
+        while (segs.free() as u32) < segs.headroom() {
+            assert!(segs.put(&pmem, &geo, taken.pop().unwrap()));
+        }
+        while segs.take_data().is_some() {}
+        assert_eq!(segs.full_events.load(Relaxed), 2);
     }
 }

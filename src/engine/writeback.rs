@@ -24,6 +24,11 @@ use std::sync::atomic::Ordering::{Acquire, Relaxed};
 /// Free segments beyond the log reserve below which GC runs whatever the watermark.
 const GC_FREE_FLOOR: u32 = 2;
 
+/// How far under the watermark a GC round frees (see `gc_low_segs`): a ms or two of
+/// writes at memory speed, so writers paced at the watermark do not wait for every
+/// poll's single segment.
+const GC_ROUND_BYTES: u64 = 4 << 20;
+
 /// Most ksets one writeback window takes (one backing FLUSH for all of them).
 pub const WINDOW_KSETS: usize = 8;
 
@@ -277,7 +282,7 @@ impl<P: Pmem> Engine<P> {
             } else {
                 b.window as usize
             };
-            if e.is_none() || n >= max {
+            if e.is_none() || n >= max || b.retire_bytes >= self.window_bytes_max() {
                 break;
             }
         }
@@ -397,7 +402,7 @@ impl<P: Pmem> Engine<P> {
         if self.gc_wanted() && key == dirty {
             return true; // GC is starved (even clean ksets need dirty_tail past them)
         }
-        if self.pace.load(Relaxed) {
+        if self.pace.load(Relaxed) && closed >= self.pace_floor() {
             return true; // writers are paced by writeback's progress
         }
         if self.mode() != super::CacheMode::WriteBack {
@@ -417,13 +422,55 @@ impl<P: Pmem> Engine<P> {
     /// while GC reclaimed clean data a segment at a time: 320 cache-full events in 7 s
     /// of the SPDK tier's recovery case, where pacing keeps it under 3.)
     pub fn gc_wanted(&self) -> bool {
-        let used = self.segs.used() as u64;
+        let over = self.update_pace(self.segs.used() as u64);
+        self.cache_full() || over
+    }
+
+    /// Turns pacing on or off for `used` segments in use; true when that is at or over
+    /// the watermark. Called by every GC poll and whenever a writer opens a segment:
+    /// between two polls (1 ms) writers at memory speed open a few segments, and with
+    /// a stale flag they ran into a full cache instead of being paced.
+    pub(super) fn update_pace(&self, used: u64) -> bool {
         let over = used >= self.watermark_segs();
         let pace = over && lock(&self.head).closed_dirty > 0;
         if self.pace.load(Relaxed) != pace {
             self.pace.store(pace, Relaxed);
         }
-        self.cache_full() || over
+        over
+    }
+
+    /// Most data bytes one writeback window retires: half the headroom between the GC
+    /// watermark and a full cache. Writers above the watermark are admitted against the
+    /// credit a window earns as its requests complete, but the window's space comes back
+    /// only after its FLUSH and GC: a window as large as the headroom (8 ksets of 512 KiB
+    /// against 4 MiB on a 128 MiB cache) let writers fill the cache while it was in
+    /// flight. Caches of a few GiB and up have headroom for many windows.
+    fn window_bytes_max(&self) -> u64 {
+        let usable = (self.geo.n_segs - self.segs.reserve) as u64;
+        let headroom = usable.saturating_sub(self.watermark_segs());
+        (headroom * self.geo.seg_data_size / 2).max(1)
+    }
+
+    /// Closed dirty bytes below which pacing does not make writeback run: half the
+    /// watermark. Up to that, dirty data waits for overwrites to supersede it (paced
+    /// writers get in as GC reclaims the clean rest and usage drops under the
+    /// watermark). Credit follows writeback and is capped, so writeback run for every
+    /// paced write drained dirty data to a MiB or two in a steady random-write run:
+    /// writeback then had only tiny windows (each paying a FLUSH), writers waited on that
+    /// latency-bound loop, and overwrites had nothing left to supersede.
+    fn pace_floor(&self) -> u64 {
+        (self.watermark_segs() * self.geo.seg_data_size / 2).max(1)
+    }
+
+    /// Segments in use at which a GC round that started at the watermark stops: up to
+    /// `GC_ROUND_BYTES` under it, in whole segments, and no more than the headroom
+    /// between the watermark and full (so small caches keep most of their data).
+    pub(super) fn gc_low_segs(&self) -> u64 {
+        let wm = self.watermark_segs();
+        let usable = (self.geo.n_segs - self.segs.reserve) as u64;
+        let headroom = usable.saturating_sub(wm).max(1);
+        let k = (GC_ROUND_BYTES / self.geo.seg_data_size).clamp(1, headroom);
+        wm.saturating_sub(k)
     }
 
     /// Segments in use at which GC starts: `gc_percent` of them (rounded up), or fewer
