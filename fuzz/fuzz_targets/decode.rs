@@ -11,9 +11,9 @@
 use libfuzzer_sys::fuzz_target;
 use pcache::engine::format::{
     check_kset, crc, decode_gen, encode_gen, CacheInfo, Geometry, KeyRec, KsetCheck, LogPos,
-    Superblock, BACKING_ID_MAX, FORMAT_VERSION, GEN_SIZE, INFO_SIZE, KEY_SIZE, KIND_DIRTY_TAIL,
-    KIND_KEY_TAIL, KSET_HDR, KSET_LAST, KSET_MAGIC, SB_MAGIC, SB_SIZE, SEG_HDR, SUBTREE_SIZE,
-    TAIL_SIZE,
+    Superblock, BACKING_ID_MAX, FORMAT_VERSION, GC_PERCENT_MAX, GEN_SIZE, INFO_SIZE, KEY_SIZE,
+    KIND_DIRTY_TAIL, KIND_KEY_TAIL, KSET_HDR, KSET_LAST, KSET_MAGIC, SB_MAGIC, SB_SIZE, SEG_HDR,
+    SUBTREE_SIZE, TAIL_SIZE,
 };
 
 fn u32_at(b: &[u8], o: usize) -> u32 {
@@ -45,7 +45,7 @@ fn superblock(b: &[u8], medium: u64) {
 
 fn info(b: &[u8]) {
     if let Ok((seq, ci)) = CacheInfo::decode(b) {
-        assert!(ci.gc_percent <= 90);
+        assert!(ci.gc_percent <= GC_PERCENT_MAX);
         assert_eq!(CacheInfo::decode(&ci.encode(seq)), Ok((seq, ci)));
     }
 }
