@@ -783,3 +783,42 @@ fn segment_size_follows_the_medium_when_not_given() {
     let e = Engine::format(pmem, &FormatOptions::new(id(), 1), &cfg()).unwrap();
     assert_eq!(e.geometry().seg_size, 1 << 20);
 }
+
+/// A direct write over a range with nothing cached logs no tombstone (a stream past the
+/// cutoff used to close a kset per write); over cached data, or while the log may still
+/// hold clean keys `invalidate_clean` dropped, it does, so a replay never shows older data.
+#[test]
+fn direct_writes_log_a_tombstone_only_where_replay_could_show_older_data() {
+    let (pmem, e) = new_engine(12, false);
+    let mut ch = Channel::default();
+    let disk = vec![1u8; SIZE as usize];
+    for off in [0, 16384] {
+        read(&e, &mut ch, &disk, off, 4096).unwrap();
+    }
+    e.flush().unwrap();
+    let p = e
+        .policy()
+        .with(Some(pcache::engine::CacheMode::WriteAround), None, None);
+    e.set_policy(p).unwrap();
+    let closed = |e: &Engine<Arc<SimPmem>>| e.direct_mark().kset();
+    let direct = |e: &Engine<Arc<SimPmem>>, off: u64| {
+        let d = e.begin_direct(off, 4096, false).unwrap().unwrap();
+        e.end_direct(&mut Channel::default(), off, &[2; 4096], d, true);
+    };
+    let k0 = closed(&e);
+    direct(&e, 8192);
+    assert_eq!(closed(&e), k0, "nothing cached: no tombstone");
+    direct(&e, 0);
+    assert_eq!(closed(&e), k0 + 1, "cached clean data: a tombstone");
+    assert!(!hits(&reopen(&pmem), &mut Channel::default(), 0));
+    e.invalidate_clean();
+    let k1 = closed(&e);
+    direct(&e, 16384);
+    assert_eq!(
+        closed(&e),
+        k1 + 1,
+        "dropped clean keys still in the log: a tombstone"
+    );
+    assert!(!hits(&reopen(&pmem), &mut Channel::default(), 16384));
+    e.check_invariants(&[&ch]).unwrap();
+}

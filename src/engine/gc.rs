@@ -99,6 +99,7 @@ impl<P: Pmem> Engine<P> {
             if hdr.is_last() {
                 t.key = pos.after(&hdr);
                 self.persist_key_tail(&mut t);
+                self.key_tail_moved(t.key.seq);
                 drop(t);
                 self.segs.free_log(pos.seg);
                 r.segments_freed += 1;
@@ -106,6 +107,7 @@ impl<P: Pmem> Engine<P> {
             }
             t.key = pos.after(&hdr);
             self.persist_key_tail(&mut t);
+            self.key_tail_moved(t.key.seq);
             drop(t);
             // Half of what the kset retires may move (counted up front, so the kset's
             // first keys can move too).

@@ -499,6 +499,7 @@ impl<P: Pmem> Engine<P> {
             |_, y| same &= y.seg == x.seg && y.gen == x.gen && y.has_data(),
         );
         if same {
+            self.hid_clean_key();
             shard.punch(s, e);
         }
         Ok(false)

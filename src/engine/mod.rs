@@ -342,7 +342,18 @@ pub struct Engine<P: Pmem> {
     /// The flush record replay used, and the last kset it read (`replay_kept`).
     replay_rec: format::FlushRec,
     replay_last: u64,
+    /// Ksets below this sequence number may hold clean keys the index dropped with no
+    /// record in the log (`invalidate_clean`, a clean extent failing its CRC), which a
+    /// replay would bring back; 0: none, `HIDDEN_UNKNOWN`: not known where they end.
+    /// While nonzero, direct writes log a tombstone even where nothing is cached
+    /// (`begin_direct`); GC clears it once key_tail passes it.
+    hidden_below: AtomicU64,
+    /// Held by `invalidate_clean` (rare: mode switches), so two never race on the mark.
+    invalidating: Mutex<()>,
 }
+
+/// `hidden_below` when the ksets that may hold hidden keys are not known.
+const HIDDEN_UNKNOWN: u64 = u64::MAX;
 
 struct FlushRecState {
     rec: format::FlushRec,

@@ -428,6 +428,8 @@ impl<P: Pmem> Engine<P> {
             unflushed: Default::default(),
             closed_seq: AtomicU64::new(last),
             unsynced_seq: AtomicU64::new(0),
+            hidden_below: AtomicU64::new(0),
+            invalidating: Mutex::new(()),
             flushed_through: AtomicU64::new(frec.through),
             replay_unsynced_dropped: unsynced_dropped,
             replay_rec: frec,

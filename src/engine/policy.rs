@@ -33,7 +33,7 @@ pub use super::modes::{CacheMode, Policy, SeqPolicy, SEQ_CUTOFF_DEFAULT_KIB, SEQ
 pub use super::streams::STREAMS;
 use super::sync::lock;
 use super::{Engine, IoError, OpenError, Pmem};
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 
 /// How many unflushed direct writes are remembered by range (`fills_allowed`).
 const UNFLUSHED_RANGES: usize = 64;
@@ -71,6 +71,13 @@ pub enum Route {
 pub struct FlushMark {
     direct: u64,
     kset: u64,
+}
+
+impl FlushMark {
+    /// The sequence number of the last kset closed when the mark was taken.
+    pub fn kset(&self) -> u64 {
+        self.kset
+    }
 }
 
 /// A direct write in progress (from `begin_direct`).
@@ -111,7 +118,14 @@ impl<P: Pmem> Engine<P> {
 
     /// Drops every clean extent from the index, as if evicted (their keys stay in the
     /// log until GC); later reads of those ranges go to the backing device.
+    ///
+    /// The dropped keys are still in the log, so until GC retires them direct writes
+    /// log tombstones everywhere (`hidden_below`): the mark is set before anything is
+    /// dropped, and narrowed to the log head once every kset that may hold a dropped
+    /// key is closed.
     pub fn invalidate_clean(&self) {
+        let _one = lock(&self.invalidating);
+        self.hidden_below.store(super::HIDDEN_UNKNOWN, SeqCst);
         let mut clean = Vec::new();
         for si in 0..self.shards.len() {
             let mut sh = self.shard(si);
@@ -125,6 +139,38 @@ impl<P: Pmem> Engine<P> {
                 sh.punch(s, e);
             }
             self.counters.invalidations.add(clean.len() as u64);
+        }
+        drop(clean);
+        // Keys still buffered in open ksets go to the log with sequence numbers past
+        // the head: close them first (a full log leaves the mark unknown, which only
+        // costs tombstones until the next open).
+        self.pmem.drain();
+        let mut closed = true;
+        for (_, slot) in self.slots.used() {
+            let mut g = super::KsetGuard {
+                slot,
+                kb: lock(&slot.kset),
+            };
+            closed &= self.close_kset(&mut g).is_ok();
+        }
+        if closed {
+            let head = lock(&self.head).pos.seq;
+            self.hidden_below.store(head, SeqCst);
+        }
+    }
+
+    /// A clean extent left the index with no record in the log (it failed its CRC):
+    /// direct writes log tombstones until the next open (see `hidden_below`).
+    pub(super) fn hid_clean_key(&self) {
+        self.hidden_below.store(super::HIDDEN_UNKNOWN, SeqCst);
+    }
+
+    /// GC moved key_tail to `key_seq`: once past the mark, no kset in the log holds a
+    /// key the index dropped without a record.
+    pub(super) fn key_tail_moved(&self, key_seq: u64) {
+        let h = self.hidden_below.load(Acquire);
+        if h != 0 && h != super::HIDDEN_UNKNOWN && key_seq >= h {
+            let _ = self.hidden_below.compare_exchange(h, 0, AcqRel, Relaxed);
         }
     }
 
@@ -198,9 +244,10 @@ impl<P: Pmem> Engine<P> {
     /// there and covers it with a placeholder. None: dirty data overlaps, route the
     /// write through the cache (`write`) instead.
     ///
-    /// Each region also gets a tombstone key, persistent before this returns, so a
-    /// replay after a crash never brings back clean data the backing write made stale
-    /// (the backing device may keep the write even when it was never flushed).
+    /// Each region with clean data cached also gets a tombstone key, persistent before
+    /// this returns, so a replay after a crash never brings back clean data the backing
+    /// write made stale (the backing device may keep the write even when it was never
+    /// flushed).
     pub fn begin_direct(
         &self,
         off: u64,
@@ -234,6 +281,21 @@ impl<P: Pmem> Engine<P> {
                 self.end_pieces(off, pos, token);
                 return Ok(None);
             }
+            // Read under the shard lock, after the walk: an `invalidate_clean` whose
+            // removal the walk saw set the mark before it.
+            if !cached && self.hidden_below.load(SeqCst) == 0 {
+                // Nothing cached here, and the index is what replay rebuilds from the
+                // log (a retired key leaves the log before its pieces leave the index;
+                // keys replay dropped stay dropped; `hidden_below` covers the rest), so
+                // no key in the log can bring older data back over this range after a
+                // crash. A tombstone would only cost a kset of its own: one per write
+                // of a sequential stream past the cutoff, each also ending a writeback
+                // window. The placeholder alone keeps out fills that read the old data
+                // until the write is over.
+                sh.insert(s, Extent::without_data(n as u32, F_EMPTY, token));
+                pos += n;
+                continue;
+            }
             let tomb = KeyRec {
                 off: o,
                 len: n as u32,
@@ -254,9 +316,7 @@ impl<P: Pmem> Engine<P> {
                 self.end_pieces(off, pos + n, token);
                 return Ok(None);
             }
-            if cached {
-                self.counters.invalidations.inc();
-            }
+            self.counters.invalidations.inc();
             pos += n;
         }
         Ok(Some(Direct { token, through }))
