@@ -15,8 +15,11 @@
 #
 # Environment: as test/spdk/run.sh (SPDK_DIR), POLICY_SECS (measured seconds per job,
 # default 20), POLICY_WARM_SECS (10), POLICY_CACHE_MB (512), POLICY_BASE_MB (4096),
-# POLICY_HOT_MB (128), POLICY_MODE_MB (256), POLICY_DIR (raw logs, default
-# target/bench/policy/spdk-<time>).
+# POLICY_HOT_MB (128), POLICY_MODE_MB (256), POLICY_ROUNDS (1: each round runs every
+# case once, in turn; the report gives medians, ranges and per-round ratios),
+# POLICY_PARTS ("hot modes": which parts run), POLICY_CASES ("pcache_nocut pcache_cut
+# ocf_nocut ocf_cut"), POLICY_MODES ("base writeback writethrough writearound
+# passthrough"), POLICY_DIR (raw logs, default target/bench/policy/spdk-<time>).
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=test/spdk/common.sh
@@ -28,6 +31,10 @@ CACHE_MB=${POLICY_CACHE_MB:-512}
 BASE_MB=${POLICY_BASE_MB:-4096}
 HOT_MB=${POLICY_HOT_MB:-128}
 MODE_MB=${POLICY_MODE_MB:-256}
+PARTS=" ${POLICY_PARTS:-hot modes} "
+ROUNDS=${POLICY_ROUNDS:-1}
+CASES=${POLICY_CASES:-pcache_nocut pcache_cut ocf_nocut ocf_cut}
+MODES=${POLICY_MODES:-base writeback writethrough writearound passthrough}
 OUT=${POLICY_DIR:-$ROOT/target/bench/policy/spdk-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -118,30 +125,38 @@ iodepth=4
 offset=$seq_off
 length=$seq_len
 EOF
-echo "policy tier: base ${BASE_MB} MiB on disk (bdev_aio), cache ${CACHE_MB} MiB, hot set ${HOT_MB} MiB, warm ${WARM}s + ${SECS}s per case; results in $OUT" >&2
-declare -A HOT SEQ HIT
-for c in pcache_nocut pcache_cut ocf_nocut ocf_cut; do
+echo "policy tier: base ${BASE_MB} MiB on disk (bdev_aio), cache ${CACHE_MB} MiB, hot set ${HOT_MB} MiB, warm ${WARM}s + ${SECS}s per case, $ROUNDS round(s); results in $OUT" >&2
+RES=$OUT/results.tsv # one line per case and round, for the report
+: > "$RES"
+# hot_case CASE ROUND: one hot-set + stream case, appended to RES.
+hot_case() {
+    local c=$1 r=$2 cfg_json hot seq hit r0 h0 r1 h1
     case $c in
         pcache_nocut) cfg_json=$(config "$(aio Base0)" "$(pcache_on writeback 0)") ;;
         pcache_cut) cfg_json=$(config "$(aio Base0)" "$(pcache_on writeback 1024)") ;;
         ocf*) cfg_json=$(config "$(aio Base0)" "$ocf_cache" "$ocf") ;;
     esac
-    session "$c" "$cfg_json" -j "$WORK/jobs.conf" -t "$SECS" || continue
+    session "$c" "$cfg_json" -j "$WORK/jobs.conf" -t "$SECS" || return 0
     if [ "$c" = ocf_cut ]; then
         raw "$SOCK" bdev_ocf_set_seqcutoff '{"name": "Target0", "policy": "always", "threshold": 1024}' 10 > /dev/null
     elif [ "$c" = ocf_nocut ]; then
         raw "$SOCK" bdev_ocf_set_seqcutoff '{"name": "Target0", "policy": "never"}' 10 > /dev/null
     fi
-    echo "  $c: warm-up ${WARM}s, measured ${SECS}s" >&2
+    echo "  round $r, $c: warm-up ${WARM}s, measured ${SECS}s" >&2
     perform "$WARM" '{"time_in_sec": '"$WARM"'}'
     read -r r0 h0 <<< "$(read_stats "$c")"
     perform "$SECS" '{"time_in_sec": '"$SECS"'}'
     read -r r1 h1 <<< "$(read_stats "$c")"
-    read -r HOT[$c] SEQ[$c] <<< "$(job_iops "$LOG")"
-    HIT[$c]=$(python3 -c 'import sys; r, h = int(sys.argv[1]) - int(sys.argv[3]), int(sys.argv[2]) - int(sys.argv[4]); print(f"{100 * h / r:.1f}" if r > 0 else "n/a")' "${r1:-0}" "${h1:-0}" "${r0:-0}" "${h0:-0}")
+    case $c in # the target's own statistics, kept with the raw logs
+        ocf*) raw "$SOCK" bdev_ocf_get_stats '{"name": "Target0"}' 10 > "$OUT/$c-r$r-stats.json" 2>&1 ;;
+        *) raw "$SOCK" bdev_pcache_get_stats '{"name": "Target0"}' 10 > "$OUT/$c-r$r-stats.json" 2>&1 ;;
+    esac
+    read -r hot seq <<< "$(job_iops "$LOG")"
+    hit=$(python3 -c 'import sys; r, h = int(sys.argv[1]) - int(sys.argv[3]), int(sys.argv[2]) - int(sys.argv[4]); print(f"{100 * h / r:.1f}" if r > 0 else "nan")' "${r1:-0}" "${h1:-0}" "${r0:-0}" "${h0:-0}")
+    echo "hot $c $r ${hot:-nan} ${hit:-nan} ${seq:-nan}" >> "$RES"
     stop "$SOCK" "$SPID"
-    cp "$LOG" "$OUT/"
-done
+    cp "$LOG" "$OUT/pol-$c-r$r.log"
+}
 
 # ------------------------------------------------------------- 2. each mode vs base
 # A base of MODE_MB (its own file on disk, inside the cache), so that reads can hit;
@@ -152,47 +167,81 @@ if [ "$(stat -c %s "$MBASE" 2> /dev/null || echo 0)" != $((MODE_MB << 20)) ]; th
     dd if=/dev/zero of="$MBASE" bs=4M count=$((MODE_MB / 4)) oflag=direct status=none
 fi
 maio() { echo '{"method": "bdev_aio_create", "params": {"name": "'"$1"'", "filename": "'"$MBASE"'", "block_size": 4096}}'; }
-declare -A MW MR
-for t in base writeback writethrough writearound passthrough; do
+# mode_case MODE ROUND: one mode (or the bare base) against the modes' base, to RES.
+mode_case() {
+    local t=$1 r=$2 cfg_json w rd
     if [ "$t" = base ]; then
         cfg_json=$(config "$(maio Target0)")
     else
         cfg_json=$(config "$(maio Base0)" "$(pcache_on "$t" 0)")
     fi
-    session "mode-$t" "$cfg_json" -q 32 -o 4096 -w write -t "$SECS" || continue
-    echo "  mode $t: sequential fill, randwrite ${SECS}s, randread ${SECS}s" >&2
+    session "mode-$t" "$cfg_json" -q 32 -o 4096 -w write -t "$SECS" || return 0
+    echo "  round $r, mode $t: sequential fill, randwrite ${SECS}s, randread ${SECS}s" >&2
     perform 5 '{"workload_type": "write", "time_in_sec": 5}'
     perform "$SECS" '{"workload_type": "randwrite", "time_in_sec": '"$SECS"'}'
-    MW[$t]=$(bp_total "$LOG" | cut -d' ' -f1)
+    w=$(bp_total "$LOG" | cut -d' ' -f1)
     perform "$SECS" '{"workload_type": "randread", "time_in_sec": '"$SECS"'}'
-    MR[$t]=$(bp_total "$LOG" | cut -d' ' -f1)
+    rd=$(bp_total "$LOG" | cut -d' ' -f1)
+    echo "mode $t $r ${w:-nan} ${rd:-nan}" >> "$RES"
     stop "$SOCK" "$SPID"
-    cp "$LOG" "$OUT/"
+    cp "$LOG" "$OUT/pol-mode-$t-r$r.log"
+}
+
+# Rounds interleave every case, so a slow spell of the disk lands on all of them; the
+# report gives per-round ratios' medians with their ranges.
+for r in $(seq 1 "$ROUNDS"); do
+    if [[ $PARTS == *" hot "* ]]; then
+        for c in $CASES; do hot_case "$c" "$r"; done
+    fi
+    if [[ $PARTS == *" modes "* ]]; then
+        for t in $MODES; do mode_case "$t" "$r"; done
+    fi
 done
 
 # ------------------------------------------------------------- report
-{
-    echo
-    echo "1. hot set (4 KiB randrw 70/30 QD8 over ${HOT_MB} MiB) + one sequential writer (1 MiB QD4), ${SECS}s after ${WARM}s warm-up"
-    printf '  %-14s %12s %10s %14s\n' case hot_IOPS hit_% stream_IOPS
-    for c in pcache_nocut pcache_cut ocf_nocut ocf_cut; do
-        printf '  %-14s %12s %10s %14s\n' "$c" "${HOT[$c]:-n/a}" "${HIT[$c]:-n/a}" "${SEQ[$c]:-n/a}"
-    done
-    python3 - "${HOT[pcache_cut]:-0}" "${HOT[pcache_nocut]:-0}" "${HOT[ocf_cut]:-0}" << 'PY'
-import sys
-pc, pn, oc = (float(x or 0) for x in sys.argv[1:])
-if pn: print(f"  pcache hot-set IOPS with the cutoff / without: {pc / pn:.2f}x")
-if oc: print(f"  pcache with cutoff / bdev_ocf with cutoff (hot set): {pc / oc:.2f}x")
+python3 - "$RES" "$HOT_MB" "$SECS" "$WARM" "$MODE_MB" << 'PY' | tee "$OUT/summary.txt"
+import math, statistics, sys
+res, hot_mb, secs, warm, mode_mb = sys.argv[1:]
+hot, mode = {}, {}
+for line in open(res):
+    f = line.split()
+    if f[0] == "hot":
+        hot.setdefault(f[1], {})[int(f[2])] = [float(x) for x in f[3:6]]
+    elif f[0] == "mode":
+        mode.setdefault(f[1], {})[int(f[2])] = [float(x) for x in f[3:5]]
+def med(xs):
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return "n/a"
+    m = statistics.median(xs)
+    if len(xs) == 1:
+        return f"{m:.4g}"
+    return f"{m:.4g} ({min(xs):.4g}-{max(xs):.4g})"
+def ratio(a, b, i):  # per-round ratios of column i, where both ran
+    rs = [a[r][i] / b[r][i] for r in a if r in b and b[r][i] > 0 and not math.isnan(a[r][i])]
+    if not rs:
+        return "n/a"
+    m = statistics.median(rs)
+    return f"{m:.2f}x" + (f" ({min(rs):.2f}-{max(rs):.2f}, {len(rs)} rounds)" if len(rs) > 1 else "")
+print()
+print(f"1. hot set (4 KiB randrw 70/30 QD8 over {hot_mb} MiB) + one sequential writer (1 MiB QD4), {secs}s after {warm}s warm-up; medians (ranges) over rounds")
+print(f"  {'case':<14} {'hot_IOPS':>28} {'hit_%':>20} {'stream_IOPS':>24}")
+for c in ["pcache_nocut", "pcache_cut", "ocf_nocut", "ocf_cut"]:
+    if c in hot:
+        v = list(hot[c].values())
+        print(f"  {c:<14} {med([x[0] for x in v]):>28} {med([x[1] for x in v]):>20} {med([x[2] for x in v]):>24}")
+if "pcache_cut" in hot and "pcache_nocut" in hot:
+    print(f"  pcache hot-set IOPS with the cutoff / without: {ratio(hot['pcache_cut'], hot['pcache_nocut'], 0)}")
+if "pcache_cut" in hot and "ocf_cut" in hot:
+    print(f"  pcache with cutoff / bdev_ocf with cutoff (hot set): {ratio(hot['pcache_cut'], hot['ocf_cut'], 0)}")
+if mode:
+    print()
+    print(f"2. each mode, 4 KiB QD32 over {mode_mb} MiB (in cache): IOPS medians (ranges), and per-round ratios to the bare base")
+    print(f"  {'mode':<13} {'randwrite':>26} {'ratio':>24} {'randread':>26} {'ratio':>24}")
+    base = mode.get("base", {})
+    for t in ["base", "writeback", "writethrough", "writearound", "passthrough"]:
+        if t in mode:
+            v = list(mode[t].values())
+            print(f"  {t:<13} {med([x[0] for x in v]):>26} {ratio(mode[t], base, 0):>24} {med([x[1] for x in v]):>26} {ratio(mode[t], base, 1):>24}")
 PY
-    echo
-    echo "2. each mode, 4 KiB QD32 over ${MODE_MB} MiB (in cache), IOPS and ratio to the bare base"
-    printf '  %-13s %12s %8s %12s %8s\n' mode randwrite ratio randread ratio
-    for t in base writeback writethrough writearound passthrough; do
-        python3 -c 'import sys
-t, w, r, bw, br = sys.argv[1], *(float(x or 0) for x in sys.argv[2:])
-f = lambda a, b: f"{a / b:.2f}x" if b else "n/a"
-print(f"  {t:<13} {w:>12.0f} {f(w, bw):>8} {r:>12.0f} {f(r, br):>8}")' \
-            "$t" "${MW[$t]:-0}" "${MR[$t]:-0}" "${MW[base]:-0}" "${MR[base]:-0}"
-    done
-    echo "raw logs: $OUT"
-} | tee "$OUT/summary.txt"
+echo "raw logs: $OUT" | tee -a "$OUT/summary.txt"
