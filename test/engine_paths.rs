@@ -9,6 +9,7 @@ use pcache::engine::{
     WbKind, WbNext,
 };
 use pcache::env::sim::pmem::SimPmem;
+use pcache::runtime::sched;
 use std::sync::Arc;
 
 const SEG: u32 = 64 << 10;
@@ -661,6 +662,9 @@ fn paced_writes_overdraw_only_below_halfway_to_full() {
     }
     assert!(used(&e) * 100 >= 40 * 70, "paced below the watermark");
     assert_eq!(e.stats().paced_writes, 1);
+    // Paced writers wait on writeback: it keeps its full depth even beside read misses.
+    assert!(e.writers_wait_on_writeback());
+    assert_eq!(sched::writeback_depth(&e, 3, 2, 16), 16);
     // Overdrawing lets one write in at a time while the cache has headroom.
     let mut overdrawn = 0;
     while e.overdraw() {
@@ -684,6 +688,10 @@ fn paced_writes_overdraw_only_below_halfway_to_full() {
     drain(&e, &mut backing, false);
     e.gc(&mut Vec::new());
     e.gc_wanted();
+    // Nobody waits on writeback any more: read misses go first again.
+    assert!(!e.writers_wait_on_writeback());
+    assert_eq!(sched::writeback_depth(&e, 3, 2, 16), 2);
+    assert_eq!(sched::writeback_depth(&e, 0, 2, 16), 16);
     e.write(&mut ch, off, &block, false).unwrap();
     e.check_invariants(&[&ch]).unwrap();
 }

@@ -114,6 +114,17 @@ pub fn may_overdraw<P: Pmem>(e: &Engine<P>, waited_us: u64) -> bool {
     waited_us >= PACE_WAIT_MAX_US && e.overdraw()
 }
 
+/// Writeback's requests in flight at most: `busy` while foreground read misses wait for
+/// the base (they go first) and no writer waits on writeback, `full` otherwise (paced
+/// writers are foreground work too, and writeback's depth is their speed).
+pub fn writeback_depth<P: Pmem>(e: &Engine<P>, fg_reads: usize, busy: usize, full: usize) -> usize {
+    if fg_reads > 0 && !e.writers_wait_on_writeback() {
+        busy.min(full)
+    } else {
+        full
+    }
+}
+
 /// The length of one backing request made of the whole item `items[i]` and the whole
 /// items after it that continue it on the backing device (and, with `same_src`, in the
 /// medium too, for a request written straight from the mapping), at most `max` bytes in

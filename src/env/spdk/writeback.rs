@@ -303,12 +303,15 @@ fn submit_wave(n: *mut Node) {
         bg.bounce_used = 0;
     }
     let now = ffi::ticks();
-    // Read misses at the base go first: few writes in flight while there are any.
-    let cap = if shared.fg_reads.load(std::sync::atomic::Ordering::Relaxed) > 0 {
-        WB_BUSY_INFLIGHT
-    } else {
-        WB_INFLIGHT
-    };
+    // Read misses at the base go first: few writes in flight while there are any,
+    // unless writers wait on writeback (`sched::writeback_depth`).
+    let fg = shared.fg_reads.load(std::sync::atomic::Ordering::Relaxed);
+    let cap = sched::writeback_depth(
+        &shared.engine,
+        fg,
+        WB_BUSY_INFLIGHT as usize,
+        WB_INFLIGHT as usize,
+    ) as u32;
     while bg.item < bg.batch.items.len() && bg.pending < cap {
         let it = bg.batch.items[bg.item];
         let rest = it.len as u64 - bg.item_off;

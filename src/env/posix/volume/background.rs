@@ -189,14 +189,12 @@ impl Volume {
             }
             // The writes go out together: each one's latency is the time until all are
             // back. While read misses wait for the backing device, only a few at a time,
-            // so a miss never queues behind a whole wave.
+            // so a miss never queues behind a whole wave, unless writers wait on
+            // writeback (`sched::writeback_depth`).
             let mut k = 0;
             while k < n {
-                let m = if self.fg_reads.load(Relaxed) > 0 {
-                    WB_BUSY_OPS.min(n - k)
-                } else {
-                    n - k
-                };
+                let fg = self.fg_reads.load(Relaxed);
+                let m = sched::writeback_depth(&self.engine, fg, WB_BUSY_OPS, n - k);
                 let t0 = Instant::now();
                 q.run(&mut ops[k..k + m])?;
                 let ns = ns_since(t0);
