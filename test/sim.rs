@@ -544,7 +544,7 @@ fn crash_points() {
             format!("{family} ")
         };
         println!(
-            "{prefix}crash points explored: {points}, violations: {v} ({} configurations; uncrashed runs wrote back {wb} ksets, reclaimed {reclaimed} segments, moved {relocated} read-hot bytes)",
+            "{prefix}crash points explored: {points}, violations: {v} ({} configurations; uncrashed runs wrote back {wb} ksets, reclaimed {reclaimed} segments, GC moved {relocated} bytes)",
             idx.len()
         );
         if family == "reclaim" && (reclaimed == 0 || relocated == 0) {

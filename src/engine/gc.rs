@@ -14,7 +14,11 @@
 //! would be, with the copy made outside the shard lock and the index switched over only
 //! if the piece is still there (a write meanwhile wins). Relocation is a FIFO with
 //! reinsertion (SIEVE/CLOCK-like): the copy starts unmarked, so it survives the next
-//! round only if read again. To guarantee progress, GC moves at most half the bytes it
+//! round only if read again. A kset whose live pieces are at most half of its bytes
+//! (most of it was superseded by later writes) moves all of them, read or not: keeping
+//! them costs little and the medium holds more of the working set (a log cleaner's
+//! cheap case; a stream's ksets are all live and never qualify, so a scan cannot flood
+//! the cache this way). To guarantee progress, GC moves at most half the bytes it
 //! retires, and only while free segments remain above the log reserve's margin.
 
 use super::format::{
@@ -110,13 +114,20 @@ impl<P: Pmem> Engine<P> {
             self.key_tail_moved(t.key.seq);
             drop(t);
             // Half of what the kset retires may move (counted up front, so the kset's
-            // first keys can move too).
+            // first keys can move too). A kset whose live data is within that half
+            // moves all of it, read or not: a log cleaner's cheap case.
+            let (mut retired, mut live) = (0u64, 0u64);
             for i in 0..hdr.count as usize {
                 let o = KSET_HDR + i * KEY_SIZE;
                 if let Ok(k) = KeyRec::decode(&buf[o..o + KEY_SIZE], &self.geo) {
-                    budget += if k.has_data() { k.len as u64 / 2 } else { 0 };
+                    if k.has_data() {
+                        retired += k.len as u64;
+                        live += self.live_bytes(&k);
+                    }
                 }
             }
+            budget += retired / 2;
+            let cold_too = live * 2 <= retired;
             for i in 0..hdr.count as usize {
                 let o = KSET_HDR + i * KEY_SIZE;
                 // The kset was valid when written back; a decode failure now means the
@@ -135,7 +146,7 @@ impl<P: Pmem> Engine<P> {
                 // (its move would be a synced key): it is dropped like cold data.
                 let synced =
                     k.flags & KEY_UNSYNCED == 0 || self.flushed_through.load(Acquire) >= pos.seq;
-                self.retire_key(st, &k, synced, &mut budget);
+                self.retire_key(st, &k, synced, cold_too, &mut budget);
                 if self.segs.put(&self.pmem, &self.geo, k.seg) {
                     r.segments_freed += 1;
                     self.counters.segs_reclaimed.inc();
@@ -145,9 +156,32 @@ impl<P: Pmem> Engine<P> {
         r
     }
 
+    /// Bytes of key `k`'s data the index still maps (its surviving pieces).
+    fn live_bytes(&self, k: &KeyRec) -> u64 {
+        let end = k.off + k.len as u64;
+        let (mut o, mut live) = (k.off, 0);
+        while o < end {
+            let n = (end - o).min(SUBTREE_SIZE - o % SUBTREE_SIZE);
+            let s = (o % SUBTREE_SIZE) as u32;
+            let seg_off_s = k.seg_off + (o - k.off) as u32;
+            let sh = self.shard(self.shard_of(o));
+            live += sh.live_matching(s, s + n as u32, k.seg, k.gen as u32, seg_off_s);
+            o += n;
+        }
+        live
+    }
+
     /// Settles the index pieces of key `k` (retired, its segment reference still held):
-    /// cold ones are removed, referenced clean ones within `budget` are moved.
-    fn retire_key(&self, st: &mut GcState, k: &KeyRec, synced: bool, budget: &mut u64) {
+    /// cold ones are removed, referenced clean ones within `budget` are moved, and with
+    /// `cold_too` (its kset is mostly superseded) unreferenced clean ones as well.
+    fn retire_key(
+        &self,
+        st: &mut GcState,
+        k: &KeyRec,
+        synced: bool,
+        cold_too: bool,
+        budget: &mut u64,
+    ) {
         let relocate = synced
             && self.mode() != CacheMode::PassThrough
             && self.segs.free() > self.segs.reserve + RELOCATE_MARGIN;
@@ -163,7 +197,7 @@ impl<P: Pmem> Engine<P> {
                 let mut sh = self.shard(self.shard_of(o));
                 sh.retire_matching(s, s + n as u32, k.seg, k.gen as u32, seg_off_s, |ks, x| {
                     let hot = relocate
-                        && x.is(F_REF)
+                        && (cold_too || x.is(F_REF))
                         && !x.is(F_DIRTY)
                         && *budget >= x.len as u64
                         // A trimmed piece's CRC covers bytes it no longer has: not

@@ -668,6 +668,30 @@ impl Shard {
         });
     }
 
+    /// Bytes inside `[s, e)` still mapped to a key's data, named as in `retire_matching`;
+    /// changes nothing. GC sizes a kset's live data with it before retiring the kset.
+    pub fn live_matching(&self, s: u32, e: u32, seg: u32, gen: u32, seg_off_s: u32) -> u64 {
+        debug_assert!(!self.replayed());
+        let shift = seg_off_s as i64 - s as i64;
+        let mut live = 0u64;
+        pieces(s, e, |b, ps, pe| {
+            let (lo, hi) = self.run(b);
+            let mut i = lo + first_overlap(&self.v[lo..hi], b, ps);
+            while i < hi && self.v[i].0 < pe {
+                let Entry(ks, k) = self.v[i];
+                if k.has_data()
+                    && k.seg == seg
+                    && k.gen == gen
+                    && k.seg_off as i64 - ks as i64 == shift
+                {
+                    live += clip(ks, k, ps, pe).1.len as u64;
+                }
+                i += 1;
+            }
+        });
+        live
+    }
+
     /// Checks the invariants: sorted, non-empty, non-overlapping, inside their bucket.
     pub fn check(&self) -> Result<(), String> {
         debug_assert!(!self.replayed());
