@@ -338,7 +338,7 @@ fn crash_jobs() -> Vec<Job> {
         }
     }
     for w in [Workload::CacheFull, Workload::Mixed, Workload::Overwrite] {
-        for s in 0..seeds("PCACHE_RECLAIM_SEEDS", 12) {
+        for s in 0..seeds("PCACHE_RECLAIM_SEEDS", 13) {
             let seed = 3000 + s * 7 + w as u64;
             let mut cfg = WorldCfg::new(seed, w);
             cfg.n_segs = 8 + s % 2;

@@ -18,7 +18,8 @@
 //! (most of it was superseded by later writes) moves all of them, read or not: keeping
 //! them costs little and the medium holds more of the working set (a log cleaner's
 //! cheap case; a stream's ksets are all live and never qualify, so a scan cannot flood
-//! the cache this way). To guarantee progress, GC moves at most half the bytes it
+//! the cache this way), as long as reads are at least an eighth of recent requests: a
+//! write-only workload would never collect on the copies. To guarantee progress, GC moves at most half the bytes it
 //! retires, and only while free segments remain above the log reserve's margin.
 
 use super::format::{
@@ -44,7 +45,15 @@ pub(super) struct GcState {
     hot: Vec<(u64, Extent)>,
     /// A piece's data on its way to its new place.
     copy: Vec<u8>,
+    /// Read and write requests counted at the last call, and their decayed sums since
+    /// (`reads_matter`).
+    seen: (u64, u64),
+    recent: (u64, u64),
 }
+
+/// Cold relocation pays off only where reads come: it needs read requests at least
+/// 1/`READ_SHARE` of write requests lately.
+const READ_SHARE: u64 = 8;
 
 impl GcState {
     /// GC's channel (its allocation head holds segment references).
@@ -71,6 +80,7 @@ impl<P: Pmem> Engine<P> {
         let buf = &mut scratch[..need];
         let mut st = lock(&self.gc_state);
         let st = &mut *st;
+        let reads_matter = self.reads_matter(st);
         // Bytes GC may still move in this call: half of what it retired.
         let mut budget = 0u64;
         // Once started, a round frees down to `gc_low_segs`, a little under the watermark:
@@ -122,12 +132,14 @@ impl<P: Pmem> Engine<P> {
                 if let Ok(k) = KeyRec::decode(&buf[o..o + KEY_SIZE], &self.geo) {
                     if k.has_data() {
                         retired += k.len as u64;
-                        live += self.live_bytes(&k);
+                        if reads_matter {
+                            live += self.live_bytes(&k);
+                        }
                     }
                 }
             }
             budget += retired / 2;
-            let cold_too = live * 2 <= retired;
+            let cold_too = reads_matter && live * 2 <= retired;
             for i in 0..hdr.count as usize {
                 let o = KSET_HDR + i * KEY_SIZE;
                 // The kset was valid when written back; a decode failure now means the
@@ -154,6 +166,21 @@ impl<P: Pmem> Engine<P> {
             }
         }
         r
+    }
+
+    /// Whether reads have been a real share of the requests lately (decayed by half
+    /// every call). Moving unread data is an investment in hits that a write-only
+    /// workload never collects: there it would only double the medium's copy traffic
+    /// (a 4 KiB random overwrite, all in cache, relocated 27% of what it wrote).
+    fn reads_matter(&self, st: &mut GcState) -> bool {
+        let now = (self.slot_sum(|c| &c.reads), self.slot_sum(|c| &c.writes));
+        let (dr, dw) = (
+            now.0.saturating_sub(st.seen.0),
+            now.1.saturating_sub(st.seen.1),
+        );
+        st.seen = now;
+        st.recent = (st.recent.0 / 2 + dr, st.recent.1 / 2 + dw);
+        st.recent.0 * READ_SHARE >= st.recent.1
     }
 
     /// Bytes of key `k`'s data the index still maps (its surviving pieces).
