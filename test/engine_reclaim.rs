@@ -167,41 +167,55 @@ fn moved_data_goes_once_it_is_no_longer_read() {
     );
 }
 
-/// A hot set under random reads and writes (70/30) beside nothing else: once warm,
-/// reads keep hitting although overwrites keep the log turning over.
-#[test]
-fn a_hot_set_under_random_overwrites_keeps_hitting() {
-    let e = engine(128);
+/// `n` random 4 KiB requests over the first `set` blocks of `e`, `read_pct` percent of
+/// them reads checked against what was written, with the background run every 16;
+/// `on_read(i, hit)` sees each read. Checks the engine's invariants at the end.
+fn random_rw(
+    e: &Engine<Arc<SimPmem>>,
+    set: u64,
+    n: u64,
+    read_pct: u64,
+    seed: u64,
+    mut on_read: impl FnMut(u64, bool),
+) {
     let mut disk = backing();
     let mut ch = Channel::default();
     let mut scratch = Vec::new();
-    let capacity = e.stats().capacity_bytes;
-    let hot = capacity / 4 / BLOCK as u64;
     let mut want = disk.clone();
-    let mut x = 7u64;
-    let (mut reads, mut hits) = (0u64, 0u64);
-    let n = 40 * hot;
+    let mut x = seed;
     for i in 0..n {
         x = x
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let b = (x >> 33) % hot;
-        if (x >> 20) % 10 < 7 {
-            let h = read_checked(&e, &mut ch, &disk, &want, b);
-            if i > n / 4 {
-                reads += 1;
-                hits += h as u64;
-            }
+        let b = (x >> 33) % set;
+        if (x >> 20) % 100 < read_pct {
+            on_read(i, read_checked(e, &mut ch, &disk, &want, b));
         } else {
             let v = vec![(i % 250) as u8 + 1; BLOCK];
             e.write(&mut ch, b * BLOCK as u64, &v, false).unwrap();
             want[(b * BLOCK as u64) as usize..][..BLOCK].copy_from_slice(&v);
         }
         if i % 16 == 0 {
-            background(&e, &mut disk, &mut scratch);
+            background(e, &mut disk, &mut scratch);
         }
     }
     e.check_invariants(&[&ch]).unwrap();
+}
+
+/// A hot set under random reads and writes (70/30) beside nothing else: once warm,
+/// reads keep hitting although overwrites keep the log turning over.
+#[test]
+fn a_hot_set_under_random_overwrites_keeps_hitting() {
+    let e = engine(128);
+    let hot = e.stats().capacity_bytes / 4 / BLOCK as u64;
+    let (mut reads, mut hits) = (0u64, 0u64);
+    let n = 40 * hot;
+    random_rw(&e, hot, n, 70, 7, |i, h| {
+        if i > n / 4 {
+            reads += 1;
+            hits += h as u64;
+        }
+    });
     let st = e.stats();
     assert!(
         hits * 1000 >= reads * 995,
@@ -210,33 +224,12 @@ fn a_hot_set_under_random_overwrites_keeps_hitting() {
     );
 }
 
-/// Random overwrites of a set half the cache's size, with `read_pct` percent reads of
-/// blocks already written: returns the bytes GC moved.
+/// Random overwrites of a set half the cache's size, with `read_pct` percent reads:
+/// returns the bytes GC moved.
 fn overwrite_moves(read_pct: u64) -> u64 {
     let e = engine(64);
-    let mut disk = backing();
-    let mut ch = Channel::default();
-    let mut scratch = Vec::new();
     let set = e.stats().capacity_bytes / 2 / BLOCK as u64;
-    let mut want = disk.clone();
-    let mut x = 11u64;
-    for i in 0..12 * set {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let b = (x >> 33) % set;
-        if (x >> 20) % 100 < read_pct {
-            read_checked(&e, &mut ch, &disk, &want, b);
-        } else {
-            let v = vec![(i % 250) as u8 + 1; BLOCK];
-            e.write(&mut ch, b * BLOCK as u64, &v, false).unwrap();
-            want[(b * BLOCK as u64) as usize..][..BLOCK].copy_from_slice(&v);
-        }
-        if i % 16 == 0 {
-            background(&e, &mut disk, &mut scratch);
-        }
-    }
-    e.check_invariants(&[&ch]).unwrap();
+    random_rw(&e, set, 12 * set, read_pct, 11, |_, _| {});
     e.stats().relocated_bytes
 }
 

@@ -19,8 +19,9 @@
 //! them costs little and the medium holds more of the working set (a log cleaner's
 //! cheap case; a stream's ksets are all live and never qualify, so a scan cannot flood
 //! the cache this way), as long as reads are at least an eighth of recent requests: a
-//! write-only workload would never collect on the copies. To guarantee progress, GC moves at most half the bytes it
-//! retires, and only while free segments remain above the log reserve's margin.
+//! write-only workload would never collect on the copies. To guarantee progress, GC
+//! moves at most half the bytes it retires, and only while free segments remain above
+//! the log reserve's margin.
 
 use super::format::{
     self, KeyRec, KsetCheck, KEY_CLEAN, KEY_SIZE, KEY_UNSYNCED, KSET_HDR, SUBTREE_SIZE,

@@ -117,8 +117,8 @@ impl WbBatch {
     /// whole blocks marked superseded are left out (and counted in `skipped`).
     ///
     /// Keys are sorted by offset and cut into groups that overlap nothing outside them
-    /// (a random 4 KiB workload's groups are single keys); only a group of several keys
-    /// resolves its overlaps, newest first, against the union of its newer keys. Sorting
+    /// (a random 4 KiB workload's groups are single keys); each group resolves its
+    /// overlaps, newest first, against the union of its newer keys. Sorting
     /// keeps a window of thousands of scattered keys O(n log n): resolving all of them
     /// against one sorted union shifted that union on every insert.
     fn build(&mut self, geo: &Geometry, marks: Option<&Segs>) {
@@ -145,18 +145,11 @@ impl WbBatch {
                 end = end.max(k.off + k.len as u64);
                 h += 1;
             }
-            if h - g == 1 {
-                let k = &keys[order[g] as usize];
-                if k.flags & KEY_CLEAN == 0 {
-                    out.key_part(k, k.off, k.off + k.len as u64);
-                }
-            } else {
-                // Newest first (log order is the keys' order).
-                order[g..h].sort_unstable_by(|a, b| b.cmp(a));
-                self.covered.clear();
-                for &ki in &order[g..h] {
-                    resolve(&mut self.covered, &keys[ki as usize], &mut out);
-                }
+            // Newest first (log order is the keys' order); a lone key just emits.
+            order[g..h].sort_unstable_by(|a, b| b.cmp(a));
+            self.covered.clear();
+            for &ki in &order[g..h] {
+                resolve(&mut self.covered, &keys[ki as usize], &mut out);
             }
             g = h;
         }
