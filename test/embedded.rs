@@ -1969,6 +1969,10 @@ fn policy_bad_values_change_nothing() {
             json!({"cmd": "set", "write_bypass_kib": 5000000}),
             "write_bypass_kib",
         ),
+        (
+            json!({"cmd": "set", "promotion": "nhit"}),
+            "unknown promotion",
+        ),
         // A bad value next to a good one: the good one is not applied either.
         (
             json!({"cmd": "set", "cache_mode": "passthrough", "gc_percent": 96}),
@@ -1992,10 +1996,12 @@ fn policy_bad_values_change_nothing() {
         "seq_cutoff_policy",
         "gc_percent",
         "write_bypass_kib",
+        "promotion",
     ] {
         assert_eq!(before[k], after[k], "{k} changed by bad input");
     }
     assert_eq!(before["write_bypass_kib"], json!(1024), "the default");
+    assert_eq!(before["promotion"], json!("second_miss"), "the default");
     // A good change online, then offline (server stopped), both persisted.
     let o = c.run(&[
         "set",
@@ -2007,10 +2013,13 @@ fn policy_bad_values_change_nothing() {
         "2M",
         "--write-bypass",
         "256K",
+        "--promotion",
+        "always",
     ]);
     assert!(o.ok(), "{}", o.show());
     assert_eq!(c.status()["seq_cutoff_kib"], json!(2048));
     assert_eq!(c.status()["write_bypass_kib"], json!(256));
+    assert_eq!(c.status()["promotion"], json!("always"));
     drop(srv);
     let o = c.run(&[
         "set",
@@ -2029,6 +2038,7 @@ fn policy_bad_values_change_nothing() {
     assert_eq!(st["seq_cutoff_policy"], json!("never"), "{st}");
     assert_eq!(st["seq_cutoff_kib"], json!(2048), "{st}");
     assert_eq!(st["write_bypass_kib"], json!(256), "{st}");
+    assert_eq!(st["promotion"], json!("always"), "{st}");
     // Bad values on format/serve are refused before anything starts.
     let o = c.run(&[
         "format",

@@ -1,10 +1,12 @@
 //! Reclaim under pressure (issue 18): a cache smaller than the working set keeps at least
 //! 90% of its data area holding cached data, clean data that is read again survives GC
-//! (moved to the log head), and data read once is what goes. Checked against the
+//! (moved to the log head), data read once is what goes, and a full cache promoting on
+//! the second miss caches a block only when it misses again. Checked against the
 //! engine's own invariants and a byte image of the backing device.
 
 use pcache::engine::{
-    BackingIdentity, Channel, Config, Engine, FormatOptions, Pmem, WbBatch, WbKind, WbNext,
+    BackingIdentity, Channel, Config, Engine, FormatOptions, Pmem, Promotion, WbBatch, WbKind,
+    WbNext,
 };
 use pcache::env::sim::pmem::SimPmem;
 use std::sync::Arc;
@@ -13,7 +15,13 @@ const SEG: u32 = 64 << 10;
 const SIZE: u64 = 32 << 20;
 const BLOCK: usize = 4096;
 
+/// An engine of `segs` segments that caches every read miss (the reclaim tests fill it
+/// with reads).
 fn engine(segs: u64) -> Engine<Arc<SimPmem>> {
+    engine_promoting(segs, Promotion::Always)
+}
+
+fn engine_promoting(segs: u64, promotion: Promotion) -> Engine<Arc<SimPmem>> {
     let pmem = Arc::new(SimPmem::new(
         pcache::engine::format::SEGMENTS_OFF + segs * SEG as u64,
     ));
@@ -24,6 +32,7 @@ fn engine(segs: u64) -> Engine<Arc<SimPmem>> {
     };
     let mut fo = FormatOptions::new(id, 1);
     fo.seg_size = SEG;
+    fo.policy.promotion = promotion;
     let cfg = Config {
         log_reserve: 2,
         ..Config::default()
@@ -243,4 +252,54 @@ fn cold_data_moves_only_when_reads_come() {
         moved > 0,
         "with 30% reads GC keeps the survivors ({moved} bytes)"
     );
+}
+
+/// Once the cache is full, second-miss promotion caches a block only when it misses
+/// again soon; a scan's blocks (read once) are declined, so what was cached stays. With
+/// `always`, the scan replaces it. Either way every read returns the device's data.
+#[test]
+fn a_full_cache_promotes_on_the_second_miss() {
+    for promotion in [Promotion::SecondMiss, Promotion::Always] {
+        let e = engine_promoting(64, promotion);
+        let disk = backing();
+        let mut ch = Channel::default();
+        let mut scratch = Vec::new();
+        let mut img = disk.clone();
+        let blocks = e.stats().capacity_bytes / BLOCK as u64;
+        // Fill the cache with blocks read twice (hits on the second read), then a scan of
+        // 3x the cache, read once each.
+        for b in 0..blocks / 2 {
+            read_block(&e, &mut ch, &disk, b);
+            assert!(
+                read_block(&e, &mut ch, &disk, b),
+                "{promotion:?}: block {b}"
+            );
+        }
+        let scan = blocks..4 * blocks;
+        for b in scan.clone() {
+            read_block(&e, &mut ch, &disk, b);
+            if b % 16 == 0 {
+                background(&e, &mut img, &mut scratch);
+            }
+        }
+        let st = e.stats();
+        let kept = (0..blocks / 2)
+            .filter(|&b| read_block(&e, &mut ch, &disk, b))
+            .count() as u64;
+        match promotion {
+            Promotion::SecondMiss => {
+                assert!(st.fill_declined_bytes > 0, "nothing declined");
+                assert!(kept * 10 >= blocks / 2 * 9, "kept {kept} of {}", blocks / 2);
+                // A scan block missing again now is cached, and hits the time after.
+                let b = scan.end - 1;
+                assert!(!read_block(&e, &mut ch, &disk, b));
+                assert!(read_block(&e, &mut ch, &disk, b), "second miss cached");
+            }
+            Promotion::Always => {
+                assert_eq!(st.fill_declined_bytes, 0);
+                assert!(kept * 10 < blocks / 2, "kept {kept} of {}", blocks / 2);
+            }
+        }
+        e.check_invariants(&[&ch]).unwrap();
+    }
 }

@@ -36,7 +36,7 @@ use pcache::engine::format::{
 use pcache::engine::policy::SEQ_CUTOFF_MAX_KIB;
 use pcache::engine::{
     probe, BackingIdentity, CacheMode, Channel, Engine, FormatOptions, IoError, OpenError, Policy,
-    SeqPolicy, WbBatch, WbNext,
+    Promotion, SeqPolicy, WbBatch, WbNext,
 };
 use pcache::env::sim::pmem::SimPmem;
 use pcache::env::sim::rng::Rng;
@@ -272,12 +272,13 @@ proptest! {
     #[test]
     fn cache_info_round_trips(gc in 0u32..=95, flags in any::<u32>(), seq in 0..SEQ_LIMIT,
                               mode in 0u8..4, sp in 0u8..3, kib in 0u32..=SEQ_CUTOFF_MAX_KIB,
-                              wb in 0u32..=SEQ_CUTOFF_MAX_KIB) {
+                              wb in 0u32..=SEQ_CUTOFF_MAX_KIB, pr in 0u8..2) {
         let policy = Policy {
             mode: CacheMode::from_code(mode).unwrap(),
             seq_policy: SeqPolicy::from_code(sp).unwrap(),
             seq_cutoff_kib: kib,
             write_bypass_kib: wb,
+            promotion: Promotion::from_code(pr).unwrap(),
         };
         let ci = CacheInfo { gc_percent: gc, flags, policy };
         let enc = ci.encode(seq);
@@ -296,14 +297,16 @@ proptest! {
     /// thresholds are corruption, never a panic.
     #[test]
     fn cache_info_policy_fields(gc in 0u32..=95, seq in 0..SEQ_LIMIT, mode in 4u8..=255,
-                                sp in 3u8..=255, kib in (SEQ_CUTOFF_MAX_KIB + 1)..=u32::MAX) {
+                                sp in 3u8..=255, kib in (SEQ_CUTOFF_MAX_KIB + 1)..=u32::MAX,
+                                pr in 2u8..=255) {
         let old = CacheInfo { gc_percent: gc, flags: 0, ..Default::default() }.encode(seq);
         prop_assert!(old[24..32].iter().all(|&b| b == 0));
         let (_, ci) = CacheInfo::decode(&old).unwrap();
         prop_assert_eq!(ci.policy, Policy::default());
         prop_assert_eq!(ci.policy.mode, CacheMode::WriteBack);
         prop_assert_eq!(ci.policy.seq_cutoff_kib, 0);
-        for (at, v) in [(24usize, mode), (25, sp)] {
+        prop_assert_eq!(ci.policy.promotion, Promotion::Always);
+        for (at, v) in [(24usize, mode), (25, sp), (26, pr)] {
             let mut b = old;
             b[at] = v;
             reseal(&mut b);

@@ -15,7 +15,7 @@
 //! `PCACHE_JOB=family:index:point` that replays it with `job_replay_one` (with the
 //! same `PCACHE_*_SEEDS`, if any were set).
 
-use pcache::engine::{CacheMode, Policy, SeqPolicy};
+use pcache::engine::{CacheMode, Policy, Promotion, SeqPolicy};
 use pcache::env::sim::pmem::CrashMode;
 use pcache::env::sim::world::{Workload, World, WorldCfg};
 
@@ -139,8 +139,9 @@ fn crash_during_format() {
 }
 
 /// The policy configurations the mode tests run: every mode from the start (with a
-/// 4 KiB cutoff on sequential streams for write-back), and a switch from write-back to
-/// every other mode (and back) in the middle of the workload.
+/// 4 KiB cutoff on sequential streams for write-back, second-miss promotion for
+/// write-around), write-back promoting on the second miss, and a switch from write-back
+/// to every other mode (and back) in the middle of the workload.
 fn policy_cfgs(seed: u64, w: Workload) -> Vec<(String, WorldCfg)> {
     let mut v = vec![];
     for mode in CacheMode::ALL {
@@ -151,10 +152,24 @@ fn policy_cfgs(seed: u64, w: Workload) -> Vec<(String, WorldCfg)> {
             seq_policy: SeqPolicy::Always,
             // Write-back: writes of 8 KiB or more bypass the cache while it reclaims.
             write_bypass_kib: if mode == CacheMode::WriteBack { 8 } else { 0 },
+            // Write-around: a full cache fills only on second misses.
+            promotion: match mode {
+                CacheMode::WriteAround => Promotion::SecondMiss,
+                _ => Promotion::Always,
+            },
         };
         c.seq_percent = 40;
         v.push((mode.name().to_string(), c));
     }
+    // Write-back promoting on the second miss, without cutoff or bypass: every request
+    // goes through the cache, and reads race fills that are declined or admitted.
+    let mut c = WorldCfg::new(seed, w);
+    c.policy = Policy {
+        promotion: Promotion::SecondMiss,
+        ..Policy::default()
+    };
+    c.seq_percent = 20;
+    v.push(("writeback+second_miss".to_string(), c));
     for (from, to) in [
         (CacheMode::WriteBack, CacheMode::WriteThrough),
         (CacheMode::WriteBack, CacheMode::WriteAround),
@@ -167,6 +182,7 @@ fn policy_cfgs(seed: u64, w: Workload) -> Vec<(String, WorldCfg)> {
             seq_cutoff_kib: 0,
             seq_policy: SeqPolicy::Never,
             write_bypass_kib: 0,
+            promotion: Promotion::Always,
         };
         c.switch = Some((c.ops / 2, to));
         c.seq_percent = 20;
@@ -197,6 +213,7 @@ fn writethrough_cfgs(seed: u64, w: Workload) -> Vec<(String, WorldCfg)> {
         seq_cutoff_kib: 0,
         seq_policy: SeqPolicy::Never,
         write_bypass_kib: 0,
+        promotion: Promotion::Always,
     };
     let mut c = WorldCfg::new(seed, w);
     c.policy = wt;

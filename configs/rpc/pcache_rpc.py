@@ -17,7 +17,8 @@ def _params(args, names):
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
-_POLICY = ['cache_mode', 'seq_cutoff_kib', 'seq_cutoff_policy', 'write_bypass_kib']
+_POLICY = ['cache_mode', 'seq_cutoff_kib', 'seq_cutoff_policy', 'write_bypass_kib',
+           'promotion']
 
 
 def _policy_args(p):
@@ -31,6 +32,9 @@ def _policy_args(p):
     p.add_argument('--write-bypass-kib', dest='write_bypass_kib', type=int,
                    help='write-back writes of at least this many KiB go to the base bdev '
                         'while the cache is reclaiming, 0 = off (default 1024)')
+    p.add_argument('--promotion', dest='promotion',
+                   help='which read misses a full cache caches: always, or second_miss '
+                        '(a block on its second recent miss; default)')
 
 
 def bdev_pcache_create(args):

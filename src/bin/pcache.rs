@@ -9,7 +9,7 @@ mod status;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use pcache::engine::{CacheMode, Config, Engine, SeqPolicy};
+use pcache::engine::{CacheMode, Config, Engine, Promotion, SeqPolicy};
 use pcache::env::medium::{Persistence, PosixPmem};
 use pcache::env::posix::signals;
 use pcache::env::posix::volume::{panic_text, Target, Volume, VolumeOptions};
@@ -97,6 +97,7 @@ impl CacheOpts {
         o.seq_cutoff_kib = self.policy.seq_cutoff;
         o.seq_policy = self.policy.seq_cutoff_policy;
         o.write_bypass_kib = self.policy.write_bypass;
+        o.promotion = self.policy.promotion;
         Ok(())
     }
 }
@@ -118,6 +119,10 @@ struct PolicyArgs {
     /// cache is reclaiming (e.g. 1M; 0 = off; default 1M for a new cache).
     #[arg(long, value_parser = parse_cutoff)]
     write_bypass: Option<u32>,
+    /// Which read misses a full cache caches: always, or second_miss (a block only when
+    /// it missed recently before; default for a new cache).
+    #[arg(long, value_parser = parse_promotion)]
+    promotion: Option<Promotion>,
 }
 
 impl PolicyArgs {
@@ -126,7 +131,12 @@ impl PolicyArgs {
             || self.seq_cutoff.is_some()
             || self.seq_cutoff_policy.is_some()
             || self.write_bypass.is_some()
+            || self.promotion.is_some()
     }
+}
+
+fn parse_promotion(s: &str) -> Result<Promotion, String> {
+    Promotion::parse(s)
 }
 
 fn parse_mode(s: &str) -> Result<CacheMode, String> {
@@ -683,10 +693,13 @@ fn set(a: SetArgs) -> Result<()> {
     if let Some(k) = a.policy.write_bypass {
         req["write_bypass_kib"] = json!(k);
     }
+    if let Some(p) = a.policy.promotion {
+        req["promotion"] = json!(p.name());
+    }
     if let Some(r) = online(&a.medium, &a.control, req)? {
         println!(
-            "{pmem}: gc_percent {}, cache_mode {}, seq_cutoff {} KiB, seq_cutoff_policy {}, write_bypass {} KiB (online; dirty bytes {})",
-            r["gc_percent"], r["cache_mode"], r["seq_cutoff_kib"], r["seq_cutoff_policy"], r["write_bypass_kib"], r["dirty_bytes"]
+            "{pmem}: gc_percent {}, cache_mode {}, seq_cutoff {} KiB, seq_cutoff_policy {}, write_bypass {} KiB, promotion {} (online; dirty bytes {})",
+            r["gc_percent"], r["cache_mode"], r["seq_cutoff_kib"], r["seq_cutoff_policy"], r["write_bypass_kib"], r["promotion"], r["dirty_bytes"]
         );
         return Ok(());
     }
@@ -698,15 +711,17 @@ fn set(a: SetArgs) -> Result<()> {
     let pol = e
         .policy()
         .with(p.cache_mode, p.seq_cutoff, p.seq_cutoff_policy)
-        .with_write_bypass(p.write_bypass);
+        .with_write_bypass(p.write_bypass)
+        .with_promotion(p.promotion);
     e.set_policy(pol).map_err(|x| anyhow!("{pmem}: {x}"))?;
     println!(
-        "{pmem}: gc_percent {}, cache_mode {}, seq_cutoff {} KiB, seq_cutoff_policy {}, write_bypass {} KiB",
+        "{pmem}: gc_percent {}, cache_mode {}, seq_cutoff {} KiB, seq_cutoff_policy {}, write_bypass {} KiB, promotion {}",
         e.gc_percent(),
         pol.mode.name(),
         pol.seq_cutoff_kib,
         pol.seq_policy.name(),
-        pol.write_bypass_kib
+        pol.write_bypass_kib,
+        pol.promotion.name()
     );
     if pol.mode != CacheMode::WriteBack && e.dirty_bytes() > 0 {
         println!(

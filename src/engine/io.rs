@@ -553,11 +553,16 @@ impl<P: Pmem> Engine<P> {
             else {
                 continue;
             };
+            let admit = ok && self.promote(off + at as u64);
+            if ok && !admit {
+                let slot = self.slots.get(self.slot_id(head));
+                slot.add(|c| &c.declined_bytes, len as u64);
+            }
             let mut done = 0usize;
             while done < len {
                 let o = off + (at + done) as u64;
                 let rest = (len - done) as u64;
-                let a = if ok {
+                let a = if admit {
                     self.alloc(head, rest).ok()
                 } else {
                     None

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod check;
+mod doorkeeper;
 pub mod format;
 mod gc;
 pub mod index;
@@ -39,7 +40,7 @@ pub use format::{BackingIdentity, LogPos};
 pub use io::{Channel, Miss};
 pub use open::{probe, Probe};
 pub use pmem::Pmem;
-pub use policy::{CacheMode, Direct, FlushMark, Policy, Route, SeqPolicy};
+pub use policy::{CacheMode, Direct, FlushMark, Policy, Promotion, Route, SeqPolicy};
 pub use stats::{ErrorEvent, Stats};
 pub use writeback::{GcResult, WbBatch, WbItem, WbKind, WbNext, WINDOW_KSETS};
 
@@ -304,6 +305,10 @@ pub struct Engine<P: Pmem> {
     /// its bytes from `credit`, which writeback refills with the bytes it retires.
     pace: AtomicBool,
     credit: AtomicI64,
+    /// Usage is at or over the GC watermark (as `update_pace` last saw it): fills then
+    /// evict, and read misses pass the doorkeeper first.
+    over: AtomicBool,
+    door: doorkeeper::Doorkeeper,
     tails: Mutex<Tails>,
     info: Mutex<InfoState>,
     segs: Segs,

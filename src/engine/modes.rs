@@ -1,5 +1,6 @@
 //! The cache's settings as stored on the medium: the cache mode, the sequential cutoff
-//! and its policy, with their names (CLI, RPC, JSON) and on-media codes.
+//! and its policy, the write bypass and the read-miss promotion, with their names (CLI,
+//! RPC, JSON) and on-media codes.
 //!
 //! Plain values with no dependency on the rest of the engine, so the on-media format
 //! (`format`) can encode them without depending on the request routing (`policy`).
@@ -82,6 +83,41 @@ impl SeqPolicy {
     }
 }
 
+/// Which read misses a full cache caches (OCF's promotion policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Promotion {
+    /// Every miss (what a medium from before the setting holds: code 0).
+    #[default]
+    Always,
+    /// Once the cache is full, a block only on its second recent miss (OCF's nhit with
+    /// 2 hits; the default for new caches): data read once does not evict data read
+    /// again. A cache with room still caches every miss.
+    SecondMiss,
+}
+
+impl Promotion {
+    pub const ALL: [Promotion; 2] = [Promotion::Always, Promotion::SecondMiss];
+    pub fn name(self) -> &'static str {
+        match self {
+            Promotion::Always => "always",
+            Promotion::SecondMiss => "second_miss",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown promotion {s:?}: use always or second_miss"))
+    }
+    /// On-media code (cache_info byte 26).
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+    pub fn from_code(c: u8) -> Option<Self> {
+        Self::ALL.get(c as usize).copied()
+    }
+}
+
 /// Largest sequential cutoff threshold (4 GiB, in KiB).
 pub const SEQ_CUTOFF_MAX_KIB: u32 = 4 << 20;
 /// Default threshold for new caches: 1 MiB, as OCF.
@@ -93,7 +129,7 @@ pub const WRITE_BYPASS_MAX_KIB: u32 = SEQ_CUTOFF_MAX_KIB;
 pub const WRITE_BYPASS_DEFAULT_KIB: u32 = 1024;
 
 /// The persisted policy. An old medium (zeros in these fields) reads as write-back with
-/// the cutoff off.
+/// the cutoff and the write bypass off, promoting every miss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Policy {
     pub mode: CacheMode,
@@ -105,6 +141,8 @@ pub struct Policy {
     /// above its GC watermark), where caching it would only evict data for data that
     /// is written back before it is read.
     pub write_bypass_kib: u32,
+    /// Which read misses are cached once the cache is full.
+    pub promotion: Promotion,
 }
 
 impl Policy {
@@ -115,6 +153,7 @@ impl Policy {
             seq_cutoff_kib: SEQ_CUTOFF_DEFAULT_KIB,
             seq_policy: SeqPolicy::Full,
             write_bypass_kib: WRITE_BYPASS_DEFAULT_KIB,
+            promotion: Promotion::SecondMiss,
         }
     }
     /// This policy with the given fields replaced.
@@ -128,13 +167,21 @@ impl Policy {
             mode: mode.unwrap_or(self.mode),
             seq_cutoff_kib: seq_cutoff_kib.unwrap_or(self.seq_cutoff_kib),
             seq_policy: seq_policy.unwrap_or(self.seq_policy),
-            write_bypass_kib: self.write_bypass_kib,
+            ..self
         }
     }
     /// This policy with the write-bypass threshold replaced, if given.
     pub fn with_write_bypass(self, kib: Option<u32>) -> Policy {
         Policy {
             write_bypass_kib: kib.unwrap_or(self.write_bypass_kib),
+            ..self
+        }
+    }
+
+    /// This policy with the promotion replaced, if given.
+    pub fn with_promotion(self, p: Option<Promotion>) -> Policy {
+        Policy {
+            promotion: p.unwrap_or(self.promotion),
             ..self
         }
     }
@@ -170,6 +217,22 @@ mod tests {
             assert_eq!(SeqPolicy::parse(p.name()), Ok(p));
             assert_eq!(SeqPolicy::from_code(p.code()), Some(p));
         }
+        for p in Promotion::ALL {
+            assert_eq!(Promotion::parse(p.name()), Ok(p));
+            assert_eq!(Promotion::from_code(p.code()), Some(p));
+        }
+        assert!(Promotion::parse("nhit")
+            .unwrap_err()
+            .contains("second_miss"));
+        assert_eq!(Promotion::from_code(2), None);
+        assert_eq!(Policy::default().promotion, Promotion::Always);
+        assert_eq!(Policy::new_default().promotion, Promotion::SecondMiss);
+        assert_eq!(
+            Policy::default()
+                .with_promotion(Some(Promotion::SecondMiss))
+                .promotion,
+            Promotion::SecondMiss
+        );
         assert!(CacheMode::parse("wb").unwrap_err().contains("writethrough"));
         assert!(SeqPolicy::parse("sometimes")
             .unwrap_err()

@@ -393,6 +393,8 @@ impl<P: Pmem> Engine<P> {
             idle: AtomicBool::new(true),
             pace: AtomicBool::new(false),
             credit: AtomicI64::new(0),
+            over: AtomicBool::new(false),
+            door: super::doorkeeper::Doorkeeper::new(geo.n_segs as u64 * geo.seg_data_size),
             tails: Mutex::new(Tails {
                 key: key_tail,
                 key_r: Replica {

@@ -29,11 +29,16 @@ use super::format::{
 };
 use super::index::{Extent, F_DIRTY, F_EMPTY};
 use super::io::Channel;
-pub use super::modes::{CacheMode, Policy, SeqPolicy, SEQ_CUTOFF_DEFAULT_KIB, SEQ_CUTOFF_MAX_KIB};
+pub use super::modes::{
+    CacheMode, Policy, Promotion, SeqPolicy, SEQ_CUTOFF_DEFAULT_KIB, SEQ_CUTOFF_MAX_KIB,
+};
 pub use super::streams::STREAMS;
 use super::sync::lock;
 use super::{Engine, IoError, OpenError, Pmem};
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
+
+/// The write bypass's bits in the packed policy code (`load_policy_codes`).
+const BYPASS_MASK: u64 = (1 << 23) - 1;
 
 /// How many unflushed direct writes are remembered by range (`fills_allowed`).
 const UNFLUSHED_RANGES: usize = 64;
@@ -197,16 +202,23 @@ impl<P: Pmem> Engine<P> {
             mode: self.mode(),
             seq_cutoff_kib: (v >> 8) as u32,
             seq_policy: SeqPolicy::from_code(v as u8).unwrap_or_default(),
-            write_bypass_kib: (v >> 40) as u32,
+            write_bypass_kib: ((v >> 40) & BYPASS_MASK) as u32,
+            promotion: if v >> 63 != 0 {
+                Promotion::SecondMiss
+            } else {
+                Promotion::Always
+            },
         }
     }
 
     pub(super) fn load_policy_codes(&self, p: Policy) {
         self.mode_code.store(p.mode.code() as u32, Relaxed);
-        // Bits 0..8 the cutoff's policy, 8..40 its threshold, 40.. the write bypass's
-        // (at most WRITE_BYPASS_MAX_KIB, 23 bits).
+        // Bits 0..8 the cutoff's policy, 8..40 its threshold, 40..63 the write bypass's
+        // (at most WRITE_BYPASS_MAX_KIB, 23 bits), 63 promotion on the second miss.
+        let twice = (p.promotion == Promotion::SecondMiss) as u64;
         self.seq_code.store(
-            ((p.write_bypass_kib as u64) << 40)
+            (twice << 63)
+                | ((p.write_bypass_kib as u64) << 40)
                 | ((p.seq_cutoff_kib as u64) << 8)
                 | p.seq_policy.code() as u64,
             Relaxed,
@@ -232,6 +244,15 @@ impl<P: Pmem> Engine<P> {
     fn bypasses(&self, len: u64) -> bool {
         let kib = self.policy_cached().write_bypass_kib as u64;
         kib > 0 && len >= kib << 10 && self.gc_wanted()
+    }
+
+    /// Whether a read miss at `off`, read from the backing device, is to be cached now:
+    /// always while the cache has room; once full, under `Promotion::SecondMiss`, only
+    /// when the same block missed recently (the doorkeeper records this miss).
+    pub(super) fn promote(&self, off: u64) -> bool {
+        !self.over.load(Relaxed)
+            || self.seq_code.load(Relaxed) >> 63 == 0
+            || self.door.second_miss(off)
     }
 
     /// Whether a read's misses should be cached (tracks the read's stream).

@@ -43,6 +43,8 @@ pub struct ChanCounters {
     pub fills: AtomicU64,
     pub bypassed: AtomicU64,
     pub bypassed_bytes: AtomicU64,
+    /// Missed bytes not cached because the doorkeeper had not seen them miss before.
+    pub declined_bytes: AtomicU64,
     pub paced: AtomicU64,
 }
 

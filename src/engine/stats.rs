@@ -128,8 +128,13 @@ pub struct Stats {
     pub seq_cutoff_policy: &'static str,
     /// Write-bypass threshold (`Policy::write_bypass_kib`; 0 = off).
     pub write_bypass_kib: u32,
+    /// `Policy::promotion`'s name.
+    pub promotion: &'static str,
     pub bypassed_requests: u64,
     pub bypassed_bytes: u64,
+    /// Read-miss bytes not cached once the cache was full because they had not missed
+    /// recently before (the doorkeeper: a block is cached on its second miss).
+    pub fill_declined_bytes: u64,
     pub invalidations: u64,
     /// Ksets closed before they were full or aged because another channel wrote to a
     /// region whose latest key they held (keys of a region reach the log in order).
@@ -225,8 +230,10 @@ impl<P: Pmem> Engine<P> {
             seq_cutoff_kib: self.policy().seq_cutoff_kib,
             seq_cutoff_policy: self.policy().seq_policy.name(),
             write_bypass_kib: self.policy().write_bypass_kib,
+            promotion: self.policy().promotion.name(),
             bypassed_requests: self.slot_sum(|s| &s.bypassed),
             bypassed_bytes: self.slot_sum(|s| &s.bypassed_bytes),
+            fill_declined_bytes: self.slot_sum(|s| &s.declined_bytes),
             invalidations: c.invalidations.get(),
             kset_ordering_closes: c.ordering_closes.get(),
         }

@@ -463,6 +463,12 @@ impl<P: Pmem> Engine<P> {
     /// a stale flag they ran into a full cache instead of being paced.
     pub(super) fn update_pace(&self, used: u64) -> bool {
         let over = used >= self.watermark_segs();
+        // Full for admission from where a GC round stops: in steady state usage moves
+        // between that and the watermark, and every fill evicts.
+        let full = used >= self.gc_low_segs();
+        if self.over.load(Relaxed) != full {
+            self.over.store(full, Relaxed);
+        }
         let pace = over && lock(&self.head).closed_dirty > 0;
         if self.pace.load(Relaxed) != pace {
             self.pace.store(pace, Relaxed);

@@ -8,7 +8,7 @@
 //! checks the whole result before it sets anything).
 
 use crate::engine::modes::{SEQ_CUTOFF_MAX_KIB, WRITE_BYPASS_MAX_KIB};
-use crate::engine::{CacheMode, Engine, Pmem, Policy, SeqPolicy};
+use crate::engine::{CacheMode, Engine, Pmem, Policy, Promotion, SeqPolicy};
 use serde_json::{Map, Value};
 
 /// Highest accepted `gc_percent` (the engine's limit).
@@ -16,23 +16,26 @@ pub const GC_PERCENT_MAX: u32 = crate::engine::format::GC_PERCENT_MAX;
 /// `gc_percent` of a new cache.
 pub const GC_PERCENT_DEFAULT: u32 = 95;
 /// The setting names, as JSON keys and (with dashes) CLI flags.
-pub const SETTING_KEYS: [&str; 5] = [
+pub const SETTING_KEYS: [&str; 6] = [
     "gc_percent",
     "cache_mode",
     "seq_cutoff_kib",
     "seq_cutoff_policy",
     "write_bypass_kib",
+    "promotion",
 ];
 
-/// `cache_mode`, `seq_cutoff_kib`, `seq_cutoff_policy`, `write_bypass_kib`: each optional
-/// (None: as stored on the medium; a new format: write-back, cutoff 1 MiB when full,
-/// writes of 1 MiB or more bypass a reclaiming cache).
+/// `cache_mode`, `seq_cutoff_kib`, `seq_cutoff_policy`, `write_bypass_kib`, `promotion`:
+/// each optional (None: as stored on the medium; a new format: write-back, cutoff 1 MiB
+/// when full, writes of 1 MiB or more bypass a reclaiming cache, a full cache caches a
+/// read miss on its second miss).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PolicyParams {
     pub cache_mode: Option<CacheMode>,
     pub seq_cutoff_kib: Option<u32>,
     pub seq_policy: Option<SeqPolicy>,
     pub write_bypass_kib: Option<u32>,
+    pub promotion: Option<Promotion>,
 }
 
 impl PolicyParams {
@@ -43,6 +46,7 @@ impl PolicyParams {
     pub fn apply(&self, p: Policy) -> Policy {
         p.with(self.cache_mode, self.seq_cutoff_kib, self.seq_policy)
             .with_write_bypass(self.write_bypass_kib)
+            .with_promotion(self.promotion)
     }
     /// Remembers the fields of `o` that are set (for `save_config`).
     pub fn merge(&mut self, o: &PolicyParams) {
@@ -50,6 +54,7 @@ impl PolicyParams {
         self.seq_cutoff_kib = o.seq_cutoff_kib.or(self.seq_cutoff_kib);
         self.seq_policy = o.seq_policy.or(self.seq_policy);
         self.write_bypass_kib = o.write_bypass_kib.or(self.write_bypass_kib);
+        self.promotion = o.promotion.or(self.promotion);
     }
     /// Writes the fields that are set into the JSON object `p`.
     pub fn to_json(self, p: &mut Value) {
@@ -64,6 +69,9 @@ impl PolicyParams {
         }
         if let Some(k) = self.write_bypass_kib {
             p["write_bypass_kib"] = k.into();
+        }
+        if let Some(x) = self.promotion {
+            p["promotion"] = x.name().into();
         }
     }
     /// The policy fields present in `m`, each checked.
@@ -80,11 +88,16 @@ impl PolicyParams {
             uint(m, "seq_cutoff_kib", 0, SEQ_CUTOFF_MAX_KIB as u64, false)?.map(|k| k as u32);
         let write_bypass_kib =
             uint(m, "write_bypass_kib", 0, WRITE_BYPASS_MAX_KIB as u64, false)?.map(|k| k as u32);
+        let promotion = match string(m, "promotion", false)? {
+            None => None,
+            Some(s) => Some(Promotion::parse(&s).map_err(|e| format!("'promotion': {e}"))?),
+        };
         Ok(PolicyParams {
             cache_mode,
             seq_cutoff_kib,
             seq_policy,
             write_bypass_kib,
+            promotion,
         })
     }
 }
@@ -279,6 +292,8 @@ mod tests {
                 "write_bypass_kib",
             ),
             (json!({"write_bypass_kib": "1M"}), "write_bypass_kib"),
+            (json!({"promotion": "nhit"}), "promotion"),
+            (json!({"promotion": 2}), "promotion"),
         ] {
             let e = Settings::from_json(&m(bad.clone())).unwrap_err();
             assert!(e.contains(name), "{bad}: {e}");
@@ -287,6 +302,9 @@ mod tests {
         let s = Settings::from_json(&m(json!({"write_bypass_kib": 256}))).unwrap();
         assert_eq!(s.policy.write_bypass_kib, Some(256));
         assert_eq!(s.policy.apply(Policy::default()).write_bypass_kib, 256);
+        let s = Settings::from_json(&m(json!({"promotion": "always"}))).unwrap();
+        let p = s.policy.apply(Policy::new_default());
+        assert_eq!(p.promotion, Promotion::Always);
         assert!(object(Some(&json!({"x": 1})), &["y"], false)
             .unwrap_err()
             .contains("unknown parameter 'x'"));

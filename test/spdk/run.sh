@@ -312,6 +312,7 @@ bad seq_cutoff_negative bdev_pcache_create "{\"name\": \"X\", $P, \"seq_cutoff_k
 bad seq_cutoff_too_large bdev_pcache_create "{\"name\": \"X\", $P, \"seq_cutoff_kib\": 4194305}"
 bad seq_cutoff_string bdev_pcache_create "{\"name\": \"X\", $P, \"seq_cutoff_kib\": \"1M\"}"
 bad seq_policy_bad_value bdev_pcache_create "{\"name\": \"X\", $P, \"seq_cutoff_policy\": \"sometimes\"}"
+bad promotion_bad_value bdev_pcache_create "{\"name\": \"X\", $P, \"promotion\": \"nhit\"}"
 bad duplicate_key bdev_pcache_create "{\"name\": \"X\", \"name\": \"Y\", $P}"
 bad gc_percent_96 bdev_pcache_create "{\"name\": \"X\", $P, \"gc_percent\": 96}"
 bad gc_percent_negative bdev_pcache_create "{\"name\": \"X\", $P, \"gc_percent\": -5}"

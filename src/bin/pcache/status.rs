@@ -99,6 +99,11 @@ pub fn print(v: &Value) -> Result<()> {
         g(v, "invalidations")
     );
     println!(
+        "promotion:    {}   fills declined: {} bytes",
+        g(v, "promotion"),
+        g(v, "fill_declined_bytes")
+    );
+    println!(
         "segments:     {} used of {} ({} bytes each)",
         g(v, "segments_used"),
         g(v, "segments_total"),

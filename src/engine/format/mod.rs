@@ -17,7 +17,7 @@
 //! corruption to it) rather than replaying it without the flush record's rule.
 
 use super::modes::SEQ_CUTOFF_MAX_KIB;
-pub use super::modes::{CacheMode, Policy, SeqPolicy};
+pub use super::modes::{CacheMode, Policy, Promotion, SeqPolicy};
 use thiserror::Error;
 
 mod kset;
@@ -347,8 +347,9 @@ pub fn check_seg_size(seg_size: u32) -> Result<(), String> {
 pub struct CacheInfo {
     pub gc_percent: u32,
     pub flags: u32,
-    /// Cache mode, sequential cutoff and write bypass (bytes 24..36, zero on media
-    /// written before they existed, which reads as write-back with both off).
+    /// Cache mode, sequential cutoff, write bypass and promotion (bytes 24..36, zero on
+    /// media written before they existed, which reads as write-back with the cutoff and
+    /// the bypass off, promoting every miss).
     pub policy: Policy,
 }
 
@@ -359,6 +360,7 @@ impl CacheInfo {
         put_u32(&mut b, 20, self.flags);
         b[24] = self.policy.mode.code();
         b[25] = self.policy.seq_policy.code();
+        b[26] = self.policy.promotion.code();
         put_u32(&mut b, 28, self.policy.seq_cutoff_kib);
         put_u32(&mut b, 32, self.policy.write_bypass_kib);
         seal(&mut b, KIND_INFO, seq);
@@ -383,6 +385,7 @@ impl CacheInfo {
         let mode = CacheMode::from_code(b[24]).ok_or(field("cache_mode", b[24] as u64))?;
         let seq_policy =
             SeqPolicy::from_code(b[25]).ok_or(field("seq_cutoff_policy", b[25] as u64))?;
+        let promotion = Promotion::from_code(b[26]).ok_or(field("promotion", b[26] as u64))?;
         let seq_cutoff_kib = get_u32(b, 28);
         if seq_cutoff_kib > SEQ_CUTOFF_MAX_KIB {
             return Err(field("seq_cutoff_kib", seq_cutoff_kib as u64));
@@ -401,6 +404,7 @@ impl CacheInfo {
                     seq_cutoff_kib,
                     seq_policy,
                     write_bypass_kib,
+                    promotion,
                 },
             },
         ))

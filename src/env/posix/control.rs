@@ -38,7 +38,7 @@ pub fn handle(vol: &Volume, line: &str) -> Value {
 }
 
 /// `set`: any of gc_percent, cache_mode, seq_cutoff_kib, seq_cutoff_policy,
-/// write_bypass_kib, validated
+/// write_bypass_kib, promotion, validated
 /// and applied by `runtime::options` (every value is checked before anything changes).
 fn set(vol: &Volume, req: &Value) -> Value {
     let mut known = vec!["cmd"];
@@ -48,7 +48,7 @@ fn set(vol: &Volume, req: &Value) -> Value {
         .and_then(Settings::from_json);
     let r = match parsed {
         Ok(s) if s.is_empty() => {
-            Err("set needs gc_percent, cache_mode, seq_cutoff_kib, seq_cutoff_policy or write_bypass_kib".into())
+            Err("set needs gc_percent, cache_mode, seq_cutoff_kib, seq_cutoff_policy, write_bypass_kib or promotion".into())
         }
         Ok(s) => s.apply(&vol.engine),
         Err(m) => Err(m),
@@ -60,7 +60,7 @@ fn set(vol: &Volume, req: &Value) -> Value {
             let e = &vol.engine;
             json!({"ok": true, "gc_percent": e.gc_percent(), "cache_mode": p.mode.name(),
                    "seq_cutoff_kib": p.seq_cutoff_kib, "seq_cutoff_policy": p.seq_policy.name(),
-                   "write_bypass_kib": p.write_bypass_kib,
+                   "write_bypass_kib": p.write_bypass_kib, "promotion": p.promotion.name(),
                    "dirty_bytes": e.dirty_bytes()})
         }
         Err(m) => json!({"ok": false, "error": format!("set: {m}")}),

@@ -98,6 +98,7 @@ pub(super) fn create(v: Option<&Value>) -> Result<CreateParams, String> {
         "seq_cutoff_kib",
         "seq_cutoff_policy",
         "write_bypass_kib",
+        "promotion",
     ];
     let m = object(v, KNOWN, false)?.expect("required");
     let name = bdev_name("name", string(m, "name", true)?.expect("required"))?;
@@ -171,6 +172,7 @@ pub(super) fn set_options(v: Option<&Value>) -> Result<SetOptionsParams, String>
         "seq_cutoff_kib",
         "seq_cutoff_policy",
         "write_bypass_kib",
+        "promotion",
     ];
     let m = object(v, KNOWN, false)?.expect("required");
     let o = SetOptionsParams {

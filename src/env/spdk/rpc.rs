@@ -332,12 +332,13 @@ extern "C" fn rpc_set_options(req: *mut sys::spdk_jsonrpc_request, p: *const sys
                 return;
             }
             noticelog!(
-                "{}: cache mode {}, sequential cutoff {} KiB ({}), write bypass {} KiB",
+                "{}: cache mode {}, sequential cutoff {} KiB ({}), write bypass {} KiB, promotion {}",
                 o.name,
                 p.mode.name(),
                 p.seq_cutoff_kib,
                 p.seq_policy.name(),
-                p.write_bypass_kib
+                p.write_bypass_kib,
+                p.promotion.name()
             );
             if p.mode != CacheMode::WriteBack && e.dirty_bytes() > 0 {
                 // Leaving write-back: write every dirty byte back while I/O goes on

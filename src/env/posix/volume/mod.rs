@@ -41,8 +41,8 @@ use super::direct::DirectBatch;
 use super::poll::Waker;
 use crate::engine::latency::{Class, LatencySet};
 use crate::engine::{
-    BackingIdentity, CacheMode, Channel, Config, Engine, IoError, OpenError, Pmem, SeqPolicy,
-    Stats, WbBatch, WbKind, WbNext,
+    BackingIdentity, CacheMode, Channel, Config, Engine, IoError, OpenError, Pmem, Promotion,
+    SeqPolicy, Stats, WbBatch, WbKind, WbNext,
 };
 use crate::env::medium::{Persistence, PosixPmem};
 use crate::runtime::attach::{self, Dialect, Intent, Refusal};
@@ -92,6 +92,7 @@ pub struct VolumeOptions {
     pub seq_cutoff_kib: Option<u32>,
     pub seq_policy: Option<SeqPolicy>,
     pub write_bypass_kib: Option<u32>,
+    pub promotion: Option<Promotion>,
 }
 
 impl VolumeOptions {
@@ -109,6 +110,7 @@ impl VolumeOptions {
             seq_cutoff_kib: None,
             seq_policy: None,
             write_bypass_kib: None,
+            promotion: None,
         }
     }
 }
@@ -279,6 +281,7 @@ impl Volume {
                     seq_cutoff_kib: o.seq_cutoff_kib,
                     seq_policy: o.seq_policy,
                     write_bypass_kib: o.write_bypass_kib,
+                    promotion: o.promotion,
                 },
             },
             format_id: random_id(),
