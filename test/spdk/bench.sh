@@ -167,14 +167,14 @@ def show(name, med_vals, target, unit="x"):
     print(f"  {name:<28}{med:6.2f}{unit}  [{target}]  rounds: {each}")
 
 print("pcache ratios, median of per-round ratios (issue targets in brackets):")
-show("randwrite qd32 vs malloc", ratio("pcache", "randwrite", "malloc"), ">= 0.8")
-show("randread  qd32 vs malloc", ratio("pcache", "randread", "malloc"), ">= 0.8, read hits")
-show("randwrite qd32 vs ocf_wb", ratio("pcache", "randwrite", "ocf_wb"), ">= 2.5")
-show("randread  qd32 vs ocf_wb", ratio("pcache", "randread", "ocf_wb"), ">= 2.5")
+show("randwrite qd32 vs malloc", ratio("pcache", "randwrite", "malloc"), ">= 0.9")
+show("randread  qd32 vs malloc", ratio("pcache", "randread", "malloc"), ">= 0.9, read hits")
+show("randwrite qd32 vs ocf_wb", ratio("pcache", "randwrite", "ocf_wb"), ">= 3")
+show("randread  qd32 vs ocf_wb", ratio("pcache", "randread", "ocf_wb"), ">= 3")
 show("cold randread vs passthru", ratio("pcache_cold", "randread", "passthru_cold"), ">= 0.95")
 show("randwrite qd1 lat - malloc's",
      per_round(lambda r: val(r, "pcache", "randwrite", 1, 1) - val(r, "malloc", "randwrite", 1, 1)),
-     "<= +1", " us")
+     "<= +0.3", " us")
 show("ocf_wb randwrite vs malloc", ratio("ocf_wb", "randwrite", "malloc"), "context")
 show("ocf_wb randread  vs malloc", ratio("ocf_wb", "randread", "malloc"), "context")
 if errors:
