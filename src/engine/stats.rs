@@ -73,6 +73,8 @@ pub struct Stats {
     pub segments_used: u32,
     pub backing_size: u64,
     pub dirty_bytes: u64,
+    /// Index entries: extents, placeholders and the holes GC leaves for the next write
+    /// of a range (what the index's memory holds; see `index::F_HOLE`).
     pub cached_extents: u64,
     /// Bytes of cached data the index maps (dirty and clean), and the data area they
     /// share with the log and the free reserve: how much of the medium holds data.
