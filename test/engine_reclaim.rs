@@ -303,3 +303,45 @@ fn a_full_cache_promotes_on_the_second_miss() {
         e.check_invariants(&[&ch]).unwrap();
     }
 }
+
+/// GC's evictions count as misses for promotion: a block read once, cached while the
+/// cache had room and then dropped by GC, is cached again on its first miss after.
+#[test]
+fn a_block_gc_dropped_comes_back_on_its_first_miss() {
+    let e = engine_promoting(64, Promotion::SecondMiss);
+    let disk = backing();
+    let mut img = disk.clone();
+    let mut ch = Channel::default();
+    let mut scratch = Vec::new();
+    let blocks = e.stats().capacity_bytes / BLOCK as u64;
+    let reads = blocks / 4;
+    for b in 0..reads {
+        read_block(&e, &mut ch, &disk, b);
+    }
+    // Writes elsewhere fill the cache; GC drops the reads first (oldest, never hit),
+    // and little else, so few later evictions overwrite their tags.
+    let v = vec![9u8; BLOCK];
+    for i in 0..blocks * 9 / 10 {
+        e.write(&mut ch, (reads + i) * BLOCK as u64, &v, false)
+            .unwrap();
+        if i % 16 == 0 {
+            background(&e, &mut img, &mut scratch);
+        }
+    }
+    let (mut dropped, mut back) = (0, 0);
+    for b in 0..reads {
+        if !read_block(&e, &mut ch, &disk, b) {
+            dropped += 1;
+            back += read_block(&e, &mut ch, &disk, b) as u64;
+        }
+        // Room for the fills.
+        background(&e, &mut img, &mut scratch);
+    }
+    assert!(dropped * 2 > reads, "GC dropped only {dropped} of {reads}");
+    // Tags can be overwritten by later misses and evictions: most, not all, survive.
+    assert!(
+        back * 2 > dropped,
+        "{back} of {dropped} came back on their first miss"
+    );
+    e.check_invariants(&[&ch]).unwrap();
+}

@@ -11,7 +11,9 @@
 //! must miss again within roughly a medium's worth of other misses. Tags are relaxed
 //! atomics: a race between two channels at most admits or declines one fill wrongly,
 //! which only changes what is cached, never what is read. Writes are never filtered (a
-//! write-back write must be cached).
+//! write-back write must be cached). GC records the clean data it drops as if it had
+//! missed (`evicted`), so a block read again soon after its eviction comes back on its
+//! first miss, as a ghost entry of ARC's lists brings it back.
 
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
@@ -36,13 +38,23 @@ impl Doorkeeper {
         }
     }
 
+    /// Records that the data at backing offset `off` was dropped from the cache: its
+    /// next miss counts as a second one.
+    pub(super) fn evicted(&self, off: u64) {
+        let (slot, tag) = self.slot(off);
+        slot.store(tag, Relaxed);
+    }
+
+    /// The slot of the block at `off`, and its tag there (never 0, the empty value).
+    fn slot(&self, off: u64) -> (&AtomicU32, u32) {
+        let h = (off >> BLOCK_SHIFT).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (&self.tags[(h >> (64 - self.bits)) as usize], (h as u32) | 1)
+    }
+
     /// Records a miss at backing offset `off` and says whether it is to be cached: true
     /// when the same block missed recently.
     pub(super) fn second_miss(&self, off: u64) -> bool {
-        let h = (off >> BLOCK_SHIFT).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let slot = &self.tags[(h >> (64 - self.bits)) as usize];
-        // Never 0, the empty slot's value.
-        let tag = (h as u32) | 1;
+        let (slot, tag) = self.slot(off);
         if slot.load(Relaxed) == tag {
             // Forget it: a block evicted again later must earn its place again.
             slot.store(0, Relaxed);
@@ -66,6 +78,14 @@ mod tests {
         assert!(d.second_miss(4096 * 7 + 512));
         // Admission consumed the tag.
         assert!(!d.second_miss(4096 * 7));
+    }
+
+    #[test]
+    fn an_evicted_block_comes_back_on_its_first_miss() {
+        let d = Doorkeeper::new(64 << 20);
+        d.evicted(4096 * 9);
+        assert!(d.second_miss(4096 * 9));
+        assert!(!d.second_miss(4096 * 10));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! Retiring a key also settles its surviving pieces in the index at once (a piece is
 //! an extent still naming the key's own data location: segment, generation and offset):
 //! a cold piece is removed, so the index never maps data that is about to be reclaimed
-//! and `cached_bytes` stays exact; a piece marked `F_REF` (read since written) is copied
+//! and `cached_bytes` stays exact (and the doorkeeper remembers it, so it is promoted
+//! on its next miss); a piece marked `F_REF` (read since written) is copied
 //! to GC's own allocation head and re-keyed as clean data in a newer kset, as a fill
 //! would be, with the copy made outside the shard lock and the index switched over only
 //! if the piece is still there (a write meanwhile wins). Relocation is a FIFO with
@@ -232,6 +233,8 @@ impl<P: Pmem> Engine<P> {
                         // verifiable here, so it is not moved.
                         && !(x.is(F_CRC) && (x.crc_front() != 0 || x.crc_back() != 0));
                     if !hot {
+                        // Read again soon, it is cached on its first miss.
+                        self.door.evicted(base + ks as u64);
                         return None;
                     }
                     *budget -= x.len as u64;
