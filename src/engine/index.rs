@@ -401,13 +401,11 @@ impl Shard {
         }
     }
 
-    /// Turns entry `i` of bucket `b` into a hole in place (nothing shifts). Returns the
-    /// index of the entry after it.
-    fn make_hole(&mut self, b: usize, i: usize) -> usize {
+    /// Turns entry `i` of bucket `b` into a hole in place (nothing shifts).
+    fn make_hole(&mut self, b: usize, i: usize) {
         let Entry(ks, k) = self.v[i];
         let hole = Extent::without_data(k.len, F_HOLE, 0);
         self.replace(b, i, i + 1, &[Entry(ks, hole)]);
-        i + 1
     }
 
     /// Before an insert that may add `add` entries: when the vector has no room for
@@ -594,7 +592,7 @@ impl Shard {
     ) {
         debug_assert!(!self.replayed());
         pieces(s, e, |b, ps, pe| {
-            let (lo, mut hi) = self.run(b);
+            let (lo, hi) = self.run(b);
             let mut i = lo + first_overlap(&self.v[lo..hi], b, ps);
             while i < hi && self.v[i].0 < pe {
                 let Entry(ks, k) = self.v[i];
@@ -603,9 +601,8 @@ impl Shard {
                     continue;
                 }
                 if k.has_data() && stale(&k) {
-                    let n = self.v.len();
-                    i = self.make_hole(b, i);
-                    hi -= n - self.v.len();
+                    self.make_hole(b, i);
+                    i += 1;
                     continue;
                 }
                 if mark != 0 && k.has_data() && !k.is(mark) {
@@ -715,7 +712,8 @@ impl Shard {
                 let x = f(cs, &c);
                 if x.is_none() && cs == ks && ce == ks + k.len {
                     // All of it goes: leave a hole for the next write here.
-                    i = self.make_hole(b, i);
+                    self.make_hole(b, i);
+                    i += 1;
                     continue;
                 }
                 debug_assert!(x.is_none_or(|x| x.len == c.len));

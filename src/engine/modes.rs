@@ -7,6 +7,35 @@
 //! Invariant: a code, once written to media, keeps its meaning (`from_code` of an
 //! unknown code is None, and the decoder refuses it).
 
+/// A setting's names (CLI, RPC, JSON) and on-media codes: `ALL` in code order (a
+/// variant's code is its index), `name`, `parse` (whose error names the setting and
+/// lists the accepted names, `use`), `code` and `from_code` (None for a code no variant
+/// has, which the decoder refuses).
+macro_rules! named_codes {
+    ($t:ident, $what:literal, $use:literal, [$($v:ident => $n:literal),+ $(,)?]) => {
+        impl $t {
+            pub const ALL: [$t; [$($n),+].len()] = [$($t::$v),+];
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($t::$v => $n),+
+                }
+            }
+            pub fn parse(s: &str) -> Result<Self, String> {
+                Self::ALL
+                    .into_iter()
+                    .find(|m| m.name() == s)
+                    .ok_or_else(|| format!(concat!("unknown ", $what, " {:?}: use ", $use), s))
+            }
+            pub fn code(self) -> u8 {
+                self as u8
+            }
+            pub fn from_code(c: u8) -> Option<Self> {
+                Self::ALL.get(c as usize).copied()
+            }
+        }
+    };
+}
+
 /// How the cache treats writes and read misses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CacheMode {
@@ -21,34 +50,13 @@ pub enum CacheMode {
     PassThrough,
 }
 
-impl CacheMode {
-    pub const ALL: [CacheMode; 4] = [
-        CacheMode::WriteBack,
-        CacheMode::WriteThrough,
-        CacheMode::WriteAround,
-        CacheMode::PassThrough,
-    ];
-    pub fn name(self) -> &'static str {
-        match self {
-            CacheMode::WriteBack => "writeback",
-            CacheMode::WriteThrough => "writethrough",
-            CacheMode::WriteAround => "writearound",
-            CacheMode::PassThrough => "passthrough",
-        }
-    }
-    pub fn parse(s: &str) -> Result<Self, String> {
-        Self::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
-            format!("unknown cache mode {s:?}: use writeback, writethrough, writearound or passthrough")
-        })
-    }
-    /// On-media code (cache_info byte 24); 0 is what a medium from before modes holds.
-    pub fn code(self) -> u8 {
-        self as u8
-    }
-    pub fn from_code(c: u8) -> Option<Self> {
-        Self::ALL.get(c as usize).copied()
-    }
-}
+// On-media code: cache_info byte 24; 0 is what a medium from before modes holds.
+named_codes!(CacheMode, "cache mode", "writeback, writethrough, writearound or passthrough", [
+    WriteBack => "writeback",
+    WriteThrough => "writethrough",
+    WriteAround => "writearound",
+    PassThrough => "passthrough",
+]);
 
 /// When the sequential cutoff applies (OCF's `seq_cutoff_policy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -60,28 +68,12 @@ pub enum SeqPolicy {
     Never,
 }
 
-impl SeqPolicy {
-    pub const ALL: [SeqPolicy; 3] = [SeqPolicy::Full, SeqPolicy::Always, SeqPolicy::Never];
-    pub fn name(self) -> &'static str {
-        match self {
-            SeqPolicy::Full => "full",
-            SeqPolicy::Always => "always",
-            SeqPolicy::Never => "never",
-        }
-    }
-    pub fn parse(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown seq_cutoff_policy {s:?}: use always, full or never"))
-    }
-    pub fn code(self) -> u8 {
-        self as u8
-    }
-    pub fn from_code(c: u8) -> Option<Self> {
-        Self::ALL.get(c as usize).copied()
-    }
-}
+// On-media code: cache_info byte 25.
+named_codes!(SeqPolicy, "seq_cutoff_policy", "always, full or never", [
+    Full => "full",
+    Always => "always",
+    Never => "never",
+]);
 
 /// Which read misses a full cache caches (OCF's promotion policy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -95,28 +87,11 @@ pub enum Promotion {
     SecondMiss,
 }
 
-impl Promotion {
-    pub const ALL: [Promotion; 2] = [Promotion::Always, Promotion::SecondMiss];
-    pub fn name(self) -> &'static str {
-        match self {
-            Promotion::Always => "always",
-            Promotion::SecondMiss => "second_miss",
-        }
-    }
-    pub fn parse(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown promotion {s:?}: use always or second_miss"))
-    }
-    /// On-media code (cache_info byte 26).
-    pub fn code(self) -> u8 {
-        self as u8
-    }
-    pub fn from_code(c: u8) -> Option<Self> {
-        Self::ALL.get(c as usize).copied()
-    }
-}
+// On-media code: cache_info byte 26.
+named_codes!(Promotion, "promotion", "always or second_miss", [
+    Always => "always",
+    SecondMiss => "second_miss",
+]);
 
 /// Largest sequential cutoff threshold (4 GiB, in KiB).
 pub const SEQ_CUTOFF_MAX_KIB: u32 = 4 << 20;

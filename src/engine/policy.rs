@@ -37,8 +37,10 @@ use super::sync::lock;
 use super::{Engine, IoError, OpenError, Pmem};
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 
-/// The write bypass's bits in the packed policy code (`load_policy_codes`).
+/// The write bypass's bits in the packed policy code (`load_policy_codes`), and the
+/// bit above them saying promotion is on the second miss.
 const BYPASS_MASK: u64 = (1 << 23) - 1;
+const PROMOTE_BIT: u32 = 63;
 
 /// How many unflushed direct writes are remembered by range (`fills_allowed`).
 const UNFLUSHED_RANGES: usize = 64;
@@ -203,7 +205,7 @@ impl<P: Pmem> Engine<P> {
             seq_cutoff_kib: (v >> 8) as u32,
             seq_policy: SeqPolicy::from_code(v as u8).unwrap_or_default(),
             write_bypass_kib: ((v >> 40) & BYPASS_MASK) as u32,
-            promotion: if v >> 63 != 0 {
+            promotion: if v >> PROMOTE_BIT != 0 {
                 Promotion::SecondMiss
             } else {
                 Promotion::Always
@@ -217,7 +219,7 @@ impl<P: Pmem> Engine<P> {
         // (at most WRITE_BYPASS_MAX_KIB, 23 bits), 63 promotion on the second miss.
         let twice = (p.promotion == Promotion::SecondMiss) as u64;
         self.seq_code.store(
-            (twice << 63)
+            (twice << PROMOTE_BIT)
                 | ((p.write_bypass_kib as u64) << 40)
                 | ((p.seq_cutoff_kib as u64) << 8)
                 | p.seq_policy.code() as u64,
@@ -251,7 +253,7 @@ impl<P: Pmem> Engine<P> {
     /// when the same block missed recently (the doorkeeper records this miss).
     pub(super) fn promote(&self, off: u64) -> bool {
         !self.over.load(Relaxed)
-            || self.seq_code.load(Relaxed) >> 63 == 0
+            || self.seq_code.load(Relaxed) >> PROMOTE_BIT == 0
             || self.door.second_miss(off)
     }
 
