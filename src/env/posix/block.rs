@@ -42,6 +42,21 @@ pub trait BlockConn: Send {
     /// Writes `data` at `off`; with `fua` it is durable when this returns. Without,
     /// durability may wait for the next [`BlockConn::commit`] (group commit).
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> std::io::Result<()>;
+    /// Tries a write that may have to wait for the device (a full or paced cache): Some
+    /// as [`BlockConn::write`] when it ran, None when it would wait. The caller keeps the
+    /// request and tries again later with `waited`, how long it has been trying, and
+    /// meanwhile serves other requests: a paced write then holds up no read. Only called
+    /// on a handle shared by a reactor. Default: [`BlockConn::write`], at once.
+    fn try_write(
+        &mut self,
+        off: u64,
+        data: &[u8],
+        fua: bool,
+        waited: std::time::Duration,
+    ) -> Option<std::io::Result<()>> {
+        let _ = waited;
+        Some(self.write(off, data, fua))
+    }
     /// Makes every request this handle executed so far as durable as its reply promises
     /// (group commit: one sync for a whole reactor pass). The reactor calls it before it
     /// sends any reply of those requests; an error means they must not be answered (the

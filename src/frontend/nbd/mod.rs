@@ -30,6 +30,7 @@
 //! (CAN_MULTI_CONN), on any other. No `unsafe` here: readiness polling and wake-ups come from
 //! the safe wrapper in `crate::env::posix::poll`.
 
+mod bytequeue;
 pub mod proto;
 mod reactor;
 mod server;

@@ -13,6 +13,16 @@
 //! cookie), and once a pass's replies are sent runs [`BlockConn::after_replies`]. A client
 //! is not finished while reads of it are in flight.
 //!
+//! A WRITE the shared handle cannot take yet (a paced or full cache:
+//! [`BlockConn::try_write`] hands it back) is parked on its client with a copy of its
+//! payload and tried again, oldest first, every pass and at least every
+//! [`PARKED_RETRY`]. Meanwhile READs of other ranges pass it, later WRITEs join it in
+//! order (up to [`PARKED_BYTES`] per client), and anything else of that client (a READ
+//! of a parked range, FLUSH, TRIM, DISC) waits for it: a paced write no longer holds up
+//! every client of the reactor, and nothing a client could observe is reordered (NBD
+//! orders nothing among requests in flight; these rules keep a client's own writes and
+//! its reads of them in order anyway). A client is not finished while writes of it wait.
+//!
 //! Group commit: before any reply leaves (at the end of the pass, or early when a client's
 //! output passes [`FLUSH_AT`]), the handles that executed requests are committed
 //! ([`BlockConn::commit`]): one sync covers every write of the pass, and no write is
@@ -37,6 +47,7 @@
 //! in full, sends the replies and closes each client; clients still holding replies when the
 //! grace period ends are closed anyway, then the thread ends.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -44,10 +55,16 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::bytequeue::ByteQueue;
 use super::proto::{self, Command, Limits, Request, REQUEST_LEN};
 use super::sockets::{is_disconnect, violation, Peer, Slot};
 use super::{BlockConn, BlockTarget};
 use crate::env::posix::poll::{Interest, PollSet, Waker};
+
+/// How often a reactor tries again a write its handle handed back (`BlockConn::try_write`).
+const PARKED_RETRY: Duration = Duration::from_micros(200);
+/// Payload bytes of WRITEs one client may have waiting (one WRITE of any size may).
+const PARKED_BYTES: usize = 8 << 20;
 
 /// Smallest read from a socket: enough for many pipelined small requests per syscall.
 const READ_CHUNK: usize = 64 << 10;
@@ -173,6 +190,9 @@ impl<T: BlockTarget> Reactor<T> {
             for t in [background_due, deadline].into_iter().flatten() {
                 wait = wait.min(t.saturating_duration_since(now));
             }
+            if clients.iter().any(|c| !c.parked.is_empty()) {
+                wait = wait.min(PARKED_RETRY);
+            }
             if clients.iter().any(|c| !c.reading) {
                 // Clients that no longer read are closed after `grace` without progress.
                 wait = wait.min(self.grace);
@@ -253,6 +273,9 @@ impl<T: BlockTarget> Reactor<T> {
     /// in the socket, and one sync then covers all of it.
     fn execute(&mut self, clients: &mut [Client<T::Conn>], reads: &mut Reads) {
         let mut any = self.reap(clients, reads);
+        for c in clients.iter_mut() {
+            any |= c.retry_parked(&mut self.shared);
+        }
         let mut rounds = 0;
         loop {
             any |= self.execute_buffered(clients, reads);
@@ -396,7 +419,24 @@ struct Client<C> {
     last_progress: Instant,
     /// Its reads in flight on the shared handle (answered by `Reactor::reap`).
     reads: usize,
+    /// WRITEs the shared handle handed back to wait (`BlockConn::try_write`), in
+    /// arrival order, tried again in that order; later WRITEs join them while they
+    /// wait (up to PARKED_BYTES), and READs of other ranges pass them.
+    parked: VecDeque<Parked>,
+    parked_bytes: usize,
+    /// Payload buffers of WRITEs no longer waiting, reused.
+    spare: Vec<Vec<u8>>,
     _slot: Slot,
+}
+
+/// A WRITE waiting on its reactor (`Client::parked`).
+struct Parked {
+    cookie: u64,
+    off: u64,
+    data: Vec<u8>,
+    fua: bool,
+    /// When it was parked; None until it was first tried (it was parked behind others).
+    since: Option<Instant>,
 }
 
 impl<C: BlockConn> Client<C> {
@@ -414,6 +454,9 @@ impl<C: BlockConn> Client<C> {
             error: None,
             last_progress: Instant::now(),
             reads: 0,
+            parked: VecDeque::new(),
+            parked_bytes: 0,
+            spare: Vec::new(),
             _slot: h.slot,
         }
     }
@@ -531,7 +574,10 @@ impl<C: BlockConn> Client<C> {
         if self.reading {
             return false;
         }
-        let idle = self.output.is_empty() && !self.has_request(lim) && self.reads == 0;
+        let idle = self.output.is_empty()
+            && !self.has_request(lim)
+            && self.reads == 0
+            && self.parked.is_empty();
         idle || now.duration_since(self.last_progress) > grace
     }
 
@@ -556,6 +602,32 @@ impl<C: BlockConn> Client<C> {
                 .output
                 .put(&proto::simple_reply(proto::errno_of(&e), cookie)),
         }
+    }
+
+    /// Tries the parked WRITEs again, oldest first, up to the first that must still
+    /// wait; returns whether any ran (their replies are queued).
+    fn retry_parked(&mut self, shared: &mut Option<C>) -> bool {
+        let mut any = false;
+        while let Some(p) = self.parked.front_mut() {
+            let Some(conn) = shared.as_mut().filter(|_| !self.dead) else {
+                break;
+            };
+            // A first try says so (zero): the handle routes a write on its first try only.
+            let waited = p
+                .since
+                .map_or(Duration::ZERO, |t| t.elapsed().max(Duration::from_nanos(1)));
+            let Some(r) = conn.try_write(p.off, &p.data, p.fua, waited) else {
+                p.since.get_or_insert_with(Instant::now);
+                break;
+            };
+            let errno = r.as_ref().map_or_else(proto::errno_of, |_| 0);
+            self.output.put(&proto::simple_reply(errno, p.cookie));
+            let p = self.parked.pop_front().expect("front exists");
+            self.parked_bytes -= p.data.len();
+            self.spare.push(p.data);
+            any = true;
+        }
+        any
     }
 
     /// Executes the next buffered request, if it is complete and the output backlog allows;
@@ -593,6 +665,22 @@ impl<C: BlockConn> Client<C> {
                 return true;
             }
         };
+        if !self.parked.is_empty() {
+            // Waiting WRITEs are passed only by READs of other ranges and joined by
+            // WRITEs (kept in order behind them, within PARKED_BYTES); anything else
+            // waits for them, as it would have with them run to completion.
+            let passes = match cmd {
+                Command::Read { off, len } => self
+                    .parked
+                    .iter()
+                    .all(|p| off + u64::from(len) <= p.off || off >= p.off + p.data.len() as u64),
+                Command::Write { len, .. } => self.parked_bytes + len as usize <= PARKED_BYTES,
+                _ => false,
+            };
+            if !passes {
+                return false;
+            }
+        }
         let own = self.conn.is_some();
         let Some(conn) = self.conn.as_mut().or(shared.as_mut()) else {
             self.fail(io::Error::other("no device handle"));
@@ -641,7 +729,36 @@ impl<C: BlockConn> Client<C> {
                 self.input.consume(total);
                 return true;
             }
-            Command::Write { off, len, fua } if len > 0 => conn.write(off, body, fua),
+            Command::Write { off, len, fua } if len > 0 && own => conn.write(off, body, fua),
+            Command::Write { off, len, fua } if len > 0 => {
+                // Behind waiting WRITEs it waits too (never tried before them).
+                let first = self.parked.is_empty();
+                let tried = if first {
+                    conn.try_write(off, body, fua, Duration::ZERO)
+                } else {
+                    None
+                };
+                match tried {
+                    Some(r) => r,
+                    None => {
+                        // Kept here, tried again each pass (`retry_parked`); the input
+                        // moves on so READs behind it are served meanwhile.
+                        let mut data = self.spare.pop().unwrap_or_default();
+                        data.clear();
+                        data.extend_from_slice(body);
+                        self.parked_bytes += data.len();
+                        self.parked.push_back(Parked {
+                            cookie: req.cookie,
+                            off,
+                            data,
+                            fua,
+                            since: first.then(Instant::now),
+                        });
+                        self.input.consume(total);
+                        return true;
+                    }
+                }
+            }
             Command::Flush => conn.flush(),
             Command::Trim { off, len, fua } if len > 0 => conn.trim(off, len, fua),
             Command::WriteZeroes {
@@ -665,112 +782,4 @@ fn would_block(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
     )
-}
-
-/// A byte FIFO over one buffer: data lives in `buf[start..end]`. The buffer never shrinks
-/// and is zeroed only when it grows, so steady-state use neither allocates nor clears.
-struct ByteQueue {
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    /// Growth past this is exact (no doubling), keeping the bound of the module docs.
-    limit: usize,
-}
-
-impl ByteQueue {
-    fn new(limit: usize) -> ByteQueue {
-        ByteQueue::from_vec(Vec::new(), limit)
-    }
-
-    fn from_vec(buf: Vec<u8>, limit: usize) -> ByteQueue {
-        ByteQueue {
-            end: buf.len(),
-            buf,
-            start: 0,
-            limit,
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.end - self.start
-    }
-
-    fn is_empty(&self) -> bool {
-        self.start == self.end
-    }
-
-    fn data(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start += n.min(self.len());
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// The free space after the data, at least `n` bytes: the data moves to the front, or
-    /// the buffer grows, only when the tail is too short.
-    fn spare(&mut self, n: usize) -> &mut [u8] {
-        if self.buf.len() - self.end < n {
-            let len = self.len();
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.start = 0;
-                self.end = len;
-            }
-            let need = len + n;
-            if self.buf.len() < need {
-                let doubled = (self.buf.len() * 2).min(self.limit);
-                self.buf.resize(need.max(doubled), 0);
-            }
-        }
-        &mut self.buf[self.end..]
-    }
-
-    /// Appends `n` bytes written into [`ByteQueue::spare`].
-    fn commit(&mut self, n: usize) {
-        self.end = (self.end + n).min(self.buf.len());
-    }
-
-    fn put(&mut self, bytes: &[u8]) {
-        self.spare(bytes.len())[..bytes.len()].copy_from_slice(bytes);
-        self.commit(bytes.len());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn byte_queue_compacts_and_grows_only_when_needed() {
-        let mut q = ByteQueue::new(1 << 20);
-        q.put(b"hello");
-        assert_eq!(q.data(), b"hello");
-        q.consume(2);
-        assert_eq!(q.data(), b"llo");
-        let cap = q.buf.len();
-        // Room at the tail: nothing moves.
-        q.spare(cap - 5);
-        assert_eq!((q.start, q.data()), (2, &b"llo"[..]));
-        // Not enough at the tail but enough overall: the data moves to the front.
-        q.spare(cap - 3);
-        assert_eq!((q.start, q.buf.len(), q.data()), (0, cap, &b"llo"[..]));
-        // Not enough at all: grows (doubling), keeping the data.
-        q.spare(cap);
-        assert!(q.buf.len() >= 2 * cap);
-        assert_eq!(q.data(), b"llo");
-        q.consume(100);
-        assert!(q.is_empty());
-        assert_eq!((q.start, q.end), (0, 0));
-        // Past the limit growth is exact.
-        let mut q = ByteQueue::new(16);
-        q.spare(10);
-        q.commit(10);
-        q.spare(30);
-        assert_eq!(q.buf.len(), 40);
-    }
 }

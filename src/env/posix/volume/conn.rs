@@ -1,6 +1,8 @@
 //! The reactors' handles to a volume: one `VolumeConn` per NBD reactor (an engine
 //! channel and an io_uring queue), the `BlockTarget` the NBD server exports, the FIFO
-//! deferral gate for requests that find the cache full or paced, and the direct writes
+//! deferral gate for requests that find the cache full or paced (a reactor's writes
+//! try it and are handed back to wait, `try_write`, when a background thread makes the
+//! progress they wait for), and the direct writes
 //! of the cache policy (`runtime::direct`), held until the reactor's group commit.
 
 use super::*;
@@ -97,6 +99,43 @@ impl Volume {
         g.serving += 1;
         self.gate_cv.notify_all();
         r
+    }
+}
+
+impl Volume {
+    /// One try of `op` for a request its reactor keeps while it waits (`try_write`):
+    /// Some when it ran, None when it must wait (Busy, or others queue at the gate: it
+    /// goes after them). `waited` is how long the request has been trying; past
+    /// `PACE_WAIT_MAX_US` it may overdraw, as in `gated`. A None wakes the background
+    /// runner, which makes the progress the retry needs.
+    fn try_gated(
+        &self,
+        mut op: impl FnMut() -> Result<(), IoError>,
+        waited: Duration,
+    ) -> Option<io::Result<()>> {
+        let queued = {
+            let g = self.gate.lock().unwrap();
+            g.next != g.serving
+        };
+        if !queued {
+            match op() {
+                Err(IoError::Busy)
+                    if sched::may_overdraw(&self.engine, waited.as_micros() as u64) =>
+                {
+                    match op() {
+                        Err(IoError::Busy) => {}
+                        r => return Some(r.map_err(to_io)),
+                    }
+                }
+                Err(IoError::Busy) => {}
+                r => return Some(r.map_err(to_io)),
+            }
+        }
+        if self.stop.load(Acquire) {
+            return Some(Err(io::Error::other("shutting down")));
+        }
+        self.kick();
+        None
     }
 }
 
@@ -579,6 +618,41 @@ impl BlockConn for VolumeConn {
             self.lat.record(Class::Write, ns_since(t0));
         }
         r
+    }
+
+    /// Without a background thread this reactor makes the progress itself, so it waits
+    /// in `write` (doing that work); with one, a write that must wait is handed back.
+    fn try_write(
+        &mut self,
+        off: u64,
+        data: &[u8],
+        fua: bool,
+        waited: Duration,
+    ) -> Option<io::Result<()>> {
+        if self.bg.is_some() {
+            return Some(self.write(off, data, fua));
+        }
+        let t0 = Instant::now();
+        // Routed once, on the first try (routing feeds the stream detector); a write
+        // that waits is one the cache takes.
+        let first = waited.is_zero();
+        if let Some(r) = first.then(|| self.write_direct(off, data, fua)).flatten() {
+            self.uncommitted = true;
+            if r.is_ok() {
+                self.lat.record(Class::Write, ns_since(t0));
+            }
+            return Some(r);
+        }
+        let (vol, ch) = (&self.vol, &mut self.ch);
+        let r = vol.try_gated(|| vol.engine.write(ch, off, data, fua), waited)?;
+        self.uncommitted = true;
+        if r.is_ok() {
+            // The time it was kept waiting counts: it is what the client saw.
+            let ns = waited.as_nanos().min(u64::MAX as u128) as u64;
+            self.lat
+                .record(Class::Write, ns.saturating_add(ns_since(t0)));
+        }
+        Some(r)
     }
 
     fn wants_commit(&self) -> bool {
