@@ -454,9 +454,11 @@ fn block_identity(rdev: u64) -> String {
 
 mod queue;
 mod reads;
-use queue::{is_retryable, AlignedBuf};
+mod stream;
+use queue::{is_retryable, round_up, AlignedBuf};
 pub use queue::{Op, Queue};
 pub use reads::{ReadRing, READ_SLOTS};
+pub use stream::STREAM_SLOTS;
 
 #[cfg(test)]
 mod tests;

@@ -347,7 +347,7 @@ impl Queue {
 
     /// Submits queued entries and waits for at least `want` completions, retrying on
     /// interruption and transient ring pressure.
-    fn wait_for(&mut self, want: usize) -> io::Result<()> {
+    pub(super) fn wait_for(&mut self, want: usize) -> io::Result<()> {
         loop {
             match self.ring.submit_and_wait(want) {
                 Ok(_) => return Ok(()),
@@ -377,7 +377,7 @@ pub(super) fn is_retryable(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN))
 }
 
-fn round_up(n: usize, to: usize) -> usize {
+pub(super) fn round_up(n: usize, to: usize) -> usize {
     n.div_ceil(to) * to
 }
 

@@ -57,7 +57,7 @@ impl Volume {
         if st.tick.due(self.now_us(), sched::TICK_PERIOD_US) {
             self.engine.tick();
         }
-        self.background_once(q, &mut st.wb, &mut st.buf)
+        self.background_once(q, st)
     }
 
     /// Microseconds since the volume opened: the clock the runtime rules are given.
@@ -67,7 +67,8 @@ impl Volume {
 
     /// One round of background work (the rules are `runtime::sched`'s). Returns true if
     /// it did something.
-    pub fn background_once(&self, q: &mut Queue, wb: &mut WbBatch, buf: &mut Vec<u8>) -> bool {
+    pub fn background_once(&self, q: &mut Queue, st: &mut Background) -> bool {
+        let (wb, buf) = (&mut st.wb, &mut st.buf);
         let e = &self.engine;
         sched::before_round(e);
         let mut worked = false;
@@ -80,7 +81,7 @@ impl Volume {
             match e.writeback_next(wb) {
                 WbNext::Ready => {
                     worked = true;
-                    match self.write_batch(q, wb, buf) {
+                    match self.write_batch(q, wb, &mut st.reqs) {
                         Ok(()) => {
                             e.writeback_done(wb, true);
                             if self.backoff.lock().unwrap().succeeded() {
@@ -124,86 +125,93 @@ impl Volume {
 
     /// Writes a window's items to the backing device, then one FLUSH for all. Data
     /// extents that continue each other on the backing device go as one write
-    /// (`runtime::sched::coalesce`, as in SPDK), copied from the medium into `buf` in
-    /// waves of at most WB_WAVE bytes (up to WAVE_OPS writes submitted together), so the
-    /// buffer stays bounded whatever the window holds; zero and discard extents become
-    /// write-zeroes (discards when the whole run is discards).
-    fn write_batch(&self, q: &mut Queue, wb: &WbBatch, buf: &mut Vec<u8>) -> io::Result<()> {
-        const WAVE_OPS: usize = 16;
+    /// (`runtime::sched::coalesce`, as in SPDK) of at most WB_MAX_IO bytes, streamed
+    /// (`Queue::write_stream`): each copied from the medium into a slot of the queue's
+    /// aligned buffer just before it is submitted, with `sched::writeback_depth` writes
+    /// in flight (few while read misses wait for the base), so copies overlap the
+    /// writes and the depth holds. Zero and discard extents become write-zeroes
+    /// (discards when the whole run is discards). `reqs` is scratch (it only grows).
+    fn write_batch(
+        &self,
+        q: &mut Queue,
+        wb: &WbBatch,
+        reqs: &mut Vec<(u64, usize, usize, usize)>,
+    ) -> io::Result<()> {
         let items = &wb.items;
         if items.is_empty() {
             // Only clean keys and tombstones: nothing written, nothing to make durable.
             return Ok(());
         }
+        reqs.clear();
         let mut i = 0;
         while i < items.len() {
             let len = sched::coalesce(items, i, WB_MAX_IO, false);
-            if !matches!(items[i].kind, WbKind::Data { .. }) {
-                let n = sched::items_in(items, i, len);
-                let t0 = Instant::now();
-                if items[i..i + n]
-                    .iter()
-                    .all(|it| matches!(it.kind, WbKind::Discard))
-                {
-                    q.discard(items[i].off, len)?;
-                } else {
-                    q.write_zeroes(items[i].off, len)?;
+            let n = sched::items_in(items, i, len);
+            if matches!(items[i].kind, WbKind::Data { .. }) {
+                // A single item may be longer than a slot: it goes in slot-sized parts
+                // (each remembers how far into the run it starts).
+                let mut at = 0;
+                while at < len {
+                    let part = (len - at).min(WB_MAX_IO);
+                    reqs.push((items[i].off + at, part as usize, i, at as usize));
+                    at += part;
                 }
-                self.wb_lat.record(Class::Writeback, ns_since(t0));
                 i += n;
                 continue;
             }
-            // One wave: consecutive data requests, gathered into `buf`.
-            let mut reqs = [(0u64, 0usize, 0usize); WAVE_OPS];
-            let (mut n, mut used) = (0, 0usize);
-            while i < items.len() && n < WAVE_OPS && matches!(items[i].kind, WbKind::Data { .. }) {
-                let len = sched::coalesce(items, i, WB_MAX_IO, false) as usize;
-                if n > 0 && used + len > WB_WAVE {
-                    break;
-                }
-                if buf.len() < used + len {
-                    // Grows to the largest wave once, then stays (nothing allocates).
-                    buf.resize(used + len, 0);
-                }
-                let k = sched::items_in(items, i, len as u64);
-                let mut at = used;
-                for it in &items[i..i + k] {
-                    if let WbKind::Data { pmem_off } = it.kind {
-                        let l = it.len as usize;
-                        self.engine.pmem().read(pmem_off, &mut buf[at..at + l]);
-                        at += l;
-                    }
-                }
-                reqs[n] = (items[i].off, used, len);
-                n += 1;
-                used += len;
-                i += k;
+            let t0 = Instant::now();
+            if items[i..i + n]
+                .iter()
+                .all(|it| matches!(it.kind, WbKind::Discard))
+            {
+                q.discard(items[i].off, len)?;
+            } else {
+                q.write_zeroes(items[i].off, len)?;
             }
-            let mut ops: [Op<'_>; WAVE_OPS] =
-                std::array::from_fn(|_| Op::Write { off: 0, buf: &[] });
-            for (op, &(off, at, len)) in ops.iter_mut().zip(&reqs[..n]) {
-                *op = Op::Write {
-                    off,
-                    buf: &buf[at..at + len],
-                };
-            }
-            // The writes go out together: each one's latency is the time until all are
-            // back. While read misses wait for the backing device, only a few at a time,
-            // so a miss never queues behind a whole wave, unless writers wait on
-            // writeback (`sched::writeback_depth`).
-            let mut k = 0;
-            while k < n {
-                let fg = self.fg_reads.load(Relaxed);
-                let m = sched::writeback_depth(&self.engine, fg, WB_BUSY_OPS, n - k);
-                let t0 = Instant::now();
-                q.run(&mut ops[k..k + m])?;
-                let ns = ns_since(t0);
-                for _ in 0..m {
-                    self.wb_lat.record(Class::Writeback, ns);
-                }
-                k += m;
-            }
+            self.wb_lat.record(Class::Writeback, ns_since(t0));
+            i += n;
         }
+        let offs: &[(u64, usize, usize, usize)] = reqs;
+        // The window is sorted by address with overlaps resolved, so its writes may
+        // complete in any order: the FLUSH below covers them all.
+        q.write_stream(
+            offs.len(),
+            |k| (offs[k].0, offs[k].1),
+            WB_MAX_IO as usize,
+            || {
+                let fg = self.fg_reads.load(Relaxed);
+                sched::writeback_depth(&self.engine, fg, WB_BUSY_OPS, STREAM_SLOTS)
+            },
+            |k, slot| {
+                // Bytes `skip..skip + len` of the run of data items from `first` on.
+                let (_, len, first, mut skip) = offs[k];
+                let mut at = 0;
+                for it in &items[first..] {
+                    let WbKind::Data { pmem_off } = it.kind else {
+                        break;
+                    };
+                    if at == len {
+                        break;
+                    }
+                    let l = it.len as usize;
+                    if skip >= l {
+                        skip -= l;
+                        continue;
+                    }
+                    let n = (l - skip).min(len - at);
+                    let src = pmem_off + skip as u64;
+                    self.engine.pmem().read(src, &mut slot[at..at + n]);
+                    at += n;
+                    skip = 0;
+                }
+            },
+            |lat| {
+                self.wb_lat.record(
+                    Class::Writeback,
+                    lat.as_nanos().min(u64::MAX as u128) as u64,
+                )
+            },
+        )?;
         let t0 = Instant::now();
         // Direct writes completed before this FLUSH are durable after it too.
         let mark = self.engine.direct_mark();
@@ -221,7 +229,7 @@ impl Volume {
             .map_err(|e| io::Error::other(e.to_string()))?;
         let total = self.engine.dirty_bytes();
         let mut q = self.backing.queue()?;
-        let (mut wb, mut buf) = (WbBatch::default(), Vec::new());
+        let (mut wb, mut reqs) = (WbBatch::default(), Vec::new());
         loop {
             match self.engine.writeback_next(&mut wb) {
                 WbNext::Idle => break,
@@ -229,7 +237,7 @@ impl Volume {
                     return Err(io::Error::other(format!("writeback stopped: {m}")))
                 }
                 WbNext::Ready => {
-                    self.write_batch(&mut q, &wb, &mut buf)?;
+                    self.write_batch(&mut q, &wb, &mut reqs)?;
                     self.engine.writeback_done(&wb, true);
                     progress(total - self.engine.dirty_bytes().min(total), total);
                 }

@@ -35,7 +35,7 @@
 //! Above the GC watermark writes are paced by the engine against writeback's progress
 //! (`IoError::Busy` from `admit`): they wait here, in the same FIFO gate, for a window.
 
-use super::backing::{BackingFile, Op, Queue, ReadRing, READ_SLOTS};
+use super::backing::{BackingFile, Op, Queue, ReadRing, READ_SLOTS, STREAM_SLOTS};
 use super::block::{BlockConn, BlockTarget};
 use super::direct::DirectBatch;
 use super::poll::Waker;
@@ -61,11 +61,10 @@ const BACKGROUND_IDLE: Duration = Duration::from_millis(100);
 /// Ksets per writeback window (one backing FLUSH each): reactor 0 blocks while a window
 /// is written, so its clients wait that long.
 const EMBEDDED_WINDOW: u32 = 2;
-/// Bytes of dirty data read from the medium per wave of writeback writes: bounds the
-/// bounce buffer whatever the window holds.
-const WB_WAVE: usize = 8 << 20;
-/// Largest single backing write of writeback (coalesced extents).
-const WB_MAX_IO: u64 = 1 << 20;
+/// Largest single backing write of writeback (coalesced extents; a longer extent goes
+/// in parts); also the size of each of the STREAM_SLOTS slots of the background
+/// queue's buffer (16 MiB in all).
+const WB_MAX_IO: u64 = 512 << 10;
 /// Writeback's writes in flight at once while read misses wait for the backing device
 /// (`Volume::fg_reads`): foreground reads go first.
 const WB_BUSY_OPS: usize = 2;
@@ -170,7 +169,10 @@ pub struct Volume {
 /// What the background runner keeps between steps.
 pub struct Background {
     wb: WbBatch,
+    /// GC's scratch.
     buf: Vec<u8>,
+    /// Writeback's requests of a window (`write_batch`).
+    reqs: Vec<(u64, usize, usize, usize)>,
     tick: Every,
 }
 
@@ -180,6 +182,7 @@ impl Default for Background {
             // Small windows: reactor 0 serves no client while one is written.
             wb: WbBatch::with_window(EMBEDDED_WINDOW),
             buf: Vec::new(),
+            reqs: Vec::new(),
             tick: Every::default(),
         }
     }
