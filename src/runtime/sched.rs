@@ -1,7 +1,7 @@
 //! Background scheduling rules shared by both runtimes: how often the engine ticks, how
 //! writeback backs off after failures, when writeback runs, when an idle cache flushes
 //! the backing device for direct writes, when a paced write may overdraw, and how a
-//! writeback window's items become backing requests in bounded waves.
+//! writeback window's items become backing requests (coalesced, at a bounded depth).
 //!
 //! Sans-I/O: every function takes "now" in microseconds of the caller's monotonic clock
 //! (`Instant` in the embedded runtime, SPDK ticks converted), and none reads one itself,

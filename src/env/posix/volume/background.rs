@@ -1,5 +1,5 @@
-//! The background runner of a volume: the engine tick, writeback windows written to
-//! the backing device in bounded waves, GC, and the idle FLUSH for direct writes, by
+//! The background runner of a volume: the engine tick, writeback windows streamed to
+//! the backing device at a bounded depth, GC, and the idle FLUSH for direct writes, by
 //! the rules of `runtime::sched`; on its own thread (`start_background`) or, without
 //! one, on NBD reactor 0. A panic there fails the volume instead of hanging writers.
 

@@ -162,7 +162,7 @@ pub struct Volume {
     /// waiting request returns an error instead of waiting forever.
     fatal: Mutex<Option<String>>,
     /// Read misses whose base reads are in flight (all reactors): while there are any,
-    /// writeback keeps few writes in flight, so they do not wait behind its waves.
+    /// writeback keeps few writes in flight, so they do not queue behind many of them.
     fg_reads: AtomicUsize,
 }
 
