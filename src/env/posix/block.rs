@@ -42,23 +42,20 @@ pub trait BlockConn: Send {
     /// Writes `data` at `off`; with `fua` it is durable when this returns. Without,
     /// durability may wait for the next [`BlockConn::commit`] (group commit).
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> std::io::Result<()>;
-    /// Offers a write that may have to wait for the device (a full or paced cache) or
-    /// may go on in flight (a direct write to the backing device): see [`WriteStart`].
-    /// `waited` is how long the caller has been offering it (zero on the first offer:
-    /// the handle routes a write only then); an in-flight write is reported by
-    /// [`BlockConn::reap`] under `tag`, with no data. Meanwhile the caller serves other
-    /// requests: a paced write then holds up no read. Only called on a handle shared by
-    /// a reactor. Default: [`BlockConn::write`], at once.
+    /// Tries a write that may have to wait for the device (a full or paced cache): Some
+    /// as [`BlockConn::write`] when it ran, None when it would wait. The caller keeps the
+    /// request and tries again later with `waited`, how long it has been trying, and
+    /// meanwhile serves other requests: a paced write then holds up no read. Only called
+    /// on a handle shared by a reactor. Default: [`BlockConn::write`], at once.
     fn try_write(
         &mut self,
         off: u64,
         data: &[u8],
         fua: bool,
         waited: std::time::Duration,
-        tag: u64,
-    ) -> WriteStart {
-        let _ = (waited, tag);
-        WriteStart::Done(self.write(off, data, fua))
+    ) -> Option<std::io::Result<()>> {
+        let _ = waited;
+        Some(self.write(off, data, fua))
     }
     /// Makes every request this handle executed so far as durable as its reply promises
     /// (group commit: one sync for a whole reactor pass). The reactor calls it before it
@@ -87,17 +84,6 @@ pub trait BlockConn: Send {
         may_trim: bool,
         fua: bool,
     ) -> std::io::Result<()>;
-}
-
-/// What became of a write offered with [`BlockConn::try_write`].
-#[derive(Debug)]
-pub enum WriteStart {
-    /// It ran; the result is what [`BlockConn::write`] would have returned.
-    Done(std::io::Result<()>),
-    /// It must wait: the caller keeps it and offers it again later.
-    Wait,
-    /// It is in flight: [`BlockConn::reap`] reports it under its tag (with no data).
-    InFlight,
 }
 
 /// The exported device, shared by every connection.

@@ -2,9 +2,7 @@
 //! backing device (engine `policy.rs`: write-through, write-around, passthrough, the
 //! sequential cutoff), held from `write` until the handle's group commit and then written
 //! in one io_uring submission, so the queue depth of a reactor pass reaches the disk
-//! instead of one write at a time. (A reactor with a background thread beside it puts
-//! such writes in flight instead, `volume/dwrite.rs`; they are held only when its ring
-//! has no free slot, or when no background thread runs.)
+//! instead of one write at a time.
 //!
 //! Each held write was started with `runtime::direct::start_write` and has its
 //! placeholder in the index (reads of its range miss and fill nothing meanwhile); `run`

@@ -31,7 +31,6 @@
 //! the safe wrapper in `crate::env::posix::poll`.
 
 mod bytequeue;
-mod inflight;
 pub mod proto;
 mod reactor;
 mod server;
@@ -41,5 +40,5 @@ mod tests;
 
 /// The device an NBD server exports; defined below both this front end and the volume
 /// that implements it, so the runtime never imports the front end.
-pub use crate::env::posix::block::{BlockConn, BlockTarget, WriteStart};
+pub use crate::env::posix::block::{BlockConn, BlockTarget};
 pub use server::{Listener, NbdServer};

@@ -6,15 +6,12 @@
 //! buffered, round robin one request per client per round (so clients interleave at request
 //! granularity and none starves another), send the replies, then poll the sockets and a
 //! [`Waker`] and read what arrived. Requests run to completion one at a time on the
-//! reactor's thread, so a reply to FLUSH covers every write answered before it. A READ
-//! on a shared handle may stay in flight ([`BlockConn::start_read`]), and so may a WRITE
-//! ([`BlockConn::try_write`]: a direct write to the backing device): the reactor goes
-//! on, polls the handle's completion descriptor too, queues the reply when
+//! reactor's thread, so a reply to FLUSH covers every write answered before it. Only a
+//! READ on a shared handle may stay in flight ([`BlockConn::start_read`]): the reactor
+//! goes on, polls the handle's completion descriptor too, queues the reply when
 //! [`BlockConn::reap`] reports it (replies may leave out of order; NBD matches them by
-//! cookie), and once a pass's replies are sent runs [`BlockConn::after_replies`]. While
-//! a client has a WRITE in flight, its READs and WRITEs of other ranges go on and
-//! everything else of it waits for that WRITE's reply. A client is not finished while
-//! requests of it are in flight.
+//! cookie), and once a pass's replies are sent runs [`BlockConn::after_replies`]. A client
+//! is not finished while reads of it are in flight.
 //!
 //! A WRITE the shared handle cannot take yet (a paced or full cache:
 //! [`BlockConn::try_write`] hands it back) is parked on its client with a copy of its
@@ -59,10 +56,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::bytequeue::ByteQueue;
-use super::inflight::{Parked, Reads};
 use super::proto::{self, Command, Limits, Request, REQUEST_LEN};
 use super::sockets::{is_disconnect, violation, Peer, Slot};
-use super::{BlockConn, BlockTarget, WriteStart};
+use super::{BlockConn, BlockTarget};
 use crate::env::posix::poll::{Interest, PollSet, Waker};
 
 /// How often a reactor tries again a write its handle handed back (`BlockConn::try_write`).
@@ -278,7 +274,7 @@ impl<T: BlockTarget> Reactor<T> {
     fn execute(&mut self, clients: &mut [Client<T::Conn>], reads: &mut Reads) {
         let mut any = self.reap(clients, reads);
         for c in clients.iter_mut() {
-            any |= c.retry_parked(&mut self.shared, reads);
+            any |= c.retry_parked(&mut self.shared);
         }
         let mut rounds = 0;
         loop {
@@ -322,8 +318,6 @@ impl<T: BlockTarget> Reactor<T> {
             // A client that went away meanwhile gets nothing.
             if let Some(c) = clients.iter_mut().find(|c| c.id == p.client) {
                 c.reads -= 1;
-                c.writes -= p.write.is_some() as usize;
-                // A write's reply is a read's without data.
                 c.read_done(p.cookie, r);
             }
         });
@@ -383,6 +377,19 @@ impl<T: BlockTarget> Reactor<T> {
     }
 }
 
+/// Reads started on the shared handle and not yet answered (`BlockConn::start_read`).
+#[derive(Default)]
+struct Reads {
+    next_tag: u64,
+    started: Vec<Started>,
+}
+
+struct Started {
+    tag: u64,
+    client: u64,
+    cookie: u64,
+}
+
 fn clone_result(r: &io::Result<()>) -> io::Result<()> {
     match r {
         Ok(()) => Ok(()),
@@ -410,11 +417,8 @@ struct Client<C> {
     /// Last time the socket moved data; a client that no longer reads is closed when it
     /// takes no replies for the grace period.
     last_progress: Instant,
-    /// Its reads and writes in flight on the shared handle (answered by `Reactor::reap`).
+    /// Its reads in flight on the shared handle (answered by `Reactor::reap`).
     reads: usize,
-    /// Of those, writes: its requests overlapping them, and all but READs and WRITEs,
-    /// wait until they are answered.
-    writes: usize,
     /// WRITEs the shared handle handed back to wait (`BlockConn::try_write`), in
     /// arrival order, tried again in that order; later WRITEs join them while they
     /// wait (up to PARKED_BYTES), and READs of other ranges pass them.
@@ -423,6 +427,16 @@ struct Client<C> {
     /// Payload buffers of WRITEs no longer waiting, reused.
     spare: Vec<Vec<u8>>,
     _slot: Slot,
+}
+
+/// A WRITE waiting on its reactor (`Client::parked`).
+struct Parked {
+    cookie: u64,
+    off: u64,
+    data: Vec<u8>,
+    fua: bool,
+    /// When it was parked; None until it was first tried (it was parked behind others).
+    since: Option<Instant>,
 }
 
 impl<C: BlockConn> Client<C> {
@@ -440,7 +454,6 @@ impl<C: BlockConn> Client<C> {
             error: None,
             last_progress: Instant::now(),
             reads: 0,
-            writes: 0,
             parked: VecDeque::new(),
             parked_bytes: 0,
             spare: Vec::new(),
@@ -593,35 +606,22 @@ impl<C: BlockConn> Client<C> {
 
     /// Tries the parked WRITEs again, oldest first, up to the first that must still
     /// wait; returns whether any ran (their replies are queued).
-    fn retry_parked(&mut self, shared: &mut Option<C>, reads: &mut Reads) -> bool {
+    fn retry_parked(&mut self, shared: &mut Option<C>) -> bool {
         let mut any = false;
         while let Some(p) = self.parked.front_mut() {
             let Some(conn) = shared.as_mut().filter(|_| !self.dead) else {
                 break;
             };
-            // Not before an overlapping write of this client in flight is answered.
-            if self.writes > 0 && reads.overlaps(self.id, p.off, p.data.len() as u64) {
-                break;
-            }
             // A first try says so (zero): the handle routes a write on its first try only.
             let waited = p
                 .since
                 .map_or(Duration::ZERO, |t| t.elapsed().max(Duration::from_nanos(1)));
-            match conn.try_write(p.off, &p.data, p.fua, waited, reads.next_tag) {
-                WriteStart::Wait => {
-                    p.since.get_or_insert_with(Instant::now);
-                    break;
-                }
-                WriteStart::InFlight => {
-                    reads.start(self.id, p.cookie, Some((p.off, p.data.len() as u64)));
-                    self.reads += 1;
-                    self.writes += 1;
-                }
-                WriteStart::Done(r) => {
-                    let errno = r.as_ref().map_or_else(proto::errno_of, |_| 0);
-                    self.output.put(&proto::simple_reply(errno, p.cookie));
-                }
-            }
+            let Some(r) = conn.try_write(p.off, &p.data, p.fua, waited) else {
+                p.since.get_or_insert_with(Instant::now);
+                break;
+            };
+            let errno = r.as_ref().map_or_else(proto::errno_of, |_| 0);
+            self.output.put(&proto::simple_reply(errno, p.cookie));
             let p = self.parked.pop_front().expect("front exists");
             self.parked_bytes -= p.data.len();
             self.spare.push(p.data);
@@ -665,18 +665,6 @@ impl<C: BlockConn> Client<C> {
                 return true;
             }
         };
-        if self.writes > 0 {
-            // Its writes in flight are passed by READs and WRITEs of other ranges only.
-            let passes = match cmd {
-                Command::Read { off, len } | Command::Write { off, len, .. } => {
-                    !reads.overlaps(self.id, off, u64::from(len))
-                }
-                _ => false,
-            };
-            if !passes {
-                return false;
-            }
-        }
         if !self.parked.is_empty() {
             // Waiting WRITEs are passed only by READs of other ranges and joined by
             // WRITEs (kept in order behind them, within PARKED_BYTES); anything else
@@ -720,7 +708,12 @@ impl<C: BlockConn> Client<C> {
                         Some(r) => r,
                         None => {
                             // In flight: the reply is queued when it completes.
-                            reads.start(self.id, req.cookie, None);
+                            reads.next_tag += 1;
+                            reads.started.push(Started {
+                                tag,
+                                client: self.id,
+                                cookie: req.cookie,
+                            });
                             self.reads += 1;
                             self.input.consume(total);
                             return true;
@@ -741,21 +734,13 @@ impl<C: BlockConn> Client<C> {
                 // Behind waiting WRITEs it waits too (never tried before them).
                 let first = self.parked.is_empty();
                 let tried = if first {
-                    conn.try_write(off, body, fua, Duration::ZERO, reads.next_tag)
+                    conn.try_write(off, body, fua, Duration::ZERO)
                 } else {
-                    WriteStart::Wait
+                    None
                 };
                 match tried {
-                    WriteStart::Done(r) => r,
-                    WriteStart::InFlight => {
-                        // Answered when it completes (`Reactor::reap`).
-                        reads.start(self.id, req.cookie, Some((off, u64::from(len))));
-                        self.reads += 1;
-                        self.writes += 1;
-                        self.input.consume(total);
-                        return true;
-                    }
-                    WriteStart::Wait => {
+                    Some(r) => r,
+                    None => {
                         // Kept here, tried again each pass (`retry_parked`); the input
                         // moves on so READs behind it are served meanwhile.
                         let mut data = self.spare.pop().unwrap_or_default();

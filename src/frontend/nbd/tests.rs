@@ -4,7 +4,7 @@
 //! that stops reading its replies while another on the same reactor keeps being served.
 
 use super::proto::{self, Request};
-use super::{BlockConn, BlockTarget, Listener, NbdServer, WriteStart};
+use super::{BlockConn, BlockTarget, Listener, NbdServer};
 use crate::env::posix::poll::Waker;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -84,23 +84,15 @@ impl BlockConn for SharedConn {
         data: &[u8],
         fua: bool,
         waited: Duration,
-        tag: u64,
-    ) -> WriteStart {
+    ) -> Option<io::Result<()>> {
         let c = &self.0.counters;
         if waited.is_zero() {
             c.first_tries.fetch_add(1, Ordering::SeqCst);
         }
         if c.busy.load(Ordering::SeqCst) {
-            return WriteStart::Wait;
+            return None;
         }
-        // Writes at SLOW_FROM and beyond stay in flight like the slow reads.
-        if c.slow.load(Ordering::SeqCst) && off >= SLOW_FROM {
-            self.0.data.lock().unwrap()[off as usize..off as usize + data.len()]
-                .copy_from_slice(data);
-            self.1.push((tag, off, 0));
-            return WriteStart::InFlight;
-        }
-        WriteStart::Done(self.write(off, data, fua))
+        Some(self.write(off, data, fua))
     }
 
     fn read(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -502,41 +494,4 @@ fn a_waiting_write_holds_up_only_what_depends_on_it() {
         2,
         "each write is routed once"
     );
-}
-
-/// A write left in flight by its handle (a direct write to the backing device) is
-/// answered when it completes; meanwhile its client's reads and writes of other ranges
-/// are served, while a read of its range and a FLUSH wait for it.
-#[test]
-fn a_write_in_flight_holds_up_only_what_overlaps_it() {
-    let srv = Running::start(2 << 20, 1);
-    let counters = Arc::clone(&srv.target.counters);
-    let mut c = Client::connect(&srv.sock, &[]);
-    c.write(1, 0, &[0x11; 512]);
-    counters.slow.store(true, Ordering::SeqCst);
-    let mut burst = request(proto::CMD_WRITE, 30, SLOW_FROM, 512).to_vec();
-    burst.extend_from_slice(&[0xCC; 512]);
-    burst.extend_from_slice(&request(proto::CMD_READ, 31, 0, 512));
-    burst.extend_from_slice(&request(proto::CMD_WRITE, 32, 4096, 512));
-    burst.extend_from_slice(&[0x22; 512]);
-    burst.extend_from_slice(&request(proto::CMD_READ, 33, SLOW_FROM - 512, 1024));
-    burst.extend_from_slice(&request(proto::CMD_FLUSH, 34, 0, 0));
-    c.0.write_all(&burst).unwrap();
-    assert_eq!(c.reply(), (0, 31), "a read of another range passes");
-    assert_eq!(c.recv(512), vec![0x11; 512]);
-    assert_eq!(c.reply(), (0, 32), "and a write of another range");
-    c.0.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let mut b = [0u8; 1];
-    assert!(c.0.read(&mut b).is_err(), "the rest waits for the write");
-    counters.release.store(true, Ordering::SeqCst);
-    counters.waker.lock().unwrap().clone().unwrap().wake();
-    c.0.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    assert_eq!(c.reply(), (0, 30), "answered once complete");
-    assert_eq!(c.reply(), (0, 33));
-    let mut want = vec![0; 512];
-    want.extend_from_slice(&[0xCC; 512]);
-    assert_eq!(c.recv(1024), want);
-    assert_eq!(c.reply(), (0, 34));
-    counters.slow.store(false, Ordering::SeqCst);
 }

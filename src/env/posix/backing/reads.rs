@@ -1,8 +1,7 @@
 //! Asynchronous reads on a backing device: a ring of its own where a reactor starts the
 //! base reads of its read misses and goes on serving other requests, reaping their
 //! completions later (its poll(2) watches the ring's descriptor, readable while
-//! completions wait). A slot may instead hold a write ([`ReadRing::add_write`]): the
-//! direct writes of the cache policy go the same way.
+//! completions wait).
 //!
 //! Each read in flight owns a *slot*: a page-aligned buffer that only grows (so steady
 //! state allocates nothing and O_DIRECT never needs a bounce) and the ranges to read into
@@ -43,8 +42,6 @@ struct Slot {
     outstanding: usize,
     /// Taken by `begin`, not yet released.
     busy: bool,
-    /// Its ranges are writes from the buffer, not reads into it.
-    write: bool,
     /// Submitted and not yet reported by `reap`.
     submitted: bool,
     err: Option<io::Error>,
@@ -105,7 +102,6 @@ impl ReadRing {
         let ptr = b.ensure(len.max(1))?;
         self.free.pop();
         s.busy = true;
-        s.write = false;
         s.len = len;
         s.ranges.clear();
         s.err = None;
@@ -144,23 +140,7 @@ impl ReadRing {
         }
     }
 
-    /// Adds a write of slot `i`: `len` bytes of `buf[at..at + len]` to device offset
-    /// `off`. A slot holds reads or writes, not both.
-    pub fn add_write(&mut self, i: usize, off: u64, at: usize, len: usize) -> io::Result<()> {
-        let s = &self.slots[i];
-        if s.ranges.iter().any(|_| !s.write) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a slot holds reads or writes, not both",
-            ));
-        }
-        self.dev.check("write", off, len as u64)?;
-        self.add(i, off, at, len)?;
-        self.slots[i].write = true;
-        Ok(())
-    }
-
-    /// Starts the reads (or writes) of slot `i` (without waiting for any).
+    /// Starts the reads of slot `i` (without waiting for any).
     pub fn submit(&mut self, i: usize) {
         let s = &mut self.slots[i];
         s.submitted = true;
@@ -202,12 +182,10 @@ impl ReadRing {
             // SAFETY: `rg.at + rg.left <= len <= cap` (checked in `add`; progress keeps
             // it), so the pointer and length lie inside the slot's buffer.
             let ptr = unsafe { b.ptr.add(rg.at) };
-            let entry = if self.slots[i].write {
-                opcode::Write::new(fd, ptr, n).offset(rg.off).build()
-            } else {
-                opcode::Read::new(fd, ptr, n).offset(rg.off).build()
-            }
-            .user_data(((i as u64) << 32) | r as u64);
+            let entry = opcode::Read::new(fd, ptr, n)
+                .offset(rg.off)
+                .build()
+                .user_data(((i as u64) << 32) | r as u64);
             // SAFETY: the buffer stays valid and unmoved until the entry completes (the
             // slot is neither released nor resized while `outstanding > 0`, and the ring
             // waits for everything before it is dropped); room: `inflight < READ_SLOTS`.
@@ -251,11 +229,6 @@ impl ReadRing {
                         continue;
                     }
                     Some(e)
-                } else if res == 0 && s.write {
-                    Some(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "device accepted no bytes",
-                    ))
                 } else if res == 0 {
                     Some(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -274,8 +247,7 @@ impl ReadRing {
                 };
                 if let Some(e) = err {
                     let (o, l) = (rg.orig_off, rg.orig_len as u64);
-                    let what = if s.write { "write" } else { "read" };
-                    let e = self.dev.context(what, o, l, e);
+                    let e = self.dev.context("read", o, l, e);
                     s.err.get_or_insert(e);
                 }
                 s.outstanding -= 1;

@@ -142,8 +142,8 @@ impl Volume {
 /// A reactor's handle (shared by its clients): an engine channel, an io_uring queue, and
 /// on the reactor that runs it, the background work's state.
 pub struct VolumeConn {
-    pub(super) vol: Arc<Volume>,
-    pub(super) ch: Channel,
+    vol: Arc<Volume>,
+    ch: Channel,
     q: Queue,
     bg: Option<Box<Background>>,
     /// A write-type request ran since the last commit. Read misses also postpone their
@@ -151,16 +151,14 @@ pub struct VolumeConn {
     /// key), so reads alone never cost a sync.
     uncommitted: bool,
     /// This reactor's latency histograms (only this reactor records into them).
-    pub(super) lat: Arc<LatencySet>,
+    lat: Arc<LatencySet>,
     /// Direct writes held until the next commit (direct.rs).
     held: DirectBatch,
     /// Base reads of read misses in flight (`start_read`), by ring slot.
-    pub(super) reads: ReadRing,
+    reads: ReadRing,
     inflight: Vec<Option<InRead>>,
-    /// Direct writes in flight on the same ring, by slot (dwrite.rs).
-    pub(super) writes: Vec<Option<super::dwrite::InWrite>>,
-    /// Reads and writes started and not yet reaped.
-    pub(super) pending: usize,
+    /// Reads started and not yet reaped.
+    pending: usize,
     /// Slots reaped and answered, whose data is cached by `after_replies`.
     answered: Vec<usize>,
     /// Scratch of `reap`: (slot, error) of the slots just completed.
@@ -197,10 +195,6 @@ impl Drop for VolumeConn {
                 x.ok = ok;
                 self.vol.fg_reads.fetch_sub(1, Relaxed);
                 self.answered.push(i);
-            } else {
-                // A direct write nobody will be answered for: ended all the same.
-                let err = (!ok).then(|| io::Error::other("write failed"));
-                let _ = self.end_direct(i, err);
             }
         }
         self.after_replies();
@@ -242,7 +236,6 @@ impl BlockTarget for Target {
             held: DirectBatch::default(),
             reads: self.0.backing.read_ring()?,
             inflight: (0..READ_SLOTS).map(|_| None).collect(),
-            writes: (0..READ_SLOTS).map(|_| None).collect(),
             pending: 0,
             answered: Vec::with_capacity(READ_SLOTS),
             completed: Vec::with_capacity(READ_SLOTS),
@@ -408,24 +401,8 @@ impl VolumeConn {
     /// goes through the cache after all. Held until the commit (direct.rs), so a pass's
     /// writes reach the disk together; a FUA write goes at once.
     fn write_direct(&mut self, off: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
-        let op = match self.route_direct(off, data, fua)? {
-            Ok(op) => op,
-            Err(x) => return Some(Err(x)),
-        };
-        if !fua {
-            self.held.push(data, op);
-            return Some(Ok(()));
-        }
-        let r = self.q.write(off, data);
-        Some(self.finish_direct(op, data, r))
-    }
-
-    /// Routes a write (`runtime::direct::start_write`): None when it goes through the
-    /// cache, else the started direct write. Held writes it overlaps run first (held
-    /// writes never overlap each other), as do all of them before a FUA write or when
-    /// the batch has no room for it.
-    fn route_direct(&mut self, off: u64, data: &[u8], fua: bool) -> Option<io::Result<DirectOp>> {
         let len = data.len() as u64;
+        // Older overlapping writes first: held writes never overlap each other.
         if !self.held.is_empty()
             && (fua || self.held.overlaps(off, len) || self.held.full_for(data.len()))
         {
@@ -433,11 +410,17 @@ impl VolumeConn {
                 return Some(Err(x));
             }
         }
-        match dproto::start_write(&self.vol.engine, &mut self.ch, off, len, fua) {
-            Ok(Some(op)) => Some(Ok(op)),
-            Ok(None) => None,
-            Err(x) => Some(Err(to_io(x))),
+        let op = match dproto::start_write(&self.vol.engine, &mut self.ch, off, len, fua) {
+            Ok(Some(op)) => op,
+            Ok(None) => return None,
+            Err(x) => return Some(Err(to_io(x))),
+        };
+        if !fua {
+            self.held.push(data, op);
+            return Some(Ok(()));
         }
+        let r = self.q.write(off, data);
+        Some(self.finish_direct(op, data, r))
     }
 
     /// A write-zeroes or trim outside write-back (`runtime::direct::start_zeroes`): done
@@ -585,10 +568,6 @@ impl BlockConn for VolumeConn {
         let mut list = std::mem::take(&mut self.completed);
         for (i, err) in list.drain(..) {
             let Some(tag) = self.inflight[i].as_ref().map(|x| x.tag) else {
-                let err = err.map(|e| io::Error::new(e.kind(), e.to_string()));
-                if let Some((tag, r)) = self.end_direct(i, err) {
-                    done(tag, r.map(|()| &[][..]));
-                }
                 continue;
             };
             let _ = self.complete(i, err, |data| {
@@ -642,51 +621,30 @@ impl BlockConn for VolumeConn {
     }
 
     /// Without a background thread this reactor makes the progress itself, so it waits
-    /// in `write` (doing that work). With one, a write that must wait is handed back,
-    /// and a direct write (not FUA) goes in flight on the ring (dwrite.rs).
+    /// in `write` (doing that work); with one, a write that must wait is handed back.
     fn try_write(
         &mut self,
         off: u64,
         data: &[u8],
         fua: bool,
         waited: Duration,
-        tag: u64,
-    ) -> WriteStart {
+    ) -> Option<io::Result<()>> {
         if self.bg.is_some() {
-            return WriteStart::Done(self.write(off, data, fua));
+            return Some(self.write(off, data, fua));
         }
         let t0 = Instant::now();
         // Routed once, on the first try (routing feeds the stream detector); a write
         // that waits is one the cache takes.
-        if waited.is_zero() {
-            match self.route_direct(off, data, fua) {
-                None => {}
-                Some(Err(x)) => return WriteStart::Done(Err(x)),
-                Some(Ok(op)) if !fua => {
-                    let Err(op) = self.start_direct(op, data, tag, t0) else {
-                        return WriteStart::InFlight;
-                    };
-                    // No free slot: held for the commit, as before.
-                    self.uncommitted = true;
-                    self.held.push(data, op);
-                    self.lat.record(Class::Write, ns_since(t0));
-                    return WriteStart::Done(Ok(()));
-                }
-                Some(Ok(op)) => {
-                    self.uncommitted = true;
-                    let r = self.q.write(off, data);
-                    let r = self.finish_direct(op, data, r);
-                    if r.is_ok() {
-                        self.lat.record(Class::Write, ns_since(t0));
-                    }
-                    return WriteStart::Done(r);
-                }
+        let first = waited.is_zero();
+        if let Some(r) = first.then(|| self.write_direct(off, data, fua)).flatten() {
+            self.uncommitted = true;
+            if r.is_ok() {
+                self.lat.record(Class::Write, ns_since(t0));
             }
+            return Some(r);
         }
         let (vol, ch) = (&self.vol, &mut self.ch);
-        let Some(r) = vol.try_gated(|| vol.engine.write(ch, off, data, fua), waited) else {
-            return WriteStart::Wait;
-        };
+        let r = vol.try_gated(|| vol.engine.write(ch, off, data, fua), waited)?;
         self.uncommitted = true;
         if r.is_ok() {
             // The time it was kept waiting counts: it is what the client saw.
@@ -694,7 +652,7 @@ impl BlockConn for VolumeConn {
             self.lat
                 .record(Class::Write, ns.saturating_add(ns_since(t0)));
         }
-        WriteStart::Done(r)
+        Some(r)
     }
 
     fn wants_commit(&self) -> bool {

@@ -36,7 +36,7 @@
 //! (`IoError::Busy` from `admit`): they wait here, in the same FIFO gate, for a window.
 
 use super::backing::{BackingFile, Op, Queue, ReadRing, READ_SLOTS, STREAM_SLOTS};
-use super::block::{BlockConn, BlockTarget, WriteStart};
+use super::block::{BlockConn, BlockTarget};
 use super::direct::DirectBatch;
 use super::poll::Waker;
 use crate::engine::latency::{Class, LatencySet};
@@ -389,7 +389,6 @@ fn to_io(e: IoError) -> io::Error {
 
 mod background;
 mod conn;
-mod dwrite;
 #[cfg(test)]
 mod tests;
 
