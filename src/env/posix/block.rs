@@ -44,15 +44,16 @@ pub trait BlockConn: Send {
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> std::io::Result<()>;
     /// Tries a write that may have to wait for the device (a full or paced cache): Some
     /// as [`BlockConn::write`] when it ran, None when it would wait. The caller keeps the
-    /// request and tries again later with `waited`, how long it has been trying, and
-    /// meanwhile serves other requests: a paced write then holds up no read. Only called
-    /// on a handle shared by a reactor. Default: [`BlockConn::write`], at once.
+    /// request and tries again later with `waited`, how long it has been trying (None on
+    /// its first try, the only one where the handle routes it), and meanwhile serves
+    /// other requests: a paced write then holds up no read. Only called on a handle
+    /// shared by a reactor. Default: [`BlockConn::write`], at once.
     fn try_write(
         &mut self,
         off: u64,
         data: &[u8],
         fua: bool,
-        waited: std::time::Duration,
+        waited: Option<std::time::Duration>,
     ) -> Option<std::io::Result<()>> {
         let _ = waited;
         Some(self.write(off, data, fua))

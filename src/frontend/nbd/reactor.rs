@@ -61,8 +61,9 @@ use super::sockets::{is_disconnect, violation, Peer, Slot};
 use super::{BlockConn, BlockTarget};
 use crate::env::posix::poll::{Interest, PollSet, Waker};
 
-/// How often a reactor tries again a write its handle handed back (`BlockConn::try_write`).
-const PARKED_RETRY: Duration = Duration::from_micros(200);
+/// How often a reactor tries again a write its handle handed back (`BlockConn::try_write`),
+/// at least: poll(2) waits in whole milliseconds.
+const PARKED_RETRY: Duration = Duration::from_millis(1);
 /// Payload bytes of WRITEs one client may have waiting (one WRITE of any size may).
 const PARKED_BYTES: usize = 8 << 20;
 
@@ -612,10 +613,8 @@ impl<C: BlockConn> Client<C> {
             let Some(conn) = shared.as_mut().filter(|_| !self.dead) else {
                 break;
             };
-            // A first try says so (zero): the handle routes a write on its first try only.
-            let waited = p
-                .since
-                .map_or(Duration::ZERO, |t| t.elapsed().max(Duration::from_nanos(1)));
+            // None on its first try (it was parked behind others untried).
+            let waited = p.since.map(|t| t.elapsed());
             let Some(r) = conn.try_write(p.off, &p.data, p.fua, waited) else {
                 p.since.get_or_insert_with(Instant::now);
                 break;
@@ -734,7 +733,7 @@ impl<C: BlockConn> Client<C> {
                 // Behind waiting WRITEs it waits too (never tried before them).
                 let first = self.parked.is_empty();
                 let tried = if first {
-                    conn.try_write(off, body, fua, Duration::ZERO)
+                    conn.try_write(off, body, fua, None)
                 } else {
                     None
                 };

@@ -34,7 +34,7 @@ struct Counters {
     after: AtomicUsize,
     /// While true, `try_write` hands every write back (a paced cache).
     busy: AtomicBool,
-    /// `try_write` calls that were a write's first try (`waited` zero).
+    /// `try_write` calls that were a write's first try (`waited` None).
     first_tries: AtomicUsize,
 }
 
@@ -83,10 +83,10 @@ impl BlockConn for SharedConn {
         off: u64,
         data: &[u8],
         fua: bool,
-        waited: Duration,
+        waited: Option<Duration>,
     ) -> Option<io::Result<()>> {
         let c = &self.0.counters;
-        if waited.is_zero() {
+        if waited.is_none() {
             c.first_tries.fetch_add(1, Ordering::SeqCst);
         }
         if c.busy.load(Ordering::SeqCst) {

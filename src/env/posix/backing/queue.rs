@@ -28,6 +28,73 @@ pub(super) struct Pending {
     copy_back: Option<(*mut u8, *mut u8)>,
 }
 
+/// What a completion did to a [`Pending`] transfer.
+pub(super) enum Outcome {
+    /// Submit it again: the rest of a short transfer, or a retry (EINTR, EAGAIN).
+    Again,
+    Done,
+    /// It failed; the error names the request.
+    Failed(io::Error),
+}
+
+impl Pending {
+    /// A transfer of `len` bytes at device offset `off` from (or into) `ptr`.
+    pub(super) fn new(ptr: *mut u8, off: u64, len: usize, write: bool) -> Pending {
+        Pending {
+            ptr,
+            off,
+            left: len,
+            write,
+            orig_off: off,
+            orig_len: len,
+            copy_back: None,
+        }
+    }
+
+    /// The ring entry for what is left of it (at most MAX_IO bytes), tagged `user_data`.
+    /// Pushing it is the caller's `unsafe`: `ptr` must stay valid until it completes.
+    pub(super) fn entry(&self, fd: types::Fd, user_data: u64) -> io_uring::squeue::Entry {
+        let n = self.left.min(MAX_IO) as u32;
+        if self.write {
+            opcode::Write::new(fd, self.ptr, n).offset(self.off).build()
+        } else {
+            opcode::Read::new(fd, self.ptr, n).offset(self.off).build()
+        }
+        .user_data(user_data)
+    }
+
+    /// Applies a completion's result (bytes moved, or -errno) to it.
+    pub(super) fn complete(&mut self, res: i32, dev: &BackingFile) -> Outcome {
+        let e = if res < 0 {
+            let e = io::Error::from_raw_os_error(-res);
+            if is_retryable(&e) {
+                return Outcome::Again;
+            }
+            e
+        } else if res == 0 && self.write {
+            io::Error::new(io::ErrorKind::WriteZero, "device accepted no bytes")
+        } else if res == 0 {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "end of file (did the backing file shrink?)",
+            )
+        } else {
+            let n = (res as usize).min(self.left);
+            self.left -= n;
+            self.off += n as u64;
+            // SAFETY: `n <= left`, so the pointer stays within the buffer.
+            self.ptr = unsafe { self.ptr.add(n) };
+            return if self.left > 0 {
+                Outcome::Again
+            } else {
+                Outcome::Done
+            };
+        };
+        let what = if self.write { "write" } else { "read" };
+        Outcome::Failed(dev.context(what, self.orig_off, self.orig_len as u64, e))
+    }
+}
+
 /// A per-thread io_uring on a [`BackingFile`]. Methods block until all their requests
 /// have completed.
 pub struct Queue {
@@ -117,13 +184,8 @@ impl Queue {
                 ptr
             };
             self.pending.push(Pending {
-                ptr: kernel_ptr,
-                off,
-                left: len,
-                write,
-                orig_off: off,
-                orig_len: len,
                 copy_back,
+                ..Pending::new(kernel_ptr, off, len, write)
             });
         }
 
@@ -231,15 +293,7 @@ impl Queue {
                 // `chunk` is a multiple of the block size unless it equals `len`, so
                 // every piece stays aligned.
                 let n = (end - at).min(chunk as u64) as usize;
-                self.pending.push(Pending {
-                    ptr: zeros,
-                    off: at,
-                    left: n,
-                    write: true,
-                    orig_off: at,
-                    orig_len: n,
-                    copy_back: None,
-                });
+                self.pending.push(Pending::new(zeros, at, n, true));
                 at += n as u64;
             }
             let r = self.drive();
@@ -264,17 +318,11 @@ impl Queue {
                     break;
                 };
                 let p = &self.pending[i];
-                let n = p.left.min(MAX_IO) as u32;
-                let entry = if p.write {
-                    opcode::Write::new(fd, p.ptr, n).offset(p.off).build()
-                } else {
-                    opcode::Read::new(fd, p.ptr, n).offset(p.off).build()
-                }
-                .user_data(i as u64);
-                // SAFETY: `p.ptr .. p.ptr + n` is valid for the transfer (a caller slice
-                // or bounce slot of at least `left` bytes) and stays valid until this
-                // entry completes: `drive` does not return while `inflight > 0`. Room in
-                // the queue is guaranteed by `inflight < RING_ENTRIES`.
+                let entry = p.entry(fd, i as u64);
+                // SAFETY: the entry covers `p.ptr .. p.ptr + min(left, MAX_IO)`, valid for
+                // the transfer (a caller slice or bounce slot of at least `left` bytes)
+                // until this entry completes: `drive` does not return while
+                // `inflight > 0`. Room: `inflight < RING_ENTRIES`.
                 if unsafe { self.ring.submission().push(&entry) }.is_err() {
                     self.ready.push_front(i);
                     break;
@@ -307,34 +355,11 @@ impl Queue {
                 let Some(p) = self.pending.get_mut(i) else {
                     continue;
                 };
-                let what = if p.write { "write" } else { "read" };
-                if res < 0 {
-                    let e = io::Error::from_raw_os_error(-res);
-                    if is_retryable(&e) {
-                        self.ready.push_back(i);
-                    } else if first_err.is_none() {
-                        first_err = Some(self.dev.context(what, p.orig_off, p.orig_len as u64, e));
-                    }
-                } else if res == 0 {
-                    if first_err.is_none() {
-                        let e = if p.write {
-                            io::Error::new(io::ErrorKind::WriteZero, "device accepted no bytes")
-                        } else {
-                            io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "end of file (did the backing file shrink?)",
-                            )
-                        };
-                        first_err = Some(self.dev.context(what, p.orig_off, p.orig_len as u64, e));
-                    }
-                } else {
-                    let n = (res as usize).min(p.left);
-                    p.left -= n;
-                    p.off += n as u64;
-                    // SAFETY: `n <= left`, so the pointer stays within the buffer.
-                    p.ptr = unsafe { p.ptr.add(n) };
-                    if p.left > 0 {
-                        self.ready.push_back(i);
+                match p.complete(res, &self.dev) {
+                    Outcome::Again => self.ready.push_back(i),
+                    Outcome::Done => {}
+                    Outcome::Failed(e) => {
+                        first_err.get_or_insert(e);
                     }
                 }
             }

@@ -13,28 +13,18 @@
 //! when nothing is in flight (and aborts the process if the ring breaks with writes in
 //! flight, as `drive` does, rather than free memory the kernel may still write from).
 
+use super::queue::{Outcome, Pending};
 use super::*;
 use std::time::{Duration, Instant};
 
 /// Slots at most (writes in flight at once).
 pub const STREAM_SLOTS: usize = 32;
 
-/// One slot's write.
-#[derive(Clone, Copy)]
-struct Slot {
-    ptr: *mut u8,
-    off: u64,
-    left: usize,
-    orig_off: u64,
-    orig_len: usize,
-    since: Option<Instant>,
-}
-
 impl Queue {
     /// Writes `n` requests (`req(i)` gives the i-th one's offset and length, at most
-    /// `slot_len` bytes) with at most
-    /// `depth()` in flight (asked before each submission, capped at STREAM_SLOTS): for
-    /// each, `fill(i, slot)` puts its bytes into a slot just before it is submitted;
+    /// `slot_len` bytes) with at most `depth()` in flight (asked before each
+    /// submission, capped at STREAM_SLOTS): for each, `fill(i, slot)` puts its bytes
+    /// into a slot just before it is submitted;
     /// `done(latency)` reports each write that completed. Waits for all of them;
     /// returns the first error, after which nothing new is submitted. Nothing is
     /// submitted if any request is out of range or misaligned for the device.
@@ -65,15 +55,12 @@ impl Queue {
         let slots = STREAM_SLOTS.min(n).min(RING_ENTRIES as usize);
         let base = self.bounce.ensure(stride * slots)?;
         let fd = types::Fd(dev.file.as_raw_fd());
-        let mut table = [Slot {
-            ptr: std::ptr::null_mut(),
-            off: 0,
-            left: 0,
-            orig_off: 0,
-            orig_len: 0,
-            since: None,
-        }; STREAM_SLOTS];
-        // Free slots, and slots whose write (or its rest) waits to be submitted.
+        // Each slot's write, and when it was first submitted (its latency).
+        let mut table: [Pending; STREAM_SLOTS] =
+            std::array::from_fn(|_| Pending::new(std::ptr::null_mut(), 0, 0, true));
+        let mut since: [Option<Instant>; STREAM_SLOTS] = [None; STREAM_SLOTS];
+        // Free slots (`self.ready` holds those whose write, or its rest, waits to be
+        // submitted).
         let mut free: [usize; STREAM_SLOTS] = std::array::from_fn(|i| i);
         let mut n_free = slots;
         self.ready.clear();
@@ -97,14 +84,8 @@ impl Queue {
                     std::slice::from_raw_parts_mut(p, len)
                 };
                 fill(next, slot);
-                table[s] = Slot {
-                    ptr: slot.as_mut_ptr(),
-                    off,
-                    left: len,
-                    orig_off: off,
-                    orig_len: len,
-                    since: None,
-                };
+                table[s] = Pending::new(slot.as_mut_ptr(), off, len, true);
+                since[s] = None;
                 self.ready.push_back(s);
                 next += 1;
             }
@@ -113,13 +94,8 @@ impl Queue {
                 let Some(s) = self.ready.pop_front() else {
                     break;
                 };
-                let t = &mut table[s];
-                let n = t.left.min(MAX_IO) as u32;
-                let entry = opcode::Write::new(fd, t.ptr, n)
-                    .offset(t.off)
-                    .build()
-                    .user_data(s as u64);
-                // SAFETY: `t.ptr .. t.ptr + n` lies in slot `s` (see above) and stays
+                let entry = table[s].entry(fd, s as u64);
+                // SAFETY: the entry's range lies in slot `s` (see above) and stays
                 // valid and untouched until this entry completes: the slot is not
                 // freed before, and this function does not return while `inflight > 0`.
                 // `inflight < RING_ENTRIES` leaves room in the submission queue.
@@ -127,10 +103,17 @@ impl Queue {
                     self.ready.push_front(s);
                     break;
                 }
-                t.since.get_or_insert_with(Instant::now);
+                since[s].get_or_insert_with(Instant::now);
                 inflight += 1;
             }
             if inflight == 0 {
+                if first_err.is_none() && (next < n || !self.ready.is_empty()) {
+                    // Unreachable with an empty ring; never report writes that did not
+                    // run as done.
+                    first_err = Some(io::Error::other(
+                        "io_uring submission queue full with nothing in flight",
+                    ));
+                }
                 break;
             }
             if let Err(e) = self.wait_for(1) {
@@ -146,38 +129,15 @@ impl Queue {
                 let Some(t) = table.get_mut(s) else {
                     continue;
                 };
-                let err = if res < 0 {
-                    let e = io::Error::from_raw_os_error(-res);
-                    if is_retryable(&e) {
+                match t.complete(res, &dev) {
+                    Outcome::Again => {
                         self.ready.push_back(s);
                         continue;
                     }
-                    Some(e)
-                } else if res == 0 {
-                    Some(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "device accepted no bytes",
-                    ))
-                } else {
-                    let n = (res as usize).min(t.left);
-                    t.left -= n;
-                    t.off += n as u64;
-                    // SAFETY: `n <= left`, so the pointer stays within the slot.
-                    t.ptr = unsafe { t.ptr.add(n) };
-                    if t.left > 0 {
-                        self.ready.push_back(s);
-                        continue;
+                    Outcome::Done => done(since[s].map_or(Duration::ZERO, |t| t.elapsed())),
+                    Outcome::Failed(e) => {
+                        first_err.get_or_insert(e);
                     }
-                    None
-                };
-                match err {
-                    Some(e) => {
-                        if first_err.is_none() {
-                            first_err =
-                                Some(dev.context("write", t.orig_off, t.orig_len as u64, e));
-                        }
-                    }
-                    None => done(t.since.map_or(Duration::ZERO, |t| t.elapsed())),
                 }
                 free[n_free] = s;
                 n_free += 1;

@@ -131,12 +131,7 @@ impl Volume {
     /// in flight (few while read misses wait for the base), so copies overlap the
     /// writes and the depth holds. Zero and discard extents become write-zeroes
     /// (discards when the whole run is discards). `reqs` is scratch (it only grows).
-    fn write_batch(
-        &self,
-        q: &mut Queue,
-        wb: &WbBatch,
-        reqs: &mut Vec<(u64, usize, usize, usize)>,
-    ) -> io::Result<()> {
+    fn write_batch(&self, q: &mut Queue, wb: &WbBatch, reqs: &mut Vec<WbReq>) -> io::Result<()> {
         let items = &wb.items;
         if items.is_empty() {
             // Only clean keys and tombstones: nothing written, nothing to make durable.
@@ -153,7 +148,12 @@ impl Volume {
                 let mut at = 0;
                 while at < len {
                     let part = (len - at).min(WB_MAX_IO);
-                    reqs.push((items[i].off + at, part as usize, i, at as usize));
+                    reqs.push(WbReq {
+                        off: items[i].off + at,
+                        len: part as usize,
+                        first: i,
+                        skip: at as usize,
+                    });
                     at += part;
                 }
                 i += n;
@@ -171,20 +171,24 @@ impl Volume {
             self.wb_lat.record(Class::Writeback, ns_since(t0));
             i += n;
         }
-        let offs: &[(u64, usize, usize, usize)] = reqs;
+        let reqs: &[WbReq] = reqs;
         // The window is sorted by address with overlaps resolved, so its writes may
         // complete in any order: the FLUSH below covers them all.
         q.write_stream(
-            offs.len(),
-            |k| (offs[k].0, offs[k].1),
+            reqs.len(),
+            |k| (reqs[k].off, reqs[k].len),
             WB_MAX_IO as usize,
             || {
                 let fg = self.fg_reads.load(Relaxed);
                 sched::writeback_depth(&self.engine, fg, WB_BUSY_OPS, STREAM_SLOTS)
             },
             |k, slot| {
-                // Bytes `skip..skip + len` of the run of data items from `first` on.
-                let (_, len, first, mut skip) = offs[k];
+                let WbReq {
+                    len,
+                    first,
+                    mut skip,
+                    ..
+                } = reqs[k];
                 let mut at = 0;
                 for it in &items[first..] {
                     let WbKind::Data { pmem_off } = it.kind else {
@@ -205,12 +209,7 @@ impl Volume {
                     skip = 0;
                 }
             },
-            |lat| {
-                self.wb_lat.record(
-                    Class::Writeback,
-                    lat.as_nanos().min(u64::MAX as u128) as u64,
-                )
-            },
+            |lat| self.wb_lat.record(Class::Writeback, ns(lat)),
         )?;
         let t0 = Instant::now();
         // Direct writes completed before this FLUSH are durable after it too.

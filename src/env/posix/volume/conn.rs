@@ -46,26 +46,13 @@ impl Volume {
             }
         }
         drop(g);
-        let mut overdrew = false;
         let r = loop {
             if self.stop.load(Acquire) {
                 break Err(io::Error::other("shutting down"));
             }
             let seen = self.progress_seen();
-            match op() {
-                // Waited long for pacing credit: in on the cache's headroom, if there is
-                // some (once per wait: it does not help a request waiting for space).
-                Err(IoError::Busy)
-                    if !overdrew
-                        && sched::may_overdraw(
-                            &self.engine,
-                            since.elapsed().as_micros() as u64,
-                        ) =>
-                {
-                    overdrew = true;
-                }
+            match self.op_or_overdraw(&mut op, since.elapsed()) {
                 Err(IoError::Busy) => {
-                    overdrew = false;
                     match bg.as_mut() {
                         Some((q, st)) => {
                             if !self.background_step(q, st) {
@@ -103,6 +90,23 @@ impl Volume {
 }
 
 impl Volume {
+    /// Runs `op`; when it found no pacing credit after waiting `waited`, long enough to
+    /// overdraw, it comes in on the cache's headroom if there is some
+    /// (`sched::may_overdraw`) and runs once more. (Once per try: overdrawing does not
+    /// help a request waiting for space.)
+    fn op_or_overdraw(
+        &self,
+        op: &mut impl FnMut() -> Result<(), IoError>,
+        waited: Duration,
+    ) -> Result<(), IoError> {
+        match op() {
+            Err(IoError::Busy) if sched::may_overdraw(&self.engine, waited.as_micros() as u64) => {
+                op()
+            }
+            r => r,
+        }
+    }
+
     /// One try of `op` for a request its reactor keeps while it waits (`try_write`):
     /// Some when it ran, None when it must wait (Busy, or others queue at the gate: it
     /// goes after them). `waited` is how long the request has been trying; past
@@ -118,15 +122,7 @@ impl Volume {
             g.next != g.serving
         };
         if !queued {
-            match op() {
-                Err(IoError::Busy)
-                    if sched::may_overdraw(&self.engine, waited.as_micros() as u64) =>
-                {
-                    match op() {
-                        Err(IoError::Busy) => {}
-                        r => return Some(r.map_err(to_io)),
-                    }
-                }
+            match self.op_or_overdraw(&mut op, waited) {
                 Err(IoError::Busy) => {}
                 r => return Some(r.map_err(to_io)),
             }
@@ -381,6 +377,30 @@ impl VolumeConn {
 }
 
 impl VolumeConn {
+    /// A write as the policy routes it when it goes around the cache
+    /// (`write_direct`), counted as written since `t0`; None when the cache takes it.
+    fn write_routed(
+        &mut self,
+        off: u64,
+        data: &[u8],
+        fua: bool,
+        t0: Instant,
+    ) -> Option<io::Result<()>> {
+        self.uncommitted = true;
+        let r = self.write_direct(off, data, fua)?;
+        self.written(&r, t0.elapsed());
+        Some(r)
+    }
+
+    /// A write ran (through the cache or around it) and took `took`: the next commit
+    /// covers it, and a success counts in the write latency.
+    fn written(&mut self, r: &io::Result<()>, took: Duration) {
+        self.uncommitted = true;
+        if r.is_ok() {
+            self.lat.record(Class::Write, ns(took));
+        }
+    }
+
     /// Writes the held direct writes to the backing device and ends them.
     fn run_held(&mut self) -> io::Result<()> {
         if self.held.is_empty() {
@@ -603,20 +623,14 @@ impl BlockConn for VolumeConn {
     }
 
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.uncommitted = true;
         let t0 = Instant::now();
-        if let Some(r) = self.write_direct(off, data, fua) {
-            if r.is_ok() {
-                self.lat.record(Class::Write, ns_since(t0));
-            }
+        if let Some(r) = self.write_routed(off, data, fua, t0) {
             return r;
         }
         let (vol, ch) = (&self.vol, &mut self.ch);
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
         let r = vol.gated(|| vol.engine.write(ch, off, data, fua), bg);
-        if r.is_ok() {
-            self.lat.record(Class::Write, ns_since(t0));
-        }
+        self.written(&r, t0.elapsed());
         r
     }
 
@@ -627,7 +641,7 @@ impl BlockConn for VolumeConn {
         off: u64,
         data: &[u8],
         fua: bool,
-        waited: Duration,
+        waited: Option<Duration>,
     ) -> Option<io::Result<()>> {
         if self.bg.is_some() {
             return Some(self.write(off, data, fua));
@@ -635,23 +649,16 @@ impl BlockConn for VolumeConn {
         let t0 = Instant::now();
         // Routed once, on the first try (routing feeds the stream detector); a write
         // that waits is one the cache takes.
-        let first = waited.is_zero();
-        if let Some(r) = first.then(|| self.write_direct(off, data, fua)).flatten() {
-            self.uncommitted = true;
-            if r.is_ok() {
-                self.lat.record(Class::Write, ns_since(t0));
+        if waited.is_none() {
+            if let Some(r) = self.write_routed(off, data, fua, t0) {
+                return Some(r);
             }
-            return Some(r);
         }
+        let waited = waited.unwrap_or_default();
         let (vol, ch) = (&self.vol, &mut self.ch);
         let r = vol.try_gated(|| vol.engine.write(ch, off, data, fua), waited)?;
-        self.uncommitted = true;
-        if r.is_ok() {
-            // The time it was kept waiting counts: it is what the client saw.
-            let ns = waited.as_nanos().min(u64::MAX as u128) as u64;
-            self.lat
-                .record(Class::Write, ns.saturating_add(ns_since(t0)));
-        }
+        // The time it was kept waiting counts: it is what the client saw.
+        self.written(&r, waited + t0.elapsed());
         Some(r)
     }
 

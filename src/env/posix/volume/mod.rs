@@ -166,13 +166,22 @@ pub struct Volume {
     fg_reads: AtomicUsize,
 }
 
+/// One backing write of a writeback window: `len` bytes at `off`, which are bytes
+/// `skip..skip + len` of the run of data items starting at item `first`.
+struct WbReq {
+    off: u64,
+    len: usize,
+    first: usize,
+    skip: usize,
+}
+
 /// What the background runner keeps between steps.
 pub struct Background {
     wb: WbBatch,
     /// GC's scratch.
     buf: Vec<u8>,
     /// Writeback's requests of a window (`write_batch`).
-    reqs: Vec<(u64, usize, usize, usize)>,
+    reqs: Vec<WbReq>,
     tick: Every,
 }
 
@@ -190,7 +199,12 @@ impl Default for Background {
 
 /// Nanoseconds since `t0`, for the latency histograms.
 fn ns_since(t0: Instant) -> u64 {
-    t0.elapsed().as_nanos().min(u64::MAX as u128) as u64
+    ns(t0.elapsed())
+}
+
+/// A duration in nanoseconds, saturating (for the latency histograms).
+fn ns(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
 }
 
 fn identity(b: &BackingFile) -> BackingIdentity {
