@@ -134,7 +134,11 @@ impl<P: Pmem> Engine<P> {
                 if let Ok(k) = KeyRec::decode(&buf[o..o + KEY_SIZE], &self.geo) {
                     if k.has_data() {
                         retired += k.len as u64;
-                        if reads_matter {
+                        if reads_matter
+                            && !self
+                                .segs
+                                .all_superseded(k.seg, k.seg_off, k.len, k.gen as u32)
+                        {
                             live += self.live_bytes(&k);
                         }
                     }
@@ -160,7 +164,13 @@ impl<P: Pmem> Engine<P> {
                 // (its move would be a synced key): it is dropped like cold data.
                 let synced =
                     k.flags & KEY_UNSYNCED == 0 || self.flushed_through.load(Acquire) >= pos.seq;
-                self.retire_key(st, &k, synced, cold_too, &mut budget);
+                // Superseded in full, the key has nothing in the index: no lookup.
+                if !self
+                    .segs
+                    .all_superseded(k.seg, k.seg_off, k.len, k.gen as u32)
+                {
+                    self.retire_key(st, &k, synced, cold_too, &mut budget);
+                }
                 if self.segs.put(&self.pmem, &self.geo, k.seg) {
                     r.segments_freed += 1;
                     self.counters.segs_reclaimed.inc();

@@ -245,6 +245,21 @@ impl Segs {
             .is_some_and(|m| m.load(Acquire) == mark_tag(gen))
     }
 
+    /// Whether every byte of `[seg_off, seg_off + len)` of `seg` lies in `MARK_BLOCK`s
+    /// that a newer key superseded in generation `gen`: then the index maps none of it.
+    /// False for a range that does not cover whole blocks.
+    pub fn all_superseded(&self, seg: u32, seg_off: u32, len: u32, gen: u32) -> bool {
+        if len == 0 || seg_off % MARK_BLOCK != 0 || len % MARK_BLOCK != 0 {
+            return false;
+        }
+        let first = (seg_off / MARK_BLOCK) as usize;
+        let end = first + (len / MARK_BLOCK) as usize;
+        let tag = mark_tag(gen);
+        self.seg_marks(seg)
+            .get(first..end)
+            .is_some_and(|ms| ms.iter().all(|m| m.load(Acquire) == tag))
+    }
+
     /// Current generation, as the index stores it (low 32 bits).
     pub fn gen32(&self, seg: u32) -> u32 {
         self.gens[seg as usize].load(Acquire) as u32
