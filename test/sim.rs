@@ -333,7 +333,7 @@ fn crash_jobs() -> Vec<Job> {
     let seeds = |name: &str, default: u64| env_u64(name).unwrap_or(default);
     let mut jobs = vec![];
     for w in Workload::ALL {
-        for s in 0..seeds("PCACHE_CRASH_SEEDS", 12) {
+        for s in 0..seeds("PCACHE_CRASH_SEEDS", 14) {
             let seed = 1000 + s * 7 + w as u64;
             jobs.push(Job {
                 family: "workload",

@@ -30,6 +30,22 @@ pub struct Channel {
     /// are to be cached.
     pub(super) streams: super::streams::Streams,
     no_fill: bool,
+    /// `write_many`'s pieces between their copy and their key (empty between calls).
+    pub(super) staged: Vec<Staged>,
+}
+
+/// One piece of a `write_many` request's data (batch.rs), placed on the medium but not
+/// yet in the index.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Staged {
+    pub(super) req: u32,
+    /// Offset of the piece in its request's data.
+    pub(super) pos: u32,
+    pub(super) off: u64,
+    pub(super) len: u32,
+    pub(super) seg: u32,
+    pub(super) seg_off: u32,
+    pub(super) gen: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -247,7 +263,13 @@ impl<P: Pmem> Engine<P> {
 
     /// Inserts an extent and appends its key, atomically with respect to the region.
     /// On `Busy` before the insert the key's segment reference is dropped.
-    fn insert_key(&self, id: u16, k: &KeyRec, mut x: Extent, force: bool) -> Result<(), IoError> {
+    pub(super) fn insert_key(
+        &self,
+        id: u16,
+        k: &KeyRec,
+        mut x: Extent,
+        force: bool,
+    ) -> Result<(), IoError> {
         let si = self.shard_of(k.off);
         let mut shard = self.shard(si);
         let mut kb = match self.kset_for(k.off, k.len as u64, id) {

@@ -16,6 +16,7 @@
 //! the first time it is locked (`Engine::shard`) or when `tick` gets to it.
 #![forbid(unsafe_code)]
 
+mod batch;
 mod check;
 mod doorkeeper;
 pub mod format;

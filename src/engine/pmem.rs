@@ -21,6 +21,16 @@ pub trait Pmem: Send + Sync {
     fn read(&self, off: u64, dst: &mut [u8]);
     /// Stores `src` at `off` (the implementation may use non-temporal stores).
     fn write(&self, off: u64, src: &[u8]);
+    /// Like `write`, but non-temporal stores may stay unordered until this thread's
+    /// next `fence_writes`, so several requests' data streams out with one fence. The
+    /// caller touches the range (and publishes it to other threads) only after that.
+    /// Default: `write`.
+    fn write_unordered(&self, off: u64, src: &[u8]) {
+        self.write(off, src)
+    }
+    /// Orders every earlier `write_unordered` of this thread before what follows.
+    /// Default: nothing (`write_unordered` was `write`).
+    fn fence_writes(&self) {}
     /// Starts write-back of the cache lines of `[off, off + len)` (clwb/clflushopt, or
     /// msync in file mode). Durable only after the next `fence`.
     fn flush(&self, off: u64, len: u64);
@@ -53,6 +63,12 @@ impl<T: Pmem + ?Sized> Pmem for std::sync::Arc<T> {
     }
     fn write(&self, off: u64, src: &[u8]) {
         (**self).write(off, src)
+    }
+    fn write_unordered(&self, off: u64, src: &[u8]) {
+        (**self).write_unordered(off, src)
+    }
+    fn fence_writes(&self) {
+        (**self).fence_writes()
     }
     fn flush(&self, off: u64, len: u64) {
         (**self).flush(off, len)

@@ -33,6 +33,24 @@ impl Pmem for PosixPmem {
         }
     }
 
+    fn write_unordered(&self, off: u64, src: &[u8]) {
+        let off = self.checked("write", off, src.len());
+        // SAFETY: as in `write`. The non-temporal stores stay unfenced: the caller
+        // touches the range only after `fence_writes` (the `Pmem` contract).
+        unsafe {
+            let dst = self.base.add(off);
+            if src.len() >= NT_THRESHOLD {
+                arch::copy_nt_unfenced(dst, src.as_ptr(), src.len());
+            } else {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
+            }
+        }
+    }
+
+    fn fence_writes(&self) {
+        arch::sfence();
+    }
+
     fn flush(&self, off: u64, len: u64) {
         let len_usize = usize::try_from(len).unwrap_or(usize::MAX);
         let off = self.checked("flush", off, len_usize);

@@ -73,6 +73,19 @@ pub(super) fn sfence() {
 /// # Safety
 /// `src` must be readable and `dst` writable for `len` bytes; they must not overlap.
 pub(super) unsafe fn copy_nt(dst: *mut u8, src: *const u8, len: usize) {
+    // SAFETY: forwarded caller contract.
+    unsafe { copy_nt_unfenced(dst, src, len) };
+    // Rust requires an sfence after non-temporal stores before anything else touches
+    // the stored memory; doing it here keeps `write` safe to follow with any access.
+    sfence();
+}
+
+/// `copy_nt` without its closing fence: the caller fences (`sfence`) before anything
+/// touches the destination, and may copy more first so that one fence covers them all.
+///
+/// # Safety
+/// As `copy_nt`, and the caller must fence before the destination is accessed again.
+pub(super) unsafe fn copy_nt_unfenced(dst: *mut u8, src: *const u8, len: usize) {
     let head = ((16 - (dst as usize & 15)) & 15).min(len);
     // SAFETY: caller guarantees both ranges; `head <= len`.
     unsafe { core::ptr::copy_nonoverlapping(src, dst, head) };
@@ -102,7 +115,4 @@ pub(super) unsafe fn copy_nt(dst: *mut u8, src: *const u8, len: usize) {
         }
         core::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
     }
-    // Rust requires an sfence after non-temporal stores before anything else touches
-    // the stored memory; doing it here keeps `write` safe to follow with any access.
-    sfence();
 }

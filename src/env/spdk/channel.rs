@@ -9,7 +9,9 @@
 //! Reads with a buffer are queued at submit (after a prefetch of their index line) and
 //! served by `read_poll`, in batches, once per reactor iteration: the index lines of a
 //! whole batch are then in cache, and the batch completes from poller context, without
-//! the message hop SPDK needs for a completion inside `submit_request`.
+//! the message hop SPDK needs for a completion inside `submit_request`. Plain cache
+//! writes are queued the same way and written first, as one `Engine::write_many`: their
+//! data streams into the medium with one store fence for the batch.
 //!
 //! Invariants: the context lives inside SPDK's channel allocation from `create_cb` to
 //! `destroy_cb` and is only touched on that channel's thread; every request that enters
@@ -69,6 +71,9 @@ pub(super) extern "C" fn create_cb(io_device: *mut c_void, buf: *mut c_void) -> 
             retry_poller: Poller::none(),
             reads: Vec::with_capacity(BATCH_CAPACITY),
             batch: Vec::with_capacity(BATCH_CAPACITY),
+            writes: Vec::with_capacity(io::WRITE_BATCH),
+            write_out: Vec::with_capacity(io::WRITE_BATCH),
+            write_batch: Vec::with_capacity(io::WRITE_BATCH),
             read_poller: Poller::none(),
             in_poll: false,
             deferred: Vec::with_capacity(BATCH_CAPACITY),
@@ -98,6 +103,10 @@ pub(super) extern "C" fn destroy_cb(_io_device: *mut c_void, buf: *mut c_void) {
     c.read_poller.stop();
     // As below for `retry`: nothing should be queued, but never leak a request.
     c.in_poll = true;
+    for bio in std::mem::take(&mut c.writes) {
+        // SAFETY: queued writes are live and uncompleted.
+        unsafe { finish(&mut c, bio, ffi::STATUS_FAILED) };
+    }
     for bio in std::mem::take(&mut c.reads) {
         // SAFETY: queued reads are live and uncompleted.
         unsafe { finish(&mut c, bio, ffi::STATUS_FAILED) };
@@ -124,16 +133,17 @@ pub(super) extern "C" fn destroy_cb(_io_device: *mut c_void, buf: *mut c_void) {
     }
 }
 
-/// Serves the reads queued since the last call (see the module comment).
+/// Serves the writes and reads queued since the last call (see the module comment).
 extern "C" fn read_poll(arg: *mut c_void) -> i32 {
     // SAFETY: `arg` is this thread's live channel context; this reference ends here.
     let c = unsafe { &*(arg as *const ChannelCtx) };
-    if c.reads.is_empty() && c.deferred.is_empty() {
+    if c.reads.is_empty() && c.deferred.is_empty() && c.writes.is_empty() {
         return ffi::IDLE;
     }
     // SAFETY: as above, and no reference to the context is alive.
     unsafe {
         deferring(arg, |c| {
+            io::serve_writes(c);
             let mut batch = std::mem::take(&mut c.batch);
             std::mem::swap(&mut batch, &mut c.reads);
             for bio in batch.drain(..) {

@@ -133,6 +133,12 @@ pub(super) struct ChannelCtx {
     /// allocates once warm).
     pub reads: Vec<*mut sys::spdk_bdev_io>,
     pub(super) batch: Vec<*mut sys::spdk_bdev_io>,
+    /// Cache writes waiting for `read_poll`, which writes them with one store fence
+    /// (`Engine::write_many`), their outcomes, and the swapped batch. Invariant: only
+    /// while `retry` is empty are there any (`io::serve_writes`).
+    pub writes: Vec<*mut sys::spdk_bdev_io>,
+    pub(super) write_out: Vec<Result<(), crate::engine::IoError>>,
+    pub(super) write_batch: Vec<*mut sys::spdk_bdev_io>,
     pub read_poller: Poller,
     /// Set while a poller or `submit_request` holds the context: `finish` then defers
     /// the completion to `deferred`, which the read poller delivers. A completion

@@ -77,6 +77,24 @@ fn dispatch(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
             if !c.retry.is_empty() {
                 queue(c, bio);
             } else if !direct::try_start(c, bio, &d) {
+                if batchable(c, &d) {
+                    if c.writes.len() >= WRITE_BATCH {
+                        serve_writes(c);
+                    }
+                    if c.retry.is_empty() {
+                        prefetch_index(c, d.offset_blocks * c.shared.block_size as u64);
+                        c.writes.push(bio);
+                    } else {
+                        queue(c, bio);
+                    }
+                    return;
+                }
+                // Everything else runs after the writes queued before it.
+                serve_writes(c);
+                if !c.retry.is_empty() {
+                    queue(c, bio);
+                    return;
+                }
                 match ordered(c, &d) {
                     Err(IoError::Busy) => queue(c, bio),
                     // SAFETY: live, uncompleted request.
@@ -146,6 +164,60 @@ pub(super) unsafe fn retry_ordered(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_
             true
         }
     }
+}
+
+/// Most queued writes per `Engine::write_many` (a reactor iteration's worth at QD64).
+pub(super) const WRITE_BATCH: usize = 64;
+
+/// A WRITE that can wait in `ChannelCtx::writes`: not FUA, and its data in one iovec
+/// (`write_many` takes each request's data as one slice).
+fn batchable(c: &ChannelCtx, d: &IoDesc) -> bool {
+    if d.ty != sys::SPDK_BDEV_IO_TYPE_WRITE || d.fua {
+        return false;
+    }
+    // SAFETY: the request's iovecs are valid for its lifetime.
+    let iovs = unsafe { ffi::iovs(d) };
+    iovs.len() == 1 && iovs[0].iov_len as u64 >= d.num_blocks * c.shared.block_size as u64
+}
+
+/// Writes the queued writes (`ChannelCtx::writes`) into the cache with one
+/// `Engine::write_many` and completes them; those that find the cache full go to
+/// `retry`, in order.
+pub(super) fn serve_writes(c: &mut ChannelCtx) {
+    if c.writes.is_empty() {
+        return;
+    }
+    let mut batch = std::mem::take(&mut c.write_batch);
+    std::mem::swap(&mut batch, &mut c.writes);
+    let mut out = std::mem::take(&mut c.write_out);
+    let bs = c.shared.block_size as u64;
+    c.shared.engine.write_many(
+        &mut c.main,
+        batch.len(),
+        |i| {
+            // SAFETY: queued writes are live; `batchable` checked that one iovec holds
+            // the whole request, which nothing else writes while the request is ours.
+            unsafe {
+                let d = ffi::io_desc(batch[i]);
+                let iov = ffi::iovs(&d)[0];
+                let n = (d.num_blocks * bs) as usize;
+                (
+                    d.offset_blocks * bs,
+                    std::slice::from_raw_parts(iov.iov_base as *const u8, n),
+                )
+            }
+        },
+        &mut out,
+    );
+    for (bio, r) in batch.drain(..).zip(out.drain(..)) {
+        match r {
+            Err(IoError::Busy) => queue(c, bio),
+            // SAFETY: live, uncompleted request.
+            r => unsafe { finish_ordered(c, bio, r) },
+        }
+    }
+    c.write_batch = batch;
+    c.write_out = out;
 }
 
 /// Runs one ordered request against the engine.
