@@ -1,14 +1,16 @@
 //! Targeted engine scenarios, one behaviour each: data CRC on read hits (clean data falls
 //! back to the backing device, dirty data is an error), attach refusals (blank, foreign,
 //! corrupt, wrong backing device), persisted gc_percent, clean data surviving a restart,
-//! writeback errors, a full cache recovering through writeback and GC, and zero/discard
-//! ranges (also routed to the backing device outside write-back).
+//! writeback errors, a full cache recovering through writeback and GC, zero/discard
+//! ranges (also routed to the backing device outside write-back), and write batches
+//! (`Engine::write_many`) against an oracle.
 
 use pcache::engine::{
     BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, OpenError, Pmem, WbBatch,
     WbKind, WbNext,
 };
 use pcache::env::sim::pmem::SimPmem;
+use pcache::env::sim::rng::Rng;
 use pcache::runtime::sched;
 use std::sync::Arc;
 
@@ -828,5 +830,114 @@ fn direct_writes_log_a_tombstone_only_where_replay_could_show_older_data() {
         "dropped clean keys still in the log: a tombstone"
     );
     assert!(!hits(&reopen(&pmem), &mut Channel::default(), 16384));
+    e.check_invariants(&[&ch]).unwrap();
+}
+
+/// `Engine::write_many` (several writes, one store fence) against an oracle: requests
+/// written a batch at a time read back as if written one by one; a full cache ends a
+/// batch at its first `Busy` (every later request reports `Busy` and changes nothing);
+/// retrying that suffix in order after writeback and GC loses nothing, across 4 MiB
+/// region boundaries and overlapping requests.
+#[test]
+fn write_batches_read_back_as_single_writes_and_end_at_the_first_busy() {
+    // 10 segments of 64 KiB: a few batches fill it, so Busy comes often.
+    let (_pmem, e) = new_engine(10, false);
+    let mut backing = vec![0u8; SIZE as usize];
+    let mut oracle = vec![0u8; SIZE as usize];
+    let (mut ch, mut rch) = (Channel::default(), Channel::default());
+    let mut rng = Rng::new(7);
+    let mut out = Vec::new();
+    let (mut busy_batches, mut crossing) = (0, 0);
+    for round in 0..300u64 {
+        // Up to 12 requests of 512 B .. 32 KiB, often near the 4 MiB region boundary
+        // and overlapping one another.
+        let n = 1 + rng.index(12);
+        let mut reqs: Vec<(u64, Vec<u8>)> = (0..n)
+            .map(|i| {
+                let len = 512 * rng.range(1, 65);
+                let near = if rng.chance(1, 3) {
+                    (4 << 20) - 16384
+                } else {
+                    0
+                };
+                let off = (near + 512 * rng.below(64)) % (SIZE - len);
+                if off / (4 << 20) != (off + len - 1) / (4 << 20) {
+                    crossing += 1;
+                }
+                (off, vec![(round * 13 + i as u64) as u8 | 1; len as usize])
+            })
+            .collect();
+        let mut tries = 0;
+        while !reqs.is_empty() {
+            e.write_many(
+                &mut ch,
+                reqs.len(),
+                |i| (reqs[i].0, &reqs[i].1[..]),
+                &mut out,
+            );
+            assert_eq!(out.len(), reqs.len());
+            let done = out
+                .iter()
+                .position(|r| matches!(r, Err(IoError::Busy)))
+                .unwrap_or(reqs.len());
+            for r in &out[..done] {
+                r.as_ref().unwrap();
+            }
+            for r in &out[done..] {
+                assert!(
+                    matches!(r, Err(IoError::Busy)),
+                    "after a Busy every request is Busy: {out:?}"
+                );
+            }
+            for (off, data) in reqs.drain(..done) {
+                oracle[off as usize..off as usize + data.len()].copy_from_slice(&data);
+            }
+            if !reqs.is_empty() {
+                busy_batches += 1;
+                tries += 1;
+                assert!(tries < 100, "no progress");
+                let _ = e.flush();
+                drain(&e, &mut backing, false);
+                e.gc(&mut Vec::new());
+            }
+        }
+        if round % 25 == 24 {
+            e.check_invariants(&[&ch]).unwrap();
+            for off in (0..SIZE).step_by(1 << 20) {
+                let got = read(&e, &mut rch, &backing, off, 1 << 20).unwrap();
+                assert!(
+                    got == oracle[off as usize..off as usize + (1 << 20)],
+                    "round {round} at {off}"
+                );
+            }
+        }
+    }
+    assert!(busy_batches > 0, "the cache must have filled up");
+    assert!(crossing > 0, "some requests must cross a region boundary");
+    let _ = e.flush();
+    drain(&e, &mut backing, false);
+    assert_eq!(e.dirty_bytes(), 0);
+    assert!(backing == oracle, "written back as the oracle says");
+}
+
+#[test]
+fn a_write_batch_reports_out_of_range_for_its_request_only() {
+    let (_pmem, e) = new_engine(10, false);
+    let mut ch = Channel::default();
+    let mut out = Vec::new();
+    let reqs = [
+        (0u64, vec![1u8; 4096]),
+        (SIZE, vec![2u8; 4096]),
+        (8192, vec![3u8; 4096]),
+    ];
+    e.write_many(
+        &mut ch,
+        reqs.len(),
+        |i| (reqs[i].0, &reqs[i].1[..]),
+        &mut out,
+    );
+    assert!(out[0].is_ok() && out[2].is_ok(), "{out:?}");
+    assert!(matches!(out[1], Err(IoError::OutOfRange)), "{out:?}");
+    assert_eq!(e.stats().writes, 2);
     e.check_invariants(&[&ch]).unwrap();
 }

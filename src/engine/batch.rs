@@ -19,8 +19,7 @@
 //! batch; a staged piece either gets its key or gives back its segment reference; the
 //! scratch list lives in the channel, so a batch allocates nothing once warm.
 
-use super::format::{self, KeyRec, SUBTREE_SIZE};
-use super::index::{Extent, F_CRC, F_DIRTY};
+use super::format::SUBTREE_SIZE;
 use super::io::{Channel, Staged};
 use super::{Engine, IoError, Pmem};
 
@@ -86,17 +85,12 @@ impl<P: Pmem> Engine<P> {
             ended = r.is_err();
             out.push(r);
         }
-        // The data of every piece, then one fence for all of it.
+        // The data of every piece, then one fence for all of it. The keys below go to
+        // DRAM ksets; `log::close` drains before storing them.
         for s in &staged {
-            let (_, data) = req(s.req as usize);
-            let src = &data[s.pos as usize..s.pos as usize + s.len as usize];
-            self.pmem
-                .write_unordered(self.geo.data_off(s.seg, s.seg_off as u64), src);
-        }
-        for s in &staged {
-            // The keys below go to DRAM ksets; `log::close` drains before storing them.
-            self.pmem
-                .flush_data(self.geo.data_off(s.seg, s.seg_off as u64), s.len as u64);
+            let at = self.geo.data_off(s.seg, s.seg_off as u64);
+            self.pmem.write_unordered(at, piece(&req, s));
+            self.pmem.flush_data(at, s.len as u64);
         }
         if !staged.is_empty() {
             self.pmem.fence_writes();
@@ -105,23 +99,8 @@ impl<P: Pmem> Engine<P> {
         // The keys, in order; a full log ends the batch as `write` would.
         let mut full_from = None;
         for (k_i, s) in staged.iter().enumerate() {
-            let (_, data) = req(s.req as usize);
-            let src = &data[s.pos as usize..s.pos as usize + s.len as usize];
-            let crc = if self.data_crc { format::crc(src) } else { 0 };
-            let k = KeyRec {
-                off: s.off,
-                len: s.len,
-                flags: 0,
-                seg: s.seg,
-                seg_off: s.seg_off,
-                gen: s.gen,
-                data_crc: crc,
-            };
-            let mut flags = F_DIRTY;
-            if self.data_crc {
-                flags |= F_CRC;
-            }
-            if let Err(e) = self.insert_key(id, &k, Extent::of_key(&k, flags), false) {
+            let (k, x) = self.data_key(s.off, s.seg, s.seg_off, s.gen, piece(&req, s));
+            if let Err(e) = self.insert_key(id, &k, x, false) {
                 // insert_key gave this piece's reference back.
                 out[s.req as usize] = Err(e);
                 full_from = Some(k_i + 1);
@@ -145,4 +124,10 @@ impl<P: Pmem> Engine<P> {
         }
         ch.staged = staged;
     }
+}
+
+/// The bytes of staged piece `s` in its request's data.
+fn piece<'a>(req: &impl Fn(usize) -> (u64, &'a [u8]), s: &Staged) -> &'a [u8] {
+    let (_, data) = req(s.req as usize);
+    &data[s.pos as usize..s.pos as usize + s.len as usize]
 }

@@ -236,21 +236,7 @@ impl<P: Pmem> Engine<P> {
             // The key below goes to a DRAM kset; `log::close` drains before storing it.
             self.pmem.flush_data(at, a.len);
             self.pmem.fence();
-            let crc = if self.data_crc { format::crc(src) } else { 0 };
-            let k = KeyRec {
-                off: o,
-                len: a.len as u32,
-                flags: 0,
-                seg: a.seg,
-                seg_off: a.off as u32,
-                gen: a.gen,
-                data_crc: crc,
-            };
-            let mut flags = F_DIRTY;
-            if self.data_crc {
-                flags |= F_CRC;
-            }
-            let x = Extent::of_key(&k, flags);
+            let (k, x) = self.data_key(o, a.seg, a.off as u32, a.gen, src);
             // FUA closes the kset of *every* piece: pieces of one request in different
             // regions go through different ksets.
             self.insert_key(id, &k, x, fua)?;
@@ -259,6 +245,34 @@ impl<P: Pmem> Engine<P> {
         slot.add(|c| &c.writes, 1);
         slot.add(|c| &c.bytes_written, data.len() as u64);
         Ok(())
+    }
+
+    /// The key and dirty index extent of request data `src` for backing offset `off`,
+    /// stored at `seg_off` of segment `seg` (generation `gen`), with its CRC if the
+    /// cache keeps data CRCs.
+    pub(super) fn data_key(
+        &self,
+        off: u64,
+        seg: u32,
+        seg_off: u32,
+        gen: u64,
+        src: &[u8],
+    ) -> (KeyRec, Extent) {
+        let k = KeyRec {
+            off,
+            len: src.len() as u32,
+            flags: 0,
+            seg,
+            seg_off,
+            gen,
+            data_crc: if self.data_crc { format::crc(src) } else { 0 },
+        };
+        let flags = if self.data_crc {
+            F_DIRTY | F_CRC
+        } else {
+            F_DIRTY
+        };
+        (k, Extent::of_key(&k, flags))
     }
 
     /// Inserts an extent and appends its key, atomically with respect to the region.

@@ -20,27 +20,24 @@ impl Pmem for PosixPmem {
     }
 
     fn write(&self, off: u64, src: &[u8]) {
-        let off = self.checked("write", off, src.len());
-        // SAFETY: bounds checked above, so `base + off .. + src.len()` is inside the live
-        // writable mapping and cannot overlap `src`, a Rust buffer outside the mapping.
-        unsafe {
-            let dst = self.base.add(off);
-            if src.len() >= NT_THRESHOLD {
-                arch::copy_nt(dst, src.as_ptr(), src.len());
-            } else {
-                std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
-            }
+        self.write_unordered(off, src);
+        if src.len() >= NT_THRESHOLD {
+            // Non-temporal stores: fenced before anything touches them (Rust's rule).
+            arch::sfence();
         }
     }
 
     fn write_unordered(&self, off: u64, src: &[u8]) {
         let off = self.checked("write", off, src.len());
-        // SAFETY: as in `write`. The non-temporal stores stay unfenced: the caller
-        // touches the range only after `fence_writes` (the `Pmem` contract).
+        // SAFETY: bounds checked above, so `base + off .. + src.len()` is inside the live
+        // writable mapping and cannot overlap `src`, a Rust buffer outside the mapping.
+        // Non-temporal stores stay unfenced here: `write` fences them at once, and a
+        // `write_unordered` caller touches the range only after `fence_writes` (the
+        // `Pmem` contract).
         unsafe {
             let dst = self.base.add(off);
             if src.len() >= NT_THRESHOLD {
-                arch::copy_nt_unfenced(dst, src.as_ptr(), src.len());
+                arch::copy_nt(dst, src.as_ptr(), src.len());
             } else {
                 std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
             }

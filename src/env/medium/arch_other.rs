@@ -24,12 +24,3 @@ pub(super) unsafe fn copy_nt(dst: *mut u8, src: *const u8, len: usize) {
     // SAFETY: forwarded caller contract.
     unsafe { core::ptr::copy_nonoverlapping(src, dst, len) }
 }
-
-/// Plain copy, as `copy_nt`.
-///
-/// # Safety
-/// As `copy_nt`.
-pub(super) unsafe fn copy_nt_unfenced(dst: *mut u8, src: *const u8, len: usize) {
-    // SAFETY: forwarded caller contract.
-    unsafe { copy_nt(dst, src, len) }
-}

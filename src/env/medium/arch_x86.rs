@@ -68,24 +68,14 @@ pub(super) fn sfence() {
 }
 
 /// Copies `len` bytes with non-temporal 16-byte stores for the 16-byte aligned body
-/// and normal stores for the unaligned head and tail, then fences.
+/// and normal stores for the unaligned head and tail. Does not fence: Rust requires an
+/// sfence after non-temporal stores before anything else touches the stored memory, so
+/// the caller fences (`sfence`), possibly after more copies that one fence then covers.
 ///
 /// # Safety
-/// `src` must be readable and `dst` writable for `len` bytes; they must not overlap.
+/// `src` must be readable and `dst` writable for `len` bytes; they must not overlap; the
+/// caller fences before the destination is accessed again.
 pub(super) unsafe fn copy_nt(dst: *mut u8, src: *const u8, len: usize) {
-    // SAFETY: forwarded caller contract.
-    unsafe { copy_nt_unfenced(dst, src, len) };
-    // Rust requires an sfence after non-temporal stores before anything else touches
-    // the stored memory; doing it here keeps `write` safe to follow with any access.
-    sfence();
-}
-
-/// `copy_nt` without its closing fence: the caller fences (`sfence`) before anything
-/// touches the destination, and may copy more first so that one fence covers them all.
-///
-/// # Safety
-/// As `copy_nt`, and the caller must fence before the destination is accessed again.
-pub(super) unsafe fn copy_nt_unfenced(dst: *mut u8, src: *const u8, len: usize) {
     let head = ((16 - (dst as usize & 15)) & 15).min(len);
     // SAFETY: caller guarantees both ranges; `head <= len`.
     unsafe { core::ptr::copy_nonoverlapping(src, dst, head) };

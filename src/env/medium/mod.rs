@@ -29,8 +29,9 @@
 //! (`size <= map_len`) before any pointer arithmetic. Callers (the engine) never access
 //! overlapping ranges concurrently; disjoint concurrent accesses are fine because we only
 //! ever go through the raw base pointer, never through `&mut` slices of the mapping.
-//! Non-temporal stores are always followed by an sfence before `write` returns, as
-//! Rust's memory model requires before the stored bytes are touched again.
+//! Non-temporal stores are always followed by an sfence before the stored bytes are
+//! touched again, as Rust's memory model requires: before `write` returns, or at the
+//! `fence_writes` that closes a run of `write_unordered`.
 //!
 //! Reads are plain copies: a media error under a DAX mapping raises SIGBUS and kills
 //! the process. A SIGBUS-safe copy (`copy_mc`-style recovery) is future work. Likewise a

@@ -77,28 +77,22 @@ fn dispatch(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
             if !c.retry.is_empty() {
                 queue(c, bio);
             } else if !direct::try_start(c, bio, &d) {
-                if batchable(c, &d) {
-                    if c.writes.len() >= WRITE_BATCH {
-                        serve_writes(c);
-                    }
-                    if c.retry.is_empty() {
-                        prefetch_index(c, d.offset_blocks * c.shared.block_size as u64);
-                        c.writes.push(bio);
-                    } else {
-                        queue(c, bio);
-                    }
-                    return;
+                let batched = batchable(c, &d);
+                if !batched || c.writes.len() >= WRITE_BATCH {
+                    // Anything else runs after the writes queued before it.
+                    serve_writes(c);
                 }
-                // Everything else runs after the writes queued before it.
-                serve_writes(c);
                 if !c.retry.is_empty() {
-                    queue(c, bio);
-                    return;
-                }
-                match ordered(c, &d) {
-                    Err(IoError::Busy) => queue(c, bio),
-                    // SAFETY: live, uncompleted request.
-                    r => unsafe { finish_ordered(c, bio, r) },
+                    queue(c, bio); // behind writes the batch found no room for
+                } else if batched {
+                    prefetch_index(c, d.offset_blocks * c.shared.block_size as u64);
+                    c.writes.push(bio);
+                } else {
+                    match ordered(c, &d) {
+                        Err(IoError::Busy) => queue(c, bio),
+                        // SAFETY: live, uncompleted request.
+                        r => unsafe { finish_ordered(c, bio, r) },
+                    }
                 }
             }
         }
