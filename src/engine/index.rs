@@ -489,6 +489,11 @@ impl Shard {
                 return;
             }
             j += 1;
+            // It ends exactly at `e`: the last overlap (entries never overlap), so the
+            // next entry, often on another cache line, need not be loaded.
+            if ke == e {
+                break;
+            }
         }
         if let Some(x) = x {
             new[n] = Entry(s, x);
@@ -601,20 +606,23 @@ impl Shard {
             while i < hi && self.v[i].0 < pe {
                 let Entry(ks, k) = self.v[i];
                 if k.is(F_HOLE) {
-                    i += 1;
-                    continue;
-                }
-                if k.has_data() && stale(&k) {
+                    // Nothing to visit.
+                } else if k.has_data() && stale(&k) {
                     self.make_hole(b, i);
-                    i += 1;
-                    continue;
+                } else {
+                    if mark != 0 && k.has_data() && !k.is(mark) {
+                        self.v[i].1.back_flags |= mark as u32;
+                    }
+                    let (cs, c) = clip(ks, k, ps, pe);
+                    f(cs, c);
                 }
-                if mark != 0 && k.has_data() && !k.is(mark) {
-                    self.v[i].1.back_flags |= mark as u32;
-                }
-                let (cs, c) = clip(ks, k, ps, pe);
-                f(cs, c);
                 i += 1;
+                // Entries never overlap, so one reaching `pe` is the last: stop without
+                // loading the next, often on another cache line (a miss on most 4 KiB
+                // hits: 60% of this walk's time in an SPDK randread profile).
+                if ks + k.len >= pe {
+                    break;
+                }
             }
         });
     }
@@ -747,6 +755,9 @@ impl Shard {
                     live += clip(ks, k, ps, pe).1.len as u64;
                 }
                 i += 1;
+                if ks + k.len >= pe {
+                    break; // the last overlap, as in `walk_marking`
+                }
             }
         });
         live
