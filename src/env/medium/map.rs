@@ -9,6 +9,11 @@ use super::*;
 /// kernel entry, on an SPDK reactor too), which costs several microseconds each the
 /// first time a RAM-backed medium is touched. Not for `File` mode: that would read a
 /// whole disk file at startup.
+///
+/// No `MADV_HUGEPAGE`: a tmpfs medium's pages are allocated when its blocks are
+/// reserved, before any mapping exists (tried on a tmpfs mounted `huge=advise`: still
+/// 4 KiB pages). Huge pages come from the medium itself (device-dax, a tmpfs mounted
+/// `huge=always`); `huge_bytes` reports what the mapping got.
 pub(super) fn map(fd: i32, len: usize, sync: bool, populate: bool) -> io::Result<*mut u8> {
     let mut flags = if sync {
         libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC
@@ -34,6 +39,42 @@ pub(super) fn map(fd: i32, len: usize, sync: bool, populate: bool) -> io::Result
         return Err(io::Error::last_os_error());
     }
     Ok(p.cast())
+}
+
+/// Bytes of the mapping at `base` that huge pages back, from /proc/self/smaps (the
+/// transparent huge page counters, hugetlb, or a kernel page size above 4 KiB as on
+/// device-dax); None when smaps cannot be read or lists no mapping at `base`.
+pub(super) fn huge_bytes(base: *const u8) -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let head = format!("{:x}-", base as usize);
+    let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
+    lines.next()?;
+    let (mut rss, mut huge, mut page_kb) = (0u64, 0u64, 4u64);
+    for l in lines {
+        // The next mapping's header ("start-end perms ...") ends this one's fields.
+        if l.split_whitespace().next().is_some_and(|t| t.contains('-')) {
+            break;
+        }
+        let Some((key, rest)) = l.split_once(':') else {
+            continue;
+        };
+        let kb = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        match key {
+            "Rss" => rss = kb,
+            "AnonHugePages" | "ShmemPmdMapped" | "FilePmdMapped" | "Shared_Hugetlb"
+            | "Private_Hugetlb" => huge += kb,
+            "KernelPageSize" => page_kb = kb,
+            _ => {}
+        }
+    }
+    if page_kb > 4 {
+        huge = huge.max(rss);
+    }
+    Some(huge << 10)
 }
 
 /// Maps `len` bytes of `fd` (open read-only) shared and read-only, with `MAP_SYNC` if

@@ -591,14 +591,40 @@ impl PosixPmem {
             (Kind::RegularFile, Persistence::Volatile) => "file, not persistent",
         };
         format!(
-            "{}: {} bytes ({:.1} MiB), {}, persistence {}, flush {}",
+            "{}: {} bytes ({:.1} MiB), {}, persistence {}, flush {}{}",
             self.path.display(),
             self.size,
             self.size as f64 / (1u64 << 20) as f64,
             kind,
             self.mode,
-            self.flush_method()
+            self.flush_method(),
+            self.pages()
         )
+    }
+
+    /// Share of the mapping that huge pages back, from /proc/self/smaps (None where
+    /// it cannot be read). A medium in RAM with 4 KiB pages makes every random hit
+    /// walk the page tables (SPDK read hits 1.18-1.24x faster with 2 MiB pages); device-dax and
+    /// a tmpfs mounted with `huge=always` map 2 MiB pages.
+    pub fn huge_page_share(&self) -> Option<f64> {
+        let huge = map::huge_bytes(self.base)?;
+        Some((huge as f64 / self.map_len as f64).min(1.0))
+    }
+
+    /// The page-size part of `describe`: only for media in memory (a file in the page
+    /// cache is written back by msync, where the page size does not show).
+    fn pages(&self) -> String {
+        if self.mode == Persistence::File {
+            return String::new();
+        }
+        match self.huge_page_share() {
+            Some(s) if s >= 0.99 => ", 2 MiB pages".into(),
+            Some(s) if s > 0.0 => format!(", {:.0}% in huge pages", s * 100.0),
+            Some(_) => ", 4 KiB pages (slower random hits: use device-dax, or tmpfs \
+                        mounted with huge=always)"
+                .into(),
+            None => String::new(),
+        }
     }
 
     /// Fails if any earlier `flush` could not write data back (`msync` error in `File`

@@ -121,6 +121,32 @@ fn tmpfs_needs_explicit_volatile() {
     assert_eq!(b, [7; 300]);
 }
 
+/// A medium in memory reports the pages that back it (read from /proc/self/smaps for
+/// this very mapping): a share in [0, 1], named in `describe`.
+#[test]
+fn a_medium_in_memory_reports_its_pages() {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("no /dev/shm, skipping");
+        return;
+    }
+    let d = TempDir::new_in(shm);
+    let m = PosixPmem::open(
+        &d.0.join("cache"),
+        Some(4 << 20),
+        Some(Persistence::Volatile),
+    )
+    .unwrap();
+    let share = m.huge_page_share().expect("the mapping is listed in smaps");
+    assert!((0.0..=1.0).contains(&share), "{share}");
+    let text = m.describe();
+    assert!(text.contains("pages"), "{text}");
+    // A file in the page cache says nothing about pages.
+    let d2 = TempDir::new();
+    let f = PosixPmem::open(&d2.0.join("cache"), Some(1 << 16), Some(Persistence::File)).unwrap();
+    assert!(!f.describe().contains("pages"), "{}", f.describe());
+}
+
 #[test]
 fn rejects_bad_paths() {
     let d = TempDir::new();
