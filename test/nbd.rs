@@ -561,16 +561,7 @@ fn handshake_list_info_go() {
     assert_eq!(c.option_reply().1, REP_ERR_INVALID);
     c.option(OPT_INFO, &[0xff, 0xff, 0xff, 0xff, 0, 0]);
     assert_eq!(c.option_reply().1, REP_ERR_INVALID);
-    for opt in [
-        OPT_STRUCTURED_REPLY,
-        OPT_STARTTLS,
-        9,
-        10,
-        11,
-        4,
-        1234,
-        u32::MAX,
-    ] {
+    for opt in [OPT_STARTTLS, 9, 10, 11, 4, 1234, u32::MAX] {
         c.option(opt, &[]);
         let (o, typ, _) = c.option_reply();
         assert_eq!((o, typ), (opt, REP_ERR_UNSUP), "option {opt}");
@@ -583,6 +574,58 @@ fn handshake_list_info_go() {
     assert_eq!(srv.mem.stat(|s| &s.connects), 1);
     srv.mem.fill(0, 512, 0x42);
     assert_eq!(c.read(0, 512), vec![0x42; 512]);
+}
+
+/// With structured replies negotiated, a READ comes back as one chunk flagged DONE:
+/// data as OFFSET_DATA (its offset, then the bytes), all-zero data as OFFSET_HOLE (offset
+/// and size, no bytes), a refusal as ERROR; other commands keep simple replies.
+#[test]
+fn structured_replies_answer_reads_with_chunks() {
+    const STRUCTURED_MAGIC: u32 = 0x668e_33ef;
+    let srv = Server::start(Mem::new(4 * MIB, 512), NbdServer::new().export_name("pc0"));
+    let mut c = srv.raw();
+    c.handshake(3);
+    c.option(OPT_STRUCTURED_REPLY, b"x");
+    assert_eq!(c.option_reply().1, REP_ERR_INVALID);
+    c.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().1, REP_ACK);
+    c.go_ok("pc0");
+    // (flags, type, cookie, payload) of the next chunk.
+    let chunk = |c: &mut Raw| {
+        assert_eq!(c.u32(), STRUCTURED_MAGIC);
+        let (flags, ty, cookie) = (c.u16(), c.u16(), c.u64());
+        let len = c.u32() as usize;
+        (flags, ty, cookie, c.recv(len))
+    };
+    let data = pattern(1, 8192);
+    c.write(4096, &data); // a simple reply
+    c.request(0, READ, 7, 4096, 8192, &[]);
+    let (flags, ty, cookie, p) = chunk(&mut c);
+    assert_eq!((flags, ty, cookie), (1, 1, 7), "OFFSET_DATA, DONE");
+    assert_eq!(&p[..8], &4096u64.to_be_bytes());
+    assert_eq!(&p[8..], &data[..]);
+    // Never written, and written with zeros: holes, no data on the wire.
+    c.write(0, &[0; 512]);
+    for (cookie, off, len) in [(8u64, 65536u64, 65536u32), (9, 0, 512), (10, 0, 4096)] {
+        c.request(0, READ, cookie, off, len, &[]);
+        let (flags, ty, k, p) = chunk(&mut c);
+        assert_eq!((flags, ty, k), (1, 2, cookie), "OFFSET_HOLE, DONE");
+        assert_eq!(&p[..8], &off.to_be_bytes());
+        assert_eq!(&p[8..], &len.to_be_bytes());
+    }
+    // Partly zero is data.
+    c.request(0, READ, 11, 0, 8192, &[]);
+    let (_, ty, _, p) = chunk(&mut c);
+    assert_eq!((ty, p.len()), (1, 8 + 8192));
+    assert_eq!(&p[8 + 4096..], &data[..4096]);
+    // Past the end: an ERROR chunk with the errno and no message.
+    c.request(0, READ, 12, 4 * MIB, 512, &[]);
+    let (flags, ty, k, p) = chunk(&mut c);
+    assert_eq!((flags, ty, k, p.len()), (1, (1 << 15) + 1, 12, 6));
+    assert_ne!(u32::from_be_bytes(p[..4].try_into().unwrap()), 0);
+    assert_eq!(&p[4..], &[0, 0]);
+    // Still in sync, and FLUSH keeps its simple reply.
+    assert_eq!(c.cmd(0, FLUSH, 0, 0, &[]).0, 0);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! The NBD handshake (fixed newstyle): each accepted client's short-lived thread
-//! negotiates options (export name, info, structured replies refused, block sizes),
+//! negotiates options (export name, info, structured replies, block sizes),
 //! every exchange bounded by `HANDSHAKE_TIMEOUT`, then hands the client to a reactor.
 //! Invariants: an option payload is at most 64 KiB; a malformed option gets an NBD error
 //! reply, and only an unframeable stream closes the connection.
@@ -74,6 +74,7 @@ pub(super) fn handshake<T: BlockTarget>(
         rd: BufReader::with_capacity(HANDSHAKE_BUF, peer.try_clone()?),
         wr: BufWriter::with_capacity(HANDSHAKE_BUF, peer.try_clone()?),
         cfg: &shared.cfg,
+        structured: false,
     };
     let outcome = session.negotiate(&*shared.target, &shared.stop);
     // Best effort on failure: the replies already queued still reach a client that listens.
@@ -84,6 +85,7 @@ pub(super) fn handshake<T: BlockTarget>(
     flushed?;
     // Requests the client pipelined behind its last option: the reactor starts with them.
     let pending = session.rd.buffer().to_vec();
+    let structured = session.structured;
     drop(session);
     peer.prepare_transmission()?;
     // From here on the reactor owns the socket, including at shutdown.
@@ -94,6 +96,7 @@ pub(super) fn handshake<T: BlockTarget>(
         conn,
         pending,
         slot,
+        structured,
     });
     Ok(())
 }
@@ -115,6 +118,8 @@ struct Session<'a> {
     rd: BufReader<Peer>,
     wr: BufWriter<Peer>,
     cfg: &'a NbdServer,
+    /// The client asked for structured replies (NBD_OPT_STRUCTURED_REPLY, acknowledged).
+    structured: bool,
 }
 
 impl Session<'_> {
@@ -207,8 +212,20 @@ impl Session<'_> {
                         return Ok(entered);
                     }
                 }
-                // TLS, structured replies, metadata contexts, extended headers and anything
-                // newer are not implemented; clients fall back to simple replies.
+                proto::OPT_STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        self.option_error(
+                            h.option,
+                            proto::REP_ERR_INVALID,
+                            "STRUCTURED_REPLY takes no data",
+                        )?;
+                        continue;
+                    }
+                    self.structured = true;
+                    self.option_reply(h.option, proto::REP_ACK, &[])?;
+                }
+                // TLS, metadata contexts, extended headers and anything newer are not
+                // implemented; clients go on without them.
                 _ => self.option_error(h.option, proto::REP_ERR_UNSUP, "unsupported option")?,
             }
         }

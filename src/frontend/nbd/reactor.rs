@@ -77,15 +77,13 @@ const OUT_LIMIT: usize = 4 << 20;
 /// Largest input buffer: one maximal WRITE plus a read chunk.
 const MAX_INPUT: usize = REQUEST_LEN + proto::MAX_PAYLOAD as usize + READ_CHUNK;
 /// Largest output buffer: a backlog just under the limit plus one maximal READ reply.
-const MAX_OUTPUT: usize = OUT_LIMIT + 16 + proto::MAX_PAYLOAD as usize;
+const MAX_OUTPUT: usize = OUT_LIMIT + proto::read_head_len(true) + proto::MAX_PAYLOAD as usize;
 /// Longest poll when nothing is due: the waker announces clients and shutdown, so this is
 /// only a backstop.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 /// How often reactor 0, done with its own clients at shutdown, looks whether the other
 /// reactors have ended while it keeps running the background work for them.
 const LINGER_POLL: Duration = Duration::from_millis(10);
-/// Length of a simple reply header.
-const REPLY_LEN: usize = 16;
 /// At most this many extra reads per pass to grow a group commit: bounds how long the
 /// replies of the first requests of a pass wait for their sync.
 const GROUP_ROUNDS: usize = 8;
@@ -100,6 +98,8 @@ pub(super) struct Handoff<C> {
     /// Bytes the handshake read past the client's last option (pipelined requests).
     pub pending: Vec<u8>,
     pub slot: Slot,
+    /// Structured replies were negotiated: READs are answered with chunks.
+    pub structured: bool,
 }
 
 /// Counts a reactor thread as running until it ends (or never starts: it is made before the
@@ -319,7 +319,7 @@ impl<T: BlockTarget> Reactor<T> {
             // A client that went away meanwhile gets nothing.
             if let Some(c) = clients.iter_mut().find(|c| c.id == p.client) {
                 c.reads -= 1;
-                c.read_done(p.cookie, r);
+                c.read_done(p.cookie, p.off, r);
             }
         });
         any
@@ -389,6 +389,7 @@ struct Started {
     tag: u64,
     client: u64,
     cookie: u64,
+    off: u64,
 }
 
 fn clone_result(r: &io::Result<()>) -> io::Result<()> {
@@ -427,6 +428,8 @@ struct Client<C> {
     parked_bytes: usize,
     /// Payload buffers of WRITEs no longer waiting, reused.
     spare: Vec<Vec<u8>>,
+    /// Structured replies were negotiated: READ replies are chunks (`proto::read_reply`).
+    structured: bool,
     _slot: Slot,
 }
 
@@ -458,6 +461,7 @@ impl<C: BlockConn> Client<C> {
             parked: VecDeque::new(),
             parked_bytes: 0,
             spare: Vec::new(),
+            structured: h.structured,
             _slot: h.slot,
         }
     }
@@ -591,18 +595,23 @@ impl<C: BlockConn> Client<C> {
     }
 
     /// Queues the reply of a read that completed later (`BlockConn::start_read`).
-    fn read_done(&mut self, cookie: u64, r: io::Result<&[u8]>) {
-        match r {
-            Ok(data) => {
-                let room = self.output.spare(REPLY_LEN + data.len());
-                room[..REPLY_LEN].copy_from_slice(&proto::simple_reply(0, cookie));
-                room[REPLY_LEN..REPLY_LEN + data.len()].copy_from_slice(data);
-                self.output.commit(REPLY_LEN + data.len());
-            }
-            Err(e) => self
-                .output
-                .put(&proto::simple_reply(proto::errno_of(&e), cookie)),
-        }
+    fn read_done(&mut self, cookie: u64, off: u64, r: io::Result<&[u8]>) {
+        let head = proto::read_head_len(self.structured);
+        let (data, errno) = match &r {
+            Ok(d) => (*d, 0),
+            Err(e) => (&[][..], proto::errno_of(e)),
+        };
+        let room = self
+            .output
+            .spare((head + data.len()).max(proto::READ_REPLY_MIN));
+        let n = if self.structured && errno == 0 && !data.is_empty() && proto::is_zero(data) {
+            // No copy for a hole: the chunk names it.
+            proto::hole_reply(room, cookie, off, data.len())
+        } else {
+            room[head..head + data.len()].copy_from_slice(data);
+            proto::read_reply(room, self.structured, cookie, off, data.len(), errno)
+        };
+        self.output.commit(n);
     }
 
     /// Tries the parked WRITEs again, oldest first, up to the first that must still
@@ -659,7 +668,15 @@ impl<C: BlockConn> Client<C> {
         let cmd = match verdict {
             Ok(c) => c,
             Err(errno) => {
-                self.output.put(&proto::simple_reply(errno, req.cookie));
+                // A refused READ still gets a READ's reply form (a chunk when structured).
+                let room = self.output.spare(proto::READ_REPLY_MIN);
+                let n = if req.kind == proto::CMD_READ {
+                    proto::read_reply(room, self.structured, req.cookie, req.offset, 0, errno)
+                } else {
+                    room[..16].copy_from_slice(&proto::simple_reply(errno, req.cookie));
+                    16
+                };
+                self.output.commit(n);
                 self.input.consume(total);
                 return true;
             }
@@ -695,8 +712,9 @@ impl<C: BlockConn> Client<C> {
             Command::Read { off, len } => {
                 // The device reads straight into the reply.
                 let len = len as usize;
-                let room = self.output.spare(REPLY_LEN + len);
-                let (head, rest) = room.split_at_mut(REPLY_LEN);
+                let hl = proto::read_head_len(self.structured);
+                let room = self.output.spare((hl + len).max(proto::READ_REPLY_MIN));
+                let (_, rest) = room.split_at_mut(hl);
                 let r = if len == 0 {
                     Ok(())
                 } else if own {
@@ -712,6 +730,7 @@ impl<C: BlockConn> Client<C> {
                                 tag,
                                 client: self.id,
                                 cookie: req.cookie,
+                                off,
                             });
                             self.reads += 1;
                             self.input.consume(total);
@@ -719,11 +738,8 @@ impl<C: BlockConn> Client<C> {
                         }
                     }
                 };
-                let (errno, sent) = match r {
-                    Ok(()) => (0, REPLY_LEN + len),
-                    Err(e) => (proto::errno_of(&e), REPLY_LEN),
-                };
-                head.copy_from_slice(&proto::simple_reply(errno, req.cookie));
+                let errno = r.as_ref().map_or_else(proto::errno_of, |_| 0);
+                let sent = proto::read_reply(room, self.structured, req.cookie, off, len, errno);
                 self.output.commit(sent);
                 self.input.consume(total);
                 return true;
