@@ -8,19 +8,42 @@
 
 use super::poll::Waker;
 
+/// How a read that completed at once left its buffer ([`BlockConn::start_read`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filled {
+    /// The buffer holds the data.
+    Data,
+    /// The data is all zero and the buffer was not written (a front end can say so
+    /// without sending the zeros: an NBD hole chunk).
+    Zero,
+}
+
+/// Whether every byte is zero: ORs 4 KiB at a time (which vectorises), stopping at the
+/// first block holding data, so ordinary data costs one block's look.
+pub fn is_zero(data: &[u8]) -> bool {
+    data.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+}
+
 /// A handle to the exported device. With [`BlockTarget::share_conns`] one handle serves all
 /// the clients of a reactor thread, one request at a time; otherwise each client has its own.
 pub trait BlockConn: Send {
     /// Fills `buf` with the device content at `off`.
     fn read(&mut self, off: u64, buf: &mut [u8]) -> std::io::Result<()>;
     /// Starts a read of `buf.len()` bytes at `off` that may complete later: Some(result)
-    /// when it completed at once (`buf` filled), None when it is in flight and
+    /// when it completed at once (`buf` filled, or [`Filled::Zero`]: the range reads as
+    /// zeros and `buf` was not written), None when it is in flight and
     /// [`BlockConn::reap`] reports it later under `tag` (with its data; `buf` is then not
     /// used again). Only called on a handle shared by a reactor
     /// ([`BlockTarget::share_conns`]). Default: [`BlockConn::read`], at once.
-    fn start_read(&mut self, off: u64, buf: &mut [u8], tag: u64) -> Option<std::io::Result<()>> {
+    fn start_read(
+        &mut self,
+        off: u64,
+        buf: &mut [u8],
+        tag: u64,
+    ) -> Option<std::io::Result<Filled>> {
         let _ = tag;
-        Some(self.read(off, buf))
+        Some(self.read(off, buf).map(|()| Filled::Data))
     }
     /// Reports the reads started by [`BlockConn::start_read`] that completed since the last
     /// call (without waiting): `done(tag, result)`, the data valid during the call.

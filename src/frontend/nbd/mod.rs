@@ -40,5 +40,5 @@ mod tests;
 
 /// The device an NBD server exports; defined below both this front end and the volume
 /// that implements it, so the runtime never imports the front end.
-pub use crate::env::posix::block::{BlockConn, BlockTarget};
+pub use crate::env::posix::block::{BlockConn, BlockTarget, Filled};
 pub use server::{Listener, NbdServer};

@@ -15,6 +15,8 @@
 
 use std::io;
 
+pub use crate::env::posix::block::is_zero;
+
 /// `NBDMAGIC`: first eight bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: follows [`NBDMAGIC`] in newstyle negotiation and prefixes every client option.
@@ -300,16 +302,10 @@ fn chunk_header(b: &mut [u8], ty: u16, cookie: u64, len: u32) {
     b[16..20].copy_from_slice(&len.to_be_bytes());
 }
 
-/// Whether every byte is zero: ORs 4 KiB at a time (which vectorises), stopping at the
-/// first block holding data, so ordinary data costs one block's look.
-pub fn is_zero(data: &[u8]) -> bool {
-    data.chunks(4096)
-        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
-}
-
 /// Writes the reply to a READ of `len` bytes at `off` into `room`, whose data (when
-/// `errno` is 0) already sits at `room[read_head_len(structured)..][..len]`, and returns
-/// how many bytes of `room` to send. `room` holds at least `read_head_len + len` and
+/// `errno` is 0) already sits at `room[read_head_len(structured)..][..len]` unless `zero`
+/// says the data is all zero and was not written there, and returns how many bytes of
+/// `room` to send. `room` holds at least `read_head_len + len` and
 /// `READ_REPLY_MIN` bytes. Simple: the header, then the data (none on error).
 /// Structured (one chunk, flagged DONE): ERROR (the errno, no message) on error, NONE for
 /// an empty read, OFFSET_HOLE when the data is all zero (12 bytes instead of `len`), else
@@ -321,8 +317,15 @@ pub fn read_reply(
     off: u64,
     len: usize,
     errno: u32,
+    zero: bool,
 ) -> usize {
     let head = read_head_len(structured);
+    if zero && errno == 0 && len > 0 {
+        if structured {
+            return hole_reply(room, cookie, off, len);
+        }
+        room[head..head + len].fill(0);
+    }
     if !structured {
         room[..16].copy_from_slice(&simple_reply(errno, cookie));
         return if errno == 0 { head + len } else { head };

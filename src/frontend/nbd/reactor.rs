@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 use super::bytequeue::ByteQueue;
 use super::proto::{self, Command, Limits, Request, REQUEST_LEN};
 use super::sockets::{is_disconnect, violation, Peer, Slot};
-use super::{BlockConn, BlockTarget};
+use super::{BlockConn, BlockTarget, Filled};
 use crate::env::posix::poll::{Interest, PollSet, Waker};
 
 /// How often a reactor tries again a write its handle handed back (`BlockConn::try_write`),
@@ -596,21 +596,16 @@ impl<C: BlockConn> Client<C> {
 
     /// Queues the reply of a read that completed later (`BlockConn::start_read`).
     fn read_done(&mut self, cookie: u64, off: u64, r: io::Result<&[u8]>) {
+        let (data, errno) = r.map_or_else(|e| (&[][..], proto::errno_of(&e)), |d| (d, 0));
+        let zero = self.structured && proto::is_zero(data); // a hole chunk: nothing to copy
         let head = proto::read_head_len(self.structured);
-        let (data, errno) = match &r {
-            Ok(d) => (*d, 0),
-            Err(e) => (&[][..], proto::errno_of(e)),
-        };
         let room = self
             .output
             .spare((head + data.len()).max(proto::READ_REPLY_MIN));
-        let n = if self.structured && errno == 0 && !data.is_empty() && proto::is_zero(data) {
-            // No copy for a hole: the chunk names it.
-            proto::hole_reply(room, cookie, off, data.len())
-        } else {
+        if !zero {
             room[head..head + data.len()].copy_from_slice(data);
-            proto::read_reply(room, self.structured, cookie, off, data.len(), errno)
-        };
+        }
+        let n = proto::read_reply(room, self.structured, cookie, off, data.len(), errno, zero);
         self.output.commit(n);
     }
 
@@ -669,13 +664,9 @@ impl<C: BlockConn> Client<C> {
             Ok(c) => c,
             Err(errno) => {
                 // A refused READ still gets a READ's reply form (a chunk when structured).
+                let chunk = self.structured && req.kind == proto::CMD_READ;
                 let room = self.output.spare(proto::READ_REPLY_MIN);
-                let n = if req.kind == proto::CMD_READ {
-                    proto::read_reply(room, self.structured, req.cookie, req.offset, 0, errno)
-                } else {
-                    room[..16].copy_from_slice(&proto::simple_reply(errno, req.cookie));
-                    16
-                };
+                let n = proto::read_reply(room, chunk, req.cookie, req.offset, 0, errno, false);
                 self.output.commit(n);
                 self.input.consume(total);
                 return true;
@@ -716,9 +707,9 @@ impl<C: BlockConn> Client<C> {
                 let room = self.output.spare((hl + len).max(proto::READ_REPLY_MIN));
                 let (_, rest) = room.split_at_mut(hl);
                 let r = if len == 0 {
-                    Ok(())
+                    Ok(Filled::Data)
                 } else if own {
-                    conn.read(off, &mut rest[..len])
+                    conn.read(off, &mut rest[..len]).map(|()| Filled::Data)
                 } else {
                     let tag = reads.next_tag;
                     match conn.start_read(off, &mut rest[..len], tag) {
@@ -739,7 +730,9 @@ impl<C: BlockConn> Client<C> {
                     }
                 };
                 let errno = r.as_ref().map_or_else(proto::errno_of, |_| 0);
-                let sent = proto::read_reply(room, self.structured, req.cookie, off, len, errno);
+                let zero = matches!(r, Ok(Filled::Zero));
+                let sent =
+                    proto::read_reply(room, self.structured, req.cookie, off, len, errno, zero);
                 self.output.commit(sent);
                 self.input.consume(total);
                 return true;

@@ -4,7 +4,7 @@
 //! that stops reading its replies while another on the same reactor keeps being served.
 
 use super::proto::{self, Request};
-use super::{BlockConn, BlockTarget, Listener, NbdServer};
+use super::{BlockConn, BlockTarget, Filled, Listener, NbdServer};
 use crate::env::posix::poll::Waker;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -51,12 +51,21 @@ struct Shared {
 struct SharedConn(Shared, Vec<(u64, u64, usize)>, Arc<Waker>);
 
 impl BlockConn for SharedConn {
-    fn start_read(&mut self, off: u64, buf: &mut [u8], tag: u64) -> Option<io::Result<()>> {
+    fn start_read(&mut self, off: u64, buf: &mut [u8], tag: u64) -> Option<io::Result<Filled>> {
         if self.0.counters.slow.load(Ordering::SeqCst) && off >= SLOW_FROM {
             self.1.push((tag, off, buf.len()));
             return None;
         }
-        Some(self.read(off, buf))
+        if let Err(e) = self.read(off, buf) {
+            return Some(Err(e));
+        }
+        if proto::is_zero(buf) {
+            // As the volume does for a hole: say so and leave the buffer (scribbled here,
+            // so a reply built from it would show).
+            buf.fill(0x5a);
+            return Some(Ok(Filled::Zero));
+        }
+        Some(Ok(Filled::Data))
     }
     fn reap(&mut self, done: &mut dyn FnMut(u64, io::Result<&[u8]>)) {
         self.2.reset();
@@ -316,6 +325,17 @@ fn shared_handles_are_opened_once_per_reactor_and_reactor_0_runs_background() {
     thread::sleep(Duration::from_millis(50));
     assert!(counters.background.load(Ordering::SeqCst) > 1);
     assert!(srv.stop() < Duration::from_secs(3));
+}
+
+/// A read the handle reports as all zero (`Filled::Zero`, buffer not written) reaches a
+/// client without structured replies as zeros.
+#[test]
+fn a_read_reported_zero_is_sent_as_zeros() {
+    let srv = Running::start(1 << 20, 1);
+    let mut c = Client::connect(&srv.sock, &[]);
+    assert_eq!(c.read(1, 8192, 4096), vec![0; 4096]);
+    c.write(2, 8192, &[3; 512]);
+    assert_eq!(c.read(3, 8192, 512), vec![3; 512]);
 }
 
 #[test]

@@ -517,7 +517,7 @@ impl BlockConn for VolumeConn {
     /// (`reap`), and their data is cached only after that (`after_replies`): the read
     /// keeps its own engine channel, whose placeholders keep the fill coherent with
     /// whatever ran in between (a write over the range cancels it).
-    fn start_read(&mut self, off: u64, buf: &mut [u8], tag: u64) -> Option<io::Result<()>> {
+    fn start_read(&mut self, off: u64, buf: &mut [u8], tag: u64) -> Option<io::Result<Filled>> {
         let t0 = Instant::now();
         if let Err(e) = self.settle(off, buf.len() as u64) {
             return Some(Err(e));
@@ -537,7 +537,7 @@ impl BlockConn for VolumeConn {
         if missed == 0 {
             self.spare_chs.push(rch);
             self.lat.record(Class::ReadHit, ns_since(t0));
-            return Some(Ok(()));
+            return Some(Ok(Filled::Data));
         }
         match self.begin_async(&rch, off, buf) {
             Ok(Some(slot)) => {
@@ -558,16 +558,24 @@ impl BlockConn for VolumeConn {
                 self.reads.reap(|i, r| completed.push((i, r.err())));
                 let k = self.completed.iter().position(|c| c.0 == slot)?;
                 let (_, err) = self.completed.swap_remove(k);
-                Some(self.complete(slot, err, |data| {
-                    buf.copy_from_slice(data?);
+                // All-zero data (a never-written range of a sparse base, typically) is
+                // not copied: the front end says so instead (an NBD hole chunk).
+                let mut zero = false;
+                let r = self.complete(slot, err, |data| {
+                    let data = data?;
+                    zero = is_zero(data);
+                    if !zero {
+                        buf.copy_from_slice(data);
+                    }
                     Ok(())
-                }))
+                });
+                Some(r.map(|()| if zero { Filled::Zero } else { Filled::Data }))
             }
             Ok(None) => {
                 let r = read_misses(&mut self.q, &rch, off, buf);
                 self.finish_sync(&mut rch, off, buf, &r, t0);
                 self.spare_chs.push(rch);
-                Some(r)
+                Some(r.map(|()| Filled::Data))
             }
             Err(e) => {
                 self.vol

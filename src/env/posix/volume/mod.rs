@@ -36,7 +36,7 @@
 //! (`IoError::Busy` from `admit`): they wait here, in the same FIFO gate, for a window.
 
 use super::backing::{BackingFile, Op, Queue, ReadRing, READ_SLOTS, STREAM_SLOTS};
-use super::block::{BlockConn, BlockTarget};
+use super::block::{is_zero, BlockConn, BlockTarget, Filled};
 use super::direct::DirectBatch;
 use super::poll::Waker;
 use crate::engine::latency::{Class, LatencySet};

@@ -195,7 +195,7 @@ fn read_miss_is_answered_before_its_fill() {
     let fills = vol.engine.stats().fills;
     let mut buf = vec![0u8; 65536];
     match c.start_read(off, &mut buf, 7) {
-        Some(r) => r.unwrap(),
+        Some(r) => assert_eq!(r.unwrap(), Filled::Data),
         None => {
             // In flight: reap until it is back.
             let mut got = None;
@@ -230,6 +230,45 @@ fn read_miss_is_answered_before_its_fill() {
         hits + 1,
         "all of it from the cache now"
     );
+    drop(c);
+    drop(t);
+    drop(vol);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A read miss of never-written space on a sparse base that completes at once reports
+/// `Filled::Zero` and leaves the buffer alone (the front end sends a hole, or zeros);
+/// completed later, it reaps zeros. Either way it reads as zeros, and once cached (a
+/// hit) it is data again.
+#[test]
+fn a_read_of_a_hole_reports_zero_without_copying() {
+    let (dir, _backing, vol) = test_volume("pcache-vol-hole", None);
+    let t = Target(Arc::clone(&vol));
+    let mut c = t.connect().unwrap();
+    let off = 16u64 << 20;
+    let mut buf = vec![0xa5u8; 65536];
+    let data = match c.start_read(off, &mut buf, 9) {
+        Some(r) => match r.unwrap() {
+            Filled::Zero => {
+                assert!(buf.iter().all(|&b| b == 0xa5), "left alone");
+                vec![0u8; 65536]
+            }
+            Filled::Data => buf.clone(),
+        },
+        None => {
+            let mut got = None;
+            while got.is_none() {
+                c.reap(&mut |_, r| got = Some(r.unwrap().to_vec()));
+            }
+            got.unwrap()
+        }
+    };
+    assert!(data.iter().all(|&b| b == 0), "a hole reads as zeros");
+    c.after_replies();
+    // Cached or not, another read of it through the engine gives zeros too.
+    let mut again = vec![0xa5u8; 65536];
+    c.read(off, &mut again).unwrap();
+    assert!(again.iter().all(|&b| b == 0));
     drop(c);
     drop(t);
     drop(vol);
