@@ -20,6 +20,15 @@ impl TempDir {
     fn new() -> TempDir {
         TempDir::new_in(&std::env::temp_dir())
     }
+    /// One in /dev/shm (tmpfs), or None with a note where there is none.
+    fn in_shm() -> Option<TempDir> {
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            eprintln!("no /dev/shm, skipping");
+            return None;
+        }
+        Some(TempDir::new_in(shm))
+    }
 }
 
 impl Drop for TempDir {
@@ -93,12 +102,9 @@ fn explicit_modes_on_regular_file() {
 
 #[test]
 fn tmpfs_needs_explicit_volatile() {
-    let shm = Path::new("/dev/shm");
-    if !shm.is_dir() {
-        eprintln!("no /dev/shm, skipping");
+    let Some(d) = TempDir::in_shm() else {
         return;
-    }
-    let d = TempDir::new_in(shm);
+    };
     let p = d.0.join("cache");
     let e = PosixPmem::open(&p, Some(1 << 16), None).unwrap_err();
     assert!(e.to_string().contains("lives in RAM (tmpfs)"), "{e}");
@@ -125,12 +131,9 @@ fn tmpfs_needs_explicit_volatile() {
 /// this very mapping): a share in [0, 1], named in `describe`.
 #[test]
 fn a_medium_in_memory_reports_its_pages() {
-    let shm = Path::new("/dev/shm");
-    if !shm.is_dir() {
-        eprintln!("no /dev/shm, skipping");
+    let Some(d) = TempDir::in_shm() else {
         return;
-    }
-    let d = TempDir::new_in(shm);
+    };
     let m = PosixPmem::open(
         &d.0.join("cache"),
         Some(4 << 20),

@@ -15,8 +15,6 @@
 
 use std::io;
 
-pub use crate::env::posix::block::is_zero;
-
 /// `NBDMAGIC`: first eight bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: follows [`NBDMAGIC`] in newstyle negotiation and prefixes every client option.
@@ -27,6 +25,15 @@ pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic of a structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Chunk flag: the last chunk of its request's reply.
+pub const REPLY_FLAG_DONE: u16 = 1;
+/// Chunk types used here.
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
 /// Handshake flags (server, 16 bits).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -269,15 +276,6 @@ pub fn simple_reply(error: u32, cookie: u64) -> [u8; 16] {
     b
 }
 
-/// Magic of a structured reply chunk.
-pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-/// Chunk flag: the last chunk of its request's reply.
-pub const REPLY_FLAG_DONE: u16 = 1;
-/// Chunk types used here.
-pub const REPLY_TYPE_NONE: u16 = 0;
-pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
-pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
-pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 /// Bytes of a structured chunk header.
 const CHUNK_LEN: usize = 20;
 /// Bytes a structured read reply needs at least, whatever its data: a hole chunk
@@ -304,12 +302,12 @@ fn chunk_header(b: &mut [u8], ty: u16, cookie: u64, len: u32) {
 
 /// Writes the reply to a READ of `len` bytes at `off` into `room`, whose data (when
 /// `errno` is 0) already sits at `room[read_head_len(structured)..][..len]` unless `zero`
-/// says the data is all zero and was not written there, and returns how many bytes of
-/// `room` to send. `room` holds at least `read_head_len + len` and
-/// `READ_REPLY_MIN` bytes. Simple: the header, then the data (none on error).
-/// Structured (one chunk, flagged DONE): ERROR (the errno, no message) on error, NONE for
-/// an empty read, OFFSET_HOLE when the data is all zero (12 bytes instead of `len`), else
-/// OFFSET_DATA.
+/// (the caller found or was told the data is all zero) says it was not written there,
+/// and returns how many bytes of `room` to send. `room` holds at least
+/// `read_head_len + len` and `READ_REPLY_MIN` bytes. Simple: the header, then the data
+/// (zeros for `zero`; none on error). Structured (one chunk, flagged DONE): ERROR (the
+/// errno, no message) on error, NONE for an empty read, OFFSET_HOLE for `zero` (12 bytes
+/// instead of `len`), else OFFSET_DATA.
 pub fn read_reply(
     room: &mut [u8],
     structured: bool,
@@ -340,9 +338,6 @@ pub fn read_reply(
         chunk_header(room, REPLY_TYPE_NONE, cookie, 0);
         return CHUNK_LEN;
     }
-    if is_zero(&room[head..head + len]) {
-        return hole_reply(room, cookie, off, len);
-    }
     chunk_header(room, REPLY_TYPE_OFFSET_DATA, cookie, (8 + len) as u32);
     room[20..28].copy_from_slice(&off.to_be_bytes());
     head + len
@@ -350,7 +345,7 @@ pub fn read_reply(
 
 /// Writes an OFFSET_HOLE chunk (flagged DONE) for `len` zero bytes at `off` into
 /// `room[..READ_REPLY_MIN]`; returns its length.
-pub fn hole_reply(room: &mut [u8], cookie: u64, off: u64, len: usize) -> usize {
+fn hole_reply(room: &mut [u8], cookie: u64, off: u64, len: usize) -> usize {
     chunk_header(room, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
     room[20..28].copy_from_slice(&off.to_be_bytes());
     room[28..32].copy_from_slice(&(len as u32).to_be_bytes());

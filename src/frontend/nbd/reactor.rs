@@ -59,6 +59,7 @@ use super::bytequeue::ByteQueue;
 use super::proto::{self, Command, Limits, Request, REQUEST_LEN};
 use super::sockets::{is_disconnect, violation, Peer, Slot};
 use super::{BlockConn, BlockTarget, Filled};
+use crate::env::posix::block::is_zero;
 use crate::env::posix::poll::{Interest, PollSet, Waker};
 
 /// How often a reactor tries again a write its handle handed back (`BlockConn::try_write`),
@@ -597,7 +598,7 @@ impl<C: BlockConn> Client<C> {
     /// Queues the reply of a read that completed later (`BlockConn::start_read`).
     fn read_done(&mut self, cookie: u64, off: u64, r: io::Result<&[u8]>) {
         let (data, errno) = r.map_or_else(|e| (&[][..], proto::errno_of(&e)), |d| (d, 0));
-        let zero = self.structured && proto::is_zero(data); // a hole chunk: nothing to copy
+        let zero = self.structured && is_zero(data); // a hole chunk: nothing to copy
         let head = proto::read_head_len(self.structured);
         let room = self
             .output
@@ -705,14 +706,14 @@ impl<C: BlockConn> Client<C> {
                 let len = len as usize;
                 let hl = proto::read_head_len(self.structured);
                 let room = self.output.spare((hl + len).max(proto::READ_REPLY_MIN));
-                let (_, rest) = room.split_at_mut(hl);
                 let r = if len == 0 {
                     Ok(Filled::Data)
                 } else if own {
-                    conn.read(off, &mut rest[..len]).map(|()| Filled::Data)
+                    conn.read(off, &mut room[hl..hl + len])
+                        .map(|()| Filled::Data)
                 } else {
                     let tag = reads.next_tag;
-                    match conn.start_read(off, &mut rest[..len], tag) {
+                    match conn.start_read(off, &mut room[hl..hl + len], tag) {
                         Some(r) => r,
                         None => {
                             // In flight: the reply is queued when it completes.
@@ -730,7 +731,12 @@ impl<C: BlockConn> Client<C> {
                     }
                 };
                 let errno = r.as_ref().map_or_else(proto::errno_of, |_| 0);
-                let zero = matches!(r, Ok(Filled::Zero));
+                // Zero as the handle said, or (for a hole chunk) as the data shows.
+                let zero = match r {
+                    Ok(Filled::Zero) => true,
+                    Ok(Filled::Data) => self.structured && is_zero(&room[hl..hl + len]),
+                    Err(_) => false,
+                };
                 let sent =
                     proto::read_reply(room, self.structured, req.cookie, off, len, errno, zero);
                 self.output.commit(sent);

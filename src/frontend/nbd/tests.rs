@@ -5,6 +5,7 @@
 
 use super::proto::{self, Request};
 use super::{BlockConn, BlockTarget, Filled, Listener, NbdServer};
+use crate::env::posix::block::is_zero;
 use crate::env::posix::poll::Waker;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -59,7 +60,7 @@ impl BlockConn for SharedConn {
         if let Err(e) = self.read(off, buf) {
             return Some(Err(e));
         }
-        if proto::is_zero(buf) {
+        if is_zero(buf) {
             // As the volume does for a hole: say so and leave the buffer (scribbled here,
             // so a reply built from it would show).
             buf.fill(0x5a);
