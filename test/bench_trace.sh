@@ -15,7 +15,8 @@
 # Environment: TRACE_NAMES (synthetic shapes: zipf loop scan_hot mixed), TRACE_FILES,
 # TRACE_CACHES_MB ("256 1024"), TRACE_ROUNDS (3), TRACE_QD (16), TRACE_REQUESTS (100000
 # per synthetic trace), TRACE_DIR (results; any directory, relative to where the script
-# was started; default target/bench/trace/<time>), TRACE_BASE_GB (32: the sparse base).
+# was started; default target/bench/trace/<time>), TRACE_BASE_GB (32: the sparse base),
+# TRACE_SERVE_ARGS (more `pcache serve` options, e.g. "--promotion always").
 # Each round starts from a fresh base and a fresh medium, and alternates which target
 # goes first. Public traces may be used locally this way; none is committed.
 set -euo pipefail
@@ -117,7 +118,7 @@ for tr in "${TRACES[@]}"; do
           rm -f "$W/qsd.sock"
         else
           "$BIN" serve --pmem "$SHM" --persistence volatile --pmem-size "${mb}M" --backing "$BASE" \
-            --nbd-socket "$W/pc.sock" --control "$W/pc.ctl" > "$OUT/$name.$mb.r$r.pcache.log" 2>&1 &
+            --nbd-socket "$W/pc.sock" --control "$W/pc.ctl" ${TRACE_SERVE_ARGS:-} > "$OUT/$name.$mb.r$r.pcache.log" 2>&1 &
           pid=$!
           PIDS+=("$pid")
           wait_sock "$W/pc.sock"
