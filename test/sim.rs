@@ -438,6 +438,8 @@ struct DryRun {
     reclaimed: u64,
     /// Bytes of read-hot clean data GC moved instead of dropping.
     relocated: u64,
+    /// Segments compaction reclaimed out of log order.
+    compacted: u64,
 }
 
 fn dry_run(cfg: &WorldCfg) -> Result<DryRun, String> {
@@ -450,6 +452,7 @@ fn dry_run(cfg: &WorldCfg) -> Result<DryRun, String> {
         wb_ksets: st.writeback_ksets,
         reclaimed: st.segments_reclaimed,
         relocated: st.relocated_bytes,
+        compacted: st.segments_compacted,
     })
 }
 
@@ -553,6 +556,7 @@ fn crash_points() {
         let wb: u64 = idx.iter().map(|&j| dry[j].wb_ksets).sum();
         let reclaimed: u64 = idx.iter().map(|&j| dry[j].reclaimed).sum();
         let relocated: u64 = idx.iter().map(|&j| dry[j].relocated).sum();
+        let compacted: u64 = idx.iter().map(|&j| dry[j].compacted).sum();
         let v = violations.iter().filter(|(j, _)| idx.contains(j)).count();
         total += points;
         let prefix = if family == "workload" {
@@ -561,10 +565,10 @@ fn crash_points() {
             format!("{family} ")
         };
         println!(
-            "{prefix}crash points explored: {points}, violations: {v} ({} configurations; uncrashed runs wrote back {wb} ksets, reclaimed {reclaimed} segments, GC moved {relocated} bytes)",
+            "{prefix}crash points explored: {points}, violations: {v} ({} configurations; uncrashed runs wrote back {wb} ksets, reclaimed {reclaimed} segments ({compacted} out of log order), GC moved {relocated} bytes)",
             idx.len()
         );
-        if family == "reclaim" && (reclaimed == 0 || relocated == 0) {
+        if family == "reclaim" && (reclaimed == 0 || relocated == 0 || compacted == 0) {
             reclaim_ok = false;
         }
         let load = |k: usize| -> u64 {

@@ -35,6 +35,7 @@ impl<P: Pmem> Engine<P> {
         out: &mut Vec<Result<(), IoError>>,
     ) {
         out.clear();
+        self.seal_left(ch);
         let id = self.slot_id(ch);
         let slot = self.slots.get(id);
         let mut staged = std::mem::take(&mut ch.staged);

@@ -33,7 +33,7 @@ use super::open::read_kset;
 use super::sync::lock;
 use super::writeback::GcResult;
 use super::{CacheMode, Engine, Pmem};
-use std::sync::atomic::Ordering::Acquire;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 
 /// Free segments beyond the log reserve that relocation leaves for writers.
 const RELOCATE_MARGIN: u32 = 1;
@@ -51,6 +51,8 @@ pub(super) struct GcState {
     /// (`reads_matter`).
     seen: (u64, u64),
     recent: (u64, u64),
+    /// Compaction's state (see `compact`).
+    pub(super) compact: super::compact::CompactState,
 }
 
 /// Cold relocation pays off only where reads come: it needs read requests at least
@@ -89,7 +91,18 @@ impl<P: Pmem> Engine<P> {
         // stopping right at it freed one segment per poll, and writers paced at the
         // watermark got one segment (1 MiB on a 128 MiB cache) per 1 ms poll.
         let low = self.gc_low_segs();
+        // GC's own head is sealed when it moves on, as a channel's is.
+        self.seal_left(&mut st.ch);
+        r.segments_freed += self.release_held(&mut st.compact);
         let started = self.gc_wanted();
+        if started {
+            // Mostly superseded segments go first: what the log's tail would free next
+            // may be live data still being read.
+            let want = (self.segs.used() as u64).saturating_sub(low);
+            r.segments_freed += self.compact(st, buf, want, reads_matter);
+        } else {
+            self.compact_wants_wb.store(false, Relaxed);
+        }
         while started && (self.gc_wanted() || self.segs.used() as u64 >= low) {
             let mut t = lock(&self.tails);
             let pos = t.key;
@@ -178,6 +191,36 @@ impl<P: Pmem> Engine<P> {
             }
         }
         r
+    }
+
+    /// One compaction pass (see `compact`): moves or drops the live clean pieces of the
+    /// segments it chose, as GC retires a mostly superseded kset's, and reclaims them.
+    fn compact(&self, st: &mut GcState, buf: &mut [u8], want: u64, reads_matter: bool) -> u32 {
+        if !self.compact_select(&mut st.compact, buf, want, reads_matter) {
+            return 0;
+        }
+        for i in 0..st.compact.order.len() {
+            let seg = st.compact.order[i];
+            let gen = self.segs.gens[seg as usize].load(Acquire);
+            let mut budget = st.compact.live[seg as usize];
+            for j in 0.. {
+                let Some(&(_, at, x)) = Self::compact_pieces(&st.compact, seg).get(j) else {
+                    break;
+                };
+                let k = KeyRec {
+                    off: at,
+                    len: x.len,
+                    flags: KEY_CLEAN,
+                    seg,
+                    seg_off: x.seg_off,
+                    gen,
+                    data_crc: 0,
+                };
+                self.retire_key(st, &k, reads_matter, true, &mut budget);
+            }
+            self.hold_compacted(&mut st.compact, seg);
+        }
+        st.compact.order.len() as u32
     }
 
     /// Whether reads have been a real share of the requests lately (decayed by half

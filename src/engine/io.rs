@@ -32,7 +32,15 @@ pub struct Channel {
     no_fill: bool,
     /// `write_many`'s pieces between their copy and their key (empty between calls).
     pub(super) staged: Vec<Staged>,
+    /// Segments (and their generations) the head left during the current call, sealed
+    /// at the next one (`Engine::seal_left`), when their allocations are all keyed.
+    left: [(u32, u64); LEFT_MAX],
+    n_left: u8,
 }
+
+/// Segments a channel remembers leaving in one call; beyond that a segment is never
+/// sealed, so only compaction passes it by.
+const LEFT_MAX: usize = 4;
 
 /// One piece of a `write_many` request's data (batch.rs), placed on the medium but not
 /// yet in the index.
@@ -85,6 +93,13 @@ pub struct Miss {
 }
 
 impl Channel {
+    fn note_left(&mut self, seg: u32, gen: u64) {
+        if let Some(l) = self.left.get_mut(self.n_left as usize) {
+            *l = (seg, gen);
+            self.n_left += 1;
+        }
+    }
+
     /// The misses of the last `read`.
     pub fn misses(&self) -> impl Iterator<Item = Miss> + '_ {
         self.plan.iter().filter_map(|p| match *p {
@@ -123,6 +138,15 @@ impl<P: Pmem> Engine<P> {
         Ok(())
     }
 
+    /// Seals the segments `ch`'s head left in its previous call: called at the start of
+    /// every call that allocates, when that call's allocations are all in the index.
+    pub(super) fn seal_left(&self, ch: &mut Channel) {
+        for &(seg, gen) in &ch.left[..ch.n_left as usize] {
+            self.segs.seal(seg, gen);
+        }
+        ch.n_left = 0;
+    }
+
     /// Carves up to `want` bytes from the channel's head; the result holds one segment
     /// reference for the key that will point at it.
     pub(super) fn alloc(&self, ch: &mut Channel, want: u64) -> Result<Alloc, IoError> {
@@ -144,12 +168,13 @@ impl<P: Pmem> Engine<P> {
                 }
             };
             let avail = (data - h.off) / a * a;
+            let gen = self.segs.gens[h.seg as usize].load(Relaxed);
             if avail == 0 || h.spare == 0 {
                 ch.head = None;
+                ch.note_left(h.seg, gen);
                 self.segs.put_n(&self.pmem, &self.geo, h.seg, 1 + h.spare);
                 continue;
             }
-            let gen = self.segs.gens[h.seg as usize].load(Relaxed);
             let len = want.min(avail);
             let r = Alloc {
                 seg: h.seg,
@@ -166,6 +191,7 @@ impl<P: Pmem> Engine<P> {
                 });
             } else {
                 ch.head = None;
+                ch.note_left(h.seg, gen);
                 self.segs.put_n(&self.pmem, &self.geo, h.seg, h.spare);
             }
             return Ok(r);
@@ -217,6 +243,7 @@ impl<P: Pmem> Engine<P> {
     /// is full: retry the whole request later (rewriting is idempotent).
     pub fn write(&self, ch: &mut Channel, off: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
         self.check_range(off, data.len() as u64)?;
+        self.seal_left(ch);
         let id = self.slot_id(ch);
         let slot = self.slots.get(id);
         self.admit(data.len() as u64)
@@ -545,6 +572,7 @@ impl<P: Pmem> Engine<P> {
     /// `buf` holds the backing device's data and the ranges this read placed
     /// placeholders on are cached as clean data, unless a write replaced them since.
     pub fn fill(&self, ch: &mut Channel, off: u64, buf: &[u8], ok: bool) {
+        self.seal_left(ch);
         // Moved out and back (no allocation): `ch` is also the allocation head.
         let plan = std::mem::take(&mut ch.plan);
         let no_fill = ch.no_fill;
@@ -558,6 +586,7 @@ impl<P: Pmem> Engine<P> {
     /// one allocation head instead of each keeping a segment open. `head` must be used
     /// by this thread only, like any channel.
     pub fn fill_with(&self, ch: &mut Channel, head: &mut Channel, off: u64, buf: &[u8], ok: bool) {
+        self.seal_left(head);
         self.fill_plan(&ch.plan, ch.no_fill, head, off, buf, ok);
         ch.plan.clear();
     }
@@ -649,6 +678,9 @@ impl<P: Pmem> Engine<P> {
             } else {
                 format::crc(&src[d as usize..(d + frag.len) as usize])
             };
+            if flag != 0 {
+                self.segs.note_unsynced(a.seg);
+            }
             let k = KeyRec {
                 off: o - s as u64 + fs as u64,
                 len: frag.len,

@@ -18,6 +18,7 @@
 
 mod batch;
 mod check;
+mod compact;
 mod doorkeeper;
 pub mod format;
 mod gc;
@@ -162,6 +163,9 @@ struct Tails {
     key_r: Replica,
     dirty: LogPos,
     dirty_r: Replica,
+    /// Log sequence where the last writeback window built ends (DRAM only): ksets
+    /// before it may be in flight until dirty_tail passes it (see `compact`).
+    wb_end: u64,
 }
 
 struct InfoState {
@@ -335,6 +339,9 @@ pub struct Engine<P: Pmem> {
     unflushed: Mutex<policy::Unflushed>,
     /// GC's channel and buffers (only GC takes it).
     gc_state: Mutex<gc::GcState>,
+    /// Set while compaction found mostly superseded segments that wait only for
+    /// writeback to pass their dirty data: writeback then runs (see `compact`).
+    compact_wants_wb: AtomicBool,
     /// Sequence number of the last closed kset, and of the last one holding a
     /// KEY_UNSYNCED key (`direct_mark`, `direct_flush_needed`).
     closed_seq: AtomicU64,
@@ -442,6 +449,11 @@ impl<P: Pmem> Engine<P> {
             data0,
             aux: &self.aux[si],
         }
+    }
+
+    /// Whether shard `si` had no extents at its last unlock and owes no replayed ones.
+    fn shard_is_empty(&self, si: usize) -> bool {
+        self.unsettled.load(Acquire) == 0 && self.aux[si].len.load(Acquire) == 0
     }
 
     /// Settles every replayed shard still owing its chain (`stats`, which reports exact
@@ -669,7 +681,11 @@ impl<P: Pmem> Engine<P> {
     /// away). A channel dropped without this keeps its head's segment referenced; its
     /// kset is closed by the next flush or by tick, which then frees its slot.
     pub fn release_channel(&self, ch: &mut Channel) {
+        self.seal_left(ch);
         if let Some(h) = ch.head.take() {
+            // No call of this channel follows: what it allocated is keyed.
+            self.segs
+                .seal(h.seg, self.segs.gens[h.seg as usize].load(Acquire));
             self.segs.put_n(&self.pmem, &self.geo, h.seg, 1 + h.spare);
         }
         if let Some(s) = ch.slot.take().filter(|s| s.of(&self.slots)) {

@@ -406,6 +406,7 @@ impl<P: Pmem> Engine<P> {
                     slot: dslot,
                     seq: dseq,
                 },
+                wb_end: 0,
             }),
             info: Mutex::new(InfoState {
                 info,
@@ -417,6 +418,7 @@ impl<P: Pmem> Engine<P> {
             segs,
             counters: Default::default(),
             gc_state: Default::default(),
+            compact_wants_wb: AtomicBool::new(false),
             next_token: AtomicU32::new(1),
             errors: Mutex::new(Errors::default()),
             wall_clock_ms: cfg.wall_clock_ms,
@@ -480,7 +482,19 @@ fn replay_key(
             )));
         }
         if k.gen < g {
-            return Ok(()); // stale: its segment was reclaimed after the key was written back
+            if k.flags & KEY_UNSYNCED != 0 {
+                return Ok(()); // as an unsynced key replay drops: the older extent stands
+            }
+            // Its segment was reclaimed out of log order (`compact`): the key's data is
+            // gone, superseded by newer keys or on the backing device, so older keys of
+            // the range must not show through. (GC retires keys in log order; a key it
+            // reclaimed is behind key_tail and never replayed.)
+            let x = Extent::without_data(k.len, super::index::F_EMPTY, 0);
+            let shard = (k.off / SUBTREE_SIZE) as usize;
+            if !replayed.push(shard, (k.off % SUBTREE_SIZE) as u32, x) {
+                return Err(corrupt("the log holds more than 4 billion keys"));
+            }
+            return Ok(());
         }
         refs[k.seg as usize] += 1;
         if data_crc {

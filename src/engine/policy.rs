@@ -369,6 +369,7 @@ impl<P: Pmem> Engine<P> {
             self.end_pieces(off, len, d.token);
             return;
         }
+        self.seal_left(ch);
         let mut done = 0u64;
         while done < len {
             let o = off + done;

@@ -31,6 +31,10 @@ pub enum Use {
     Free,
     Data,
     Log,
+    /// Reclaimed out of log order by compaction (its generation already bumped), held
+    /// back from reuse until writeback has passed every kset that could still read it
+    /// (see `compact`).
+    Held,
 }
 
 pub struct Segs {
@@ -51,6 +55,14 @@ pub struct Segs {
     /// Superseded marks, `blocks_per_seg` per segment (see the module comment).
     marks: Box<[AtomicU8]>,
     blocks_per_seg: usize,
+    /// Per segment: 1 + the generation in which no allocation head is in it any more
+    /// and every allocation made from it is in the index (stored by the channel that
+    /// left it, at its next call: `Engine::seal_left`), 0 when not sealed. Holding the
+    /// generation makes a late seal of a segment since reclaimed and taken again a
+    /// no-op (it can only hide a real seal, never fake one).
+    sealed: Box<[AtomicU64]>,
+    /// Per segment: it holds KEY_UNSYNCED data (compaction does not move it).
+    unsynced: Box<[AtomicBool]>,
 }
 
 /// The granularity of superseded marks.
@@ -80,9 +92,18 @@ impl Segs {
             .collect();
         let blocks_per_seg = seg_data_size.div_ceil(MARK_BLOCK as u64) as usize;
         Segs {
+            // Nothing allocates before the engine opens: every data segment is sealed.
+            sealed: (uses.iter().zip(&gens))
+                .map(|(u, g)| AtomicU64::new(if *u == Use::Data { g + 1 } else { 0 }))
+                .collect(),
+            unsynced: uses
+                .iter()
+                .map(|u| AtomicBool::new(*u == Use::Data))
+                .collect(),
             marks: (0..uses.len() * blocks_per_seg)
                 .map(|_| AtomicU8::new(0))
                 .collect(),
+
             blocks_per_seg,
             refs: refs.into_iter().map(AtomicU32::new).collect(),
             gens: gens.into_iter().map(AtomicU64::new).collect(),
@@ -109,6 +130,13 @@ impl Segs {
         lock(&self.alloc).free.len() as u32
     }
 
+    /// Copies every segment's use into `out` (one lock for all).
+    pub fn uses_into(&self, out: &mut Vec<Use>) {
+        let a = lock(&self.alloc);
+        out.clear();
+        out.extend_from_slice(&a.uses);
+    }
+
     pub fn use_of(&self, seg: u32) -> Use {
         lock(&self.alloc).uses[seg as usize]
     }
@@ -123,6 +151,8 @@ impl Segs {
         let s = a.free.pop_front()?;
         a.uses[s as usize] = Use::Data;
         self.refs[s as usize].store(1, Relaxed);
+        self.sealed[s as usize].store(0, Relaxed);
+        self.unsynced[s as usize].store(false, Relaxed);
         for m in self.seg_marks(s) {
             m.store(0, Relaxed);
         }
@@ -203,17 +233,66 @@ impl Segs {
         if prev != n {
             return false;
         }
+        self.bump_gen(pmem, geo, seg);
+        let mut a = lock(&self.alloc);
+        a.uses[seg as usize] = Use::Free;
+        a.free.push_back(seg);
+        self.freed(a.free.len());
+        true
+    }
+
+    /// Persists the segment's next generation, then publishes it: from then on every
+    /// key and extent naming the old one reads as stale.
+    fn bump_gen<P: Pmem>(&self, pmem: &P, geo: &Geometry, seg: u32) {
         let gen = self.gens[seg as usize].load(Acquire) + 1;
         // Persist the new generation in the slot that does not hold the current one:
         // the slot is gen % 2 and the sequence is the generation itself.
         let rec = encode_gen(seg, gen, gen);
         pmem.persist(geo.seg_base(seg) + GEN_OFF[(gen % 2) as usize], &rec);
         self.gens[seg as usize].store(gen, SeqCst);
+    }
+
+    /// Marks a data segment, in generation `gen`, as having all its allocations keyed
+    /// (see `sealed`).
+    pub fn seal(&self, seg: u32, gen: u64) {
+        self.sealed[seg as usize].store(gen + 1, Release);
+    }
+
+    pub fn is_sealed(&self, seg: u32) -> bool {
+        self.sealed[seg as usize].load(Acquire) == self.gens[seg as usize].load(Acquire) + 1
+    }
+
+    /// Notes that `seg` holds KEY_UNSYNCED data.
+    pub fn note_unsynced(&self, seg: u32) {
+        let u = &self.unsynced[seg as usize];
+        if !u.load(Relaxed) {
+            u.store(true, Relaxed);
+        }
+    }
+
+    pub fn has_unsynced(&self, seg: u32) -> bool {
+        self.unsynced[seg as usize].load(Relaxed)
+    }
+
+    /// Reclaims data segment `seg` out of log order, whatever keys still name it: bumps
+    /// its generation (so they, and any extent left, read as stale; GC skips their
+    /// references, replay drops them) and holds it back from reuse until `release`.
+    /// The caller holds GC's state lock, the only place keys drop references.
+    pub fn hold<P: Pmem>(&self, pmem: &P, geo: &Geometry, seg: u32) {
+        self.bump_gen(pmem, geo, seg);
+        self.refs[seg as usize].store(0, Release);
         let mut a = lock(&self.alloc);
+        debug_assert_eq!(a.uses[seg as usize], Use::Data);
+        a.uses[seg as usize] = Use::Held;
+    }
+
+    /// Returns a held segment to the free list.
+    pub fn release(&self, seg: u32) {
+        let mut a = lock(&self.alloc);
+        debug_assert_eq!(a.uses[seg as usize], Use::Held);
         a.uses[seg as usize] = Use::Free;
         a.free.push_back(seg);
         self.freed(a.free.len());
-        true
     }
 
     fn seg_marks(&self, seg: u32) -> &[AtomicU8] {

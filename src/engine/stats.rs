@@ -52,6 +52,8 @@ pub struct Counters {
     pub ordering_closes: Counter,
     /// Bytes of read-hot clean data GC moved to the log head instead of dropping.
     pub relocated_bytes: Counter,
+    /// Data segments compaction reclaimed out of log order (`compact`).
+    pub segs_compacted: Counter,
 }
 
 /// An error that was counted: what happened, and when (milliseconds since the Unix
@@ -114,6 +116,9 @@ pub struct Stats {
     /// Bytes of clean data that was read since written which GC kept by moving it.
     pub relocated_bytes: u64,
     pub segments_reclaimed: u64,
+    /// Of those, segments reclaimed out of log order because what they held was
+    /// mostly superseded (compaction; their live clean data moved or dropped).
+    pub segments_compacted: u64,
     pub crc_errors_clean: u64,
     pub crc_errors_dirty: u64,
     /// Requests that failed (backing-device reads, corrupt dirty data, ...).
@@ -221,6 +226,7 @@ impl<P: Pmem> Engine<P> {
             gc_ksets: c.gc_ksets.get(),
             relocated_bytes: c.relocated_bytes.get(),
             segments_reclaimed: c.segs_reclaimed.get(),
+            segments_compacted: c.segs_compacted.get(),
             crc_errors_clean: c.crc_errors_clean.get(),
             crc_errors_dirty: c.crc_errors_dirty.get(),
             io_errors: c.io_errors.get(),

@@ -64,6 +64,7 @@ pub struct WbBatch {
     credited: u64,
     /// Ksets in the window.
     ksets: u32,
+
     /// Most ksets a window may take (0: `WINDOW_KSETS`).
     window: u32,
     /// Bytes of this kset's dirty data a newer key of the same epoch covers.
@@ -121,7 +122,10 @@ impl WbBatch {
     /// overlaps, newest first, against the union of its newer keys. Sorting
     /// keeps a window of thousands of scattered keys O(n log n): resolving all of them
     /// against one sorted union shifted that union on every insert.
-    fn build(&mut self, geo: &Geometry, marks: Option<&Segs>) {
+    /// `segs` (None in unit tests) tells which keys' segments were reclaimed out of
+    /// order (those keys are left out: see `compact`) and, with `marks`, which blocks
+    /// were superseded.
+    fn build(&mut self, geo: &Geometry, segs: Option<&Segs>, marks: bool) {
         self.items.clear();
         self.skipped = 0;
         let keys = &self.keys;
@@ -133,6 +137,7 @@ impl WbBatch {
             items: &mut self.items,
             skipped: &mut self.skipped,
             geo,
+            segs,
             marks,
         };
         let mut g = 0;
@@ -189,16 +194,28 @@ struct Emit<'a> {
     items: &'a mut Vec<WbItem>,
     skipped: &'a mut u64,
     geo: &'a Geometry,
-    marks: Option<&'a Segs>,
+    segs: Option<&'a Segs>,
+    marks: bool,
 }
 
 impl Emit<'_> {
     /// Emits `[s, e)` of dirty key `k`, less the blocks marked superseded.
     fn key_part(&mut self, k: &KeyRec, s: u64, e: u64) {
-        let Some(segs) = self.marks.filter(|_| k.has_data()) else {
+        let Some(segs) = self.segs.filter(|_| k.has_data()) else {
             self.items.push(item(self.geo, k, s, e));
             return;
         };
+        // Its segment was reclaimed out of order: compaction found all of its data
+        // superseded within its epoch (or the key was not yet in the log, so no FLUSH
+        // came between it and what replaced it), as a mark would say.
+        if segs.gens[k.seg as usize].load(Acquire) != k.gen {
+            *self.skipped += e - s;
+            return;
+        }
+        if !self.marks {
+            self.items.push(item(self.geo, k, s, e));
+            return;
+        }
         let mb = MARK_BLOCK as u64;
         let (mut at, mut run) = (s, s);
         while at < e {
@@ -329,15 +346,14 @@ impl<P: Pmem> Engine<P> {
         b.pos = t.dirty;
         b.next = pos;
         b.ksets = n as u32;
+        t.wb_end = t.wb_end.max(pos.seq);
         drop(t);
         // Marks name data a newer key of the *same* epoch replaced; the window's
         // epoch must be known and still identified exactly by an extent's epoch
         // bits (see `Segs::mark_superseded` and `io::insert_key`).
         let now = self.epoch.load(Acquire);
-        let marks = epoch
-            .filter(|&e| now - e < 1 << index::EPOCH_BITS)
-            .map(|_| &self.segs);
-        b.build(&self.geo, marks);
+        let marks = epoch.is_some_and(|e| now - e < 1 << index::EPOCH_BITS);
+        b.build(&self.geo, Some(&self.segs), marks);
         WbNext::Ready
     }
 
@@ -362,6 +378,8 @@ impl<P: Pmem> Engine<P> {
             .keys
             .iter()
             .filter(|k| k.has_data() && k.flags & KEY_CLEAN == 0)
+            // A key of a segment compaction reclaimed is left out (see `build`).
+            .filter(|k| self.segs.gens[k.seg as usize].load(Acquire) == k.gen)
         {
             data.resize(data.len().max(k.len as usize), 0);
             let d = &mut data[..k.len as usize];
@@ -427,6 +445,9 @@ impl<P: Pmem> Engine<P> {
             let t = lock(&self.tails);
             (t.key, t.dirty)
         };
+        if self.compact_wants_wb.load(Relaxed) {
+            return true; // compaction waits for dirty data in log order (see `compact`)
+        }
         if dirty == head {
             return false; // nothing closed past dirty_tail
         }
@@ -628,7 +649,7 @@ mod tests {
                     owner[o as usize] = Some((i, clean));
                 }
             }
-            b.build(&geo, None);
+            b.build(&geo, None, false);
             let mut got: Vec<Option<u64>> = vec![None; 64];
             for it in &b.items {
                 let WbKind::Data { pmem_off } = it.kind else {

@@ -128,6 +128,18 @@ pub fn render(s: &Stats) -> String {
     );
     family(
         &mut o,
+        "pcache_segments_compacted_total",
+        "counter",
+        "Segments reclaimed out of log order because they were mostly superseded",
+    );
+    sample(
+        &mut o,
+        "pcache_segments_compacted_total",
+        "",
+        s.segments_compacted,
+    );
+    family(
+        &mut o,
         "pcache_crc_errors_total",
         "counter",
         "Cached data that failed its CRC",
