@@ -103,7 +103,7 @@ impl<P: Pmem> Engine<P> {
         }
         let gc = lock(&self.gc_state);
         for c in chans.iter().copied().chain([gc.channel()]) {
-            if let Some(h) = c.head {
+            if let Some(h) = c.head() {
                 refs[h.seg as usize] += 1 + h.spare;
             }
         }

@@ -682,10 +682,10 @@ impl<P: Pmem> Engine<P> {
     /// kset is closed by the next flush or by tick, which then frees its slot.
     pub fn release_channel(&self, ch: &mut Channel) {
         self.seal_left(ch);
-        if let Some(h) = ch.head.take() {
+        if let Some(h) = ch.take_head() {
             // No call of this channel follows: what it allocated is keyed.
             self.segs
-                .seal(h.seg, self.segs.gens[h.seg as usize].load(Acquire));
+                .seal(h.seg, self.segs.gens[h.seg as usize].load(Acquire) as u32);
             self.segs.put_n(&self.pmem, &self.geo, h.seg, 1 + h.spare);
         }
         if let Some(s) = ch.slot.take().filter(|s| s.of(&self.slots)) {

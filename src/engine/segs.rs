@@ -252,10 +252,13 @@ impl Segs {
         self.gens[seg as usize].store(gen, SeqCst);
     }
 
-    /// Marks a data segment, in generation `gen`, as having all its allocations keyed
-    /// (see `sealed`).
-    pub fn seal(&self, seg: u32, gen: u64) {
-        self.sealed[seg as usize].store(gen + 1, Release);
+    /// Marks a data segment, if still in generation `gen` (low 32 bits), as having all
+    /// its allocations keyed (see `sealed`).
+    pub fn seal(&self, seg: u32, gen: u32) {
+        let g = self.gens[seg as usize].load(Acquire);
+        if g as u32 == gen {
+            self.sealed[seg as usize].store(g + 1, Release);
+        }
     }
 
     pub fn is_sealed(&self, seg: u32) -> bool {
