@@ -54,7 +54,7 @@ pub(super) struct Staged {
     pub(super) gen: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub(super) struct Head {
     pub seg: u32,
     pub off: u64,
@@ -170,7 +170,7 @@ impl<P: Pmem> Engine<P> {
         Ok(())
     }
 
-    /// Seals the segments `ch`'s head left in its previous call: called at the start of
+    /// Seals the segment `ch`'s head left in its previous call: called at the start of
     /// every call that allocates, when that call's allocations are all in the index.
     pub(super) fn seal_left(&self, ch: &mut Channel) {
         if ch.left.0 != NO_SEG {

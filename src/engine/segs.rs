@@ -61,7 +61,7 @@ pub struct Segs {
     /// generation makes a late seal of a segment since reclaimed and taken again a
     /// no-op (it can only hide a real seal, never fake one).
     sealed: Box<[AtomicU64]>,
-    /// Per segment: it holds KEY_UNSYNCED data (compaction does not move it).
+    /// Per segment: it holds KEY_UNSYNCED data (compaction leaves such a segment alone).
     unsynced: Box<[AtomicBool]>,
 }
 

@@ -64,7 +64,6 @@ pub struct WbBatch {
     credited: u64,
     /// Ksets in the window.
     ksets: u32,
-
     /// Most ksets a window may take (0: `WINDOW_KSETS`).
     window: u32,
     /// Bytes of this kset's dirty data a newer key of the same epoch covers.
@@ -434,8 +433,9 @@ impl<P: Pmem> Engine<P> {
     /// drain ignores it). Writing back lazily lets overwrites supersede older dirty
     /// data first, which writeback then skips (see `Segs::mark_superseded`): it runs when
     /// closed dirty data passes fifteen sixteenths of the GC watermark, when GC is wanted
-    /// but finds nothing clean to reclaim, when writes are paced (`admit`), or when no
-    /// write arrived for a whole tick.
+    /// but finds nothing clean to reclaim, when writes are paced (`admit`), when
+    /// compaction waits for dirty data to be written (`compact`), or when no write
+    /// arrived for a whole tick.
     pub fn writeback_wanted(&self) -> bool {
         let (closed, head) = {
             let h = lock(&self.head);
@@ -445,11 +445,11 @@ impl<P: Pmem> Engine<P> {
             let t = lock(&self.tails);
             (t.key, t.dirty)
         };
-        if self.compact_wants_wb.load(Relaxed) {
-            return true; // compaction waits for dirty data in log order (see `compact`)
-        }
         if dirty == head {
             return false; // nothing closed past dirty_tail
+        }
+        if self.compact_wants_wb.load(Relaxed) {
+            return true; // compaction waits for dirty data in log order (see `compact`)
         }
         if self.gc_wanted() && key == dirty {
             return true; // GC is starved (even clean ksets need dirty_tail past them)
