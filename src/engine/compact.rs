@@ -133,12 +133,15 @@ impl<P: Pmem> Engine<P> {
         !c.order.is_empty()
     }
 
-    /// The live clean pieces of segment `seg` chosen by `compact_select`, as
-    /// (backing offset, extent).
-    pub(super) fn compact_pieces(c: &CompactState, seg: u32) -> &[(u32, u64, Extent)] {
-        let from = c.pieces.partition_point(|p| p.0 < seg);
-        let to = c.pieces.partition_point(|p| p.0 <= seg);
-        &c.pieces[from..to]
+    /// Where in `c.pieces` the live clean pieces of segment `seg` (chosen by
+    /// `compact_select`) are: read them with `compact_piece`.
+    pub(super) fn compact_pieces(c: &CompactState, seg: u32) -> std::ops::Range<usize> {
+        c.pieces.partition_point(|p| p.0 < seg)..c.pieces.partition_point(|p| p.0 <= seg)
+    }
+
+    /// Piece `i` of `c.pieces`: (backing offset, extent).
+    pub(super) fn compact_piece(c: &CompactState, i: usize) -> (u64, Extent) {
+        (c.pieces[i].1, c.pieces[i].2)
     }
 
     /// Step 1: live bytes and qualifying segments. False when none qualifies.
@@ -234,18 +237,20 @@ impl<P: Pmem> Engine<P> {
         true
     }
 
-    /// Step 4, after GC moved or dropped its pieces: reclaims segment `seg`.
-    pub(super) fn hold_compacted(&self, c: &mut CompactState, seg: u32) {
+    /// Step 4, after GC moved or dropped its pieces: reclaims segment `seg`. True when it
+    /// is free at once (else `release_held` frees it later).
+    pub(super) fn hold_compacted(&self, c: &mut CompactState, seg: u32) -> bool {
         self.segs.hold(&self.pmem, &self.geo, seg);
         // A window built from now on sees the new generation; one built before may
         // still read the segment until dirty_tail passes its end.
+        self.counters.segs_compacted.inc();
         let t = lock(&self.tails);
-        if t.wb_end > t.dirty.seq {
+        let later = t.wb_end > t.dirty.seq;
+        if later {
             c.held.push((seg, t.wb_end));
         } else {
             self.segs.release(seg);
         }
-        drop(t);
-        self.counters.segs_compacted.inc();
+        !later
     }
 }

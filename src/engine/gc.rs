@@ -195,18 +195,19 @@ impl<P: Pmem> Engine<P> {
 
     /// One compaction pass (see `compact`): moves or drops the live clean pieces of the
     /// segments it chose, as GC retires a mostly superseded kset's, and reclaims them.
+    /// Returns the segments freed at once (held ones count when `release_held` frees
+    /// them).
     fn compact(&self, st: &mut GcState, buf: &mut [u8], want: u64, reads_matter: bool) -> u32 {
         if !self.compact_select(&mut st.compact, buf, want, reads_matter) {
             return 0;
         }
+        let mut freed = 0;
         for i in 0..st.compact.order.len() {
             let seg = st.compact.order[i];
             let gen = self.segs.gens[seg as usize].load(Acquire);
             let mut budget = st.compact.live[seg as usize];
-            for j in 0.. {
-                let Some(&(_, at, x)) = Self::compact_pieces(&st.compact, seg).get(j) else {
-                    break;
-                };
+            for j in Self::compact_pieces(&st.compact, seg) {
+                let (at, x) = Self::compact_piece(&st.compact, j);
                 let k = KeyRec {
                     off: at,
                     len: x.len,
@@ -218,9 +219,9 @@ impl<P: Pmem> Engine<P> {
                 };
                 self.retire_key(st, &k, reads_matter, true, &mut budget);
             }
-            self.hold_compacted(&mut st.compact, seg);
+            freed += self.hold_compacted(&mut st.compact, seg) as u32;
         }
-        st.compact.order.len() as u32
+        freed
     }
 
     /// Whether reads have been a real share of the requests lately (decayed by half

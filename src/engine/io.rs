@@ -423,11 +423,11 @@ impl<P: Pmem> Engine<P> {
         slot.add(|c| &c.reads, 1);
         ch.no_fill = !self.read_fills(ch, off, buf.len() as u64);
         ch.plan.clear();
-        let mut pos = 0usize;
+        let (mut pos, mut declined) = (0usize, 0u64);
         while pos < buf.len() {
             let o = off + pos as u64;
             let n = (buf.len() - pos).min((SUBTREE_SIZE - o % SUBTREE_SIZE) as usize);
-            self.plan_piece(ch, o, pos, n);
+            declined += self.plan_piece(ch, o, pos, n);
             pos += n;
         }
         let (mut hit, mut missed) = (0usize, 0usize);
@@ -473,6 +473,9 @@ impl<P: Pmem> Engine<P> {
             slot.add(|c| &c.bypassed, 1);
             slot.add(|c| &c.bypassed_bytes, missed as u64);
         }
+        if declined > 0 {
+            slot.add(|c| &c.declined_bytes, declined);
+        }
         match (hit > 0, missed > 0) {
             (_, false) => slot.add(|c| &c.hits, 1),
             (false, true) => slot.add(|c| &c.misses, 1),
@@ -481,8 +484,9 @@ impl<P: Pmem> Engine<P> {
         Ok(missed)
     }
 
-    /// Plans one piece inside a single region.
-    fn plan_piece(&self, ch: &mut Channel, o: u64, at: usize, n: usize) {
+    /// Plans one piece inside a single region. Returns the missed bytes a full cache
+    /// declined to cache (not seen missing before: `promote`).
+    fn plan_piece(&self, ch: &mut Channel, o: u64, at: usize, n: usize) -> u64 {
         let si = self.shard_of(o);
         let s = (o % SUBTREE_SIZE) as u32;
         let e = s + n as u32;
@@ -544,8 +548,12 @@ impl<P: Pmem> Engine<P> {
             else {
                 continue;
             };
-            if !fill || !self.promote(o + (*pat - at) as u64) {
-                declined += if fill { *len as u64 } else { 0 };
+            if !fill {
+                *token = None;
+                continue;
+            }
+            if !self.promote(o + (*pat - at) as u64) {
+                declined += *len as u64;
                 *token = None;
                 continue;
             }
@@ -557,11 +565,7 @@ impl<P: Pmem> Engine<P> {
                 Extent::without_data(*len as u32, F_EMPTY, t),
             );
         }
-        drop(shard);
-        if declined > 0 {
-            let slot = self.slots.get(self.slot_id(ch));
-            slot.add(|c| &c.declined_bytes, declined);
-        }
+        declined
     }
 
     /// Verifies a hit's data CRC. Ok(false): bad clean data, dropped, read it from the
@@ -752,6 +756,7 @@ impl<P: Pmem> Engine<P> {
         }
     }
 }
+
 #[cfg(test)]
 mod tests {
     /// A read's channel travels inside every SPDK request context (`IoCtx`), which is

@@ -684,8 +684,7 @@ impl<P: Pmem> Engine<P> {
         self.seal_left(ch);
         if let Some(h) = ch.take_head() {
             // No call of this channel follows: what it allocated is keyed.
-            self.segs
-                .seal(h.seg, self.segs.gens[h.seg as usize].load(Acquire) as u32);
+            self.segs.seal(h.seg, self.segs.gen32(h.seg));
             self.segs.put_n(&self.pmem, &self.geo, h.seg, 1 + h.spare);
         }
         if let Some(s) = ch.slot.take().filter(|s| s.of(&self.slots)) {

@@ -103,7 +103,6 @@ impl Segs {
             marks: (0..uses.len() * blocks_per_seg)
                 .map(|_| AtomicU8::new(0))
                 .collect(),
-
             blocks_per_seg,
             refs: refs.into_iter().map(AtomicU32::new).collect(),
             gens: gens.into_iter().map(AtomicU64::new).collect(),
@@ -278,8 +277,9 @@ impl Segs {
     }
 
     /// Reclaims data segment `seg` out of log order, whatever keys still name it: bumps
-    /// its generation (so they, and any extent left, read as stale; GC skips their
-    /// references, replay drops them) and holds it back from reuse until `release`.
+    /// its generation (so they, and any extent left, read as stale: GC skips their
+    /// references, writeback leaves them out, replay takes them for tombstones) and
+    /// holds it back from reuse until `release`.
     /// The caller holds GC's state lock, the only place keys drop references.
     pub fn hold<P: Pmem>(&self, pmem: &P, geo: &Geometry, seg: u32) {
         self.bump_gen(pmem, geo, seg);

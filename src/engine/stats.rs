@@ -116,7 +116,7 @@ pub struct Stats {
     /// Bytes of clean data that was read since written which GC kept by moving it.
     pub relocated_bytes: u64,
     pub segments_reclaimed: u64,
-    /// Of those, segments reclaimed out of log order because what they held was
+    /// Besides those, segments reclaimed out of log order because what they held was
     /// mostly superseded (compaction; their live clean data moved or dropped).
     pub segments_compacted: u64,
     pub crc_errors_clean: u64,
