@@ -18,6 +18,18 @@ pub enum Filled {
     Zero,
 }
 
+/// What became of a write handed to [`BlockConn::try_write`].
+#[derive(Debug)]
+pub enum Tried {
+    /// It ran; the reply says this.
+    Done(std::io::Result<()>),
+    /// It must wait (a full or paced cache): keep it and try again later.
+    Wait,
+    /// It is in flight (a write the cache policy sends to the backing device):
+    /// [`BlockConn::reap`] reports it under its tag, with empty data.
+    Started,
+}
+
 /// Whether every byte is zero: ORs 4 KiB at a time (which vectorises), stopping at the
 /// first block holding data, so ordinary data costs one block's look.
 pub fn is_zero(data: &[u8]) -> bool {
@@ -45,13 +57,14 @@ pub trait BlockConn: Send {
         let _ = tag;
         Some(self.read(off, buf).map(|()| Filled::Data))
     }
-    /// Reports the reads started by [`BlockConn::start_read`] that completed since the last
-    /// call (without waiting): `done(tag, result)`, the data valid during the call.
+    /// Reports the requests started by [`BlockConn::start_read`] and
+    /// [`BlockConn::try_write`] that completed since the last call (without waiting):
+    /// `done(tag, result)`, a read's data valid during the call (a write's is empty).
     fn reap(&mut self, done: &mut dyn FnMut(u64, std::io::Result<&[u8]>)) {
         let _ = done;
     }
-    /// Reads in flight (started, not yet reaped).
-    fn reads_in_flight(&self) -> usize {
+    /// Requests in flight (started, not yet reaped).
+    fn in_flight(&self) -> usize {
         0
     }
     /// A descriptor that polls readable when [`BlockConn::reap`] has something to report
@@ -59,27 +72,37 @@ pub trait BlockConn: Send {
     fn completions_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
+    /// Completions collected already (while the handle waited for others) that
+    /// [`BlockConn::reap`] will report although the descriptor may not poll readable:
+    /// the caller then polls without waiting. Default: none.
+    fn completions_ready(&self) -> bool {
+        false
+    }
     /// Deferred work the reactor runs once the replies of its pass are sent (for example
     /// caching the data of read misses already answered). Default: nothing.
     fn after_replies(&mut self) {}
     /// Writes `data` at `off`; with `fua` it is durable when this returns. Without,
     /// durability may wait for the next [`BlockConn::commit`] (group commit).
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> std::io::Result<()>;
-    /// Tries a write that may have to wait for the device (a full or paced cache): Some
-    /// as [`BlockConn::write`] when it ran, None when it would wait. The caller keeps the
-    /// request and tries again later with `waited`, how long it has been trying (None on
-    /// its first try, the only one where the handle routes it), and meanwhile serves
-    /// other requests: a paced write then holds up no read. Only called on a handle
-    /// shared by a reactor. Default: [`BlockConn::write`], at once.
+    /// Tries a write that may have to wait for the device (a full or paced cache) or
+    /// complete later (a write that goes around the cache to the backing device):
+    /// [`Tried::Done`] as [`BlockConn::write`] when it ran, [`Tried::Wait`] when it would
+    /// wait, [`Tried::Started`] when [`BlockConn::reap`] reports it later under `tag`
+    /// (`data` is not used again). A waiting request is kept by the caller and tried
+    /// again later with `waited`, how long it has been trying (None on its first try, the
+    /// only one where the handle routes it), and meanwhile the caller serves other
+    /// requests: a paced write then holds up no read. Only called on a handle shared by a
+    /// reactor. Default: [`BlockConn::write`], at once.
     fn try_write(
         &mut self,
         off: u64,
         data: &[u8],
         fua: bool,
         waited: Option<std::time::Duration>,
-    ) -> Option<std::io::Result<()>> {
-        let _ = waited;
-        Some(self.write(off, data, fua))
+        tag: u64,
+    ) -> Tried {
+        let _ = (waited, tag);
+        Tried::Done(self.write(off, data, fua))
     }
     /// Makes every request this handle executed so far as durable as its reply promises
     /// (group commit: one sync for a whole reactor pass). The reactor calls it before it

@@ -5,7 +5,6 @@
 pub mod backing;
 pub mod block;
 pub mod control;
-mod direct;
 pub mod metrics;
 
 pub mod poll;

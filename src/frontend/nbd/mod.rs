@@ -24,13 +24,16 @@
 //! byte stream can no longer be framed (bad magic), in which case only that connection is
 //! closed. Replies leave only after the handles that executed their requests were committed
 //! ([`BlockConn::commit`], once per reactor pass), so a group commit never answers a write
-//! before it is durable. Requests of one connection are executed and answered in order, each
-//! to completion before the next (of any connection on that reactor) starts, so a reply to FLUSH covers
-//! every write answered before it, on this connection or, since the target's flush is global
+//! before it is durable. Requests of one connection are executed in order, one at a time on
+//! its reactor; a read miss or a write that goes around the cache may stay in flight and
+//! be answered later (NBD matches replies by cookie), and the handle makes whatever
+//! overlaps it, and every FLUSH, wait for it. So a reply to FLUSH covers every write
+//! answered before it, on this connection or, since the target's flush is global
 //! (CAN_MULTI_CONN), on any other. No `unsafe` here: readiness polling and wake-ups come from
 //! the safe wrapper in `crate::env::posix::poll`.
 
 mod bytequeue;
+mod client;
 pub mod proto;
 mod reactor;
 mod server;
@@ -40,5 +43,5 @@ mod tests;
 
 /// The device an NBD server exports; defined below both this front end and the volume
 /// that implements it, so the runtime never imports the front end.
-pub use crate::env::posix::block::{BlockConn, BlockTarget, Filled};
+pub use crate::env::posix::block::{BlockConn, BlockTarget, Filled, Tried};
 pub use server::{Listener, NbdServer};

@@ -4,7 +4,7 @@
 //! that stops reading its replies while another on the same reactor keeps being served.
 
 use super::proto::{self, Request};
-use super::{BlockConn, BlockTarget, Filled, Listener, NbdServer};
+use super::{BlockConn, BlockTarget, Filled, Listener, NbdServer, Tried};
 use crate::env::posix::block::is_zero;
 use crate::env::posix::poll::Waker;
 use std::io::{self, Read, Write};
@@ -26,8 +26,8 @@ struct Counters {
     /// While true, `commit` waits (a slow sync); the test lowers it.
     hold: Mutex<bool>,
     hold_cv: std::sync::Condvar,
-    /// While true, reads from SLOW_FROM on stay in flight (`start_read`) until
-    /// `release`; the handle's waker is kept in `waker` so the test can wake the reactor.
+    /// While true, reads and first tries of writes from SLOW_FROM on stay in flight
+    /// (`start_read`, `Tried::Started`) until `release`; the handle's waker is kept in `waker` so the test can wake the reactor.
     slow: AtomicBool,
     release: AtomicBool,
     waker: Mutex<Option<Arc<Waker>>>,
@@ -49,12 +49,14 @@ struct Shared {
     counters: Arc<Counters>,
 }
 
-struct SharedConn(Shared, Vec<(u64, u64, usize)>, Arc<Waker>);
+/// A handle: the device, its requests in flight (tag, offset, length, a write's data),
+/// and the waker its completions poll on.
+struct SharedConn(Shared, Vec<(u64, u64, usize, Option<Vec<u8>>)>, Arc<Waker>);
 
 impl BlockConn for SharedConn {
     fn start_read(&mut self, off: u64, buf: &mut [u8], tag: u64) -> Option<io::Result<Filled>> {
         if self.0.counters.slow.load(Ordering::SeqCst) && off >= SLOW_FROM {
-            self.1.push((tag, off, buf.len()));
+            self.1.push((tag, off, buf.len(), None));
             return None;
         }
         if let Err(e) = self.read(off, buf) {
@@ -73,12 +75,19 @@ impl BlockConn for SharedConn {
         if !self.0.counters.release.load(Ordering::SeqCst) {
             return;
         }
-        let d = self.0.data.lock().unwrap();
-        for (tag, off, len) in self.1.drain(..) {
-            done(tag, Ok(&d[off as usize..off as usize + len]));
+        let mut d = self.0.data.lock().unwrap();
+        for (tag, off, len, write) in self.1.drain(..) {
+            let range = off as usize..off as usize + len;
+            match write {
+                Some(w) => {
+                    d[range].copy_from_slice(&w);
+                    done(tag, Ok(&[]));
+                }
+                None => done(tag, Ok(&d[range])),
+            }
         }
     }
-    fn reads_in_flight(&self) -> usize {
+    fn in_flight(&self) -> usize {
         self.1.len()
     }
     fn completions_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
@@ -94,15 +103,20 @@ impl BlockConn for SharedConn {
         data: &[u8],
         fua: bool,
         waited: Option<Duration>,
-    ) -> Option<io::Result<()>> {
+        tag: u64,
+    ) -> Tried {
         let c = &self.0.counters;
         if waited.is_none() {
             c.first_tries.fetch_add(1, Ordering::SeqCst);
+            if c.slow.load(Ordering::SeqCst) && off >= SLOW_FROM {
+                self.1.push((tag, off, data.len(), Some(data.to_vec())));
+                return Tried::Started;
+            }
         }
         if c.busy.load(Ordering::SeqCst) {
-            return None;
+            return Tried::Wait;
         }
-        Some(self.write(off, data, fua))
+        Tried::Done(self.write(off, data, fua))
     }
 
     fn read(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -474,6 +488,38 @@ fn a_read_in_flight_does_not_hold_the_reactor() {
     }
     counters.slow.store(false, Ordering::SeqCst);
     assert_eq!(c.read(13, SLOW_FROM, 512), vec![0x77; 512]);
+}
+
+/// A write in flight (`Tried::Started`, a direct write on its way to the disk) holds
+/// up nothing: later requests are answered first, and its reply leaves once the handle
+/// reports it; the client then reads what it wrote.
+#[test]
+fn a_write_in_flight_does_not_hold_the_reactor() {
+    let srv = Running::start(2 << 20, 1);
+    let counters = Arc::clone(&srv.target.counters);
+    let mut c = Client::connect(&srv.sock, &[]);
+    c.write(1, 0, &[0x11; 512]);
+    counters.slow.store(true, Ordering::SeqCst);
+    let mut burst = request(proto::CMD_WRITE, 30, SLOW_FROM, 4096).to_vec();
+    burst.extend_from_slice(&[0x99; 4096]);
+    burst.extend_from_slice(&request(proto::CMD_READ, 31, 0, 512));
+    burst.extend_from_slice(&request(proto::CMD_WRITE, 32, 4096, 512));
+    burst.extend_from_slice(&[0x22; 512]);
+    c.0.write_all(&burst).unwrap();
+    assert_eq!(c.reply(), (0, 31), "the read passes the write in flight");
+    assert_eq!(c.recv(512), vec![0x11; 512]);
+    assert_eq!(c.reply(), (0, 32), "and so does a later write");
+    c.0.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(c.0.read(&mut b).is_err(), "no reply while it is in flight");
+    counters.release.store(true, Ordering::SeqCst);
+    let w = counters.waker.lock().unwrap().clone().unwrap();
+    w.wake();
+    c.0.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    assert_eq!(c.reply(), (0, 30));
+    counters.slow.store(false, Ordering::SeqCst);
+    assert_eq!(c.read(33, SLOW_FROM, 4096), vec![0x99; 4096]);
 }
 
 /// A write its handle hands back (a paced cache) waits on the reactor without holding

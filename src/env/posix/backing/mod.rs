@@ -453,11 +453,11 @@ fn block_identity(rdev: u64) -> String {
 }
 
 mod queue;
-mod reads;
+mod ring;
 mod stream;
 use queue::{is_retryable, round_up, AlignedBuf};
 pub use queue::{Op, Queue};
-pub use reads::{ReadRing, READ_SLOTS};
+pub use ring::{AsyncRing, RING_SLOTS};
 pub use stream::STREAM_SLOTS;
 
 #[cfg(test)]

@@ -2,10 +2,21 @@
 //! channel and an io_uring queue), the `BlockTarget` the NBD server exports, the FIFO
 //! deferral gate for requests that find the cache full or paced (a reactor's writes
 //! try it and are handed back to wait, `try_write`, when a background thread makes the
-//! progress they wait for), and the direct writes
-//! of the cache policy (`runtime::direct`), held until the reactor's group commit.
+//! progress they wait for), and the direct writes of the cache policy
+//! (`runtime::direct`), which a reactor's write puts in flight on the handle's ring.
+//!
+//! Direct writes in flight: the reactor goes on serving other requests and answers the
+//! write when `reap` reports it (it was ended in the engine at once, when the ring gave
+//! it back). Two direct writes never overlap in flight, and nothing that must see one
+//! runs before it completed (`settle`): a read, write, zeroing or trim of an overlapping
+//! range waits for it, a FLUSH for all of them. So a cache write never lands over a
+//! direct write still on its way to the disk, whose late arrival could undo the cache
+//! data's writeback.
 
 use super::*;
+
+mod direct;
+use direct::{InWrite, W_SLOTS};
 
 impl Volume {
     /// Runs `op` through the deferral gate: while it returns Busy, wait for background
@@ -148,13 +159,19 @@ pub struct VolumeConn {
     uncommitted: bool,
     /// This reactor's latency histograms (only this reactor records into them).
     lat: Arc<LatencySet>,
-    /// Direct writes held until the next commit (direct.rs).
-    held: DirectBatch,
-    /// Base reads of read misses in flight (`start_read`), by ring slot.
-    reads: ReadRing,
+    /// Base reads of read misses (`start_read`) and direct writes (`try_write`) in
+    /// flight, by ring slot.
+    ring: AsyncRing,
     inflight: Vec<Option<InRead>>,
+    writes: Vec<Option<InWrite>>,
     /// Reads started and not yet reaped.
     pending: usize,
+    /// Direct writes in flight, and their bytes.
+    w_inflight: usize,
+    w_bytes: usize,
+    /// Direct writes back and ended in the engine, not yet reported by `reap`: (tag,
+    /// error).
+    w_done: Vec<(u64, Option<io::Error>)>,
     /// Slots reaped and answered, whose data is cached by `after_replies`.
     answered: Vec<usize>,
     /// Scratch of `reap`: (slot, error) of the slots just completed.
@@ -176,8 +193,8 @@ struct InRead {
 
 impl Drop for VolumeConn {
     fn drop(&mut self) {
-        // Best effort: never leave placeholders behind (nobody waits for a reply).
-        let _ = self.run_held();
+        // Never leave placeholders behind (nobody waits for a reply).
+        self.settle_all();
         // Reads in flight, or back and not yet reported: wait for them (the kernel
         // writes their buffers), then fill, so no placeholder is left behind.
         let mut done: Vec<(usize, bool)> = self
@@ -185,7 +202,7 @@ impl Drop for VolumeConn {
             .drain(..)
             .map(|(i, e)| (i, e.is_none()))
             .collect();
-        self.reads.wait_all(|i, r| done.push((i, r.is_ok())));
+        self.ring.wait_all(|i, r| done.push((i, r.is_ok())));
         for (i, ok) in done {
             if let Some(x) = self.inflight[i].as_mut() {
                 x.ok = ok;
@@ -229,12 +246,15 @@ impl BlockTarget for Target {
             bg: None,
             uncommitted: false,
             lat: self.0.engine.latency().register(),
-            held: DirectBatch::default(),
-            reads: self.0.backing.read_ring()?,
-            inflight: (0..READ_SLOTS).map(|_| None).collect(),
+            ring: self.0.backing.async_ring()?,
+            inflight: (0..RING_SLOTS).map(|_| None).collect(),
+            writes: (0..RING_SLOTS).map(|_| None).collect(),
             pending: 0,
-            answered: Vec::with_capacity(READ_SLOTS),
-            completed: Vec::with_capacity(READ_SLOTS),
+            w_inflight: 0,
+            w_bytes: 0,
+            w_done: Vec::with_capacity(W_SLOTS),
+            answered: Vec::with_capacity(RING_SLOTS),
+            completed: Vec::with_capacity(RING_SLOTS),
             spare_chs: Vec::new(),
         })
     }
@@ -300,10 +320,10 @@ impl VolumeConn {
     /// between misses) and the misses are read into it. None: no slot free, or a miss
     /// O_DIRECT cannot read into the slot as it lies; the caller reads synchronously.
     fn begin_async(&mut self, rch: &Channel, off: u64, buf: &[u8]) -> io::Result<Option<usize>> {
-        if rch.misses().any(|m| !self.reads.aligned(m.at)) {
+        if rch.misses().any(|m| !self.ring.aligned(m.at)) {
             return Ok(None);
         }
-        let Some((slot, b)) = self.reads.begin(buf.len())? else {
+        let Some((slot, b)) = self.ring.begin(buf.len(), false)? else {
             return Ok(None);
         };
         let mut pos = 0;
@@ -313,12 +333,12 @@ impl VolumeConn {
         }
         b[pos..].copy_from_slice(&buf[pos..]);
         for m in rch.misses() {
-            if let Err(e) = self.reads.add(slot, off + m.at as u64, m.at, m.len) {
-                self.reads.cancel(slot);
+            if let Err(e) = self.ring.add(slot, off + m.at as u64, m.at, m.len) {
+                self.ring.cancel(slot);
                 return Err(e);
             }
         }
-        self.reads.submit(slot);
+        self.ring.submit(slot);
         Ok(Some(slot))
     }
 
@@ -341,7 +361,7 @@ impl VolumeConn {
         match err {
             None => {
                 self.lat.record(Class::ReadMiss, ns_since(x.t0));
-                reply(Ok(&self.reads.data(i)[..x.len]))
+                reply(Ok(&self.ring.data(i)[..x.len]))
             }
             Some(e) => {
                 self.vol.engine.io_error(format!(
@@ -376,121 +396,10 @@ impl VolumeConn {
     }
 }
 
-impl VolumeConn {
-    /// A write as the policy routes it when it goes around the cache
-    /// (`write_direct`), counted as written since `t0`; None when the cache takes it.
-    fn write_routed(
-        &mut self,
-        off: u64,
-        data: &[u8],
-        fua: bool,
-        t0: Instant,
-    ) -> Option<io::Result<()>> {
-        self.uncommitted = true;
-        let r = self.write_direct(off, data, fua)?;
-        self.written(&r, t0.elapsed());
-        Some(r)
-    }
-
-    /// A write ran (through the cache or around it) and took `took`: the next commit
-    /// covers it, and a success counts in the write latency.
-    fn written(&mut self, r: &io::Result<()>, took: Duration) {
-        self.uncommitted = true;
-        if r.is_ok() {
-            self.lat.record(Class::Write, ns(took));
-        }
-    }
-
-    /// Writes the held direct writes to the backing device and ends them.
-    fn run_held(&mut self) -> io::Result<()> {
-        if self.held.is_empty() {
-            return Ok(());
-        }
-        self.held.run(&self.vol.engine, &mut self.ch, &mut self.q)
-    }
-
-    /// Runs the held direct writes first when one overlaps `[off, off + len)`.
-    fn settle(&mut self, off: u64, len: u64) -> io::Result<()> {
-        if !self.held.is_empty() && self.held.overlaps(off, len) {
-            return self.run_held();
-        }
-        Ok(())
-    }
-
-    /// A write the policy sends to the backing device (`runtime::direct`): None when it
-    /// goes through the cache after all. Held until the commit (direct.rs), so a pass's
-    /// writes reach the disk together; a FUA write goes at once.
-    fn write_direct(&mut self, off: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
-        let len = data.len() as u64;
-        // Older overlapping writes first: held writes never overlap each other.
-        if !self.held.is_empty()
-            && (fua || self.held.overlaps(off, len) || self.held.full_for(data.len()))
-        {
-            if let Err(x) = self.run_held() {
-                return Some(Err(x));
-            }
-        }
-        let op = match dproto::start_write(&self.vol.engine, &mut self.ch, off, len, fua) {
-            Ok(Some(op)) => op,
-            Ok(None) => return None,
-            Err(x) => return Some(Err(to_io(x))),
-        };
-        if !fua {
-            self.held.push(data, op);
-            return Some(Ok(()));
-        }
-        let r = self.q.write(off, data);
-        Some(self.finish_direct(op, data, r))
-    }
-
-    /// A write-zeroes or trim outside write-back (`runtime::direct::start_zeroes`): done
-    /// on the backing device, the cached copy invalidated. None: write-back, or dirty
-    /// data overlaps; it goes through the cache as a zero extent.
-    fn zeroes_direct(
-        &mut self,
-        off: u64,
-        len: u64,
-        discard: bool,
-        fua: bool,
-    ) -> Option<io::Result<()>> {
-        let op = match dproto::start_zeroes(&self.vol.engine, off, len, discard, fua) {
-            Ok(Some(op)) => op,
-            Ok(None) => return None,
-            Err(x) => return Some(Err(to_io(x))),
-        };
-        let r = if discard {
-            self.q.discard(off, len)
-        } else {
-            self.q.write_zeroes(off, len)
-        };
-        Some(self.finish_direct(op, &[], r))
-    }
-
-    /// The rest of the direct-write protocol after the backing command returned `r`: its
-    /// end in the engine (a write-through is cached there), then the backing FLUSH a FUA
-    /// request owes.
-    fn finish_direct(&mut self, op: DirectOp, data: &[u8], r: io::Result<()>) -> io::Result<()> {
-        op.end(&self.vol.engine, &mut self.ch, data, r.is_ok());
-        if r.is_err() || !op.needs_flush() {
-            return r;
-        }
-        self.flush_direct()
-    }
-
-    /// After a FLUSH: the writes that went around the cache must be durable too.
-    fn flush_direct(&mut self) -> io::Result<()> {
-        if let Some(mark) = dproto::flush_owed(&self.vol.engine) {
-            self.q.flush()?;
-            self.vol.engine.direct_flushed(mark);
-        }
-        Ok(())
-    }
-}
-
 impl BlockConn for VolumeConn {
     fn read(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         let t0 = Instant::now();
-        self.settle(off, buf.len() as u64)?;
+        self.settle(off, buf.len() as u64);
         let missed = self
             .vol
             .engine
@@ -519,9 +428,7 @@ impl BlockConn for VolumeConn {
     /// whatever ran in between (a write over the range cancels it).
     fn start_read(&mut self, off: u64, buf: &mut [u8], tag: u64) -> Option<io::Result<Filled>> {
         let t0 = Instant::now();
-        if let Err(e) = self.settle(off, buf.len() as u64) {
-            return Some(Err(e));
-        }
+        self.settle(off, buf.len() as u64);
         let mut rch = self.spare_chs.pop().unwrap_or_default();
         // The cutoff sees this reactor's streams whole, whichever channel reads.
         rch.swap_streams(&mut self.ch);
@@ -554,8 +461,7 @@ impl BlockConn for VolumeConn {
                 // Reads the kernel completed during the submission (a file's holes, the
                 // page cache) are answered at once, without a trip through poll(2);
                 // others completed meanwhile wait in `completed` for `reap`.
-                let completed = &mut self.completed;
-                self.reads.reap(|i, r| completed.push((i, r.err())));
+                self.poll_ring();
                 let k = self.completed.iter().position(|c| c.0 == slot)?;
                 let (_, err) = self.completed.swap_remove(k);
                 // All-zero data (a never-written range of a sparse base, typically) is
@@ -588,11 +494,13 @@ impl BlockConn for VolumeConn {
     }
 
     fn reap(&mut self, done: &mut dyn FnMut(u64, io::Result<&[u8]>)) {
-        if self.pending == 0 {
+        if self.in_flight() == 0 {
             return;
         }
-        let completed = &mut self.completed;
-        self.reads.reap(|i, r| completed.push((i, r.err())));
+        self.poll_ring();
+        for (tag, err) in self.w_done.drain(..) {
+            done(tag, err.map_or(Ok(&[][..]), Err));
+        }
         let mut list = std::mem::take(&mut self.completed);
         for (i, err) in list.drain(..) {
             let Some(tag) = self.inflight[i].as_ref().map(|x| x.tag) else {
@@ -606,13 +514,17 @@ impl BlockConn for VolumeConn {
         self.completed = list;
     }
 
-    fn reads_in_flight(&self) -> usize {
-        self.pending
+    fn in_flight(&self) -> usize {
+        self.pending + self.w_inflight + self.w_done.len()
     }
 
     fn completions_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
-        Some(self.reads.as_fd())
+        Some(self.ring.as_fd())
+    }
+
+    fn completions_ready(&self) -> bool {
+        !self.completed.is_empty() || !self.w_done.is_empty()
     }
 
     /// Caches the data of the read misses answered (or withdraws their placeholders).
@@ -621,19 +533,22 @@ impl BlockConn for VolumeConn {
             let Some(mut x) = self.inflight[i].take() else {
                 continue;
             };
-            let data = &self.reads.data(i)[..x.len];
+            let data = &self.ring.data(i)[..x.len];
             self.vol
                 .engine
                 .fill_with(&mut x.rch, &mut self.ch, x.off, data, x.ok);
-            self.reads.release(i);
+            self.ring.release(i);
             self.spare_chs.push(x.rch);
         }
     }
 
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
         let t0 = Instant::now();
-        if let Some(r) = self.write_routed(off, data, fua, t0) {
-            return r;
+        self.settle(off, data.len() as u64);
+        match self.write_routed(off, data, fua, t0, None) {
+            Some(Tried::Done(r)) => return r,
+            Some(_) => unreachable!("a direct write without a tag runs at once"),
+            None => {}
         }
         let (vol, ch) = (&self.vol, &mut self.ch);
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
@@ -643,54 +558,56 @@ impl BlockConn for VolumeConn {
     }
 
     /// Without a background thread this reactor makes the progress itself, so it waits
-    /// in `write` (doing that work); with one, a write that must wait is handed back.
+    /// in `write` (doing that work); with one, a write that must wait is handed back. A
+    /// write that goes around the cache goes in flight.
     fn try_write(
         &mut self,
         off: u64,
         data: &[u8],
         fua: bool,
         waited: Option<Duration>,
-    ) -> Option<io::Result<()>> {
+        tag: u64,
+    ) -> Tried {
         if self.bg.is_some() {
-            return Some(self.write(off, data, fua));
+            return Tried::Done(self.write(off, data, fua));
         }
         let t0 = Instant::now();
+        self.settle(off, data.len() as u64);
         // Routed once, on the first try (routing feeds the stream detector); a write
         // that waits is one the cache takes.
         if waited.is_none() {
-            if let Some(r) = self.write_routed(off, data, fua, t0) {
-                return Some(r);
+            if let Some(t) = self.write_routed(off, data, fua, t0, Some(tag)) {
+                return t;
             }
         }
         let waited = waited.unwrap_or_default();
         let (vol, ch) = (&self.vol, &mut self.ch);
-        let r = vol.try_gated(|| vol.engine.write(ch, off, data, fua), waited)?;
+        let Some(r) = vol.try_gated(|| vol.engine.write(ch, off, data, fua), waited) else {
+            return Tried::Wait;
+        };
         // The time it was kept waiting counts: it is what the client saw.
         self.written(&r, waited + t0.elapsed());
-        Some(r)
+        Tried::Done(r)
     }
 
     fn wants_commit(&self) -> bool {
-        !self.held.is_empty() || (self.uncommitted && self.vol.engine.pmem().pending())
+        self.uncommitted && self.vol.engine.pmem().pending()
     }
 
     fn commit(&mut self) -> io::Result<()> {
-        let held = self.run_held();
         if !std::mem::take(&mut self.uncommitted) {
-            return held;
+            return Ok(());
         }
-        let r = self
-            .vol
+        self.vol
             .engine
             .pmem()
             .commit()
-            .map_err(|e| io::Error::other(e.to_string()));
-        held.and(r)
+            .map_err(|e| io::Error::other(e.to_string()))
     }
 
     fn flush(&mut self) -> io::Result<()> {
         let t0 = Instant::now();
-        self.run_held()?;
+        self.settle_all();
         let vol = &self.vol;
         let bg = self.bg.as_deref_mut().map(|b| (&mut self.q, b));
         let r = vol
@@ -703,7 +620,7 @@ impl BlockConn for VolumeConn {
     }
 
     fn trim(&mut self, off: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.settle(off, len)?;
+        self.settle(off, len);
         self.uncommitted = true;
         if let Some(r) = self.zeroes_direct(off, len, true, fua) {
             return r;
@@ -714,7 +631,7 @@ impl BlockConn for VolumeConn {
     }
 
     fn write_zeroes(&mut self, off: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
-        self.settle(off, len)?;
+        self.settle(off, len);
         self.uncommitted = true;
         // Kept allocated (ZERO_RANGE), as a write-zeroes asks, even when it may trim.
         if let Some(r) = self.zeroes_direct(off, len, false, fua) {

@@ -35,9 +35,8 @@
 //! Above the GC watermark writes are paced by the engine against writeback's progress
 //! (`IoError::Busy` from `admit`): they wait here, in the same FIFO gate, for a window.
 
-use super::backing::{BackingFile, Op, Queue, ReadRing, READ_SLOTS, STREAM_SLOTS};
-use super::block::{is_zero, BlockConn, BlockTarget, Filled};
-use super::direct::DirectBatch;
+use super::backing::{AsyncRing, BackingFile, Op, Queue, RING_SLOTS, STREAM_SLOTS};
+use super::block::{is_zero, BlockConn, BlockTarget, Filled, Tried};
 use super::poll::Waker;
 use crate::engine::latency::{Class, LatencySet};
 use crate::engine::{

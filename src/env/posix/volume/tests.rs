@@ -1,5 +1,5 @@
 //! Volume tests against real files: group commit through the target, write-zeroes and
-//! trims outside write-back, direct writes held until the commit.
+//! trims outside write-back, direct writes in flight on the ring.
 
 use super::*;
 
@@ -134,40 +134,102 @@ fn zeroes_and_trims_bypass_the_cache_outside_writeback() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Direct writes are held until the commit and then written together; a read or
-/// a zeroing of their range, a FLUSH, a FUA write or an overlapping write runs them
-/// first, so the handle always reads what it wrote and the newest write wins.
+/// Reaps `c` until the requests `tags` were all reported; returns their results.
+fn reap_all(c: &mut VolumeConn, tags: &[u64]) -> Vec<(u64, bool)> {
+    let mut got = Vec::new();
+    let t0 = std::time::Instant::now();
+    while got.len() < tags.len() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "not reported: {got:?}"
+        );
+        c.reap(&mut |tag, r| got.push((tag, r.is_ok())));
+    }
+    got.sort();
+    got
+}
+
+/// Direct writes go in flight from `try_write` and are reported by `reap`, ended in the
+/// engine; a read, write or zeroing of their range, or a FLUSH, first waits for them,
+/// so the handle always reads what it wrote and the newest write wins.
 #[test]
-fn direct_writes_are_held_until_the_commit() {
+fn direct_writes_go_in_flight_and_what_overlaps_them_waits() {
     let (dir, backing, vol) = test_volume("pcache-vol-held", Some(CacheMode::WriteAround));
     let t = Target(Arc::clone(&vol));
     let mut c = t.connect().unwrap();
     let on_disk = |off: usize| std::fs::read(&backing).unwrap()[off];
-    for i in 0..8u64 {
-        c.write(i * 65536, &[i as u8 + 1; 65536], false).unwrap();
+    let tags: Vec<u64> = (0..8).collect();
+    for &i in &tags {
+        match c.try_write(i * 65536, &[i as u8 + 1; 65536], false, None, i) {
+            Tried::Started => {}
+            t => panic!("write {i}: {t:?}"),
+        }
     }
-    assert!(c.wants_commit(), "held writes want the commit");
-    assert_eq!(on_disk(7 * 65536), 0, "not written before the commit");
-    c.commit().unwrap();
-    assert!(!c.wants_commit());
-    assert_eq!(on_disk(7 * 65536), 8);
+    assert_eq!(c.in_flight(), 8);
+    let got = reap_all(&mut c, &tags);
+    assert_eq!(got, tags.iter().map(|&t| (t, true)).collect::<Vec<_>>());
+    assert_eq!(c.in_flight(), 0);
+    assert_eq!(on_disk(7 * 65536), 8, "on the disk once reported");
     // Overlapping writes: the newer one wins on the disk and in reads.
-    c.write(0, &[0x11; 8192], false).unwrap();
-    c.write(4096, &[0x22; 4096], false).unwrap();
+    assert!(matches!(
+        c.try_write(0, &[0x11; 8192], false, None, 20),
+        Tried::Started
+    ));
+    assert!(matches!(
+        c.try_write(4096, &[0x22; 4096], false, None, 21),
+        Tried::Started
+    ));
     let mut b = vec![0u8; 8192];
     c.read(0, &mut b).unwrap();
-    assert_eq!((b[0], b[4096]), (0x11, 0x22), "reads see held writes");
-    c.write(65536, &[0x33; 4096], false).unwrap();
+    assert_eq!((b[0], b[4096]), (0x11, 0x22), "reads see writes in flight");
+    assert!(matches!(
+        c.try_write(65536, &[0x33; 4096], false, None, 22),
+        Tried::Started
+    ));
     c.flush().unwrap();
-    assert_eq!(on_disk(65536), 0x33, "FLUSH wrote the held writes");
+    assert_eq!(
+        on_disk(65536),
+        0x33,
+        "FLUSH waited for the writes in flight"
+    );
     assert_eq!((on_disk(0), on_disk(4096)), (0x11, 0x22));
-    c.write(131072, &[0x44; 4096], false).unwrap();
+    assert_eq!(
+        reap_all(&mut c, &[20, 21, 22]).len(),
+        3,
+        "all reported after"
+    );
+    assert!(matches!(
+        c.try_write(131072, &[0x44; 4096], false, None, 23),
+        Tried::Started
+    ));
     c.write_zeroes(131072, 4096, false, false).unwrap();
     c.read(131072, &mut b[..4096]).unwrap();
-    assert_eq!(b[..4096], [0u8; 4096][..], "zeroes after the held write");
+    assert_eq!(
+        b[..4096],
+        [0u8; 4096][..],
+        "zeroes after the write in flight"
+    );
+    // A FUA write and one through `write` run at once.
+    assert!(matches!(
+        c.try_write(196608, &[0x55; 4096], true, None, 24),
+        Tried::Done(Ok(()))
+    ));
+    c.write(262144, &[0x66; 4096], false).unwrap();
+    assert_eq!((on_disk(196608), on_disk(262144)), (0x55, 0x66));
+    assert_eq!(reap_all(&mut c, &[23]).len(), 1);
     assert_eq!(vol.engine.dirty_bytes(), 0);
     let st = vol.engine.stats();
-    assert!(st.bypassed_requests >= 12, "{}", st.bypassed_requests);
+    assert!(st.bypassed_requests >= 14, "{}", st.bypassed_requests);
+    // Left in flight at the drop: waited for, placeholder withdrawn.
+    assert!(matches!(
+        c.try_write(327680, &[0x77; 4096], false, None, 25),
+        Tried::Started
+    ));
+    drop(c);
+    assert_eq!(on_disk(327680), 0x77);
+    let mut c = t.connect().unwrap();
+    c.read(327680, &mut b[..4096]).unwrap();
+    assert_eq!(b[..4096], [0x77; 4096][..]);
     drop(c);
     drop(t);
     drop(vol);
@@ -209,7 +271,7 @@ fn read_miss_is_answered_before_its_fill() {
         }
     }
     assert_eq!(buf, old, "the reply has the base's data");
-    assert_eq!(c.reads_in_flight(), 0);
+    assert_eq!(c.in_flight(), 0);
     assert_eq!(vol.engine.stats().fills, fills, "answered before the fill");
     // A write lands between the reply and the fill.
     c.write(off, &[0xee; 4096], false).unwrap();

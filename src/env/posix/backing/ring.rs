@@ -1,26 +1,31 @@
-//! Asynchronous reads on a backing device: a ring of its own where a reactor starts the
-//! base reads of its read misses and goes on serving other requests, reaping their
-//! completions later (its poll(2) watches the ring's descriptor, readable while
-//! completions wait).
+//! Asynchronous I/O on a backing device: a ring of its own where a reactor starts the
+//! base reads of its read misses and the direct writes of the cache policy, and goes on
+//! serving other requests, reaping their completions later (its poll(2) watches the
+//! ring's descriptor, readable while completions wait).
 //!
-//! Each read in flight owns a *slot*: a page-aligned buffer that only grows (so steady
-//! state allocates nothing and O_DIRECT never needs a bounce) and the ranges to read into
-//! it. The caller takes a slot ([`ReadRing::begin`]), may put data of its own into the
-//! buffer (a read's cache hits), adds the ranges to read ([`ReadRing::add`]), submits
-//! ([`ReadRing::submit`]); [`ReadRing::reap`] reports each slot whose ranges are all back,
-//! and the caller gives the slot back with [`ReadRing::release`] once done with its data.
+//! Each request in flight owns a *slot*: a page-aligned buffer that only grows up to
+//! [`KEEP_BYTES`] (so steady state allocates nothing and O_DIRECT never needs a bounce)
+//! and the ranges to read into it or write from it. The caller takes a slot
+//! ([`AsyncRing::begin`], for a read or a write), puts data of its own into the buffer (a
+//! read's cache hits, a write's payload), adds the ranges ([`AsyncRing::add`]), submits
+//! ([`AsyncRing::submit`]); [`AsyncRing::reap`] reports each slot whose ranges are all
+//! done, and the caller gives the slot back with [`AsyncRing::release`] once done with its
+//! data (a buffer grown past [`KEEP_BYTES`] is freed then, so a few huge requests do not
+//! pin their memory).
 //!
 //! Soundness: the kernel writes into a slot's buffer while any of its entries is in
 //! flight, so a slot with entries in flight is never reused or freed: `release` refuses
 //! it, the buffers never move (a slot's buffer grows only in `begin`, when nothing of it
 //! is in flight), and dropping the ring first waits for every entry in flight (aborting
 //! the process if the ring itself breaks, rather than freeing memory the kernel holds).
-//! Short reads and EINTR/EAGAIN are resubmitted for the rest.
+//! Short transfers and EINTR/EAGAIN are resubmitted for the rest.
 
 use super::*;
 
-/// Slots (reads in flight at once); also the ring's depth.
-pub const READ_SLOTS: usize = 64;
+/// Slots (requests in flight at once); also the ring's depth.
+pub const RING_SLOTS: usize = 64;
+/// Largest slot buffer kept once its request is done.
+pub const KEEP_BYTES: usize = 4 << 20;
 
 /// One range of a slot: `left` bytes still to read at `off` into `buf[at..]`.
 #[derive(Debug, Clone, Copy)]
@@ -42,13 +47,16 @@ struct Slot {
     outstanding: usize,
     /// Taken by `begin`, not yet released.
     busy: bool,
+    /// Its ranges are written from the buffer (read into it otherwise).
+    write: bool,
     /// Submitted and not yet reported by `reap`.
     submitted: bool,
     err: Option<io::Error>,
 }
 
-/// A backing device's ring for asynchronous reads (see the module documentation).
-pub struct ReadRing {
+/// A backing device's ring for asynchronous reads and writes (see the module
+/// documentation).
+pub struct AsyncRing {
     dev: Arc<BackingFile>,
     ring: IoUring,
     slots: Vec<Slot>,
@@ -61,38 +69,38 @@ pub struct ReadRing {
 
 // SAFETY: the buffers are allocations owned by the ring; the kernel's pointers into them
 // are only used through this ring, which moves with them. One thread uses it at a time.
-unsafe impl Send for ReadRing {}
+unsafe impl Send for AsyncRing {}
 
 impl BackingFile {
-    /// A ring for asynchronous reads (see `reads`).
-    pub fn read_ring(self: &Arc<Self>) -> io::Result<ReadRing> {
-        let ring = IoUring::new(READ_SLOTS as u32).map_err(|e| {
+    /// A ring for asynchronous reads and writes (see `ring`).
+    pub fn async_ring(self: &Arc<Self>) -> io::Result<AsyncRing> {
+        let ring = IoUring::new(RING_SLOTS as u32).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("cannot create an io_uring (is io_uring disabled?): {e}"),
             )
         })?;
-        Ok(ReadRing {
+        Ok(AsyncRing {
             dev: Arc::clone(self),
             ring,
-            slots: (0..READ_SLOTS).map(|_| Slot::default()).collect(),
-            free: (0..READ_SLOTS).rev().collect(),
+            slots: (0..RING_SLOTS).map(|_| Slot::default()).collect(),
+            free: (0..RING_SLOTS).rev().collect(),
             backlog: VecDeque::new(),
             inflight: 0,
         })
     }
 }
 
-impl ReadRing {
-    /// Whether a read at buffer position `at` may go straight into a slot (O_DIRECT's
+impl AsyncRing {
+    /// Whether a transfer at buffer position `at` may use a slot as it lies (O_DIRECT's
     /// memory alignment; slot buffers are page-aligned).
     pub fn aligned(&self, at: usize) -> bool {
         !self.dev.direct || at % self.dev.mem_align == 0
     }
 
-    /// Takes a free slot with a buffer of `len` bytes (contents unspecified), or None
-    /// when every slot is in use.
-    pub fn begin(&mut self, len: usize) -> io::Result<Option<(usize, &mut [u8])>> {
+    /// Takes a free slot with a buffer of `len` bytes (contents unspecified) for a read,
+    /// or with `write` for a write of the buffer, or None when every slot is in use.
+    pub fn begin(&mut self, len: usize, write: bool) -> io::Result<Option<(usize, &mut [u8])>> {
         let Some(&i) = self.free.last() else {
             return Ok(None);
         };
@@ -102,6 +110,7 @@ impl ReadRing {
         let ptr = b.ensure(len.max(1))?;
         self.free.pop();
         s.busy = true;
+        s.write = write;
         s.len = len;
         s.ranges.clear();
         s.err = None;
@@ -112,15 +121,15 @@ impl ReadRing {
         })))
     }
 
-    /// Adds a range of slot `i` to read: `len` bytes at device offset `off` into
-    /// `buf[at..at + len]`. Checked against the device and the buffer.
+    /// Adds a range of slot `i`: `len` bytes at device offset `off`, read into (or
+    /// written from) `buf[at..at + len]`. Checked against the device and the buffer.
     pub fn add(&mut self, i: usize, off: u64, at: usize, len: usize) -> io::Result<()> {
-        self.dev.check("read", off, len as u64)?;
         let s = &mut self.slots[i];
+        self.dev.check(what(s.write), off, len as u64)?;
         if !s.busy || s.submitted || at.checked_add(len).is_none_or(|e| e > s.len) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "read range outside its slot",
+                "range outside its slot",
             ));
         }
         if !self.dev.direct || at % self.dev.mem_align == 0 {
@@ -135,12 +144,12 @@ impl ReadRing {
         } else {
             Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "read range not aligned for O_DIRECT",
+                "range not aligned for O_DIRECT",
             ))
         }
     }
 
-    /// Starts the reads of slot `i` (without waiting for any).
+    /// Starts the transfers of slot `i` (without waiting for any).
     pub fn submit(&mut self, i: usize) {
         let s = &mut self.slots[i];
         s.submitted = true;
@@ -170,7 +179,7 @@ impl ReadRing {
     /// Moves waiting entries into the ring while it has room.
     fn push_backlog(&mut self) {
         let fd = types::Fd(self.dev.file.as_raw_fd());
-        while self.inflight < READ_SLOTS {
+        while self.inflight < RING_SLOTS {
             let Some(&(i, r)) = self.backlog.front() else {
                 break;
             };
@@ -182,13 +191,15 @@ impl ReadRing {
             // SAFETY: `rg.at + rg.left <= len <= cap` (checked in `add`; progress keeps
             // it), so the pointer and length lie inside the slot's buffer.
             let ptr = unsafe { b.ptr.add(rg.at) };
-            let entry = opcode::Read::new(fd, ptr, n)
-                .offset(rg.off)
-                .build()
-                .user_data(((i as u64) << 32) | r as u64);
+            let entry = if self.slots[i].write {
+                opcode::Write::new(fd, ptr, n).offset(rg.off).build()
+            } else {
+                opcode::Read::new(fd, ptr, n).offset(rg.off).build()
+            }
+            .user_data(((i as u64) << 32) | r as u64);
             // SAFETY: the buffer stays valid and unmoved until the entry completes (the
             // slot is neither released nor resized while `outstanding > 0`, and the ring
-            // waits for everything before it is dropped); room: `inflight < READ_SLOTS`.
+            // waits for everything before it is dropped); room: `inflight < RING_SLOTS`.
             if unsafe { self.ring.submission().push(&entry) }.is_err() {
                 break;
             }
@@ -197,13 +208,13 @@ impl ReadRing {
         }
     }
 
-    /// Reads in flight (slots submitted and not yet reported).
+    /// Requests in flight (slots submitted and not yet reported).
     pub fn busy(&self) -> bool {
         self.inflight > 0 || !self.backlog.is_empty()
     }
 
     /// Reaps the completions there are (without waiting) and calls `done(slot, result)`
-    /// for each slot whose ranges are all back; its data is then [`ReadRing::data`] until
+    /// for each slot whose ranges are all back; its data is then [`AsyncRing::data`] until
     /// released.
     pub fn reap(&mut self, mut done: impl FnMut(usize, io::Result<()>)) {
         loop {
@@ -229,6 +240,8 @@ impl ReadRing {
                         continue;
                     }
                     Some(e)
+                } else if res == 0 && s.write {
+                    Some(io::Error::new(io::ErrorKind::WriteZero, "wrote nothing"))
                 } else if res == 0 {
                     Some(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -247,7 +260,7 @@ impl ReadRing {
                 };
                 if let Some(e) = err {
                     let (o, l) = (rg.orig_off, rg.orig_len as u64);
-                    let e = self.dev.context("read", o, l, e);
+                    let e = self.dev.context(what(s.write), o, l, e);
                     s.err.get_or_insert(e);
                 }
                 s.outstanding -= 1;
@@ -282,6 +295,9 @@ impl ReadRing {
         if s.busy && s.outstanding == 0 {
             s.busy = false;
             s.submitted = false;
+            if s.buf.as_ref().is_some_and(|b| b.cap > KEEP_BYTES) {
+                s.buf = None;
+            }
             self.free.push(i);
         }
     }
@@ -292,6 +308,19 @@ impl ReadRing {
         s.outstanding = 0;
         s.ranges.clear();
         self.release(i);
+    }
+
+    /// Waits for at least one completion if anything is in flight, then reaps; `done`
+    /// as for `reap`.
+    pub fn wait_one(&mut self, done: impl FnMut(usize, io::Result<()>)) {
+        if self.inflight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if is_retryable(&e) || e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => self.broken(e),
+            }
+        }
+        self.reap(done);
     }
 
     /// Waits until nothing is in flight; `done` as for `reap`.
@@ -311,7 +340,7 @@ impl ReadRing {
     /// The ring failed with buffers in the kernel's hands: not survivable.
     fn broken(&self, e: io::Error) -> ! {
         eprintln!(
-            "pcache: {}: read io_uring failed with {} requests in flight: {e}; aborting",
+            "pcache: {}: io_uring failed with {} requests in flight: {e}; aborting",
             self.dev.path.display(),
             self.inflight
         );
@@ -319,7 +348,7 @@ impl ReadRing {
     }
 }
 
-impl std::os::fd::AsFd for ReadRing {
+impl std::os::fd::AsFd for AsyncRing {
     /// Readable while completions wait to be reaped.
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         // SAFETY: the ring's descriptor stays open while the ring lives, and the borrow
@@ -328,8 +357,17 @@ impl std::os::fd::AsFd for ReadRing {
     }
 }
 
-impl Drop for ReadRing {
+impl Drop for AsyncRing {
     fn drop(&mut self) {
         self.wait_all(|_, _| {});
+    }
+}
+
+/// The operation's name in errors.
+fn what(write: bool) -> &'static str {
+    if write {
+        "write"
+    } else {
+        "read"
     }
 }
