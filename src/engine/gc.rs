@@ -318,7 +318,7 @@ impl<P: Pmem> Engine<P> {
         let mut done = 0usize;
         while done < len {
             let a = match intact {
-                true => self.alloc(&mut st.ch, (len - done) as u64).ok(),
+                true => self.alloc_keyed(&mut st.ch, (len - done) as u64).ok(),
                 false => None,
             };
             let Some(a) = a else {

@@ -179,6 +179,16 @@ impl<P: Pmem> Engine<P> {
         }
     }
 
+    /// `alloc` for a call that keys each allocation before it makes the next: the
+    /// segment an earlier allocation of the same call left is sealed first. (Sealing
+    /// only at the start of a call left all but the last segment a long call filled
+    /// unsealed, and so out of compaction's reach until the log's tail reclaimed it:
+    /// GC's relocation fills several segments in one call.)
+    pub(super) fn alloc_keyed(&self, ch: &mut Channel, want: u64) -> Result<Alloc, IoError> {
+        self.seal_left(ch);
+        self.alloc(ch, want)
+    }
+
     /// Carves up to `want` bytes from the channel's head; the result holds one segment
     /// reference for the key that will point at it.
     pub(super) fn alloc(&self, ch: &mut Channel, want: u64) -> Result<Alloc, IoError> {
@@ -288,7 +298,7 @@ impl<P: Pmem> Engine<P> {
             let o = off + pos as u64;
             let to_boundary = SUBTREE_SIZE - o % SUBTREE_SIZE;
             let want = (data.len() - pos).min(to_boundary as usize) as u64;
-            let a = self.alloc(ch, want)?;
+            let a = self.alloc_keyed(ch, want)?;
             let src = &data[pos..pos + a.len as usize];
             let at = self.geo.data_off(a.seg, a.off);
             self.pmem.write(at, src);
@@ -679,7 +689,7 @@ impl<P: Pmem> Engine<P> {
                 let o = off + (at + done) as u64;
                 let rest = (len - done) as u64;
                 let a = if admit {
-                    self.alloc(head, rest).ok()
+                    self.alloc_keyed(head, rest).ok()
                 } else {
                     None
                 };

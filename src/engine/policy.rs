@@ -374,7 +374,7 @@ impl<P: Pmem> Engine<P> {
         while done < len {
             let o = off + done;
             let rest = (len - done).min(SUBTREE_SIZE - o % SUBTREE_SIZE);
-            let Ok(a) = self.alloc(ch, rest) else {
+            let Ok(a) = self.alloc_keyed(ch, rest) else {
                 self.end_pieces(o, len - done, d.token);
                 break;
             };
