@@ -117,6 +117,15 @@ impl<P: Pmem> Engine<P> {
                 *r = Err(IoError::Busy);
             }
         }
+        // The segments this batch filled and left: its pieces are all keyed (or given
+        // back) now, so they are sealed here. `ch.left` remembers only the last one,
+        // and a batch larger than a segment leaves several.
+        if staged.first().map(|s| s.seg) != staged.last().map(|s| s.seg) {
+            let open = ch.head().map(|h| h.seg);
+            for s in staged.iter().filter(|s| Some(s.seg) != open) {
+                self.segs.seal(s.seg, s.gen as u32);
+            }
+        }
         for (i, r) in out.iter().enumerate() {
             if r.is_ok() {
                 slot.add(|c| &c.writes, 1);

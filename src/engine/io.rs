@@ -775,4 +775,51 @@ mod tests {
     fn a_channel_stays_within_four_cache_lines() {
         assert!(std::mem::size_of::<super::Channel>() <= 256);
     }
+
+    /// A call that fills several segments seals every one it left once its keys are in
+    /// (`alloc_keyed`; `write_many` at its end), so compaction can reach them; only
+    /// the segment a head is still open in stays unsealed.
+    #[test]
+    fn long_calls_seal_every_segment_they_leave() {
+        use crate::engine::{BackingIdentity, Channel, Config, Engine, FormatOptions};
+        use crate::env::sim::pmem::SimPmem;
+        use std::sync::Arc;
+        const SEG: u32 = 64 << 10;
+        let pmem = Arc::new(SimPmem::new(
+            crate::engine::format::SEGMENTS_OFF + 128 * SEG as u64,
+        ));
+        let id = BackingIdentity {
+            size: 8 << 20,
+            block_size: 512,
+            id: "disk-a".into(),
+        };
+        let mut fo = FormatOptions::new(id, 1);
+        fo.seg_size = SEG;
+        let e = Engine::format(pmem, &fo, &Config::default()).unwrap();
+        let unsealed = |e: &Engine<Arc<SimPmem>>| {
+            let mut uses = Vec::new();
+            e.segs.uses_into(&mut uses);
+            (0..e.geo.n_segs)
+                .filter(|&s| uses[s as usize] == super::super::segs::Use::Data)
+                .filter(|&s| !e.segs.is_sealed(s))
+                .count()
+        };
+        let mut ch = Channel::default();
+        // One write over four segments' worth, then 32 segments' worth of 64 KiB writes
+        // in one batch.
+        e.write(&mut ch, 0, &vec![7u8; 4 * SEG as usize], false)
+            .unwrap();
+        assert_eq!(unsealed(&e), 1, "only the open head's segment");
+        let data = vec![9u8; 2 << 20];
+        let mut out = Vec::new();
+        e.write_many(
+            &mut ch,
+            32,
+            |i| ((i as u64) << 16, &data[i << 16..(i + 1) << 16]),
+            &mut out,
+        );
+        assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+        assert_eq!(unsealed(&e), 1, "only the open head's segment");
+        e.release_channel(&mut ch);
+    }
 }
