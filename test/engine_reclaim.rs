@@ -33,6 +33,10 @@ fn engine_promoting(segs: u64, promotion: Promotion) -> Engine<Arc<SimPmem>> {
     let mut fo = FormatOptions::new(id, 1);
     fo.seg_size = SEG;
     fo.policy.promotion = promotion;
+    // The scans here are what reclaim must cope with; the sequential cutoff, which
+    // keeps a stream out of a full cache, would keep them away (test/embedded.rs and
+    // the simulator's policy family cover it).
+    fo.policy.seq_cutoff_kib = 0;
     let cfg = Config {
         log_reserve: 2,
         ..Config::default()

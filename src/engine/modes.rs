@@ -61,7 +61,8 @@ named_codes!(CacheMode, "cache mode", "writeback, writethrough, writearound or p
 /// When the sequential cutoff applies (OCF's `seq_cutoff_policy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SeqPolicy {
-    /// Only when the cache is full (OCF's default).
+    /// Only when the cache is full (OCF's default): at or above where a GC round stops
+    /// (`Engine::over`), so once a cache has filled, every fill evicts.
     #[default]
     Full,
     Always,

@@ -1,9 +1,19 @@
 //! A channel's sequential stream tracker (the sequential cutoff's detector): a fixed
-//! array of the latest streams, least recently used replaced, so nothing allocates per
-//! request. Used by the request paths (`io`) and consulted by routing (`policy`).
+//! array of the latest streams, so nothing allocates per request. A request that
+//! continues no stream replaces the least recently used one, but a long stream that is
+//! still going (at least `LONG` bytes, used within the last `ACTIVE` requests) goes
+//! last: random requests between a stream's requests (a hot set read beside a
+//! sequential writer, or reads passing the writer's requests while those wait for the
+//! cache) would otherwise evict it, and each of its requests would then start a new,
+//! short stream the cutoff never cuts. Used by the request paths (`io`) and consulted
+//! by routing (`policy`).
 
 /// Sequential streams a channel tracks (least recently used is replaced).
 pub const STREAMS: usize = 4;
+/// A stream this long and used within the last `ACTIVE` requests is replaced only when
+/// every slot holds one.
+const LONG: u64 = 256 << 10;
+const ACTIVE: u64 = 1024;
 
 /// One sequential stream seen on a channel.
 #[derive(Debug, Clone, Copy, Default)]
@@ -42,7 +52,7 @@ impl Streams {
         let lru = self
             .s
             .iter_mut()
-            .min_by_key(|st| st.last_use)
+            .min_by_key(|st| (st.len >= LONG && now - st.last_use <= ACTIVE, st.last_use))
             .expect("STREAMS > 0");
         *lru = Stream {
             end: off + len,
@@ -51,6 +61,15 @@ impl Streams {
             write,
         };
         len
+    }
+
+    /// The length of the stream whose last request ended at `end` (0 if none): what
+    /// `note` returned for that request, if no later request continued the stream.
+    pub(super) fn ending_at(&self, end: u64, write: bool) -> u64 {
+        self.s
+            .iter()
+            .find(|st| st.len > 0 && st.end == end && st.write == write)
+            .map_or(0, |st| st.len)
     }
 }
 
@@ -76,5 +95,31 @@ mod tests {
         assert_eq!(s.note(8192, 4096, false), 4096, "the reader was evicted");
         // A jump breaks a stream.
         assert_eq!(s.note(1 << 20, 4096, true), 4096);
+    }
+
+    /// A long stream survives any number of random requests between its own, until it
+    /// has been idle for `ACTIVE` requests; short streams are replaced least recently
+    /// used first.
+    #[test]
+    fn a_long_stream_outlives_random_requests_while_it_goes_on() {
+        let mut s = Streams::default();
+        let chunk = 128u64 << 10;
+        for i in 0..4 {
+            s.note(i * chunk, chunk, true);
+        }
+        let mut rnd = 1u64 << 40;
+        for i in 4..12 {
+            for _ in 0..100 {
+                rnd += 3 << 20;
+                assert_eq!(s.note(rnd, 4096, false), 4096);
+            }
+            assert_eq!(s.note(i * chunk, chunk, true), (i + 1) * chunk);
+        }
+        // Idle too long: random requests take its slot in the end.
+        for _ in 0..=ACTIVE {
+            rnd += 3 << 20;
+            s.note(rnd, 4096, false);
+        }
+        assert_eq!(s.note(12 * chunk, chunk, true), chunk, "evicted once idle");
     }
 }

@@ -65,6 +65,27 @@ pub fn start_write<P: Pmem>(
     }))
 }
 
+/// As [`start_write`] for a write the cache took first and that waited since (paced or
+/// full): `Some` when it now goes to the backing device (`Engine::reroute_write`).
+pub fn restart_write<P: Pmem>(
+    e: &Engine<P>,
+    ch: &mut Channel,
+    off: u64,
+    len: u64,
+    fua: bool,
+) -> Result<Option<DirectOp>, IoError> {
+    let Route::Direct { through } = e.reroute_write(ch, off, len) else {
+        return Ok(None);
+    };
+    Ok(e.begin_direct(off, len, through)?.map(|d| DirectOp {
+        off,
+        len,
+        kind: DirectKind::Write,
+        fua,
+        d,
+    }))
+}
+
 /// Routes a write-zeroes (`discard` false) or discard: `Some` outside write-back, when
 /// no dirty data overlaps.
 pub fn start_zeroes<P: Pmem>(

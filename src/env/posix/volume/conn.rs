@@ -545,7 +545,7 @@ impl BlockConn for VolumeConn {
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
         let t0 = Instant::now();
         self.settle(off, data.len() as u64);
-        match self.write_routed(off, data, fua, t0, None) {
+        match self.write_routed(off, data, fua, t0, None, false) {
             Some(Tried::Done(r)) => return r,
             Some(_) => unreachable!("a direct write without a tag runs at once"),
             None => {}
@@ -573,14 +573,15 @@ impl BlockConn for VolumeConn {
         }
         let t0 = Instant::now();
         self.settle(off, data.len() as u64);
-        // Routed once, on the first try (routing feeds the stream detector); a write
-        // that waits is one the cache takes.
-        if waited.is_none() {
-            if let Some(t) = self.write_routed(off, data, fua, t0, Some(tag)) {
-                return t;
-            }
-        }
+        // Routed on the first try (routing feeds the stream detector). A write the
+        // cache took and that waits may go around it after all when the policy now
+        // cuts it (a stream, once the cache is full): it then waits no longer.
+        let again = waited.is_some();
         let waited = waited.unwrap_or_default();
+        let since = t0.checked_sub(waited).unwrap_or(t0);
+        if let Some(t) = self.write_routed(off, data, fua, since, Some(tag), again) {
+            return t;
+        }
         let (vol, ch) = (&self.vol, &mut self.ch);
         let Some(r) = vol.try_gated(|| vol.engine.write(ch, off, data, fua), waited) else {
             return Tried::Wait;

@@ -35,9 +35,10 @@ impl VolumeConn {
         fua: bool,
         t0: Instant,
         tag: Option<u64>,
+        again: bool,
     ) -> Option<Tried> {
         self.uncommitted = true;
-        let t = self.write_direct(off, data, fua, tag, t0)?;
+        let t = self.write_direct(off, data, fua, tag, t0, again)?;
         if let Tried::Done(r) = &t {
             self.written(r, t0.elapsed());
         }
@@ -125,9 +126,11 @@ impl VolumeConn {
     }
 
     /// A write the policy sends to the backing device (`runtime::direct`): None when it
-    /// goes through the cache after all. With a `tag` it goes in flight on the ring
-    /// (`reap` reports it); a FUA write, one without a tag, or one that finds no room
-    /// in flight is written at once.
+    /// goes through the cache after all. `again`: the cache took it first and it has
+    /// waited since; it goes around only if the policy would now cut it
+    /// (`restart_write`). With a `tag` it goes in flight on the ring (`reap` reports
+    /// it); a FUA write, one without a tag, or one that finds no room in flight is
+    /// written at once.
     pub(super) fn write_direct(
         &mut self,
         off: u64,
@@ -135,9 +138,16 @@ impl VolumeConn {
         fua: bool,
         tag: Option<u64>,
         t0: Instant,
+        again: bool,
     ) -> Option<Tried> {
         let len = data.len() as u64;
-        let op = match dproto::start_write(&self.vol.engine, &mut self.ch, off, len, fua) {
+        let (e, ch) = (&self.vol.engine, &mut self.ch);
+        let started = if again {
+            dproto::restart_write(e, ch, off, len, fua)
+        } else {
+            dproto::start_write(e, ch, off, len, fua)
+        };
+        let op = match started {
             Ok(Some(op)) => op,
             Ok(None) => return None,
             Err(x) => return Some(Tried::Done(Err(to_io(x)))),
