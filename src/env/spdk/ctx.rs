@@ -277,6 +277,9 @@ pub(super) struct IoCtx {
     pub(super) failed: bool,
     /// Waiting for the base bdev to have request objects again.
     pub(super) waiting: bool,
+    /// Routed by the cache policy already (`direct::try_start`): a retry routes it
+    /// again without feeding the stream detector.
+    pub(super) routed: bool,
     pub(super) wait: sys::spdk_bdev_io_wait_entry,
     /// What its latency counts as once it succeeds (measured from the bdev layer's
     /// submit time, `spdk_bdev_io_get_submit_tsc`).
@@ -300,6 +303,7 @@ impl IoCtx {
             n_misses: 0,
             failed: false,
             waiting: false,
+            routed: false,
             wait: sys::spdk_bdev_io_wait_entry::default(),
             class: None,
             why: "the request failed",

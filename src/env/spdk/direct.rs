@@ -29,12 +29,23 @@ use std::ptr::null_mut;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Starts WRITE, WRITE_ZEROES or UNMAP `bio` on the base bdev when the policy routes it
-/// there. False: it goes through the cache (`io::ordered`) instead.
-pub(super) fn try_start(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io, d: &IoDesc) -> bool {
+/// there. False: it goes through the cache (`io::ordered`) instead. `again`: a retry of
+/// a request the cache took and that waited (a WRITE is routed again without feeding
+/// the stream detector a second time, `dproto::restart_write`).
+pub(super) fn try_start(
+    c: &mut ChannelCtx,
+    bio: *mut sys::spdk_bdev_io,
+    d: &IoDesc,
+    again: bool,
+) -> bool {
+    io_ctx(bio).routed = true;
     let e = &c.shared.engine;
     let bs = c.shared.block_size as u64;
     let (off, len) = (d.offset_blocks * bs, d.num_blocks * bs);
     let started = match d.ty {
+        sys::SPDK_BDEV_IO_TYPE_WRITE if again => {
+            dproto::restart_write(e, &mut c.main, off, len, d.fua)
+        }
         sys::SPDK_BDEV_IO_TYPE_WRITE => dproto::start_write(e, &mut c.main, off, len, d.fua),
         sys::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => dproto::start_zeroes(e, off, len, false, d.fua),
         sys::SPDK_BDEV_IO_TYPE_UNMAP => dproto::start_zeroes(e, off, len, true, d.fua),

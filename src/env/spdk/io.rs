@@ -76,7 +76,7 @@ fn dispatch(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
             };
             if !c.retry.is_empty() {
                 queue(c, bio);
-            } else if !direct::try_start(c, bio, &d) {
+            } else if !direct::try_start(c, bio, &d, false) {
                 let batched = batchable(c, &d);
                 if !batched || c.writes.len() >= WRITE_BATCH {
                     // Anything else runs after the writes queued before it.
@@ -137,7 +137,8 @@ pub(super) unsafe fn retry_ordered(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_
     }
     // SAFETY: forwarded contract.
     let d = unsafe { ffi::io_desc(bio) };
-    if direct::try_start(c, bio, &d) {
+    // A request queued behind others was never routed: its first try routes it.
+    if direct::try_start(c, bio, &d, io_ctx(bio).routed) {
         return true; // left the queue for the base bdev
     }
     if d.ty == sys::SPDK_BDEV_IO_TYPE_WRITE {
