@@ -47,6 +47,8 @@ pub(super) struct GcState {
     hot: Vec<(u64, Extent)>,
     /// A piece's data on its way to its new place.
     copy: Vec<u8>,
+    /// The keys of the kset being retired, decoded once.
+    keys: Vec<KeyRec>,
     /// Read and write requests counted at the last call, and their decayed sums since
     /// (`reads_matter`).
     seen: (u64, u64),
@@ -142,8 +144,12 @@ impl<P: Pmem> Engine<P> {
             // first keys can move too). A kset whose live data is within that half
             // moves all of it, read or not: a log cleaner's cheap case.
             let (mut retired, mut live) = (0u64, 0u64);
+            let mut keys = std::mem::take(&mut st.keys);
+            keys.clear();
             for i in 0..hdr.count as usize {
                 let o = KSET_HDR + i * KEY_SIZE;
+                // The kset was valid when written back; a decode failure now means the
+                // medium changed under us. Its references are then leaked, not misused.
                 if let Ok(k) = KeyRec::decode(&buf[o..o + KEY_SIZE], &self.geo) {
                     if k.has_data() {
                         retired += k.len as u64;
@@ -155,21 +161,19 @@ impl<P: Pmem> Engine<P> {
                             live += self.live_bytes(&k);
                         }
                     }
+                    keys.push(k);
                 }
             }
             budget += retired / 2;
             let cold_too = reads_matter && live * 2 <= retired;
-            for i in 0..hdr.count as usize {
-                let o = KSET_HDR + i * KEY_SIZE;
-                // The kset was valid when written back; a decode failure now means the
-                // medium changed under us. Its references are then leaked, not misused.
-                let Ok(k) = KeyRec::decode(&buf[o..o + KEY_SIZE], &self.geo) else {
-                    continue;
-                };
+            // References are dropped per run of keys in one segment (a kset's keys
+            // mostly come from one allocation head): one atomic update a run, not a key.
+            let mut run = (0u32, 0u32);
+            for k in &keys {
                 // A key the replay at open dropped holds no reference either.
                 if !k.has_data()
                     || self.segs.gens[k.seg as usize].load(Acquire) != k.gen
-                    || !self.replay_kept(&k, pos.seq)
+                    || !self.replay_kept(k, pos.seq)
                 {
                     continue;
                 }
@@ -182,15 +186,31 @@ impl<P: Pmem> Engine<P> {
                     .segs
                     .all_superseded(k.seg, k.seg_off, k.len, k.gen as u32)
                 {
-                    self.retire_key(st, &k, synced, cold_too, &mut budget);
+                    // What retire_key does may depend on free space (relocation keeps
+                    // a margin): the references of the keys before it go first, as
+                    // one by one.
+                    self.put_run(run, &mut r);
+                    run.1 = 0;
+                    self.retire_key(st, k, synced, cold_too, &mut budget);
                 }
-                if self.segs.put(&self.pmem, &self.geo, k.seg) {
-                    r.segments_freed += 1;
-                    self.counters.segs_reclaimed.inc();
+                if run.1 > 0 && run.0 != k.seg {
+                    self.put_run(run, &mut r);
+                    run.1 = 0;
                 }
+                run = (k.seg, run.1 + 1);
             }
+            self.put_run(run, &mut r);
+            st.keys = keys;
         }
         r
+    }
+
+    /// Drops `n` references to segment `seg` for `(seg, n)`, counting a segment freed.
+    fn put_run(&self, (seg, n): (u32, u32), r: &mut GcResult) {
+        if n > 0 && self.segs.put_n(&self.pmem, &self.geo, seg, n) {
+            r.segments_freed += 1;
+            self.counters.segs_reclaimed.inc();
+        }
     }
 
     /// One compaction pass (see `compact`): moves or drops the live clean pieces of the
