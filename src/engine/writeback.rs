@@ -130,31 +130,7 @@ impl WbBatch {
         let keys = &self.keys;
         let order = &mut self.order;
         order.clear();
-        // A dirty key whose every block is marked superseded emits nothing, so it is
-        // left out before the sort: in a steady random-write run that is most keys
-        // (83% of the bytes of the SPDK bench's in-cache randwrite), and sorting and
-        // resolving them was 9% of that core. Leaving it out of its group's union too
-        // changes nothing another key emits but a part of an older key of the same
-        // epoch that no whole-block mark covers (a sub-block write's): that part is then
-        // written where it would have been skipped, one of that epoch's values for those
-        // bytes, which the newer key superseding both writes over later (the durability
-        // contract's item 4 allows either).
-        let marked = |k: &KeyRec| {
-            marks
-                && k.flags & KEY_CLEAN == 0
-                && k.has_data()
-                && segs.is_some_and(|s| {
-                    s.gens[k.seg as usize].load(Acquire) == k.gen
-                        && s.all_superseded(k.seg, k.seg_off, k.len, k.gen as u32)
-                })
-        };
-        for (i, k) in keys.iter().enumerate() {
-            if marked(k) {
-                self.skipped += k.len as u64;
-            } else {
-                order.push(i as u32);
-            }
-        }
+        order.extend(0..keys.len() as u32);
         order.sort_unstable_by_key(|&i| keys[i as usize].off);
         let mut out = Emit {
             items: &mut self.items,
