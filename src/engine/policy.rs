@@ -119,7 +119,8 @@ impl<P: Pmem> Engine<P> {
         Ok(())
     }
 
-    pub(super) fn mode(&self) -> CacheMode {
+    /// The cache mode in effect (one atomic load).
+    pub fn mode(&self) -> CacheMode {
         CacheMode::from_code(self.mode_code.load(Relaxed) as u8).unwrap_or_default()
     }
 

@@ -7,7 +7,7 @@
 //! (`Instant` in the embedded runtime, SPDK ticks converted), and none reads one itself,
 //! so a runtime reads its clock only where a rule needs it.
 
-use crate::engine::{Engine, FlushMark, Pmem, WbItem, WbKind};
+use crate::engine::{CacheMode, Engine, FlushMark, Pmem, WbItem, WbKind};
 
 /// Period of the engine's tick (ages kset buffers: those older than two ticks close).
 pub const TICK_PERIOD_US: u64 = 100_000;
@@ -99,11 +99,20 @@ pub fn writeback_due<P: Pmem>(
 /// `Engine::direct_flushed(mark)`). Writeback's own FLUSHes report their marks too, so
 /// while they run this is rarely owed; a write-through stream (whose writeback windows
 /// are empty and flush nothing) gets one FLUSH per period, not one per write.
+///
+/// Never in passthrough: the flush exists so read misses can be cached again soon after
+/// direct writes and write-through copies become synced, and passthrough caches
+/// neither; a client FLUSH still flushes the backing device for its writes. (On a
+/// bdev_aio base, whose FLUSH is a synchronous fsync, the 5 ms flush held passthrough
+/// random writes to 0.62-0.75x the bare base's IOPS on one machine.)
 pub fn direct_flush_due<P: Pmem>(
     e: &Engine<P>,
     timer: &mut Every,
     now_us: u64,
 ) -> Option<FlushMark> {
+    if e.mode() == CacheMode::PassThrough {
+        return None;
+    }
     let mark = e.direct_flush_needed()?;
     timer.due(now_us, DIRECT_FLUSH_PERIOD_US).then_some(mark)
 }
