@@ -941,3 +941,31 @@ fn a_write_batch_reports_out_of_range_for_its_request_only() {
     assert_eq!(e.stats().writes, 2);
     e.check_invariants(&[&ch]).unwrap();
 }
+
+/// The periodic backing FLUSH for direct writes (`sched::direct_flush_due`) is owed in
+/// the caching modes but never in passthrough, which caches nothing it would let it keep;
+/// the engine still reports the flush as owed, for a client FLUSH.
+#[test]
+fn passthrough_owes_no_periodic_flush() {
+    use pcache::engine::CacheMode;
+    let (_pmem, e) = new_engine(12, false);
+    let mut timer = sched::Every::default();
+    for (mode, periodic) in [
+        (CacheMode::PassThrough, false),
+        (CacheMode::WriteAround, true),
+    ] {
+        e.set_policy(e.policy().with(Some(mode), None, None))
+            .unwrap();
+        let d = e
+            .begin_direct(0, 4096, false)
+            .unwrap()
+            .expect("nothing cached");
+        e.end_direct_uncached(0, 4096, d, true);
+        assert!(
+            e.direct_flush_needed().is_some(),
+            "{mode:?}: owed to a client FLUSH"
+        );
+        let due = sched::direct_flush_due(&e, &mut timer, 1_000_000);
+        assert_eq!(due.is_some(), periodic, "{mode:?}");
+    }
+}

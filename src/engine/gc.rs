@@ -189,25 +189,25 @@ impl<P: Pmem> Engine<P> {
                     // What retire_key does may depend on free space (relocation keeps
                     // a margin): the references of the keys before it go first, as
                     // one by one.
-                    self.put_run(run, &mut r);
-                    run.1 = 0;
+                    self.put_run(&mut run, &mut r);
                     self.retire_key(st, k, synced, cold_too, &mut budget);
                 }
-                if run.1 > 0 && run.0 != k.seg {
-                    self.put_run(run, &mut r);
-                    run.1 = 0;
+                if run.0 != k.seg {
+                    self.put_run(&mut run, &mut r);
                 }
                 run = (k.seg, run.1 + 1);
             }
-            self.put_run(run, &mut r);
+            self.put_run(&mut run, &mut r);
             st.keys = keys;
         }
         r
     }
 
-    /// Drops `n` references to segment `seg` for `(seg, n)`, counting a segment freed.
-    fn put_run(&self, (seg, n): (u32, u32), r: &mut GcResult) {
-        if n > 0 && self.segs.put_n(&self.pmem, &self.geo, seg, n) {
+    /// Drops the references of `run`, `(segment, count)`, and empties it; counts the
+    /// segment when that freed it.
+    fn put_run(&self, run: &mut (u32, u32), r: &mut GcResult) {
+        let (seg, n) = std::mem::take(run);
+        if self.segs.put_n(&self.pmem, &self.geo, seg, n) {
             r.segments_freed += 1;
             self.counters.segs_reclaimed.inc();
         }
