@@ -949,7 +949,7 @@ fn a_write_batch_reports_out_of_range_for_its_request_only() {
 fn passthrough_owes_no_periodic_flush() {
     use pcache::engine::CacheMode;
     let (_pmem, e) = new_engine(12, false);
-    let mut timer = sched::Every::default();
+    let mut timer = sched::FlushPacer::default();
     for (mode, periodic) in [
         (CacheMode::PassThrough, false),
         (CacheMode::WriteAround, true),

@@ -11,11 +11,20 @@ use crate::engine::{CacheMode, Engine, FlushMark, Pmem, WbItem, WbKind};
 
 /// Period of the engine's tick (ages kset buffers: those older than two ticks close).
 pub const TICK_PERIOD_US: u64 = 100_000;
-/// Period of the backing FLUSH for direct writes and unsynced keys
+/// Shortest period of the backing FLUSH for direct writes and unsynced keys
 /// (`Engine::direct_flush_needed`): until one covers them, misses over direct writes are
 /// cached as unsynced and write-throughs stay unsynced (dropped by a replay after a
-/// crash), so the runtimes flush the backing device for them at this period.
+/// crash, not moved by GC), so the runtimes flush the backing device for them
+/// (`FlushPacer`): at this period where a FLUSH is cheap, further apart where it is not.
 pub const DIRECT_FLUSH_PERIOD_US: u64 = 5_000;
+/// Longest period of that FLUSH: how long a write-through copy may stay unsynced at most
+/// (plus one FLUSH) where flushes are slow.
+pub const DIRECT_FLUSH_MAX_US: u64 = 2_000_000;
+/// The periodic FLUSH may take at most 1/FLUSH_COST_SHARE of the time: its period is at
+/// least this many times what a FLUSH has been taking. A FLUSH of a file on a VM's disk
+/// (bdev_aio: a synchronous fsync on the reactor) took tens of milliseconds, and a
+/// 5 ms period held random writes that bypass the cache to 0.62-0.75x the bare base's.
+pub const FLUSH_COST_SHARE: u64 = 50;
 /// Longest a paced write waits for admission credit before it may overdraw it
 /// (`Engine::overdraw`): a pause of writeback then costs cache headroom, not latency.
 pub const PACE_WAIT_MAX_US: u64 = 2_000;
@@ -57,7 +66,7 @@ impl Backoff {
     }
 }
 
-/// A period timer (the tick, the idle FLUSH for direct writes).
+/// A period timer (the tick).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Every {
     last_us: u64,
@@ -71,6 +80,38 @@ impl Every {
             return true;
         }
         false
+    }
+}
+
+/// The pacing of the periodic backing FLUSH for direct writes and unsynced keys
+/// (`direct_flush_due`): its period follows what the base's FLUSHes cost, as a moving
+/// average of their durations (`flushed`), so that they take at most
+/// 1/FLUSH_COST_SHARE of the time, between DIRECT_FLUSH_PERIOD_US and
+/// DIRECT_FLUSH_MAX_US apart.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FlushPacer {
+    timer: Every,
+    /// Moving average of a FLUSH's duration (us), 1/4 weight to the newest.
+    cost_us: u64,
+}
+
+impl FlushPacer {
+    /// The current period (us).
+    pub fn period_us(&self) -> u64 {
+        (self.cost_us.saturating_mul(FLUSH_COST_SHARE))
+            .clamp(DIRECT_FLUSH_PERIOD_US, DIRECT_FLUSH_MAX_US)
+    }
+    /// A backing FLUSH that took `took_us` completed (any FLUSH: each measures the base).
+    pub fn flushed(&mut self, took_us: u64) {
+        self.cost_us = if self.cost_us == 0 {
+            took_us
+        } else {
+            (self.cost_us * 3 + took_us) / 4
+        };
+    }
+    /// The moving average of a FLUSH's duration (us), for status.
+    pub fn cost_us(&self) -> u64 {
+        self.cost_us
     }
 }
 
@@ -95,8 +136,8 @@ pub fn writeback_due<P: Pmem>(
 }
 
 /// The periodic backing FLUSH for direct writes and unsynced keys: `Some(mark)` when
-/// one is owed and the period has passed (the runtime flushes, then calls
-/// `Engine::direct_flushed(mark)`). Writeback's own FLUSHes report their marks too, so
+/// one is owed and the pacer's period has passed (the runtime flushes, then calls
+/// `Engine::direct_flushed(mark)` and `FlushPacer::flushed` with how long it took). Writeback's own FLUSHes report their marks too, so
 /// while they run this is rarely owed; a write-through stream (whose writeback windows
 /// are empty and flush nothing) gets one FLUSH per period, not one per write.
 ///
@@ -107,14 +148,15 @@ pub fn writeback_due<P: Pmem>(
 /// random writes to 0.62-0.75x the bare base's IOPS on one machine.)
 pub fn direct_flush_due<P: Pmem>(
     e: &Engine<P>,
-    timer: &mut Every,
+    pacer: &mut FlushPacer,
     now_us: u64,
 ) -> Option<FlushMark> {
     if e.mode() == CacheMode::PassThrough {
         return None;
     }
     let mark = e.direct_flush_needed()?;
-    timer.due(now_us, DIRECT_FLUSH_PERIOD_US).then_some(mark)
+    let period = pacer.period_us();
+    pacer.timer.due(now_us, period).then_some(mark)
 }
 
 /// A paced write that has waited `waited_us` for admission credit: may it overdraw now?
@@ -196,6 +238,37 @@ mod tests {
         assert!(t.due(10_000, 5_000));
         assert!(!t.due(12_000, 5_000));
         assert!(t.due(15_000, 5_000));
+    }
+
+    #[test]
+    fn flush_period_follows_the_cost_of_a_flush() {
+        let mut p = FlushPacer::default();
+        assert_eq!(p.period_us(), DIRECT_FLUSH_PERIOD_US);
+        p.flushed(20);
+        assert_eq!(
+            p.period_us(),
+            DIRECT_FLUSH_PERIOD_US,
+            "cheap: the shortest period"
+        );
+        for _ in 0..20 {
+            p.flushed(10_000);
+        }
+        assert!(p.cost_us() > 9_000);
+        assert!(
+            (450_000..=500_000).contains(&p.period_us()),
+            "{}",
+            p.period_us()
+        );
+        p.flushed(10_000_000);
+        assert_eq!(p.period_us(), DIRECT_FLUSH_MAX_US);
+        for _ in 0..40 {
+            p.flushed(50);
+        }
+        assert_eq!(
+            p.period_us(),
+            DIRECT_FLUSH_PERIOD_US,
+            "cheap again: short again"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::wbmap::WbMap;
 use crate::engine::latency::{Class, LatencySet};
 use crate::engine::{BackingIdentity, Channel, Engine, FlushMark, IoError, WbBatch};
 use crate::env::medium::PosixPmem;
-use crate::runtime::sched::{Backoff, Every};
+use crate::runtime::sched::{Backoff, FlushPacer};
 use spdk_sys as sys;
 use std::collections::VecDeque;
 use std::ffi::{c_void, CString};
@@ -483,7 +483,7 @@ pub(super) struct Background {
     /// `direct_mark` when the FLUSH in flight was issued (for `direct_flushed`).
     pub(super) direct_mark: FlushMark,
     /// When the last FLUSH for direct writes alone was issued (ticks).
-    pub(super) direct_flush: Every,
+    pub(super) direct_flush: FlushPacer,
     /// Writeback's backoff after failures (runtime::sched).
     pub(super) backoff: Backoff,
     pub(super) on_stop: Option<Box<dyn FnOnce()>>,
@@ -526,7 +526,7 @@ impl Background {
             wait: sys::spdk_bdev_io_wait_entry::default(),
             base_flush: false,
             direct_mark: FlushMark::default(),
-            direct_flush: Every::default(),
+            direct_flush: FlushPacer::default(),
             backoff: Backoff::default(),
             on_stop: None,
             stopping: false,
@@ -557,12 +557,20 @@ impl Background {
     /// Records the latency of a base request submitted at `started`.
     pub(super) fn record_io(&self, started: u64) {
         if let Some(l) = &self.lat {
-            let dt = ffi::ticks().wrapping_sub(started);
-            l.record(
-                Class::Writeback,
-                ((dt as u128 * self.ns_per_tick as u128) >> 32) as u64,
-            );
+            l.record(Class::Writeback, self.ns_since(started));
         }
+    }
+
+    /// A base FLUSH submitted at `started` completed: recorded as a writeback request,
+    /// and its duration paces the periodic FLUSH (`sched::FlushPacer`).
+    pub(super) fn record_flush(&mut self, started: u64) {
+        self.record_io(started);
+        self.direct_flush.flushed(self.ns_since(started) / 1000);
+    }
+
+    fn ns_since(&self, started: u64) -> u64 {
+        let dt = ffi::ticks().wrapping_sub(started);
+        ((dt as u128 * self.ns_per_tick as u128) >> 32) as u64
     }
 
     /// "idle", "writing", "flushing" or "backoff".

@@ -142,6 +142,10 @@ pub(super) fn entry_stats(e: &Entry) -> Value {
                 "direct_from_pmem": bg.direct(),
                 "backoff_ms": bg.backoff_ms(),
                 "batches": bg.batches,
+                // What a base FLUSH takes (moving average) and, from it, the period of
+                // the FLUSH for direct writes and unsynced keys (`sched::FlushPacer`).
+                "base_flush_us": bg.direct_flush.cost_us(),
+                "direct_flush_period_us": bg.direct_flush.period_us(),
                 "last_error": last_wb,
             });
             v["flush"] = json!({

@@ -198,8 +198,8 @@ extern "C" fn wb_poll(arg: *mut c_void) -> i32 {
 }
 
 /// Direct writes (cache modes, cutoff) and unsynced keys (write-throughs) not yet
-/// covered by a base FLUSH: flush the base for them, at most every
-/// `sched::DIRECT_FLUSH_PERIOD_US`, while no writeback window is in flight (its own
+/// covered by a base FLUSH: flush the base for them, at the period `sched::FlushPacer`
+/// sets from what FLUSHes cost (5 ms to 2 s), while no writeback window is in flight (its own
 /// FLUSHes cover them too; a write-through stream's windows are empty and acknowledged
 /// at once). A base without a volatile cache has them durable already.
 fn flush_for_direct(n: *mut Node) -> bool {
@@ -230,7 +230,7 @@ extern "C" fn direct_flush_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *m
     bg.phase = Phase::Idle;
     let mark = bg.direct_mark;
     if ok {
-        bg.record_io(started);
+        bg.record_flush(started);
         node(arg).shared.engine.direct_flushed(mark);
     }
     stopped(n);
@@ -552,7 +552,7 @@ extern "C" fn wb_flush_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c
     let started = bg.pop_start();
     bg.pending -= 1;
     if ok {
-        bg.record_io(started);
+        bg.record_flush(started);
         let mark = bg.direct_mark;
         node(arg).shared.engine.direct_flushed(mark);
     } else {

@@ -65,6 +65,12 @@ impl Volume {
         self.t0.elapsed().as_micros() as u64
     }
 
+    /// A backing FLUSH started at `t0` completed: its duration paces the periodic one.
+    fn flush_took(&self, t0: Instant) {
+        let us = t0.elapsed().as_micros() as u64;
+        self.direct_flush.lock().unwrap().flushed(us);
+    }
+
     /// One round of background work (the rules are `runtime::sched`'s). Returns true if
     /// it did something.
     pub fn background_once(&self, q: &mut Queue, st: &mut Background) -> bool {
@@ -113,8 +119,10 @@ impl Volume {
         // flush nothing, and its keys stay unsynced until a backing FLUSH covers them.
         let due = sched::direct_flush_due(e, &mut self.direct_flush.lock().unwrap(), self.now_us());
         if let Some(mark) = due {
+            let t0 = Instant::now();
             if q.flush().is_ok() {
                 e.direct_flushed(mark);
+                self.flush_took(t0);
             }
         }
         if worked {
@@ -217,6 +225,7 @@ impl Volume {
         q.flush()?;
         self.engine.direct_flushed(mark);
         self.wb_lat.record(Class::Writeback, ns_since(t0));
+        self.flush_took(t0);
         Ok(())
     }
 

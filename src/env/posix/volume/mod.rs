@@ -47,7 +47,7 @@ use crate::env::medium::{Persistence, PosixPmem};
 use crate::runtime::attach::{self, Dialect, Intent, Refusal};
 use crate::runtime::direct::{self as dproto, DirectOp};
 use crate::runtime::options::{PolicyParams, Settings};
-use crate::runtime::sched::{self, Backoff, Every};
+use crate::runtime::sched::{self, Backoff, Every, FlushPacer};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
@@ -148,7 +148,7 @@ pub struct Volume {
     /// sleep, since the background runner may be a reactor that also serves clients.
     backoff: Mutex<Backoff>,
     /// When the backing device was last flushed for direct writes alone.
-    direct_flush: Mutex<Every>,
+    direct_flush: Mutex<FlushPacer>,
     /// The origin of `now_us`, the monotonic clock the runtime rules are given.
     t0: Instant,
     /// Set by [`Volume::start_background`]: the thread does the background work, reactors not.
