@@ -119,7 +119,7 @@ impl FlushPacer {
 /// buffered keys in the log, where writeback and GC can reach them.
 pub fn before_round<P: Pmem>(e: &Engine<P>) {
     if e.cache_full() {
-        let _ = e.flush();
+        let _ = e.close_ksets();
     }
 }
 

@@ -490,7 +490,7 @@ impl World {
 
     /// What the environment does for a deferred request: close ksets, write back, GC.
     fn make_room(&mut self) -> Result<(), String> {
-        let _ = self.engine.flush();
+        let _ = self.engine.close_ksets();
         for _ in 0..1000 {
             if !self.writeback_step()? {
                 break;
