@@ -319,6 +319,11 @@ struct Job {
 ///   written back and reclaimed over and over and a crash lands inside writeback
 ///   windows and GC. (6 segments with three channels and 27 KiB writes stayed full
 ///   for 200 retries: the heads pin the space a write needs.)
+/// - `recycle`: 4 KiB writes overwriting a 32 KiB region of a 24-segment cache, a
+///   FLUSH every 150 steps or so, no FUA, 1000 operations: writeback meets mostly superseded windows of the current
+///   epoch and moves their live dirty data to the head instead of writing it back
+///   (`Engine::recycle`), and crashes land between the move, the close of its kset and
+///   dirty_tail passing the old keys; the backing device alone must stay consistent.
 /// - `geometry`: every workload with 1, 3 and 16 keys per kset, 1 and 5 channels and
 ///   16-32 KiB segments: ksets close at other places relative to segment ends.
 /// - `writethrough`: write-through from the start and switched to write-back midway,
@@ -366,6 +371,18 @@ fn crash_jobs() -> Vec<Job> {
                 cfg,
             });
         }
+    }
+    for s in 0..seeds("PCACHE_RECYCLE_SEEDS", 10) {
+        let seed = 6000 + s * 13;
+        let mut cfg = WorldCfg::new(seed, Workload::Hot);
+        cfg.ops = 1000;
+        cfg.n_segs = 24;
+        cfg.kset_keys = 4 + (s as u32 % 3) * 4;
+        jobs.push(Job {
+            family: "recycle",
+            label: format!("seed {seed} Hot {} keys/kset", cfg.kset_keys),
+            cfg,
+        });
     }
     for w in Workload::ALL {
         for s in 0..seeds("PCACHE_GEOMETRY_SEEDS", 5) {
@@ -440,6 +457,8 @@ struct DryRun {
     relocated: u64,
     /// Segments compaction reclaimed out of log order.
     compacted: u64,
+    /// Bytes of live dirty data writeback moved instead of writing back.
+    recycled: u64,
 }
 
 fn dry_run(cfg: &WorldCfg) -> Result<DryRun, String> {
@@ -453,6 +472,7 @@ fn dry_run(cfg: &WorldCfg) -> Result<DryRun, String> {
         reclaimed: st.segments_reclaimed,
         relocated: st.relocated_bytes,
         compacted: st.segments_compacted,
+        recycled: st.recycled_bytes,
     })
 }
 
@@ -545,7 +565,15 @@ fn crash_points() {
     let mut total = 0;
     let mut reclaim_ok = true;
     let mut wt_dropping = 0;
-    for family in ["workload", "policy", "reclaim", "geometry", "writethrough"] {
+    let mut recycle_ok = true;
+    for family in [
+        "workload",
+        "policy",
+        "reclaim",
+        "recycle",
+        "geometry",
+        "writethrough",
+    ] {
         let idx: Vec<usize> = (0..jobs.len())
             .filter(|&j| jobs[j].family == family)
             .collect();
@@ -557,6 +585,7 @@ fn crash_points() {
         let reclaimed: u64 = idx.iter().map(|&j| dry[j].reclaimed).sum();
         let relocated: u64 = idx.iter().map(|&j| dry[j].relocated).sum();
         let compacted: u64 = idx.iter().map(|&j| dry[j].compacted).sum();
+        let recycled: u64 = idx.iter().map(|&j| dry[j].recycled).sum();
         let v = violations.iter().filter(|(j, _)| idx.contains(j)).count();
         total += points;
         let prefix = if family == "workload" {
@@ -565,11 +594,14 @@ fn crash_points() {
             format!("{family} ")
         };
         println!(
-            "{prefix}crash points explored: {points}, violations: {v} ({} configurations; uncrashed runs wrote back {wb} ksets, reclaimed {reclaimed} segments ({compacted} out of log order), GC moved {relocated} bytes)",
+            "{prefix}crash points explored: {points}, violations: {v} ({} configurations; uncrashed runs wrote back {wb} ksets, reclaimed {reclaimed} segments ({compacted} out of log order), GC moved {relocated} bytes, writeback recycled {recycled} bytes)",
             idx.len()
         );
         if family == "reclaim" && (reclaimed == 0 || relocated == 0 || compacted == 0) {
             reclaim_ok = false;
+        }
+        if family == "recycle" && recycled == 0 {
+            recycle_ok = false;
         }
         let load = |k: usize| -> u64 {
             idx.iter()
@@ -599,6 +631,11 @@ fn crash_points() {
     assert!(
         reclaim_ok,
         "the reclaim family never reclaimed a segment or never moved read-hot data"
+    );
+    let recycle_ran = jobs.iter().any(|j| j.family == "recycle");
+    assert!(
+        !recycle_ran || recycle_ok,
+        "the recycle family never moved live dirty data in writeback"
     );
     let wt_ran = jobs.iter().any(|j| j.family == "writethrough");
     assert!(

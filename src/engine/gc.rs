@@ -42,11 +42,11 @@ const RELOCATE_MARGIN: u32 = 1;
 #[derive(Default)]
 pub(super) struct GcState {
     /// GC's channel: the allocation head and kset slot relocated data goes to.
-    ch: Channel,
+    pub(super) ch: Channel,
     /// Pieces of the key being retired that are to be moved: (backing offset, extent).
     hot: Vec<(u64, Extent)>,
     /// A piece's data on its way to its new place.
-    copy: Vec<u8>,
+    pub(super) copy: Vec<u8>,
     /// The keys of the kset being retired, decoded once.
     keys: Vec<KeyRec>,
     /// Read and write requests counted at the last call, and their decayed sums since

@@ -30,6 +30,7 @@ pub mod modes;
 mod open;
 pub mod pmem;
 pub mod policy;
+mod recycle;
 pub mod segs;
 mod slots;
 mod stats;
@@ -585,7 +586,7 @@ impl<P: Pmem> Engine<P> {
     /// Closes every kset without starting a write epoch (a FLUSH is this after one):
     /// what a runtime does for writers waiting for space, whose keys writeback and GC
     /// can reach only in the log. No barrier, so writeback may still leave out data
-    /// that later writes of the same epoch supersede.
+    /// that later writes of the same epoch supersede, and recycle within it (`recycle`).
     pub fn close_ksets(&self) -> Result<(), IoError> {
         // Even with every kset empty, data flushed with `flush_data` becomes durable here.
         self.pmem.drain();

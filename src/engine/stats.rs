@@ -54,6 +54,9 @@ pub struct Counters {
     pub relocated_bytes: Counter,
     /// Data segments compaction reclaimed out of log order (`compact`).
     pub segs_compacted: Counter,
+    /// Bytes of live dirty data writeback moved to the log head instead of writing it
+    /// back (`recycle`).
+    pub recycled_bytes: Counter,
 }
 
 /// An error that was counted: what happened, and when (milliseconds since the Unix
@@ -115,6 +118,9 @@ pub struct Stats {
     pub gc_ksets: u64,
     /// Bytes of clean data that was read since written which GC kept by moving it.
     pub relocated_bytes: u64,
+    /// Bytes of live dirty data of the current write epoch that writeback moved to the
+    /// log head instead of writing them back (mostly superseded windows, writes going on).
+    pub recycled_bytes: u64,
     pub segments_reclaimed: u64,
     /// Besides those, segments reclaimed out of log order because what they held was
     /// mostly superseded (compaction; their live clean data moved or dropped).
@@ -225,6 +231,7 @@ impl<P: Pmem> Engine<P> {
             writeback_errors: c.wb_errors.get(),
             gc_ksets: c.gc_ksets.get(),
             relocated_bytes: c.relocated_bytes.get(),
+            recycled_bytes: c.recycled_bytes.get(),
             segments_reclaimed: c.segs_reclaimed.get(),
             segments_compacted: c.segs_compacted.get(),
             crc_errors_clean: c.crc_errors_clean.get(),

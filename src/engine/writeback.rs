@@ -73,6 +73,12 @@ pub struct WbBatch {
     order: Vec<u32>,
     covered: Vec<(u64, u64)>,
     buf: Vec<u8>,
+    /// Whether live dirty data may be moved instead of written back (`recycle`), and
+    /// the indices of the items `recycle` moved.
+    pub(super) recycle: bool,
+    pub(super) moved: Vec<u32>,
+    /// Bytes `recycle` moved out of this window.
+    pub(super) recycled: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +107,20 @@ impl WbBatch {
             window: ksets.max(1),
             ..Default::default()
         }
+    }
+
+    /// Lets windows move their live dirty data to the log head instead of writing it
+    /// back where that pays (see `recycle`). Runtimes turn it on, and off during a
+    /// drain: a drain must write everything back.
+    pub fn set_recycle(&mut self, on: bool) {
+        self.recycle = on;
+    }
+
+    /// Bytes of live dirty data this window moved to the log head instead of writing
+    /// them back (a copy in the medium: a runtime bounds how many such windows it takes
+    /// in one go).
+    pub fn recycled(&self) -> u64 {
+        self.recycled
     }
 
     /// Bytes of data the batch's keys point at (what acknowledging it lets GC reclaim).
@@ -274,6 +294,7 @@ impl<P: Pmem> Engine<P> {
         b.dirty_bytes = 0;
         b.retire_bytes = 0;
         b.credited = 0;
+        b.recycled = 0;
         let mut t = lock(&self.tails);
         let mut pos = t.dirty;
         let mut n = 0usize;
@@ -353,6 +374,9 @@ impl<P: Pmem> Engine<P> {
         let now = self.epoch.load(Acquire);
         let marks = epoch.is_some_and(|e| now - e < 1 << index::EPOCH_BITS);
         b.build(&self.geo, Some(&self.segs), marks);
+        if marks {
+            self.recycle(b, epoch);
+        }
         WbNext::Ready
     }
 

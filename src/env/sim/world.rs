@@ -42,6 +42,10 @@ pub enum Workload {
     ZeroDiscard,
     /// All of the above with misses racing writes.
     Mixed,
+    /// Small writes overwriting a region much smaller than the cache, rare FLUSHes and
+    /// no FUA: writeback finds its windows mostly superseded, within the current epoch,
+    /// and recycles their live data (`Engine::recycle`). Not in `ALL`: its own family.
+    Hot,
 }
 
 impl Workload {
@@ -80,6 +84,7 @@ impl WorldCfg {
         let region_blocks = match workload {
             Workload::CacheFull => 4096,
             Workload::Mixed => 2048,
+            Workload::Hot => 64,
             _ => 256,
         };
         WorldCfg {
@@ -196,6 +201,10 @@ impl World {
         fo.kset_keys = cfg.kset_keys;
         fo.data_crc = cfg.data_crc;
         fo.gc_percent = (rng.below(4) * 20) as u32;
+        if cfg.workload == Workload::Hot {
+            // Lazy writeback: windows are mostly superseded when it reaches them.
+            fo.gc_percent = 70 + fo.gc_percent / 4;
+        }
         // Writeback windows of 1 to 8 ksets: one FLUSH after several ksets' writes,
         // which the disk completes and persists in any order.
         let window = 1 + rng.below(8) as u32;
@@ -216,7 +225,12 @@ impl World {
             write_epoch: vec![0],
             flush_snap: vec![],
             inflight_ids: vec![],
-            wb: WbBatch::with_window(window),
+            // As the runtimes outside a drain: windows may recycle live dirty data.
+            wb: {
+                let mut b = WbBatch::with_window(window);
+                b.set_recycle(true);
+                b
+            },
             wb_inflight: None,
             crashes: 0,
             unsynced_dropped: 0,
@@ -278,9 +292,13 @@ impl World {
             Workload::CacheFull => (15, 3, 3, 0, 15),
             Workload::ZeroDiscard => (20, 5, 5, 25, 20),
             Workload::Mixed => (30, 8, 5, 10, 20),
+            Workload::Hot => (20, 0, 0, 0, 25),
         };
         if r < p_bg {
             return self.background();
+        }
+        if w == Workload::Hot && self.rng.chance(1, 150) {
+            return self.flush(); // rare: epochs long enough to recycle in
         }
         let r = self.rng.below(100);
         let ch = self.rng.index(self.chans.len());
@@ -303,8 +321,14 @@ impl World {
     fn range(&mut self) -> (u64, u64) {
         let max = match self.cfg.workload {
             Workload::CacheFull => 64,
+            Workload::Hot => 8,
             _ => 16,
         };
+        if self.cfg.workload == Workload::Hot {
+            // Whole 4 KiB blocks, as superseded marks count them.
+            let n = 8 * (1 + self.rng.below(max / 8));
+            return (8 * self.rng.below((self.cfg.region_blocks - n) / 8 + 1), n);
+        }
         let n = 1 + self.rng.below(max);
         let off = self.rng.below(self.cfg.region_blocks - n + 1);
         (off, n)

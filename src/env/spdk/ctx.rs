@@ -472,6 +472,8 @@ pub(super) struct Background {
     pub(super) pending: u32,
     pub(super) failed: bool,
     pub(super) waiting: bool,
+    /// A message to this thread that goes on taking windows is on its way (`chain`).
+    pub(super) chained: bool,
     pub(super) bounce: Option<DmaBuf>,
     pub(super) bounce_used: usize,
     /// Direct access to the medium for writes to the base, when usable.
@@ -519,6 +521,7 @@ impl Background {
             pending: 0,
             failed: false,
             waiting: false,
+            chained: false,
             bounce: None,
             bounce_used: 0,
             map: None,

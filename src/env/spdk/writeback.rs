@@ -38,6 +38,9 @@ const WB_BOUNCE: usize = 8 << 20;
 const WB_PERIOD_US: u64 = 1000;
 /// Most windows without data acknowledged in one `start_batch` (poller budget).
 const EMPTY_WINDOWS: usize = 64;
+/// Most bytes recycled (moved in the medium instead of written back) in one
+/// `start_batch`: about a quarter of a millisecond of copying.
+const RECYCLE_PER_CALL: u64 = 2 << 20;
 
 /// Microseconds of the SPDK tick counter: the clock the runtime rules are given.
 fn now_us() -> u64 {
@@ -98,7 +101,7 @@ pub(super) fn stop(n: *mut Node, then: Box<dyn FnOnce()>) {
         w(Err("the cache is going away".into()));
     }
     bg.drain.active = false;
-    if bg.pending == 0 && !bg.waiting {
+    if bg.pending == 0 && !bg.waiting && !bg.chained {
         bg.phase = Phase::Idle;
         then();
     } else {
@@ -112,7 +115,7 @@ fn stopped(n: *mut Node) -> bool {
     if !bg.stopping {
         return false;
     }
-    if bg.pending == 0 && !bg.waiting {
+    if bg.pending == 0 && !bg.waiting && !bg.chained {
         bg.phase = Phase::Idle;
         if let Some(f) = bg.on_stop.take() {
             f();
@@ -246,24 +249,63 @@ fn gc(n: *mut Node) -> bool {
 ///
 /// A window that writes nothing (its ksets hold only clean keys and the tombstones of
 /// direct writes) has nothing to make durable: it is acknowledged at once, without a
-/// base FLUSH, and the next one taken, up to EMPTY_WINDOWS per call. In a loop, not
-/// through batch_done: with no I/O to complete, that would recurse once per window.
+/// base FLUSH, and the next one taken, up to EMPTY_WINDOWS per call (or until one that
+/// recycled live data: that took a copy in the medium). In a loop, not through
+/// batch_done: with no I/O to complete, that would recurse once per window.
 fn start_batch(n: *mut Node) -> bool {
+    let mut recycled = 0;
     for _ in 0..EMPTY_WINDOWS {
         let nd = node(n.cast());
         if !nd.bg.drain.active && !nd.shared.engine.writeback_wanted() {
             return false;
         }
         let bg = &mut nd.bg;
+        // Live dirty data of a mostly superseded window may move instead of being
+        // written back, unless draining or the base's FLUSH is cheap (`recycle_pays`).
+        let recycle = sched::recycle_pays(bg.drain.active, &bg.direct_flush);
+        bg.batch.set_recycle(recycle);
         let next = nd.shared.engine.writeback_next(&mut bg.batch);
         if next == WbNext::Ready && bg.batch.items.is_empty() {
             nd.shared.engine.writeback_done(&bg.batch, true);
             bg.batches += 1;
+            recycled += bg.batch.recycled();
+            if recycled >= RECYCLE_PER_CALL {
+                chain(n);
+                return true;
+            }
             continue;
         }
         return start_window(n, next);
     }
+    if recycled > 0 {
+        chain(n);
+    }
     true // more may be due: the next poll goes on
+}
+
+/// Goes on taking windows in a message to this thread, soon after the current poll
+/// rather than at the next one: windows that recycled their live data have no I/O whose
+/// completion would take the next one, and writers may be paced by their progress.
+fn chain(n: *mut Node) {
+    let bg = &mut node(n.cast()).bg;
+    if bg.chained {
+        return;
+    }
+    bg.chained = true;
+    // SAFETY: the message runs on this thread; the node outlives it (`stop` and
+    // `stopped` wait for `chained` to clear before teardown goes on).
+    unsafe { sys::spdk_thread_send_msg(ffi::current_thread(), Some(chained), n.cast()) };
+}
+
+extern "C" fn chained(arg: *mut c_void) {
+    let n = arg as *mut Node;
+    node(arg).bg.chained = false;
+    if stopped(n) {
+        return;
+    }
+    if node(arg).bg.phase == Phase::Idle {
+        start_batch(n);
+    }
 }
 
 /// Starts writing the window `writeback_next` just returned (`next`).

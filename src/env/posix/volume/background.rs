@@ -84,6 +84,12 @@ impl Volume {
             sched::writeback_due(e, drain, &b, || self.now_us())
         };
         if due {
+            // Live dirty data of a mostly superseded window may move instead of being
+            // written back, unless draining or the FLUSH is cheap (`recycle_pays`).
+            wb.set_recycle(sched::recycle_pays(
+                drain,
+                &self.direct_flush.lock().unwrap(),
+            ));
             match e.writeback_next(wb) {
                 WbNext::Ready => {
                     worked = true;
