@@ -135,10 +135,11 @@ pub fn print(v: &Value) -> Result<()> {
         g(v, "flushes")
     );
     println!(
-        "writeback:    {} ksets, {} bytes ({} superseded bytes skipped), {} errors   gc: {} ksets",
+        "writeback:    {} ksets, {} bytes ({} superseded bytes skipped, {} recycled), {} errors   gc: {} ksets",
         g(v, "writeback_ksets"),
         g(v, "writeback_bytes"),
         g(v, "writeback_skipped_bytes"),
+        g(v, "recycled_bytes"),
         g(v, "writeback_errors"),
         g(v, "gc_ksets")
     );
