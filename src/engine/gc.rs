@@ -324,6 +324,15 @@ impl<P: Pmem> Engine<P> {
         }
     }
 
+    /// Writes a piece's copy `src` at its new place `a`, persistent before any key names
+    /// it (GC's moves and writeback's recycling).
+    pub(super) fn put_copy(&self, a: &super::io::Alloc, src: &[u8]) {
+        let dst = self.geo.data_off(a.seg, a.off);
+        self.pmem.write(dst, src);
+        self.pmem.flush_data(dst, a.len);
+        self.pmem.fence();
+    }
+
     /// Moves piece `x` at backing offset `at` (of key `k`) to GC's head, if it is still
     /// mapped when the copy is done; otherwise drops it.
     fn relocate(&self, st: &mut GcState, k: &KeyRec, at: u64, x: &Extent) {
@@ -350,10 +359,7 @@ impl<P: Pmem> Engine<P> {
                 return;
             };
             let src = &st.copy[done..done + a.len as usize];
-            let dst = self.geo.data_off(a.seg, a.off);
-            self.pmem.write(dst, src);
-            self.pmem.flush_data(dst, a.len);
-            self.pmem.fence();
+            self.put_copy(&a, src);
             let id = self.slot_id(&mut st.ch);
             let o = at + done as u64;
             let s = s0 + done as u32;

@@ -133,10 +133,7 @@ impl<P: Pmem> Engine<P> {
                 return false;
             };
             let src = &st.copy[done..done + a.len as usize];
-            let dst = self.geo.data_off(a.seg, a.off);
-            self.pmem.write(dst, src);
-            self.pmem.flush_data(dst, a.len);
-            self.pmem.fence();
+            self.put_copy(&a, src);
             let id = self.slot_id(&mut st.ch);
             let o = off + done as u64;
             let s = (o % format::SUBTREE_SIZE) as u32;
