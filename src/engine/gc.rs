@@ -260,7 +260,7 @@ impl<P: Pmem> Engine<P> {
     }
 
     /// Bytes of key `k`'s data the index still maps (its surviving pieces).
-    fn live_bytes(&self, k: &KeyRec) -> u64 {
+    pub(super) fn live_bytes(&self, k: &KeyRec) -> u64 {
         let end = k.off + k.len as u64;
         let (mut o, mut live) = (k.off, 0);
         while o < end {

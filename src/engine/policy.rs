@@ -581,9 +581,7 @@ impl<P: Pmem> Engine<P> {
             let super::WbKind::Data { pmem_off } = it.kind else {
                 continue;
             };
-            let rel = pmem_off - super::format::SEGMENTS_OFF;
-            let seg = (rel / self.geo.seg_size) as u32;
-            let seg_off = (rel % self.geo.seg_size - super::format::SEG_HDR) as u32;
+            let (seg, seg_off) = self.geo.locate(pmem_off);
             let mut pos = 0u64;
             let len = it.len as u64;
             while pos < len {

@@ -30,7 +30,7 @@
 //! is slow (`runtime::sched::recycle_pays`): over a fast base the copies cost more than
 //! the writeback they save.
 
-use super::format::{self, SEGMENTS_OFF, SEG_HDR};
+use super::format::{self, KeyRec};
 use super::index::{F_CRC, F_DIRTY};
 use super::sync::lock;
 use super::writeback::{WbBatch, WbKind};
@@ -66,7 +66,6 @@ impl<P: Pmem> Engine<P> {
         }
         let mut st = lock(&self.gc_state);
         let st = &mut *st;
-        let id = self.slot_id(&mut st.ch);
         b.moved.clear();
         for i in 0..b.items.len() {
             if self.segs.free() <= self.segs.reserve + MARGIN {
@@ -84,7 +83,7 @@ impl<P: Pmem> Engine<P> {
             return;
         }
         // The moved keys reach the log before dirty_tail may pass the old ones.
-        let slot = self.slots.get(id);
+        let slot = self.slots.get(self.slot_id(&mut st.ch));
         let mut g = super::KsetGuard {
             slot,
             kb: lock(&slot.kset),
@@ -93,17 +92,14 @@ impl<P: Pmem> Engine<P> {
             return; // written back as well: the old copies are still there
         }
         drop(g);
-        let mut moved = 0u64;
-        let mut k = 0;
-        let mut i = 0;
+        // `moved` is ascending: each item is checked against its next entry.
+        let (mut moved, mut i) = (0u64, 0u32);
+        let mut next = b.moved.iter().copied().peekable();
         b.items.retain(|it| {
-            let keep = b.moved.get(k) != Some(&i);
-            if !keep {
-                k += 1;
-                moved += it.len as u64;
-            }
+            let gone = next.next_if_eq(&i).is_some();
+            moved += if gone { it.len as u64 } else { 0 };
             i += 1;
-            keep
+            !gone
         });
         b.recycled = moved;
         self.counters.recycled_bytes.add(moved);
@@ -120,9 +116,7 @@ impl<P: Pmem> Engine<P> {
         pmem_off: u64,
         epoch: u64,
     ) -> bool {
-        let rel = pmem_off - SEGMENTS_OFF;
-        let seg = (rel / self.geo.seg_size) as u32;
-        let seg_off = (rel % self.geo.seg_size - SEG_HDR) as u32;
+        let (seg, seg_off) = self.geo.locate(pmem_off);
         let gen = self.segs.gen32(seg);
         let len = len as usize;
         st.copy.resize(len, 0);
@@ -189,17 +183,15 @@ impl<P: Pmem> Engine<P> {
             done += a.len as usize;
         }
         // Whatever still maps the old location did not move (its kset could not close).
-        let mut left = 0;
-        let mut o = off;
-        while o < off + len as u64 {
-            let n = (off + len as u64 - o).min(format::SUBTREE_SIZE - o % format::SUBTREE_SIZE);
-            let s = (o % format::SUBTREE_SIZE) as u32;
-            let so = seg_off + (o - off) as u32;
-            left += self
-                .shard(self.shard_of(o))
-                .live_matching(s, s + n as u32, seg, gen, so);
-            o += n;
-        }
-        left == 0
+        let old = KeyRec {
+            off,
+            len: len as u32,
+            flags: 0,
+            seg,
+            seg_off,
+            gen: gen as u64,
+            data_crc: 0,
+        };
+        self.live_bytes(&old) == 0
     }
 }

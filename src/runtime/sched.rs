@@ -22,8 +22,8 @@ pub const DIRECT_FLUSH_PERIOD_US: u64 = 5_000;
 pub const DIRECT_FLUSH_MAX_US: u64 = 2_000_000;
 /// The periodic FLUSH may take at most 1/FLUSH_COST_SHARE of the time: its period is at
 /// least this many times what a FLUSH has been taking. A FLUSH of a file on a VM's disk
-/// (bdev_aio: a synchronous fsync on the reactor) took tens of milliseconds, and a
-/// 5 ms period held random writes that bypass the cache to 0.62-0.75x the bare base's.
+/// (bdev_aio: a synchronous fsync on the reactor) took 2-5 ms, and a 5 ms period held
+/// random writes that bypass the cache to 0.62-0.75x the bare base's.
 pub const FLUSH_COST_SHARE: u64 = 50;
 /// A base FLUSH slower than this makes writeback recycle (`recycle_pays`). Over an
 /// emulated base (a delay bdev over malloc, FLUSH about 5 us) recycling cost the SPDK
@@ -152,9 +152,10 @@ pub fn writeback_due<P: Pmem>(
 
 /// The periodic backing FLUSH for direct writes and unsynced keys: `Some(mark)` when
 /// one is owed and the pacer's period has passed (the runtime flushes, then calls
-/// `Engine::direct_flushed(mark)` and `FlushPacer::flushed` with how long it took). Writeback's own FLUSHes report their marks too, so
-/// while they run this is rarely owed; a write-through stream (whose writeback windows
-/// are empty and flush nothing) gets one FLUSH per period, not one per write.
+/// `Engine::direct_flushed(mark)` and `FlushPacer::flushed` with how long it took).
+/// Writeback's own FLUSHes report their marks too, so while they run this is rarely
+/// owed; a write-through stream (whose writeback windows are empty and flush nothing)
+/// gets one FLUSH per period, not one per write.
 ///
 /// Never in passthrough: the flush exists so read misses can be cached again soon after
 /// direct writes and write-through copies become synced, and passthrough caches

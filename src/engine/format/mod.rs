@@ -627,6 +627,15 @@ impl Geometry {
     pub fn data_off(&self, seg: u32, off: u64) -> u64 {
         self.seg_base(seg) + SEG_HDR + off
     }
+    /// The segment and data-area offset of medium offset `pmem_off` (which lies in a
+    /// segment's data area): the inverse of `data_off`.
+    pub fn locate(&self, pmem_off: u64) -> (u32, u32) {
+        let rel = pmem_off - SEGMENTS_OFF;
+        (
+            (rel / self.seg_size) as u32,
+            (rel % self.seg_size - SEG_HDR) as u32,
+        )
+    }
     pub fn kset_max_size(&self) -> usize {
         KSET_HDR + KEY_SIZE * self.kset_keys as usize
     }

@@ -484,7 +484,7 @@ pub(super) struct Background {
     pub(super) base_flush: bool,
     /// `direct_mark` when the FLUSH in flight was issued (for `direct_flushed`).
     pub(super) direct_mark: FlushMark,
-    /// When the last FLUSH for direct writes alone was issued (ticks).
+    /// The period of the FLUSH for direct writes alone, from what base FLUSHes cost.
     pub(super) direct_flush: FlushPacer,
     /// Writeback's backoff after failures (runtime::sched).
     pub(super) backoff: Backoff,

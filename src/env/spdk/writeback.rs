@@ -202,9 +202,9 @@ extern "C" fn wb_poll(arg: *mut c_void) -> i32 {
 
 /// Direct writes (cache modes, cutoff) and unsynced keys (write-throughs) not yet
 /// covered by a base FLUSH: flush the base for them, at the period `sched::FlushPacer`
-/// sets from what FLUSHes cost (5 ms to 2 s), while no writeback window is in flight (its own
-/// FLUSHes cover them too; a write-through stream's windows are empty and acknowledged
-/// at once). A base without a volatile cache has them durable already.
+/// sets from what FLUSHes cost (5 ms to 2 s), while no writeback window is in flight
+/// (its own FLUSHes cover them too; a write-through stream's windows are empty and
+/// acknowledged at once). A base without a volatile cache has them durable already.
 fn flush_for_direct(n: *mut Node) -> bool {
     let nd = node(n.cast());
     let e = &nd.shared.engine;
@@ -249,8 +249,9 @@ fn gc(n: *mut Node) -> bool {
 ///
 /// A window that writes nothing (its ksets hold only clean keys and the tombstones of
 /// direct writes) has nothing to make durable: it is acknowledged at once, without a
-/// base FLUSH, and the next one taken, up to EMPTY_WINDOWS per call (or until one that
-/// recycled live data: that took a copy in the medium). In a loop, not through
+/// base FLUSH, and the next one taken, up to EMPTY_WINDOWS per call, or until windows
+/// recycled RECYCLE_PER_CALL bytes (copies in the medium); after recycled ones the next
+/// call comes in a message (`chain`), not at the next poll. In a loop, not through
 /// batch_done: with no I/O to complete, that would recurse once per window.
 fn start_batch(n: *mut Node) -> bool {
     let mut recycled = 0;
@@ -291,10 +292,11 @@ fn chain(n: *mut Node) {
     if bg.chained {
         return;
     }
-    bg.chained = true;
     // SAFETY: the message runs on this thread; the node outlives it (`stop` and
     // `stopped` wait for `chained` to clear before teardown goes on).
-    unsafe { sys::spdk_thread_send_msg(ffi::current_thread(), Some(chained), n.cast()) };
+    let rc = unsafe { sys::spdk_thread_send_msg(ffi::current_thread(), Some(chained), n.cast()) };
+    // No message (its pool is empty): the next poll goes on instead.
+    bg.chained = rc == 0;
 }
 
 extern "C" fn chained(arg: *mut c_void) {

@@ -147,7 +147,7 @@ pub struct Volume {
     /// Writeback's backoff after failures (runtime::sched): a deadline rather than a
     /// sleep, since the background runner may be a reactor that also serves clients.
     backoff: Mutex<Backoff>,
-    /// When the backing device was last flushed for direct writes alone.
+    /// The period of the backing FLUSH for direct writes alone, from what FLUSHes cost.
     direct_flush: Mutex<FlushPacer>,
     /// The origin of `now_us`, the monotonic clock the runtime rules are given.
     t0: Instant,
