@@ -256,6 +256,11 @@ impl<P: Pmem> Engine<P> {
         );
         st.seen = now;
         st.recent = (st.recent.0 / 2 + dr, st.recent.1 / 2 + dw);
+        Self::reads_mattered(st)
+    }
+
+    /// What `reads_matter` found at GC's last call, without counting anew.
+    pub(super) fn reads_mattered(st: &GcState) -> bool {
         st.recent.0 * READ_SHARE >= st.recent.1
     }
 
