@@ -20,6 +20,8 @@
 #                   config, read everything back intact (dirty data replayed from pmem)
 #   bad_rpc_*       malformed / invalid RPCs: each one fails, changes nothing, target alive
 #   writeback_content  data written through a small cache, drained: the base file equals it
+#   verify_recycle  verify jobs over an aio file with writeback recycling live data: no
+#                   miscompare, data recycled (where the base's FLUSH is slow), drained
 #   hot_remove      the base bdev deleted under I/O: pcache unregisters, process survives
 #   policy_*        cache modes and the sequential cutoff (test/spdk/policy.sh)
 # Prints PASS/FAIL per case and "N passed, M failed"; exits non-zero on any failure.
@@ -461,6 +463,68 @@ else
     tail -5 "$WORK/wb_write.log" "$WORK/wb_drain.log"
 fi
 rm -f "$WORK/wb-pattern" "$WORK/wb-base.img"
+
+# ---------------------------------------------------------------- verify through recycling
+# Writeback recycling (moving live dirty data of the current write epoch instead of
+# writing it back) runs where the base's FLUSH is slow: an aio file's is an fsync. Two
+# verify jobs on one core share a 48 MiB cache over it: one laps 4 MiB, the other
+# 160 MiB, so writeback windows are about half live (the first job's blocks superseded,
+# the second's not), and reads are half the requests. Every write is read back at once
+# (a move that raced a newer write would show as a mismatch); afterwards a drain must
+# empty the cache without errors.
+truncate -s 256M "$WORK/rc-base.img"
+cat > "$WORK/rc-jobs.conf" << EOF
+[global]
+filename=PCache0
+rw=verify
+bs=4096
+iodepth=16
+[lap]
+offset=0
+length=1024
+[wide]
+offset=1024
+length=40960
+EOF
+echo '{"subsystems": [{"subsystem": "bdev", "config": [
+{"method": "bdev_aio_create", "params": {"name": "Aio0", "filename": "'"$WORK"'/rc-base.img", "block_size": 4096}},
+{"method": "bdev_pcache_create", "params": {"name": "PCache0", "base_bdev_name": "Aio0", "pmem_path": "'"$SHM"'-rc", "pmem_size_mb": 48, "persistence": "volatile", "format": true}},
+{"method": "bdev_wait_for_examine"}]}]}' > "$WORK/rc.json"
+rc_secs=$((SECS < 20 ? SECS : 20))
+start rc 1 0x1 "$WORK/rc.sock" "$BDEVPERF" -c "$WORK/rc.json" -j "$WORK/rc-jobs.conf" -z
+RC_PID=$APP_PID
+rc_ok=0
+if wait_up "$WORK/rc.sock"; then
+    raw "$WORK/rc.sock" perform_tests '{"time_in_sec": '"$rc_secs"'}' $((rc_secs + 60)) > "$WORK/rc-result.json" 2>&1
+    prc=$?
+    rc_stats=$(raw "$WORK/rc.sock" bdev_pcache_get_stats '{"name": "PCache0"}' 10 2> /dev/null)
+    raw "$WORK/rc.sock" bdev_pcache_flush '{"name": "PCache0"}' 10 > /dev/null 2>&1
+    rc_drained=0
+    for _ in $(seq 1 120); do
+        st=$(raw "$WORK/rc.sock" bdev_pcache_get_stats '{"name": "PCache0"}' 10 2> /dev/null | field "['dirty_bytes'], d[0]['flush']['active']")
+        if [ "$st" = "0 False" ]; then
+            rc_drained=1
+            break
+        fi
+        sleep 0.5
+    done
+    read -r rec flush_us errs <<< "$(field "['recycled_bytes'], d[0]['writeback']['base_flush_us'], d[0]['io_errors'] + d[0]['writeback_errors']" <<< "${rc_stats:-[]}" 2> /dev/null)"
+    # A miscompare stops its job ("status": "failed"); failed I/O counts in io_failed.
+    read -r nfail iops <<< "$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"]; print(sum(j["io_failed"] + (j["status"] != "finished") for j in r), sum(j["iops"] for j in r))' "$WORK/rc-result.json" 2> /dev/null)"
+    # Recycling is gated on the FLUSH's cost (RECYCLE_FLUSH_US = 100 us): over a base
+    # whose fsync is faster it does not run, and only the data checks apply.
+    if [ $prc = 0 ] && [ "${nfail:-x}" = 0 ] && [ "${errs:-x}" = 0 ] && [ $rc_drained = 1 ] &&
+        { [ "${rec:-0}" -gt 0 ] || [ "${flush_us:-0}" -lt 100 ]; }; then
+        rc_ok=1
+        pass "verify_recycle (${rc_secs}s, 48 MiB cache over an aio file, two verify jobs): $(printf '%.0f' "${iops:-0}") IOPS, 0 miscompares, $((${rec:-0} >> 20)) MiB recycled (base FLUSH ${flush_us} us), drained"
+    fi
+fi
+if [ $rc_ok = 0 ]; then
+    fail "verify_recycle: perform_tests rc=${prc:-?} failed/stopped jobs=${nfail:-?} errors=${errs:-?} recycled=${rec:-?} flush_us=${flush_us:-?} drained=${rc_drained:-?}"
+    tail -5 "$WORK/rc-result.json" "$WORK/rc.log"
+fi
+stop "$WORK/rc.sock" "$RC_PID"
+rm -f "$WORK/rc-base.img"
 
 # ---------------------------------------------------------------- hot removal under I/O
 # spdk_tgt exports PCache0 (over Malloc0) over NVMe-oF/TCP; bdevperf on core 1 writes to
