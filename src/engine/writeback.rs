@@ -646,6 +646,22 @@ mod tests {
     use super::*;
     use crate::env::sim::{rng::Rng, tiny};
 
+    /// Per byte of `[0, n)`, the medium offset `b`'s window writes it from (each byte
+    /// at most once: checked).
+    fn written(b: &WbBatch, n: usize) -> Vec<Option<u64>> {
+        let mut got = vec![None; n];
+        for it in &b.items {
+            let WbKind::Data { pmem_off } = it.kind else {
+                panic!("data keys only")
+            };
+            for d in 0..it.len as u64 {
+                assert!(got[(it.off + d) as usize].is_none(), "byte written twice");
+                got[(it.off + d) as usize] = Some(pmem_off + d);
+            }
+        }
+        got
+    }
+
     /// `build` writes back, for every byte, the newest dirty key of the kset covering
     /// it (and nothing a clean key or a newer key covers), compared with a byte model
     /// over random overlapping keys.
@@ -674,16 +690,7 @@ mod tests {
                 }
             }
             b.build(&geo, None, false);
-            let mut got: Vec<Option<u64>> = vec![None; 64];
-            for it in &b.items {
-                let WbKind::Data { pmem_off } = it.kind else {
-                    panic!("data keys only")
-                };
-                for d in 0..it.len as u64 {
-                    assert!(got[(it.off + d) as usize].is_none(), "byte written twice");
-                    got[(it.off + d) as usize] = Some(pmem_off + d);
-                }
-            }
+            let got = written(&b, 64);
             assert!(b.items.windows(2).all(|w| w[0].off < w[1].off), "sorted");
             for (o, own) in owner.iter().enumerate() {
                 let want = match *own {
@@ -749,16 +756,7 @@ mod tests {
                 b.keys.push(k);
             }
             b.build(&geo, Some(&segs), true);
-            let mut got: Vec<Option<u64>> = vec![None; (span + blk) as usize];
-            for it in &b.items {
-                let WbKind::Data { pmem_off } = it.kind else {
-                    panic!("data keys only")
-                };
-                for d in 0..it.len as u64 {
-                    assert!(got[(it.off + d) as usize].is_none(), "byte written twice");
-                    got[(it.off + d) as usize] = Some(pmem_off + d);
-                }
-            }
+            let got = written(&b, (span + blk) as usize);
             let at = |k: &KeyRec, o: u64| geo.data_off(seg, k.seg_off as u64 + (o - k.off));
             for (k, _) in b.keys.iter().zip(&marked).filter(|(_, &m)| m) {
                 for blk_at in (k.off..k.off + k.len as u64).step_by(blk as usize) {
