@@ -6,7 +6,8 @@
 //! the backing device and the engine's own invariants.
 
 use pcache::engine::{
-    BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, Pmem, WbBatch, WbKind, WbNext,
+    BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, Pmem, WbBatch, WbKind,
+    WbNext, SMALL_WINDOW_KSETS,
 };
 use pcache::env::sim::pmem::SimPmem;
 use std::sync::Arc;
@@ -192,4 +193,77 @@ fn windows_more_than_half_live_recycle_only_while_reads_come() {
         assert!(buf == want, "block {b} does not read its newest data");
     }
     e.check_invariants(&[&ch]).unwrap();
+}
+
+/// Over a base whose FLUSH is cheap the runtimes allow small windows: once a window
+/// writes back at most half of what it retires (a hot set's overwrites supersede most
+/// of it), the next takes `SMALL_WINDOW_KSETS` ksets; without the allowance windows
+/// stay larger (up to `WINDOW_KSETS`). The data reads back either way.
+#[test]
+fn sparse_windows_shrink_where_small_windows_are_allowed() {
+    for small in [false, true] {
+        // 64 MiB: windows of 8 ksets fit under the window's byte bound.
+        let e = engine(1024);
+        let mut disk = vec![0u8; SIZE as usize];
+        let mut ch = Channel::default();
+        let mut wb = WbBatch::default();
+        wb.set_small_windows(small);
+        let mut scratch = Vec::new();
+        let mut newest = vec![0u64; HOT as usize];
+        let (mut windows, mut largest) = (0u32, 0u32);
+        let mut seed = 7u64;
+        let mut note = |wb: &WbBatch, done: bool| {
+            if done {
+                windows += 1;
+                // The first windows may come before any was seen sparse.
+                if windows > 4 {
+                    largest = largest.max(wb.ksets());
+                }
+            }
+        };
+        for n in 1..30_000u64 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let b = (seed >> 33) % HOT;
+            loop {
+                match e.write(&mut ch, b * BLOCK as u64, &content(b, n), false) {
+                    Ok(()) => break,
+                    Err(IoError::Busy) => {
+                        let _ = e.close_ksets();
+                        let done = writeback_once(&e, &mut wb, &mut disk);
+                        note(&wb, done);
+                        e.gc(&mut scratch);
+                    }
+                    Err(x) => panic!("write: {x:?}"),
+                }
+            }
+            newest[b as usize] = n;
+            if n % 64 == 0 {
+                e.tick();
+                if e.writeback_wanted() {
+                    let done = writeback_once(&e, &mut wb, &mut disk);
+                    note(&wb, done);
+                }
+                e.gc(&mut scratch);
+            }
+        }
+        assert!(windows > 20, "small={small}: {windows} windows");
+        if small {
+            assert_eq!(largest, SMALL_WINDOW_KSETS as u32, "small windows");
+        } else {
+            assert!(
+                largest > SMALL_WINDOW_KSETS as u32,
+                "full windows: {largest}"
+            );
+        }
+        let mut buf = vec![0u8; BLOCK];
+        for b in 0..HOT {
+            read_block(&e, &mut ch, &disk, b, &mut buf);
+            if newest[b as usize] > 0 {
+                assert!(buf == content(b, newest[b as usize]), "block {b}");
+            }
+        }
+        e.check_invariants(&[&ch]).unwrap();
+    }
 }

@@ -45,7 +45,7 @@ pub use open::{probe, Probe};
 pub use pmem::Pmem;
 pub use policy::{CacheMode, Direct, FlushMark, Policy, Promotion, Route, SeqPolicy};
 pub use stats::{ErrorEvent, Stats};
-pub use writeback::{GcResult, WbBatch, WbItem, WbKind, WbNext, WINDOW_KSETS};
+pub use writeback::{GcResult, WbBatch, WbItem, WbKind, WbNext, SMALL_WINDOW_KSETS, WINDOW_KSETS};
 
 use format::{
     CacheInfo, Geometry, Superblock, DIRTY_TAIL_OFF, INFO_OFF, KEY_TAIL_OFF, KIND_DIRTY_TAIL,

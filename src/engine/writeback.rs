@@ -31,6 +31,15 @@ const GC_ROUND_BYTES: u64 = 4 << 20;
 
 /// Most ksets one writeback window takes (one backing FLUSH for all of them).
 pub const WINDOW_KSETS: usize = 8;
+/// Ksets in a window that follows a sparse one (`WbBatch::set_small_windows`): a
+/// random overwrite of a working set the cache holds leaves windows mostly superseded,
+/// and over a base whose FLUSH is cheap, windows of 2 ksets instead of 8 gave the SPDK
+/// in-cache random writes +12-16% on one core (a delay bdev over malloc, 25 us writes)
+/// and +15% on two (over malloc); 1 kset lost the one-core gain.
+pub const SMALL_WINDOW_KSETS: usize = 2;
+/// A window is sparse when the data it writes back is at most 1/SPARSE of the data it
+/// retires.
+const SPARSE: u64 = 2;
 
 /// What to write to the backing device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +75,10 @@ pub struct WbBatch {
     ksets: u32,
     /// Most ksets a window may take (0: `WINDOW_KSETS`).
     window: u32,
+    /// Whether a window after a sparse one takes `SMALL_WINDOW_KSETS` (runtime's
+    /// choice), and whether the last one was sparse.
+    small: bool,
+    sparse: bool,
     /// Bytes of this kset's dirty data a newer key of the same epoch covers.
     skipped: u64,
     keys: Vec<KeyRec>,
@@ -116,6 +129,19 @@ impl WbBatch {
         self.recycle = on;
     }
 
+    /// Lets a window that follows a sparse one (at most a quarter of what it retires
+    /// written back) take `SMALL_WINDOW_KSETS` ksets when no window size was set.
+    /// Runtimes turn it on where the base's FLUSH is cheap: each window pays one, and
+    /// a mostly live window wants many requests in flight.
+    pub fn set_small_windows(&mut self, on: bool) {
+        self.small = on;
+    }
+
+    /// Ksets in the window.
+    pub fn ksets(&self) -> u32 {
+        self.ksets
+    }
+
     /// Bytes of live dirty data this window moved to the log head instead of writing
     /// them back (a copy in the medium: a runtime bounds how many such windows it takes
     /// in one go).
@@ -150,7 +176,21 @@ impl WbBatch {
         let keys = &self.keys;
         let order = &mut self.order;
         order.clear();
-        order.extend(0..keys.len() as u32);
+        match segs.filter(|_| marks) {
+            Some(segs) => {
+                for (i, k) in keys.iter().enumerate() {
+                    if k.has_data()
+                        && k.flags & KEY_CLEAN == 0
+                        && segs.all_superseded(k.seg, k.seg_off, k.len, k.gen as u32)
+                    {
+                        self.skipped += k.len as u64;
+                    } else {
+                        order.push(i as u32);
+                    }
+                }
+            }
+            None => order.extend(0..keys.len() as u32),
+        }
         order.sort_unstable_by_key(|&i| keys[i as usize].off);
         let mut out = Emit {
             items: &mut self.items,
@@ -345,10 +385,10 @@ impl<P: Pmem> Engine<P> {
             epoch = e;
             n += 1;
             pos = pos.after(&hdr);
-            let max = if b.window == 0 {
-                WINDOW_KSETS
-            } else {
-                b.window as usize
+            let max = match b.window {
+                0 if b.small && b.sparse => SMALL_WINDOW_KSETS,
+                0 => WINDOW_KSETS,
+                w => w as usize,
             };
             if e.is_none() || n >= max || b.retire_bytes >= self.window_bytes_max() {
                 break;
@@ -377,6 +417,7 @@ impl<P: Pmem> Engine<P> {
         if marks {
             self.recycle(b, epoch);
         }
+        b.sparse = b.bytes() * SPARSE <= b.retire_bytes;
         WbNext::Ready
     }
 

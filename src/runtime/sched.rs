@@ -130,6 +130,13 @@ pub fn recycle_pays(drain: bool, pacer: &FlushPacer) -> bool {
     !drain && pacer.cost_us() >= RECYCLE_FLUSH_US
 }
 
+/// Whether writeback may take small windows after sparse ones
+/// (`WbBatch::set_small_windows`): only where the base's FLUSH is cheaper than
+/// RECYCLE_FLUSH_US, since every window pays one.
+pub fn small_windows_pay(pacer: &FlushPacer) -> bool {
+    pacer.cost_us() < RECYCLE_FLUSH_US
+}
+
 /// What the background runner does before a round: writers waiting for space need the
 /// buffered keys in the log, where writeback and GC can reach them.
 pub fn before_round<P: Pmem>(e: &Engine<P>) {

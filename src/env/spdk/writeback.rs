@@ -265,6 +265,8 @@ fn start_batch(n: *mut Node) -> bool {
         // written back, unless draining or the base's FLUSH is cheap (`recycle_pays`).
         let recycle = sched::recycle_pays(bg.drain.active, &bg.direct_flush);
         bg.batch.set_recycle(recycle);
+        bg.batch
+            .set_small_windows(sched::small_windows_pay(&bg.direct_flush));
         let next = nd.shared.engine.writeback_next(&mut bg.batch);
         if next == WbNext::Ready && bg.batch.items.is_empty() {
             nd.shared.engine.writeback_done(&bg.batch, true);

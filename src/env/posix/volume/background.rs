@@ -86,10 +86,11 @@ impl Volume {
         if due {
             // Live dirty data of a mostly superseded window may move instead of being
             // written back, unless draining or the FLUSH is cheap (`recycle_pays`).
-            wb.set_recycle(sched::recycle_pays(
-                drain,
-                &self.direct_flush.lock().unwrap(),
-            ));
+            {
+                let pacer = self.direct_flush.lock().unwrap();
+                wb.set_recycle(sched::recycle_pays(drain, &pacer));
+                wb.set_small_windows(sched::small_windows_pay(&pacer));
+            }
             match e.writeback_next(wb) {
                 WbNext::Ready => {
                     worked = true;
