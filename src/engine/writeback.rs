@@ -170,6 +170,14 @@ impl WbBatch {
     /// `segs` (None in unit tests) tells which keys' segments were reclaimed out of
     /// order (those keys are left out: see `compact`) and, with `marks`, which blocks
     /// were superseded.
+    ///
+    /// With `marks`, a dirty key whose data is superseded in full is counted as skipped
+    /// before the sort and takes no part in resolving overlaps (a random overwrite's
+    /// window is mostly such keys). An older key of the window it overlapped may then
+    /// write back a part no mark covers (less than a block): bytes the client wrote in
+    /// the same epoch (one window, one epoch), which a disk may show until the next
+    /// FLUSH, as build already writes the part of a marked block that a newer key
+    /// splits.
     fn build(&mut self, geo: &Geometry, segs: Option<&Segs>, marks: bool) {
         self.items.clear();
         self.skipped = 0;
