@@ -75,20 +75,32 @@ fn read_block(e: &Engine<Arc<SimPmem>>, ch: &mut Channel, disk: &[u8], b: u64, b
     e.fill(ch, off, buf, true);
 }
 
-/// Overwrites `hot` blocks at random `ops` times in a 16 MiB cache with recycling on,
-/// reading a block after every `read_every` writes (0: never); writeback runs as
-/// writes need room and every 64 writes. Returns the engine, its channel, the backing
-/// image, the writeback batch and each block's newest round.
-fn overwrite(
-    hot: u64,
-    ops: u64,
-    read_every: u64,
-) -> (Engine<Arc<SimPmem>>, Channel, Vec<u8>, WbBatch, Vec<u64>) {
-    let e = engine(256);
-    let mut disk = vec![0u8; SIZE as usize];
-    let mut ch = Channel::default();
+/// What `overwrite` leaves: the engine, its channel, the backing image, the writeback
+/// batch, each block's newest round and the ksets of every window written back.
+struct Run {
+    e: Engine<Arc<SimPmem>>,
+    ch: Channel,
+    disk: Vec<u8>,
+    wb: WbBatch,
+    newest: Vec<u64>,
+    windows: Vec<u32>,
+}
+
+/// A writeback batch that recycles.
+fn recycling() -> WbBatch {
     let mut wb = WbBatch::default();
     wb.set_recycle(true);
+    wb
+}
+
+/// Overwrites `hot` blocks at random `ops` times in a cache of `segs` 64 KiB segments,
+/// with writeback batch `wb`, reading a block after every `read_every` writes (0:
+/// never); writeback runs as writes need room and every 64 writes.
+fn overwrite(segs: u64, hot: u64, ops: u64, read_every: u64, mut wb: WbBatch) -> Run {
+    let e = engine(segs);
+    let mut disk = vec![0u8; SIZE as usize];
+    let mut ch = Channel::default();
+    let mut windows = Vec::new();
     let mut scratch = Vec::new();
     let mut newest = vec![0u64; hot as usize];
     let mut buf = vec![0u8; BLOCK];
@@ -103,7 +115,9 @@ fn overwrite(
                 Ok(()) => break,
                 Err(IoError::Busy) => {
                     let _ = e.close_ksets();
-                    writeback_once(&e, &mut wb, &mut disk);
+                    if writeback_once(&e, &mut wb, &mut disk) {
+                        windows.push(wb.ksets());
+                    }
                     e.gc(&mut scratch);
                 }
                 Err(x) => panic!("write: {x:?}"),
@@ -124,19 +138,33 @@ fn overwrite(
         if n % 64 == 0 {
             // Writes keep coming between ticks: the cache is never idle here.
             e.tick();
-            if e.writeback_wanted() {
-                writeback_once(&e, &mut wb, &mut disk);
+            if e.writeback_wanted() && writeback_once(&e, &mut wb, &mut disk) {
+                windows.push(wb.ksets());
             }
             e.gc(&mut scratch);
         }
     }
-    (e, ch, disk, wb, newest)
+    Run {
+        e,
+        ch,
+        disk,
+        wb,
+        newest,
+        windows,
+    }
 }
 
 #[test]
 fn recycled_data_reads_back_and_a_drain_writes_it_back() {
     // 16 MiB, the hot set 6.25 MiB.
-    let (e, mut ch, mut disk, mut wb, newest) = overwrite(HOT, 40_000, 0);
+    let Run {
+        e,
+        mut ch,
+        mut disk,
+        mut wb,
+        newest,
+        ..
+    } = overwrite(256, HOT, 40_000, 0, recycling());
     let st = e.stats();
     let (rec, wrote) = (st.recycled_bytes, st.writeback_bytes);
     assert!(
@@ -175,8 +203,14 @@ fn windows_more_than_half_live_recycle_only_while_reads_come() {
     // 25 MiB over a 16 MiB cache: writeback windows about 60% live (writes alone
     // recycled 0.8 MB here, with reads 209 MB).
     let hot = 6500;
-    let (quiet, _, _, _, _) = overwrite(hot, 40_000, 0);
-    let (e, mut ch, disk, _, newest) = overwrite(hot, 40_000, 4);
+    let quiet = overwrite(256, hot, 40_000, 0, recycling()).e;
+    let Run {
+        e,
+        mut ch,
+        disk,
+        newest,
+        ..
+    } = overwrite(256, hot, 40_000, 4, recycling());
     let (without, with) = (quiet.stats().recycled_bytes, e.stats().recycled_bytes);
     eprintln!("recycled: writes only {without}, with reads {with}");
     assert!(
@@ -202,53 +236,24 @@ fn windows_more_than_half_live_recycle_only_while_reads_come() {
 #[test]
 fn sparse_windows_shrink_where_small_windows_are_allowed() {
     for small in [false, true] {
-        // 64 MiB: windows of 8 ksets fit under the window's byte bound.
-        let e = engine(1024);
-        let mut disk = vec![0u8; SIZE as usize];
-        let mut ch = Channel::default();
         let mut wb = WbBatch::default();
         wb.set_small_windows(small);
-        let mut scratch = Vec::new();
-        let mut newest = vec![0u64; HOT as usize];
-        let (mut windows, mut largest) = (0u32, 0u32);
-        let mut seed = 7u64;
-        let mut note = |wb: &WbBatch, done: bool| {
-            if done {
-                windows += 1;
-                // The first windows may come before any was seen sparse.
-                if windows > 4 {
-                    largest = largest.max(wb.ksets());
-                }
-            }
-        };
-        for n in 1..30_000u64 {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let b = (seed >> 33) % HOT;
-            loop {
-                match e.write(&mut ch, b * BLOCK as u64, &content(b, n), false) {
-                    Ok(()) => break,
-                    Err(IoError::Busy) => {
-                        let _ = e.close_ksets();
-                        let done = writeback_once(&e, &mut wb, &mut disk);
-                        note(&wb, done);
-                        e.gc(&mut scratch);
-                    }
-                    Err(x) => panic!("write: {x:?}"),
-                }
-            }
-            newest[b as usize] = n;
-            if n % 64 == 0 {
-                e.tick();
-                if e.writeback_wanted() {
-                    let done = writeback_once(&e, &mut wb, &mut disk);
-                    note(&wb, done);
-                }
-                e.gc(&mut scratch);
-            }
-        }
-        assert!(windows > 20, "small={small}: {windows} windows");
+        // 64 MiB: windows of 8 ksets fit under the window's byte bound.
+        let Run {
+            e,
+            mut ch,
+            disk,
+            newest,
+            windows,
+            ..
+        } = overwrite(1024, HOT, 30_000, 0, wb);
+        assert!(
+            windows.len() > 20,
+            "small={small}: {} windows",
+            windows.len()
+        );
+        // The first windows may come before any was seen sparse.
+        let largest = windows[4..].iter().copied().max().unwrap_or(0);
         if small {
             assert_eq!(largest, SMALL_WINDOW_KSETS as u32, "small windows");
         } else {
