@@ -5,6 +5,8 @@
 //! ranges (also routed to the backing device outside write-back), and write batches
 //! (`Engine::write_many`) against an oracle.
 
+mod common;
+
 use pcache::engine::{
     BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, OpenError, Pmem, WbBatch,
     WbKind, WbNext,
@@ -210,13 +212,7 @@ fn drain(e: &Engine<Arc<SimPmem>>, backing: &mut [u8], fail: bool) -> usize {
             e.writeback_done(&wb, false);
             return n;
         }
-        for it in &wb.items {
-            let dst = &mut backing[it.off as usize..it.off as usize + it.len as usize];
-            match it.kind {
-                WbKind::Data { pmem_off } => e.pmem().read(pmem_off, dst),
-                WbKind::Zero | WbKind::Discard => dst.fill(0),
-            }
-        }
+        common::apply(e, &wb, backing);
         e.writeback_done(&wb, true);
         n += 1;
     }

@@ -4,10 +4,10 @@
 //! the second miss caches a block only when it misses again. Checked against the
 //! engine's own invariants and a byte image of the backing device.
 
-use pcache::engine::{
-    BackingIdentity, Channel, Config, Engine, FormatOptions, Pmem, Promotion, WbBatch, WbKind,
-    WbNext,
-};
+mod common;
+
+use common::{sim_engine, writeback_once};
+use pcache::engine::{Channel, Engine, Promotion, WbBatch};
 use pcache::env::sim::pmem::SimPmem;
 use std::sync::Arc;
 
@@ -22,26 +22,13 @@ fn engine(segs: u64) -> Engine<Arc<SimPmem>> {
 }
 
 fn engine_promoting(segs: u64, promotion: Promotion) -> Engine<Arc<SimPmem>> {
-    let pmem = Arc::new(SimPmem::new(
-        pcache::engine::format::SEGMENTS_OFF + segs * SEG as u64,
-    ));
-    let id = BackingIdentity {
-        size: SIZE,
-        block_size: 512,
-        id: "disk-a".into(),
-    };
-    let mut fo = FormatOptions::new(id, 1);
-    fo.seg_size = SEG;
-    fo.policy.promotion = promotion;
-    // The scans here are what reclaim must cope with; the sequential cutoff, which
-    // keeps a stream out of a full cache, would keep them away (test/embedded.rs and
-    // the simulator's policy family cover it).
-    fo.policy.seq_cutoff_kib = 0;
-    let cfg = Config {
-        log_reserve: 2,
-        ..Config::default()
-    };
-    Engine::format(pmem, &fo, &cfg).unwrap()
+    sim_engine(segs, SEG, SIZE, |fo| {
+        fo.policy.promotion = promotion;
+        // The scans here are what reclaim must cope with; the sequential cutoff, which
+        // keeps a stream out of a full cache, would keep them away (test/embedded.rs
+        // and the simulator's policy family cover it).
+        fo.policy.seq_cutoff_kib = 0;
+    })
 }
 
 /// A byte image of the backing device whose block `b` holds `b`'s low byte + 1.
@@ -87,16 +74,7 @@ fn background(e: &Engine<Arc<SimPmem>>, disk: &mut [u8], scratch: &mut Vec<u8>) 
     e.tick();
     e.tick();
     let mut wb = WbBatch::default();
-    while e.writeback_next(&mut wb) == WbNext::Ready {
-        for it in &wb.items {
-            let dst = &mut disk[it.off as usize..it.off as usize + it.len as usize];
-            match it.kind {
-                WbKind::Data { pmem_off } => e.pmem().read(pmem_off, dst),
-                WbKind::Zero | WbKind::Discard => dst.fill(0),
-            }
-        }
-        e.writeback_done(&wb, true);
-    }
+    while writeback_once(e, &mut wb, disk) {}
     e.gc(scratch);
 }
 
@@ -389,17 +367,8 @@ fn mostly_superseded_segments_go_out_of_order_and_replay_agrees() {
     let st = e.stats();
     assert!(st.segments_compacted > 0, "nothing compacted: {st:?}");
     e.flush().unwrap();
-    let id = BackingIdentity {
-        size: SIZE,
-        block_size: 512,
-        id: "disk-a".into(),
-    };
-    let cfg = Config {
-        log_reserve: 2,
-        ..Config::default()
-    };
     let pmem = Arc::new(SimPmem::from_image(e.pmem().durable_image()));
-    let e2 = Engine::open(pmem, &id, false, &cfg).unwrap();
+    let e2 = Engine::open(pmem, &common::sim_id(SIZE), false, &common::sim_config()).unwrap();
     let mut ch2 = Channel::default();
     for b in 0..set {
         read_checked(&e2, &mut ch2, &disk, &want, b);

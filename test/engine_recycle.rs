@@ -5,10 +5,10 @@
 //! are recycled only while reads come (they buy hits). Checked against a byte image of
 //! the backing device and the engine's own invariants.
 
-use pcache::engine::{
-    BackingIdentity, Channel, Config, Engine, FormatOptions, IoError, Pmem, WbBatch, WbKind,
-    WbNext, SMALL_WINDOW_KSETS,
-};
+mod common;
+
+use common::{sim_engine, writeback_once};
+use pcache::engine::{Channel, Engine, IoError, WbBatch, SMALL_WINDOW_KSETS};
 use pcache::env::sim::pmem::SimPmem;
 use std::sync::Arc;
 
@@ -18,21 +18,7 @@ const BLOCK: usize = 4096;
 const HOT: u64 = 1600;
 
 fn engine(segs: u64) -> Engine<Arc<SimPmem>> {
-    let pmem = Arc::new(SimPmem::new(
-        pcache::engine::format::SEGMENTS_OFF + segs * SEG as u64,
-    ));
-    let id = BackingIdentity {
-        size: SIZE,
-        block_size: 512,
-        id: "disk-a".into(),
-    };
-    let mut fo = FormatOptions::new(id, 1);
-    fo.seg_size = SEG;
-    let cfg = Config {
-        log_reserve: 2,
-        ..Config::default()
-    };
-    Engine::format(pmem, &fo, &cfg).unwrap()
+    sim_engine(segs, SEG, SIZE, |_| {})
 }
 
 /// Block `b`'s content in round `r`.
@@ -42,22 +28,6 @@ fn content(b: u64, r: u64) -> Vec<u8> {
         w.copy_from_slice(&(b << 40 | r << 16 | i as u64).to_le_bytes());
     }
     v
-}
-
-/// One writeback window, if due: written to `disk` and acknowledged. False when idle.
-fn writeback_once(e: &Engine<Arc<SimPmem>>, wb: &mut WbBatch, disk: &mut [u8]) -> bool {
-    if e.writeback_next(wb) != WbNext::Ready {
-        return false;
-    }
-    for it in &wb.items {
-        let dst = &mut disk[it.off as usize..it.off as usize + it.len as usize];
-        match it.kind {
-            WbKind::Data { pmem_off } => e.pmem().read(pmem_off, dst),
-            WbKind::Zero | WbKind::Discard => dst.fill(0),
-        }
-    }
-    e.writeback_done(wb, true);
-    true
 }
 
 /// Reads block `b` into `buf`, its misses from `disk` (and filled into the cache).

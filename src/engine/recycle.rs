@@ -26,9 +26,10 @@
 //! data they retire (`LIVE_PCT_READS` while reads come), only while free segments
 //! remain above the log reserve's margin, never in a drain (`WbBatch::set_recycle`) or
 //! outside write-back, and never while the cache is idle: data stops cycling and is
-//! written back as soon as writes pause for a tick, or a FLUSH ends its epoch. The runtimes turn it on only where the base's FLUSH
-//! is slow (`runtime::sched::recycle_pays`): over a fast base the copies cost more than
-//! the writeback they save.
+//! written back as soon as writes pause for a tick, or a FLUSH ends its epoch. The
+//! runtimes turn it on only where the base's FLUSH is slow
+//! (`runtime::sched::set_window_rules`): over a fast base the copies cost more than the
+//! writeback they save.
 
 use super::format::{self, KeyRec};
 use super::index::{F_CRC, F_DIRTY};
@@ -60,12 +61,14 @@ impl<P: Pmem> Engine<P> {
     pub(super) fn recycle(&self, b: &mut WbBatch, epoch: Option<u64>) {
         let now = self.epoch.load(Acquire);
         let live: u64 = b.items.iter().map(|i| i.len as u64).sum();
+        let over = |pct: u64| live * 100 > b.retire_bytes() * pct;
+        // The larger bound first: a window over it needs no look at GC's state.
         if !b.recycle
             || live == 0
             || epoch != Some(now)
             || self.mode() != CacheMode::WriteBack
             || self.idle()
-            || live * 100 > b.retire_bytes() * LIVE_PCT_READS
+            || over(LIVE_PCT_READS)
             || b.items
                 .iter()
                 .any(|i| !matches!(i.kind, WbKind::Data { .. }))
@@ -74,12 +77,7 @@ impl<P: Pmem> Engine<P> {
         }
         let mut st = lock(&self.gc_state);
         let st = &mut *st;
-        let bound = if Self::reads_mattered(st) {
-            LIVE_PCT_READS
-        } else {
-            LIVE_PCT
-        };
-        if live * 100 > b.retire_bytes() * bound {
+        if !Self::reads_mattered(st) && over(LIVE_PCT) {
             return;
         }
         b.moved.clear();

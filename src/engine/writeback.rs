@@ -129,10 +129,11 @@ impl WbBatch {
         self.recycle = on;
     }
 
-    /// Lets a window that follows a sparse one (at most a quarter of what it retires
-    /// written back) take `SMALL_WINDOW_KSETS` ksets when no window size was set.
-    /// Runtimes turn it on where the base's FLUSH is cheap: each window pays one, and
-    /// a mostly live window wants many requests in flight.
+    /// Lets a window that follows a sparse one (at most half of what it retires written
+    /// back) take `SMALL_WINDOW_KSETS` ksets. No effect on a batch whose window size is
+    /// set (`with_window`). Runtimes turn it on where the base's FLUSH is cheap
+    /// (`runtime::sched::set_window_rules`): each window pays one, and a mostly live
+    /// window wants many requests in flight.
     pub fn set_small_windows(&mut self, on: bool) {
         self.small = on;
     }

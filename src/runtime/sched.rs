@@ -7,7 +7,7 @@
 //! (`Instant` in the embedded runtime, SPDK ticks converted), and none reads one itself,
 //! so a runtime reads its clock only where a rule needs it.
 
-use crate::engine::{CacheMode, Engine, FlushMark, Pmem, WbItem, WbKind};
+use crate::engine::{CacheMode, Engine, FlushMark, Pmem, WbBatch, WbItem, WbKind};
 
 /// Period of the engine's tick (ages kset buffers: those older than two ticks close).
 pub const TICK_PERIOD_US: u64 = 100_000;
@@ -25,7 +25,7 @@ pub const DIRECT_FLUSH_MAX_US: u64 = 2_000_000;
 /// (bdev_aio: a synchronous fsync on the reactor) took 2-5 ms, and a 5 ms period held
 /// random writes that bypass the cache to 0.62-0.75x the bare base's.
 pub const FLUSH_COST_SHARE: u64 = 50;
-/// A base FLUSH slower than this makes writeback recycle (`recycle_pays`). Over an
+/// A base FLUSH slower than this makes writeback recycle (`set_window_rules`). Over an
 /// emulated base (a delay bdev over malloc, FLUSH about 5 us) recycling cost the SPDK
 /// in-cache random writes 6-25% of their IOPS (moving a sixth to a third of the bytes
 /// writeback would write); over bdev_aio on a VM's disk (FLUSH 2-5 ms, a synchronous
@@ -122,19 +122,17 @@ impl FlushPacer {
     }
 }
 
-/// Whether writeback windows may recycle live dirty data (`WbBatch::set_recycle`):
-/// never in a drain, and only where the base's FLUSH costs at least RECYCLE_FLUSH_US:
-/// recycling saves a window's backing writes and FLUSH at the price of copies in the
-/// medium, which pays only where those are expensive.
-pub fn recycle_pays(drain: bool, pacer: &FlushPacer) -> bool {
-    !drain && pacer.cost_us() >= RECYCLE_FLUSH_US
-}
-
-/// Whether writeback may take small windows after sparse ones
-/// (`WbBatch::set_small_windows`): only where the base's FLUSH is cheaper than
-/// RECYCLE_FLUSH_US, since every window pays one.
-pub fn small_windows_pay(pacer: &FlushPacer) -> bool {
-    pacer.cost_us() < RECYCLE_FLUSH_US
+/// Sets how writeback's next window treats a mostly superseded predecessor, from what
+/// the base's FLUSH costs (RECYCLE_FLUSH_US divides cheap from slow):
+/// * recycling (`WbBatch::set_recycle`), never in a drain and only over a slow FLUSH:
+///   it saves a window's backing writes and FLUSH at the price of copies in the
+///   medium, which pays only where those are expensive;
+/// * small windows after sparse ones (`WbBatch::set_small_windows`), only over a cheap
+///   FLUSH, since every window pays one.
+pub fn set_window_rules(wb: &mut WbBatch, drain: bool, pacer: &FlushPacer) {
+    let slow = pacer.cost_us() >= RECYCLE_FLUSH_US;
+    wb.set_recycle(!drain && slow);
+    wb.set_small_windows(!slow);
 }
 
 /// What the background runner does before a round: writers waiting for space need the

@@ -3,8 +3,10 @@
 //!
 //! Writeback runs when the engine wants it (`writeback_wanted`: lazily, so overwrites
 //! can supersede older dirty data first) or a drain asks for everything. It takes one
-//! window of up to [`WINDOW_KSETS`](crate::engine::WINDOW_KSETS) ksets at a time (`writeback_next`, sorted by address,
-//! one base FLUSH for all) and writes its dirty extents to the base bdev
+//! window of up to [`WINDOW_KSETS`](crate::engine::WINDOW_KSETS) ksets at a time
+//! (`writeback_next`, sorted by address, one base FLUSH for all; two ksets after a
+//! mostly superseded window where the base's FLUSH is cheap, `sched::set_window_rules`)
+//! and writes its dirty extents to the base bdev
 //! straight from the mapped medium (`WbMap`) or, when the mapping is not usable for
 //! DMA, through a DMA bounce in waves of at most `WB_BOUNCE` bytes. Extents
 //! that continue each other on the base (and, when written straight from the medium, in
@@ -261,12 +263,9 @@ fn start_batch(n: *mut Node) -> bool {
             return false;
         }
         let bg = &mut nd.bg;
-        // Live dirty data of a mostly superseded window may move instead of being
-        // written back, unless draining or the base's FLUSH is cheap (`recycle_pays`).
-        let recycle = sched::recycle_pays(bg.drain.active, &bg.direct_flush);
-        bg.batch.set_recycle(recycle);
-        bg.batch
-            .set_small_windows(sched::small_windows_pay(&bg.direct_flush));
+        // Recycling over a slow FLUSH (never in a drain), small windows after sparse
+        // ones over a cheap one.
+        sched::set_window_rules(&mut bg.batch, bg.drain.active, &bg.direct_flush);
         let next = nd.shared.engine.writeback_next(&mut bg.batch);
         if next == WbNext::Ready && bg.batch.items.is_empty() {
             nd.shared.engine.writeback_done(&bg.batch, true);

@@ -85,12 +85,8 @@ impl Volume {
         };
         if due {
             // Live dirty data of a mostly superseded window may move instead of being
-            // written back, unless draining or the FLUSH is cheap (`recycle_pays`).
-            {
-                let pacer = self.direct_flush.lock().unwrap();
-                wb.set_recycle(sched::recycle_pays(drain, &pacer));
-                wb.set_small_windows(sched::small_windows_pay(&pacer));
-            }
+            // written back, unless draining or the FLUSH is cheap.
+            sched::set_window_rules(wb, drain, &self.direct_flush.lock().unwrap());
             match e.writeback_next(wb) {
                 WbNext::Ready => {
                     worked = true;
