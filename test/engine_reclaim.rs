@@ -158,6 +158,39 @@ fn moved_data_goes_once_it_is_no_longer_read() {
     );
 }
 
+/// Data read more often outlasts data read once in a while: a block read twice since
+/// it was cached (`F_REF2`) survives two turns at the log's tail unread, a block read
+/// once since (`F_REF`) one. After a scan of two and a half caches, the first still
+/// hits and the second is gone.
+#[test]
+fn data_read_twice_survives_one_more_turn() {
+    let e = engine(64);
+    let mut disk = backing();
+    let mut ch = Channel::default();
+    let mut scratch = Vec::new();
+    let blocks = e.stats().capacity_bytes / BLOCK as u64;
+    // Block 0: cached by its miss, then two hits. Block 1: cached, then one hit.
+    for b in [0, 0, 0, 1, 1] {
+        read_block(&e, &mut ch, &disk, b);
+    }
+    for i in 0..5 * blocks / 2 {
+        read_block(&e, &mut ch, &disk, 2 + i);
+        if i % 16 == 0 {
+            background(&e, &mut disk, &mut scratch);
+        }
+    }
+    e.check_invariants(&[&ch]).unwrap();
+    assert!(e.stats().relocated_bytes >= 3 * BLOCK as u64);
+    assert!(
+        !read_block(&e, &mut ch, &disk, 1),
+        "read once since cached: moved once, then dropped"
+    );
+    assert!(
+        read_block(&e, &mut ch, &disk, 0),
+        "read twice since cached: still there"
+    );
+}
+
 /// `n` random 4 KiB requests over the first `set` blocks of `e`, `read_pct` percent of
 /// them reads checked against what was written, with the background run every 16;
 /// `on_read(i, hit)` sees each read. Checks the engine's invariants at the end.

@@ -11,7 +11,7 @@
 //! segment reclaimed during the copy turns the hit into a miss instead of garbage.
 
 use super::format::{self, KeyRec, KEY_CLEAN, KEY_DISCARD, KEY_ZERO, SUBTREE_SIZE};
-use super::index::{Extent, Shard, F_CRC, F_DIRTY, F_EMPTY, F_REF, F_ZERO};
+use super::index::{Extent, Shard, F_CRC, F_DIRTY, F_EMPTY, F_ZERO};
 use super::log::{LogFull, Superseded};
 use super::slots::{SlotHandle, COMMON};
 use super::{Engine, IoError, KsetGuard, Pmem};
@@ -507,12 +507,13 @@ impl<P: Pmem> Engine<P> {
         let plan = &mut ch.plan;
         let segs = &self.segs;
         let to_at = |x: u32| at + (x - s) as usize;
-        // A hit marks what it reads (`F_REF`): GC keeps such data when it reclaims.
+        // A hit counts itself on what it reads (`F_REF`, then `F_REF2`): GC keeps such
+        // data when it reclaims.
         shard.walk_marking(
             s,
             e,
             |x| segs.gen32(x.seg) != x.gen,
-            F_REF,
+            true,
             |ks, x| {
                 if ks > cursor {
                     plan.push(Piece::Miss {

@@ -180,6 +180,8 @@ impl<P: Pmem> Engine<P> {
                             self.segs.get(a.seg);
                         }
                         referenced = true;
+                        // Not GC's judgement: the copy keeps its read-hit count.
+                        x = x.with_flags(frag.refs_kept(false));
                         x.set_epoch(epoch);
                         kb.kb.note_epoch(epoch);
                         kb.push(&nk, true);
