@@ -230,10 +230,16 @@ run_bdevperf() {
     local sock=$WORK/$name.sock
     start "$name" 1 0x1 "$sock" "$BDEVPERF" -c "$config" -q 32 -o 4096 -w "$workload" \
         -t "$secs" -T PCache0
-    local pid=$APP_PID
+    local pid=$APP_PID s
     wait_up "$sock"
-    sleep $((secs * 3 / 4))
-    BP_STATS=$(raw "$sock" bdev_pcache_get_stats '' 10 2> /dev/null)
+    # The statistics as late as the app answers: a run slowed down (a busy machine)
+    # reaches writeback and GC late, and one sample at three quarters of it missed them.
+    BP_STATS=
+    sleep $((secs / 2))
+    while kill -0 "$pid" 2> /dev/null; do
+        s=$(raw "$sock" bdev_pcache_get_stats '' 5 2> /dev/null) && [ -n "$s" ] && BP_STATS=$s
+        sleep 0.5
+    done
     wait "$pid"
     BP_RC=$?
     read -r BP_IOPS BP_FAILS <<< "$(bp_total "$WORK/$name.log")"
