@@ -31,7 +31,7 @@
 use super::format::{
     self, KeyRec, KsetCheck, KEY_CLEAN, KEY_SIZE, KEY_UNSYNCED, KSET_HDR, SUBTREE_SIZE,
 };
-use super::index::{Extent, F_CRC, F_DIRTY, F_REF};
+use super::index::{Extent, F_CRC, F_DIRTY, F_REF, F_REF2};
 use super::io::Channel;
 use super::open::read_kset;
 use super::sync::lock;
@@ -64,6 +64,18 @@ pub(super) struct GcState {
 /// Cold relocation pays off only where reads come: it needs read requests at least
 /// 1/`READ_SHARE` of write requests lately.
 const READ_SHARE: u64 = 8;
+
+/// The read-hit count (`F_REF`, `F_REF2`) a copy of piece `x` starts with: the same
+/// where it moves without GC judging it (compaction, recycling), one level less where
+/// GC gives it its second chance at the log's tail.
+pub(super) fn refs_kept(x: &Extent, judged: bool) -> u8 {
+    let (r1, r2) = (x.is(F_REF), x.is(F_REF2));
+    match judged {
+        false => (if r1 { F_REF } else { 0 }) | (if r2 { F_REF2 } else { 0 }),
+        true if r2 => F_REF,
+        true => 0,
+    }
+}
 
 impl GcState {
     /// GC's channel (its allocation head holds segment references).
@@ -330,7 +342,7 @@ impl<P: Pmem> Engine<P> {
             }
             for i in 0..st.hot.len() {
                 let (at, x) = st.hot[i];
-                self.relocate(st, k, at, &x, x.refs_kept(judged));
+                self.relocate(st, k, at, &x, refs_kept(&x, judged));
             }
             o += n;
         }

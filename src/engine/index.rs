@@ -30,9 +30,8 @@ pub const F_CRC: u8 = 8;
 /// Read since it was written (or last relocated): GC keeps such clean data by moving it
 /// to the log head instead of dropping it (a second chance, as SIEVE/CLOCK give).
 pub const F_REF: u8 = 16;
-/// Read again after `F_REF` was set: with it, a piece GC moves keeps `F_REF`, so it
-/// survives one more round unread (a two-bit frequency count, as S3-FIFO's main queue
-/// keeps: data read often outlasts data read once in a while).
+/// Read again after `F_REF` was set: a piece GC moves keeps `F_REF`, so it survives one
+/// more round unread (`gc::refs_kept`: a two-level count, as S3-FIFO's main queue keeps).
 pub const F_REF2: u8 = 64;
 /// A slot that maps nothing: the range reads as a gap. GC leaves one where it drops an
 /// extent, so the next write of that range replaces it in place instead of the drop and
@@ -101,16 +100,6 @@ impl Extent {
     pub fn with_flags(mut self, f: u8) -> Extent {
         self.back_flags |= f as u32;
         self
-    }
-    /// The read-hit count (`F_REF`, `F_REF2`) a copy of this piece starts with: the
-    /// same where it moves without GC judging it (compaction, recycling), one less
-    /// where GC gives it its second chance at the log's tail.
-    pub fn refs_kept(&self, judged: bool) -> u8 {
-        match judged {
-            false => (self.back_flags as u8) & (F_REF | F_REF2),
-            true if self.is(F_REF2) => F_REF,
-            true => 0,
-        }
     }
     pub fn has_data(&self) -> bool {
         !self.is(F_EMPTY | F_ZERO | F_HOLE)
@@ -608,9 +597,8 @@ impl Shard {
         self.walk_marking(s, e, stale, false, f)
     }
 
-    /// `walk`, also counting a read hit on each data extent it visits when `mark` is
-    /// set (`F_REF`, then `F_REF2`); the line is written only when a flag was not set
-    /// yet.
+    /// `walk`, also counting a read hit (`F_REF`, then `F_REF2`) on each data extent it
+    /// visits when `mark` is set; the line is written only when a flag was not set yet.
     pub fn walk_marking(
         &mut self,
         s: u32,

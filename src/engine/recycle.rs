@@ -181,7 +181,7 @@ impl<P: Pmem> Engine<P> {
                         }
                         referenced = true;
                         // Not GC's judgement: the copy keeps its read-hit count.
-                        x = x.with_flags(frag.refs_kept(false));
+                        x = x.with_flags(super::gc::refs_kept(frag, false));
                         x.set_epoch(epoch);
                         kb.kb.note_epoch(epoch);
                         kb.push(&nk, true);
