@@ -314,7 +314,9 @@ struct Job {
 ///
 /// - `workload`: every workload on the default geometry (the original enumeration).
 /// - `policy`: every workload in every cache mode, and across mode switches.
-/// - `reclaim`: the cache-filling workloads on a cache of 8-9 segments (two of them
+/// - `reclaim`: the cache-filling workloads, and Hot's reads and overwrites over
+///   512 KiB (blocks read again and again, so GC moves pieces read twice and their
+///   copies keep a read count: `gc::refs_kept`), on a cache of 8-9 segments (two of them
 ///   kept for the log, up to three held by the channels' heads), so segments are
 ///   written back and reclaimed over and over and a crash lands inside writeback
 ///   windows and GC. (6 segments with three channels and 27 KiB writes stayed full
@@ -360,7 +362,12 @@ fn crash_jobs() -> Vec<Job> {
             }
         }
     }
-    for w in [Workload::CacheFull, Workload::Mixed, Workload::Overwrite] {
+    for w in [
+        Workload::CacheFull,
+        Workload::Mixed,
+        Workload::Overwrite,
+        Workload::Hot,
+    ] {
         for s in 0..seeds("PCACHE_RECLAIM_SEEDS", 13) {
             let seed = 3000 + s * 7 + w as u64;
             let mut cfg = WorldCfg::new(seed, w);
