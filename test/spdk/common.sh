@@ -223,8 +223,8 @@ bp_total() {
 # Field of the first cache in a get_stats answer on stdin.
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(d[0]$1 if d else '')"; }
 
-# Runs bdevperf (preloaded) on CONFIG for SECS with WORKLOAD; snapshots pcache stats
-# three quarters through. Sets BP_RC, BP_IOPS, BP_FAILS, BP_STATS.
+# Runs bdevperf (preloaded) on CONFIG for SECS with WORKLOAD; samples pcache's stats
+# from halfway until it exits. Sets BP_RC, BP_IOPS, BP_FAILS, BP_STATS.
 run_bdevperf() {
     local name=$1 config=$2 workload=$3 secs=$4
     local sock=$WORK/$name.sock
@@ -232,12 +232,14 @@ run_bdevperf() {
         -t "$secs" -T PCache0
     local pid=$APP_PID s
     wait_up "$sock"
-    # The statistics as late as the app answers: a run slowed down (a busy machine)
+    # The statistics as late as the cache answers: a run slowed down (a busy machine)
     # reaches writeback and GC late, and one sample at three quarters of it missed them.
+    # An answer without a cache in it comes from the app's teardown (the bdev is gone).
     BP_STATS=
     sleep $((secs / 2))
     while kill -0 "$pid" 2> /dev/null; do
-        s=$(raw "$sock" bdev_pcache_get_stats '' 5 2> /dev/null) && [ -n "$s" ] && BP_STATS=$s
+        s=$(raw "$sock" bdev_pcache_get_stats '' 5 2> /dev/null)
+        [[ $s == *writeback_ksets* ]] && BP_STATS=$s
         sleep 0.5
     done
     wait "$pid"
