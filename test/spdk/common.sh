@@ -223,6 +223,21 @@ bp_total() {
 # Field of the first cache in a get_stats answer on stdin.
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(d[0]$1 if d else '')"; }
 
+# last_stats SOCK PID PARAMS: polls bdev_pcache_get_stats (PARAMS) every half second
+# while PID runs and sets LAST_STATS to the last answer that holds a cache. The
+# statistics as late as the cache answers: a run slowed down (a busy machine) reaches
+# writeback and GC late, and one sample at a fixed moment missed them or landed in the
+# app's teardown (the bdev gone: an empty answer).
+last_stats() {
+    local s
+    LAST_STATS=
+    while kill -0 "$2" 2> /dev/null; do
+        s=$(raw "$1" bdev_pcache_get_stats "$3" 5 2> /dev/null)
+        [[ $s == *writeback_ksets* ]] && LAST_STATS=$s
+        sleep 0.5
+    done
+}
+
 # Runs bdevperf (preloaded) on CONFIG for SECS with WORKLOAD; samples pcache's stats
 # from halfway until it exits. Sets BP_RC, BP_IOPS, BP_FAILS, BP_STATS.
 run_bdevperf() {
@@ -230,18 +245,11 @@ run_bdevperf() {
     local sock=$WORK/$name.sock
     start "$name" 1 0x1 "$sock" "$BDEVPERF" -c "$config" -q 32 -o 4096 -w "$workload" \
         -t "$secs" -T PCache0
-    local pid=$APP_PID s
+    local pid=$APP_PID
     wait_up "$sock"
-    # The statistics as late as the cache answers: a run slowed down (a busy machine)
-    # reaches writeback and GC late, and one sample at three quarters of it missed them.
-    # An answer without a cache in it comes from the app's teardown (the bdev is gone).
-    BP_STATS=
     sleep $((secs / 2))
-    while kill -0 "$pid" 2> /dev/null; do
-        s=$(raw "$sock" bdev_pcache_get_stats '' 5 2> /dev/null)
-        [[ $s == *writeback_ksets* ]] && BP_STATS=$s
-        sleep 0.5
-    done
+    last_stats "$sock" "$pid" ''
+    BP_STATS=$LAST_STATS
     wait "$pid"
     BP_RC=$?
     read -r BP_IOPS BP_FAILS <<< "$(bp_total "$WORK/$name.log")"

@@ -37,8 +37,9 @@ for mode in writeback writethrough writearound passthrough; do
             -o "$io" -w verify -t "$PSECS" -T PCache0
         pid=$APP_PID
         wait_up "$WORK/$name.sock"
-        sleep $((PSECS - 1))
-        st=$(raw "$WORK/$name.sock" bdev_pcache_get_stats '{"name": "PCache0"}' 10 2> /dev/null)
+        sleep $((PSECS / 2))
+        last_stats "$WORK/$name.sock" "$pid" '{"name": "PCache0"}'
+        st=$LAST_STATS
         wait "$pid"
         rc=$?
         read -r iops fails <<< "$(bp_total "$WORK/$name.log")"
