@@ -324,9 +324,9 @@ struct Job {
 /// - `recycle`: 4 KiB writes overwriting a 32 KiB region of a 24-segment cache, a
 ///   FLUSH every 150 steps or so, no FUA, 1000 operations: writeback meets mostly
 ///   superseded windows of the current epoch and moves their live dirty data to the
-///   head instead of writing it back
-///   (`Engine::recycle`), and crashes land between the move, the close of its kset and
-///   dirty_tail passing the old keys; the backing device alone must stay consistent.
+///   head instead of writing it back (`Engine::recycle`), and crashes land between the
+///   move, the close of its kset and dirty_tail passing the old keys; the backing
+///   device alone must stay consistent.
 /// - `geometry`: every workload with 1, 3 and 16 keys per kset, 1 and 5 channels and
 ///   16-32 KiB segments: ksets close at other places relative to segment ends.
 /// - `writethrough`: write-through from the start and switched to write-back midway,

@@ -299,7 +299,7 @@ impl<P: Pmem> Engine<P> {
     /// cold ones are removed, referenced clean ones within `budget` are moved, and with
     /// `cold_too` (its kset is mostly superseded) unreferenced clean ones as well.
     /// `judged`: the move is the piece's second chance at the log's tail, which spends
-    /// one of its read-hit counts (`Extent::refs_kept`); compaction's moves keep them.
+    /// one of its read-hit counts (`refs_kept`); compaction's moves keep them.
     fn retire_key(
         &self,
         st: &mut GcState,
