@@ -39,7 +39,7 @@ def _policy_args(p):
 
 def bdev_pcache_create(args):
     params = _params(args, ['name', 'base_bdev_name', 'pmem_path', 'pmem_size_mb',
-                            'persistence', 'data_crc', 'gc_percent', 'format'] + _POLICY)
+                            'persistence', 'data_crc', 'gc_percent', 'format', 'huge_pages'] + _POLICY)
     print_json(args.client.call('bdev_pcache_create', params))
 
 
@@ -77,6 +77,9 @@ def spdk_rpc_plugin_initialize(subparsers):
                    help='segment usage at which GC starts, 0..95 (default 95)')
     p.add_argument('--format', action='store_true', default=None,
                    help='format the medium anew, discarding what it holds')
+    p.add_argument('--no-huge-pages', dest='huge_pages', action='store_false', default=None,
+                   help='keep 4 KiB pages for a medium in RAM (default: rebuilt into '
+                        '2 MiB pages in the background)')
     _policy_args(p)
     p.set_defaults(func=bdev_pcache_create)
 

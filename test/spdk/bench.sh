@@ -5,10 +5,11 @@
 #   base       the slow base alone: a delay bdev over malloc, 80 us reads / 25 us writes
 #   passthru   a passthru vbdev over that base
 #   ocf_wb     bdev_ocf in write-back mode, cache = a malloc bdev of the pcache's size
-#   pcache     pcache over the base, medium in /dev/shm (volatile; 4 KiB pages there,
-#              as malloc's memory has under --no-huge)
-#   pcache_2m  context: the same with the medium on a tmpfs mounted huge=always (2 MiB
-#              pages, as device-dax maps real pmem); run when a tmpfs can be mounted
+#   pcache     pcache over the base, medium in /dev/shm (volatile), which pcache
+#              rebuilds into 2 MiB pages in the background (huge_pages, default), as
+#              device-dax maps real pmem; malloc's memory keeps 4 KiB pages under
+#              --no-huge, where a production SPDK would give it hugepages
+#   pcache_4k  context: the same with "huge_pages": false (4 KiB pages, as before)
 # Each runs in its own bdevperf process: a sequential write fills the device (so reads
 # hit in the caches; its IOPS are shown too), then randread QD32, randread QD1,
 # randwrite QD32, randwrite QD1.
@@ -58,17 +59,7 @@ ocf='{"method": "bdev_ocf_create", "params": {"name": "Target0", "mode": "wb", "
 malloc_only='{"method": "bdev_malloc_create", "params": {"name": "Target0", "num_blocks": '$BASE_BLOCKS', "block_size": 4096}}'
 base_only='{"method": "bdev_delay_create", "params": {"name": "Target0", "base_bdev_name": "Malloc0", "avg_read_latency": 80, "p99_read_latency": 80, "avg_write_latency": 25, "p99_write_latency": 25}}'
 
-# The 2 MiB-page medium: a tmpfs of our own mounted huge=always (root only).
-# Outside $WORK, which cleanup removes; unmounted after cleanup stopped every app.
-HUGE_MEDIUM=/tmp/pcache-bench-2m.$$
-mkdir -p "$HUGE_MEDIUM"
-if mount -t tmpfs -o huge=always,size=$((CACHE_MB * 2 + 64))m tmpfs "$HUGE_MEDIUM" 2> /dev/null; then
-    trap 'cleanup; umount "$HUGE_MEDIUM"; rmdir "$HUGE_MEDIUM"' EXIT
-else
-    rmdir "$HUGE_MEDIUM"
-    HUGE_MEDIUM=
-fi
-pcache_2m='{"method": "bdev_pcache_create", "params": {"name": "Target0", "base_bdev_name": "Delay0", "pmem_path": "'$HUGE_MEDIUM'/bench", "pmem_size_mb": '$CACHE_MB', "persistence": "volatile", "format": true}}'
+pcache_4k='{"method": "bdev_pcache_create", "params": {"name": "Target0", "base_bdev_name": "Delay0", "pmem_path": "'$SHM'-bench", "pmem_size_mb": '$CACHE_MB', "persistence": "volatile", "format": true, "huge_pages": false}}'
 
 config() { # JSON method objects...
     local IFS=,
@@ -125,10 +116,7 @@ for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
     bench malloc "$(config "$malloc_only")" "${WL[@]}"
     bench ocf_wb "$(config "$malloc_base" "$delay_base" "$ocf_cache" "$ocf")" "${WL[@]}"
     bench pcache "$(config "$malloc_base" "$delay_base" "$pcache")" "${WL[@]}"
-    if [ -n "$HUGE_MEDIUM" ]; then
-        rm -f "$HUGE_MEDIUM/bench"
-        bench pcache_2m "$(config "$malloc_base" "$delay_base" "$pcache_2m")" "${WL[@]}"
-    fi
+    bench pcache_4k "$(config "$malloc_base" "$delay_base" "$pcache_4k")" "${WL[@]}"
     bench passthru_cold "$(config "$null_base" "$delay_base" "$passthru")" "${COLD[@]}"
     bench pcache_cold "$(config "$null_base" "$delay_base" "$pcache")" "${COLD[@]}"
 done
@@ -162,8 +150,8 @@ def val(rnd, label, wl, qd, i):
     return rows[(label, wl, qd)][rnd][i]
 
 targets = ["malloc", "base", "passthru", "ocf_wb", "pcache"]
-if any(k[0] == "pcache_2m" for k in rows):
-    targets.append("pcache_2m")
+if any(k[0] == "pcache_4k" for k in rows):
+    targets.append("pcache_4k")
 n_rounds = len({r for v in rows.values() for r in v})
 print()
 print(sys.argv[2] or "SPDK")
@@ -196,11 +184,11 @@ show("cold randread vs passthru", ratio("pcache_cold", "randread", "passthru_col
 show("randwrite qd1 lat - malloc's",
      per_round(lambda r: val(r, "pcache", "randwrite", 1, 1) - val(r, "malloc", "randwrite", 1, 1)),
      "<= +0.3", " us")
-if "pcache_2m" in targets:
-    show("2m randwrite qd32 vs malloc", ratio("pcache_2m", "randwrite", "malloc"), "context")
-    show("2m randread  qd32 vs malloc", ratio("pcache_2m", "randread", "malloc"), "context")
-    show("2m randwrite qd1 lat - malloc's",
-         per_round(lambda r: val(r, "pcache_2m", "randwrite", 1, 1) - val(r, "malloc", "randwrite", 1, 1)),
+if "pcache_4k" in targets:
+    show("4k randwrite qd32 vs malloc", ratio("pcache_4k", "randwrite", "malloc"), "context")
+    show("4k randread  qd32 vs malloc", ratio("pcache_4k", "randread", "malloc"), "context")
+    show("4k randwrite qd1 lat - malloc's",
+         per_round(lambda r: val(r, "pcache_4k", "randwrite", 1, 1) - val(r, "malloc", "randwrite", 1, 1)),
          "context", " us")
 show("ocf_wb randwrite vs malloc", ratio("ocf_wb", "randwrite", "malloc"), "context")
 show("ocf_wb randread  vs malloc", ratio("ocf_wb", "randread", "malloc"), "context")

@@ -103,6 +103,8 @@ impl Pmem for PosixPmem {
 
 impl Drop for PosixPmem {
     fn drop(&mut self) {
+        // The collapse thread passes addresses of the mapping to madvise: stop it first.
+        drop(self.collapse.take());
         // SAFETY: `base`/`map_len` describe the mapping created in `open`, which nothing
         // else references: no slices into it ever escape `&self` methods.
         unsafe {

@@ -10,10 +10,12 @@ use super::*;
 /// first time a RAM-backed medium is touched. Not for `File` mode: that would read a
 /// whole disk file at startup.
 ///
-/// No `MADV_HUGEPAGE`: a tmpfs medium's pages are allocated when its blocks are
-/// reserved, before any mapping exists (tried on a tmpfs mounted `huge=advise`: still
-/// 4 KiB pages). Huge pages come from the medium itself (device-dax, a tmpfs mounted
-/// `huge=always`); `huge_bytes` reports what the mapping got.
+/// A mapping of 2 MiB or more is placed at a 2 MiB-aligned address, so it can have
+/// 2 MiB pages. No `MADV_HUGEPAGE`: a tmpfs medium's pages are allocated when its
+/// blocks are reserved, before any mapping exists (tried on a tmpfs mounted
+/// `huge=advise`: still 4 KiB pages). Huge pages come from the medium itself
+/// (device-dax, a tmpfs mounted `huge=always`) or from a collapse afterwards
+/// ([`huge::Collapse`]); `huge_bytes` reports what the mapping got.
 pub(super) fn map(fd: i32, len: usize, sync: bool, populate: bool) -> io::Result<*mut u8> {
     let mut flags = if sync {
         libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC
@@ -22,6 +24,9 @@ pub(super) fn map(fd: i32, len: usize, sync: bool, populate: bool) -> io::Result
     };
     if populate {
         flags |= libc::MAP_POPULATE;
+    }
+    if len >= huge::HUGE {
+        return huge::map_aligned(fd, len, libc::PROT_READ | libc::PROT_WRITE, flags);
     }
     // SAFETY: a fresh mapping at an address of the kernel's choosing cannot alias any
     // existing Rust object; `fd` is open read/write, matching PROT_READ | PROT_WRITE.

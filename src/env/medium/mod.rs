@@ -191,6 +191,9 @@ pub struct PosixPmem {
     sync_lock: Mutex<()>,
     /// Group syncs issued (`fdatasync` calls), for tests and status.
     syncs: AtomicU64,
+    /// The background rebuild into 2 MiB pages, if one was started
+    /// ([`PosixPmem::start_huge_pages`]); stopped before the mapping goes.
+    collapse: Option<huge::Collapse>,
 }
 
 /// What an `open` path mapped, handed to `PosixPmem::assemble`.
@@ -559,7 +562,34 @@ impl PosixPmem {
             durable: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
             syncs: AtomicU64::new(0),
+            collapse: None,
         }
+    }
+
+    /// Starts rebuilding a medium in RAM into 2 MiB pages in the background (see
+    /// [`huge`]): only a tmpfs or ramfs file in volatile mode whose mapping is not
+    /// mostly huge already (device-dax and a tmpfs mounted `huge=always` are). Returns
+    /// whether a rebuild started; where it cannot, the medium keeps 4 KiB pages.
+    pub fn start_huge_pages(&mut self) -> bool {
+        let eligible = self.mode == Persistence::Volatile
+            && self.kind == Kind::RegularFile
+            && self.collapse.is_none()
+            && self.map_len >= huge::HUGE
+            && (self.base as usize) % huge::HUGE == 0
+            && is_ram_fs(&self.path).unwrap_or(false)
+            && self.huge_page_share().is_none_or(|s| s < 0.5);
+        if !eligible {
+            return false;
+        }
+        self.collapse = huge::Collapse::start(self.base, self.map_len).ok();
+        self.collapse.is_some()
+    }
+
+    /// Bytes a background rebuild ([`PosixPmem::start_huge_pages`]) has put in 2 MiB
+    /// pages so far, bytes the kernel refused, and whether it still runs; None if none
+    /// was started.
+    pub fn huge_pages_progress(&self) -> Option<(u64, u64, bool)> {
+        self.collapse.as_ref().map(|c| c.progress())
     }
 
     /// The persistence mode chosen at open.
@@ -617,14 +647,35 @@ impl PosixPmem {
         if self.mode == Persistence::File {
             return String::new();
         }
-        match self.huge_page_share() {
+        let share = self.huge_page_share();
+        // A rebuild still going says so; one that ended short says why.
+        let full = share.is_some_and(|s| s >= 0.99);
+        let rebuild = match self.huge_pages_progress() {
+            None => String::new(),
+            Some(_) if full => String::new(),
+            Some((done, _, true)) => {
+                format!(
+                    " (building 2 MiB pages in the background: {} MiB done)",
+                    done >> 20
+                )
+            }
+            Some((_, refused, _)) if refused > 0 => format!(
+                " (the kernel had no free 2 MiB pages for {} MiB of it)",
+                refused >> 20
+            ),
+            Some(_) => String::new(),
+        };
+        let what = match share {
             Some(s) if s >= 0.99 => ", 2 MiB pages".into(),
             Some(s) if s > 0.0 => format!(", {:.0}% in huge pages", s * 100.0),
-            Some(_) => ", 4 KiB pages (slower random hits: use device-dax, or tmpfs \
-                        mounted with huge=always)"
+            Some(_) if !rebuild.is_empty() => ", 4 KiB pages".into(),
+            Some(_) => ", 4 KiB pages (slower random hits: use device-dax, a tmpfs \
+                        mounted with huge=always, or leave huge pages on for a medium \
+                        in RAM)"
                 .into(),
             None => String::new(),
-        }
+        };
+        what + &rebuild
     }
 
     /// Fails if any earlier `flush` could not write data back (`msync` error in `File`
@@ -749,6 +800,7 @@ impl PosixPmem {
 }
 
 mod access;
+pub mod huge;
 mod map;
 use map::*;
 #[cfg(target_arch = "x86_64")]

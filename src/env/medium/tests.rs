@@ -150,6 +150,63 @@ fn a_medium_in_memory_reports_its_pages() {
     assert!(!f.describe().contains("pages"), "{}", f.describe());
 }
 
+/// A medium in RAM is mapped 2 MiB-aligned and rebuilt into 2 MiB pages in the
+/// background without a byte changing, while it is being written; a medium on a disk
+/// file is never touched. Where the kernel cannot collapse (before 6.1, THP off), the
+/// rebuild ends at once and the pages stay as they were.
+#[test]
+fn a_medium_in_ram_is_rebuilt_into_huge_pages_keeping_its_bytes() {
+    let Some(d) = TempDir::in_shm() else {
+        return;
+    };
+    let len = 8usize << 20;
+    let mut m = PosixPmem::open(
+        &d.0.join("cache"),
+        Some(len as u64),
+        Some(Persistence::Volatile),
+    )
+    .unwrap();
+    assert_eq!(m.base as usize % huge::HUGE, 0, "2 MiB-aligned mapping");
+    for i in 0..len / 4096 {
+        m.write(i as u64 * 4096, &pattern(i, 4096));
+    }
+    assert!(m.start_huge_pages(), "{}", m.describe());
+    assert!(!m.start_huge_pages(), "one rebuild at a time");
+    // Rewrite the first half while the rebuild runs: both must land.
+    for i in 0..len / 8192 {
+        m.write(i as u64 * 4096, &pattern(i + 1000, 4096));
+    }
+    let t0 = std::time::Instant::now();
+    while m.huge_pages_progress().is_some_and(|p| p.2) {
+        assert!(t0.elapsed().as_secs() < 60, "the rebuild never ends");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut b = vec![0u8; 4096];
+    for i in 0..len / 4096 {
+        m.read(i as u64 * 4096, &mut b);
+        let seed = if i < len / 8192 { i + 1000 } else { i };
+        assert!(b == pattern(seed, 4096), "block {i} changed");
+    }
+    let (done, refused, _) = m.huge_pages_progress().unwrap();
+    assert!(done + refused <= len as u64);
+    if done > 0 {
+        let share = m.huge_page_share().unwrap();
+        assert!(share > 0.0, "collapsed {done} bytes but smaps shows none");
+        assert!(m.describe().contains("pages"), "{}", m.describe());
+    } else {
+        eprintln!("this kernel did not collapse the medium: {}", m.describe());
+    }
+    drop(m);
+    // A file medium on a disk is left alone.
+    let d2 = TempDir::new();
+    if !is_ram_fs(&d2.0).unwrap() {
+        let mut f =
+            PosixPmem::open(&d2.0.join("c"), Some(4 << 20), Some(Persistence::File)).unwrap();
+        assert!(!f.start_huge_pages());
+        assert!(f.huge_pages_progress().is_none());
+    }
+}
+
 #[test]
 fn rejects_bad_paths() {
     let d = TempDir::new();

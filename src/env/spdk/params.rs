@@ -29,6 +29,8 @@ pub(super) struct CreateParams {
     /// None: as stored on the medium (70 for a new format).
     pub gc_percent: Option<u32>,
     pub format: bool,
+    /// Rebuild a medium in RAM into 2 MiB pages in the background; None: yes.
+    pub huge_pages: Option<bool>,
     /// None each: as stored on the medium (a new format: write-back, cutoff 1 MiB
     /// when full).
     pub policy: PolicyParams,
@@ -53,6 +55,9 @@ impl CreateParams {
         }
         if let Some(g) = self.gc_percent {
             p["gc_percent"] = g.into();
+        }
+        if let Some(h) = self.huge_pages {
+            p["huge_pages"] = h.into();
         }
         self.policy.to_json(&mut p);
         json!({ "method": "bdev_pcache_create", "params": p })
@@ -94,6 +99,7 @@ pub(super) fn create(v: Option<&Value>) -> Result<CreateParams, String> {
         "data_crc",
         "gc_percent",
         "format",
+        "huge_pages",
         "cache_mode",
         "seq_cutoff_kib",
         "seq_cutoff_policy",
@@ -142,6 +148,7 @@ pub(super) fn create(v: Option<&Value>) -> Result<CreateParams, String> {
         data_crc: boolean(m, "data_crc")?,
         gc_percent: gc_percent(m)?,
         format: boolean(m, "format")?.unwrap_or(false),
+        huge_pages: boolean(m, "huge_pages")?,
         policy: PolicyParams::from_json(m)?,
     })
 }
@@ -223,6 +230,7 @@ mod tests {
             json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "persistence": "file"}),
             json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "persistence": "x"}),
             json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "format": "yes"}),
+            json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "huge_pages": 1}),
             json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "pmem_size_mb": 0}),
             json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/x", "bogus": 1}),
             json!({"name": "M0", "base_bdev_name": "M0", "pmem_path": "/x"}),
@@ -248,9 +256,10 @@ mod tests {
             json!({"name": "P0", "base_bdev_name": "M0", "pmem_path": "/dev/shm/x",
                          "pmem_size_mb": 64, "persistence": "volatile", "gc_percent": 50,
                          "format": true, "cache_mode": "writearound", "seq_cutoff_kib": 0,
-                         "seq_cutoff_policy": "never"}),
+                         "seq_cutoff_policy": "never", "huge_pages": false}),
         )
         .unwrap();
+        assert_eq!(p.huge_pages, Some(false));
         let cfg = p.to_config();
         let q = create(Some(&cfg["params"])).unwrap();
         assert_eq!(q, CreateParams { format: false, ..p });

@@ -138,7 +138,7 @@ fn create(p: CreateParams) -> Result<String, AttachError> {
         }
     }
     let created = meta.is_none();
-    let pmem = PosixPmem::open(
+    let mut pmem = PosixPmem::open(
         &p.pmem_path,
         p.pmem_size_mb.map(|m| m << 20),
         Some(p.persistence),
@@ -152,6 +152,10 @@ fn create(p: CreateParams) -> Result<String, AttachError> {
         };
         (-libc::EINVAL, format!("unusable pmem_path: {e}{hint}"))
     })?;
+    if p.huge_pages != Some(false) {
+        // A thread of its own, not a reactor: the rebuild's madvise calls take ms each.
+        pmem.start_huge_pages();
+    }
     if !p.format {
         if let Probe::Foreign(_) = probe(&pmem) {
             drop(pmem);

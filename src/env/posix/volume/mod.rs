@@ -91,6 +91,9 @@ pub struct VolumeOptions {
     pub seq_policy: Option<SeqPolicy>,
     pub write_bypass_kib: Option<u32>,
     pub promotion: Option<Promotion>,
+    /// Rebuild a medium in RAM into 2 MiB pages in the background (default on; see
+    /// `PosixPmem::start_huge_pages`).
+    pub huge_pages: bool,
 }
 
 impl VolumeOptions {
@@ -109,6 +112,7 @@ impl VolumeOptions {
             seq_policy: None,
             write_bypass_kib: None,
             promotion: None,
+            huge_pages: true,
         }
     }
 }
@@ -225,7 +229,10 @@ fn random_id() -> u64 {
 impl Volume {
     fn open_parts(o: &VolumeOptions) -> Result<(PosixPmem, Arc<BackingFile>), VolumeError> {
         let backing = BackingFile::open(&o.backing)?;
-        let pmem = PosixPmem::open(&o.pmem, o.pmem_size, o.persistence)?;
+        let mut pmem = PosixPmem::open(&o.pmem, o.pmem_size, o.persistence)?;
+        if o.huge_pages {
+            pmem.start_huge_pages();
+        }
         Ok((pmem, backing))
     }
 
