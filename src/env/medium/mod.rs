@@ -566,11 +566,16 @@ impl PosixPmem {
         }
     }
 
-    /// Starts rebuilding a medium in RAM into 2 MiB pages in the background (see
-    /// [`huge`]): only a tmpfs or ramfs file in volatile mode whose mapping is not
-    /// mostly huge already (device-dax and a tmpfs mounted `huge=always` are). Returns
-    /// whether a rebuild started; where it cannot, the medium keeps 4 KiB pages.
+    /// Rebuilds a medium in RAM into 2 MiB pages (see [`huge`]): the first
+    /// `huge::SYNC_BYTES` now, the rest in the background. Only a tmpfs or ramfs file in
+    /// volatile mode whose mapping is not mostly huge already (device-dax and a tmpfs
+    /// mounted `huge=always` are). Returns whether a rebuild started; where it cannot,
+    /// the medium keeps 4 KiB pages.
     pub fn start_huge_pages(&mut self) -> bool {
+        self.start_huge_pages_after(huge::SYNC_BYTES)
+    }
+
+    fn start_huge_pages_after(&mut self, sync_bytes: usize) -> bool {
         let eligible = self.mode == Persistence::Volatile
             && self.kind == Kind::RegularFile
             && self.collapse.is_none()
@@ -581,7 +586,7 @@ impl PosixPmem {
         if !eligible {
             return false;
         }
-        self.collapse = huge::Collapse::start(self.base, self.map_len).ok();
+        self.collapse = huge::Collapse::start(self.base, self.map_len, sync_bytes).ok();
         self.collapse.is_some()
     }
 
