@@ -566,37 +566,6 @@ impl PosixPmem {
         }
     }
 
-    /// Rebuilds a medium in RAM into 2 MiB pages (see [`huge`]): the first
-    /// `huge::SYNC_BYTES` now, the rest in the background. Only a tmpfs or ramfs file in
-    /// volatile mode whose mapping is not mostly huge already (device-dax and a tmpfs
-    /// mounted `huge=always` are). Returns whether a rebuild started; where it cannot,
-    /// the medium keeps 4 KiB pages.
-    pub fn start_huge_pages(&mut self) -> bool {
-        self.start_huge_pages_after(huge::SYNC_BYTES)
-    }
-
-    fn start_huge_pages_after(&mut self, sync_bytes: usize) -> bool {
-        let eligible = self.mode == Persistence::Volatile
-            && self.kind == Kind::RegularFile
-            && self.collapse.is_none()
-            && self.map_len >= huge::HUGE
-            && (self.base as usize) % huge::HUGE == 0
-            && is_ram_fs(&self.path).unwrap_or(false)
-            && self.huge_page_share().is_none_or(|s| s < 0.5);
-        if !eligible {
-            return false;
-        }
-        self.collapse = huge::Collapse::start(self.base, self.map_len, sync_bytes).ok();
-        self.collapse.is_some()
-    }
-
-    /// Bytes a background rebuild ([`PosixPmem::start_huge_pages`]) has put in 2 MiB
-    /// pages so far, bytes the kernel refused, and whether it still runs; None if none
-    /// was started.
-    pub fn huge_pages_progress(&self) -> Option<(u64, u64, bool)> {
-        self.collapse.as_ref().map(|c| c.progress())
-    }
-
     /// The persistence mode chosen at open.
     pub fn mode(&self) -> Persistence {
         self.mode
@@ -635,52 +604,6 @@ impl PosixPmem {
             self.flush_method(),
             self.pages()
         )
-    }
-
-    /// Share of the mapping that huge pages back, from /proc/self/smaps (None where
-    /// it cannot be read). A medium in RAM with 4 KiB pages makes every random hit
-    /// walk the page tables (SPDK read hits 1.18-1.24x faster with 2 MiB pages); device-dax and
-    /// a tmpfs mounted with `huge=always` map 2 MiB pages.
-    pub fn huge_page_share(&self) -> Option<f64> {
-        let huge = map::huge_bytes(self.base)?;
-        Some((huge as f64 / self.map_len as f64).min(1.0))
-    }
-
-    /// The page-size part of `describe`: only for media in memory (a file in the page
-    /// cache is written back by msync, where the page size does not show).
-    fn pages(&self) -> String {
-        if self.mode == Persistence::File {
-            return String::new();
-        }
-        let share = self.huge_page_share();
-        // A rebuild still going says so; one that ended short says why.
-        let full = share.is_some_and(|s| s >= 0.99);
-        let rebuild = match self.huge_pages_progress() {
-            None => String::new(),
-            Some(_) if full => String::new(),
-            Some((done, _, true)) => {
-                format!(
-                    " (building 2 MiB pages in the background: {} MiB done)",
-                    done >> 20
-                )
-            }
-            Some((_, refused, _)) if refused > 0 => format!(
-                " (the kernel had no free 2 MiB pages for {} MiB of it)",
-                refused >> 20
-            ),
-            Some(_) => String::new(),
-        };
-        let what = match share {
-            Some(s) if s >= 0.99 => ", 2 MiB pages".into(),
-            Some(s) if s > 0.0 => format!(", {:.0}% in huge pages", s * 100.0),
-            Some(_) if !rebuild.is_empty() => ", 4 KiB pages".into(),
-            Some(_) => ", 4 KiB pages (slower random hits: use device-dax, a tmpfs \
-                        mounted with huge=always, or leave huge pages on for a medium \
-                        in RAM)"
-                .into(),
-            None => String::new(),
-        };
-        what + &rebuild
     }
 
     /// Fails if any earlier `flush` could not write data back (`msync` error in `File`
