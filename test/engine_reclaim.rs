@@ -191,6 +191,42 @@ fn data_read_twice_survives_one_more_turn() {
     );
 }
 
+/// A block's read count outlives an overwrite: a block read since it was cached and
+/// then rewritten keeps its second chance (its new copy is moved at the log's tail),
+/// a block rewritten without having been read has none. After a scan of one and a
+/// half caches, the first still hits and the second is gone.
+#[test]
+fn a_rewrite_keeps_the_read_count() {
+    let e = engine(64);
+    let mut disk = backing();
+    let mut ch = Channel::default();
+    let mut scratch = Vec::new();
+    let blocks = e.stats().capacity_bytes / BLOCK as u64;
+    // Block 0: cached by its miss and hit once; block 1: cached by its miss only.
+    for b in [0, 0, 1] {
+        read_block(&e, &mut ch, &disk, b);
+    }
+    for b in [0u64, 1] {
+        e.write(&mut ch, b * BLOCK as u64, &[7; BLOCK], false)
+            .unwrap();
+    }
+    for i in 0..3 * blocks / 2 {
+        read_block(&e, &mut ch, &disk, 2 + i);
+        if i % 16 == 0 {
+            background(&e, &mut disk, &mut scratch);
+        }
+    }
+    e.check_invariants(&[&ch]).unwrap();
+    assert!(
+        !read_block(&e, &mut ch, &disk, 1),
+        "rewritten, never read: dropped at the tail"
+    );
+    assert!(
+        read_block(&e, &mut ch, &disk, 0),
+        "read, then rewritten: moved at the tail, still there"
+    );
+}
+
 /// `n` random 4 KiB requests over the first `set` blocks of `e`, `read_pct` percent of
 /// them reads checked against what was written, with the background run every 16;
 /// `on_read(i, hit)` sees each read. Checks the engine's invariants at the end.

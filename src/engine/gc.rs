@@ -1,5 +1,5 @@
 //! Garbage collection: reclaims written-back ksets from key_tail, and gives clean data
-//! that was read since it was written a second chance by moving it to the log head.
+//! that was read since it was cached a second chance by moving it to the log head.
 //!
 //! GC walks from key_tail, never past dirty_tail, so every key it retires has its data
 //! on the backing device behind a FLUSH. For each kset it persists the advanced key_tail
@@ -10,7 +10,7 @@
 //! an extent still naming the key's own data location: segment, generation and offset):
 //! a cold piece is removed, so the index never maps data that is about to be reclaimed
 //! and `cached_bytes` stays exact (and the doorkeeper remembers it, so it is promoted
-//! on its next miss); a piece marked `F_REF` (read since written) is copied
+//! on its next miss); a piece marked `F_REF` (read since cached; a rewrite keeps the mark) is copied
 //! to GC's own allocation head and re-keyed as clean data in a newer kset, as a fill
 //! would be, with the copy made outside the shard lock and the index switched over only
 //! if the piece is still there (a write meanwhile wins). Relocation is a FIFO with

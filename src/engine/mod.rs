@@ -20,6 +20,7 @@ mod batch;
 mod check;
 mod compact;
 mod doorkeeper;
+mod extent;
 pub mod format;
 mod gc;
 pub mod index;
