@@ -79,7 +79,7 @@ def spdk_rpc_plugin_initialize(subparsers):
                    help='format the medium anew, discarding what it holds')
     p.add_argument('--no-huge-pages', dest='huge_pages', action='store_false', default=None,
                    help='keep 4 KiB pages for a medium in RAM (default: rebuilt into '
-                        '2 MiB pages in the background)')
+                        '2 MiB pages, the first 2 GiB during the call)')
     _policy_args(p)
     p.set_defaults(func=bdev_pcache_create)
 

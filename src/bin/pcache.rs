@@ -79,9 +79,10 @@ struct CacheOpts {
     /// segments: 2M for a 256M medium, 16M from 2G up).
     #[arg(long, value_parser = parse_size)]
     segment_size: Option<u64>,
-    /// Rebuild a medium in RAM (tmpfs, /dev/shm) into 2 MiB pages in the background,
-    /// which makes random hits faster (default true; `--huge-pages=false` keeps the
-    /// 4 KiB pages). Device-dax and a tmpfs mounted huge=always have 2 MiB pages anyway.
+    /// Rebuild a medium in RAM (tmpfs, /dev/shm) into 2 MiB pages, which makes random
+    /// hits faster: the first 2 GiB at startup (about 2.5 ms per 2 MiB), the rest in the
+    /// background (default true; `--huge-pages=false` keeps the 4 KiB pages).
+    /// Device-dax and a tmpfs mounted huge=always have 2 MiB pages anyway.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     huge_pages: Option<bool>,
     #[command(flatten)]

@@ -29,7 +29,8 @@ pub(super) struct CreateParams {
     /// None: as stored on the medium (70 for a new format).
     pub gc_percent: Option<u32>,
     pub format: bool,
-    /// Rebuild a medium in RAM into 2 MiB pages in the background; None: yes.
+    /// Rebuild a medium in RAM into 2 MiB pages (`PosixPmem::start_huge_pages`);
+    /// None: yes.
     pub huge_pages: Option<bool>,
     /// None each: as stored on the medium (a new format: write-back, cutoff 1 MiB
     /// when full).

@@ -91,7 +91,7 @@ pub struct VolumeOptions {
     pub seq_policy: Option<SeqPolicy>,
     pub write_bypass_kib: Option<u32>,
     pub promotion: Option<Promotion>,
-    /// Rebuild a medium in RAM into 2 MiB pages in the background (default on; see
+    /// Rebuild a medium in RAM into 2 MiB pages (default on; see
     /// `PosixPmem::start_huge_pages`).
     pub huge_pages: bool,
 }
