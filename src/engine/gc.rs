@@ -10,14 +10,14 @@
 //! an extent still naming the key's own data location: segment, generation and offset):
 //! a cold piece is removed, so the index never maps data that is about to be reclaimed
 //! and `cached_bytes` stays exact (and the doorkeeper remembers it, so it is promoted
-//! on its next miss); a piece marked `F_REF` (read since cached; a rewrite keeps the mark) is copied
-//! to GC's own allocation head and re-keyed as clean data in a newer kset, as a fill
-//! would be, with the copy made outside the shard lock and the index switched over only
-//! if the piece is still there (a write meanwhile wins). Relocation is a FIFO with
-//! reinsertion (SIEVE/CLOCK-like) and a two-level read count, as S3-FIFO's main queue
-//! keeps: a piece read twice since it was cached or last moved (`F_REF2`) moves with
-//! `F_REF` still set, one read once starts unmarked, so it survives the next round only
-//! if read again. (Zipf and mixed replays at a quarter of their footprint: +0.003 and
+//! on its next miss); a piece marked `F_REF` (read since cached; a rewrite keeps the
+//! mark) is copied to GC's own allocation head and re-keyed as clean data in a newer
+//! kset, as a fill would be, with the copy made outside the shard lock and the index
+//! switched over only if the piece is still there (a write meanwhile wins). Relocation
+//! is a FIFO with reinsertion (SIEVE/CLOCK-like) and a two-level read count, as
+//! S3-FIFO's main queue keeps: a piece read twice since it was cached or last moved
+//! (`F_REF2`) moves with `F_REF` still set, one read once starts unmarked, so it
+//! survives the next round only if read again. (Zipf and mixed replays at a quarter of their footprint: +0.003 and
 //! +0.006 read byte-hit; a third level gave nothing more.) Compaction's moves and
 //! writeback's recycling are not a turn at the tail: their copies keep the count.
 //! A kset whose live pieces are at most half of its bytes (most of it was superseded by

@@ -78,9 +78,6 @@ pub(super) fn map_aligned(fd: i32, len: usize, prot: i32, flags: i32) -> io::Res
     Ok(p.cast())
 }
 
-/// An address in the mapping, handed to the collapse thread.
-struct Addr(usize);
-
 /// A running (or finished) background collapse of a mapping into 2 MiB pages.
 pub struct Collapse {
     stop: Arc<AtomicBool>,
@@ -111,13 +108,12 @@ impl Collapse {
         let mut handle = None;
         if run(first, mid, &stop, &done, &failed) && mid + HUGE <= end {
             let (s, d, f) = (stop.clone(), done.clone(), failed.clone());
-            let addr = Addr(mid);
             handle = Some(
                 std::thread::Builder::new()
                     .name("pcache-hugepages".into())
                     .spawn(move || {
                         step_aside();
-                        run(addr.0, end, &s, &d, &f);
+                        run(mid, end, &s, &d, &f);
                     })?,
             );
         }
@@ -244,10 +240,10 @@ impl PosixPmem {
         self.collapse.as_ref().map(|c| c.progress())
     }
 
-    /// Share of the mapping that huge pages back, from /proc/self/smaps (None where
-    /// it cannot be read). A medium in RAM with 4 KiB pages makes every random hit
-    /// walk the page tables (SPDK read hits 1.18-1.24x faster with 2 MiB pages); device-dax and
-    /// a tmpfs mounted with `huge=always` map 2 MiB pages.
+    /// Share of the mapping that huge pages back, from /proc/self/smaps (None where it
+    /// cannot be read). A medium in RAM with 4 KiB pages makes every random hit walk the
+    /// page tables (SPDK read hits 1.18-1.24x faster with 2 MiB pages); device-dax, a
+    /// tmpfs mounted with `huge=always` and a rebuilt medium map 2 MiB pages.
     pub fn huge_page_share(&self) -> Option<f64> {
         let huge = map::huge_bytes(self.base)?;
         Some((huge as f64 / self.map_len as f64).min(1.0))
@@ -260,8 +256,8 @@ impl PosixPmem {
             return String::new();
         }
         let share = self.huge_page_share();
-        // A rebuild still going says so; one that ended short says why.
         let full = share.is_some_and(|s| s >= 0.99);
+        // A rebuild still going says so; one that ended short says why.
         let rebuild = match self.huge_pages_progress() {
             None => String::new(),
             Some(_) if full => String::new(),
@@ -278,7 +274,7 @@ impl PosixPmem {
             Some(_) => String::new(),
         };
         let what = match share {
-            Some(s) if s >= 0.99 => ", 2 MiB pages".into(),
+            Some(_) if full => ", 2 MiB pages".into(),
             Some(s) if s > 0.0 => format!(", {:.0}% in huge pages", s * 100.0),
             Some(_) if !rebuild.is_empty() => ", 4 KiB pages".into(),
             Some(_) => ", 4 KiB pages (slower random hits: use device-dax, a tmpfs \
