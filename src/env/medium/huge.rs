@@ -64,13 +64,15 @@ pub(super) fn map_aligned(fd: i32, len: usize, prot: i32, flags: i32) -> io::Res
         unsafe { libc::munmap(r, span) };
         return Err(e);
     }
-    // SAFETY: the head `[start, at)` and the tail `[at + len, start + span)` are the
-    // unused parts of the reservation; the file mapping in between stays.
+    // SAFETY: the head `[start, at)` and the tail `[end, start + span)` are the unused
+    // parts of the reservation; the file mapping in between stays. `end` is rounded to
+    // a page (the mapping covers the last partial page of an odd-sized file), since
+    // munmap refuses an unaligned address and would leave the tail reserved.
     unsafe {
         if at > start {
             libc::munmap(r, at - start);
         }
-        let end = at + len;
+        let end = at + len.next_multiple_of(super::page_size());
         if start + span > end {
             libc::munmap(end as *mut _, start + span - end);
         }

@@ -208,6 +208,29 @@ fn a_medium_in_ram_is_rebuilt_into_huge_pages_keeping_its_bytes() {
     }
 }
 
+/// The 2 MiB-aligned mapping gives back the unused parts of its reservation, also
+/// behind an odd-sized file (whose last page is partial): no inaccessible range is
+/// left right after the medium.
+#[test]
+fn an_odd_sized_medium_leaves_no_reservation_behind() {
+    let Some(d) = TempDir::in_shm() else {
+        return;
+    };
+    let m = PosixPmem::open(
+        &d.0.join("cache"),
+        Some((4 << 20) + 100),
+        Some(Persistence::Volatile),
+    )
+    .unwrap();
+    let end = (m.base as usize + m.map_len).next_multiple_of(page_size());
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let after = maps.lines().find(|l| l.starts_with(&format!("{end:x}-")));
+    assert!(
+        !after.is_some_and(|l| l.split_whitespace().nth(1) == Some("---p")),
+        "reservation tail left: {after:?}"
+    );
+}
+
 #[test]
 fn rejects_bad_paths() {
     let d = TempDir::new();
