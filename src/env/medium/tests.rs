@@ -226,7 +226,7 @@ fn an_odd_sized_medium_leaves_no_reservation_behind() {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     let after = maps.lines().find(|l| l.starts_with(&format!("{end:x}-")));
     assert!(
-        !after.is_some_and(|l| l.split_whitespace().nth(1) == Some("---p")),
+        after.is_none_or(|l| l.split_whitespace().nth(1) != Some("---p")),
         "reservation tail left: {after:?}"
     );
 }
