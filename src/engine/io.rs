@@ -38,6 +38,8 @@ pub struct Channel {
     /// One only: a call that leaves two segments (larger than a segment) leaves the
     /// first unsealed, which only keeps compaction away from it.
     left: (u32, u32),
+    /// GC's own channel: its moves may take the free segments writers leave it.
+    pub(super) background: bool,
 }
 
 /// One piece of a `write_many` request's data (batch.rs), placed on the medium but not
@@ -101,6 +103,7 @@ impl Default for Channel {
             no_fill: false,
             staged: Vec::new(),
             left: (NO_SEG, 0),
+            background: false,
         }
     }
 }
@@ -198,7 +201,12 @@ impl<P: Pmem> Engine<P> {
             let h = match ch.head() {
                 Some(h) => h,
                 None => {
-                    let seg = self.segs.take_data().ok_or(IoError::Busy)?;
+                    let keep = if ch.background {
+                        0
+                    } else {
+                        self.segs.writer_keep()
+                    };
+                    let seg = self.segs.take_data(keep).ok_or(IoError::Busy)?;
                     self.update_pace(self.segs.used() as u64);
                     // Every allocation takes at least one block: this many references
                     // cover all the keys the segment can get from this head.

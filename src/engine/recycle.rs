@@ -51,8 +51,9 @@ const LIVE_PCT: u64 = 50;
 /// byte-hit 0.772 and 2.7x qemu-storage-daemon's speed, 75% 0.779, 90% 0.816 and 4.1x;
 /// the hot set beside a stream 750K IOPS at 50%, 1.09M when every window moved.)
 const LIVE_PCT_READS: u64 = 87;
-/// Free segments beyond the log reserve that recycling leaves for writers.
-const MARGIN: u32 = 2;
+/// Free segments beyond the log reserve that recycling leaves: the one writers leave
+/// (`Segs::writer_keep`), for GC's moves of read-hot data.
+const MARGIN: u32 = 1;
 
 impl<P: Pmem> Engine<P> {
     /// After `build`, for a window of one write epoch `epoch`: moves its live dirty data

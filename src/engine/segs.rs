@@ -140,10 +140,11 @@ impl Segs {
         lock(&self.alloc).uses[seg as usize]
     }
 
-    /// Takes a free segment for data; it comes with one reference (the taker's head).
-    pub fn take_data(&self) -> Option<u32> {
+    /// Takes a free segment for data, leaving `keep` beyond the reserve; it comes with
+    /// one reference (the taker's head).
+    pub fn take_data(&self, keep: u32) -> Option<u32> {
         let mut a = lock(&self.alloc);
-        if a.free.len() as u32 <= self.reserve {
+        if a.free.len() as u32 <= self.reserve + keep {
             self.became_full();
             return None;
         }
@@ -177,6 +178,16 @@ impl Segs {
         if !self.episode.swap(true, Relaxed) {
             self.full_events.fetch_add(1, Relaxed);
         }
+    }
+
+    /// Free segments beyond the reserve that writers and fills leave to GC's own
+    /// channel (`Channel::background`): its moves of read-hot data at the log's tail
+    /// need room exactly when writers have taken the rest (see `gc::RELOCATE_MARGIN`).
+    /// One, on a medium of 32 segments or more; none on a smaller one, whose every
+    /// segment is wanted for writers' heads and the log (the simulator's 8-segment
+    /// media stalled).
+    pub fn writer_keep(&self) -> u32 {
+        (self.n() >= 32) as u32
     }
 
     /// Free segments beyond the reserve that end a full episode: 1/32 of the cache, at
@@ -387,7 +398,7 @@ mod tests {
             0,
             geo.seg_data_size,
         );
-        let s = segs.take_data().unwrap();
+        let s = segs.take_data(0).unwrap();
         let b = MARK_BLOCK;
         // Only whole blocks inside the range are marked.
         segs.mark_superseded(s, b / 2, 2 * b, 0);
@@ -400,9 +411,9 @@ mod tests {
         segs.mark_superseded(s, 0, b, 0);
         assert!(!segs.superseded(s, 0, 0) && !segs.superseded(s, 0, 1));
         // ...and taking the segment again clears what the old generation left.
-        let mut again = segs.take_data();
+        let mut again = segs.take_data(0);
         while again != Some(s) {
-            again = segs.take_data();
+            again = segs.take_data(0);
         }
         assert!(!segs.superseded(s, b, 1) && !segs.superseded(s, b, 0));
         segs.mark_superseded(s, b, b, 1);
@@ -427,7 +438,7 @@ mod tests {
             geo.seg_data_size,
         );
         let mut taken = Vec::new();
-        while let Some(s) = segs.take_data() {
+        while let Some(s) = segs.take_data(0) {
             taken.push(s);
         }
         assert_eq!(segs.full_events.load(Relaxed), 1);
@@ -436,15 +447,31 @@ mod tests {
             let s = taken.pop().unwrap();
             assert!(segs.put(&pmem, &geo, s));
             assert!(!segs.full.load(Relaxed), "a reclaim lets requests retry");
-            taken.push(segs.take_data().unwrap());
-            assert!(segs.take_data().is_none());
+            taken.push(segs.take_data(0).unwrap());
+            assert!(segs.take_data(0).is_none());
         }
         assert_eq!(segs.full_events.load(Relaxed), 1);
         // Headroom back: the next failure is a new episode.
         while (segs.free() as u32) < segs.headroom() {
             assert!(segs.put(&pmem, &geo, taken.pop().unwrap()));
         }
-        while segs.take_data().is_some() {}
+        while segs.take_data(0).is_some() {}
         assert_eq!(segs.full_events.load(Relaxed), 2);
+    }
+
+    /// Writers stop `writer_keep` segments before the reserve; GC's channel takes those.
+    #[test]
+    fn writers_leave_gc_its_segments() {
+        let n = 64;
+        let segs = Segs::new(vec![Use::Free; n], vec![0; n], vec![0; n], 2, 1 << 20);
+        let keep = segs.writer_keep();
+        assert_eq!(keep, 1);
+        while segs.take_data(keep).is_some() {}
+        assert_eq!(segs.free() as u32, 2 + keep);
+        for _ in 0..keep {
+            assert!(segs.take_data(0).is_some(), "GC's moves find room");
+        }
+        assert!(segs.take_data(0).is_none(), "the log's reserve stays");
+        assert!(segs.take_log().is_some());
     }
 }

@@ -777,7 +777,7 @@ mod tests {
                 0,
                 geo.seg_data_size,
             );
-            let seg = segs.take_data().unwrap();
+            let seg = segs.take_data(0).unwrap();
             let gen = segs.gen32(seg);
             b.keys.clear();
             let span = 16 * blk;
