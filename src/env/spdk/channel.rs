@@ -85,6 +85,7 @@ pub(super) extern "C" fn create_cb(io_device: *mut c_void, buf: *mut c_void) -> 
                 shared.base_bdev,
                 sys::SPDK_BDEV_IO_TYPE_FLUSH,
             )),
+            streamed: Default::default(),
             shared,
         });
         (*ctx).retry_poller =

@@ -154,6 +154,27 @@ pub(super) struct ChannelCtx {
     pub(super) ns_per_tick: u64,
     /// The group FLUSH of the base bdev for direct requests (direct.rs).
     pub flush: Flusher,
+    /// Large direct writes at the base and waiting for it (direct.rs).
+    pub(super) streamed: Streamed,
+}
+
+/// Large direct writes (a stream past the sequential cutoff, writes that bypass the
+/// cache): the bytes the base has of them, and those waiting for their turn
+/// (`direct::STREAM_INFLIGHT`), oldest first, linked through IoCtx::next.
+pub(super) struct Streamed {
+    pub(super) bytes: u64,
+    pub(super) head: *mut sys::spdk_bdev_io,
+    pub(super) tail: *mut sys::spdk_bdev_io,
+}
+
+impl Default for Streamed {
+    fn default() -> Self {
+        Streamed {
+            bytes: 0,
+            head: std::ptr::null_mut(),
+            tail: std::ptr::null_mut(),
+        }
+    }
 }
 
 impl ChannelCtx {
@@ -291,6 +312,9 @@ pub(super) struct IoCtx {
     pub(super) direct: Option<crate::runtime::direct::DirectOp>,
     pub(super) dkind: u8,
     pub(super) next: *mut sys::spdk_bdev_io,
+    /// Bytes of a large direct write counted in `ChannelCtx::streamed` while the base
+    /// has it (0 otherwise).
+    pub(super) streamed: u32,
 }
 
 impl IoCtx {
@@ -310,6 +334,7 @@ impl IoCtx {
             direct: None,
             dkind: 0,
             next: std::ptr::null_mut(),
+            streamed: 0,
         }
     }
 }
@@ -399,6 +424,9 @@ pub(super) struct DirectStats {
     pub zeroes: AtomicU64,
     pub base_flushes: AtomicU64,
     pub errors: AtomicU64,
+    /// Large direct writes that waited for their turn at the base (`direct.rs`,
+    /// STREAM_INFLIGHT) because read misses were waiting for it.
+    pub held: AtomicU64,
 }
 
 impl DirectStats {
@@ -409,6 +437,7 @@ impl DirectStats {
             "zeroes": self.zeroes.load(Relaxed),
             "base_flushes": self.base_flushes.load(Relaxed),
             "errors": self.errors.load(Relaxed),
+            "held_for_misses": self.held.load(Relaxed),
         })
     }
 }
