@@ -165,6 +165,8 @@ pub(super) struct Streamed {
     pub(super) bytes: u64,
     pub(super) head: *mut sys::spdk_bdev_io,
     pub(super) tail: *mut sys::spdk_bdev_io,
+    /// `direct::next_streamed` is running (a nested call returns at once).
+    pub(super) pumping: bool,
 }
 
 impl Default for Streamed {
@@ -173,6 +175,7 @@ impl Default for Streamed {
             bytes: 0,
             head: std::ptr::null_mut(),
             tail: std::ptr::null_mut(),
+            pumping: false,
         }
     }
 }
