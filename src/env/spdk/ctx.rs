@@ -160,23 +160,62 @@ pub(super) struct ChannelCtx {
 
 /// Large direct writes (a stream past the sequential cutoff, writes that bypass the
 /// cache): the bytes the base has of them, and those waiting for their turn
-/// (`direct::STREAM_INFLIGHT`), oldest first, linked through IoCtx::next.
+/// (`direct::STREAM_INFLIGHT`).
+#[derive(Default)]
 pub(super) struct Streamed {
     pub(super) bytes: u64,
-    pub(super) head: *mut sys::spdk_bdev_io,
-    pub(super) tail: *mut sys::spdk_bdev_io,
-    /// `direct::next_streamed` is running (a nested call returns at once).
-    pub(super) pumping: bool,
+    pub(super) waiting: IoList,
 }
 
-impl Default for Streamed {
+/// Requests waiting on a channel, oldest first, linked through `IoCtx::next` (so a
+/// queue allocates nothing). A request is in at most one list at a time.
+pub(super) struct IoList {
+    head: *mut sys::spdk_bdev_io,
+    tail: *mut sys::spdk_bdev_io,
+}
+
+impl Default for IoList {
     fn default() -> Self {
-        Streamed {
-            bytes: 0,
-            head: std::ptr::null_mut(),
-            tail: std::ptr::null_mut(),
-            pumping: false,
+        IoList {
+            head: null_mut(),
+            tail: null_mut(),
         }
+    }
+}
+
+impl IoList {
+    pub(super) fn is_empty(&self) -> bool {
+        self.head.is_null()
+    }
+    /// The oldest request (null when empty), left in the list.
+    pub(super) fn first(&self) -> *mut sys::spdk_bdev_io {
+        self.head
+    }
+    /// Appends live request `bio`, which is in no list.
+    pub(super) fn push(&mut self, bio: *mut sys::spdk_bdev_io) {
+        io_ctx(bio).next = null_mut();
+        match self.tail.is_null() {
+            true => self.head = bio,
+            false => io_ctx(self.tail).next = bio,
+        }
+        self.tail = bio;
+    }
+    /// Removes and returns the oldest request (null when empty).
+    pub(super) fn pop(&mut self) -> *mut sys::spdk_bdev_io {
+        let bio = self.head;
+        if !bio.is_null() {
+            self.head = std::mem::replace(&mut io_ctx(bio).next, null_mut());
+            if self.head.is_null() {
+                self.tail = null_mut();
+            }
+        }
+        bio
+    }
+    /// Empties the list, returning its chain (oldest first, linked through
+    /// `IoCtx::next`, null-terminated).
+    pub(super) fn take(&mut self) -> *mut sys::spdk_bdev_io {
+        self.tail = null_mut();
+        std::mem::replace(&mut self.head, null_mut())
     }
 }
 
@@ -428,7 +467,8 @@ pub(super) struct DirectStats {
     pub base_flushes: AtomicU64,
     pub errors: AtomicU64,
     /// Large direct writes that waited for their turn at the base (`direct.rs`,
-    /// STREAM_INFLIGHT) because read misses were waiting for it.
+    /// STREAM_INFLIGHT: past its cap while read misses wait, or behind writes
+    /// already waiting).
     pub held: AtomicU64,
 }
 
@@ -447,9 +487,8 @@ impl DirectStats {
 
 /// A channel's group FLUSH of the base bdev.
 pub(super) struct Flusher {
-    /// Requests waiting for the next FLUSH (oldest first, linked through IoCtx::next).
-    pub(super) head: *mut sys::spdk_bdev_io,
-    pub(super) tail: *mut sys::spdk_bdev_io,
+    /// Requests waiting for the next FLUSH.
+    pub(super) waiting: IoList,
     /// The requests the FLUSH in flight covers.
     pub(super) batch: *mut sys::spdk_bdev_io,
     pub(super) busy: bool,
@@ -463,8 +502,7 @@ pub(super) struct Flusher {
 impl Flusher {
     pub(super) fn new(needed: bool) -> Flusher {
         Flusher {
-            head: null_mut(),
-            tail: null_mut(),
+            waiting: IoList::default(),
             batch: null_mut(),
             busy: false,
             mark: FlushMark::default(),

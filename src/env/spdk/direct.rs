@@ -107,13 +107,8 @@ fn submit(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
         let cap = stream_cap(c);
         let st = &mut c.streamed;
         // In order: behind writes already waiting, or past the cap.
-        if !st.head.is_null() || (st.bytes > 0 && st.bytes + len > cap) {
-            x.next = null_mut();
-            match st.tail.is_null() {
-                true => st.head = bio,
-                false => io_ctx(st.tail).next = bio,
-            }
-            st.tail = bio;
+        if !st.waiting.is_empty() || (st.bytes > 0 && st.bytes + len > cap) {
+            st.waiting.push(bio);
             c.shared.direct.held.fetch_add(1, Relaxed);
             return;
         }
@@ -157,7 +152,6 @@ fn submit(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
         x.why = "could not submit a request to the base bdev";
         unstream(c, bio);
         written(c, bio, false);
-        next_streamed(c);
     }
 }
 
@@ -168,38 +162,33 @@ fn unstream(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
     x.streamed = 0;
 }
 
-/// Submits the large direct writes that fit now, oldest first (once: a submission that
-/// fails at once, inside the loop, leaves the rest to it).
+/// Submits the large direct writes that fit now, oldest first. A submission failing at
+/// once inside the loop lowers the bytes at the base, and the loop goes on.
 fn next_streamed(c: &mut ChannelCtx) {
-    if c.streamed.pumping {
-        return;
-    }
-    c.streamed.pumping = true;
     let bs = c.shared.block_size as u64;
-    while !c.streamed.head.is_null() {
-        let bio = c.streamed.head;
+    while !c.streamed.waiting.is_empty() {
+        let bio = c.streamed.waiting.first();
         // SAFETY: a live request waiting in the list.
         let len = unsafe { ffi::io_desc(bio) }.num_blocks * bs;
         if c.streamed.bytes > 0 && c.streamed.bytes + len > stream_cap(c) {
-            break;
+            return;
         }
-        c.streamed.head = io_ctx(bio).next;
-        if c.streamed.head.is_null() {
-            c.streamed.tail = null_mut();
-        }
+        c.streamed.waiting.pop();
         // Counted here, so `submit` sends it rather than queueing it again.
         c.streamed.bytes += len;
-        let x = io_ctx(bio);
-        x.next = null_mut();
-        x.streamed = len as u32;
+        io_ctx(bio).streamed = len as u32;
         submit(c, bio);
     }
-    c.streamed.pumping = false;
 }
 
+/// A request retried once the base had request objects again. Its failure there may
+/// leave large writes waiting with none at the base to complete and move them on (a
+/// fresh request fails at once only with none waiting: it would have queued).
 extern "C" fn submit_again(arg: *mut c_void) {
     let bio = arg as *mut sys::spdk_bdev_io;
-    submit(chan_of(bio), bio);
+    let c = chan_of(bio);
+    submit(c, bio);
+    next_streamed(c);
 }
 
 extern "C" fn base_done(child: *mut sys::spdk_bdev_io, ok: bool, arg: *mut c_void) {
@@ -293,14 +282,8 @@ pub(super) fn flush_owed(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) -> boo
 }
 
 fn queue_flush(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
-    io_ctx(bio).next = null_mut();
     let f = &mut c.flush;
-    if f.tail.is_null() {
-        f.head = bio;
-    } else {
-        io_ctx(f.tail).next = bio;
-    }
-    f.tail = bio;
+    f.waiting.push(bio);
     if !f.busy {
         issue_flush(c);
     }
@@ -309,10 +292,8 @@ fn queue_flush(c: &mut ChannelCtx, bio: *mut sys::spdk_bdev_io) {
 /// Issues one base FLUSH for every request waiting now.
 fn issue_flush(c: &mut ChannelCtx) {
     let f = &mut c.flush;
-    debug_assert!(!f.busy && !f.head.is_null());
-    f.batch = f.head;
-    f.head = null_mut();
-    f.tail = null_mut();
+    debug_assert!(!f.busy && !f.waiting.is_empty());
+    f.batch = f.waiting.take();
     f.busy = true;
     f.mark = c.shared.engine.direct_mark();
     if !f.needed {
@@ -383,7 +364,7 @@ fn flushed(c: &mut ChannelCtx, ok: bool) {
         end_and_finish(c, bio, ok);
         bio = next;
     }
-    if !c.flush.head.is_null() {
+    if !c.flush.waiting.is_empty() {
         issue_flush(c);
     }
 }
